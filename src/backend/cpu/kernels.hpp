@@ -1,0 +1,59 @@
+// CPU kernels: the scalar references and their SIMD versions (AVX2/FMA, AVX-512), chosen at run time.
+//
+// Every kernel computes in FP32; weights may be stored as F32, F16 or BF16 and are widened exactly.
+#pragma once
+
+#include <cstdint>
+
+#include "common.hpp"
+
+namespace llmq::cpu {
+
+enum class Isa { Scalar, AVX2, AVX512 };
+const char* isa_name(Isa isa);
+Isa detected_isa();      // the best the processor supports
+Isa active_isa();        // what the kernels use now (detected unless overridden)
+void set_isa(Isa isa);   // for tests and benchmarks; throws llmq::Error if the processor lacks it
+
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < M, n < N.
+//   x: [M, K] floats, row stride ldx;  w: [N, K] of type wt, row stride ldw (elements);
+//   y: [M, N] floats, row stride ldy;  bias: [N] floats or null.
+// Multi-threaded (OpenMP) over N, and over M when N is small.
+void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
+            float* y, int64_t ldy, const float* bias);
+
+// Single-threaded pieces with the same contract, on rows [n0, n1) of w. The scalar one is the reference.
+using GemmFn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw,
+                        int64_t n0, int64_t n1, float* y, int64_t ldy, const float* bias);
+void gemm_ref(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
+              int64_t n1, float* y, int64_t ldy, const float* bias);
+
+// sum_i a[i] * b[i]
+float dot(const float* a, const float* b, int64_t n);
+float dot_ref(const float* a, const float* b, int64_t n);
+// y[i] += alpha * x[i]
+void axpy(float alpha, const float* x, float* y, int64_t n);
+void axpy_ref(float alpha, const float* x, float* y, int64_t n);
+
+// Measured peak of this machine: FP32 FMA GFLOP/s over all threads, and read bandwidth in GB/s.
+double measure_peak_gflops();
+double measure_peak_read_gbps();
+
+namespace avx2 {
+void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
+          int64_t n1, float* y, int64_t ldy, const float* bias);
+float dot(const float* a, const float* b, int64_t n);
+void axpy(float alpha, const float* x, float* y, int64_t n);
+float fma_loop(int64_t iters);  // 10 * iters vector FMAs
+int fma_loop_lanes();
+}  // namespace avx2
+namespace avx512 {
+void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
+          int64_t n1, float* y, int64_t ldy, const float* bias);
+float dot(const float* a, const float* b, int64_t n);
+void axpy(float alpha, const float* x, float* y, int64_t n);
+float fma_loop(int64_t iters);  // 10 * iters vector FMAs
+int fma_loop_lanes();
+}  // namespace avx512
+
+}  // namespace llmq::cpu

@@ -1,0 +1,27 @@
+// Scalar references: the definition every SIMD path is tested against.
+#include "backend/cpu/kernels.hpp"
+
+namespace llmq::cpu {
+
+void gemm_ref(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
+              int64_t n1, float* y, int64_t ldy, const float* bias) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += x[m * ldx + k] * load_as_f32(w, wt, size_t(n * ldw + k));
+      y[m * ldy + n] = acc + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+float dot_ref(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+void axpy_ref(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+}  // namespace llmq::cpu

@@ -1,0 +1,84 @@
+// Shared basics: the error type, element types and their scalar conversions.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace llmq {
+
+// Every error caused by user input (files, flags, text) is an llmq::Error whose message names the file,
+// tensor or value at fault. The CLI prints it as one line `llmq: error: <what>` and exits 1.
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& what) : std::runtime_error(what) {}
+};
+
+// Element types of tensors in checkpoints and in memory.
+enum class DType : uint8_t { F32, F16, BF16 };
+
+const char* dtype_name(DType t);
+size_t dtype_size(DType t);
+
+// BF16 -> F32 is exact (the upper 16 bits of an IEEE single).
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// F32 -> BF16, round to nearest even; NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+// IEEE binary16 -> F32, exact (subnormals, infinities and NaN included).
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do {
+        man <<= 1;
+        ++e;
+      } while ((man & 0x400u) == 0);
+      u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | man << 13;
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// F32 -> IEEE binary16, round to nearest even, overflow to infinity.
+uint16_t f32_to_f16(float f);
+
+// Reads element i of a buffer of type t as float.
+inline float load_as_f32(const void* p, DType t, size_t i) {
+  switch (t) {
+    case DType::F32: return static_cast<const float*>(p)[i];
+    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+  return 0.f;
+}
+
+// Number of worker threads (OMP_NUM_THREADS or all cores).
+int num_threads();
+
+}  // namespace llmq

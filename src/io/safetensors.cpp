@@ -1,0 +1,128 @@
+#include "io/safetensors.hpp"
+
+#include <nlohmann/json.hpp>
+#include <set>
+
+namespace llmq {
+
+using json = nlohmann::json;
+
+std::string TensorView::shape_str() const {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+static DType parse_dtype(const std::string& s, const std::string& where) {
+  if (s == "F32") return DType::F32;
+  if (s == "F16") return DType::F16;
+  if (s == "BF16") return DType::BF16;
+  throw Error(where + ": unsupported dtype '" + s + "' (llmq reads F32, F16 and BF16)");
+}
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
+  const size_t size = file_.size();
+  if (size < 8) throw Error(path + ": truncated safetensors file (" + std::to_string(size) + " bytes, no header)");
+  uint64_t hlen = 0;
+  for (int i = 7; i >= 0; --i) hlen = (hlen << 8) | file_.data()[i];
+  if (hlen > size - 8)
+    throw Error(path + ": corrupt or truncated safetensors header (header length " + std::to_string(hlen) +
+                " but the file has " + std::to_string(size) + " bytes)");
+  if (hlen > (uint64_t(100) << 20)) throw Error(path + ": safetensors header larger than 100 MB");
+  json header;
+  try {
+    header = json::parse(file_.data() + 8, file_.data() + 8 + hlen);
+  } catch (const json::exception& e) {
+    throw Error(path + ": corrupt safetensors header: " + e.what());
+  }
+  if (!header.is_object()) throw Error(path + ": corrupt safetensors header: not a JSON object");
+  const uint64_t data_start = 8 + hlen;
+  const uint64_t data_size = size - data_start;
+  for (auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    const std::string where = path + ": tensor '" + name + "'";
+    if (!info.is_object() || !info.contains("dtype") || !info.contains("shape") || !info.contains("data_offsets") ||
+        !info["dtype"].is_string() || !info["shape"].is_array() || !info["data_offsets"].is_array() ||
+        info["data_offsets"].size() != 2)
+      throw Error(where + ": malformed header entry");
+    TensorView t;
+    t.name = name;
+    t.file = path;
+    t.dtype = parse_dtype(info["dtype"].get<std::string>(), where);
+    uint64_t numel = 1;
+    for (auto& d : info["shape"]) {
+      if (!d.is_number_unsigned()) throw Error(where + ": malformed shape");
+      uint64_t v = d.get<uint64_t>();
+      if (v > (uint64_t(1) << 40) || (v && numel > (uint64_t(1) << 62) / v)) throw Error(where + ": shape too large");
+      numel *= v;
+      t.shape.push_back(int64_t(v));
+    }
+    const auto& off = info["data_offsets"];
+    if (!off[0].is_number_unsigned() || !off[1].is_number_unsigned()) throw Error(where + ": malformed data_offsets");
+    uint64_t b = off[0].get<uint64_t>(), e = off[1].get<uint64_t>();
+    if (b > e || e > data_size)
+      throw Error(where + ": data offsets [" + std::to_string(b) + ", " + std::to_string(e) +
+                  ") lie outside the file's " + std::to_string(data_size) + " data bytes (truncated file?)");
+    if (e - b != numel * dtype_size(t.dtype))
+      throw Error(where + ": " + std::to_string(e - b) + " bytes stored but shape " + t.shape_str() + " of " +
+                  dtype_name(t.dtype) + " needs " + std::to_string(numel * dtype_size(t.dtype)));
+    if (b % dtype_size(t.dtype) != 0) throw Error(where + ": misaligned data offset");
+    t.data = file_.data() + data_start + b;
+    tensors_.emplace(name, std::move(t));
+  }
+}
+
+Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
+  const std::string index_path = dir + "/model.safetensors.index.json";
+  const std::string single = dir + "/model.safetensors";
+  if (file_exists(index_path)) {
+    json index;
+    try {
+      index = json::parse(read_text_file(index_path));
+    } catch (const json::exception& e) {
+      throw Error(index_path + ": invalid JSON: " + e.what());
+    }
+    if (!index.contains("weight_map") || !index["weight_map"].is_object())
+      throw Error(index_path + ": no \"weight_map\" object");
+    std::map<std::string, SafetensorsFile*> by_name;
+    for (auto& [tname, fname] : index["weight_map"].items()) {
+      if (!fname.is_string()) throw Error(index_path + ": weight_map entry '" + tname + "' is not a file name");
+      std::string f = fname.get<std::string>();
+      if (f.find('/') != std::string::npos || f.find("..") != std::string::npos)
+        throw Error(index_path + ": shard name '" + f + "' must be a file in the model directory");
+      if (!by_name.count(f)) {
+        if (!file_exists(dir + "/" + f)) throw Error(index_path + ": shard '" + f + "' is missing");
+        files_.push_back(std::make_unique<SafetensorsFile>(dir + "/" + f));
+        by_name[f] = files_.back().get();
+      }
+      auto it = by_name[f]->tensors().find(tname);
+      if (it == by_name[f]->tensors().end())
+        throw Error(dir + "/" + f + ": tensor '" + tname + "' named by the index is not in this shard");
+      index_[tname] = &it->second;
+    }
+  } else if (file_exists(single)) {
+    files_.push_back(std::make_unique<SafetensorsFile>(single));
+    for (auto& [n, t] : files_.back()->tensors()) index_[n] = &t;
+  } else {
+    throw Error(dir + ": no model.safetensors or model.safetensors.index.json");
+  }
+}
+
+const TensorView* Checkpoint::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : it->second;
+}
+
+const TensorView& Checkpoint::get(const std::string& name) const {
+  const TensorView* t = find(name);
+  if (!t) throw Error(dir_ + ": tensor '" + name + "' is missing from the checkpoint");
+  return *t;
+}
+
+uint64_t Checkpoint::total_bytes() const {
+  uint64_t n = 0;
+  for (auto& [_, t] : index_) n += t->nbytes();
+  return n;
+}
+
+}  // namespace llmq

@@ -1,0 +1,259 @@
+#include "model/llama.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "backend/cpu/kernels.hpp"
+
+namespace llmq {
+
+void Linear::forward(const float* x, int64_t M, float* y) const {
+  cpu::matmul(x, in, M, in, w->data, w->dtype, in, out, y, out, bias.empty() ? nullptr : bias.data());
+}
+
+KVCache::KVCache(const ModelConfig& c, int64_t n_seq_, int64_t capacity_)
+    : n_seq(n_seq_), capacity(capacity_), layers(c.layers), kv_dim(c.kv_heads * c.head_dim) {
+  const size_t n = size_t(layers * n_seq * capacity * kv_dim);
+  k.assign(n, 0.f);
+  v.assign(n, 0.f);
+}
+
+namespace {
+
+std::vector<float> to_f32(const TensorView& t) {
+  std::vector<float> out(size_t(t.numel()));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = load_as_f32(t.data, t.dtype, i);
+  return out;
+}
+
+void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(float(ss / double(n)) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+}  // namespace
+
+Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
+  if (!cfg_.quantization.empty())
+    throw Error(dir + "/config.json: quantized checkpoints (quantization_config) are not supported yet");
+  ckpt_ = std::make_unique<Checkpoint>(dir);
+  const ModelConfig& c = cfg_;
+  auto expect = [&](const std::string& name, std::vector<int64_t> shape) -> const TensorView& {
+    const TensorView& t = ckpt_->get(name);
+    if (t.shape != shape) {
+      TensorView want;
+      want.shape = shape;
+      throw Error(t.file + ": tensor '" + name + "' has shape " + t.shape_str() + " but config.json implies " +
+                  want.shape_str());
+    }
+    return t;
+  };
+  auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias) {
+    Linear l;
+    l.w = &expect(name + ".weight", {out, in});
+    l.in = in;
+    l.out = out;
+    if (bias) l.bias = to_f32(expect(name + ".bias", {out}));
+    return l;
+  };
+  const int64_t H = c.hidden, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  embed_ = &expect("model.embed_tokens.weight", {c.vocab, H});
+  final_norm_ = to_f32(expect("model.norm.weight", {H}));
+  if (c.tie_embeddings) {
+    lm_head_.w = embed_;
+    lm_head_.in = H;
+    lm_head_.out = c.vocab;
+  } else {
+    lm_head_ = linear("lm_head", c.vocab, H, false);
+  }
+  for (int64_t i = 0; i < c.layers; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    LayerWeights L;
+    L.attn_norm = to_f32(expect(p + "input_layernorm.weight", {H}));
+    L.mlp_norm = to_f32(expect(p + "post_attention_layernorm.weight", {H}));
+    L.q = linear(p + "self_attn.q_proj", qd, H, c.qkv_bias);
+    L.k = linear(p + "self_attn.k_proj", kvd, H, c.qkv_bias);
+    L.v = linear(p + "self_attn.v_proj", kvd, H, c.qkv_bias);
+    L.o = linear(p + "self_attn.o_proj", H, qd, c.o_bias);
+    L.gate = linear(p + "mlp.gate_proj", c.intermediate, H, c.mlp_bias);
+    L.up = linear(p + "mlp.up_proj", c.intermediate, H, c.mlp_bias);
+    L.down = linear(p + "mlp.down_proj", H, c.intermediate, c.mlp_bias);
+    layers_.push_back(std::move(L));
+  }
+  for (auto& [name, t] : ckpt_->all()) {
+    if (name.find("rotary_emb") != std::string::npos) continue;
+    params_ += t->numel();
+    weight_bytes_ += t->nbytes();
+  }
+
+  // RoPE inverse frequencies, computed in float32 the way transformers does (so angles round identically).
+  const int64_t half = c.head_dim / 2;
+  inv_freq_.resize(size_t(half));
+  for (int64_t i = 0; i < half; ++i) {
+    float e = float(2 * i) / float(c.head_dim);
+    inv_freq_[size_t(i)] = 1.0f / std::pow(float(c.rope_theta), e);
+  }
+  if (c.rope_type == RopeType::Linear) {
+    for (auto& f : inv_freq_) f = f / float(c.rope_factor);
+  } else if (c.rope_type == RopeType::Llama3) {
+    const float factor = float(c.rope_factor), lo = float(c.rope_low_freq_factor), hi = float(c.rope_high_freq_factor);
+    const float old_ctx = float(c.rope_original_max_positions);
+    const float lo_wavelen = old_ctx / lo, hi_wavelen = old_ctx / hi;
+    for (auto& f : inv_freq_) {
+      const float wavelen = 2.0f * float(M_PI) / f;
+      float scaled = wavelen > lo_wavelen ? f / factor : f;
+      if (!(wavelen < hi_wavelen) && !(wavelen > lo_wavelen)) {
+        const float smooth = (old_ctx / wavelen - lo) / (hi - lo);
+        scaled = (1.0f - smooth) * scaled / factor + smooth * scaled;
+      }
+      f = scaled;
+    }
+  }
+}
+
+uint64_t Model::bytes_per_token() const {
+  uint64_t n = uint64_t(cfg_.hidden) * dtype_size(embed_->dtype) + lm_head_.w->nbytes();
+  for (auto& L : layers_)
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) n += l->w->nbytes();
+  return n;
+}
+
+double Model::flops_per_token() const {
+  double n = double(lm_head_.in) * double(lm_head_.out);
+  for (auto& L : layers_)
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) n += double(l->in) * double(l->out);
+  return 2 * n;
+}
+
+void Model::rope_table(int64_t n_pos) const {
+  const int64_t half = cfg_.head_dim / 2;
+  const int64_t have = int64_t(cos_.size()) / half;
+  if (have >= n_pos) return;
+  cos_.resize(size_t(n_pos * half));
+  sin_.resize(size_t(n_pos * half));
+  for (int64_t p = have; p < n_pos; ++p) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = float(p) * inv_freq_[size_t(i)];  // float32 product, as transformers computes it
+      cos_[size_t(p * half + i)] = float(std::cos(double(angle)));
+      sin_[size_t(p * half + i)] = float(std::sin(double(angle)));
+    }
+  }
+}
+
+void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float* logits_out) const {
+  const ModelConfig& c = cfg_;
+  const int64_t T = int64_t(batch.size());
+  if (T == 0) return;
+  const int64_t H = c.hidden, hd = c.head_dim, nh = c.heads, nkv = c.kv_heads, half = hd / 2;
+  const int64_t qd = nh * hd, kvd = nkv * hd, I = c.intermediate;
+  int64_t max_pos = 0;
+  for (auto& b : batch) {
+    if (b.token < 0 || b.token >= c.vocab)
+      throw Error("token id " + std::to_string(b.token) + " is outside the vocabulary (" + std::to_string(c.vocab) + ")");
+    if (b.seq < 0 || b.seq >= cache.n_seq) throw Error("sequence " + std::to_string(b.seq) + " is outside the cache");
+    if (b.pos < 0 || b.pos >= cache.capacity)
+      throw Error("position " + std::to_string(b.pos) + " is beyond the context of " + std::to_string(cache.capacity) +
+                  " tokens");
+    max_pos = std::max<int64_t>(max_pos, b.pos);
+  }
+  rope_table(max_pos + 1);
+
+  // Activations, one row per batch token.
+  std::vector<float> x(size_t(T * H));             // [T, H] residual stream
+  std::vector<float> h(size_t(T * H));             // [T, H] normed
+  std::vector<float> q(size_t(T * qd));            // [T, heads*hd]
+  std::vector<float> k(size_t(T * kvd)), v(size_t(T * kvd));  // [T, kv_heads*hd]
+  std::vector<float> att(size_t(T * qd));          // [T, heads*hd]
+  std::vector<float> g(size_t(T * I)), u(size_t(T * I));      // [T, I]
+  std::vector<float> o(size_t(T * H));             // [T, H]
+
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < H; ++i)
+      x[size_t(t * H + i)] = load_as_f32(embed_->data, embed_->dtype, size_t(batch[size_t(t)].token) * size_t(H) + size_t(i));
+
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const int64_t group = nh / nkv;
+  auto rope = [&](float* vec, int64_t pos) {  // rotate_half convention: pairs (i, i + hd/2)
+    const float* cs = &cos_[size_t(pos * half)];
+    const float* sn = &sin_[size_t(pos * half)];
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = vec[i], b = vec[i + half];
+      vec[i] = a * cs[i] - b * sn[i];
+      vec[i + half] = b * cs[i] + a * sn[i];
+    }
+  };
+
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const LayerWeights& L = layers_[size_t(l)];
+#pragma omp parallel for schedule(static) if (T > 1)
+    for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.attn_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
+    L.q.forward(h.data(), T, q.data());
+    L.k.forward(h.data(), T, k.data());
+    L.v.forward(h.data(), T, v.data());
+#pragma omp parallel for schedule(static) if (T > 1)
+    for (int64_t t = 0; t < T; ++t) {
+      const BatchToken& b = batch[size_t(t)];
+      for (int64_t hh = 0; hh < nh; ++hh) rope(&q[size_t(t * qd + hh * hd)], b.pos);
+      for (int64_t hh = 0; hh < nkv; ++hh) rope(&k[size_t(t * kvd + hh * hd)], b.pos);
+      std::copy_n(&k[size_t(t * kvd)], kvd, cache.k_at(l, b.seq, b.pos));
+      std::copy_n(&v[size_t(t * kvd)], kvd, cache.v_at(l, b.seq, b.pos));
+    }
+    // Attention: each (token, head) attends over its sequence's cached positions <= pos.
+#pragma omp parallel
+    {
+      std::vector<float> sc(size_t(max_pos + 1));
+#pragma omp for schedule(dynamic, 4)
+      for (int64_t th = 0; th < T * nh; ++th) {
+        const int64_t t = th / nh, hh = th % nh, g_kv = hh / group;
+        const BatchToken& b = batch[size_t(t)];
+        const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, b.pos - c.sliding_window + 1) : 0;
+        const float* qv = &q[size_t(t * qd + hh * hd)];
+        float mx = -INFINITY;
+        for (int64_t j = lo; j <= b.pos; ++j) {
+          sc[size_t(j)] = cpu::dot(qv, cache.k_at(l, b.seq, j) + g_kv * hd, hd) * scale;
+          mx = std::max(mx, sc[size_t(j)]);
+        }
+        float sum = 0.f;
+        for (int64_t j = lo; j <= b.pos; ++j) {
+          sc[size_t(j)] = std::exp(sc[size_t(j)] - mx);
+          sum += sc[size_t(j)];
+        }
+        float* out = &att[size_t(t * qd + hh * hd)];
+        std::fill_n(out, hd, 0.f);
+        const float inv = 1.0f / sum;
+        for (int64_t j = lo; j <= b.pos; ++j) cpu::axpy(sc[size_t(j)] * inv, cache.v_at(l, b.seq, j) + g_kv * hd, out, hd);
+      }
+    }
+    L.o.forward(att.data(), T, o.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+
+#pragma omp parallel for schedule(static) if (T > 1)
+    for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.mlp_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
+    L.gate.forward(h.data(), T, g.data());
+    L.up.forward(h.data(), T, u.data());
+#pragma omp parallel for schedule(static) if (T * I > 65536)
+    for (int64_t i = 0; i < T * I; ++i) {
+      const float gv = g[size_t(i)];
+      g[size_t(i)] = gv / (1.0f + std::exp(-gv)) * u[size_t(i)];
+    }
+    L.down.forward(g.data(), T, o.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+  }
+
+  // Final norm and lm_head on the rows whose logits are wanted.
+  std::vector<float> sel;
+  int64_t n_out = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!batch[size_t(t)].logits) continue;
+    sel.resize(size_t((n_out + 1) * H));
+    rmsnorm(&x[size_t(t * H)], final_norm_.data(), H, c.rms_eps, &sel[size_t(n_out * H)]);
+    ++n_out;
+  }
+  if (n_out) lm_head_.forward(sel.data(), n_out, logits_out);
+}
+
+}  // namespace llmq

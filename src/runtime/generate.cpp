@@ -1,0 +1,55 @@
+#include "runtime/generate.hpp"
+
+#include <algorithm>
+#include <chrono>
+
+namespace llmq {
+
+GenerateResult generate(const Model& model, const Tokenizer& tok, const std::vector<int32_t>& prompt, int64_t n_new,
+                        const SamplerParams& sp, const std::vector<int32_t>& stop_ids,
+                        const std::function<void(const std::string&)>& on_text) {
+  const ModelConfig& c = model.config();
+  if (prompt.empty()) throw Error("the prompt is empty (nothing to condition on)");
+  if (int64_t(prompt.size()) > c.max_positions)
+    throw Error("the prompt has " + std::to_string(prompt.size()) + " tokens, longer than the model's context of " +
+                std::to_string(c.max_positions));
+  n_new = std::max<int64_t>(0, std::min<int64_t>(n_new, c.max_positions - int64_t(prompt.size())));
+  KVCache cache(c, 1, int64_t(prompt.size()) + n_new);
+  Sampler sampler(sp);
+  StreamDecoder stream(tok);
+  std::vector<float> logits(size_t(c.vocab));
+  GenerateResult r;
+  r.prompt_tokens = int64_t(prompt.size());
+  using clock = std::chrono::steady_clock;
+
+  auto t0 = clock::now();
+  std::vector<BatchToken> batch;
+  for (size_t i = 0; i < prompt.size(); ++i) batch.push_back({prompt[i], 0, int32_t(i), i + 1 == prompt.size()});
+  if (n_new > 0) model.forward(batch, cache, logits.data());
+  auto t1 = clock::now();
+  r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
+  int64_t pos = int64_t(prompt.size());
+  for (int64_t i = 0; i < n_new; ++i) {
+    const int32_t id = sampler.sample(logits.data(), c.vocab);
+    r.ids.push_back(id);
+    if (std::find(stop_ids.begin(), stop_ids.end(), id) != stop_ids.end()) {
+      r.stopped_at_eos = true;
+      break;
+    }
+    std::string piece = stream.push(id);
+    r.text += piece;
+    if (on_text && !piece.empty()) on_text(piece);
+    if (i + 1 < n_new) {
+      model.forward({{id, 0, int32_t(pos), true}}, cache, logits.data());
+      ++pos;
+      ++r.decode_steps;
+    }
+  }
+  std::string rest = stream.finish();
+  r.text += rest;
+  if (on_text && !rest.empty()) on_text(rest);
+  r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();
+  return r;
+}
+
+}  // namespace llmq

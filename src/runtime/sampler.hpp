@@ -1,0 +1,33 @@
+// Token sampling: greedy, temperature, top-k, top-p; seeded and reproducible across runs and machines.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace llmq {
+
+struct SamplerParams {
+  float temperature = 0.f;  // <= 0: greedy (argmax)
+  int top_k = 0;            // 0: no limit
+  float top_p = 1.f;        // 1: no nucleus cut
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplerParams& p);
+  // logits: [n]. Returns the chosen id.
+  int32_t sample(const float* logits, int64_t n);
+
+ private:
+  uint64_t next_u64();  // splitmix64: fixed, portable sequence
+  double uniform();     // [0, 1)
+  SamplerParams p_;
+  uint64_t state_;
+  std::vector<int32_t> idx_;
+  std::vector<double> prob_;
+};
+
+int32_t argmax(const float* logits, int64_t n);
+
+}  // namespace llmq

@@ -1,0 +1,121 @@
+// Exactness against Hugging Face transformers (float32, eager attention) through the reference.json fixtures:
+// every position's top-1 and top-10, the last position's full logits, and the greedy continuation.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "model/llama.hpp"
+#include "runtime/generate.hpp"
+#include "test_util.hpp"
+#include "tokenizer/tokenizer.hpp"
+
+using namespace llmq;
+using nlohmann::json;
+
+class Reference : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Reference, LogitsTop10AndGreedyMatchTransformers) {
+  const std::string dir = GetParam();
+  const json ref = test::load_json(dir + "/reference.json");
+  Model model(dir);
+  Tokenizer tok = Tokenizer::load(dir);
+  const int64_t V = model.config().vocab;
+  ASSERT_FALSE(ref["prompts"].empty());
+  for (const json& p : ref["prompts"]) {
+    const std::vector<int32_t> ids = p["ids"].get<std::vector<int32_t>>();
+    SCOPED_TRACE(dir + " prompt of " + std::to_string(ids.size()) + " tokens");
+    const std::string text = p["text"].get<std::string>();
+    if (text.rfind("<first ", 0) == 0) {  // "<first 1023 tokens of data/eval/docs-en.txt, BOS first>"
+      std::vector<int32_t> want = tok.encode(read_text_file(test::shared_dir() + "/data/eval/docs-en.txt"), false);
+      want.resize(ids.size() - 1);
+      want.insert(want.begin(), tok.bos_id());
+      EXPECT_EQ(want, ids) << "tokenizer disagrees with transformers";
+    } else {
+      EXPECT_EQ(tok.encode(text, true), ids) << "tokenizer disagrees with transformers";
+    }
+
+    const int64_t T = int64_t(ids.size());
+    KVCache cache(model.config(), 1, T);
+    std::vector<BatchToken> batch;
+    for (int64_t i = 0; i < T; ++i) batch.push_back({ids[size_t(i)], 0, int32_t(i), true});
+    std::vector<float> logits(size_t(T * V), std::nanf(""));
+    model.forward(batch, cache, logits.data());
+
+    const auto& top_ids = p["top10_ids"];
+    const auto& top_logits = p["top10_logits"];
+    ASSERT_EQ(int64_t(top_ids.size()), T);
+    int mismatches = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = &logits[size_t(t * V)];
+      std::vector<int32_t> ours(static_cast<size_t>(V));
+      std::iota(ours.begin(), ours.end(), 0);
+      std::partial_sort(ours.begin(), ours.begin() + 10, ours.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+      const auto hf = top_ids[size_t(t)].get<std::vector<int32_t>>();
+      const auto hl = top_logits[size_t(t)].get<std::vector<double>>();
+      for (size_t r = 0; r < 10; ++r) {
+        // HF's logit for this id agrees with ours (values, not just ranks)
+        if (std::abs(row[hf[r]] - hl[r]) > 1e-3 * std::max(1.0, std::abs(hl[r]))) ++mismatches;
+        if (ours[r] == hf[r]) continue;
+        // A different id at rank r is allowed only as a swap between logits closer than 1e-4.
+        auto it = std::find(hf.begin(), hf.end(), ours[r]);
+        const double other = it != hf.end() ? hl[size_t(it - hf.begin())] : double(row[ours[r]]);
+        if (std::abs(other - hl[r]) >= 1e-4) {
+          ++mismatches;
+          ADD_FAILURE() << "position " << t << " rank " << r << ": ours " << ours[r] << " (" << row[ours[r]]
+                        << "), transformers " << hf[r] << " (" << hl[r] << ")";
+        }
+      }
+    }
+    EXPECT_EQ(mismatches, 0);
+
+    const auto last = p["last_logits"].get<std::vector<double>>();
+    ASSERT_EQ(int64_t(last.size()), V);
+    double max_abs = 0, max_err = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      max_abs = std::max(max_abs, std::abs(last[size_t(i)]));
+      max_err = std::max(max_err, std::abs(double(logits[size_t((T - 1) * V + i)]) - last[size_t(i)]));
+    }
+    EXPECT_LE(max_err, 1e-3 * max_abs) << "last-position logits";
+
+    const auto greedy = p["greedy_ids"].get<std::vector<int32_t>>();
+    GenerateResult g = generate(model, tok, ids, int64_t(greedy.size()), SamplerParams{}, {}, nullptr);
+    EXPECT_EQ(g.ids, greedy) << "greedy continuation";
+    if (p.contains("greedy_text")) EXPECT_EQ(tok.decode(g.ids), p["greedy_text"].get<std::string>());
+  }
+}
+
+// Batched decoding of several sequences at once gives the same logits as one at a time.
+TEST(Batch, SeveralSequencesMatchSingle) {
+  Model model(test::shared_dir() + "/models/llama-7m-demo");
+  const int64_t V = model.config().vocab;
+  const std::vector<std::vector<int32_t>> seqs = {{0, 5, 9, 13, 200, 17}, {0, 400}, {0, 1000, 7, 8}};
+  std::vector<std::vector<float>> single;
+  for (auto& s : seqs) {
+    KVCache c(model.config(), 1, 8);
+    std::vector<BatchToken> b;
+    for (size_t i = 0; i < s.size(); ++i) b.push_back({s[i], 0, int32_t(i), i + 1 == s.size()});
+    std::vector<float> l(static_cast<size_t>(V));
+    model.forward(b, c, l.data());
+    single.push_back(l);
+  }
+  // Prefill all but the last token of each sequence in one batch, then decode the last tokens together.
+  KVCache c(model.config(), 3, 8);
+  std::vector<BatchToken> pre, dec;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    for (size_t i = 0; i + 1 < seqs[s].size(); ++i) pre.push_back({seqs[s][i], int32_t(s), int32_t(i), false});
+    dec.push_back({seqs[s].back(), int32_t(s), int32_t(seqs[s].size() - 1), true});
+  }
+  model.forward(pre, c, nullptr);
+  std::vector<float> l(static_cast<size_t>(3 * V));
+  model.forward(dec, c, l.data());
+  for (size_t s = 0; s < 3; ++s)
+    for (int64_t i = 0; i < V; ++i) ASSERT_NEAR(l[s * size_t(V) + size_t(i)], single[s][size_t(i)], 1e-4) << s << " " << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, Reference, ::testing::ValuesIn(test::reference_models()),
+                         [](const auto& info) {
+                           std::string n = info.param.substr(info.param.find_last_of('/') + 1);
+                           for (char& c : n)
+                             if (!isalnum(static_cast<unsigned char>(c))) c = '_';
+                           return n;
+                         });
