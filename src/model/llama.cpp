@@ -202,30 +202,35 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
       std::copy_n(&k[size_t(t * kvd)], kvd, cache.k_at(l, b.seq, b.pos));
       std::copy_n(&v[size_t(t * kvd)], kvd, cache.v_at(l, b.seq, b.pos));
     }
-    // Attention: each (token, head) attends over its sequence's cached positions <= pos.
+    // Attention: each (token, kv head) pair handles the `group` query heads that share that kv head, so each
+    // cached K/V row is read once per group. Scores for all positions come from the matmul kernel (q rows
+    // against K rows at the cache's stride); the weighted sum of V rows is a sequence of axpys.
 #pragma omp parallel
     {
-      std::vector<float> sc(size_t(max_pos + 1));
-#pragma omp for schedule(dynamic, 4)
-      for (int64_t th = 0; th < T * nh; ++th) {
-        const int64_t t = th / nh, hh = th % nh, g_kv = hh / group;
+      std::vector<float> sc(size_t(group * (max_pos + 1)));  // [group][positions]
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tg = 0; tg < T * nkv; ++tg) {
+        const int64_t t = tg / nkv, g_kv = tg % nkv;
         const BatchToken& b = batch[size_t(t)];
         const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, b.pos - c.sliding_window + 1) : 0;
-        const float* qv = &q[size_t(t * qd + hh * hd)];
-        float mx = -INFINITY;
-        for (int64_t j = lo; j <= b.pos; ++j) {
-          sc[size_t(j)] = cpu::dot(qv, cache.k_at(l, b.seq, j) + g_kv * hd, hd) * scale;
-          mx = std::max(mx, sc[size_t(j)]);
+        const int64_t n = b.pos + 1 - lo;  // attended positions
+        const float* qg = &q[size_t(t * qd + g_kv * group * hd)];  // [group, hd]
+        cpu::gemm_single(qg, hd, group, hd, cache.k_at(l, b.seq, lo) + g_kv * hd, DType::F32, kvd, n, sc.data(), n);
+        for (int64_t hh = 0; hh < group; ++hh) {
+          float* s_h = &sc[size_t(hh * n)];
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s_h[j] *= scale);
+          float sum = 0.f;
+          for (int64_t j = 0; j < n; ++j) sum += (s_h[j] = std::exp(s_h[j] - mx));
+          const float inv = 1.0f / sum;
+          for (int64_t j = 0; j < n; ++j) s_h[j] *= inv;
         }
-        float sum = 0.f;
-        for (int64_t j = lo; j <= b.pos; ++j) {
-          sc[size_t(j)] = std::exp(sc[size_t(j)] - mx);
-          sum += sc[size_t(j)];
+        float* out = &att[size_t(t * qd + g_kv * group * hd)];  // [group, hd]
+        std::fill_n(out, group * hd, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vr = cache.v_at(l, b.seq, lo + j) + g_kv * hd;
+          for (int64_t hh = 0; hh < group; ++hh) cpu::axpy(sc[size_t(hh * n + j)], vr, out + hh * hd, hd);
         }
-        float* out = &att[size_t(t * qd + hh * hd)];
-        std::fill_n(out, hd, 0.f);
-        const float inv = 1.0f / sum;
-        for (int64_t j = lo; j <= b.pos; ++j) cpu::axpy(sc[size_t(j)] * inv, cache.v_at(l, b.seq, j) + g_kv * hd, out, hd);
       }
     }
     L.o.forward(att.data(), T, o.data());

@@ -95,6 +95,11 @@ void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DT
   }
 }
 
+void gemm_single(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
+                 float* y, int64_t ldy) {
+  gemm_fn()(x, ldx, M, K, w, wt, ldw, 0, N, y, ldy, nullptr);
+}
+
 float dot(const float* a, const float* b, int64_t n) {
   switch (active_isa()) {
     case Isa::AVX512: return avx512::dot(a, b, n);

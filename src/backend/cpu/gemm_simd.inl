@@ -34,9 +34,9 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const void* w, int64_t 
     }
   }
   for (int m = 0; m < MR_; ++m) {
-    float s[4];
-    if constexpr (NR == 4) {
-      V::reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3], s);
+    float s[NR];
+    if constexpr (NR % 4 == 0) {
+      for (int r = 0; r < NR; r += 4) V::reduce4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3], s + r);
     } else {
       for (int r = 0; r < NR; ++r) s[r] = V::reduce(acc[m][r]);
     }
@@ -48,6 +48,9 @@ template <int MR_, DType WT>
 inline void row_block(const float* x, int64_t ldx, int64_t K, const void* w, int64_t ldw, int64_t n0, int64_t n1,
                       float* y, int64_t ldy, const float* bias) {
   int64_t n = n0;
+  if constexpr (MR_ == 1) {  // matrix-vector: more weight rows in flight per pass
+    for (; n + 8 <= n1; n += 8) tile<1, 8, WT>(x, ldx, K, w, ldw, n, y, ldy, bias);
+  }
   for (; n + 4 <= n1; n += 4) tile<MR_, 4, WT>(x, ldx, K, w, ldw, n, y, ldy, bias);
   for (; n < n1; ++n) tile<MR_, 1, WT>(x, ldx, K, w, ldw, n, y, ldy, bias);
 }

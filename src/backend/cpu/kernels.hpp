@@ -22,6 +22,10 @@ void set_isa(Isa isa);   // for tests and benchmarks; throws llmq::Error if the 
 void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
             float* y, int64_t ldy, const float* bias);
 
+// The same on the calling thread only (for use inside parallel regions).
+void gemm_single(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
+                 float* y, int64_t ldy);
+
 // Single-threaded pieces with the same contract, on rows [n0, n1) of w. The scalar one is the reference.
 using GemmFn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw,
                         int64_t n0, int64_t n1, float* y, int64_t ldy, const float* bias);
