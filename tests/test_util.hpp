@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "common.hpp"
 #include "io/mmap_file.hpp"
 
 namespace llmq::test {
