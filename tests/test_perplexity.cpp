@@ -30,8 +30,8 @@ INSTANTIATE_TEST_SUITE_P(Shared, Perplexity,
                                            std::make_pair("llama-27m", "code-py.txt"),
                                            std::make_pair("llama-7m-demo", "docs-en.txt"),
                                            std::make_pair("llama-7m-demo", "code-py.txt")),
-                         [](const auto& info) {
-                           std::string n = info.param.first + "_" + info.param.second;
+                         [](const auto& param_info) {
+                           std::string n = param_info.param.first + "_" + param_info.param.second;
                            for (char& c : n)
                              if (!isalnum(static_cast<unsigned char>(c))) c = '_';
                            return n;

@@ -80,7 +80,9 @@ TEST_P(Reference, LogitsTop10AndGreedyMatchTransformers) {
     const auto greedy = p["greedy_ids"].get<std::vector<int32_t>>();
     GenerateResult g = generate(model, tok, ids, int64_t(greedy.size()), SamplerParams{}, {}, nullptr);
     EXPECT_EQ(g.ids, greedy) << "greedy continuation";
-    if (p.contains("greedy_text")) EXPECT_EQ(tok.decode(g.ids), p["greedy_text"].get<std::string>());
+    if (p.contains("greedy_text")) {
+      EXPECT_EQ(tok.decode(g.ids), p["greedy_text"].get<std::string>());
+    }
   }
 }
 
@@ -113,8 +115,8 @@ TEST(Batch, SeveralSequencesMatchSingle) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, Reference, ::testing::ValuesIn(test::reference_models()),
-                         [](const auto& info) {
-                           std::string n = info.param.substr(info.param.find_last_of('/') + 1);
+                         [](const auto& param_info) {
+                           std::string n = param_info.param.substr(param_info.param.find_last_of('/') + 1);
                            for (char& c : n)
                              if (!isalnum(static_cast<unsigned char>(c))) c = '_';
                            return n;

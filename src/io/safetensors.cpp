@@ -1,6 +1,9 @@
 #include "io/safetensors.hpp"
 
 #include <nlohmann/json.hpp>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <set>
 
 namespace llmq {
@@ -123,6 +126,35 @@ uint64_t Checkpoint::total_bytes() const {
   uint64_t n = 0;
   for (auto& [_, t] : index_) n += t->nbytes();
   return n;
+}
+
+void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  json header = json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  uint64_t off = 0;
+  for (const TensorData& t : tensors) {
+    uint64_t numel = 1;
+    for (int64_t d : t.shape) numel *= uint64_t(d);
+    if (numel * dtype_size(t.dtype) != t.bytes.size())
+      throw Error(path + ": tensor '" + t.name + "' has " + std::to_string(t.bytes.size()) + " bytes for its shape");
+    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {off, off + t.bytes.size()}}};
+    off += t.bytes.size();
+  }
+  std::string h = header.dump();
+  while ((h.size() + 8) % 8) h += ' ';  // keep the data 8-byte aligned, as the format recommends
+  const std::string tmp = path + ".tmp";
+  FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) throw Error(tmp + ": cannot create: " + std::strerror(errno));
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(h.size()) >> (8 * i));
+  bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
+  for (const TensorData& t : tensors) ok = ok && std::fwrite(t.bytes.data(), 1, t.bytes.size(), f) == t.bytes.size();
+  ok = (std::fclose(f) == 0) && ok;
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(path + ": write failed: " + std::strerror(errno));
+  }
 }
 
 }  // namespace llmq

@@ -63,4 +63,17 @@ class Checkpoint {
   std::map<std::string, const TensorView*> index_;
 };
 
+// A tensor to write: name, dtype, shape and its bytes (numel * dtype size).
+struct TensorData {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+
+// Writes a safetensors file: to `path + ".tmp"`, then renamed over `path`, so a reader never sees a partial
+// file. Tensors are laid out in the order given; metadata goes into "__metadata__".
+void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
 }  // namespace llmq

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what the build needs, builds llmq with warnings as errors, and runs the whole test suite with CTest:
+#   1. Release build: unit tests, tokenizer conformance, exactness against transformers (reference.json),
+#      and perplexity on the held-out texts (label "perplexity", a few minutes on 2 cores);
+#   2. AddressSanitizer + UndefinedBehaviorSanitizer build: every test except the perplexity runs.
+# Options: --fast (skip the perplexity label), --no-sanitize (skip step 2). CI runs it without options.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FAST=0
+SANITIZE=1
+for a in "$@"; do
+  case "$a" in
+    --fast) FAST=1 ;;
+    --no-sanitize) SANITIZE=0 ;;
+    *) echo "usage: scripts/test.sh [--fast] [--no-sanitize]" >&2; exit 2 ;;
+  esac
+done
+scripts/setup.sh
+JOBS=$(nproc)
+SHARED="$(pwd)/../shared"
+if [ ! -d "$SHARED/models" ]; then
+  echo "test.sh: ../shared (models and data) is missing beside the checkout; the model tests need it" >&2
+  exit 1
+fi
+
+echo "== release build"
+cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DLLMQ_WERROR=ON -DLLMQ_SHARED_DIR="$SHARED" >/dev/null
+cmake --build build/release -j"$JOBS"
+echo "== release tests"
+EXCLUDE=()
+[ "$FAST" = 1 ] && EXCLUDE=(-LE perplexity)
+ctest --test-dir build/release --output-on-failure "${EXCLUDE[@]}"
+
+if [ "$SANITIZE" = 1 ]; then
+  echo "== ASan + UBSan build"
+  cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLLMQ_SANITIZE=ON -DLLMQ_WERROR=ON \
+    -DLLMQ_SHARED_DIR="$SHARED" >/dev/null
+  cmake --build build/sanitize -j"$JOBS"
+  echo "== ASan + UBSan tests (all but perplexity)"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir build/sanitize --output-on-failure -LE perplexity
+fi
