@@ -13,6 +13,13 @@ void Linear::forward(const float* x, int64_t M, float* y) const {
   cpu::matmul(x, in, M, in, w->data, w->dtype, in, out, y, out, bias.empty() ? nullptr : bias.data());
 }
 
+void Linear::forward_many(const float* x, int64_t M, std::initializer_list<std::pair<const Linear*, float*>> outs) {
+  cpu::MatmulJob jobs[8];
+  int n = 0;
+  for (auto& [l, y] : outs) jobs[n++] = {l->w->data, l->w->dtype, l->out, y, l->bias.empty() ? nullptr : l->bias.data()};
+  cpu::matmul_multi(x, M, outs.begin()->first->in, jobs, n);
+}
+
 KVCache::KVCache(const ModelConfig& c, int64_t n_seq_, int64_t capacity_)
     : n_seq(n_seq_), capacity(capacity_), layers(c.layers), kv_dim(c.kv_heads * c.head_dim) {
   const size_t n = size_t(layers * n_seq * capacity * kv_dim);
@@ -191,9 +198,7 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
     const LayerWeights& L = layers_[size_t(l)];
 #pragma omp parallel for schedule(static) if (T > 1)
     for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.attn_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
-    L.q.forward(h.data(), T, q.data());
-    L.k.forward(h.data(), T, k.data());
-    L.v.forward(h.data(), T, v.data());
+    Linear::forward_many(h.data(), T, {{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}});
 #pragma omp parallel for schedule(static) if (T > 1)
     for (int64_t t = 0; t < T; ++t) {
       const BatchToken& b = batch[size_t(t)];
@@ -238,8 +243,7 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
 
 #pragma omp parallel for schedule(static) if (T > 1)
     for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.mlp_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
-    L.gate.forward(h.data(), T, g.data());
-    L.up.forward(h.data(), T, u.data());
+    Linear::forward_many(h.data(), T, {{&L.gate, g.data()}, {&L.up, u.data()}});
 #pragma omp parallel for schedule(static) if (T * I > 65536)
     for (int64_t i = 0; i < T * I; ++i) {
       const float gv = g[size_t(i)];

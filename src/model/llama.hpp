@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,6 +22,8 @@ struct Linear {
   int64_t in = 0, out = 0;
   // x: [M, in] floats -> y: [M, out] floats
   void forward(const float* x, int64_t M, float* y) const;
+  // Several linears of the same input (same `in`), e.g. q/k/v, in one parallel region.
+  static void forward_many(const float* x, int64_t M, std::initializer_list<std::pair<const Linear*, float*>> outs);
 };
 
 struct LayerWeights {

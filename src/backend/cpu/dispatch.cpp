@@ -95,6 +95,29 @@ void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DT
   }
 }
 
+void matmul_multi(const float* x, int64_t M, int64_t K, const MatmulJob* jobs, int n_jobs) {
+  GemmFn fn = gemm_fn();
+  int64_t total_n = 0;
+  for (int j = 0; j < n_jobs; ++j) total_n += jobs[j].N;
+  const int nt = (M * total_n * K < (int64_t(1) << 16) || omp_in_parallel()) ? 1 : omp_get_max_threads();
+  if (nt == 1 || M > 16) {  // large M: the per-job split over N keeps each thread's weights apart already
+    for (int j = 0; j < n_jobs; ++j)
+      matmul(x, K, M, K, jobs[j].w, jobs[j].wt, K, jobs[j].N, jobs[j].y, jobs[j].N, jobs[j].bias);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    for (int j = 0; j < n_jobs; ++j) {
+      const MatmulJob& jb = jobs[j];
+      int64_t per = (jb.N + nt - 1) / nt;
+      per = (per + 7) / 8 * 8;
+      const int64_t n0 = std::min(jb.N, t * per), n1 = std::min(jb.N, n0 + per);
+      if (n0 < n1) fn(x, K, M, K, jb.w, jb.wt, K, n0, n1, jb.y, jb.N, jb.bias);
+    }
+  }
+}
+
 void gemm_single(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
                  float* y, int64_t ldy) {
   gemm_fn()(x, ldx, M, K, w, wt, ldw, 0, N, y, ldy, nullptr);

@@ -18,6 +18,12 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const void* w, int64_t 
   int64_t k = 0;
   for (; k + V::W <= K; k += V::W) {
     typename V::T wv[NR];
+    if constexpr (MR_ == 1) {
+      // Matrix-vector: each row is a short stream the hardware prefetcher barely learns before it ends, so
+      // fetch the next tile's rows while this one is computed.
+      for (int r = 0; r < NR; ++r)
+        __builtin_prefetch(static_cast<const char*>(w) + ((n + NR + r) * ldw + k) * int64_t(dtype_size(WT)));
+    }
     for (int r = 0; r < NR; ++r) wv[r] = V::template loadw<WT>(w, (n + r) * ldw + k);
     for (int m = 0; m < MR_; ++m) {
       typename V::T xv = V::load(x + m * ldx + k);

@@ -22,6 +22,17 @@ void set_isa(Isa isa);   // for tests and benchmarks; throws llmq::Error if the 
 void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
             float* y, int64_t ldy, const float* bias);
 
+// Several products of the same x with different weights, in one parallel region (q/k/v, gate/up): each
+// thread takes its share of every job's rows, which balances better and synchronizes once.
+struct MatmulJob {
+  const void* w;
+  DType wt;
+  int64_t N;
+  float* y;            // [M, N], row stride N
+  const float* bias;   // [N] or null
+};
+void matmul_multi(const float* x, int64_t M, int64_t K, const MatmulJob* jobs, int n_jobs);
+
 // The same on the calling thread only (for use inside parallel regions).
 void gemm_single(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
                  float* y, int64_t ldy);
