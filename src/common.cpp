@@ -2,6 +2,8 @@
 
 #include <omp.h>
 
+#include "quant/formats/formats.hpp"
+
 namespace llmq {
 
 const char* dtype_name(DType t) {
@@ -9,11 +11,23 @@ const char* dtype_name(DType t) {
     case DType::F32: return "F32";
     case DType::F16: return "F16";
     case DType::BF16: return "BF16";
+    case DType::I8: return "I8";
+    case DType::U8: return "U8";
+    case DType::F8E4M3: return "F8_E4M3";
   }
   return "?";
 }
 
-size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::F16:
+    case DType::BF16: return 2;
+    default: return 1;
+  }
+}
+
+float fp8_e4m3_to_f32(uint8_t b) { return quant::fp8_to_f32(b); }
 
 uint16_t f32_to_f16(float f) {
   uint32_t u;

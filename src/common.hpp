@@ -16,7 +16,9 @@ class Error : public std::runtime_error {
 };
 
 // Element types of tensors in checkpoints and in memory.
-enum class DType : uint8_t { F32, F16, BF16 };
+// F8E4M3 is FP8 E4M3FN (quant/formats/formats.hpp draws it); I8/U8 hold quantized weights, packed INT4
+// pairs and zero points.
+enum class DType : uint8_t { F32, F16, BF16, I8, U8, F8E4M3 };
 
 const char* dtype_name(DType t);
 size_t dtype_size(DType t);
@@ -68,12 +70,17 @@ inline float f16_to_f32(uint16_t h) {
 // F32 -> IEEE binary16, round to nearest even, overflow to infinity.
 uint16_t f32_to_f16(float f);
 
-// Reads element i of a buffer of type t as float.
+float fp8_e4m3_to_f32(uint8_t b);
+
+// Reads element i of a buffer of type t as float (I8/U8: the integer value).
 inline float load_as_f32(const void* p, DType t, size_t i) {
   switch (t) {
     case DType::F32: return static_cast<const float*>(p)[i];
     case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
     case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    case DType::I8: return float(static_cast<const int8_t*>(p)[i]);
+    case DType::U8: return float(static_cast<const uint8_t*>(p)[i]);
+    case DType::F8E4M3: return fp8_e4m3_to_f32(static_cast<const uint8_t*>(p)[i]);
   }
   return 0.f;
 }

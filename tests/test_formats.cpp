@@ -57,3 +57,73 @@ TEST(Formats, Bf16) {
   EXPECT_EQ(f32_to_bf16(bits(0x3f808001u)), 0x3f81);
   EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(NAN))));
 }
+
+#include "quant/formats/formats.hpp"
+
+using namespace llmq::quant;
+
+TEST(Formats, Fp8E4M3AllCodesRoundTrip) {
+  int finite = 0;
+  for (int b = 0; b < 256; ++b) {
+    const float f = fp8_to_f32(uint8_t(b));
+    if ((b & 0x7f) == 0x7f) {
+      EXPECT_TRUE(std::isnan(f));
+      continue;
+    }
+    ++finite;
+    if (b == 0x80) {  // -0
+      EXPECT_EQ(f32_to_fp8(f), 0x80);
+      continue;
+    }
+    EXPECT_EQ(f32_to_fp8(f), uint8_t(b)) << b;
+  }
+  EXPECT_EQ(finite, 254);
+}
+
+TEST(Formats, Fp8E4M3HandCases) {
+  EXPECT_EQ(fp8_to_f32(0x7E), 448.0f);
+  EXPECT_EQ(fp8_to_f32(0x38), 1.0f);            // e=7, m=0
+  EXPECT_EQ(fp8_to_f32(0x01), std::ldexp(1.0f, -9));  // smallest subnormal
+  EXPECT_EQ(fp8_to_f32(0x08), std::ldexp(1.0f, -6));  // smallest normal
+  EXPECT_EQ(f32_to_fp8(500.0f), 0x7E);          // saturates
+  EXPECT_EQ(f32_to_fp8(-1e30f), 0xFE);
+  EXPECT_EQ(f32_to_fp8(INFINITY), 0x7E);
+  EXPECT_EQ(f32_to_fp8(NAN), 0x7F);
+  EXPECT_EQ(f32_to_fp8(1.0625f), 0x38);         // halfway between 1 and 1.125: ties to even (1.0)
+  EXPECT_EQ(f32_to_fp8(1.1875f), 0x3A);         // halfway between 1.125 and 1.25: ties to even (1.25)
+  EXPECT_EQ(f32_to_fp8(std::ldexp(1.0f, -10)), 0x00);  // half the smallest subnormal: ties to even (0)
+  EXPECT_EQ(f32_to_fp8(std::ldexp(3.0f, -10)), 0x02);  // 1.5 subnormal steps: ties to even (2)
+  EXPECT_EQ(f32_to_fp8(464.0f), 0x7E);          // between 448 and the (absent) 480: saturates
+  // every value rounds to the nearest code
+  for (float x = -460.f; x < 460.f; x += 0.37f) {
+    const float q = fp8_to_f32(f32_to_fp8(x));
+    for (int b = 0; b < 256; ++b) {
+      const float c = fp8_to_f32(uint8_t(b));
+      if (std::isnan(c)) continue;
+      ASSERT_LE(std::abs(q - x), std::abs(c - x) + 1e-6f) << x;
+    }
+  }
+}
+
+TEST(Formats, Int8AndInt4) {
+  EXPECT_EQ(quant_int8(1.0f, 127.0f), 127);
+  EXPECT_EQ(quant_int8(-2.0f, 127.0f), -127);  // clamps symmetric
+  EXPECT_EQ(quant_int8(0.5f, 1.0f), 0);        // half to even
+  EXPECT_EQ(quant_int8(1.5f, 1.0f), 2);
+  uint8_t packed[2] = {pack_int4(3, 12), pack_int4(15, 0)};
+  EXPECT_EQ(unpack_int4(packed, 0), 3);
+  EXPECT_EQ(unpack_int4(packed, 1), 12);
+  EXPECT_EQ(unpack_int4(packed, 2), 15);
+  EXPECT_EQ(unpack_int4(packed, 3), 0);
+  Int4Params p = int4_params(-1.0f, 2.0f, false);
+  EXPECT_FLOAT_EQ(p.scale, 0.2f);
+  EXPECT_EQ(p.zero, 5);
+  EXPECT_EQ(quant_int4(-1.0f, p), 0);
+  EXPECT_EQ(quant_int4(2.0f, p), 15);
+  EXPECT_FLOAT_EQ(dequant_int4(quant_int4(0.0f, p), p), 0.0f);  // zero is exact
+  Int4Params s = int4_params(-0.7f, 0.35f, true);
+  EXPECT_FLOAT_EQ(s.scale, 0.1f);
+  EXPECT_EQ(quant_int4(-0.7f, s), 1);  // -7 + 8
+  // round trip error within half a step
+  for (float x = -1.0f; x <= 2.0f; x += 0.013f) EXPECT_LE(std::abs(dequant_int4(quant_int4(x, p), p) - x), p.scale / 2 + 1e-6f);
+}

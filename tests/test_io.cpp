@@ -98,8 +98,8 @@ TEST(Safetensors, MalformedFilesAreRejectedWithTheirName) {
   expect_error([&] { SafetensorsFile f(p); }, {p, "'w'", "outside"});
   write_bytes(p, st_bytes(R"({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}})", std::string(16, '\0')));
   expect_error([&] { SafetensorsFile f(p); }, {p, "'w'", "[3]"});
-  write_bytes(p, st_bytes(R"({"w": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}})", std::string(4, '\0')));
-  expect_error([&] { SafetensorsFile f(p); }, {p, "'w'", "F8_E4M3"});
+  write_bytes(p, st_bytes(R"({"w": {"dtype": "F8_E5M2", "shape": [4], "data_offsets": [0, 4]}})", std::string(4, '\0')));
+  expect_error([&] { SafetensorsFile f(p); }, {p, "'w'", "F8_E5M2"});
   write_bytes(p, st_bytes(R"({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}})", std::string(4, '\0')));
   expect_error([&] { SafetensorsFile f(p); }, {p, "'w'", "shape"});
   write_bytes(p, st_bytes(R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}})", std::string(8, '\0')));

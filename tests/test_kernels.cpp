@@ -30,7 +30,12 @@ std::vector<uint8_t> make_weights(DType wt, size_t n, std::mt19937& rng, std::ve
   for (size_t i = 0; i < n; ++i) {
     float v = nd(rng);
     if (wt == DType::F32) std::memcpy(&bytes[i * 4], &v, 4);
-    else {
+    else if (wt == DType::I8) bytes[i] = uint8_t(int8_t(int(rng() % 255) - 127));
+    else if (wt == DType::F8E4M3) {
+      uint8_t b;
+      do b = uint8_t(rng()); while ((b & 0x7f) == 0x7f);  // every finite code, subnormals included
+      bytes[i] = b;
+    } else {
       uint16_t h = wt == DType::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
       std::memcpy(&bytes[i * 2], &h, 2);
     }
@@ -51,7 +56,7 @@ TEST(Kernels, GemmMatchesReferenceAtAwkwardShapes) {
   const int64_t Ns[] = {1, 3, 4, 5, 9, 17, 33};
   int cases = 0;
   for (Isa isa : simd_isas()) {
-    for (DType wt : {DType::F32, DType::F16, DType::BF16}) {
+    for (DType wt : {DType::F32, DType::F16, DType::BF16, DType::I8, DType::F8E4M3}) {
       for (int64_t M : Ms)
         for (int64_t K : Ks)
           for (int64_t N : Ns) {
@@ -122,5 +127,31 @@ TEST(Kernels, DotAndAxpyMatchReference) {
       axpy_ref(0.37f, a.data(), y_ref.data(), n);
       for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(y[size_t(i)], y_ref[size_t(i)], 1e-6f * (1 + std::abs(y_ref[size_t(i)])));
     }
+  }
+}
+
+TEST(Kernels, Int8GemmIsExact) {
+  IsaGuard guard;
+  std::mt19937 rng(5);
+  auto r8 = [&] { return int8_t(int(rng() % 255) - 127); };
+  for (Isa isa : simd_isas()) {
+    for (int64_t M : {1, 2, 5})
+      for (int64_t K : {1, 15, 16, 31, 32, 33, 100, 1031})
+        for (int64_t N : {1, 3, 4, 7, 70}) {
+          std::vector<int8_t> x(static_cast<size_t>(M * K)), w(static_cast<size_t>(N * K));
+          for (auto& v : x) v = r8();
+          for (auto& v : w) v = r8();
+          if (K == 1031) std::fill(x.begin(), x.end(), int8_t(-127));  // large sums: beyond float's 2^24
+          if (K == 1031) std::fill(w.begin(), w.end(), int8_t(-127));
+          std::vector<int32_t> ref(static_cast<size_t>(M * N), -1), got(static_cast<size_t>(M * N), -1);
+          gemm_i8_ref(x.data(), K, M, K, w.data(), K, 0, N, ref.data(), N);
+          set_isa(isa);
+          matmul_i8(x.data(), K, M, K, w.data(), K, N, got.data(), N);
+          set_isa(Isa::Scalar);
+          ASSERT_EQ(got, ref) << isa_name(isa) << " M" << M << " K" << K << " N" << N;
+          if (K == 1031) {
+            EXPECT_EQ(ref[0], 1031 * 127 * 127);
+          }
+        }
   }
 }

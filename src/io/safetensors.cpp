@@ -20,7 +20,10 @@ static DType parse_dtype(const std::string& s, const std::string& where) {
   if (s == "F32") return DType::F32;
   if (s == "F16") return DType::F16;
   if (s == "BF16") return DType::BF16;
-  throw Error(where + ": unsupported dtype '" + s + "' (llmq reads F32, F16 and BF16)");
+  if (s == "I8") return DType::I8;
+  if (s == "U8") return DType::U8;
+  if (s == "F8_E4M3") return DType::F8E4M3;
+  throw Error(where + ": unsupported dtype '" + s + "' (llmq reads F32, F16, BF16, I8, U8 and F8_E4M3)");
 }
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {

@@ -64,8 +64,22 @@ static GemmFn gemm_fn() {
   }
 }
 
+void matmul_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N,
+               int32_t* y, int64_t ldy) {
+  auto fn = active_isa() == Isa::AVX512 ? avx512::gemm_i8 : active_isa() == Isa::AVX2 ? avx2::gemm_i8 : gemm_i8_ref;
+  const int nt = (M * N * K < (int64_t(1) << 16) || omp_in_parallel()) ? 1 : omp_get_max_threads();
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    const int64_t per = (N + nt - 1) / nt;
+    const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);
+    if (n0 < n1) fn(x, ldx, M, K, w, ldw, n0, n1, y, ldy);
+  }
+}
+
 void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
             float* y, int64_t ldy, const float* bias) {
+  if (wt == DType::U8) throw Error("matmul: U8 is not a weight type");
   GemmFn fn = gemm_fn();
   const int64_t work = M * N * K;
   const int nt = work < (int64_t(1) << 16) ? 1 : omp_get_max_threads();

@@ -93,6 +93,32 @@ void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DTyp
     case DType::F32: gemm_t<DType::F32>(x, ldx, M, K, w, ldw, n0, n1, y, ldy, bias); break;
     case DType::F16: gemm_t<DType::F16>(x, ldx, M, K, w, ldw, n0, n1, y, ldy, bias); break;
     case DType::BF16: gemm_t<DType::BF16>(x, ldx, M, K, w, ldw, n0, n1, y, ldy, bias); break;
+    case DType::I8: gemm_t<DType::I8>(x, ldx, M, K, w, ldw, n0, n1, y, ldy, bias); break;
+    case DType::F8E4M3: gemm_t<DType::F8E4M3>(x, ldx, M, K, w, ldw, n0, n1, y, ldy, bias); break;
+    case DType::U8: break;  // not a weight type: matmul() rejects it
+  }
+}
+
+// Exact integer GEMM: y[m, n] = sum_k x[m, k] * w[n, k] in int32, rows [n0, n1). Both int8, K-contiguous.
+void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0, int64_t n1,
+             int32_t* y, int64_t ldy) {
+  constexpr int NR = 4;
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xm = x + m * ldx;
+    int64_t n = n0;
+    for (; n < n1; n += NR) {
+      const int nr = int(std::min<int64_t>(NR, n1 - n));
+      typename V::I acc[NR];
+      for (int r = 0; r < NR; ++r) acc[r] = V::izero();
+      int64_t k = 0;
+      for (; k + V::KI <= K; k += V::KI)
+        for (int r = 0; r < nr; ++r) acc[r] = V::i8_madd(xm + k, w + (n + r) * ldw + k, acc[r]);
+      for (int r = 0; r < nr; ++r) {
+        int32_t s = V::ireduce(acc[r]);
+        for (int64_t kk = k; kk < K; ++kk) s += int32_t(xm[kk]) * int32_t(w[(n + r) * ldw + kk]);
+        y[m * ldy + n + r] = s;
+      }
+    }
   }
 }
 

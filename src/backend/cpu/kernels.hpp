@@ -16,7 +16,7 @@ Isa active_isa();        // what the kernels use now (detected unless overridden
 void set_isa(Isa isa);   // for tests and benchmarks; throws llmq::Error if the processor lacks it
 
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < M, n < N.
-//   x: [M, K] floats, row stride ldx;  w: [N, K] of type wt, row stride ldw (elements);
+//   x: [M, K] floats, row stride ldx;  w: [N, K] of type wt (F32, F16, BF16, I8 or F8E4M3), row stride ldw;
 //   y: [M, N] floats, row stride ldy;  bias: [N] floats or null.
 // Multi-threaded (OpenMP) over N, and over M when N is small.
 void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
@@ -43,6 +43,13 @@ using GemmFn = void (*)(const float* x, int64_t ldx, int64_t M, int64_t K, const
 void gemm_ref(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
               int64_t n1, float* y, int64_t ldy, const float* bias);
 
+// y[m, n] = sum_k x[m, k] * w[n, k], exactly, in int32 (INT8 x INT8 -> INT32, as the W8A8 tensor-core
+// path computes). x: [M, K] int8 (stride ldx), w: [N, K] int8 (stride ldw), y: [M, N] int32 (stride ldy).
+void matmul_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N,
+               int32_t* y, int64_t ldy);
+void gemm_i8_ref(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0,
+                 int64_t n1, int32_t* y, int64_t ldy);
+
 // sum_i a[i] * b[i]
 float dot(const float* a, const float* b, int64_t n);
 float dot_ref(const float* a, const float* b, int64_t n);
@@ -61,6 +68,8 @@ float dot(const float* a, const float* b, int64_t n);
 void axpy(float alpha, const float* x, float* y, int64_t n);
 float fma_loop(int64_t iters);  // 10 * iters vector FMAs
 int fma_loop_lanes();
+void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0, int64_t n1,
+             int32_t* y, int64_t ldy);
 }  // namespace avx2
 namespace avx512 {
 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
@@ -69,6 +78,8 @@ float dot(const float* a, const float* b, int64_t n);
 void axpy(float alpha, const float* x, float* y, int64_t n);
 float fma_loop(int64_t iters);  // 10 * iters vector FMAs
 int fma_loop_lanes();
+void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0, int64_t n1,
+             int32_t* y, int64_t ldy);
 }  // namespace avx512
 
 }  // namespace llmq::cpu

@@ -27,17 +27,45 @@ struct V {
     return wt == DType::BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
                              : _mm256_cvtph_ps(h);
   }
+  // 8 bytes: I8 -> exact integers; F8E4M3 -> exact values (E4M3 bits shifted into F16 position give
+  // value * 2^-8, subnormals included; the multiply by 256 is exact).
+  static T widen8(__m128i b, DType wt) {
+    if (wt == DType::I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    const __m128i h = _mm_cvtepu8_epi16(b);
+    const __m128i f16 = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8),
+                                     _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7f)), 7));
+    return _mm256_mul_ps(_mm256_cvtph_ps(f16), _mm256_set1_ps(256.0f));
+  }
   template <DType WT>
   static T loadw(const void* w, int64_t off) {
     if constexpr (WT == DType::F32) return _mm256_loadu_ps(static_cast<const float*>(w) + off);
+    else if constexpr (WT == DType::I8 || WT == DType::F8E4M3)
+      return widen8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(w) + off)), WT);
     else return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + off)), WT);
   }
   template <DType WT>
   static T loadw_partial(const void* w, int64_t off, int n) {
     if constexpr (WT == DType::F32) return load_partial(static_cast<const float*>(w) + off, n);
-    alignas(16) uint16_t buf[8] = {};
-    std::memcpy(buf, static_cast<const uint16_t*>(w) + off, size_t(n) * 2);
-    return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)), WT);
+    alignas(16) uint8_t buf[16] = {};
+    std::memcpy(buf, static_cast<const uint8_t*>(w) + off * int64_t(dtype_size(WT)), size_t(n) * dtype_size(WT));
+    if constexpr (WT == DType::I8 || WT == DType::F8E4M3)
+      return widen8(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)), WT);
+    else return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)), WT);
+  }
+  // Integer dot products: 16 int8 pairs per step, widened to int16 and multiplied-added into int32 lanes.
+  using I = __m256i;
+  static constexpr int KI = 16;
+  static I izero() { return _mm256_setzero_si256(); }
+  static I i8_madd(const int8_t* a, const int8_t* b, I acc) {
+    const I a16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
+    const I b16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a16, b16));
+  }
+  static int32_t ireduce(I v) {
+    __m128i q = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4e));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1));
+    return _mm_cvtsi128_si32(q);
   }
   static float reduce(T v) {
     __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -23,16 +23,39 @@ struct V {
     return wt == DType::BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
                              : _mm512_cvtph_ps(h);
   }
+  // 16 bytes: I8 -> exact integers; F8E4M3 -> exact values (the E4M3 bits shifted into F16 position give
+  // value * 2^-8, subnormals included; the multiply by 256 is exact).
+  static T widen8(__m128i b, DType wt) {
+    if (wt == DType::I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    const __m256i h = _mm256_cvtepu8_epi16(b);
+    const __m256i f16 = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8),
+                                        _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7f)), 7));
+    return _mm512_mul_ps(_mm512_cvtph_ps(f16), _mm512_set1_ps(256.0f));
+  }
   template <DType WT>
   static T loadw(const void* w, int64_t off) {
     if constexpr (WT == DType::F32) return _mm512_loadu_ps(static_cast<const float*>(w) + off);
+    else if constexpr (WT == DType::I8 || WT == DType::F8E4M3)
+      return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(w) + off)), WT);
     else return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + off)), WT);
   }
   template <DType WT>
   static T loadw_partial(const void* w, int64_t off, int n) {
     if constexpr (WT == DType::F32) return _mm512_maskz_loadu_ps(mask(n), static_cast<const float*>(w) + off);
+    else if constexpr (WT == DType::I8 || WT == DType::F8E4M3)
+      return widen8(_mm_maskz_loadu_epi8(mask(n), static_cast<const uint8_t*>(w) + off), WT);
     else return widen(_mm256_maskz_loadu_epi16(mask(n), static_cast<const uint16_t*>(w) + off), WT);
   }
+  // Integer dot products: 32 int8 pairs per step, widened to int16 and multiplied-added into int32 lanes.
+  using I = __m512i;
+  static constexpr int KI = 32;
+  static I izero() { return _mm512_setzero_si512(); }
+  static I i8_madd(const int8_t* a, const int8_t* b, I acc) {
+    const I a16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+    const I b16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a16, b16));
+  }
+  static int32_t ireduce(I v) { return _mm512_reduce_add_epi32(v); }
   static float reduce(T v) { return _mm512_reduce_add_ps(v); }
   // out[i] = sum of the lanes of ai
   static void reduce4(T a0, T a1, T a2, T a3, float* out) {

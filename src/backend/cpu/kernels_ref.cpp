@@ -14,6 +14,16 @@ void gemm_ref(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, 
   }
 }
 
+void gemm_i8_ref(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0,
+                 int64_t n1, int32_t* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      int32_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += int32_t(x[m * ldx + k]) * int32_t(w[n * ldw + k]);
+      y[m * ldy + n] = acc;
+    }
+}
+
 float dot_ref(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];

@@ -1,0 +1,90 @@
+// Numeric formats of quantized weights, activations and KV cache: bit layouts and scalar reference
+// quantize/dequantize. Shared by host code and (later) device code: plain functions, no allocation.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace llmq::quant {
+
+// ---- FP8 E4M3FN --------------------------------------------------------------------------------------
+//  bit 7   6 5 4 3   2 1 0
+//      s   e e e e   m m m      bias 7; no infinities; 0x7F/0xFF = NaN; max finite ±448 (0x7E)
+//  normal:    (-1)^s * 2^(e-7) * (1 + m/8)       subnormal (e = 0): (-1)^s * 2^-6 * (m/8)
+constexpr float kFp8Max = 448.0f;
+
+inline float fp8_to_f32(uint8_t b) {
+  const uint32_t e = (b >> 3) & 0xF, m = b & 7;
+  if (e == 15 && m == 7) return NAN;
+  const float mag = e == 0 ? std::ldexp(float(m), -9) : std::ldexp(float(8 + m), int(e) - 10);
+  return (b & 0x80) ? -mag : mag;
+}
+
+// Round to nearest even, saturating to ±448 (as conversion with saturation does); NaN -> 0x7F.
+inline uint8_t f32_to_fp8(float x) {
+  if (std::isnan(x)) return 0x7F;
+  const uint8_t sign = std::signbit(x) ? 0x80 : 0;
+  float a = std::fabs(x);
+  if (a >= kFp8Max) return sign | 0x7E;
+  if (a < std::ldexp(1.0f, -6)) {  // subnormal range: multiples of 2^-9
+    const float q = std::nearbyint(a * 512.0f);  // current rounding mode: nearest even
+    return sign | uint8_t(q);                    // q == 8 becomes the smallest normal (e=1, m=0): same bits
+  }
+  int e;
+  const float f = std::frexp(a, &e);  // a = f * 2^e, f in [0.5, 1)
+  // mantissa with 3 fractional bits: a = 2^(e-1) * (1 + m/8)
+  float m = std::nearbyint((f * 2.0f - 1.0f) * 8.0f);
+  int exp = e - 1 + 7;
+  if (m == 8.0f) {
+    m = 0;
+    ++exp;
+  }
+  if (exp > 15 || (exp == 15 && m == 7)) return sign | 0x7E;  // only reachable by rounding up to 480
+  return sign | uint8_t(exp << 3) | uint8_t(m);
+}
+
+// ---- INT8 symmetric ----------------------------------------------------------------------------------
+// q in [-127, 127], x ≈ q * scale, scale = absmax / 127. Round half away from zero (as torch.round is not:
+// it rounds half to even; we use nearbyint, half to even, to match).
+inline int8_t quant_int8(float x, float inv_scale) {
+  float q = std::nearbyint(x * inv_scale);
+  q = std::fmin(127.f, std::fmax(-127.f, q));
+  return int8_t(q);
+}
+
+// ---- INT4 groups -------------------------------------------------------------------------------------
+// Weights of one output row are cut into groups of G consecutive input channels, each with its own scale
+// (and zero point when asymmetric). Packed two per byte, element 2i in the low nibble, 2i+1 in the high:
+//   byte = (q[2i+1] << 4) | q[2i]
+// asymmetric: q in [0, 15], x ≈ (q - z) * scale, z in [0, 15]
+// symmetric:  q in [-8, 7] stored as q + 8, x ≈ (stored - 8) * scale (z = 8 fixed)
+inline uint8_t pack_int4(uint8_t lo, uint8_t hi) { return uint8_t((hi << 4) | (lo & 0xF)); }
+inline uint8_t unpack_int4(const uint8_t* packed, int64_t i) { return (packed[i >> 1] >> ((i & 1) * 4)) & 0xF; }
+
+struct Int4Params {
+  float scale;
+  uint8_t zero;
+};
+
+// Scale and zero point covering [lo, hi] (asymmetric, range includes 0) or [-amax, amax] (symmetric).
+inline Int4Params int4_params(float lo, float hi, bool symmetric) {
+  if (symmetric) {
+    const float amax = std::fmax(std::fabs(lo), std::fabs(hi));
+    return {amax > 0 ? amax / 7.0f : 1.0f, 8};
+  }
+  lo = std::fmin(lo, 0.f);
+  hi = std::fmax(hi, 0.f);
+  const float scale = hi > lo ? (hi - lo) / 15.0f : 1.0f;
+  float z = std::nearbyint(-lo / scale);
+  z = std::fmin(15.f, std::fmax(0.f, z));
+  return {scale, uint8_t(z)};
+}
+
+inline uint8_t quant_int4(float x, Int4Params p) {
+  float q = std::nearbyint(x / p.scale) + float(p.zero);
+  return uint8_t(std::fmin(15.f, std::fmax(0.f, q)));
+}
+inline float dequant_int4(uint8_t q, Int4Params p) { return (float(q) - float(p.zero)) * p.scale; }
+
+}  // namespace llmq::quant
