@@ -6,19 +6,9 @@
 #include <cmath>
 
 #include "backend/cpu/kernels.hpp"
+#include "quant/formats/formats.hpp"
 
 namespace llmq {
-
-void Linear::forward(const float* x, int64_t M, float* y) const {
-  cpu::matmul(x, in, M, in, w->data, w->dtype, in, out, y, out, bias.empty() ? nullptr : bias.data());
-}
-
-void Linear::forward_many(const float* x, int64_t M, std::initializer_list<std::pair<const Linear*, float*>> outs) {
-  cpu::MatmulJob jobs[8];
-  int n = 0;
-  for (auto& [l, y] : outs) jobs[n++] = {l->w->data, l->w->dtype, l->out, y, l->bias.empty() ? nullptr : l->bias.data()};
-  cpu::matmul_multi(x, M, outs.begin()->first->in, jobs, n);
-}
 
 KVCache::KVCache(const ModelConfig& c, int64_t n_seq_, int64_t capacity_)
     : n_seq(n_seq_), capacity(capacity_), layers(c.layers), kv_dim(c.kv_heads * c.head_dim) {
@@ -44,9 +34,29 @@ void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* y) {
 
 }  // namespace
 
+const char* site_name(Site s) {
+  switch (s) {
+    case Site::AttnIn: return "attn_in";
+    case Site::AttnOut: return "attn_out";
+    case Site::MlpIn: return "mlp_in";
+    case Site::MlpDown: return "mlp_down";
+  }
+  return "?";
+}
+
+std::vector<const Linear*> Model::site_linears(int64_t l, Site site) const {
+  const LayerWeights& L = layers_[size_t(l)];
+  switch (site) {
+    case Site::AttnIn: return {&L.q, &L.k, &L.v};
+    case Site::AttnOut: return {&L.o};
+    case Site::MlpIn: return {&L.gate, &L.up};
+    case Site::MlpDown: return {&L.down};
+  }
+  return {};
+}
+
 Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
-  if (!cfg_.quantization.empty())
-    throw Error(dir + "/config.json: quantized checkpoints (quantization_config) are not supported yet");
+  if (!cfg_.quantization.empty()) quant_ = parse_quant_config(cfg_.quantization, dir + "/config.json");
   ckpt_ = std::make_unique<Checkpoint>(dir);
   const ModelConfig& c = cfg_;
   auto expect = [&](const std::string& name, std::vector<int64_t> shape) -> const TensorView& {
@@ -59,23 +69,65 @@ Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
     }
     return t;
   };
-  auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias) {
+  auto dense_dtype = [&](const TensorView& t) {
+    if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16)
+      throw Error(t.file + ": tensor '" + t.name + "' has dtype " + dtype_name(t.dtype) + ", expected F32, F16 or BF16");
+    return &t;
+  };
+  auto want_dtype = [&](const TensorView& t, DType d) {
+    if (t.dtype != d)
+      throw Error(t.file + ": tensor '" + t.name + "' has dtype " + dtype_name(t.dtype) + ", expected " + dtype_name(d));
+    return &t;
+  };
+  auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias, bool quantized = true) {
     Linear l;
-    l.w = &expect(name + ".weight", {out, in});
     l.in = in;
     l.out = out;
     if (bias) l.bias = to_f32(expect(name + ".bias", {out}));
+    if (!quantized || quant_.weights == WeightFormat::Dense) {
+      l.w = dense_dtype(expect(name + ".weight", {out, in}));
+      return l;
+    }
+    l.fmt = quant_.weights;
+    l.act = quant_.acts;
+    if (l.fmt == WeightFormat::Int4Group) {
+      const int64_t g = quant_.group_size;
+      if (in % g || g % 2)
+        throw Error(dir_ + ": group size " + std::to_string(g) + " does not divide the input size " + std::to_string(in) +
+                    " of '" + name + "'");
+      l.group = g;
+      l.w = want_dtype(expect(name + ".weight_packed", {out, in / 2}), DType::U8);
+      l.w_scale = to_f32(expect(name + ".weight_scale", {out, in / g}));
+      if (quant_.symmetric) {
+        l.w_zero.assign(size_t(out * (in / g)), 8);
+      } else {
+        const TensorView& z = *want_dtype(expect(name + ".weight_zero_point", {out, in / g}), DType::U8);
+        l.w_zero.assign(static_cast<const uint8_t*>(z.data), static_cast<const uint8_t*>(z.data) + z.nbytes());
+        for (uint8_t v : l.w_zero)
+          if (v > 15) throw Error(z.file + ": tensor '" + z.name + "' has a zero point above 15");
+      }
+    } else {
+      l.w = want_dtype(expect(name + ".weight", {out, in}), l.fmt == WeightFormat::Int8Channel ? DType::I8 : DType::F8E4M3);
+      l.w_scale = to_f32(expect(name + ".weight_scale", {out, 1}));
+    }
+    for (float v : l.w_scale)
+      if (!(v > 0.f) || !std::isfinite(v)) throw Error(dir_ + ": '" + name + ".weight_scale' has a non-positive or non-finite scale");
+    if (l.act == ActQuant::Int8Tensor || l.act == ActQuant::Fp8Tensor) {
+      l.act_scale = to_f32(expect(name + ".input_scale", {1}))[0];
+      if (!(l.act_scale > 0.f) || !std::isfinite(l.act_scale)) throw Error(dir_ + ": '" + name + ".input_scale' is not positive");
+    }
+    if (ckpt_->find(name + ".smooth_scale")) l.smooth = to_f32(expect(name + ".smooth_scale", {in}));
     return l;
   };
   const int64_t H = c.hidden, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
-  embed_ = &expect("model.embed_tokens.weight", {c.vocab, H});
+  embed_ = dense_dtype(expect("model.embed_tokens.weight", {c.vocab, H}));
   final_norm_ = to_f32(expect("model.norm.weight", {H}));
   if (c.tie_embeddings) {
     lm_head_.w = embed_;
     lm_head_.in = H;
     lm_head_.out = c.vocab;
   } else {
-    lm_head_ = linear("lm_head", c.vocab, H, false);
+    lm_head_ = linear("lm_head", c.vocab, H, false, false);
   }
   for (int64_t i = 0; i < c.layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
@@ -89,6 +141,10 @@ Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
     L.gate = linear(p + "mlp.gate_proj", c.intermediate, H, c.mlp_bias);
     L.up = linear(p + "mlp.up_proj", c.intermediate, H, c.mlp_bias);
     L.down = linear(p + "mlp.down_proj", H, c.intermediate, c.mlp_bias);
+    if (quant_.kv != KvFormat::None) {
+      L.k_scale = to_f32(expect(p + "self_attn.k_scale", {c.kv_heads}));
+      L.v_scale = to_f32(expect(p + "self_attn.v_scale", {c.kv_heads}));
+    }
     layers_.push_back(std::move(L));
   }
   for (auto& [name, t] : ckpt_->all()) {
@@ -125,7 +181,7 @@ Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
 uint64_t Model::bytes_per_token() const {
   uint64_t n = uint64_t(cfg_.hidden) * dtype_size(embed_->dtype) + lm_head_.w->nbytes();
   for (auto& L : layers_)
-    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) n += l->w->nbytes();
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) n += l->weight_bytes();
   return n;
 }
 
@@ -151,7 +207,7 @@ void Model::rope_table(int64_t n_pos) const {
   }
 }
 
-void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float* logits_out) const {
+void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float* logits_out, ForwardHooks* hooks) const {
   const ModelConfig& c = cfg_;
   const int64_t T = int64_t(batch.size());
   if (T == 0) return;
@@ -184,6 +240,21 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
 
   const float scale = 1.0f / std::sqrt(float(hd));
   const int64_t group = nh / nkv;
+  // KV cache quantization (--kv-cache fp8|int8): K and V are stored quantize-dequantized with per-head scales.
+  auto kv_fake_quant = [&](float* kr, float* vr, const LayerWeights& L) {
+    for (int64_t kh = 0; kh < nkv; ++kh) {
+      for (int pass = 0; pass < 2; ++pass) {
+        float* p = (pass ? vr : kr) + kh * hd;
+        const float s = (pass ? L.v_scale : L.k_scale)[size_t(kh)];
+        if (quant_.kv == KvFormat::Fp8) {
+          fake_quant_fp8(p, hd, s, p);
+        } else {
+          const float inv = 1.0f / s;
+          for (int64_t i = 0; i < hd; ++i) p[i] = float(quant::quant_int8(p[i], inv)) * s;
+        }
+      }
+    }
+  };
   auto rope = [&](float* vec, int64_t pos) {  // rotate_half convention: pairs (i, i + hd/2)
     const float* cs = &cos_[size_t(pos * half)];
     const float* sn = &sin_[size_t(pos * half)];
@@ -198,15 +269,18 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
     const LayerWeights& L = layers_[size_t(l)];
 #pragma omp parallel for schedule(static) if (T > 1)
     for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.attn_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
+    if (hooks) hooks->linear_input(l, Site::AttnIn, h.data(), T, H);
     Linear::forward_many(h.data(), T, {{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}});
 #pragma omp parallel for schedule(static) if (T > 1)
     for (int64_t t = 0; t < T; ++t) {
       const BatchToken& b = batch[size_t(t)];
       for (int64_t hh = 0; hh < nh; ++hh) rope(&q[size_t(t * qd + hh * hd)], b.pos);
       for (int64_t hh = 0; hh < nkv; ++hh) rope(&k[size_t(t * kvd + hh * hd)], b.pos);
+      if (!L.k_scale.empty()) kv_fake_quant(&k[size_t(t * kvd)], &v[size_t(t * kvd)], L);
       std::copy_n(&k[size_t(t * kvd)], kvd, cache.k_at(l, b.seq, b.pos));
       std::copy_n(&v[size_t(t * kvd)], kvd, cache.v_at(l, b.seq, b.pos));
     }
+    if (hooks) hooks->kv(l, k.data(), v.data(), T);
     // Attention: each (token, kv head) pair handles the `group` query heads that share that kv head, so each
     // cached K/V row is read once per group. Scores for all positions come from the matmul kernel (q rows
     // against K rows at the cache's stride); the weighted sum of V rows is a sequence of axpys.
@@ -238,17 +312,20 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
         }
       }
     }
+    if (hooks) hooks->linear_input(l, Site::AttnOut, att.data(), T, qd);
     L.o.forward(att.data(), T, o.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
 
 #pragma omp parallel for schedule(static) if (T > 1)
     for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.mlp_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
+    if (hooks) hooks->linear_input(l, Site::MlpIn, h.data(), T, H);
     Linear::forward_many(h.data(), T, {{&L.gate, g.data()}, {&L.up, u.data()}});
 #pragma omp parallel for schedule(static) if (T * I > 65536)
     for (int64_t i = 0; i < T * I; ++i) {
       const float gv = g[size_t(i)];
       g[size_t(i)] = gv / (1.0f + std::exp(-gv)) * u[size_t(i)];
     }
+    if (hooks) hooks->linear_input(l, Site::MlpDown, g.data(), T, I);
     L.down.forward(g.data(), T, o.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
   }

@@ -12,24 +12,31 @@
 
 #include "io/config.hpp"
 #include "io/safetensors.hpp"
+#include "model/linear.hpp"
+#include "quant/qconfig.hpp"
 
 namespace llmq {
-
-// y = x W^T + b with W [out, in] stored row-major in any supported dtype.
-struct Linear {
-  const TensorView* w = nullptr;
-  std::vector<float> bias;  // empty when the layer has none
-  int64_t in = 0, out = 0;
-  // x: [M, in] floats -> y: [M, out] floats
-  void forward(const float* x, int64_t M, float* y) const;
-  // Several linears of the same input (same `in`), e.g. q/k/v, in one parallel region.
-  static void forward_many(const float* x, int64_t M, std::initializer_list<std::pair<const Linear*, float*>> outs);
-};
 
 struct LayerWeights {
   std::vector<float> attn_norm, mlp_norm;  // [hidden]
   Linear q, k, v, o;                       // q: [heads*head_dim, hidden], k/v: [kv_heads*head_dim, hidden]
   Linear gate, up, down;                   // gate/up: [intermediate, hidden], down: [hidden, intermediate]
+  std::vector<float> k_scale, v_scale;     // [kv_heads]: KV-cache quantization scales (empty: full precision)
+};
+
+// Where a linear layer's input comes from. Linears of one site share their input (q/k/v; gate/up).
+enum class Site { AttnIn, AttnOut, MlpIn, MlpDown };
+constexpr int kNumSites = 4;
+const char* site_name(Site s);
+
+// Observers of the forward pass (calibration, per-layer error). Called on the forward's thread with the
+// activations of the whole batch, before any activation quantization.
+struct ForwardHooks {
+  virtual ~ForwardHooks() = default;
+  // x: [T, dim] input of the linears at `site` of `layer`
+  virtual void linear_input(int64_t layer, Site site, const float* x, int64_t T, int64_t dim) {}
+  // k, v: [T, kv_heads*head_dim] after RoPE, as stored in the cache
+  virtual void kv(int64_t layer, const float* k, const float* v, int64_t T) {}
 };
 
 // Key/value cache for n_seq independent sequences of up to `capacity` positions each.
@@ -51,8 +58,9 @@ struct BatchToken {
 
 class Model {
  public:
-  // Loads config.json and the safetensors, checking every tensor's presence, dtype and shape against the
-  // config. Throws llmq::Error naming the file, tensor and shapes.
+  // Loads config.json and the safetensors (dense, or quantized by `llmq quantize`: docs/FORMAT.md), checking
+  // every tensor's presence, dtype and shape against the config. Throws llmq::Error naming the file, tensor
+  // and shapes.
   explicit Model(const std::string& dir);
 
   const ModelConfig& config() const { return cfg_; }
@@ -68,7 +76,18 @@ class Model {
   // positions <= pos of the same sequence, and writes the logits of the tokens with `logits` set, in batch
   // order, to `logits_out` ([n_wanted, vocab]). Throws llmq::Error for a position outside the cache or a
   // token id outside the vocabulary.
-  void forward(const std::vector<BatchToken>& batch, KVCache& cache, float* logits_out) const;
+  void forward(const std::vector<BatchToken>& batch, KVCache& cache, float* logits_out,
+               ForwardHooks* hooks = nullptr) const;
+
+  const std::vector<LayerWeights>& layers() const { return layers_; }
+  std::vector<LayerWeights>& mutable_layers() { return layers_; }
+  const Linear& lm_head() const { return lm_head_; }
+  const TensorView& embed() const { return *embed_; }
+  const std::vector<float>& final_norm() const { return final_norm_; }
+  const QuantConfig& quant() const { return quant_; }
+  const Checkpoint& checkpoint() const { return *ckpt_; }
+  // The linears reading the input of `site` in layer l (q/k/v for AttnIn, ...).
+  std::vector<const Linear*> site_linears(int64_t l, Site site) const;
 
  private:
   void rope_table(int64_t n_pos) const;
@@ -76,6 +95,7 @@ class Model {
   std::string dir_;
   ModelConfig cfg_;
   std::unique_ptr<Checkpoint> ckpt_;
+  QuantConfig quant_;
   const TensorView* embed_ = nullptr;  // [vocab, hidden]
   Linear lm_head_;
   std::vector<float> final_norm_;
