@@ -66,7 +66,7 @@ TEST(Kernels, GemmMatchesReferenceAtAwkwardShapes) {
             for (auto& v : bias) v = nd(rng);
             auto w = make_weights(wt, size_t(N * ldw), rng, wv);
             const float* b = (N % 2) ? bias.data() : nullptr;
-            std::vector<float> ref(size_t(M * ldy), NAN), got(size_t(M * ldy), NAN);
+            std::vector<float> ref(static_cast<size_t>(M * ldy), NAN), got(static_cast<size_t>(M * ldy), NAN);
             gemm_ref(x.data(), ldx, M, K, w.data(), wt, ldw, 0, N, ref.data(), ldy, b);
             set_isa(isa);
             matmul(x.data(), ldx, M, K, w.data(), wt, ldw, N, got.data(), ldy, b);

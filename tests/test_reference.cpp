@@ -38,7 +38,7 @@ TEST_P(Reference, LogitsTop10AndGreedyMatchTransformers) {
     KVCache cache(model.config(), 1, T);
     std::vector<BatchToken> batch;
     for (int64_t i = 0; i < T; ++i) batch.push_back({ids[size_t(i)], 0, int32_t(i), true});
-    std::vector<float> logits(size_t(T * V), std::nanf(""));
+    std::vector<float> logits(static_cast<size_t>(T * V), std::nanf(""));
     model.forward(batch, cache, logits.data());
 
     const auto& top_ids = p["top10_ids"];

@@ -40,12 +40,12 @@ BenchResult bench(const Model& model, const BenchParams& p) {
   r.peak_gflops = cpu::measure_peak_gflops();
 
   Sampler rng_src({1.0f, 0, 1.0f, p.seed});
-  std::vector<float> uniform_logits(size_t(c.vocab), 0.f);
+  std::vector<float> uniform_logits(static_cast<size_t>(c.vocab), 0.f);
   std::vector<std::vector<int32_t>> prompts(size_t(p.batch));
   for (auto& pr : prompts)
     for (int64_t i = 0; i < p.prompt_len; ++i) pr.push_back(rng_src.sample(uniform_logits.data(), c.vocab));
 
-  std::vector<float> logits(size_t(p.batch * c.vocab));
+  std::vector<float> logits(static_cast<size_t>(p.batch * c.vocab));
   std::vector<double> prefill_s, decode_s;
   using clock = std::chrono::steady_clock;
   for (int rep = 0; rep <= p.repeats; ++rep) {

@@ -28,7 +28,7 @@ PerplexityResult perplexity(const Model& model, const std::vector<int32_t>& toke
   r.tokens = int64_t(tokens.size());
   r.windows = windows;
   auto t0 = std::chrono::steady_clock::now();
-  std::vector<float> logits(size_t(ctx * c.vocab));
+  std::vector<float> logits(static_cast<size_t>(ctx * c.vocab));
   KVCache cache(c, 1, ctx);
   double total = 0;
   for (int64_t w = 0; w < windows; ++w) {

@@ -59,7 +59,7 @@ void Linear::forward(const float* x, int64_t M, float* y) const {
     constexpr int64_t RB = 16;
 #pragma omp parallel if (M * out * in > (int64_t(1) << 16))
     {
-      std::vector<float> buf(size_t(RB * in));
+      std::vector<float> buf(static_cast<size_t>(RB * in));
 #pragma omp for schedule(static)
       for (int64_t r0 = 0; r0 < out; r0 += RB) {
         const int64_t r1 = std::min(out, r0 + RB);
@@ -74,7 +74,7 @@ void Linear::forward(const float* x, int64_t M, float* y) const {
   }
   if (act == ActQuant::Int8Token || act == ActQuant::Int8Tensor) {
     // Per-token (or static per-tensor) symmetric INT8 activations, INT8 x INT8 -> INT32, scales after.
-    std::vector<int8_t> xq(size_t(M * in));
+    std::vector<int8_t> xq(static_cast<size_t>(M * in));
     std::vector<float> sx(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * in;
@@ -88,7 +88,7 @@ void Linear::forward(const float* x, int64_t M, float* y) const {
       const float inv = 1.0f / s;
       for (int64_t k = 0; k < in; ++k) xq[size_t(m * in + k)] = quant::quant_int8(xr[k], inv);
     }
-    std::vector<int32_t> acc(size_t(M * out));
+    std::vector<int32_t> acc(static_cast<size_t>(M * out));
     cpu::matmul_i8(xq.data(), in, M, in, static_cast<const int8_t*>(w->data), in, out, acc.data(), out);
     finish([&](int64_t m, int64_t n) { return float(acc[size_t(m * out + n)]) * sx[size_t(m)]; });
     return;

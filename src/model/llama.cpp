@@ -20,7 +20,7 @@ KVCache::KVCache(const ModelConfig& c, int64_t n_seq_, int64_t capacity_)
 namespace {
 
 std::vector<float> to_f32(const TensorView& t) {
-  std::vector<float> out(size_t(t.numel()));
+  std::vector<float> out(static_cast<size_t>(t.numel()));
   for (size_t i = 0; i < out.size(); ++i) out[i] = load_as_f32(t.data, t.dtype, i);
   return out;
 }
@@ -226,13 +226,13 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
   rope_table(max_pos + 1);
 
   // Activations, one row per batch token.
-  std::vector<float> x(size_t(T * H));             // [T, H] residual stream
-  std::vector<float> h(size_t(T * H));             // [T, H] normed
-  std::vector<float> q(size_t(T * qd));            // [T, heads*hd]
-  std::vector<float> k(size_t(T * kvd)), v(size_t(T * kvd));  // [T, kv_heads*hd]
-  std::vector<float> att(size_t(T * qd));          // [T, heads*hd]
-  std::vector<float> g(size_t(T * I)), u(size_t(T * I));      // [T, I]
-  std::vector<float> o(size_t(T * H));             // [T, H]
+  std::vector<float> x(static_cast<size_t>(T * H));             // [T, H] residual stream
+  std::vector<float> h(static_cast<size_t>(T * H));             // [T, H] normed
+  std::vector<float> q(static_cast<size_t>(T * qd));            // [T, heads*hd]
+  std::vector<float> k(static_cast<size_t>(T * kvd)), v(static_cast<size_t>(T * kvd));  // [T, kv_heads*hd]
+  std::vector<float> att(static_cast<size_t>(T * qd));          // [T, heads*hd]
+  std::vector<float> g(static_cast<size_t>(T * I)), u(static_cast<size_t>(T * I));      // [T, I]
+  std::vector<float> o(static_cast<size_t>(T * H));             // [T, H]
 
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < H; ++i)
@@ -286,7 +286,7 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
     // against K rows at the cache's stride); the weighted sum of V rows is a sequence of axpys.
 #pragma omp parallel
     {
-      std::vector<float> sc(size_t(group * (max_pos + 1)));  // [group][positions]
+      std::vector<float> sc(static_cast<size_t>(group * (max_pos + 1)));  // [group][positions]
 #pragma omp for schedule(dynamic, 1)
       for (int64_t tg = 0; tg < T * nkv; ++tg) {
         const int64_t t = tg / nkv, g_kv = tg % nkv;

@@ -17,7 +17,7 @@ GenerateResult generate(const Model& model, const Tokenizer& tok, const std::vec
   KVCache cache(c, 1, int64_t(prompt.size()) + n_new);
   Sampler sampler(sp);
   StreamDecoder stream(tok);
-  std::vector<float> logits(size_t(c.vocab));
+  std::vector<float> logits(static_cast<size_t>(c.vocab));
   GenerateResult r;
   r.prompt_tokens = int64_t(prompt.size());
   using clock = std::chrono::steady_clock;

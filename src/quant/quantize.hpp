@@ -1,0 +1,42 @@
+// `llmq quantize`: calibrate on the user's text, apply a method, write a quantized checkpoint atomically.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "quant/qconfig.hpp"
+
+namespace llmq::quant {
+
+struct QuantizeOptions {
+  std::string method;  // fp8, int8-sq, w8a16, w4a16-rtn, w4a16-awq, w4a16-gptq
+  std::string calib;   // plain text or JSONL with "text"; required when the method or --kv-cache needs data
+  int64_t calib_samples = 128, calib_seq_len = 512;
+  int64_t group_size = 128;
+  bool symmetric = false;  // INT4: symmetric [-8, 7] instead of zero points
+  KvFormat kv = KvFormat::None;
+  float sq_alpha = 0.5f;
+  bool act_static = false;  // int8-sq: per-tensor static activation scales instead of per-token dynamic
+  bool act_order = false;   // GPTQ
+};
+
+struct QuantizeReport {
+  std::string method;
+  double seconds = 0, calib_seconds = 0;
+  uint64_t bytes_in = 0, bytes_out = 0;
+  double bits_per_weight = 0;  // over the quantized linear layers: weights + scales + zero points
+  int64_t calib_samples = 0, calib_tokens = 0;
+  std::vector<std::string> notes;  // fallbacks and adjustments the user should know about
+};
+
+extern const std::vector<std::string> kMethods;
+
+// Quantizes the dense checkpoint in `in_dir` into `out_dir`, which must not exist: everything is written to a
+// temporary directory beside it and renamed at the end, so an interrupted run leaves nothing that loads.
+// Deterministic: the same inputs give byte-identical files. log() receives progress lines.
+QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_dir, const QuantizeOptions& opt,
+                              const std::function<void(const std::string&)>& log);
+
+}  // namespace llmq::quant
