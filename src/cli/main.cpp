@@ -9,7 +9,10 @@
 
 #include "backend/cpu/kernels.hpp"
 #include "bench/bench.hpp"
+#include "eval/compare.hpp"
 #include "eval/perplexity.hpp"
+#include "quant/calib/calib.hpp"
+#include "quant/quantize.hpp"
 #include "io/mmap_file.hpp"
 #include "model/llama.hpp"
 #include "runtime/generate.hpp"
@@ -102,6 +105,53 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   bch->add_flag("--json", as_json, "Print one JSON object");
 
+  // quantize
+  auto* qz = app.add_subcommand("quantize", "Quantize a checkpoint (calibrating on your own text) into a new directory");
+  std::string qz_model, qz_out, qz_kv = "none", qz_act = "dynamic";
+  quant::QuantizeOptions qo;
+  qz->add_option("MODEL", qz_model, "Hugging Face model directory (BF16/F16/F32)")->required();
+  qz->add_option("-o,--output", qz_out, "Output directory (must not exist)")->required();
+  qz->add_option("--method", qo.method, "fp8 | int8-sq | w8a16 | w4a16-rtn | w4a16-awq | w4a16-gptq")
+      ->required()
+      ->check(CLI::IsMember(quant::kMethods));
+  qz->add_option("--calib", qo.calib, "Calibration text: plain text or JSONL with a \"text\" field (use your own domain)");
+  qz->add_option("--calib-samples", qo.calib_samples, "Calibration sequences (default 128)")->check(CLI::PositiveNumber);
+  qz->add_option("--calib-seq-len", qo.calib_seq_len, "Tokens per calibration sequence (default 512)")->check(CLI::Range(2, 1 << 20));
+  qz->add_option("--group-size", qo.group_size, "INT4 group size (default 128)")->check(CLI::PositiveNumber);
+  qz->add_flag("--symmetric", qo.symmetric, "INT4: symmetric [-8, 7] instead of zero points");
+  qz->add_option("--kv-cache", qz_kv, "KV-cache quantization: none | fp8 | int8 (default none)")
+      ->check(CLI::IsMember({"none", "fp8", "int8"}));
+  qz->add_option("--sq-alpha", qo.sq_alpha, "SmoothQuant migration strength in [0, 1]; 0 = no smoothing (default 0.5)");
+  qz->add_option("--act-scale", qz_act, "int8-sq activations: dynamic (per token, default) | static (per tensor)")
+      ->check(CLI::IsMember({"dynamic", "static"}));
+  qz->add_flag("--act-order", qo.act_order, "GPTQ: quantize columns by descending Hessian diagonal");
+  qz->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  qz->add_flag("--json", as_json, "Print one JSON object");
+
+  // eval
+  auto* ev = app.add_subcommand("eval", "Compare a (quantized) model with its baseline: perplexity, KLD, top-1");
+  std::string ev_model, ev_base, ev_text;
+  int64_t ev_ctx = 512, ev_max = 0;
+  bool ev_per_layer = false;
+  ev->add_option("MODEL", ev_model, "Model directory to evaluate")->required();
+  ev->add_option("--baseline", ev_base, "The unquantized model directory")->required();
+  ev->add_option("--text", ev_text, "Text file")->required();
+  ev->add_option("--ctx", ev_ctx, "Window length in tokens (default 512)")->check(CLI::PositiveNumber);
+  ev->add_option("--max-windows", ev_max, "Evaluate only the first N windows (default all)");
+  ev->add_flag("--per-layer", ev_per_layer, "Also each linear layer's own relative output error, worst first");
+  ev->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  ev->add_flag("--json", as_json, "Print one JSON object");
+
+  // inspect
+  auto* ins = app.add_subcommand("inspect", "Activation statistics per linear layer, and which method fits which GPU");
+  std::string ins_model, ins_calib;
+  int64_t ins_samples = 16, ins_len = 512;
+  ins->add_option("MODEL", ins_model, "Hugging Face model directory")->required();
+  ins->add_option("--calib", ins_calib, "Text to run (plain or JSONL); your own domain")->required();
+  ins->add_option("--calib-samples", ins_samples, "Sequences (default 16)")->check(CLI::PositiveNumber);
+  ins->add_option("--calib-seq-len", ins_len, "Tokens per sequence (default 512)")->check(CLI::Range(2, 1 << 20));
+  ins->add_flag("--json", as_json, "Print one JSON object");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -174,6 +224,114 @@ int main(int argc, char** argv) {
       else
         std::printf("ppl %.4f  mean_nll %.6f  tokens %lld  windows %lld  predicted %lld  (%.1f s)\n", r.ppl, r.mean_nll,
                     (long long)r.tokens, (long long)r.windows, (long long)r.predicted, r.seconds);
+    } else if (*qz) {
+      check_device(device);
+      qo.kv = qz_kv == "fp8" ? KvFormat::Fp8 : qz_kv == "int8" ? KvFormat::Int8 : KvFormat::None;
+      qo.act_static = qz_act == "static";
+      quant::QuantizeReport r = quant::quantize_model(qz_model, qz_out, qo, [](const std::string& line) {
+        std::fprintf(stderr, "quantize: %s\n", line.c_str());
+      });
+      for (auto& n : r.notes) std::fprintf(stderr, "quantize: note: %s\n", n.c_str());
+      json j = {{"method", r.method}, {"seconds", r.seconds}, {"calib_seconds", r.calib_seconds},
+                {"bytes_in", r.bytes_in}, {"bytes_out", r.bytes_out}, {"bits_per_weight", r.bits_per_weight},
+                {"calib_samples", r.calib_samples}, {"calib_tokens", r.calib_tokens}, {"notes", r.notes},
+                {"output", qz_out}, {"kv_cache", qz_kv}};
+      if (as_json) print_json(j);
+      else
+        std::printf("%s: %s -> %s  %.1f MB -> %.1f MB, %.2f bits per quantized weight, %.1f s\n", r.method.c_str(),
+                    qz_model.c_str(), qz_out.c_str(), double(r.bytes_in) / 1e6, double(r.bytes_out) / 1e6,
+                    r.bits_per_weight, r.seconds);
+    } else if (*ev) {
+      check_device(device);
+      Model m(ev_model);
+      Model base(ev_base);
+      Tokenizer tok = Tokenizer::load(ev_base);
+      std::vector<int32_t> ids = tok.encode(read_text_file(ev_text), false);
+      const bool tty = isatty(2);
+      CompareResult r = compare(m, base, ids, ev_ctx, ev_max, ev_per_layer, [&](int64_t done, int64_t total) {
+        if (tty || done == total || done % 16 == 0)
+          std::fprintf(stderr, "%seval: window %lld/%lld%s", tty ? "\r" : "", (long long)done, (long long)total,
+                       tty && done < total ? "" : "\n");
+      });
+      json layers = json::array();
+      for (auto& l : r.layers) layers.push_back({{"name", l.name}, {"rel_error", l.rel_error}});
+      json j = {{"ppl", r.ppl}, {"baseline_ppl", r.baseline_ppl}, {"delta_ppl_pct", r.delta_ppl_pct},
+                {"mean_kld", r.mean_kld}, {"kld_p99", r.kld_p99}, {"top1_agreement", r.top1_agreement},
+                {"rms_delta_p", r.rms_delta_p}, {"windows", r.windows}, {"predicted", r.predicted},
+                {"seconds", r.seconds}};
+      if (ev_per_layer) j["layers"] = layers;
+      if (as_json) {
+        print_json(j);
+      } else {
+        std::printf("ppl %.4f (baseline %.4f, %+.3f%%)  mean KLD %.5f  KLD p99 %.5f  top-1 %.2f%%  RMS delta-p %.4f  (%lld windows)\n",
+                    r.ppl, r.baseline_ppl, r.delta_ppl_pct, r.mean_kld, r.kld_p99, 100 * r.top1_agreement, r.rms_delta_p,
+                    (long long)r.windows);
+        for (auto& l : r.layers) std::printf("  %-40s %.5f\n", l.name.c_str(), l.rel_error);
+      }
+    } else if (*ins) {
+      Model m(ins_model);
+      Tokenizer tok = Tokenizer::load(ins_model);
+      int64_t found = 0;
+      auto samples = quant::load_calibration(ins_calib, tok, ins_samples, ins_len, &found);
+      quant::CalibStats st = quant::calibrate(m, samples, false, nullptr);
+      json layers = json::array();
+      double worst = 0;
+      static const char* names[kNumSites][3] = {{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+                                                {"self_attn.o_proj", nullptr, nullptr},
+                                                {"mlp.gate_proj", "mlp.up_proj", nullptr},
+                                                {"mlp.down_proj", nullptr, nullptr}};
+      for (int64_t l = 0; l < m.config().layers; ++l)
+        for (int s = 0; s < kNumSites; ++s) {
+          const quant::SiteStats& ss = st.sites[size_t(l)][size_t(s)];
+          std::vector<float> sorted = ss.absmax;
+          std::nth_element(sorted.begin(), sorted.begin() + int64_t(sorted.size() / 2), sorted.end());
+          const float med = sorted[sorted.size() / 2], mx = ss.tensor_absmax();
+          const double ratio = med > 0 ? mx / med : 0;
+          worst = std::max(worst, ratio);
+          std::vector<int64_t> outliers;
+          for (size_t j = 0; j < ss.absmax.size(); ++j)
+            if (ss.absmax[j] > 8 * med) outliers.push_back(int64_t(j));
+          for (int i = 0; i < 3 && names[s][i]; ++i)
+            layers.push_back({{"name", "model.layers." + std::to_string(l) + "." + names[s][i]}, {"act_absmax_max", mx},
+                              {"act_absmax_median", med}, {"outlier_ratio", ratio}, {"outlier_channels", outliers}});
+        }
+      const bool strong = worst > 20;
+      const std::string outlier_note = strong ? "strong activation outliers (max/median " + std::to_string(int(worst)) +
+                                                    "x): per-tensor INT8 activations need SmoothQuant (int8-sq)"
+                                              : "moderate activation outliers (max/median " + std::to_string(int(worst)) + "x)";
+      json rec = json::array({
+          {{"gpu", "Hopper (H100, H200, GH200)"}, {"sm", "90"}, {"method", "fp8"}, {"alternative", "w4a16-awq"},
+           {"why", "FP8 tensor cores: W8A8 FP8 doubles GEMM throughput with the smallest accuracy cost; INT4 "
+                   "weight-only is fastest for batch-1 decode, which is bandwidth-bound"}},
+          {{"gpu", "Blackwell (B200, GB200; RTX 50xx)"}, {"sm", "100/120"}, {"method", "fp8"}, {"alternative", "w4a16-awq"},
+           {"why", "FP8 tensor cores (FP4 is not produced by llmq yet)"}},
+          {{"gpu", "Ada datacenter (L4, L40S)"}, {"sm", "89"}, {"method", "fp8"}, {"alternative", "w4a16-awq"},
+           {"why", "FP8 tensor cores; L4's low bandwidth favours INT4 weights for decode"}},
+          {{"gpu", "Ada consumer (RTX 40xx)"}, {"sm", "89"}, {"method", "w4a16-awq"}, {"alternative", "fp8"},
+           {"why", "memory is the limit: INT4 weights fit bigger models; FP8 runs too"}},
+          {{"gpu", "Ampere datacenter (A100, A10, A30)"}, {"sm", "80/86"}, {"method", strong ? "int8-sq" : "int8-sq"},
+           {"alternative", "w4a16-gptq"}, {"why", "no FP8 tensor cores: INT8 W8A8 (IMMA) with SmoothQuant for throughput; "
+                                                  + outlier_note}},
+          {{"gpu", "Ampere/Turing consumer (RTX 30xx, 20xx)"}, {"sm", "75/86"}, {"method", "w4a16-awq"},
+           {"alternative", "w8a16"}, {"why", "no FP8; INT4 weight-only keeps decode fast and the model small"}}});
+      json j = {{"layers", layers}, {"recommendations", rec}, {"max_outlier_ratio", worst}, {"samples", samples.size()},
+                {"tokens", st.tokens}};
+      if (as_json) {
+        print_json(j);
+      } else {
+        std::printf("%-40s %10s %10s %8s  outlier channels\n", "linear", "absmax", "median", "ratio");
+        for (auto& l : layers) {
+          std::string oc;
+          for (auto& o : l["outlier_channels"]) oc += (oc.empty() ? "" : ",") + o.dump();
+          if (oc.size() > 40) oc = oc.substr(0, 37) + "...";
+          std::printf("%-40s %10.3f %10.3f %8.1f  %s\n", l["name"].get<std::string>().c_str(), l["act_absmax_max"].get<double>(),
+                      l["act_absmax_median"].get<double>(), l["outlier_ratio"].get<double>(), oc.c_str());
+        }
+        std::printf("\n%s\n", outlier_note.c_str());
+        for (auto& r : rec)
+          std::printf("%-36s -> %-10s (or %s): %s\n", r["gpu"].get<std::string>().c_str(), r["method"].get<std::string>().c_str(),
+                      r["alternative"].get<std::string>().c_str(), r["why"].get<std::string>().c_str());
+      }
     } else if (*bch) {
       check_device(device);
       Model m(bench_model);

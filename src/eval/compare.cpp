@@ -1,0 +1,152 @@
+#include "eval/compare.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+namespace llmq {
+
+namespace {
+
+// log-softmax of a row, in double
+void log_softmax(const float* x, int64_t n, std::vector<double>& out) {
+  out.resize(size_t(n));
+  float mx = x[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(double(x[i]) - mx);
+  const double lse = std::log(sum) + mx;
+  for (int64_t i = 0; i < n; ++i) out[size_t(i)] = double(x[i]) - lse;
+}
+
+struct LayerErrorHooks : ForwardHooks {
+  const Model& q;
+  const Model& base;
+  std::vector<double> err2, ref2;  // per linear: sum ||Yq - Y||^2, sum ||Y||^2
+  std::vector<std::string> names;
+  LayerErrorHooks(const Model& qm, const Model& bm) : q(qm), base(bm) {
+    static const char* kNames[kNumSites][3] = {{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+                                               {"self_attn.o_proj", nullptr, nullptr},
+                                               {"mlp.gate_proj", "mlp.up_proj", nullptr},
+                                               {"mlp.down_proj", nullptr, nullptr}};
+    for (int64_t l = 0; l < base.config().layers; ++l)
+      for (int s = 0; s < kNumSites; ++s)
+        for (int i = 0; i < 3 && kNames[s][i]; ++i) names.push_back("model.layers." + std::to_string(l) + "." + kNames[s][i]);
+    err2.assign(names.size(), 0);
+    ref2.assign(names.size(), 0);
+  }
+  size_t index(int64_t layer, Site site, size_t i) const {
+    static const size_t offs[kNumSites] = {0, 3, 4, 6};
+    return size_t(layer) * 7 + offs[int(site)] + i;
+  }
+  void linear_input(int64_t layer, Site site, const float* x, int64_t T, int64_t dim) override {
+    auto bl = base.site_linears(layer, site);
+    auto ql = q.site_linears(layer, site);
+    for (size_t i = 0; i < bl.size(); ++i) {
+      std::vector<float> yb(size_t(T * bl[i]->out)), yq(yb.size());
+      bl[i]->forward(x, T, yb.data());
+      const float* xin = x;
+      std::vector<float> xs;
+      if (!ql[i]->smooth.empty()) {
+        xs.assign(x, x + T * dim);
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < dim; ++j) xs[size_t(t * dim + j)] /= ql[i]->smooth[size_t(j)];
+        xin = xs.data();
+      }
+      ql[i]->forward(xin, T, yq.data());
+      // up_proj and v_proj rows also carry the next site's smoothing (divided by it): undo that on the output.
+      const LayerWeights& QL = q.layers()[size_t(layer)];
+      const ModelConfig& c = q.config();
+      const int64_t n_out = ql[i]->out;
+      if (ql[i] == &QL.up && !QL.down.smooth.empty()) {
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < n_out; ++j) yq[size_t(t * n_out + j)] *= QL.down.smooth[size_t(j)];
+      } else if (ql[i] == &QL.v && !QL.o.smooth.empty()) {
+        const int64_t hd = c.head_dim, group = c.heads / c.kv_heads;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t j = 0; j < n_out; ++j) yq[size_t(t * n_out + j)] *= QL.o.smooth[size_t((j / hd) * group * hd + j % hd)];
+      }
+      double e = 0, r = 0;
+      for (size_t k = 0; k < yb.size(); ++k) {
+        e += double(yq[k] - yb[k]) * double(yq[k] - yb[k]);
+        r += double(yb[k]) * double(yb[k]);
+      }
+      err2[index(layer, site, i)] += e;
+      ref2[index(layer, site, i)] += r;
+    }
+  }
+};
+
+}  // namespace
+
+CompareResult compare(const Model& model, const Model& baseline, const std::vector<int32_t>& tokens, int64_t ctx,
+                      int64_t max_windows, bool per_layer, const std::function<void(int64_t, int64_t)>& progress) {
+  const ModelConfig& c = model.config();
+  const ModelConfig& b = baseline.config();
+  if (c.vocab != b.vocab || c.layers != b.layers || c.hidden != b.hidden)
+    throw Error("the model and the baseline differ in shape (vocab, layers or hidden size); compare a model with its own original");
+  if (ctx < 2 || ctx > c.max_positions) throw Error("--ctx must be in [2, " + std::to_string(c.max_positions) + "]");
+  int64_t windows = int64_t(tokens.size()) / ctx;
+  if (windows == 0)
+    throw Error("the text has " + std::to_string(tokens.size()) + " tokens, fewer than one window of " + std::to_string(ctx));
+  if (max_windows > 0) windows = std::min(windows, max_windows);
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t V = c.vocab;
+  std::vector<float> lq(size_t(ctx * V)), lb(size_t(ctx * V));
+  KVCache cq(c, 1, ctx), cb(b, 1, ctx);
+  std::vector<double> klds;
+  double nll_q = 0, nll_b = 0, dp2 = 0;
+  int64_t agree = 0;
+  LayerErrorHooks hooks(model, baseline);
+  std::vector<double> ls_q, ls_b;
+  for (int64_t w = 0; w < windows; ++w) {
+    std::vector<BatchToken> batch;
+    for (int64_t i = 0; i < ctx; ++i) batch.push_back({tokens[size_t(w * ctx + i)], 0, int32_t(i), i + 1 < ctx});
+    model.forward(batch, cq, lq.data());
+    baseline.forward(batch, cb, lb.data(), per_layer ? &hooks : nullptr);
+    for (int64_t i = 0; i + 1 < ctx; ++i) {
+      const int32_t target = tokens[size_t(w * ctx + i + 1)];
+      log_softmax(&lq[size_t(i * V)], V, ls_q);
+      log_softmax(&lb[size_t(i * V)], V, ls_b);
+      double kld = 0;
+      int64_t aq = 0, ab = 0;
+      for (int64_t v = 0; v < V; ++v) {
+        kld += std::exp(ls_b[size_t(v)]) * (ls_b[size_t(v)] - ls_q[size_t(v)]);
+        if (ls_q[size_t(v)] > ls_q[size_t(aq)]) aq = v;
+        if (ls_b[size_t(v)] > ls_b[size_t(ab)]) ab = v;
+      }
+      klds.push_back(std::max(0.0, kld));
+      agree += aq == ab;
+      nll_q -= ls_q[size_t(target)];
+      nll_b -= ls_b[size_t(target)];
+      const double dp = std::exp(ls_q[size_t(target)]) - std::exp(ls_b[size_t(target)]);
+      dp2 += dp * dp;
+    }
+    if (progress) progress(w + 1, windows);
+  }
+  CompareResult r;
+  r.windows = windows;
+  r.predicted = int64_t(klds.size());
+  const double n = double(r.predicted);
+  r.ppl = std::exp(nll_q / n);
+  r.baseline_ppl = std::exp(nll_b / n);
+  r.delta_ppl_pct = 100.0 * (r.ppl - r.baseline_ppl) / r.baseline_ppl;
+  double ksum = 0;
+  for (double k : klds) ksum += k;
+  r.mean_kld = ksum / n;
+  std::vector<double> sorted = klds;
+  const size_t p99 = std::min(sorted.size() - 1, size_t(std::ceil(0.99 * double(sorted.size()))) - 1);
+  std::nth_element(sorted.begin(), sorted.begin() + int64_t(p99), sorted.end());
+  r.kld_p99 = sorted[p99];
+  r.top1_agreement = double(agree) / n;
+  r.rms_delta_p = std::sqrt(dp2 / n);
+  if (per_layer) {
+    for (size_t i = 0; i < hooks.names.size(); ++i)
+      r.layers.push_back({hooks.names[i], hooks.ref2[i] > 0 ? std::sqrt(hooks.err2[i] / hooks.ref2[i]) : 0.0});
+    std::sort(r.layers.begin(), r.layers.end(), [](const LayerError& a, const LayerError& b2) { return a.rel_error > b2.rel_error; });
+  }
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+}  // namespace llmq
