@@ -138,3 +138,38 @@ TEST(Cli, BadInputIsOneLineErrorExitOne) {
   std::ofstream(m.dir + "/short.txt") << "just a few words";
   expect_one_line_error(run("perplexity " + demo() + " --text " + m.dir + "/short.txt"), "fewer than one window");
 }
+
+TEST(Cli, QuantizeEvalInspectJson) {
+  char tmpl[] = "/tmp/llmq-cliq-XXXXXX";
+  const std::string d = mkdtemp(tmpl);
+  const std::string c4 = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
+  CmdResult q = run("quantize " + demo() + " -o " + d + "/q --method int8-sq --calib " + c4 +
+                    " --calib-samples 4 --calib-seq-len 128 --kv-cache int8 --json");
+  ASSERT_EQ(q.code, 0) << q.err;
+  json jq = json::parse(q.out);
+  for (auto k : {"method", "seconds", "bytes_in", "bytes_out", "bits_per_weight"}) EXPECT_TRUE(jq.contains(k)) << k;
+  EXPECT_EQ(jq["method"], "int8-sq");
+  EXPECT_NE(q.err.find("calibrat"), std::string::npos) << "progress on stderr";
+  CmdResult info = run("info " + d + "/q --json");
+  ASSERT_EQ(info.code, 0) << info.err;
+  EXPECT_EQ(json::parse(info.out)["quantization"]["method"], "int8-sq");
+  CmdResult e = run("eval " + d + "/q --baseline " + demo() + " --text " + test::shared_dir() +
+                    "/data/eval/docs-en.txt --max-windows 2 --ctx 128 --per-layer --json");
+  ASSERT_EQ(e.code, 0) << e.err;
+  json je = json::parse(e.out);
+  for (auto k : {"ppl", "baseline_ppl", "delta_ppl_pct", "mean_kld", "kld_p99", "top1_agreement", "rms_delta_p", "windows"})
+    EXPECT_TRUE(je.contains(k)) << k;
+  ASSERT_EQ(je["layers"].size(), 6u * 7u);
+  EXPECT_GE(je["layers"][0]["rel_error"].get<double>(), je["layers"][41]["rel_error"].get<double>());
+  CmdResult g = run("generate " + d + "/q -p 'def main():' -n 8 --json");
+  ASSERT_EQ(g.code, 0) << g.err;
+  CmdResult i = run("inspect " + demo() + " --calib " + c4 + " --calib-samples 2 --calib-seq-len 128 --json");
+  ASSERT_EQ(i.code, 0) << i.err;
+  json ji = json::parse(i.out);
+  ASSERT_EQ(ji["layers"].size(), 6u * 7u);
+  for (auto k : {"name", "act_absmax_max", "act_absmax_median", "outlier_ratio"}) EXPECT_TRUE(ji["layers"][0].contains(k)) << k;
+  EXPECT_GE(ji["recommendations"].size(), 4u);
+  expect_one_line_error(run("quantize " + demo() + " -o " + d + "/q --method w8a16"), "already exists");
+  EXPECT_EQ(run("quantize " + demo() + " -o " + d + "/z --method int3").code, 2);
+  [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
+}
