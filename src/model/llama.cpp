@@ -207,12 +207,8 @@ void Model::rope_table(int64_t n_pos) const {
   }
 }
 
-void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float* logits_out, ForwardHooks* hooks) const {
+int64_t Model::check_batch(const std::vector<BatchToken>& batch, const KVCache& cache) const {
   const ModelConfig& c = cfg_;
-  const int64_t T = int64_t(batch.size());
-  if (T == 0) return;
-  const int64_t H = c.hidden, hd = c.head_dim, nh = c.heads, nkv = c.kv_heads, half = hd / 2;
-  const int64_t qd = nh * hd, kvd = nkv * hd, I = c.intermediate;
   int64_t max_pos = 0;
   for (auto& b : batch) {
     if (b.token < 0 || b.token >= c.vocab)
@@ -224,24 +220,50 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
     max_pos = std::max<int64_t>(max_pos, b.pos);
   }
   rope_table(max_pos + 1);
+  return max_pos;
+}
 
-  // Activations, one row per batch token.
-  std::vector<float> x(static_cast<size_t>(T * H));             // [T, H] residual stream
+void Model::embed_tokens(const std::vector<BatchToken>& batch, std::vector<float>& x) const {
+  const int64_t H = cfg_.hidden, T = int64_t(batch.size());
+  x.resize(size_t(T * H));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < H; ++i)
+      x[size_t(t * H + i)] = load_as_f32(embed_->data, embed_->dtype, size_t(batch[size_t(t)].token) * size_t(H) + size_t(i));
+}
+
+void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float* logits_out, ForwardHooks* hooks) const {
+  if (batch.empty()) return;
+  check_batch(batch, cache);
+  std::vector<float> x;
+  embed_tokens(batch, x);
+  for (int64_t l = 0; l < cfg_.layers; ++l) forward_layer(l, batch, cache, x, hooks, false);
+  head(batch, x, logits_out);
+}
+
+void Model::forward_layer(int64_t l, const std::vector<BatchToken>& batch, KVCache& cache, std::vector<float>& x,
+                          ForwardHooks* hooks, bool check) const {
+  const ModelConfig& c = cfg_;
+  const int64_t T = int64_t(batch.size());
+  if (T == 0) return;
+  const int64_t max_pos = check ? check_batch(batch, cache) : [&] {
+    int64_t m = 0;
+    for (auto& b : batch) m = std::max<int64_t>(m, b.pos);
+    return m;
+  }();
+  const int64_t H = c.hidden, hd = c.head_dim, nh = c.heads, nkv = c.kv_heads, half = hd / 2;
+  const int64_t qd = nh * hd, kvd = nkv * hd, I = c.intermediate;
+  const LayerWeights& L = layers_[size_t(l)];
+  // Activations, one row per batch token (x: [T, H] residual stream, updated in place).
   std::vector<float> h(static_cast<size_t>(T * H));             // [T, H] normed
   std::vector<float> q(static_cast<size_t>(T * qd));            // [T, heads*hd]
   std::vector<float> k(static_cast<size_t>(T * kvd)), v(static_cast<size_t>(T * kvd));  // [T, kv_heads*hd]
   std::vector<float> att(static_cast<size_t>(T * qd));          // [T, heads*hd]
   std::vector<float> g(static_cast<size_t>(T * I)), u(static_cast<size_t>(T * I));      // [T, I]
   std::vector<float> o(static_cast<size_t>(T * H));             // [T, H]
-
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < H; ++i)
-      x[size_t(t * H + i)] = load_as_f32(embed_->data, embed_->dtype, size_t(batch[size_t(t)].token) * size_t(H) + size_t(i));
-
   const float scale = 1.0f / std::sqrt(float(hd));
   const int64_t group = nh / nkv;
   // KV cache quantization (--kv-cache fp8|int8): K and V are stored quantize-dequantized with per-head scales.
-  auto kv_fake_quant = [&](float* kr, float* vr, const LayerWeights& L) {
+  auto kv_fake_quant = [&](float* kr, float* vr) {
     for (int64_t kh = 0; kh < nkv; ++kh) {
       for (int pass = 0; pass < 2; ++pass) {
         float* p = (pass ? vr : kr) + kh * hd;
@@ -265,71 +287,72 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
     }
   };
 
-  for (int64_t l = 0; l < c.layers; ++l) {
-    const LayerWeights& L = layers_[size_t(l)];
 #pragma omp parallel for schedule(static) if (T > 1)
-    for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.attn_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
-    if (hooks) hooks->linear_input(l, Site::AttnIn, h.data(), T, H);
-    Linear::forward_many(h.data(), T, {{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}});
+  for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.attn_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
+  if (hooks) hooks->linear_input(l, Site::AttnIn, h.data(), T, H);
+  Linear::forward_many(h.data(), T, {{&L.q, q.data()}, {&L.k, k.data()}, {&L.v, v.data()}});
 #pragma omp parallel for schedule(static) if (T > 1)
-    for (int64_t t = 0; t < T; ++t) {
-      const BatchToken& b = batch[size_t(t)];
-      for (int64_t hh = 0; hh < nh; ++hh) rope(&q[size_t(t * qd + hh * hd)], b.pos);
-      for (int64_t hh = 0; hh < nkv; ++hh) rope(&k[size_t(t * kvd + hh * hd)], b.pos);
-      if (!L.k_scale.empty()) kv_fake_quant(&k[size_t(t * kvd)], &v[size_t(t * kvd)], L);
-      std::copy_n(&k[size_t(t * kvd)], kvd, cache.k_at(l, b.seq, b.pos));
-      std::copy_n(&v[size_t(t * kvd)], kvd, cache.v_at(l, b.seq, b.pos));
-    }
-    if (hooks) hooks->kv(l, k.data(), v.data(), T);
-    // Attention: each (token, kv head) pair handles the `group` query heads that share that kv head, so each
-    // cached K/V row is read once per group. Scores for all positions come from the matmul kernel (q rows
-    // against K rows at the cache's stride); the weighted sum of V rows is a sequence of axpys.
+  for (int64_t t = 0; t < T; ++t) {
+    const BatchToken& b = batch[size_t(t)];
+    for (int64_t hh = 0; hh < nh; ++hh) rope(&q[size_t(t * qd + hh * hd)], b.pos);
+    for (int64_t hh = 0; hh < nkv; ++hh) rope(&k[size_t(t * kvd + hh * hd)], b.pos);
+    if (!L.k_scale.empty()) kv_fake_quant(&k[size_t(t * kvd)], &v[size_t(t * kvd)]);
+    std::copy_n(&k[size_t(t * kvd)], kvd, cache.k_at(l, b.seq, b.pos));
+    std::copy_n(&v[size_t(t * kvd)], kvd, cache.v_at(l, b.seq, b.pos));
+  }
+  if (hooks) hooks->kv(l, k.data(), v.data(), T);
+  // Attention: each (token, kv head) pair handles the `group` query heads that share that kv head, so each
+  // cached K/V row is read once per group. Scores for all positions come from the matmul kernel (q rows
+  // against K rows at the cache's stride); the weighted sum of V rows is a sequence of axpys.
 #pragma omp parallel
-    {
-      std::vector<float> sc(static_cast<size_t>(group * (max_pos + 1)));  // [group][positions]
+  {
+    std::vector<float> sc(static_cast<size_t>(group * (max_pos + 1)));  // [group][positions]
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t tg = 0; tg < T * nkv; ++tg) {
-        const int64_t t = tg / nkv, g_kv = tg % nkv;
-        const BatchToken& b = batch[size_t(t)];
-        const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, b.pos - c.sliding_window + 1) : 0;
-        const int64_t n = b.pos + 1 - lo;  // attended positions
-        const float* qg = &q[size_t(t * qd + g_kv * group * hd)];  // [group, hd]
-        cpu::gemm_single(qg, hd, group, hd, cache.k_at(l, b.seq, lo) + g_kv * hd, DType::F32, kvd, n, sc.data(), n);
-        for (int64_t hh = 0; hh < group; ++hh) {
-          float* s_h = &sc[size_t(hh * n)];
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s_h[j] *= scale);
-          float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) sum += (s_h[j] = std::exp(s_h[j] - mx));
-          const float inv = 1.0f / sum;
-          for (int64_t j = 0; j < n; ++j) s_h[j] *= inv;
-        }
-        float* out = &att[size_t(t * qd + g_kv * group * hd)];  // [group, hd]
-        std::fill_n(out, group * hd, 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float* vr = cache.v_at(l, b.seq, lo + j) + g_kv * hd;
-          for (int64_t hh = 0; hh < group; ++hh) cpu::axpy(sc[size_t(hh * n + j)], vr, out + hh * hd, hd);
-        }
+    for (int64_t tg = 0; tg < T * nkv; ++tg) {
+      const int64_t t = tg / nkv, g_kv = tg % nkv;
+      const BatchToken& b = batch[size_t(t)];
+      const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, b.pos - c.sliding_window + 1) : 0;
+      const int64_t n = b.pos + 1 - lo;  // attended positions
+      const float* qg = &q[size_t(t * qd + g_kv * group * hd)];  // [group, hd]
+      cpu::gemm_single(qg, hd, group, hd, cache.k_at(l, b.seq, lo) + g_kv * hd, DType::F32, kvd, n, sc.data(), n);
+      for (int64_t hh = 0; hh < group; ++hh) {
+        float* s_h = &sc[size_t(hh * n)];
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s_h[j] *= scale);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += (s_h[j] = std::exp(s_h[j] - mx));
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < n; ++j) s_h[j] *= inv;
+      }
+      float* out = &att[size_t(t * qd + g_kv * group * hd)];  // [group, hd]
+      std::fill_n(out, group * hd, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vr = cache.v_at(l, b.seq, lo + j) + g_kv * hd;
+        for (int64_t hh = 0; hh < group; ++hh) cpu::axpy(sc[size_t(hh * n + j)], vr, out + hh * hd, hd);
       }
     }
-    if (hooks) hooks->linear_input(l, Site::AttnOut, att.data(), T, qd);
-    L.o.forward(att.data(), T, o.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+  }
+  if (hooks) hooks->linear_input(l, Site::AttnOut, att.data(), T, qd);
+  L.o.forward(att.data(), T, o.data());
+  for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
 
 #pragma omp parallel for schedule(static) if (T > 1)
-    for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.mlp_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
-    if (hooks) hooks->linear_input(l, Site::MlpIn, h.data(), T, H);
-    Linear::forward_many(h.data(), T, {{&L.gate, g.data()}, {&L.up, u.data()}});
+  for (int64_t t = 0; t < T; ++t) rmsnorm(&x[size_t(t * H)], L.mlp_norm.data(), H, c.rms_eps, &h[size_t(t * H)]);
+  if (hooks) hooks->linear_input(l, Site::MlpIn, h.data(), T, H);
+  Linear::forward_many(h.data(), T, {{&L.gate, g.data()}, {&L.up, u.data()}});
 #pragma omp parallel for schedule(static) if (T * I > 65536)
-    for (int64_t i = 0; i < T * I; ++i) {
-      const float gv = g[size_t(i)];
-      g[size_t(i)] = gv / (1.0f + std::exp(-gv)) * u[size_t(i)];
-    }
-    if (hooks) hooks->linear_input(l, Site::MlpDown, g.data(), T, I);
-    L.down.forward(g.data(), T, o.data());
-    for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+  for (int64_t i = 0; i < T * I; ++i) {
+    const float gv = g[size_t(i)];
+    g[size_t(i)] = gv / (1.0f + std::exp(-gv)) * u[size_t(i)];
   }
+  if (hooks) hooks->linear_input(l, Site::MlpDown, g.data(), T, I);
+  L.down.forward(g.data(), T, o.data());
+  for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
+}
 
+void Model::head(const std::vector<BatchToken>& batch, const std::vector<float>& x, float* logits_out) const {
+  const ModelConfig& c = cfg_;
+  const int64_t T = int64_t(batch.size()), H = c.hidden;
   // Final norm and lm_head on the rows whose logits are wanted.
   std::vector<float> sel;
   int64_t n_out = 0;
@@ -340,6 +363,34 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
     ++n_out;
   }
   if (n_out) lm_head_.forward(sel.data(), n_out, logits_out);
+}
+
+}  // namespace llmq
+
+namespace llmq {
+
+void Model::set_layer_dense(int64_t l, const std::vector<std::pair<Linear*, std::vector<float>>>& weights,
+                            const std::vector<float>& attn_norm, const std::vector<float>& mlp_norm) {
+  LayerWeights& L = layers_[size_t(l)];
+  for (auto& [lin, w] : weights) {
+    if (int64_t(w.size()) != lin->out * lin->in) throw Error("set_layer_dense: weight size mismatch");
+    auto owned = std::make_unique<std::pair<TensorView, std::vector<float>>>();
+    owned->second = w;
+    owned->first.name = lin->w ? lin->w->name : "dense";
+    owned->first.file = "(in memory)";
+    owned->first.dtype = DType::F32;
+    owned->first.shape = {lin->out, lin->in};
+    owned->first.data = owned->second.data();
+    Linear dense;
+    dense.w = &owned->first;
+    dense.in = lin->in;
+    dense.out = lin->out;
+    dense.bias = lin->bias;
+    *lin = std::move(dense);
+    owned_.push_back(std::move(owned));
+  }
+  L.attn_norm = attn_norm;
+  L.mlp_norm = mlp_norm;
 }
 
 }  // namespace llmq

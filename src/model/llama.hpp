@@ -79,6 +79,17 @@ class Model {
   void forward(const std::vector<BatchToken>& batch, KVCache& cache, float* logits_out,
                ForwardHooks* hooks = nullptr) const;
 
+  // The forward pass in pieces (calibration runs it layer by layer): embeddings of the batch's tokens into
+  // x [T, hidden]; one decoder layer updating x in place; final norm and lm_head.
+  void embed_tokens(const std::vector<BatchToken>& batch, std::vector<float>& x) const;
+  void forward_layer(int64_t l, const std::vector<BatchToken>& batch, KVCache& cache, std::vector<float>& x,
+                     ForwardHooks* hooks = nullptr, bool check = true) const;
+  void head(const std::vector<BatchToken>& batch, const std::vector<float>& x, float* logits_out) const;
+  // Replaces layer l's linear weights by dense F32 copies (owned by the model) and its norms; used to run
+  // already-quantized layers (dequantized) while calibrating the next ones.
+  void set_layer_dense(int64_t l, const std::vector<std::pair<Linear*, std::vector<float>>>& weights,
+                       const std::vector<float>& attn_norm, const std::vector<float>& mlp_norm);
+
   const std::vector<LayerWeights>& layers() const { return layers_; }
   std::vector<LayerWeights>& mutable_layers() { return layers_; }
   const Linear& lm_head() const { return lm_head_; }
@@ -91,6 +102,8 @@ class Model {
 
  private:
   void rope_table(int64_t n_pos) const;
+  int64_t check_batch(const std::vector<BatchToken>& batch, const KVCache& cache) const;
+  std::vector<std::unique_ptr<std::pair<TensorView, std::vector<float>>>> owned_;  // set_layer_dense storage
 
   std::string dir_;
   ModelConfig cfg_;

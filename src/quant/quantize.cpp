@@ -177,7 +177,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   if (std::find(kMethods.begin(), kMethods.end(), m) == kMethods.end())
     throw Error("unknown method '" + m + "' (fp8, int8-sq, w8a16, w4a16-rtn, w4a16-awq, w4a16-gptq)");
   if (fs::exists(out_dir)) throw Error(out_dir + ": already exists; choose a new output directory or remove it");
-  Model model(in_dir);
+  Model model(in_dir);  // sequential methods install their quantized layers into it as they go
   if (!model.quant().method.empty())
     throw Error(in_dir + ": the model is already quantized (" + model.quant().method + "); quantize the original checkpoint");
   const ModelConfig& c = model.config();
@@ -190,7 +190,9 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   rep.bytes_in = model.weight_bytes();
   const bool need_calib = m == "fp8" || m == "int8-sq" || m == "w4a16-awq" || m == "w4a16-gptq" || opt.kv != KvFormat::None;
   const bool need_hessian = m == "w4a16-awq" || m == "w4a16-gptq";
+  const bool sequential = need_hessian;  // GPTQ and AWQ calibrate each layer on the quantized layers before it
   CalibStats st;
+  std::unique_ptr<SequentialCalibrator> seq;
   if (need_calib) {
     if (opt.calib.empty())
       throw Error("method " + m + (opt.kv != KvFormat::None ? " with --kv-cache" : "") +
@@ -205,12 +207,18 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
                           std::to_string(opt.calib_samples) + " (" + std::to_string(opt.calib_samples * opt.calib_seq_len) +
                           " tokens needed)");
     log("calibrating on " + std::to_string(samples.size()) + " x " + std::to_string(opt.calib_seq_len) + " tokens of " +
-        opt.calib + (need_hessian ? " (with Hessians)" : ""));
+        opt.calib + (sequential ? " (layer by layer, with Hessians)" : ""));
     const auto tc = std::chrono::steady_clock::now();
-    st = calibrate(model, samples, need_hessian, [&](int64_t done, int64_t total) {
-      if (done == total || done % 16 == 0) log("  calibration " + std::to_string(done) + "/" + std::to_string(total));
-    });
-    rep.calib_tokens = st.tokens;
+    if (sequential) {
+      st = make_stats(model);
+      seq = std::make_unique<SequentialCalibrator>(model, samples);
+      rep.calib_tokens = int64_t(samples.size()) * opt.calib_seq_len;
+    } else {
+      st = calibrate(model, samples, false, [&](int64_t done, int64_t total) {
+        if (done == total || done % 16 == 0) log("  calibration " + std::to_string(done) + "/" + std::to_string(total));
+      });
+      rep.calib_tokens = st.tokens;
+    }
     rep.calib_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
   }
 
@@ -237,13 +245,19 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   int gptq_fallbacks = 0;
   double max_damp = 0.01;
   for (int64_t li = 0; li < c.layers; ++li) {
+    if (seq) {
+      const auto tc = std::chrono::steady_clock::now();
+      seq->observe(li, true, st);
+      rep.calib_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+    }
     const LayerWeights& LW = model.layers()[size_t(li)];
     const std::string p = "model.layers." + std::to_string(li) + ".";
     FLayer L{to_float(LW.q, p + "self_attn.q_proj"), to_float(LW.k, p + "self_attn.k_proj"),
              to_float(LW.v, p + "self_attn.v_proj"),  to_float(LW.o, p + "self_attn.o_proj"),
              to_float(LW.gate, p + "mlp.gate_proj"),  to_float(LW.up, p + "mlp.up_proj"),
              to_float(LW.down, p + "mlp.down_proj"),  LW.attn_norm, LW.mlp_norm, false, {}};
-    const auto& S = need_calib ? st.sites[size_t(li)] : std::array<SiteStats, kNumSites>{};
+    const std::array<SiteStats, kNumSites> no_stats{};
+    const auto& S = need_calib ? st.sites[size_t(li)] : no_stats;
     const Site sites[] = {Site::AttnIn, Site::AttnOut, Site::MlpIn, Site::MlpDown};
     std::vector<float> input_absmax[kNumSites];  // per site, after smoothing: for static activation scales
 
@@ -279,26 +293,34 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
       copy_tensor(model.checkpoint().get(p + "input_layernorm.weight"));
       copy_tensor(model.checkpoint().get(p + "post_attention_layernorm.weight"));
     }
+    std::vector<std::pair<Linear*, std::vector<float>>> installed;  // sequential: the layer as quantized
+    LayerWeights& MW = model.mutable_layers()[size_t(li)];
+    Linear* model_linears[kNumSites][3] = {{&MW.q, &MW.k, &MW.v}, {&MW.o}, {&MW.gate, &MW.up}, {&MW.down}};
     for (Site s : sites) {
+      int idx = 0;
       for (FLinear* l : L.site(s)) {
         const size_t before = out.size();
         if (m == "fp8") emit_fp8_channel(*l, out);
         else if (m == "int8-sq" || m == "w8a16") emit_int8_channel(*l, out);
         else if (m == "w4a16-rtn") emit_int4(l->name, rtn_int4(*l, opt.group_size, opt.symmetric), out);
-        else if (m == "w4a16-awq")
-          emit_int4(l->name,
-                    rtn_int4(*l, opt.group_size, opt.symmetric,
-                             awq_clip_search(*l, opt.group_size, opt.symmetric, hessian_f32(S[int(s)], L.smooth[int(s)]))),
-                    out);
-        else {  // w4a16-gptq
+        else if (m == "w4a16-awq") {
+          Int4Weights q = rtn_int4(*l, opt.group_size, opt.symmetric,
+                                   awq_clip_search(*l, opt.group_size, opt.symmetric, hessian_f32(S[int(s)], L.smooth[int(s)])));
+          model_linears[int(s)][idx]->bias = l->bias;  // smoothing may have rescaled it
+          installed.push_back({model_linears[int(s)][idx], dequant(q)});
+          emit_int4(l->name, q, out);
+        } else {  // w4a16-gptq
           GptqResult g = gptq(*l, S[int(s)].hessian, opt.group_size, opt.symmetric, opt.act_order);
           if (g.fell_back_to_rtn) {
             ++gptq_fallbacks;
             rep.notes.push_back(l->name + ": Cholesky failed even with dampening 10x the mean diagonal; quantized with RTN");
           }
           max_damp = std::max(max_damp, g.damp_used);
+          model_linears[int(s)][idx]->bias = l->bias;
+          installed.push_back({model_linears[int(s)][idx], dequant(g.q)});
           emit_int4(l->name, g.q, out);
         }
+        ++idx;
         for (size_t i = before; i < out.size(); ++i) q_bytes += out[i].bytes.size();
         q_params += uint64_t(l->out * l->in);
         const float amax = input_absmax[int(s)].empty() ? 0.f : *std::max_element(input_absmax[int(s)].begin(), input_absmax[int(s)].end());
@@ -326,6 +348,13 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
       }
       emit_f32(p + "self_attn.k_scale", ks, {c.kv_heads}, out);
       emit_f32(p + "self_attn.v_scale", vs, {c.kv_heads}, out);
+    }
+    if (seq) {
+      model.set_layer_dense(li, installed, L.attn_norm, L.mlp_norm);
+      const auto tc = std::chrono::steady_clock::now();
+      seq->advance(li);
+      rep.calib_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+      st.sites[size_t(li)] = {};  // free this layer's Hessians
     }
     log("  layer " + std::to_string(li + 1) + "/" + std::to_string(c.layers) + " quantized");
   }

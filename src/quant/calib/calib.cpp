@@ -127,13 +127,50 @@ struct Observer : ForwardHooks {
 
 }  // namespace
 
-CalibStats calibrate(const Model& model, const std::vector<std::vector<int32_t>>& samples, bool with_hessian,
-                     const std::function<void(int64_t, int64_t)>& progress) {
+CalibStats make_stats(const Model& model) {
   const ModelConfig& c = model.config();
   CalibStats st;
   st.sites.resize(size_t(c.layers));
   st.k_absmax.assign(size_t(c.layers), std::vector<float>(size_t(c.kv_heads * c.head_dim), 0.f));
   st.v_absmax = st.k_absmax;
+  return st;
+}
+
+SequentialCalibrator::SequentialCalibrator(const Model& model, const std::vector<std::vector<int32_t>>& samples)
+    : model_(model) {
+  for (auto& s : samples) {
+    std::vector<BatchToken> b;
+    for (size_t i = 0; i < s.size(); ++i) b.push_back({s[i], 0, int32_t(i), false});
+    x_.emplace_back();
+    model.embed_tokens(b, x_.back());
+    batches_.push_back(std::move(b));
+  }
+}
+
+void SequentialCalibrator::observe(int64_t l, bool with_hessian, CalibStats& st) {
+  Observer obs(st, with_hessian);
+  for (size_t s = 0; s < x_.size(); ++s) {
+    KVCache cache(model_.config(), 1, int64_t(batches_[s].size()));
+    std::vector<float> x = x_[s];
+    model_.forward_layer(l, batches_[s], cache, x, &obs);
+  }
+  if (l == 0) {
+    st.samples = int64_t(x_.size());
+    for (auto& b : batches_) st.tokens += int64_t(b.size());
+  }
+}
+
+void SequentialCalibrator::advance(int64_t l) {
+  for (size_t s = 0; s < x_.size(); ++s) {
+    KVCache cache(model_.config(), 1, int64_t(batches_[s].size()));
+    model_.forward_layer(l, batches_[s], cache, x_[s], nullptr);
+  }
+}
+
+CalibStats calibrate(const Model& model, const std::vector<std::vector<int32_t>>& samples, bool with_hessian,
+                     const std::function<void(int64_t, int64_t)>& progress) {
+  const ModelConfig& c = model.config();
+  CalibStats st = make_stats(model);
   Observer obs(st, with_hessian);
   for (size_t s = 0; s < samples.size(); ++s) {
     KVCache cache(c, 1, int64_t(samples[s].size()));

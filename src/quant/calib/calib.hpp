@@ -41,4 +41,24 @@ struct CalibStats {
 CalibStats calibrate(const Model& model, const std::vector<std::vector<int32_t>>& samples, bool with_hessian,
                      const std::function<void(int64_t, int64_t)>& progress);
 
+// Layer-by-layer calibration, as GPTQ and AWQ do it: the hidden states of every sample are kept at the
+// current layer boundary (samples x seq_len x hidden floats), so each layer is calibrated on the outputs of
+// the layers before it as they were quantized (install them with Model::set_layer_dense before advance()).
+class SequentialCalibrator {
+ public:
+  SequentialCalibrator(const Model& model, const std::vector<std::vector<int32_t>>& samples);
+  // Statistics of layer l's inputs (and its K/V) into st.sites[l], st.k_absmax[l], st.v_absmax[l].
+  void observe(int64_t l, bool with_hessian, CalibStats& st);
+  // Moves the hidden states through layer l with its current weights.
+  void advance(int64_t l);
+
+ private:
+  const Model& model_;
+  std::vector<std::vector<BatchToken>> batches_;
+  std::vector<std::vector<float>> x_;  // [sample][seq_len * hidden]
+};
+
+// Empty statistics sized for the model.
+CalibStats make_stats(const Model& model);
+
 }  // namespace llmq::quant
