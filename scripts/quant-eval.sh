@@ -34,7 +34,7 @@ run() {  # name, eval text, quantize args...
   local q e
   q=$($LLMQ quantize "$MODEL" -o "$WORK/$name" "$@" --json 2>"$WORK/$name.log")
   e=$($LLMQ eval "$WORK/$name" --baseline "$MODEL" --text "$text" --max-windows "$WINDOWS" --json 2>/dev/null)
-  records+=("$(python3 -c 'import json,sys; q=json.loads(sys.argv[1]); e=json.loads(sys.argv[2]); q.update(e); q["run"]=sys.argv[3]; q["eval_text"]=sys.argv[4]; q["args"]=sys.argv[5]; print(json.dumps(q))' "$q" "$e" "$name" "$(basename "$text")" "$*")")
+  records+=("$(python3 -c 'import json,sys; q=json.loads(sys.argv[1]); e=json.loads(sys.argv[2]); q["quantize_seconds"]=q.pop("seconds"); e["eval_seconds"]=e.pop("seconds"); q.update(e); q["run"]=sys.argv[3]; q["eval_text"]=sys.argv[4]; q["args"]=sys.argv[5]; print(json.dumps(q))' "$q" "$e" "$name" "$(basename "$text")" "$*")")
   rm -rf "${WORK:?}/$name"
 }
 run fp8 "$DOCS" --method fp8 --calib "$C4"
@@ -57,6 +57,6 @@ meta = {"model": sys.argv[1], "commit": sys.argv[2], "windows": int(sys.argv[3])
 json.dump({"meta": meta, "runs": recs}, open(sys.argv[5], "w"), indent=1)
 print("%-16s %-13s %9s %9s %9s %8s %7s %8s" % ("run", "eval text", "ppl", "delta%", "KLD", "top-1%", "bits", "quant s"))
 for r in recs:
-    print("%-16s %-13s %9.4f %+9.3f %9.5f %8.2f %7.2f %8.1f" % (r["run"], r["eval_text"], r["ppl"], r["delta_ppl_pct"], r["mean_kld"], 100*r["top1_agreement"], r["bits_per_weight"], r["seconds"]))
+    print("%-16s %-13s %9.4f %+9.3f %9.5f %8.2f %7.2f %8.1f" % (r["run"], r["eval_text"], r["ppl"], r["delta_ppl_pct"], r["mean_kld"], 100*r["top1_agreement"], r["bits_per_weight"], r["quantize_seconds"]))
 ' "$MODEL" "$COMMIT" "$WINDOWS" "$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores" "$OUT"
 echo "wrote $OUT"

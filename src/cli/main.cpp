@@ -276,10 +276,6 @@ int main(int argc, char** argv) {
       quant::CalibStats st = quant::calibrate(m, samples, false, nullptr);
       json layers = json::array();
       double worst = 0;
-      static const char* names[kNumSites][3] = {{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
-                                                {"self_attn.o_proj", nullptr, nullptr},
-                                                {"mlp.gate_proj", "mlp.up_proj", nullptr},
-                                                {"mlp.down_proj", nullptr, nullptr}};
       for (int64_t l = 0; l < m.config().layers; ++l)
         for (int s = 0; s < kNumSites; ++s) {
           const quant::SiteStats& ss = st.sites[size_t(l)][size_t(s)];
@@ -291,8 +287,8 @@ int main(int argc, char** argv) {
           std::vector<int64_t> outliers;
           for (size_t j = 0; j < ss.absmax.size(); ++j)
             if (ss.absmax[j] > 8 * med) outliers.push_back(int64_t(j));
-          for (int i = 0; i < 3 && names[s][i]; ++i)
-            layers.push_back({{"name", "model.layers." + std::to_string(l) + "." + names[s][i]}, {"act_absmax_max", mx},
+          for (const std::string& n : site_linear_names(Site(s)))
+            layers.push_back({{"name", "model.layers." + std::to_string(l) + "." + n}, {"act_absmax_max", mx},
                               {"act_absmax_median", med}, {"outlier_ratio", ratio}, {"outlier_channels", outliers}});
         }
       const bool strong = worst > 20;

@@ -25,13 +25,9 @@ struct LayerErrorHooks : ForwardHooks {
   std::vector<double> err2, ref2;  // per linear: sum ||Yq - Y||^2, sum ||Y||^2
   std::vector<std::string> names;
   LayerErrorHooks(const Model& qm, const Model& bm) : q(qm), base(bm) {
-    static const char* kNames[kNumSites][3] = {{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
-                                               {"self_attn.o_proj", nullptr, nullptr},
-                                               {"mlp.gate_proj", "mlp.up_proj", nullptr},
-                                               {"mlp.down_proj", nullptr, nullptr}};
     for (int64_t l = 0; l < base.config().layers; ++l)
       for (int s = 0; s < kNumSites; ++s)
-        for (int i = 0; i < 3 && kNames[s][i]; ++i) names.push_back("model.layers." + std::to_string(l) + "." + kNames[s][i]);
+        for (const std::string& n : site_linear_names(Site(s))) names.push_back("model.layers." + std::to_string(l) + "." + n);
     err2.assign(names.size(), 0);
     ref2.assign(names.size(), 0);
   }

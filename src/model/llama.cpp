@@ -44,6 +44,16 @@ const char* site_name(Site s) {
   return "?";
 }
 
+std::vector<std::string> site_linear_names(Site s) {
+  switch (s) {
+    case Site::AttnIn: return {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"};
+    case Site::AttnOut: return {"self_attn.o_proj"};
+    case Site::MlpIn: return {"mlp.gate_proj", "mlp.up_proj"};
+    case Site::MlpDown: return {"mlp.down_proj"};
+  }
+  return {};
+}
+
 std::vector<const Linear*> Model::site_linears(int64_t l, Site site) const {
   const LayerWeights& L = layers_[size_t(l)];
   switch (site) {

@@ -28,6 +28,8 @@ struct LayerWeights {
 enum class Site { AttnIn, AttnOut, MlpIn, MlpDown };
 constexpr int kNumSites = 4;
 const char* site_name(Site s);
+// The tensor-name suffixes of the linears reading a site, in site_linears() order ("self_attn.q_proj", ...).
+std::vector<std::string> site_linear_names(Site s);
 
 // Observers of the forward pass (calibration, per-layer error). Called on the forward's thread with the
 // activations of the whole batch, before any activation quantization.

@@ -56,7 +56,7 @@ std::vector<float> tie_gqa(const std::vector<float>& v, const ModelConfig& c, bo
   std::vector<float> out(v.size());
   for (int64_t g = 0; g < c.kv_heads; ++g)
     for (int64_t d = 0; d < hd; ++d) {
-      float acc = take_max ? 0.f : 0.f;
+      float acc = 0.f;
       for (int64_t h = g * group; h < (g + 1) * group; ++h)
         acc = take_max ? std::max(acc, v[size_t(h * hd + d)]) : acc + v[size_t(h * hd + d)] / float(group);
       for (int64_t h = g * group; h < (g + 1) * group; ++h) out[size_t(h * hd + d)] = acc;
