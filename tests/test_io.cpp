@@ -12,6 +12,7 @@
 
 using namespace llmq;
 using nlohmann::json;
+using test::expect_error;
 
 namespace {
 
@@ -37,18 +38,6 @@ std::string st_bytes(const std::string& header, const std::string& data) {
 }
 
 // Expects f() to throw llmq::Error whose message contains every needle.
-template <class F>
-void expect_error(F&& f, std::vector<std::string> needles) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    for (auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
-    EXPECT_EQ(msg.find('\n'), std::string::npos) << "multi-line message: " << msg;
-  }
-}
-
 TensorData f32_tensor(const std::string& name, std::vector<int64_t> shape, float start) {
   TensorData t{name, DType::F32, shape, {}};
   int64_t n = 1;

@@ -17,6 +17,7 @@ using namespace llmq;
 using namespace llmq::quant;
 namespace fs = std::filesystem;
 using nlohmann::json;
+using test::expect_error;
 
 namespace {
 
@@ -51,16 +52,6 @@ const std::vector<int32_t>& eval_tokens() {
 CompareResult eval_dir(const std::string& dir, const std::string& base = demo()) {
   Model m(dir), b(base);
   return compare(m, b, eval_tokens(), 256, 8, false, nullptr);
-}
-
-template <class F>
-void expect_error(F&& f, std::vector<std::string> needles) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown";
-  } catch (const Error& e) {
-    for (auto& n : needles) EXPECT_NE(std::string(e.what()).find(n), std::string::npos) << "'" << n << "' not in: " << e.what();
-  }
 }
 
 }  // namespace

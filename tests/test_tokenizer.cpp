@@ -66,6 +66,18 @@ int check_all(const Tokenizer& tok, const std::vector<std::pair<std::string, std
   return bad;
 }
 
+// swift-transformers multilingual conformance: the shared inputs with one model's expected ids.
+std::vector<std::pair<std::string, std::vector<int32_t>>> load_multilingual(const std::string& baseline, json* entries) {
+  json inputs = test::load_json(vectors() + "swift-transformers/multilingual/inputs.json");
+  json base = test::load_json(vectors() + "swift-transformers/multilingual/" + baseline);
+  std::map<std::string, std::string> text_of;
+  for (auto& i : inputs) text_of[i["id"]] = i["text"];
+  std::vector<std::pair<std::string, std::vector<int32_t>>> cases;
+  for (auto& e : base["entries"]) cases.push_back({text_of.at(e["id"]), e["input_ids"].get<std::vector<int32_t>>()});
+  if (entries) *entries = base["entries"];
+  return cases;
+}
+
 }  // namespace
 
 TEST(Tokenizer, LlamaCppVectorsLlamaSpm) {
@@ -90,29 +102,20 @@ TEST(Tokenizer, LlamaCppVectorsQwen2) {
 
 TEST(Tokenizer, SwiftMultilingualQwen25) {
   Tokenizer tok = Tokenizer::load(models() + "qwen3-tokenizer");
-  json inputs = test::load_json(vectors() + "swift-transformers/multilingual/inputs.json");
-  json base = test::load_json(vectors() + "swift-transformers/multilingual/qwen2_5_multilingual.json");
-  std::map<std::string, std::string> text_of;
-  for (auto& i : inputs) text_of[i["id"]] = i["text"];
-  std::vector<std::pair<std::string, std::vector<int32_t>>> cases;
-  for (auto& e : base["entries"]) cases.push_back({text_of.at(e["id"]), e["input_ids"].get<std::vector<int32_t>>()});
+  auto cases = load_multilingual("qwen2_5_multilingual.json", nullptr);
   ASSERT_EQ(cases.size(), 83u);
   EXPECT_EQ(check_all(tok, cases, true), 0);
 }
 
 TEST(Tokenizer, SwiftMultilingualTinyLlama) {
   Tokenizer tok = Tokenizer::load(models() + "llama2-tokenizer");
-  json inputs = test::load_json(vectors() + "swift-transformers/multilingual/inputs.json");
-  json base = test::load_json(vectors() + "swift-transformers/multilingual/tinyllama_multilingual.json");
-  std::map<std::string, std::string> text_of;
-  for (auto& i : inputs) text_of[i["id"]] = i["text"];
-  std::vector<std::pair<std::string, std::vector<int32_t>>> cases;
-  for (auto& e : base["entries"]) cases.push_back({text_of.at(e["id"]), e["input_ids"].get<std::vector<int32_t>>()});
+  json entries;
+  auto cases = load_multilingual("tinyllama_multilingual.json", &entries);
   ASSERT_EQ(cases.size(), 83u);
   EXPECT_EQ(check_all(tok, cases, true), 0);
   // The token strings agree too.
   int bad = 0;
-  for (auto& e : base["entries"]) {
+  for (auto& e : entries) {
     auto ids = e["input_ids"].get<std::vector<int32_t>>();
     auto toks = e["tokens"].get<std::vector<std::string>>();
     for (size_t i = 0; i < ids.size(); ++i) bad += tok.token_str(ids[i]) != toks[i];

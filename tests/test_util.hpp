@@ -25,4 +25,17 @@ inline std::vector<std::string> reference_models() {
           s + "tiny/tiny-qwen2-bias", s + "tiny/tiny-mistral-headdim"};
 }
 
+// Expects f() to throw llmq::Error with a one-line message containing every needle.
+template <class F>
+void expect_error(F&& f, const std::vector<std::string>& needles) {
+  try {
+    f();
+    ADD_FAILURE() << "no error thrown";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    for (auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "multi-line message: " << msg;
+  }
+}
+
 }  // namespace llmq::test

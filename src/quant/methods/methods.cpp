@@ -73,32 +73,32 @@ void emit_int4(const std::string& name, const Int4Weights& q, std::vector<Tensor
   if (!q.symmetric) out.push_back({name + ".weight_zero_point", DType::U8, {q.out, ng}, q.zero});
 }
 
-void emit_int8_channel(const FLinear& l, std::vector<TensorData>& out) {
-  std::vector<uint8_t> codes(static_cast<size_t>(l.out * l.in));
-  std::vector<float> scale(static_cast<size_t>(l.out));
+namespace {
+
+// Per-channel symmetric encoding: scale = row absmax / qmax, one code byte per weight.
+template <class Encode>
+void emit_channel(const FLinear& l, DType dtype, float qmax, Encode&& encode, std::vector<TensorData>& out) {
+  std::vector<uint8_t> codes(size_t(l.out * l.in));
+  std::vector<float> scale(size_t(l.out));
   for (int64_t r = 0; r < l.out; ++r) {
     float amax = 0.f;
     for (int64_t k = 0; k < l.in; ++k) amax = std::max(amax, std::fabs(l.w[size_t(r * l.in + k)]));
-    const float s = amax > 0 ? amax / 127.0f : 1.0f;
+    const float s = amax > 0 ? amax / qmax : 1.0f;
     scale[size_t(r)] = s;
-    for (int64_t k = 0; k < l.in; ++k) codes[size_t(r * l.in + k)] = uint8_t(quant_int8(l.w[size_t(r * l.in + k)], 1.0f / s));
+    for (int64_t k = 0; k < l.in; ++k) codes[size_t(r * l.in + k)] = encode(l.w[size_t(r * l.in + k)], s);
   }
-  out.push_back({l.name + ".weight", DType::I8, {l.out, l.in}, std::move(codes)});
+  out.push_back({l.name + ".weight", dtype, {l.out, l.in}, std::move(codes)});
   emit_f32(l.name + ".weight_scale", scale, {l.out, 1}, out);
 }
 
+}  // namespace
+
+void emit_int8_channel(const FLinear& l, std::vector<TensorData>& out) {
+  emit_channel(l, DType::I8, 127.0f, [](float w, float s) { return uint8_t(quant_int8(w, 1.0f / s)); }, out);
+}
+
 void emit_fp8_channel(const FLinear& l, std::vector<TensorData>& out) {
-  std::vector<uint8_t> codes(static_cast<size_t>(l.out * l.in));
-  std::vector<float> scale(static_cast<size_t>(l.out));
-  for (int64_t r = 0; r < l.out; ++r) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < l.in; ++k) amax = std::max(amax, std::fabs(l.w[size_t(r * l.in + k)]));
-    const float s = amax > 0 ? amax / kFp8Max : 1.0f;
-    scale[size_t(r)] = s;
-    for (int64_t k = 0; k < l.in; ++k) codes[size_t(r * l.in + k)] = f32_to_fp8(l.w[size_t(r * l.in + k)] / s);
-  }
-  out.push_back({l.name + ".weight", DType::F8E4M3, {l.out, l.in}, std::move(codes)});
-  emit_f32(l.name + ".weight_scale", scale, {l.out, 1}, out);
+  emit_channel(l, DType::F8E4M3, kFp8Max, [](float w, float s) { return f32_to_fp8(w / s); }, out);
 }
 
 double output_error(const FLinear& l, const std::vector<float>& wq, const std::vector<float>& h) {
