@@ -153,6 +153,7 @@ TEST(Cli, QuantizeEvalInspectJson) {
   CmdResult info = run("info " + d + "/q --json");
   ASSERT_EQ(info.code, 0) << info.err;
   EXPECT_EQ(json::parse(info.out)["quantization"]["method"], "int8-sq");
+  EXPECT_EQ(json::parse(info.out)["params"], 6819072) << "a quantized model has as many parameters as its original";
   CmdResult e = run("eval " + d + "/q --baseline " + demo() + " --text " + test::shared_dir() +
                     "/data/eval/docs-en.txt --max-windows 2 --ctx 128 --per-layer --json");
   ASSERT_EQ(e.code, 0) << e.err;

@@ -20,6 +20,9 @@ TEST_P(Reference, LogitsTop10AndGreedyMatchTransformers) {
   Model model(dir);
   Tokenizer tok = Tokenizer::load(dir);
   const int64_t V = model.config().vocab;
+  if (ref.contains("params")) {
+    EXPECT_EQ(model.param_count(), ref["params"].get<int64_t>());
+  }
   ASSERT_FALSE(ref["prompts"].empty());
   for (const json& p : ref["prompts"]) {
     const std::vector<int32_t> ids = p["ids"].get<std::vector<int32_t>>();

@@ -157,11 +157,14 @@ Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
     }
     layers_.push_back(std::move(L));
   }
-  for (auto& [name, t] : ckpt_->all()) {
-    if (name.find("rotary_emb") != std::string::npos) continue;
-    params_ += t->numel();
-    weight_bytes_ += t->nbytes();
+  // Parameters of the architecture (a quantized checkpoint counts its weights unpacked, not its scales).
+  params_ = c.vocab * H * (c.tie_embeddings ? 1 : 2) + H;
+  for (const LayerWeights& L : layers_) {
+    params_ += 2 * H;
+    for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) params_ += l->in * l->out + int64_t(l->bias.size());
   }
+  for (auto& [name, t] : ckpt_->all())
+    if (name.find("rotary_emb") == std::string::npos) weight_bytes_ += t->nbytes();
 
   // RoPE inverse frequencies, computed in float32 the way transformers does (so angles round identically).
   const int64_t half = c.head_dim / 2;
