@@ -242,7 +242,6 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   if (!c.tie_embeddings) copy_tensor(*model.lm_head().w);
 
   uint64_t q_bytes = 0, q_params = 0;
-  int gptq_fallbacks = 0;
   double max_damp = 0.01;
   for (int64_t li = 0; li < c.layers; ++li) {
     if (seq) {
@@ -312,7 +311,6 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
         } else {  // w4a16-gptq
           GptqResult g = gptq(*l, S[int(s)].hessian, opt.group_size, opt.symmetric, opt.act_order);
           if (g.fell_back_to_rtn) {
-            ++gptq_fallbacks;
             rep.notes.push_back(l->name + ": Cholesky failed even with dampening 10x the mean diagonal; quantized with RTN");
           }
           max_damp = std::max(max_damp, g.damp_used);
