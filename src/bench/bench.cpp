@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <fstream>
 
 #include "backend/cpu/kernels.hpp"
 #include "runtime/sampler.hpp"
@@ -16,17 +15,10 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-std::string cpu_model() {
-  std::ifstream f("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "cpu";
-}
-
 }  // namespace
 
-BenchResult bench(const Model& model, const BenchParams& p) {
+BenchResult bench(Engine& engine, const BenchParams& p) {
+  const Model& model = engine.model();
   const ModelConfig& c = model.config();
   if (p.batch < 1 || p.prompt_len < 1 || p.gen_len < 1) throw Error("--batch, --prompt-len and --gen-len must be positive");
   if (p.prompt_len + p.gen_len > c.max_positions)
@@ -34,10 +26,10 @@ BenchResult bench(const Model& model, const BenchParams& p) {
   BenchResult r;
   r.threads = num_threads();
   r.isa = cpu::isa_name(cpu::active_isa());
-  r.device = "cpu (" + cpu_model() + ", " + std::to_string(r.threads) + " threads, " + r.isa + ")";
+  r.device = engine.device();
   r.weight_bytes = model.weight_bytes();
-  r.peak_gbps = cpu::measure_peak_read_gbps();
-  r.peak_gflops = cpu::measure_peak_gflops();
+  r.peak_gbps = engine.measure_peak_gbps();
+  r.peak_gflops = engine.measure_peak_gflops();
 
   Sampler rng_src({1.0f, 0, 1.0f, p.seed});
   std::vector<float> uniform_logits(static_cast<size_t>(c.vocab), 0.f);
@@ -49,19 +41,19 @@ BenchResult bench(const Model& model, const BenchParams& p) {
   std::vector<double> prefill_s, decode_s;
   using clock = std::chrono::steady_clock;
   for (int rep = 0; rep <= p.repeats; ++rep) {
-    KVCache cache(c, p.batch, p.prompt_len + p.gen_len);
+    engine.reset(p.batch, p.prompt_len + p.gen_len);
     std::vector<BatchToken> batch;
     for (int64_t s = 0; s < p.batch; ++s)
       for (int64_t i = 0; i < p.prompt_len; ++i)
         batch.push_back({prompts[size_t(s)][size_t(i)], int32_t(s), int32_t(i), i + 1 == p.prompt_len});
     auto t0 = clock::now();
-    model.forward(batch, cache, logits.data());
+    engine.forward(batch, logits.data());
     auto t1 = clock::now();
     for (int64_t step = 0; step < p.gen_len; ++step) {
       std::vector<BatchToken> dec;
       for (int64_t s = 0; s < p.batch; ++s)
         dec.push_back({argmax(&logits[size_t(s * c.vocab)], c.vocab), int32_t(s), int32_t(p.prompt_len + step), true});
-      model.forward(dec, cache, logits.data());
+      engine.forward(dec, logits.data());
     }
     auto t2 = clock::now();
     if (rep == 0) continue;  // warm-up
@@ -79,10 +71,11 @@ BenchResult bench(const Model& model, const BenchParams& p) {
   r.prefill_gflops = (model.flops_per_token() * double(p.batch * p.prompt_len) + att_per_pair * prefill_pairs) / pf / 1e9;
   r.decode_gflops = model.flops_per_token() * r.decode_tokens_per_s / 1e9;
   // Every decode step reads all linear weights once (shared by the batch) plus each sequence's KV cache.
-  const double kv_bytes_per_step = double(p.batch) * 2.0 * double(c.layers * c.kv_heads * c.head_dim) * 4.0 *
+  const double kv_bytes_per_step = double(p.batch) * 2.0 * double(c.layers * c.kv_heads * c.head_dim) * engine.kv_bytes_per_value() *
                                    (double(p.prompt_len) + double(p.gen_len) / 2);
   const double steps_per_s = double(p.gen_len) / dc;
   r.achieved_gbps = (double(model.bytes_per_token()) + kv_bytes_per_step) * steps_per_s / 1e9;
+  r.peak_memory_bytes = engine.peak_memory_bytes();
   r.roofline_pct = r.peak_gbps > 0 ? 100.0 * r.achieved_gbps / r.peak_gbps : 0;
   r.prefill_pct_of_peak = r.peak_gflops > 0 ? 100.0 * r.prefill_gflops / r.peak_gflops : 0;
   return r;

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "model/llama.hpp"
+#include "runtime/engine.hpp"
 
 namespace llmq {
 
@@ -20,10 +21,11 @@ struct BenchResult {
   double prefill_gflops = 0, decode_gflops = 0, achieved_gbps = 0;
   double peak_gflops = 0, peak_gbps = 0, roofline_pct = 0, prefill_pct_of_peak = 0;
   uint64_t weight_bytes = 0;
+  uint64_t peak_memory_bytes = 0;  // device memory high-water mark (GPU), 0 on the CPU
   int threads = 0;
   std::string device, isa;
 };
 
-BenchResult bench(const Model& model, const BenchParams& p);
+BenchResult bench(Engine& engine, const BenchParams& p);
 
 }  // namespace llmq

@@ -15,6 +15,7 @@
 #include "quant/quantize.hpp"
 #include "io/mmap_file.hpp"
 #include "model/llama.hpp"
+#include "model/synth.hpp"
 #include "runtime/generate.hpp"
 #include "tokenizer/tokenizer.hpp"
 
@@ -27,9 +28,10 @@ void print_json(const json& j) {
   std::cout << j.dump(2, ' ', false, json::error_handler_t::replace) << std::endl;
 }
 
-void check_device(const std::string& device) {
+// Commands that do not run on the GPU yet say so instead of ignoring the flag.
+void cpu_only(const std::string& device, const char* command) {
   if (device == "cuda")
-    throw Error("--device cuda: this build of llmq has no CUDA backend yet; use --device cpu");
+    throw Error(std::string("--device cuda: `llmq ") + command + "` runs on the CPU in this version; use --device cpu");
 }
 
 const char* rope_name(RopeType t) {
@@ -152,6 +154,21 @@ int main(int argc, char** argv) {
   ins->add_option("--calib-seq-len", ins_len, "Tokens per sequence (default 512)")->check(CLI::Range(2, 1 << 20));
   ins->add_flag("--json", as_json, "Print one JSON object");
 
+  // synth
+  auto* syn = app.add_subcommand("synth", "Write a random-initialized BF16 checkpoint of a published model shape (benchmarks)");
+  std::string syn_shape, syn_out, syn_tok;
+  uint64_t syn_seed = 0;
+  std::vector<std::string> shape_names;
+  for (auto& sh : synth_shapes()) shape_names.push_back(sh.name);
+  syn->add_option("--shape", syn_shape, "llama-2-7b | llama-3-8b | mistral-7b | qwen2-7b | tiny")
+      ->required()
+      ->check(CLI::IsMember(shape_names));
+  syn->add_option("-o,--output", syn_out, "Output directory (must not exist)")->required();
+  syn->add_option("--seed", syn_seed, "Random seed (default 0)");
+  syn->add_option("--tokenizer", syn_tok, "A tokenizer.json to copy in, so that `quantize --calib` and `generate` "
+                                          "work (its ids must fit the vocabulary; random weights give random text)");
+  syn->add_flag("--json", as_json, "Print one JSON object");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -185,14 +202,14 @@ int main(int argc, char** argv) {
         for (size_t i = 0; i < ids.size(); ++i) std::printf("%6d  %s\n", ids[i], json(toks[i]).dump(-1, ' ', false, json::error_handler_t::replace).c_str());
       }
     } else if (*gen) {
-      check_device(device);
       Model m(gen_model);
       Tokenizer tok = Tokenizer::load(gen_model);
+      auto engine = make_engine(m, device);
       std::vector<int32_t> prompt = tok.encode(gen_prompt, true);
       if (!as_json) {
         std::cout << gen_prompt << std::flush;
       }
-      GenerateResult r = generate(m, tok, prompt, gen_n, sp, stop_ids_for(m, tok), [&](const std::string& s) {
+      GenerateResult r = generate(*engine, tok, prompt, gen_n, sp, stop_ids_for(m, tok), [&](const std::string& s) {
         if (!as_json) std::cout << s << std::flush;
       });
       const double dec_tps = r.decode_seconds > 0 && r.decode_steps > 0 ? double(r.decode_steps) / r.decode_seconds : 0;
@@ -207,13 +224,13 @@ int main(int argc, char** argv) {
                      r.stopped_at_eos ? ", stopped at EOS" : "");
       }
     } else if (*ppl) {
-      check_device(device);
       Model m(ppl_model);
       Tokenizer tok = Tokenizer::load(ppl_model);
+      auto engine = make_engine(m, device);
       std::string text = read_text_file(ppl_text);
       std::vector<int32_t> ids = tok.encode(text, false);
       const bool tty = isatty(2);
-      PerplexityResult r = perplexity(m, ids, ppl_ctx, ppl_max, [&](int64_t done, int64_t total, double p) {
+      PerplexityResult r = perplexity(*engine, ids, ppl_ctx, ppl_max, [&](int64_t done, int64_t total, double p) {
         if (tty || done == total || done % 50 == 0)
           std::fprintf(stderr, "%sperplexity: window %lld/%lld, ppl %.4f%s", tty ? "\r" : "", (long long)done,
                        (long long)total, p, tty && done < total ? "" : "\n");
@@ -225,7 +242,7 @@ int main(int argc, char** argv) {
         std::printf("ppl %.4f  mean_nll %.6f  tokens %lld  windows %lld  predicted %lld  (%.1f s)\n", r.ppl, r.mean_nll,
                     (long long)r.tokens, (long long)r.windows, (long long)r.predicted, r.seconds);
     } else if (*qz) {
-      check_device(device);
+      cpu_only(device, "quantize");
       qo.kv = qz_kv == "fp8" ? KvFormat::Fp8 : qz_kv == "int8" ? KvFormat::Int8 : KvFormat::None;
       qo.act_static = qz_act == "static";
       quant::QuantizeReport r = quant::quantize_model(qz_model, qz_out, qo, [](const std::string& line) {
@@ -242,7 +259,7 @@ int main(int argc, char** argv) {
                     qz_model.c_str(), qz_out.c_str(), double(r.bytes_in) / 1e6, double(r.bytes_out) / 1e6,
                     r.bits_per_weight, r.seconds);
     } else if (*ev) {
-      check_device(device);
+      cpu_only(device, "eval");
       Model m(ev_model);
       Model base(ev_base);
       Tokenizer tok = Tokenizer::load(ev_base);
@@ -328,17 +345,26 @@ int main(int argc, char** argv) {
           std::printf("%-36s -> %-10s (or %s): %s\n", r["gpu"].get<std::string>().c_str(), r["method"].get<std::string>().c_str(),
                       r["alternative"].get<std::string>().c_str(), r["why"].get<std::string>().c_str());
       }
+    } else if (*syn) {
+      SynthResult r = synth_model(syn_shape, syn_out, syn_seed, syn_tok, [](const std::string& line) {
+        std::fprintf(stderr, "synth: %s\n", line.c_str());
+      });
+      if (as_json) print_json({{"params", r.params}, {"bytes", r.bytes}, {"shape", syn_shape}, {"output", syn_out}});
+      else std::printf("%s: %s, %.2fB parameters, %.2f GB\n", syn_shape.c_str(), syn_out.c_str(), double(r.params) / 1e9,
+                       double(r.bytes) / 1e9);
     } else if (*bch) {
-      check_device(device);
       Model m(bench_model);
-      BenchResult r = bench(m, bp);
+      auto engine = make_engine(m, device);
+      BenchResult r = bench(*engine, bp);
       json j = {{"prefill_tokens_per_s", r.prefill_tokens_per_s}, {"decode_tokens_per_s", r.decode_tokens_per_s},
                 {"ttft_ms", r.ttft_ms}, {"tpot_ms", r.tpot_ms}, {"weight_bytes", r.weight_bytes},
                 {"achieved_gbps", r.achieved_gbps}, {"peak_gbps", r.peak_gbps}, {"roofline_pct", r.roofline_pct},
                 {"prefill_gflops", r.prefill_gflops}, {"decode_gflops", r.decode_gflops}, {"peak_gflops", r.peak_gflops},
                 {"prefill_pct_of_peak_flops", r.prefill_pct_of_peak}, {"device", r.device}, {"isa", r.isa},
                 {"threads", r.threads}, {"batch", bp.batch}, {"prompt_len", bp.prompt_len}, {"gen_len", bp.gen_len},
-                {"dtype", dtype_name(m.config().dtype)}};
+                {"dtype", dtype_name(m.config().dtype)},
+                {"peak_memory_bytes", r.peak_memory_bytes}, {"bytes_per_token", m.bytes_per_token()},
+                {"method", m.quant().method.empty() ? std::string(dtype_name(m.config().dtype)) : m.quant().method}};
       if (as_json) {
         print_json(j);
       } else {

@@ -15,7 +15,13 @@ double nll(const float* logits, int64_t n, int32_t target) {
 
 PerplexityResult perplexity(const Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_windows,
                             const std::function<void(int64_t, int64_t, double)>& progress) {
-  const ModelConfig& c = model.config();
+  auto engine = make_cpu_engine(model);
+  return perplexity(*engine, tokens, ctx, max_windows, progress);
+}
+
+PerplexityResult perplexity(Engine& engine, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_windows,
+                            const std::function<void(int64_t, int64_t, double)>& progress) {
+  const ModelConfig& c = engine.config();
   if (ctx < 2) throw Error("--ctx must be at least 2");
   if (ctx > c.max_positions)
     throw Error("--ctx " + std::to_string(ctx) + " is longer than the model's context of " + std::to_string(c.max_positions));
@@ -29,12 +35,12 @@ PerplexityResult perplexity(const Model& model, const std::vector<int32_t>& toke
   r.windows = windows;
   auto t0 = std::chrono::steady_clock::now();
   std::vector<float> logits(static_cast<size_t>(ctx * c.vocab));
-  KVCache cache(c, 1, ctx);
+  engine.reset(1, ctx);
   double total = 0;
   for (int64_t w = 0; w < windows; ++w) {
     std::vector<BatchToken> batch;
     for (int64_t i = 0; i < ctx; ++i) batch.push_back({tokens[size_t(w * ctx + i)], 0, int32_t(i), i + 1 < ctx});
-    model.forward(batch, cache, logits.data());
+    engine.forward(batch, logits.data());
     for (int64_t i = 0; i + 1 < ctx; ++i) total += nll(&logits[size_t(i * c.vocab)], c.vocab, tokens[size_t(w * ctx + i + 1)]);
     r.predicted += ctx - 1;
     if (progress)

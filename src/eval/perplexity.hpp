@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/llama.hpp"
+#include "runtime/engine.hpp"
 
 namespace llmq {
 
@@ -18,6 +19,9 @@ struct PerplexityResult {
 
 // tokens: the whole tokenized text. max_windows <= 0: all. progress(done, total) after each window.
 // Throws llmq::Error when the text is shorter than one window.
+PerplexityResult perplexity(Engine& engine, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_windows,
+                            const std::function<void(int64_t, int64_t, double)>& progress);
+// The same on the CPU reference engine.
 PerplexityResult perplexity(const Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int64_t max_windows,
                             const std::function<void(int64_t, int64_t, double)>& progress);
 

@@ -220,6 +220,13 @@ void Model::rope_table(int64_t n_pos) const {
   }
 }
 
+void Model::rope_tables(int64_t n_pos, std::vector<float>& cos, std::vector<float>& sin) const {
+  rope_table(n_pos);
+  const size_t n = size_t(n_pos * (cfg_.head_dim / 2));
+  cos.assign(cos_.begin(), cos_.begin() + int64_t(n));
+  sin.assign(sin_.begin(), sin_.begin() + int64_t(n));
+}
+
 int64_t Model::check_batch(const std::vector<BatchToken>& batch, const KVCache& cache) const {
   const ModelConfig& c = cfg_;
   int64_t max_pos = 0;

@@ -92,6 +92,9 @@ class Model {
   void set_layer_dense(int64_t l, const std::vector<std::pair<Linear*, std::vector<float>>>& weights,
                        const std::vector<float>& attn_norm, const std::vector<float>& mlp_norm);
 
+  // RoPE cos/sin tables for positions [0, n_pos): [n_pos][head_dim/2] each, as the CPU forward uses them.
+  void rope_tables(int64_t n_pos, std::vector<float>& cos, std::vector<float>& sin) const;
+
   const std::vector<LayerWeights>& layers() const { return layers_; }
   std::vector<LayerWeights>& mutable_layers() { return layers_; }
   const Linear& lm_head() const { return lm_head_; }

@@ -8,13 +8,20 @@ namespace llmq {
 GenerateResult generate(const Model& model, const Tokenizer& tok, const std::vector<int32_t>& prompt, int64_t n_new,
                         const SamplerParams& sp, const std::vector<int32_t>& stop_ids,
                         const std::function<void(const std::string&)>& on_text) {
-  const ModelConfig& c = model.config();
+  auto engine = make_cpu_engine(model);
+  return generate(*engine, tok, prompt, n_new, sp, stop_ids, on_text);
+}
+
+GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<int32_t>& prompt, int64_t n_new,
+                        const SamplerParams& sp, const std::vector<int32_t>& stop_ids,
+                        const std::function<void(const std::string&)>& on_text) {
+  const ModelConfig& c = engine.config();
   if (prompt.empty()) throw Error("the prompt is empty (nothing to condition on)");
   if (int64_t(prompt.size()) > c.max_positions)
     throw Error("the prompt has " + std::to_string(prompt.size()) + " tokens, longer than the model's context of " +
                 std::to_string(c.max_positions));
   n_new = std::max<int64_t>(0, std::min<int64_t>(n_new, c.max_positions - int64_t(prompt.size())));
-  KVCache cache(c, 1, int64_t(prompt.size()) + n_new);
+  engine.reset(1, int64_t(prompt.size()) + n_new);
   Sampler sampler(sp);
   StreamDecoder stream(tok);
   std::vector<float> logits(static_cast<size_t>(c.vocab));
@@ -25,7 +32,7 @@ GenerateResult generate(const Model& model, const Tokenizer& tok, const std::vec
   auto t0 = clock::now();
   std::vector<BatchToken> batch;
   for (size_t i = 0; i < prompt.size(); ++i) batch.push_back({prompt[i], 0, int32_t(i), i + 1 == prompt.size()});
-  if (n_new > 0) model.forward(batch, cache, logits.data());
+  if (n_new > 0) engine.forward(batch, logits.data());
   auto t1 = clock::now();
   r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   int64_t pos = int64_t(prompt.size());
@@ -40,7 +47,7 @@ GenerateResult generate(const Model& model, const Tokenizer& tok, const std::vec
     r.text += piece;
     if (on_text && !piece.empty()) on_text(piece);
     if (i + 1 < n_new) {
-      model.forward({{id, 0, int32_t(pos), true}}, cache, logits.data());
+      engine.forward({{id, 0, int32_t(pos), true}}, logits.data());
       ++pos;
       ++r.decode_steps;
     }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "model/llama.hpp"
+#include "runtime/engine.hpp"
 #include "runtime/sampler.hpp"
 #include "tokenizer/tokenizer.hpp"
 
@@ -24,6 +25,10 @@ struct GenerateResult {
 // Generates up to n_new tokens after `prompt` (ids, BOS included if wanted). Stops early at any id in
 // stop_ids. on_text receives text as it becomes complete UTF-8 (may be empty). Throws llmq::Error when the
 // prompt is empty or longer than the model's context.
+GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<int32_t>& prompt, int64_t n_new,
+                        const SamplerParams& sp, const std::vector<int32_t>& stop_ids,
+                        const std::function<void(const std::string&)>& on_text);
+// The same on the CPU reference engine.
 GenerateResult generate(const Model& model, const Tokenizer& tok, const std::vector<int32_t>& prompt, int64_t n_new,
                         const SamplerParams& sp, const std::vector<int32_t>& stop_ids,
                         const std::function<void(const std::string&)>& on_text);

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The one script a GPU machine runs: builds llmq with all its cores for the card it has, runs the GPU tests
+# (ctest -L gpu: every CUDA kernel against the CPU reference, llama-27m on CUDA against the CPU engine), then
+# the benchmark matrix on synthetic checkpoints (`llmq synth`): METHODS x BATCHES on each of SHAPES, prompt
+# 128 and 128 generated tokens, plus one batch-1 prefill of PREFILL tokens per (shape, method). Writes
+# bench/results/<date>-<card>.json (one record per run) and prints a table last.
+#
+# Environment (defaults in brackets):
+#   SHAPES   [llama-3-8b llama-2-7b]            METHODS [bf16 fp8 int8-sq w8a16 w4a16-awq]
+#   BATCHES  [1 16 64]                          PREFILL [2048] (0: no prefill run)
+#   RUN_TESTS [1]   WORK [/tmp/llmq-gpu-check] (synthetic models, up to ~50 GB; deleted as it goes)
+#   COMMIT   (recorded; default: git rev-parse HEAD)     OUT (if set, results and logs are copied there)
+#
+# w4a16-awq on a random-weight model: AWQ's search needs real activations to mean anything and takes hours
+# for 8B parameters on a CPU, so the matrix quantizes with w4a16-rtn, which writes the same format and runs the
+# same kernels (recorded as "quantized_with": "w4a16-rtn").
+#
+# On a machine without package access or ../shared, run scripts/gpu-pack.sh beforehand and carry .gpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+SHAPES=${SHAPES:-"llama-3-8b llama-2-7b"}
+METHODS=${METHODS:-"bf16 fp8 int8-sq w8a16 w4a16-awq"}
+BATCHES=${BATCHES:-"1 16 64"}
+PREFILL=${PREFILL:-2048}
+RUN_TESTS=${RUN_TESTS:-1}
+WORK=${WORK:-/tmp/llmq-gpu-check}
+COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+JOBS=$(nproc)
+SHARED="$ROOT/../shared"
+
+if [ -d .gpu/debs ]; then
+  mkdir -p .gpu/root
+  for f in .gpu/debs/*.deb; do dpkg-deb -x "$f" .gpu/root; done
+  export CMAKE_PREFIX_PATH="$ROOT/.gpu/root/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+  export LD_LIBRARY_PATH="$ROOT/.gpu/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+if [ ! -d "$SHARED/models" ] && [ -d .gpu/shared ]; then
+  SHARED="$ROOT/.gpu/shared"
+  [ -d "$SHARED/models/llama-27m" ] || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+    "$SHARED/models/llama-27m.tar.xz" "$SHARED/models"
+fi
+
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+ARCH=${CUDA_ARCH:-$([ "$CAP" = 90 ] && echo 90a-real || echo "$CAP-real")}
+echo "== $CARD (sm_$CAP), building for $ARCH with $JOBS jobs"
+t0=$(date +%s)
+cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DLLMQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+  -DLLMQ_SHARED_DIR="$SHARED" >/dev/null
+cmake --build build/gpu -j"$JOBS" 2>&1 | grep -E "error|warning|spill" || true
+[ -x build/gpu/llmq ] || { echo "gpu-check: build failed" >&2; exit 1; }
+echo "== built in $(( $(date +%s) - t0 )) s"
+LLMQ="$ROOT/build/gpu/llmq"
+
+TESTS="not run"
+if [ "$RUN_TESTS" = 1 ]; then
+  echo "== GPU tests"
+  ctest --test-dir build/gpu -L gpu --output-on-failure -V > /tmp/llmq-gpu-tests.log 2>&1 || true
+  grep -E "Test +#|nll cpu|Failure|Expected|Which is|Value of|tests passed|tests failed" /tmp/llmq-gpu-tests.log | head -120 || true
+  if grep -q "100% tests passed" /tmp/llmq-gpu-tests.log; then TESTS="passed"; else TESTS="FAILED"; fi
+  echo "== GPU tests: $TESTS"
+fi
+
+mkdir -p "$WORK"
+REC="$WORK/records.jsonl"
+: > "$REC"
+CALIB="$SHARED/data/c4/c4_validation_2k.jsonl"
+run_bench() {  # shape method quantized_with dir batch prompt gen
+  local out
+  if out=$("$LLMQ" bench "$4" --device cuda --batch "$5" --prompt-len "$6" --gen-len "$7" --json 2>"$WORK/bench.err"); then
+    BENCH_JSON="$out" python3 - "$1" "$2" "$3" "$5" "$6" "$7" "$CARD" "$COMMIT" <<'PY' >> "$REC"
+import json, os, sys, datetime
+r = json.loads(os.environ["BENCH_JSON"])
+shape, method, qw, batch, pl, gl, card, commit = sys.argv[1:]
+rec = {"shape": shape, "method": method, "quantized_with": qw, "batch": int(batch), "prompt_len": int(pl),
+       "gen_len": int(gl), "card": card, "commit": commit, "date": datetime.date.today().isoformat()}
+for k in ["decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms", "achieved_gbps", "peak_gbps",
+          "roofline_pct", "prefill_gflops", "peak_gflops", "prefill_pct_of_peak_flops", "weight_bytes",
+          "bytes_per_token", "peak_memory_bytes", "device"]:
+    rec[k] = r.get(k)
+print(json.dumps(rec))
+PY
+  else
+    echo "bench failed: $1 $2 batch $5: $(tail -1 "$WORK/bench.err")"
+    echo "{\"shape\": \"$1\", \"method\": \"$2\", \"batch\": $5, \"prompt_len\": $6, \"error\": $(tail -1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}" >> "$REC"
+  fi
+}
+
+for shape in $SHAPES; do
+  base="$WORK/$shape"
+  if [ ! -d "$base" ]; then
+    t0=$(date +%s)
+    "$LLMQ" synth --shape "$shape" -o "$base" --tokenizer models/llama-7m-demo/tokenizer.json >/dev/null 2>&1
+    echo "== synth $shape: $(( $(date +%s) - t0 )) s"
+  fi
+  for method in $METHODS; do
+    qw="$method"
+    [ "$method" = w4a16-awq ] && qw=w4a16-rtn
+    dir="$base"
+    if [ "$method" != bf16 ]; then
+      dir="$WORK/$shape-$qw"
+      if [ ! -d "$dir" ]; then
+        t0=$(date +%s)
+        if ! "$LLMQ" quantize "$base" -o "$dir" --method "$qw" --calib "$CALIB" --calib-samples 4 --calib-seq-len 128 \
+               >/dev/null 2>"$WORK/quantize.err"; then
+          echo "quantize $shape $qw failed: $(tail -1 "$WORK/quantize.err")"
+          continue
+        fi
+        echo "== quantize $shape $qw: $(( $(date +%s) - t0 )) s"
+      fi
+    fi
+    for b in $BATCHES; do run_bench "$shape" "$method" "$qw" "$dir" "$b" 128 128; done
+    if [ "$PREFILL" -gt 0 ]; then run_bench "$shape" "$method" "$qw" "$dir" 1 "$PREFILL" 1; fi
+    if [ "$method" != bf16 ]; then rm -rf "$dir"; fi
+  done
+  rm -rf "$base" "$WORK/$shape-"*
+done
+
+SLUG=$(echo "$CARD" | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
+RESULT="bench/results/$(date +%F)-$SLUG.json"
+mkdir -p bench/results
+python3 - "$REC" "$RESULT" "$TESTS" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+json.dump({"tests": sys.argv[3], "records": recs}, open(sys.argv[2], "w"), indent=1)
+print(f"\nGPU tests: {sys.argv[3]}   results: {sys.argv[2]}")
+print(f"{'shape':<11} {'method':<10} {'batch':>5} {'prompt':>6} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8} "
+      f"{'prefill tok/s':>13} {'TFLOP/s':>7} {'peak GiB':>8}")
+for r in recs:
+    if "error" in r:
+        print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6}  error: {r['error']}")
+        continue
+    print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6} {r['decode_tokens_per_s']:>12.1f} "
+          f"{r['achieved_gbps']:>7.0f} {r['roofline_pct']:>7.1f}% {r['prefill_tokens_per_s']:>13.0f} "
+          f"{r['prefill_gflops'] / 1000:>7.1f} {r['peak_memory_bytes'] / 2**30:>8.1f}")
+PY
+if [ -n "${OUT:-}" ]; then cp "$RESULT" /tmp/llmq-gpu-tests.log "$OUT"/ 2>/dev/null || true; fi

@@ -1,0 +1,53 @@
+// RoPE + KV-cache write, and attention over a paged KV cache.
+//
+// The cache of one layer is a pool of pages, K and V each [pages][page_size][kv_heads * head_dim] of
+// BF16, FP8 E4M3 or INT8 codes (value = code * scale[kv_head] for the quantized types). A sequence's
+// positions live in the pages its row of the block table names: position p of sequence s is slot
+// block_table[s * pages_per_seq + p / page_size] * page_size + p % page_size.
+//
+// Attention reads (seq, pos) of each token from device memory, so one launch configuration serves every
+// decode step (CUDA graphs). With splits > 1 (flash-decoding) each block covers `chunk` positions and
+// writes an unnormalized partial result; attention_combine merges them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace llmq::cuda {
+
+enum class KvType : int { BF16, FP8, I8 };
+
+struct KvCacheView {
+  KvType type = KvType::BF16;
+  int64_t page_size = 16, pages_per_seq = 0;
+  const int32_t* block_table = nullptr;  // [n_seq, pages_per_seq]
+  int64_t kv_heads = 0, head_dim = 0;
+  void* k = nullptr;                     // this layer's pages
+  void* v = nullptr;
+  const float* k_scale = nullptr;        // [kv_heads] (FP8/I8)
+  const float* v_scale = nullptr;
+};
+
+// qkv: FP32 [T, ld] with q at columns [0, heads*hd), k next, v after. Rotates q and k in place (rotate-half
+// convention, cos/sin tables FP32 [positions, hd/2]) and stores k, v of every token into the cache.
+void rope_kv(float* qkv, int64_t ld, int64_t T, const int32_t* pos, const int32_t* seq, const float* cos_tab,
+             const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s);
+
+struct AttentionArgs {
+  const float* q = nullptr;  // [T, ldq], heads * head_dim used, already rotated
+  int64_t ldq = 0;
+  int64_t T = 0, heads = 0;
+  const int32_t* pos = nullptr;  // [T]
+  const int32_t* seq = nullptr;  // [T]
+  int64_t window = 0;            // sliding window (0: none)
+  float* out = nullptr;          // [T, heads * head_dim]
+  int64_t splits = 1, chunk = 0; // splits > 1: positions [lo + i*chunk, lo + (i+1)*chunk) per split
+  float* partial = nullptr;      // splits > 1: [T, heads, splits, head_dim + 2]
+};
+
+// Whether the attention kernels run this shape (head_dim <= 256).
+bool attention_supports(const KvCacheView& kv, int64_t heads);
+void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s);
+
+}  // namespace llmq::cuda

@@ -1,0 +1,43 @@
+// Error checks for CUDA and cuBLAS calls: a failure becomes an llmq::Error naming the statement (or the
+// kernel), the file and the line. Host-only; included by .cpp and .cu files.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "common.hpp"
+
+namespace llmq::cuda {
+
+[[noreturn]] inline void throw_cuda(cudaError_t e, const char* what, const char* file, int line) {
+  throw Error(std::string("CUDA error in ") + what + " (" + file + ":" + std::to_string(line) +
+              "): " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+}
+[[noreturn]] inline void throw_cublas(cublasStatus_t s, const char* what, const char* file, int line) {
+  throw Error(std::string("cuBLAS error in ") + what + " (" + file + ":" + std::to_string(line) +
+              "): " + cublasGetStatusString(s));
+}
+
+// Whether every launch is followed by a synchronize (LLMQ_CUDA_SYNC=1): an asynchronous fault is then
+// reported with the name of the kernel that caused it, at the cost of speed.
+bool sync_each_launch();
+
+// After a kernel launch: a launch error (bad configuration), or with LLMQ_CUDA_SYNC=1 an execution error,
+// is thrown naming the kernel.
+void check_launch(const char* kernel, cudaStream_t stream);
+
+}  // namespace llmq::cuda
+
+#define LLMQ_CUDA_CHECK(stmt)                                                              \
+  do {                                                                                     \
+    cudaError_t llmq_e_ = (stmt);                                                          \
+    if (llmq_e_ != cudaSuccess) ::llmq::cuda::throw_cuda(llmq_e_, #stmt, __FILE__, __LINE__); \
+  } while (0)
+
+#define LLMQ_CUBLAS_CHECK(stmt)                                                              \
+  do {                                                                                       \
+    cublasStatus_t llmq_s_ = (stmt);                                                         \
+    if (llmq_s_ != CUBLAS_STATUS_SUCCESS) ::llmq::cuda::throw_cublas(llmq_s_, #stmt, __FILE__, __LINE__); \
+  } while (0)

@@ -1,0 +1,64 @@
+// Device helpers shared by the CUDA kernels (nvcc only): value decoding and warp/block reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+namespace llmq::cuda {
+
+__device__ __forceinline__ float bf16lo(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf16hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+
+__device__ __forceinline__ float fp8_to_float(uint8_t b) {
+  __half_raw h = __nv_cvt_fp8_to_halfraw(b, __NV_E4M3);
+  return __half2float(__half(h));
+}
+// Two E4M3 codes (low byte first) to two floats.
+__device__ __forceinline__ float2 fp8x2_to_float2(uint16_t b) {
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(b, __NV_E4M3);
+  return __half22float2(__half2(h));
+}
+// Round to nearest even, saturating at +-448 (the CPU reference quant::f32_to_fp8).
+__device__ __forceinline__ uint8_t float_to_fp8(float x) { return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3); }
+// quant::quant_int8: nearest even, clamped to [-127, 127].
+__device__ __forceinline__ int8_t float_to_int8(float x) {
+  float q = rintf(x);
+  q = fminf(127.f, fmaxf(-127.f, q));
+  return int8_t(q);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ int warp_sum(int v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum, or max of non-negative values, over a block of blockDim.x threads (a multiple of 32, at most 1024);
+// every thread gets the result.
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float v) {
+  __shared__ float part[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  __syncthreads();  // part[] may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  v = lane < nw ? part[lane] : (kMax ? 0.f : 0.f);
+  v = kMax ? warp_max(v) : warp_sum(v);
+  return v;
+}
+
+}  // namespace llmq::cuda

@@ -1,0 +1,162 @@
+#include <cstring>
+
+#include "backend/cuda/check.hpp"
+#include "backend/cuda/device_util.cuh"
+#include "backend/cuda/elementwise.cuh"
+
+namespace llmq::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Writes row `r` of `out` from value(i), i < D, in the format `out` asks for. Called by all threads of a block.
+template <typename F>
+__device__ void prep_row(const PrepOut& o, int64_t r, int64_t D, F value) {
+  if (o.kind == ActKind::None) {
+    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(o.out) + r * o.ld;
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) dst[i] = __float2bfloat16(value(i));
+    return;
+  }
+  float s = o.static_scale;
+  if (o.kind == ActKind::I8Token) {
+    float amax = 0.f;
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) amax = fmaxf(amax, fabsf(value(i)));
+    amax = block_reduce<true>(amax);
+    s = amax > 0.f ? amax / 127.0f : 1.0f;
+  }
+  if (threadIdx.x == 0 && o.row_scale) o.row_scale[r] = s;
+  const float inv = 1.0f / s;
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    const float v = value(i) * inv;
+    if (o.kind == ActKind::Fp8Tensor) {
+      const uint8_t c = float_to_fp8(v);
+      if (o.codes_as_bf16) static_cast<__nv_bfloat16*>(o.out)[r * o.ld + i] = __float2bfloat16(fp8_to_float(c));
+      else static_cast<uint8_t*>(o.out)[r * o.ld + i] = c;
+    } else {
+      const int8_t c = float_to_int8(v);
+      if (o.codes_as_bf16) static_cast<__nv_bfloat16*>(o.out)[r * o.ld + i] = __float2bfloat16(float(c));
+      else static_cast<int8_t*>(o.out)[r * o.ld + i] = c;
+    }
+  }
+}
+
+__global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* tokens, int64_t H, float* x) {
+  const int64_t t = blockIdx.x;
+  const __nv_bfloat16* src = table + int64_t(tokens[t]) * H;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[t * H + i] = __bfloat162float(src[i]);
+}
+
+__global__ void rmsnorm_kernel(const float* x, const int32_t* src_rows, int64_t H, const float* w, float eps,
+                               const PrepOut o) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + (src_rows ? int64_t(src_rows[r]) : r) * H;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+  ss = block_reduce<false>(ss);
+  const float inv = 1.0f / sqrtf(ss / float(H) + eps);
+  prep_row(o, r, H, [&](int64_t i) { return w[i] * (xr[i] * inv); });
+}
+
+__global__ void swiglu_kernel(const float* gu, int64_t ld, int64_t I, const PrepOut o) {
+  const int64_t t = blockIdx.x;
+  const float* g = gu + t * ld;
+  const float* u = g + I;
+  prep_row(o, t, I, [&](int64_t i) {
+    const float gv = g[i];
+    return gv / (1.0f + expf(-gv)) * u[i];
+  });
+}
+
+__global__ void act_prep_kernel(const float* x, int64_t ld, int64_t D, const PrepOut o) {
+  const int64_t t = blockIdx.x;
+  const float* xr = x + t * ld;
+  prep_row(o, t, D, [&](int64_t i) { return xr[i]; });
+}
+
+__global__ void epilogue_kernel(const float* acc, int64_t M, int64_t N, const float* xs, const float* ws,
+                                const float* bias, float* y, int64_t ldy, bool accumulate) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= M * N) return;
+  const int64_t m = i / N, n = i % N;
+  float v = acc[i];
+  if (xs) v *= xs[m];
+  if (ws) v *= ws[n];
+  if (bias) v += bias[n];
+  float* d = y + m * ldy + n;
+  *d = accumulate ? *d + v : v;
+}
+
+__global__ void weight_to_bf16_kernel(int fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group,
+                                      int64_t N, int64_t K, bool apply_scale, __nv_bfloat16* out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= N * K) return;
+  const int64_t n = i / K, k = i % K;
+  float v;
+  if (fmt == 1) {
+    v = float(static_cast<const int8_t*>(w)[i]);
+    if (apply_scale) v *= scale[n];
+  } else if (fmt == 2) {
+    v = fp8_to_float(static_cast<const uint8_t*>(w)[i]);
+    if (apply_scale) v *= scale[n];
+  } else {
+    const uint8_t b = static_cast<const uint8_t*>(w)[n * (K / 2) + k / 2];
+    const int64_t g = n * (K / group) + k / group;
+    v = (float((b >> ((k & 1) * 4)) & 0xF) - float(zero[g])) * scale[g];
+  }
+  out[i] = __float2bfloat16(v);
+}
+
+unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
+
+}  // namespace
+
+void embed_gather(const void* table, const int32_t* tokens, int64_t T, int64_t H, float* x, cudaStream_t s) {
+  if (T == 0) return;
+  embed_kernel<<<unsigned(T), kThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(table), tokens, H, x);
+  check_launch("embed_kernel", s);
+}
+
+void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H, const float* w, float eps,
+                  const PrepOut& out, cudaStream_t s) {
+  if (R == 0) return;
+  rmsnorm_kernel<<<unsigned(R), kThreads, 0, s>>>(x, src_rows, H, w, eps, out);
+  check_launch("rmsnorm_kernel", s);
+}
+
+void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s) {
+  if (T == 0) return;
+  swiglu_kernel<<<unsigned(T), kThreads, 0, s>>>(gu, ld_gu, I, out);
+  check_launch("swiglu_kernel", s);
+}
+
+void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s) {
+  if (T == 0) return;
+  act_prep_kernel<<<unsigned(T), kThreads, 0, s>>>(x, ldx, D, out);
+  check_launch("act_prep_kernel", s);
+}
+
+void gemm_epilogue(const float* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
+                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s) {
+  if (M * N == 0) return;
+  epilogue_kernel<<<blocks_for(M * N, kThreads), kThreads, 0, s>>>(acc, M, N, x_scale, w_scale, bias, y, ldy, accumulate);
+  check_launch("epilogue_kernel", s);
+}
+
+void weight_to_bf16(int fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group, int64_t N,
+                    int64_t K, bool apply_scale, void* out, cudaStream_t s) {
+  if (N * K == 0) return;
+  weight_to_bf16_kernel<<<blocks_for(N * K, kThreads), kThreads, 0, s>>>(fmt, w, scale, zero, group, N, K, apply_scale,
+                                                                          static_cast<__nv_bfloat16*>(out));
+  check_launch("weight_to_bf16_kernel", s);
+}
+
+uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return uint16_t(u >> 16);
+}
+
+}  // namespace llmq::cuda

@@ -1,0 +1,655 @@
+#include "backend/cuda/engine.hpp"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/check.hpp"
+#include "backend/cuda/elementwise.cuh"
+#include "backend/cuda/gemv.cuh"
+
+namespace llmq::cuda {
+
+bool sync_each_launch() {
+  static const bool on = [] {
+    const char* v = std::getenv("LLMQ_CUDA_SYNC");
+    return v && *v && std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+void check_launch(const char* kernel, cudaStream_t stream) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    throw Error(std::string("CUDA kernel ") + kernel + " failed to launch: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+  if (!sync_each_launch()) return;
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &cap) == cudaSuccess && cap != cudaStreamCaptureStatusNone) return;
+  e = cudaStreamSynchronize(stream);
+  if (e != cudaSuccess)
+    throw Error(std::string("CUDA kernel ") + kernel + " failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+}
+
+std::string device_summary() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    return "";
+  }
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "";
+  return std::string(p.name) + ", sm_" + std::to_string(p.major) + std::to_string(p.minor) + ", " +
+         std::to_string(p.multiProcessorCount) + " SMs, " + std::to_string(p.totalGlobalMem >> 20) + " MiB";
+}
+
+namespace {
+
+std::string mib(uint64_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) + " MiB"; }
+
+// A device allocation owned by the engine.
+struct DevMem {
+  void* p = nullptr;
+  size_t n = 0;
+  DevMem() = default;
+  explicit DevMem(size_t bytes) : n(bytes) {
+    if (bytes) LLMQ_CUDA_CHECK(cudaMalloc(&p, bytes));
+  }
+  DevMem(DevMem&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr, o.n = 0; }
+  DevMem& operator=(DevMem&& o) noexcept {
+    std::swap(p, o.p);
+    std::swap(n, o.n);
+    return *this;
+  }
+  DevMem(const DevMem&) = delete;
+  ~DevMem() {
+    if (p) cudaFree(p);
+  }
+  template <typename T>
+  T* as() const { return static_cast<T*>(p); }
+};
+
+struct PinnedMem {
+  void* p = nullptr;
+  PinnedMem() = default;
+  explicit PinnedMem(size_t bytes) {
+    if (bytes) LLMQ_CUDA_CHECK(cudaMallocHost(&p, bytes));
+  }
+  PinnedMem(PinnedMem&& o) noexcept : p(o.p) { o.p = nullptr; }
+  PinnedMem& operator=(PinnedMem&& o) noexcept {
+    std::swap(p, o.p);
+    return *this;
+  }
+  ~PinnedMem() {
+    if (p) cudaFreeHost(p);
+  }
+};
+
+// One matmul on the device: a weight in its format plus the activation format its input must have.
+struct DevLinear {
+  WFmt wf = WFmt::BF16;
+  ActKind act = ActKind::None;
+  float act_scale = 1.f;
+  void* w = nullptr;
+  float* scale = nullptr;
+  uint8_t* zero = nullptr;
+  int64_t group = 0, N = 0, K = 0;
+  float* bias = nullptr;
+  int64_t col = 0;  // first output column in the site's output
+};
+
+// The linears reading one input (q/k/v; gate/up), fused into one matrix when their formats agree.
+struct DevSite {
+  std::vector<DevLinear> parts;
+  int64_t N = 0;  // total output columns
+};
+
+struct DevLayer {
+  float* attn_norm = nullptr;
+  float* mlp_norm = nullptr;
+  DevSite qkv, o, gate_up, down;
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  DevMem k_cache, v_cache;
+};
+
+WFmt wfmt_of(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::Dense: return WFmt::BF16;
+    case WeightFormat::Int8Channel: return WFmt::I8;
+    case WeightFormat::Fp8Channel: return WFmt::FP8;
+    case WeightFormat::Int4Group: return WFmt::I4;
+  }
+  return WFmt::BF16;
+}
+
+ActKind act_of(ActQuant a) {
+  switch (a) {
+    case ActQuant::None: return ActKind::None;
+    case ActQuant::Int8Token: return ActKind::I8Token;
+    case ActQuant::Int8Tensor: return ActKind::I8Tensor;
+    case ActQuant::Fp8Tensor: return ActKind::Fp8Tensor;
+  }
+  return ActKind::None;
+}
+
+XFmt xfmt_of(ActKind a) {
+  return a == ActKind::None ? XFmt::BF16 : a == ActKind::Fp8Tensor ? XFmt::FP8 : XFmt::I8;
+}
+
+class CudaEngine final : public Engine {
+ public:
+  explicit CudaEngine(const Model& m);
+  ~CudaEngine() override;
+  void reset(int64_t n_seq, int64_t capacity) override;
+  void forward(const std::vector<BatchToken>& batch, float* logits_out) override;
+  std::string device() const override { return "cuda (" + device_summary() + ")"; }
+  double kv_bytes_per_value() const override { return kv_type_ == KvType::BF16 ? 2.0 : 1.0; }
+  double measure_peak_gbps() override;
+  double measure_peak_gflops() override;
+  uint64_t peak_memory_bytes() const override { return peak_used_; }
+
+ private:
+  void* alloc(size_t bytes);
+  template <typename T>
+  T* upload(const std::vector<T>& v) {
+    T* p = static_cast<T*>(alloc(v.size() * sizeof(T)));
+    LLMQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return p;
+  }
+  DevSite upload_site(const std::vector<const Linear*>& ls);
+  void ensure_workspace(int64_t T, int64_t n_out);
+  void note_memory();
+  void run(int64_t T, int64_t n_out, bool small);
+  // Runs the site on the input that `produce` writes (called once per distinct activation format).
+  template <typename P>
+  void site(const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy, bool accumulate);
+  void matmul(const DevLinear& l, int64_t T, bool small, float* y, int64_t ldy, bool accumulate);
+  void clear_graphs();
+
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  cudaDeviceProp prop_{};
+  std::vector<DevMem> weights_;
+  void* embed_ = nullptr;  // bf16 [vocab, H]
+  DevLinear lm_head_;
+  float* final_norm_ = nullptr;
+  std::vector<DevLayer> layers_;
+  KvType kv_type_ = KvType::BF16;
+  int64_t max_wscratch_ = 0;  // elements of the largest quantized weight (BF16 expansion for cuBLAS)
+  int64_t max_gemm_n_ = 0;    // widest site output
+
+  // KV cache geometry
+  int64_t n_seq_ = 0, capacity_ = 0, pages_per_seq_ = 0;
+  static constexpr int64_t kPage = 16;
+  DevMem block_table_, cos_, sin_;
+  int64_t splits_ = 1, chunk_ = 0;
+
+  // Workspace, sized for t_cap_ tokens and out_cap_ logit rows.
+  int64_t t_cap_ = 0, out_cap_ = 0;
+  DevMem x_, qkv_, att_, gu_, act_, row_scale_, gemm_out_, wscratch_, logits_, partial_, ints_;
+  PinnedMem h_ints_, h_logits_;
+  std::map<std::pair<int64_t, int64_t>, cudaGraphExec_t> graphs_;
+  uint64_t peak_used_ = 0;
+};
+
+void* CudaEngine::alloc(size_t bytes) {
+  weights_.emplace_back(bytes);
+  return weights_.back().p;
+}
+
+void CudaEngine::note_memory() {
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) peak_used_ = std::max<uint64_t>(peak_used_, total_b - free_b);
+}
+
+DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls) {
+  DevSite site;
+  const Linear& f = *ls[0];
+  bool fuse = true;
+  for (const Linear* l : ls)
+    fuse = fuse && l->fmt == f.fmt && l->act == f.act && l->group == f.group && l->in == f.in &&
+           (l->act == ActQuant::None || l->act == ActQuant::Int8Token || l->act_scale == f.act_scale);
+  std::vector<std::vector<const Linear*>> groups;
+  if (fuse) groups.push_back(ls);
+  else
+    for (const Linear* l : ls) groups.push_back({l});
+  int64_t col = 0;
+  for (auto& g : groups) {
+    DevLinear d;
+    d.wf = wfmt_of(g[0]->fmt);
+    d.act = act_of(g[0]->act);
+    d.act_scale = g[0]->act_scale;
+    d.group = g[0]->group;
+    d.K = g[0]->in;
+    d.col = col;
+    bool any_bias = false;
+    for (const Linear* l : g) d.N += l->out, any_bias = any_bias || !l->bias.empty();
+    const int64_t K = d.K;
+    const size_t row_bytes = d.wf == WFmt::BF16 ? size_t(K) * 2 : d.wf == WFmt::I4 ? size_t(K / 2) : size_t(K);
+    char* w = static_cast<char*>(alloc(row_bytes * size_t(d.N)));
+    d.w = w;
+    std::vector<float> scale, bias;
+    std::vector<uint8_t> zero;
+    for (const Linear* l : g) {
+      const size_t bytes = row_bytes * size_t(l->out);
+      if (d.wf == WFmt::BF16 && l->w->dtype != DType::BF16) {
+        std::vector<uint16_t> conv(size_t(l->out * K));
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < int64_t(conv.size()); ++i) conv[size_t(i)] = float_to_bf16_bits(load_as_f32(l->w->data, l->w->dtype, size_t(i)));
+        LLMQ_CUDA_CHECK(cudaMemcpy(w, conv.data(), bytes, cudaMemcpyHostToDevice));
+      } else {
+        LLMQ_CUDA_CHECK(cudaMemcpy(w, l->w->data, bytes, cudaMemcpyHostToDevice));
+      }
+      w += bytes;
+      scale.insert(scale.end(), l->w_scale.begin(), l->w_scale.end());
+      zero.insert(zero.end(), l->w_zero.begin(), l->w_zero.end());
+      if (any_bias) {
+        if (l->bias.empty()) bias.insert(bias.end(), size_t(l->out), 0.f);
+        else bias.insert(bias.end(), l->bias.begin(), l->bias.end());
+      }
+    }
+    if (!scale.empty()) d.scale = upload(scale);
+    if (!zero.empty()) d.zero = upload(zero);
+    if (!bias.empty()) d.bias = upload(bias);
+    if (d.wf != WFmt::BF16) max_wscratch_ = std::max(max_wscratch_, d.N * d.K);
+    col += d.N;
+    site.parts.push_back(d);
+  }
+  site.N = col;
+  max_gemm_n_ = std::max(max_gemm_n_, site.N);
+  return site;
+}
+
+CudaEngine::CudaEngine(const Model& m) : Engine(m) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0)
+    throw Error(std::string("--device cuda: no usable CUDA device (") +
+                (e != cudaSuccess ? cudaGetErrorString(e) : "no GPU found") + "); use --device cpu");
+  LLMQ_CUDA_CHECK(cudaSetDevice(0));
+  LLMQ_CUDA_CHECK(cudaGetDeviceProperties(&prop_, 0));
+  const ModelConfig& c = m.config();
+  const QuantConfig& q = m.quant();
+  if (c.head_dim > 256 || c.head_dim % 2)
+    throw Error("--device cuda: head_dim " + std::to_string(c.head_dim) + " is not supported by the CUDA attention kernel (at most 256)");
+  if (q.kv == KvFormat::Fp8) kv_type_ = KvType::FP8;
+  else if (q.kv == KvFormat::Int8) kv_type_ = KvType::I8;
+  if (q.weights == WeightFormat::Fp8Channel && prop_.major * 10 + prop_.minor < 89)
+    std::fprintf(stderr, "llmq: note: %s (sm_%d%d) has no FP8 tensor cores; FP8 weights run through FP32/BF16 kernels "
+                 "(exact, slower)\n", prop_.name, prop_.major, prop_.minor);
+
+  // Check the weights fit before allocating anything (their size on the device is their size on disk, with
+  // dense F32/F16 halved or kept as BF16).
+  uint64_t need = 0;
+  {
+    auto lin = [&](const Linear& l) {
+      need += l.fmt == WeightFormat::Dense ? uint64_t(l.in * l.out) * 2 : l.weight_bytes();
+    };
+    need += uint64_t(c.vocab * c.hidden) * 2;
+    if (!c.tie_embeddings) lin(m.lm_head());
+    for (auto& L : m.layers())
+      for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) lin(*l);
+    size_t free_b = 0, total_b = 0;
+    LLMQ_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    const uint64_t margin = 256ull << 20;
+    if (need + margin > free_b)
+      throw Error("--device cuda: the model's weights need " + mib(need) + " on the GPU but " + std::string(prop_.name) +
+                  " has " + mib(free_b) + " free (of " + mib(total_b) + "); quantize it to a smaller format "
+                  "(w4a16-awq, fp8) or use --device cpu");
+  }
+  LLMQ_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  LLMQ_CUBLAS_CHECK(cublasCreate(&cublas_));
+  LLMQ_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+
+  // Embeddings (and tied lm_head) as BF16.
+  {
+    Linear emb;
+    emb.w = &m.embed();
+    emb.in = c.hidden;
+    emb.out = c.vocab;
+    DevSite s = upload_site({&emb});
+    embed_ = s.parts[0].w;
+    if (c.tie_embeddings) lm_head_ = s.parts[0];
+  }
+  if (!c.tie_embeddings) lm_head_ = upload_site({&m.lm_head()}).parts[0];
+  lm_head_.col = 0;
+  final_norm_ = upload(m.final_norm());
+  for (auto& L : m.layers()) {
+    DevLayer d;
+    d.attn_norm = upload(L.attn_norm);
+    d.mlp_norm = upload(L.mlp_norm);
+    d.qkv = upload_site({&L.q, &L.k, &L.v});
+    d.o = upload_site({&L.o});
+    d.gate_up = upload_site({&L.gate, &L.up});
+    d.down = upload_site({&L.down});
+    if (!L.k_scale.empty()) {
+      d.k_scale = upload(L.k_scale);
+      d.v_scale = upload(L.v_scale);
+    }
+    layers_.push_back(std::move(d));
+  }
+  note_memory();
+}
+
+CudaEngine::~CudaEngine() {
+  clear_graphs();
+  if (cublas_) cublasDestroy(cublas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaEngine::clear_graphs() {
+  for (auto& [k, g] : graphs_) cudaGraphExecDestroy(g);
+  graphs_.clear();
+}
+
+void CudaEngine::reset(int64_t n_seq, int64_t capacity) {
+  const ModelConfig& c = config();
+  if (n_seq < 1 || capacity < 1) throw Error("engine: the KV cache needs at least one sequence and one position");
+  LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  clear_graphs();
+  for (auto& L : layers_) L.k_cache = DevMem(), L.v_cache = DevMem();
+  pages_per_seq_ = (capacity + kPage - 1) / kPage;
+  const int64_t pages = n_seq * pages_per_seq_;
+  const uint64_t per_layer = uint64_t(pages * kPage * c.kv_heads * c.head_dim) * uint64_t(kv_bytes_per_value());
+  size_t free_b = 0, total_b = 0;
+  LLMQ_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  const uint64_t need = 2 * per_layer * uint64_t(c.layers);
+  if (need + (256ull << 20) > free_b)
+    throw Error("--device cuda: the KV cache for " + std::to_string(n_seq) + " sequence(s) of " + std::to_string(capacity) +
+                " positions needs " + mib(need) + " but " + mib(free_b) + " of GPU memory are free; use fewer or shorter "
+                "sequences, or a KV-cache format of one byte (--kv-cache fp8 at quantization)");
+  for (auto& L : layers_) {
+    L.k_cache = DevMem(per_layer);
+    L.v_cache = DevMem(per_layer);
+    LLMQ_CUDA_CHECK(cudaMemsetAsync(L.k_cache.p, 0, per_layer, stream_));
+    LLMQ_CUDA_CHECK(cudaMemsetAsync(L.v_cache.p, 0, per_layer, stream_));
+  }
+  // Every sequence owns pages_per_seq consecutive pages (the table makes any other assignment possible).
+  std::vector<int32_t> table(static_cast<size_t>(pages));
+  for (int64_t i = 0; i < pages; ++i) table[size_t(i)] = int32_t(i);
+  block_table_ = DevMem(table.size() * 4);
+  LLMQ_CUDA_CHECK(cudaMemcpy(block_table_.p, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+  std::vector<float> cs, sn;
+  model_.rope_tables(capacity, cs, sn);
+  cos_ = DevMem(cs.size() * 4);
+  sin_ = DevMem(sn.size() * 4);
+  LLMQ_CUDA_CHECK(cudaMemcpy(cos_.p, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice));
+  LLMQ_CUDA_CHECK(cudaMemcpy(sin_.p, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice));
+  n_seq_ = n_seq;
+  capacity_ = capacity;
+  // Decode attention: split the positions so that a small batch still fills the GPU (flash-decoding).
+  const int64_t gch = (c.heads / c.kv_heads + 7) / 8;
+  const int64_t blocks = c.kv_heads * gch;
+  splits_ = std::clamp<int64_t>((2 * prop_.multiProcessorCount + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / 16));
+  chunk_ = (capacity + splits_ - 1) / splits_;
+  partial_ = DevMem(size_t(kGemvMaxM * c.heads * splits_ * (c.head_dim + 2)) * 4);
+  note_memory();
+}
+
+void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
+  if (T <= t_cap_ && n_out <= out_cap_) return;
+  LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  clear_graphs();
+  const ModelConfig& c = config();
+  const int64_t Tn = std::max(T, t_cap_), On = std::max<int64_t>(std::max(n_out, out_cap_), 1);
+  const int64_t qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
+  const int64_t widest_in = std::max({c.hidden, qd, c.intermediate});
+  const uint64_t need = uint64_t(Tn) * uint64_t(c.hidden + qd + 2 * kvd + qd + 2 * c.intermediate + max_gemm_n_ + 1) * 4 +
+                        uint64_t(Tn * widest_in) * 2 + uint64_t(max_wscratch_) * 2 + uint64_t(On * c.vocab) * 4;
+  size_t free_b = 0, total_b = 0;
+  LLMQ_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  if (need > free_b)
+    throw Error("--device cuda: activations for a batch of " + std::to_string(T) + " tokens need " + mib(need) + " but " +
+                mib(free_b) + " of GPU memory are free; use a smaller batch or prompt");
+  x_ = DevMem(size_t(Tn * c.hidden) * 4);
+  qkv_ = DevMem(size_t(Tn * (qd + 2 * kvd)) * 4);
+  att_ = DevMem(size_t(Tn * qd) * 4);
+  gu_ = DevMem(size_t(Tn * 2 * c.intermediate) * 4);
+  act_ = DevMem(size_t(Tn * widest_in) * 2);
+  row_scale_ = DevMem(size_t(Tn) * 4);
+  gemm_out_ = DevMem(size_t(Tn * max_gemm_n_) * 4);
+  if (max_wscratch_ && !wscratch_.p) wscratch_ = DevMem(size_t(max_wscratch_) * 2);
+  logits_ = DevMem(size_t(On * c.vocab) * 4);
+  ints_ = DevMem(size_t(4 * Tn) * 4);
+  h_ints_ = PinnedMem(size_t(4 * Tn) * 4);
+  h_logits_ = PinnedMem(size_t(On * c.vocab) * 4);
+  t_cap_ = Tn;
+  out_cap_ = On;
+  note_memory();
+}
+
+void CudaEngine::matmul(const DevLinear& l, int64_t T, bool small, float* y, int64_t ldy, bool accumulate) {
+  const bool quant_act = l.act != ActKind::None;
+  if (small) {
+    GemvArgs a;
+    a.wf = l.wf;
+    a.xf = xfmt_of(l.act);
+    a.w = l.w;
+    a.w_scale = l.scale;
+    a.w_zero = l.zero;
+    a.group = l.group;
+    a.N = l.N;
+    a.K = l.K;
+    a.bias = l.bias;
+    a.x = act_.p;
+    a.ldx = l.K;
+    a.x_scale = quant_act ? row_scale_.as<float>() : nullptr;
+    a.M = int(T);
+    a.y = y;
+    a.ldy = ldy;
+    a.accumulate = accumulate;
+    gemv(a, stream_);
+    return;
+  }
+  // cuBLAS: y[T, N] = x[T, K] . W[N, K]^T in column-major terms C[N, T] = W^T[N, K] x[K, T].
+  const void* W = l.w;
+  if (l.wf != WFmt::BF16) {
+    weight_to_bf16(int(l.wf), l.w, l.scale, l.zero, l.group, l.N, l.K, !quant_act, wscratch_.p, stream_);
+    W = wscratch_.p;
+  }
+  const bool direct = !quant_act && !l.bias;
+  const float alpha = 1.f, beta = direct && accumulate ? 1.f : 0.f;
+  float* C = direct ? y : gemm_out_.as<float>();
+  const int64_t ldc = direct ? ldy : l.N;
+  LLMQ_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(l.N), int(T), int(l.K), &alpha, W, CUDA_R_16BF,
+                                 int(l.K), act_.p, CUDA_R_16BF, int(l.K), &beta, C, CUDA_R_32F, int(ldc),
+                                 CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (!direct)
+    gemm_epilogue(C, T, l.N, quant_act ? row_scale_.as<float>() : nullptr, quant_act ? l.scale : nullptr, l.bias, y, ldy,
+                  accumulate, stream_);
+}
+
+template <typename P>
+void CudaEngine::site(const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy, bool accumulate) {
+  const DevLinear* prev = nullptr;
+  for (const DevLinear& l : s.parts) {
+    if (!prev || prev->act != l.act || prev->act_scale != l.act_scale || prev->K != l.K) {
+      PrepOut o;
+      o.kind = l.act;
+      o.codes_as_bf16 = !small && l.act != ActKind::None;
+      o.static_scale = l.act_scale;
+      o.out = act_.p;
+      o.ld = l.K;
+      o.row_scale = row_scale_.as<float>();
+      produce(o);
+    }
+    matmul(l, T, small, y + l.col, ldy, accumulate);
+    prev = &l;
+  }
+}
+
+void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
+  const ModelConfig& c = config();
+  const int64_t H = c.hidden, qd = c.heads * c.head_dim, I = c.intermediate;
+  const int32_t* tok = ints_.as<int32_t>();
+  const int32_t* seq = tok + t_cap_;
+  const int32_t* pos = seq + t_cap_;
+  const int32_t* rows = pos + t_cap_;
+  float* x = x_.as<float>();
+  embed_gather(embed_, tok, T, H, x, stream_);
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    DevLayer& L = layers_[li];
+    const int64_t qkv_n = L.qkv.N;
+    float* qkv = qkv_.as<float>();
+    site(L.qkv, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_); },
+         qkv, qkv_n, false);
+    KvCacheView kv;
+    kv.type = kv_type_;
+    kv.page_size = kPage;
+    kv.pages_per_seq = pages_per_seq_;
+    kv.block_table = block_table_.as<int32_t>();
+    kv.kv_heads = c.kv_heads;
+    kv.head_dim = c.head_dim;
+    kv.k = L.k_cache.p;
+    kv.v = L.v_cache.p;
+    kv.k_scale = L.k_scale;
+    kv.v_scale = L.v_scale;
+    rope_kv(qkv, qkv_n, T, pos, seq, cos_.as<float>(), sin_.as<float>(), c.heads, kv, stream_);
+    AttentionArgs aa;
+    aa.q = qkv;
+    aa.ldq = qkv_n;
+    aa.T = T;
+    aa.heads = c.heads;
+    aa.pos = pos;
+    aa.seq = seq;
+    aa.window = c.sliding_window;
+    aa.out = att_.as<float>();
+    aa.splits = small ? splits_ : 1;
+    aa.chunk = chunk_;
+    aa.partial = partial_.as<float>();
+    attention(aa, kv, stream_);
+    site(L.o, T, small, [&](const PrepOut& o) { act_prep(att_.as<float>(), qd, T, qd, o, stream_); }, x, H, true);
+    float* gu = gu_.as<float>();
+    site(L.gate_up, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_); },
+         gu, L.gate_up.N, false);
+    site(L.down, T, small, [&](const PrepOut& o) { swiglu_prep(gu, L.gate_up.N, T, I, o, stream_); }, x, H, true);
+  }
+  if (n_out == 0) return;
+  PrepOut o;
+  o.out = act_.p;
+  o.ld = H;
+  rmsnorm_prep(x, rows, n_out, H, final_norm_, float(c.rms_eps), o, stream_);
+  matmul(lm_head_, n_out, n_out <= kGemvMaxM, logits_.as<float>(), c.vocab, false);
+}
+
+void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out) {
+  const ModelConfig& c = config();
+  if (batch.empty()) return;
+  if (capacity_ == 0) throw Error("engine: forward before reset");
+  const int64_t T = int64_t(batch.size());
+  int64_t n_out = 0;
+  for (auto& b : batch) {
+    if (b.token < 0 || b.token >= c.vocab)
+      throw Error("token id " + std::to_string(b.token) + " is outside the vocabulary (" + std::to_string(c.vocab) + ")");
+    if (b.seq < 0 || b.seq >= n_seq_) throw Error("sequence " + std::to_string(b.seq) + " is outside the cache");
+    if (b.pos < 0 || b.pos >= capacity_)
+      throw Error("position " + std::to_string(b.pos) + " is beyond the context of " + std::to_string(capacity_) + " tokens");
+    n_out += b.logits;
+  }
+  ensure_workspace(T, n_out);
+  int32_t* h = static_cast<int32_t*>(h_ints_.p);
+  int64_t r = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const BatchToken& b = batch[size_t(t)];
+    h[t] = b.token;
+    h[t_cap_ + t] = b.seq;
+    h[2 * t_cap_ + t] = b.pos;
+    if (b.logits) h[3 * t_cap_ + r++] = int32_t(t);
+  }
+  LLMQ_CUDA_CHECK(cudaMemcpyAsync(ints_.p, h, size_t(4 * t_cap_) * 4, cudaMemcpyHostToDevice, stream_));
+  const bool small = T <= kGemvMaxM;
+  if (small && !sync_each_launch()) {
+    const auto key = std::make_pair(T, n_out);
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) {
+      cudaGraph_t g = nullptr;
+      LLMQ_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+      try {
+        run(T, n_out, small);
+      } catch (...) {
+        cudaStreamEndCapture(stream_, &g);
+        if (g) cudaGraphDestroy(g);
+        throw;
+      }
+      LLMQ_CUDA_CHECK(cudaStreamEndCapture(stream_, &g));
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t e = cudaGraphInstantiate(&exec, g, 0);
+      cudaGraphDestroy(g);
+      LLMQ_CUDA_CHECK(e);
+      it = graphs_.emplace(key, exec).first;
+    }
+    LLMQ_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  } else {
+    run(T, n_out, small);
+  }
+  if (n_out) {
+    const size_t bytes = size_t(n_out * c.vocab) * 4;
+    LLMQ_CUDA_CHECK(cudaMemcpyAsync(h_logits_.p, logits_.p, bytes, cudaMemcpyDeviceToHost, stream_));
+    LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::memcpy(logits_out, h_logits_.p, bytes);
+  } else {
+    LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+}
+
+double CudaEngine::measure_peak_gbps() {
+  const size_t bytes = size_t(1) << 30;
+  DevMem a(bytes), b(bytes);
+  cudaEvent_t e0, e1;
+  LLMQ_CUDA_CHECK(cudaEventCreate(&e0));
+  LLMQ_CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<double> gbps;
+  for (int i = 0; i < 6; ++i) {
+    LLMQ_CUDA_CHECK(cudaEventRecord(e0, stream_));
+    LLMQ_CUDA_CHECK(cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice, stream_));
+    LLMQ_CUDA_CHECK(cudaEventRecord(e1, stream_));
+    LLMQ_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    LLMQ_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i) gbps.push_back(2.0 * double(bytes) / (double(ms) * 1e-3) / 1e9);  // read + write
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(gbps.begin(), gbps.end());
+  return gbps[gbps.size() / 2];
+}
+
+double CudaEngine::measure_peak_gflops() {
+  const int n = 8192;
+  DevMem a(size_t(n) * n * 2), b(size_t(n) * n * 2), cm(size_t(n) * n * 4);
+  LLMQ_CUDA_CHECK(cudaMemsetAsync(a.p, 0, a.n, stream_));
+  LLMQ_CUDA_CHECK(cudaMemsetAsync(b.p, 0, b.n, stream_));
+  cudaEvent_t e0, e1;
+  LLMQ_CUDA_CHECK(cudaEventCreate(&e0));
+  LLMQ_CUDA_CHECK(cudaEventCreate(&e1));
+  const float alpha = 1.f, beta = 0.f;
+  std::vector<double> gf;
+  for (int i = 0; i < 6; ++i) {
+    LLMQ_CUDA_CHECK(cudaEventRecord(e0, stream_));
+    LLMQ_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.p, CUDA_R_16BF, n, b.p, CUDA_R_16BF,
+                                   n, &beta, cm.p, CUDA_R_32F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    LLMQ_CUDA_CHECK(cudaEventRecord(e1, stream_));
+    LLMQ_CUDA_CHECK(cudaEventSynchronize(e1));
+    float ms = 0;
+    LLMQ_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    if (i) gf.push_back(2.0 * double(n) * n * n / (double(ms) * 1e-3) / 1e9);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  std::sort(gf.begin(), gf.end());
+  return gf[gf.size() / 2];
+}
+
+}  // namespace
+
+std::unique_ptr<Engine> make_cuda_engine(const Model& model) { return std::make_unique<CudaEngine>(model); }
+
+}  // namespace llmq::cuda

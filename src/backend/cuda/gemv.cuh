@@ -1,0 +1,53 @@
+// Decode GEMV: y[m, n] (+)= sum_k x[m, k] * W[n, k] for a few rows of x (M <= 8), reading each weight once.
+//
+// Weights stay in the checkpoint's layout, row-major [N, K] (no repacking):
+//   BF16  2 bytes/value
+//   I8    int8 codes, value = code * scale[n]                       (per output channel)
+//   FP8   E4M3FN codes, value = fp8(code) * scale[n]                (per output channel)
+//   I4    two codes per byte (low nibble = even k), value = (code - zero[n, k/G]) * scale[n, k/G]
+// Inputs x:
+//   BF16  bf16 [M, ldx] (weight-only and dense paths)
+//   I8    int8 codes [M, ldx] with x = code * x_scale[m]; only with I8 weights: INT8 x INT8 -> INT32 (dp4a)
+//   FP8   E4M3 codes [M, ldx] with x = fp8(code) * x_scale[m]; only with FP8 weights: products in FP32
+// Each warp owns two output rows and walks K in 16-byte weight loads (8 BF16, 16 INT8/FP8, 32 INT4 values);
+// the epilogue applies x_scale, scale[n], the bias and the residual add (accumulate), so nothing else runs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace llmq::cuda {
+
+enum class WFmt : int { BF16, I8, FP8, I4 };
+enum class XFmt : int { BF16, I8, FP8 };
+
+struct GemvArgs {
+  WFmt wf = WFmt::BF16;
+  XFmt xf = XFmt::BF16;
+  const void* w = nullptr;        // [N, K] (I4: [N, K/2] bytes)
+  const float* w_scale = nullptr; // I8/FP8: [N]; I4: [N, K/group]
+  const uint8_t* w_zero = nullptr;// I4: [N, K/group]
+  int64_t group = 0;              // I4 group size
+  int64_t N = 0, K = 0;
+  const float* bias = nullptr;    // [N] or null
+  const void* x = nullptr;        // [M, ldx]
+  int64_t ldx = 0;
+  const float* x_scale = nullptr; // [M] for I8/FP8 inputs
+  int M = 0;
+  float* y = nullptr;             // [M, ldy]
+  int64_t ldy = 0;
+  bool accumulate = false;        // y += result (residual add) instead of y = result
+};
+
+constexpr int kGemvMaxM = 8;
+
+// Whether gemv() runs these arguments (M in 1..8, a known format pair, sizes and pointers non-null).
+// Shapes whose rows are not 16-byte aligned or whose groups are not multiples of 32 take a slower
+// scalar kernel; they are still supported.
+bool gemv_supports(const GemvArgs& a);
+// Whether the 16-byte vector kernel (rather than the scalar one) serves these arguments.
+bool gemv_vectorized(const GemvArgs& a);
+void gemv(const GemvArgs& a, cudaStream_t stream);
+
+}  // namespace llmq::cuda

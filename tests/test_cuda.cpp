@@ -1,0 +1,595 @@
+// CUDA backend against the CPU reference: every kernel on random data at awkward shapes with poisoned
+// outputs, and the whole model (llama-27m, dense and every quantized format) against the CPU engine.
+// Label "gpu": skipped, visibly, where the build has no CUDA backend or the machine has no GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "test_util.hpp"
+
+#ifdef LLMQ_HAVE_CUDA
+#include <cuda_runtime.h>
+
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/elementwise.cuh"
+#include "backend/cuda/engine.hpp"
+#include "backend/cuda/gemv.cuh"
+#include "eval/perplexity.hpp"
+#include "quant/formats/formats.hpp"
+#include "quant/quantize.hpp"
+#include "runtime/engine.hpp"
+#include "runtime/generate.hpp"
+#include "tokenizer/tokenizer.hpp"
+
+namespace fs = std::filesystem;
+using namespace llmq;
+using namespace llmq::cuda;
+
+namespace {
+
+#define REQUIRE_GPU()                                                         \
+  do {                                                                        \
+    if (device_summary().empty()) GTEST_SKIP() << "no CUDA device on this machine"; \
+  } while (0)
+
+// A device buffer filled from a host vector (or poisoned with 0xFF bytes: NaN for floats).
+struct Buf {
+  void* p = nullptr;
+  size_t n = 0;
+  explicit Buf(size_t bytes) : n(bytes) {
+    EXPECT_EQ(cudaMalloc(&p, std::max<size_t>(bytes, 1)), cudaSuccess);
+    cudaMemset(p, 0xFF, std::max<size_t>(bytes, 1));
+  }
+  template <typename T>
+  explicit Buf(const std::vector<T>& v) : Buf(v.size() * sizeof(T)) {
+    cudaMemcpy(p, v.data(), n, cudaMemcpyHostToDevice);
+  }
+  ~Buf() { cudaFree(p); }
+  template <typename T>
+  std::vector<T> get() const {
+    std::vector<T> v(n / sizeof(T));
+    cudaMemcpy(v.data(), p, n, cudaMemcpyDeviceToHost);
+    return v;
+  }
+  template <typename T>
+  T* as() const { return static_cast<T*>(p); }
+};
+
+float bf16_round(float f) {
+  const uint32_t u = uint32_t(float_to_bf16_bits(f)) << 16;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+uint8_t random_fp8(std::mt19937& rng) {
+  for (;;) {
+    const uint8_t b = uint8_t(rng() & 0xFF);
+    if ((b & 0x7F) != 0x7F) return b;  // not NaN
+  }
+}
+
+struct GemvCase {
+  WFmt wf;
+  XFmt xf;
+  int64_t N, K, group;
+  int M;
+  bool accumulate, bias;
+};
+
+// Runs one GEMV case on the GPU and checks it against a double-precision sum of the formats' CPU decoding.
+void check_gemv(const GemvCase& c, uint64_t seed) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_int_distribution<int> i8(-127, 127), i4(0, 15);
+  const int64_t N = c.N, K = c.K, M = c.M, ng = c.wf == WFmt::I4 ? K / c.group : 1;
+  // Weights as stored, and their float values per the CPU reference.
+  std::vector<double> wv(static_cast<size_t>(N * K));
+  std::vector<uint8_t> wbytes;
+  std::vector<float> wscale, bias(static_cast<size_t>(N));
+  std::vector<uint8_t> wzero;
+  for (auto& b : bias) b = nd(rng);
+  if (c.wf == WFmt::BF16) {
+    std::vector<uint16_t> w(static_cast<size_t>(N * K));
+    for (size_t i = 0; i < w.size(); ++i) {
+      w[i] = float_to_bf16_bits(nd(rng));
+      wv[i] = bf16_round(load_as_f32(w.data(), DType::BF16, i));
+    }
+    wbytes.resize(w.size() * 2);
+    std::memcpy(wbytes.data(), w.data(), wbytes.size());
+  } else if (c.wf == WFmt::I8 || c.wf == WFmt::FP8) {
+    wbytes.resize(static_cast<size_t>(N * K));
+    wscale.resize(static_cast<size_t>(N));
+    for (auto& s : wscale) s = 0.01f + std::fabs(nd(rng)) * 0.02f;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const size_t i = size_t(n * K + k);
+        if (c.wf == WFmt::I8) {
+          const int8_t q = int8_t(i8(rng));
+          std::memcpy(&wbytes[i], &q, 1);
+          wv[i] = double(q);  // scale applied after the sum, as the kernels define it
+        } else {
+          wbytes[i] = random_fp8(rng);
+          wv[i] = quant::fp8_to_f32(wbytes[i]);
+        }
+      }
+  } else {
+    wbytes.assign(static_cast<size_t>(N * K / 2), 0);
+    wscale.resize(static_cast<size_t>(N * ng));
+    wzero.resize(static_cast<size_t>(N * ng));
+    for (auto& s : wscale) s = 0.01f + std::fabs(nd(rng)) * 0.02f;
+    for (auto& z : wzero) z = uint8_t(i4(rng));
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const uint8_t q = uint8_t(i4(rng));
+        uint8_t& b = wbytes[size_t((n * K + k) / 2)];
+        b = (k & 1) ? quant::pack_int4(b & 0xF, q) : quant::pack_int4(q, b >> 4);
+      }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const size_t g = size_t(n * ng + k / c.group);
+        wv[size_t(n * K + k)] =
+            quant::dequant_int4(quant::unpack_int4(&wbytes[size_t(n * K / 2)], k), {wscale[g], wzero[g]});
+      }
+  }
+  // Inputs
+  std::vector<double> xv(static_cast<size_t>(M * K));
+  std::vector<uint8_t> xbytes;
+  std::vector<float> xscale(static_cast<size_t>(M));
+  if (c.xf == XFmt::BF16) {
+    std::vector<uint16_t> x(static_cast<size_t>(M * K));
+    for (size_t i = 0; i < x.size(); ++i) {
+      x[i] = float_to_bf16_bits(nd(rng));
+      xv[i] = load_as_f32(x.data(), DType::BF16, i);
+    }
+    xbytes.resize(x.size() * 2);
+    std::memcpy(xbytes.data(), x.data(), xbytes.size());
+  } else {
+    xbytes.resize(static_cast<size_t>(M * K));
+    for (auto& s : xscale) s = 0.05f + std::fabs(nd(rng)) * 0.01f;
+    for (size_t i = 0; i < xbytes.size(); ++i) {
+      if (c.xf == XFmt::I8) {
+        const int8_t q = int8_t(i8(rng));
+        std::memcpy(&xbytes[i], &q, 1);
+        xv[i] = q;
+      } else {
+        xbytes[i] = random_fp8(rng);
+        xv[i] = quant::fp8_to_f32(xbytes[i]);
+      }
+    }
+  }
+  const int64_t ldy = N + 3;
+  std::vector<float> y0(static_cast<size_t>(M * ldy));
+  for (auto& v : y0) v = nd(rng);
+  Buf dw(wbytes), dx(xbytes), dy(y0.size() * 4);
+  Buf ds(wscale.empty() ? std::vector<float>{1.f} : wscale), dz(wzero.empty() ? std::vector<uint8_t>{0} : wzero);
+  Buf db(bias), dxs(xscale);
+  if (c.accumulate) cudaMemcpy(dy.p, y0.data(), dy.n, cudaMemcpyHostToDevice);
+  GemvArgs a;
+  a.wf = c.wf;
+  a.xf = c.xf;
+  a.w = dw.p;
+  a.w_scale = wscale.empty() ? nullptr : ds.as<float>();
+  a.w_zero = wzero.empty() ? nullptr : dz.as<uint8_t>();
+  a.group = c.group;
+  a.N = N;
+  a.K = K;
+  a.bias = c.bias ? db.as<float>() : nullptr;
+  a.x = dx.p;
+  a.ldx = K;
+  a.x_scale = c.xf == XFmt::BF16 ? nullptr : dxs.as<float>();
+  a.M = c.M;
+  a.y = dy.as<float>();
+  a.ldy = ldy;
+  a.accumulate = c.accumulate;
+  ASSERT_TRUE(gemv_supports(a));
+  gemv(a, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> y = dy.get<float>();
+  const std::string what = "wf " + std::to_string(int(c.wf)) + " xf " + std::to_string(int(c.xf)) + " N " +
+                           std::to_string(N) + " K " + std::to_string(K) + " M " + std::to_string(M) + " g " +
+                           std::to_string(c.group) + (gemv_vectorized(a) ? " (vector)" : " (scalar)");
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        s += xv[size_t(m * K + k)] * wv[size_t(n * K + k)];
+        mag += std::fabs(xv[size_t(m * K + k)] * wv[size_t(n * K + k)]);
+      }
+      double post = 1;
+      if (c.xf != XFmt::BF16) post *= xscale[size_t(m)];
+      if (c.wf == WFmt::I8 || c.wf == WFmt::FP8) post *= wscale[size_t(n)];
+      double want = s * post + (c.bias ? bias[size_t(n)] : 0.0) + (c.accumulate ? y0[size_t(m * ldy + n)] : 0.0);
+      // FP32 accumulation of K products: a few ulps of the sum of magnitudes (INT8 x INT8 is exact).
+      const double tol = (c.xf == XFmt::I8 ? 0 : 1e-6 * mag * post) + 1e-5 * std::fabs(want) + 1e-6;
+      const float got = y[size_t(m * ldy + n)];
+      ASSERT_TRUE(std::isfinite(got)) << what << " at m " << m << " n " << n;
+      ASSERT_NEAR(got, want, tol) << what << " at m " << m << " n " << n;
+    }
+    if (!c.accumulate) {  // columns past N stay poisoned
+      for (int64_t n = N; n < ldy; ++n) ASSERT_TRUE(std::isnan(y[size_t(m * ldy + n)])) << what << ": wrote past N";
+    }
+  }
+}
+
+TEST(CudaGemv, EveryFormatAtAwkwardShapes) {
+  REQUIRE_GPU();
+  uint64_t seed = 1;
+  const std::pair<WFmt, XFmt> pairs[] = {{WFmt::BF16, XFmt::BF16}, {WFmt::I8, XFmt::BF16}, {WFmt::FP8, XFmt::BF16},
+                                         {WFmt::I4, XFmt::BF16},   {WFmt::I8, XFmt::I8},   {WFmt::FP8, XFmt::FP8}};
+  for (auto [wf, xf] : pairs) {
+    for (int M : {1, 2, 3, 5, 8}) {
+      // N odd (a warp's second row missing), K small, K not a multiple of the 16-byte load (scalar kernel).
+      const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 128}, {7, 256}, {33, 512}, {129, 1024}, {5, 96}, {3, 130}};
+      for (auto [N, K] : shapes) {
+        int64_t g = 0;
+        if (wf == WFmt::I4) {
+          g = K % 128 == 0 ? 128 : K % 32 == 0 ? 32 : 2;  // 2: the scalar kernel's odd groups
+          if (K % g) continue;
+        }
+        check_gemv({wf, xf, N, K, g, M, (seed % 2) == 0, (seed % 3) != 0}, seed);
+        ++seed;
+      }
+    }
+  }
+  // INT4 groups 32 and 64 through the vector kernel, and a long row.
+  check_gemv({WFmt::I4, XFmt::BF16, 37, 4096, 32, 3, false, false}, 100);
+  check_gemv({WFmt::I4, XFmt::BF16, 19, 4096, 64, 1, true, true}, 101);
+  check_gemv({WFmt::BF16, XFmt::BF16, 19, 14336, 0, 2, false, true}, 102);
+}
+
+TEST(CudaGemv, RejectsInvalidArguments) {
+  REQUIRE_GPU();
+  GemvArgs a;
+  a.N = 4;
+  a.K = 64;
+  a.M = 9;  // more rows than the GEMV serves
+  int dummy = 0;
+  a.w = a.x = &dummy;
+  a.y = reinterpret_cast<float*>(&dummy);
+  a.ldx = 64;
+  a.ldy = 4;
+  EXPECT_FALSE(gemv_supports(a));
+  a.M = 1;
+  a.xf = XFmt::I8;  // INT8 activations with BF16 weights: no such kernel
+  EXPECT_FALSE(gemv_supports(a));
+  a.xf = XFmt::BF16;
+  a.wf = WFmt::I4;
+  a.group = 48;  // does not divide K
+  EXPECT_FALSE(gemv_supports(a));
+  test::expect_error([&] { gemv(a, nullptr); }, {"gemv", "unsupported"});
+}
+
+// rmsnorm fused with each activation format, against the CPU formulas and formats.
+TEST(CudaElementwise, RmsNormPrepMatchesCpu) {
+  REQUIRE_GPU();
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 2.f);
+  for (int64_t H : {1, 31, 256, 1000}) {
+    const int64_t R = 5;
+    std::vector<float> x(static_cast<size_t>(R * H)), w(static_cast<size_t>(H));
+    for (auto& v : x) v = nd(rng);
+    for (auto& v : w) v = 1.f + 0.1f * nd(rng);
+    x[3] = 40.f;  // an outlier channel
+    std::vector<float> ref(static_cast<size_t>(R * H));
+    for (int64_t r = 0; r < R; ++r) {
+      double ss = 0;
+      for (int64_t i = 0; i < H; ++i) ss += double(x[size_t(r * H + i)]) * x[size_t(r * H + i)];
+      const float inv = 1.0f / std::sqrt(float(ss / double(H)) + 1e-5f);
+      for (int64_t i = 0; i < H; ++i) ref[size_t(r * H + i)] = w[size_t(i)] * (x[size_t(r * H + i)] * inv);
+    }
+    Buf dx(x), dw(w), out(static_cast<size_t>(R * H) * 2), rs(static_cast<size_t>(R) * 4);
+    for (ActKind kind : {ActKind::None, ActKind::I8Token, ActKind::I8Tensor, ActKind::Fp8Tensor}) {
+      for (bool as_bf16 : {false, true}) {
+        if (kind == ActKind::None && as_bf16) continue;
+        cudaMemset(out.p, 0xFF, out.n);
+        PrepOut o;
+        o.kind = kind;
+        o.codes_as_bf16 = as_bf16;
+        o.static_scale = 0.05f;
+        o.out = out.p;
+        o.ld = H;
+        o.row_scale = rs.as<float>();
+        rmsnorm_prep(dx.as<float>(), nullptr, R, H, dw.as<float>(), 1e-5f, o, nullptr);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<uint8_t> bytes = out.get<uint8_t>();
+        const std::vector<float> scales = rs.get<float>();
+        for (int64_t r = 0; r < R; ++r) {
+          float amax = 0;
+          for (int64_t i = 0; i < H; ++i) amax = std::max(amax, std::fabs(ref[size_t(r * H + i)]));
+          const float s = kind == ActKind::I8Token ? amax / 127.f : 0.05f;
+          if (kind != ActKind::None) {
+            ASSERT_NEAR(scales[size_t(r)], s, 1e-5f * s) << "row scale";
+          }
+          for (int64_t i = 0; i < H; ++i) {
+            const size_t idx = size_t(r * H + i);
+            const float want_v = ref[idx];
+            float got;  // the value the next matmul sees (code x scale for quantized kinds)
+            if (kind == ActKind::None || as_bf16) {
+              got = load_as_f32(bytes.data(), DType::BF16, idx);
+            } else if (kind == ActKind::Fp8Tensor) {
+              got = quant::fp8_to_f32(bytes[idx]);
+            } else {
+              got = float(int8_t(bytes[idx]));
+            }
+            if (kind == ActKind::None) {
+              ASSERT_NEAR(got, want_v, std::fabs(want_v) * 0.0079f + 1e-6f) << "H " << H;  // BF16 step: 2^-7
+            } else if (kind == ActKind::Fp8Tensor) {
+              const float want_code = quant::fp8_to_f32(quant::f32_to_fp8(want_v * (1.0f / s)));
+              // Within one E4M3 step of the CPU's code (the norm's rounding can cross a boundary).
+              ASSERT_NEAR(got, want_code, std::fabs(want_code) * 0.126f + 0.002f) << "H " << H << " i " << i;
+            } else {
+              const float want_code = float(quant::quant_int8(want_v, 1.0f / s));
+              ASSERT_LE(std::fabs(got - want_code), 1.0f) << "H " << H << " i " << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// RoPE + paged KV write + attention (prefill and split decode) against a CPU computation, for each KV type.
+TEST(CudaAttention, PagedCacheMatchesCpu) {
+  REQUIRE_GPU();
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  struct Shape {
+    int64_t heads, kv_heads, hd;
+  };
+  for (Shape sh : {Shape{4, 2, 64}, Shape{12, 1, 48}, Shape{8, 8, 128}, Shape{4, 4, 256}}) {
+    for (KvType kt : {KvType::BF16, KvType::FP8, KvType::I8}) {
+      const int64_t heads = sh.heads, nkv = sh.kv_heads, hd = sh.hd, half = hd / 2;
+      const int64_t qd = heads * hd, kvd = nkv * hd, ld = qd + 2 * kvd + 5, page = 16, cap = 70;
+      const int64_t pps = (cap + page - 1) / page, n_seq = 2;
+      // A scrambled page table: sequence pages are not contiguous.
+      std::vector<int32_t> table(static_cast<size_t>(n_seq * pps));
+      for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t((i * 7 + 3) % table.size());
+      std::vector<float> cs(static_cast<size_t>(cap * half)), sn(static_cast<size_t>(cap * half));
+      for (int64_t p = 0; p < cap; ++p)
+        for (int64_t i = 0; i < half; ++i) {
+          const float ang = float(p) * std::pow(10000.f, -float(2 * i) / float(hd));
+          cs[size_t(p * half + i)] = std::cos(ang);
+          sn[size_t(p * half + i)] = std::sin(ang);
+        }
+      std::vector<float> kscale(static_cast<size_t>(nkv)), vscale(static_cast<size_t>(nkv));
+      for (int64_t h = 0; h < nkv; ++h) {
+        kscale[size_t(h)] = kt == KvType::FP8 ? 4.f / 448.f : 4.f / 127.f;
+        vscale[size_t(h)] = kt == KvType::FP8 ? 3.f / 448.f : 3.f / 127.f;
+      }
+      Buf dtab(table), dcs(cs), dsn(sn), dks(kscale), dvs(vscale);
+      const size_t esz = kt == KvType::BF16 ? 2 : 1;
+      Buf kc(static_cast<size_t>(n_seq * pps * page * kvd) * esz), vc(static_cast<size_t>(n_seq * pps * page * kvd) * esz);
+      KvCacheView kv;
+      kv.type = kt;
+      kv.page_size = page;
+      kv.pages_per_seq = pps;
+      kv.block_table = dtab.as<int32_t>();
+      kv.kv_heads = nkv;
+      kv.head_dim = hd;
+      kv.k = kc.p;
+      kv.v = vc.p;
+      if (kt != KvType::BF16) kv.k_scale = dks.as<float>(), kv.v_scale = dvs.as<float>();
+      // CPU state: the cache as the kernels should hold it (dequantized), per sequence and position.
+      std::vector<float> ck(static_cast<size_t>(n_seq * cap * kvd)), cv(static_cast<size_t>(n_seq * cap * kvd));
+      auto store = [&](float v, float s) {
+        if (kt == KvType::BF16) return bf16_round(v);
+        if (kt == KvType::FP8) return quant::fp8_to_f32(quant::f32_to_fp8(v * (1.0f / s))) * s;
+        return float(quant::quant_int8(v, 1.0f / s)) * s;
+      };
+      auto step = [&](const std::vector<int32_t>& seqs, const std::vector<int32_t>& poss, int64_t splits) {
+        const int64_t T = int64_t(seqs.size());
+        std::vector<float> qkv(static_cast<size_t>(T * ld));
+        for (auto& v : qkv) v = nd(rng);
+        Buf dq(qkv), dseq(seqs), dpos(poss), dout(static_cast<size_t>(T * qd) * 4);
+        const int64_t chunk = (cap + splits - 1) / splits;
+        Buf part(static_cast<size_t>(T * heads * splits * (hd + 2)) * 4);
+        rope_kv(dq.as<float>(), ld, T, dpos.as<int32_t>(), dseq.as<int32_t>(), dcs.as<float>(), dsn.as<float>(), heads, kv, nullptr);
+        AttentionArgs a;
+        a.q = dq.as<float>();
+        a.ldq = ld;
+        a.T = T;
+        a.heads = heads;
+        a.pos = dpos.as<int32_t>();
+        a.seq = dseq.as<int32_t>();
+        a.out = dout.as<float>();
+        a.splits = splits;
+        a.chunk = chunk;
+        a.partial = part.as<float>();
+        attention(a, kv, nullptr);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> got = dout.get<float>();
+        // CPU: rope, store, attend.
+        for (int64_t t = 0; t < T; ++t) {
+          float* row = &qkv[size_t(t * ld)];
+          const int64_t p = poss[size_t(t)];
+          for (int64_t h = 0; h < heads + nkv; ++h)
+            for (int64_t i = 0; i < half; ++i) {
+              float* vec = row + h * hd;
+              const float x0 = vec[i], x1 = vec[i + half], c = cs[size_t(p * half + i)], s = sn[size_t(p * half + i)];
+              vec[i] = x0 * c - x1 * s;
+              vec[i + half] = x1 * c + x0 * s;
+            }
+          for (int64_t j = 0; j < kvd; ++j) {
+            const size_t at = size_t((seqs[size_t(t)] * cap + p) * kvd + j);
+            ck[at] = store(row[qd + j], kscale[size_t(j / hd)]);
+            cv[at] = store(row[qd + kvd + j], vscale[size_t(j / hd)]);
+          }
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const float* row = &qkv[size_t(t * ld)];
+          const int64_t p = poss[size_t(t)], sq = seqs[size_t(t)];
+          for (int64_t h = 0; h < heads; ++h) {
+            const int64_t kh = h / (heads / nkv);
+            std::vector<double> sc(static_cast<size_t>(p + 1));
+            double mx = -1e300;
+            for (int64_t j = 0; j <= p; ++j) {
+              double d = 0;
+              for (int64_t i = 0; i < hd; ++i) d += double(row[h * hd + i]) * ck[size_t((sq * cap + j) * kvd + kh * hd + i)];
+              sc[size_t(j)] = d / std::sqrt(double(hd));
+              mx = std::max(mx, sc[size_t(j)]);
+            }
+            double sum = 0;
+            for (auto& v : sc) sum += (v = std::exp(v - mx));
+            for (int64_t i = 0; i < hd; ++i) {
+              double o = 0;
+              for (int64_t j = 0; j <= p; ++j) o += sc[size_t(j)] / sum * cv[size_t((sq * cap + j) * kvd + kh * hd + i)];
+              ASSERT_NEAR(got[size_t(t * qd + h * hd + i)], o, 2e-4 + 1e-3 * std::fabs(o))
+                  << "heads " << heads << " kv " << nkv << " hd " << hd << " kv type " << int(kt) << " t " << t
+                  << " h " << h << " i " << i << " splits " << splits;
+            }
+          }
+        }
+      };
+      // Prefill: 37 tokens of sequence 1 and 20 of sequence 0 in one batch, then decode steps of both.
+      std::vector<int32_t> s, p;
+      for (int i = 0; i < 37; ++i) s.push_back(1), p.push_back(i);
+      for (int i = 0; i < 20; ++i) s.push_back(0), p.push_back(i);
+      step(s, p, 1);
+      step({0, 1}, {20, 37}, 5);
+      step({1}, {38}, 1);
+      step({1, 0}, {39, 21}, 3);
+    }
+  }
+}
+
+// ---- Whole model against the CPU engine ----
+
+std::string model_27m() { return test::shared_dir() + "/models/llama-27m"; }
+
+// Teacher-forced mean NLL of `ids` through one-token decode steps (GEMV path, CUDA graphs) and through one
+// prefill of the whole sequence (GEMM path).
+std::pair<double, double> decode_and_prefill_nll(Engine& e, const std::vector<int32_t>& ids) {
+  const int64_t V = e.config().vocab, n = int64_t(ids.size());
+  std::vector<float> logits(static_cast<size_t>(n * V));
+  e.reset(1, n);
+  double dec = 0;
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    e.forward({{ids[size_t(i)], 0, int32_t(i), true}}, logits.data());
+    dec += nll(logits.data(), V, ids[size_t(i + 1)]);
+  }
+  e.reset(1, n);
+  std::vector<BatchToken> b;
+  for (int64_t i = 0; i < n; ++i) b.push_back({ids[size_t(i)], 0, int32_t(i), i + 1 < n});
+  e.forward(b, logits.data());
+  double pre = 0;
+  for (int64_t i = 0; i + 1 < n; ++i) pre += nll(&logits[size_t(i * V)], V, ids[size_t(i + 1)]);
+  return {dec / double(n - 1), pre / double(n - 1)};
+}
+
+std::vector<int32_t> eval_tokens(const std::string& model_dir, size_t n) {
+  Tokenizer tok = Tokenizer::load(model_dir);
+  std::string text = read_text_file(test::shared_dir() + "/data/eval/docs-en.txt").substr(0, 40000);
+  std::vector<int32_t> ids = tok.encode(text, false);
+  ids.resize(std::min(n, ids.size()));
+  return ids;
+}
+
+TEST(CudaModel, Llama27mGreedyMatchesCpuAndReference) {
+  REQUIRE_GPU();
+  Model m(model_27m());
+  Tokenizer tok = Tokenizer::load(model_27m());
+  auto cpu = make_engine(m, "cpu");
+  auto gpu = make_engine(m, "cuda");
+  nlohmann::json ref = test::load_json(model_27m() + "/reference.json");
+  int prompts = 0;
+  for (auto& p : ref["prompts"]) {
+    std::vector<int32_t> ids = p["ids"].get<std::vector<int32_t>>();
+    if (ids.size() > 200) continue;
+    std::vector<int32_t> want = p["greedy_ids"].get<std::vector<int32_t>>();
+    GenerateResult rg = generate(*gpu, tok, ids, int64_t(want.size()), SamplerParams{}, {}, nullptr);
+    GenerateResult rc = generate(*cpu, tok, ids, int64_t(want.size()), SamplerParams{}, {}, nullptr);
+    EXPECT_EQ(rc.ids, want) << p["text"];
+    EXPECT_EQ(rg.ids, want) << "CUDA greedy differs from transformers for: " << p["text"];
+    ++prompts;
+  }
+  EXPECT_GT(prompts, 0);
+}
+
+TEST(CudaModel, BatchedDecodeEqualsOneAtATime) {
+  REQUIRE_GPU();
+  Model m(model_27m());
+  auto gpu = make_engine(m, "cuda");
+  const int64_t V = m.config().vocab;
+  std::vector<int32_t> ids = eval_tokens(model_27m(), 64);
+  // Three sequences at different positions, decoded together and alone.
+  std::vector<float> together(static_cast<size_t>(3 * V)), alone(static_cast<size_t>(V));
+  gpu->reset(3, 64);
+  std::vector<BatchToken> pre;
+  for (int s = 0; s < 3; ++s)
+    for (int i = 0; i < 10 + 7 * s; ++i) pre.push_back({ids[size_t(i + s)], s, i, false});
+  gpu->forward(pre, nullptr);
+  gpu->forward({{ids[40], 0, 10, true}, {ids[41], 1, 17, true}, {ids[42], 2, 24, true}}, together.data());
+  for (int s = 0; s < 3; ++s) {
+    gpu->reset(1, 64);
+    std::vector<BatchToken> one;
+    for (int i = 0; i < 10 + 7 * s; ++i) one.push_back({ids[size_t(i + s)], 0, i, false});
+    gpu->forward(one, nullptr);
+    gpu->forward({{ids[size_t(40 + s)], 0, 10 + 7 * s, true}}, alone.data());
+    for (int64_t v = 0; v < V; ++v) ASSERT_NEAR(together[size_t(s * V + v)], alone[size_t(v)], 1e-3f) << "seq " << s;
+  }
+}
+
+// Perplexity-style NLL on the GPU within 0.1% (in perplexity) of the CPU engine, dense and every format,
+// through both the decode (GEMV) and the prefill (GEMM) paths.
+TEST(CudaModel, EveryFormatMatchesCpuEngine) {
+  REQUIRE_GPU();
+  const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-test-" + std::to_string(::getpid()));
+  fs::create_directories(tmp);
+  struct Variant {
+    std::string name, method;
+    KvFormat kv;
+  };
+  const std::vector<Variant> variants = {{"bf16", "", KvFormat::None},           {"w8a16", "w8a16", KvFormat::None},
+                                         {"w4a16-rtn", "w4a16-rtn", KvFormat::None}, {"fp8", "fp8", KvFormat::None},
+                                         {"int8-sq", "int8-sq", KvFormat::None},    {"fp8-kvfp8", "fp8", KvFormat::Fp8},
+                                         {"w4a16-kvint8", "w4a16-rtn", KvFormat::Int8}};
+  const std::vector<int32_t> ids = eval_tokens(model_27m(), 160);
+  for (const Variant& v : variants) {
+    std::string dir = model_27m();
+    if (!v.method.empty()) {
+      dir = (tmp / v.name).string();
+      quant::QuantizeOptions o;
+      o.method = v.method;
+      o.kv = v.kv;
+      o.calib = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
+      o.calib_samples = 8;
+      o.calib_seq_len = 128;
+      quant::quantize_model(model_27m(), dir, o, nullptr);
+    }
+    Model m(dir);
+    auto cpu = make_engine(m, "cpu");
+    auto gpu = make_engine(m, "cuda");
+    auto [cd, cp] = decode_and_prefill_nll(*cpu, ids);
+    auto [gd, gp] = decode_and_prefill_nll(*gpu, ids);
+    EXPECT_NEAR(cd, cp, 1e-4) << v.name << ": the CPU's decode and prefill disagree";
+    // ppl ratio exp(dNLL) within 0.1%
+    EXPECT_LT(std::fabs(gd - cd), 1e-3) << v.name << " decode path: CPU nll " << cd << " CUDA " << gd;
+    EXPECT_LT(std::fabs(gp - cp), 1e-3) << v.name << " prefill path: CPU nll " << cp << " CUDA " << gp;
+    std::printf("  %-14s nll cpu %.6f  cuda decode %.6f (%+.4f%% ppl)  cuda prefill %.6f (%+.4f%% ppl)\n", v.name.c_str(),
+                cd, gd, 100 * (std::exp(gd - cd) - 1), gp, 100 * (std::exp(gp - cp) - 1));
+  }
+  fs::remove_all(tmp);
+}
+
+TEST(CudaModel, ClearErrors) {
+  REQUIRE_GPU();
+  Model m(model_27m());
+  auto gpu = make_engine(m, "cuda");
+  gpu->reset(1, 8);
+  std::vector<float> logits(static_cast<size_t>(m.config().vocab));
+  test::expect_error([&] { gpu->forward({{1, 0, 8, true}}, logits.data()); }, {"position 8", "context of 8"});
+  test::expect_error([&] { gpu->forward({{1 << 20, 0, 0, true}}, logits.data()); }, {"outside the vocabulary"});
+  test::expect_error([&] { gpu->reset(1, int64_t(1) << 34); }, {"KV cache", "MiB"});
+}
+
+}  // namespace
+
+#else
+
+TEST(Cuda, Skipped) { GTEST_SKIP() << "this build has no CUDA backend (nvcc not found at configure time)"; }
+
+#endif
