@@ -170,11 +170,24 @@ class CudaEngine final : public Engine {
   void run(int64_t T, int64_t n_out, bool small);
   // Runs the site on the input that `produce` writes (called once per distinct activation format).
   template <typename P>
-  void site(const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy, bool accumulate);
+  void site(const char* name, const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy,
+            bool accumulate);
   void matmul(const DevLinear& l, int64_t T, bool small, float* y, int64_t ldy, bool accumulate);
   void clear_graphs();
+  // LLMQ_CUDA_PROFILE=1: every op runs eagerly between two events; the totals per op name are printed to
+  // stderr when the engine ends (where the time of a decode step goes).
+  template <typename F>
+  void op(const std::string& name, F f);
+  void collect_profile();
 
   cudaStream_t stream_ = nullptr;
+  const bool profile_ = [] {
+    const char* v = std::getenv("LLMQ_CUDA_PROFILE");
+    return v && *v && std::strcmp(v, "0") != 0;
+  }();
+  std::vector<std::pair<std::string, std::pair<cudaEvent_t, cudaEvent_t>>> pending_;
+  std::map<std::string, std::pair<double, int64_t>> prof_;  // name -> (total ms, calls)
+  bool small_ = false;  // the batch being run takes the GEMV path
   cublasHandle_t cublas_ = nullptr;
   cudaDeviceProp prop_{};
   std::vector<DevMem> weights_;
@@ -339,7 +352,46 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
   note_memory();
 }
 
+template <typename F>
+void CudaEngine::op(const std::string& name, F f) {
+  if (!profile_) {
+    f();
+    return;
+  }
+  cudaEvent_t a, b;
+  LLMQ_CUDA_CHECK(cudaEventCreate(&a));
+  LLMQ_CUDA_CHECK(cudaEventCreate(&b));
+  LLMQ_CUDA_CHECK(cudaEventRecord(a, stream_));
+  f();
+  LLMQ_CUDA_CHECK(cudaEventRecord(b, stream_));
+  pending_.push_back({(small_ ? "" : "prefill ") + name, {a, b}});
+}
+
+void CudaEngine::collect_profile() {
+  for (auto& [name, ev] : pending_) {
+    float ms = 0;
+    cudaEventElapsedTime(&ms, ev.first, ev.second);
+    auto& p = prof_[name];
+    p.first += ms;
+    p.second += 1;
+    cudaEventDestroy(ev.first);
+    cudaEventDestroy(ev.second);
+  }
+  pending_.clear();
+}
+
 CudaEngine::~CudaEngine() {
+  if (profile_ && !prof_.empty()) {
+    double total = 0;
+    for (auto& [n, p] : prof_) total += p.first;
+    std::vector<std::pair<std::string, std::pair<double, int64_t>>> v(prof_.begin(), prof_.end());
+    std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.second.first > b.second.first; });
+    std::fprintf(stderr, "llmq: CUDA profile (eager launches; GPU time between events)\n%-28s %8s %10s %10s %6s\n", "op",
+                 "calls", "total ms", "avg us", "%");
+    for (auto& [n, p] : v)
+      std::fprintf(stderr, "%-28s %8lld %10.2f %10.2f %5.1f%%\n", n.c_str(), (long long)p.second, p.first,
+                   1e3 * p.first / double(p.second), 100 * p.first / total);
+  }
   clear_graphs();
   if (cublas_) cublasDestroy(cublas_);
   if (stream_) cudaStreamDestroy(stream_);
@@ -468,7 +520,9 @@ void CudaEngine::matmul(const DevLinear& l, int64_t T, bool small, float* y, int
 }
 
 template <typename P>
-void CudaEngine::site(const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy, bool accumulate) {
+void CudaEngine::site(const char* name, const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy,
+                      bool accumulate) {
+  const std::string kind = small ? " gemv" : " gemm";
   const DevLinear* prev = nullptr;
   for (const DevLinear& l : s.parts) {
     if (!prev || prev->act != l.act || prev->act_scale != l.act_scale || prev->K != l.K) {
@@ -479,9 +533,9 @@ void CudaEngine::site(const DevSite& s, int64_t T, bool small, P produce, float*
       o.out = act_.p;
       o.ld = l.K;
       o.row_scale = row_scale_.as<float>();
-      produce(o);
+      op(std::string(name) + " prep", [&] { produce(o); });
     }
-    matmul(l, T, small, y + l.col, ldy, accumulate);
+    op(std::string(name) + kind, [&] { matmul(l, T, small, y + l.col, ldy, accumulate); });
     prev = &l;
   }
 }
@@ -494,12 +548,13 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
   const int32_t* pos = seq + t_cap_;
   const int32_t* rows = pos + t_cap_;
   float* x = x_.as<float>();
-  embed_gather(embed_, tok, T, H, x, stream_);
+  small_ = small;
+  op("embed", [&] { embed_gather(embed_, tok, T, H, x, stream_); });
   for (size_t li = 0; li < layers_.size(); ++li) {
     DevLayer& L = layers_[li];
     const int64_t qkv_n = L.qkv.N;
     float* qkv = qkv_.as<float>();
-    site(L.qkv, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_); },
+    site("qkv", L.qkv, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_); },
          qkv, qkv_n, false);
     KvCacheView kv;
     kv.type = kv_type_;
@@ -512,7 +567,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
     kv.v = L.v_cache.p;
     kv.k_scale = L.k_scale;
     kv.v_scale = L.v_scale;
-    rope_kv(qkv, qkv_n, T, pos, seq, cos_.as<float>(), sin_.as<float>(), c.heads, kv, stream_);
+    op("rope_kv", [&] { rope_kv(qkv, qkv_n, T, pos, seq, cos_.as<float>(), sin_.as<float>(), c.heads, kv, stream_); });
     AttentionArgs aa;
     aa.q = qkv;
     aa.ldq = qkv_n;
@@ -525,19 +580,20 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
     aa.splits = small ? splits_ : 1;
     aa.chunk = chunk_;
     aa.partial = partial_.as<float>();
-    attention(aa, kv, stream_);
-    site(L.o, T, small, [&](const PrepOut& o) { act_prep(att_.as<float>(), qd, T, qd, o, stream_); }, x, H, true);
+    op("attention", [&] { attention(aa, kv, stream_); });
+    site("o", L.o, T, small, [&](const PrepOut& o) { act_prep(att_.as<float>(), qd, T, qd, o, stream_); }, x, H, true);
     float* gu = gu_.as<float>();
-    site(L.gate_up, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_); },
+    site("gate_up", L.gate_up, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_); },
          gu, L.gate_up.N, false);
-    site(L.down, T, small, [&](const PrepOut& o) { swiglu_prep(gu, L.gate_up.N, T, I, o, stream_); }, x, H, true);
+    site("down", L.down, T, small, [&](const PrepOut& o) { swiglu_prep(gu, L.gate_up.N, T, I, o, stream_); }, x, H, true);
   }
   if (n_out == 0) return;
   PrepOut o;
   o.out = act_.p;
   o.ld = H;
-  rmsnorm_prep(x, rows, n_out, H, final_norm_, float(c.rms_eps), o, stream_);
-  matmul(lm_head_, n_out, n_out <= kGemvMaxM, logits_.as<float>(), c.vocab, false);
+  op("final_norm", [&] { rmsnorm_prep(x, rows, n_out, H, final_norm_, float(c.rms_eps), o, stream_); });
+  op(n_out <= kGemvMaxM ? "lm_head gemv" : "lm_head gemm",
+     [&] { matmul(lm_head_, n_out, n_out <= kGemvMaxM, logits_.as<float>(), c.vocab, false); });
 }
 
 void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out) {
@@ -566,7 +622,7 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
   }
   LLMQ_CUDA_CHECK(cudaMemcpyAsync(ints_.p, h, size_t(4 * t_cap_) * 4, cudaMemcpyHostToDevice, stream_));
   const bool small = T <= kGemvMaxM;
-  if (small && !sync_each_launch()) {
+  if (small && !sync_each_launch() && !profile_) {
     const auto key = std::make_pair(T, n_out);
     auto it = graphs_.find(key);
     if (it == graphs_.end()) {
@@ -598,6 +654,7 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
   } else {
     LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
+  if (profile_) collect_profile();
 }
 
 double CudaEngine::measure_peak_gbps() {

@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f, iacc[r][m] = 0;
 
-#pragma unroll 2
+#pragma unroll 4
   for (int64_t c = lane; c < chunks; c += 32) {
     uint4 wv[kRows];
 #pragma unroll
