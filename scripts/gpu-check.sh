@@ -118,7 +118,7 @@ for shape in $SHAPES; do
 done
 
 SLUG=$(echo "$CARD" | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
-RESULT="bench/results/$(date +%F)-$SLUG.json"
+RESULT=${RESULT:-"bench/results/$(date +%F)-$SLUG.json"}
 mkdir -p bench/results
 python3 - "$REC" "$RESULT" "$TESTS" <<'PY'
 import json, sys

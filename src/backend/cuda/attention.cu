@@ -23,6 +23,11 @@ __device__ __forceinline__ float kv_load(const KT* p) {
   else return fp8_to_float(*p);
 }
 
+__device__ __forceinline__ void store_out(const AttentionArgs& a, int64_t i, float v) {
+  if (a.out_bf16) static_cast<__nv_bfloat16*>(a.out_bf16)[i] = __float2bfloat16(v);
+  else a.out[i] = v;
+}
+
 __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const int32_t* seq, const float* cos_tab,
                                const float* sin_tab, int64_t heads, const KvCacheView kv) {
   const int64_t t = blockIdx.x;
@@ -141,7 +146,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttentionA
     }
     const int64_t h = kvh * G + g0 + g;
     if (a.splits == 1) {
-      a.out[t * a.heads * hd + h * hd + d] = O / L;
+      store_out(a, t * a.heads * hd + h * hd + d, O / L);
     } else {
       float* pr = a.partial + ((t * a.heads + h) * a.splits + split) * (hd + 2);
       pr[d] = O;
@@ -164,7 +169,7 @@ __global__ void combine_kernel(const AttentionArgs a, int64_t hd) {
       L += pr[hd + 1] * f;
       O += pr[d] * f;
     }
-    a.out[t * a.heads * hd + h * hd + d] = O / L;
+    store_out(a, t * a.heads * hd + h * hd + d, O / L);
   }
 }
 
@@ -185,7 +190,7 @@ void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
 void rope_kv(float* qkv, int64_t ld, int64_t T, const int32_t* pos, const int32_t* seq, const float* cos_tab,
              const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s) {
   if (T == 0) return;
-  rope_kv_kernel<<<unsigned(T), 128, 0, s>>>(qkv, ld, pos, seq, cos_tab, sin_tab, heads, kv);
+  rope_kv_kernel<<<unsigned(T), 256, 0, s>>>(qkv, ld, pos, seq, cos_tab, sin_tab, heads, kv);
   check_launch("rope_kv_kernel", s);
 }
 

@@ -42,6 +42,7 @@ struct AttentionArgs {
   const int32_t* seq = nullptr;  // [T]
   int64_t window = 0;            // sliding window (0: none)
   float* out = nullptr;          // [T, heads * head_dim]
+  void* out_bf16 = nullptr;      // if set, the output goes here as BF16 instead (the next matmul's input)
   int64_t splits = 1, chunk = 0; // splits > 1: positions [lo + i*chunk, lo + (i+1)*chunk) per split
   float* partial = nullptr;      // splits > 1: [T, heads, splits, head_dim + 2]
 };

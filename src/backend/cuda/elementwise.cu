@@ -10,12 +10,20 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Writes row `r` of `out` from value(i), i < D, in the format `out` asks for. Called by all threads of a block.
+// Each row is cut into slices of kSlice values, one block per (row, slice), so a single decode token still
+// spreads over many SMs. Row-wide reductions (the norm, the INT8 absmax) are recomputed by every block of the
+// row from L2: cheaper than a second launch.
+constexpr int64_t kSlice = 1024;
+
+unsigned slices(int64_t D) { return unsigned((D + kSlice - 1) / kSlice); }
+
+// Writes this block's slice of row `r` of `out` from value(i), i < D, in the format `out` asks for.
 template <typename F>
 __device__ void prep_row(const PrepOut& o, int64_t r, int64_t D, F value) {
+  const int64_t i0 = int64_t(blockIdx.y) * kSlice, i1 = i0 + kSlice < D ? i0 + kSlice : D;
   if (o.kind == ActKind::None) {
     __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(o.out) + r * o.ld;
-    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) dst[i] = __float2bfloat16(value(i));
+    for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) dst[i] = __float2bfloat16(value(i));
     return;
   }
   float s = o.static_scale;
@@ -25,9 +33,9 @@ __device__ void prep_row(const PrepOut& o, int64_t r, int64_t D, F value) {
     amax = block_reduce<true>(amax);
     s = amax > 0.f ? amax / 127.0f : 1.0f;
   }
-  if (threadIdx.x == 0 && o.row_scale) o.row_scale[r] = s;
+  if (threadIdx.x == 0 && blockIdx.y == 0 && o.row_scale) o.row_scale[r] = s;
   const float inv = 1.0f / s;
-  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
     const float v = value(i) * inv;
     if (o.kind == ActKind::Fp8Tensor) {
       const uint8_t c = float_to_fp8(v);
@@ -120,19 +128,19 @@ void embed_gather(const void* table, const int32_t* tokens, int64_t T, int64_t H
 void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H, const float* w, float eps,
                   const PrepOut& out, cudaStream_t s) {
   if (R == 0) return;
-  rmsnorm_kernel<<<unsigned(R), kThreads, 0, s>>>(x, src_rows, H, w, eps, out);
+  rmsnorm_kernel<<<dim3(unsigned(R), slices(H)), kThreads, 0, s>>>(x, src_rows, H, w, eps, out);
   check_launch("rmsnorm_kernel", s);
 }
 
 void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
-  swiglu_kernel<<<unsigned(T), kThreads, 0, s>>>(gu, ld_gu, I, out);
+  swiglu_kernel<<<dim3(unsigned(T), slices(I)), kThreads, 0, s>>>(gu, ld_gu, I, out);
   check_launch("swiglu_kernel", s);
 }
 
 void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
-  act_prep_kernel<<<unsigned(T), kThreads, 0, s>>>(x, ldx, D, out);
+  act_prep_kernel<<<dim3(unsigned(T), slices(D)), kThreads, 0, s>>>(x, ldx, D, out);
   check_launch("act_prep_kernel", s);
 }
 

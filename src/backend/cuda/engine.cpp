@@ -580,8 +580,13 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
     aa.splits = small ? splits_ : 1;
     aa.chunk = chunk_;
     aa.partial = partial_.as<float>();
+    // o_proj reading BF16: attention writes its input directly (no separate conversion).
+    const bool direct = L.o.parts.size() == 1 && L.o.parts[0].act == ActKind::None;
+    if (direct) aa.out_bf16 = act_.p;
     op("attention", [&] { attention(aa, kv, stream_); });
-    site("o", L.o, T, small, [&](const PrepOut& o) { act_prep(att_.as<float>(), qd, T, qd, o, stream_); }, x, H, true);
+    site("o", L.o, T, small, [&](const PrepOut& o) {
+      if (!direct) act_prep(att_.as<float>(), qd, T, qd, o, stream_);
+    }, x, H, true);
     float* gu = gu_.as<float>();
     site("gate_up", L.gate_up, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_); },
          gu, L.gate_up.N, false);
