@@ -57,7 +57,7 @@ TESTS="not run"
 if [ "$RUN_TESTS" = 1 ]; then
   echo "== GPU tests"
   ctest --test-dir build/gpu -L gpu --output-on-failure -V > /tmp/llmq-gpu-tests.log 2>&1 || true
-  grep -E "Test +#|nll cpu|Failure|Expected|Which is|Value of|tests passed|tests failed" /tmp/llmq-gpu-tests.log | head -120 || true
+  grep -E "Test +#|nll cpu|ppl cpu|Failure|Expected|Which is|Value of|tests passed|tests failed" /tmp/llmq-gpu-tests.log | head -120 || true
   if grep -q "100% tests passed" /tmp/llmq-gpu-tests.log; then TESTS="passed"; else TESTS="FAILED"; fi
   echo "== GPU tests: $TESTS"
 fi

@@ -2,8 +2,10 @@
 # Installs what the build needs, builds llmq with warnings as errors, and runs the whole test suite with CTest:
 #   1. Release build: unit tests, tokenizer conformance, exactness against transformers (reference.json),
 #      and perplexity on the held-out texts (label "perplexity", a few minutes on 2 cores);
-#   2. AddressSanitizer + UndefinedBehaviorSanitizer build: every test except the perplexity runs and the
-#      all-methods accuracy sweep (each method's code still runs there through the other quant tests).
+#   2. AddressSanitizer + UndefinedBehaviorSanitizer build (CPU code): every test except the perplexity runs
+#      and the all-methods accuracy sweep (each method's code still runs there through the other quant tests).
+# With nvcc present the release build includes the CUDA backend; its tests (label "gpu") run where a GPU is
+# and are reported as skipped elsewhere. On a GPU machine, scripts/gpu-check.sh runs them with the benchmarks.
 # Options: --fast (skip the perplexity label), --no-sanitize (skip step 2). CI runs it without options.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +26,9 @@ if [ ! -d "$SHARED/models" ]; then
   exit 1
 fi
 
-echo "== release build"
+# The CUDA backend is compiled wherever nvcc is (CI has no GPU: the "gpu" tests report themselves skipped).
+if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
+echo "== release build ($(command -v nvcc >/dev/null && echo "with the CUDA backend: $(nvcc --version | tail -1)" || echo "CPU only: no nvcc"))"
 cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DLLMQ_WERROR=ON -DLLMQ_SHARED_DIR="$SHARED" >/dev/null
 cmake --build build/release -j"$JOBS"
 echo "== release tests"
@@ -34,7 +38,8 @@ ctest --test-dir build/release --output-on-failure "${EXCLUDE[@]}"
 
 if [ "$SANITIZE" = 1 ]; then
   echo "== ASan + UBSan build"
-  cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLLMQ_SANITIZE=ON -DLLMQ_WERROR=ON \
+  # CPU code only: the CUDA runtime and ASan do not mix, and the release build already compiled the CUDA code.
+  cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLLMQ_SANITIZE=ON -DLLMQ_WERROR=ON -DLLMQ_CUDA=OFF \
     -DLLMQ_SHARED_DIR="$SHARED" >/dev/null
   cmake --build build/sanitize -j"$JOBS"
   echo "== ASan + UBSan tests (all but perplexity and the accuracy sweep)"

