@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages llmq needs to build and test. Idempotent; safe to run again.
 set -euo pipefail
-PKGS=(build-essential cmake pkg-config git python3
+PKGS=(build-essential cmake git python3
       nlohmann-json3-dev   # config.json, tokenizer.json, safetensors headers, --json output
       libpcre2-dev         # Unicode-class regexes of the tokenizers' pre-tokenizers (\p{L}, \p{N}, lookahead)
       libutf8proc-dev      # NFC normalization (Qwen2 tokenizer) and Unicode helpers

@@ -174,3 +174,31 @@ TEST(Cli, QuantizeEvalInspectJson) {
   EXPECT_EQ(run("quantize " + demo() + " -o " + d + "/z --method int3").code, 2);
   [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
 }
+
+TEST(Cli, SynthWritesALoadableDeterministicCheckpoint) {
+  char tmpl[] = "/tmp/llmq-synth-XXXXXX";
+  const std::string d = mkdtemp(tmpl);
+  CmdResult r = run("synth --shape tiny -o " + d + "/a --seed 3 --tokenizer " + demo() + "/tokenizer.json --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  json j = json::parse(r.out);
+  // tiny: vocab 8192, hidden 128, 2 layers, 4 heads of 32, 2 KV heads, intermediate 384, untied
+  const int64_t per_layer = 2 * 128 + 128 * 128 * 2 + 2 * (64 * 128) + 3 * 128 * 384;
+  EXPECT_EQ(j["params"].get<int64_t>(), 2 * 8192 * 128 + 128 + 2 * per_layer);
+  EXPECT_EQ(j["bytes"].get<uint64_t>(), 2 * j["params"].get<uint64_t>());
+  CmdResult info = run("info " + d + "/a --json");
+  ASSERT_EQ(info.code, 0) << info.err;
+  EXPECT_EQ(json::parse(info.out)["params"], j["params"]);
+  // It runs, and quantizes (calibration needs the copied tokenizer).
+  EXPECT_EQ(run("generate " + d + "/a -p hello -n 4").code, 0);
+  EXPECT_EQ(run("quantize " + d + "/a -o " + d + "/q --method w4a16-rtn").code, 0);
+  // Same seed, same bytes; another seed, other weights.
+  ASSERT_EQ(run("synth --shape tiny -o " + d + "/b --seed 3").code, 0);
+  ASSERT_EQ(run("synth --shape tiny -o " + d + "/c --seed 4").code, 0);
+  const std::string f = "/model-00001-of-00001.safetensors";
+  EXPECT_EQ(read_text_file(d + "/a" + f), read_text_file(d + "/b" + f));
+  EXPECT_NE(read_text_file(d + "/a" + f), read_text_file(d + "/c" + f));
+  // An existing directory is refused, an unknown shape is a usage error.
+  expect_one_line_error(run("synth --shape tiny -o " + d + "/a"), "already exists");
+  EXPECT_EQ(run("synth --shape gpt-5 -o " + d + "/x").code, 2);
+  [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
+}

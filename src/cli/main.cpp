@@ -350,7 +350,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "synth: %s\n", line.c_str());
       });
       if (as_json) print_json({{"params", r.params}, {"bytes", r.bytes}, {"shape", syn_shape}, {"output", syn_out}});
-      else std::printf("%s: %s, %.2fB parameters, %.2f GB\n", syn_shape.c_str(), syn_out.c_str(), double(r.params) / 1e9,
+      else std::printf("%s: %s, %lld parameters, %.3f GB\n", syn_shape.c_str(), syn_out.c_str(), (long long)r.params,
                        double(r.bytes) / 1e9);
     } else if (*bch) {
       Model m(bench_model);

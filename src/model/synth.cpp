@@ -20,7 +20,7 @@ const std::vector<SynthShape>& synth_shapes() {
       {"llama-3-8b", "LlamaForCausalLM", "llama", 4096, 14336, 32, 32, 8, 128256, 8192, 500000.0, 1e-5, false, 0},
       {"mistral-7b", "MistralForCausalLM", "mistral", 4096, 14336, 32, 32, 8, 32000, 32768, 10000.0, 1e-5, false, 4096},
       {"qwen2-7b", "Qwen2ForCausalLM", "qwen2", 3584, 18944, 28, 28, 4, 152064, 32768, 1000000.0, 1e-6, true, 0},
-      {"tiny", "LlamaForCausalLM", "llama", 128, 320, 2, 4, 2, 8192, 512, 10000.0, 1e-5, false, 0},
+      {"tiny", "LlamaForCausalLM", "llama", 128, 384, 2, 4, 2, 8192, 512, 10000.0, 1e-5, false, 0},
   };
   return shapes;
 }
