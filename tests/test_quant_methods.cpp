@@ -111,3 +111,12 @@ TEST(QuantMethods, GptqFallsBackWhenTheHessianIsBroken) {
   EXPECT_TRUE(g.fell_back_to_rtn);
   EXPECT_EQ(dequant(g.q), dequant(rtn_int4(p.l, 16, false)));
 }
+
+TEST(QuantMethods, GptqUsesTheRequestedDampening) {
+  Problem p = make_problem(8, 64, 256, 6);
+  GptqResult a = gptq(p.l, p.h, 32, false, false, 64, 0.01), b = gptq(p.l, p.h, 32, false, false, 64, 1.0);
+  EXPECT_DOUBLE_EQ(a.damp_used, 0.01);
+  EXPECT_DOUBLE_EQ(b.damp_used, 1.0);
+  // Heavy dampening makes H^-1 nearly diagonal: less error compensation, so a larger output error.
+  EXPECT_LT(direct_error(p, dequant(a.q)), direct_error(p, dequant(b.q)));
+}

@@ -127,6 +127,8 @@ int main(int argc, char** argv) {
   qz->add_option("--act-scale", qz_act, "int8-sq activations: dynamic (per token, default) | static (per tensor)")
       ->check(CLI::IsMember({"dynamic", "static"}));
   qz->add_flag("--act-order", qo.act_order, "GPTQ: quantize columns by descending Hessian diagonal");
+  qz->add_option("--damp", qo.damp, "GPTQ: dampening added to the Hessian diagonal, relative to its mean (default 0.01)")
+      ->check(CLI::Range(1e-6, 10.0));
   qz->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   qz->add_flag("--json", as_json, "Print one JSON object");
 

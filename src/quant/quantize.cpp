@@ -242,7 +242,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   if (!c.tie_embeddings) copy_tensor(*model.lm_head().w);
 
   uint64_t q_bytes = 0, q_params = 0;
-  double max_damp = 0.01;
+  double max_damp = opt.damp;
   for (int64_t li = 0; li < c.layers; ++li) {
     if (seq) {
       const auto tc = std::chrono::steady_clock::now();
@@ -309,7 +309,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
           installed.push_back({model_linears[int(s)][idx], dequant(q)});
           emit_int4(l->name, q, out);
         } else {  // w4a16-gptq
-          GptqResult g = gptq(*l, S[int(s)].hessian, opt.group_size, opt.symmetric, opt.act_order);
+          GptqResult g = gptq(*l, S[int(s)].hessian, opt.group_size, opt.symmetric, opt.act_order, 128, opt.damp);
           if (g.fell_back_to_rtn) {
             rep.notes.push_back(l->name + ": Cholesky failed even with dampening 10x the mean diagonal; quantized with RTN");
           }
@@ -356,7 +356,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
     }
     log("  layer " + std::to_string(li + 1) + "/" + std::to_string(c.layers) + " quantized");
   }
-  if (max_damp > 0.01) rep.notes.push_back("GPTQ raised the dampening to " + std::to_string(max_damp) + " for some layers");
+  if (max_damp > opt.damp) rep.notes.push_back("GPTQ raised the dampening to " + std::to_string(max_damp) + " for some layers");
   rep.bits_per_weight = q_params ? double(q_bytes) * 8.0 / double(q_params) : 0;
   for (auto& t : out) rep.bytes_out += t.bytes.size();
 

@@ -20,6 +20,7 @@ struct QuantizeOptions {
   float sq_alpha = 0.5f;
   bool act_static = false;  // int8-sq: per-tensor static activation scales instead of per-token dynamic
   bool act_order = false;   // GPTQ
+  double damp = 0.01;       // GPTQ: dampening, relative to the mean Hessian diagonal
 };
 
 struct QuantizeReport {

@@ -202,7 +202,7 @@ bool inverse_upper_factor(std::vector<double>& hmat, int64_t n) {
 }  // namespace
 
 GptqResult gptq(const FLinear& l, const std::vector<double>& h_in, int64_t group, bool symmetric, bool act_order,
-                int64_t block) {
+                int64_t block, double damp0) {
   const int64_t n = l.in, rows = l.out, ng = n / group;
   GptqResult res;
   res.q = Int4Weights{rows, n, group, symmetric, std::vector<uint8_t>(size_t(rows * n)),
@@ -261,7 +261,7 @@ GptqResult gptq(const FLinear& l, const std::vector<double>& h_in, int64_t group
   mean_diag /= double(n);
   std::vector<double> u;
   bool ok = false;
-  for (double damp = 0.01; damp <= 10.0 && !ok; damp *= 10) {
+  for (double damp = damp0; damp <= 10.0 && !ok; damp *= 10) {
     u = h;
     for (int64_t j = 0; j < n; ++j) u[size_t(j * n + j)] += damp * mean_diag;
     ok = inverse_upper_factor(u, n);

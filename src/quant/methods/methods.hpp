@@ -58,8 +58,9 @@ struct GptqResult {
 // GPTQ (Frantar et al. 2022): columns quantized in order (or by descending Hessian diagonal with act_order,
 // groups then fixed up front from the original weights), each column's rounding error spread over the
 // not-yet-quantized columns through the upper Cholesky factor of H^-1; lazy block updates of `block` columns.
-// h: X^T X [in, in] in FP64; dampening 1% of the mean diagonal, raised x10 up to three times on failure.
+// h: X^T X [in, in] in FP64; dampening `damp` (default 1%) of the mean diagonal, raised x10 on failure (up
+// to 10x the mean diagonal).
 GptqResult gptq(const FLinear& l, const std::vector<double>& h, int64_t group, bool symmetric, bool act_order,
-                int64_t block = 128);
+                int64_t block = 128, double damp = 0.01);
 
 }  // namespace llmq::quant
