@@ -43,9 +43,16 @@ struct FLayer {
 
 FLinear to_float(const Linear& l, const std::string& name) {
   FLinear f{name, l.out, l.in, std::vector<float>(size_t(l.out * l.in)), l.bias};
-  l.dequantize_rows(0, l.out, f.w.data());
-  for (float v : f.w)
-    if (!std::isfinite(v)) throw Error(l.w->file + ": tensor '" + l.w->name + "' contains NaN or infinite values");
+  constexpr int64_t kRows = 64;
+  bool finite = true;
+#pragma omp parallel for schedule(static) reduction(&& : finite) if (l.out * l.in > (int64_t(1) << 16))
+  for (int64_t r0 = 0; r0 < l.out; r0 += kRows) {
+    const int64_t r1 = std::min(l.out, r0 + kRows);
+    float* w = f.w.data() + r0 * l.in;
+    l.dequantize_rows(r0, r1, w);
+    for (int64_t i = 0; i < (r1 - r0) * l.in; ++i) finite = finite && std::isfinite(w[i]);
+  }
+  if (!finite) throw Error(l.w->file + ": tensor '" + l.w->name + "' contains NaN or infinite values");
   return f;
 }
 

@@ -33,6 +33,7 @@ Int4Weights rtn_int4(const FLinear& l, int64_t group, bool symmetric, const std:
   q.codes.resize(size_t(l.out * l.in));
   q.scale.resize(size_t(l.out * ng));
   q.zero.resize(size_t(l.out * ng));
+#pragma omp parallel for schedule(static) if (l.out * l.in > (int64_t(1) << 16))
   for (int64_t r = 0; r < l.out; ++r)
     for (int64_t g = 0; g < ng; ++g) {
       const float* w = &l.w[size_t(r * l.in + g * group)];
@@ -47,6 +48,7 @@ Int4Weights rtn_int4(const FLinear& l, int64_t group, bool symmetric, const std:
 std::vector<float> dequant(const Int4Weights& q) {
   const int64_t ng = q.in / q.group;
   std::vector<float> w(q.codes.size());
+#pragma omp parallel for schedule(static) if (q.out * q.in > (int64_t(1) << 16))
   for (int64_t r = 0; r < q.out; ++r)
     for (int64_t k = 0; k < q.in; ++k) {
       const int64_t g = r * ng + k / q.group;
@@ -66,6 +68,7 @@ void emit_bias(const FLinear& l, std::vector<TensorData>& out) {
 
 void emit_int4(const std::string& name, const Int4Weights& q, std::vector<TensorData>& out) {
   std::vector<uint8_t> packed(static_cast<size_t>(q.out * q.in / 2));
+#pragma omp parallel for schedule(static) if (packed.size() > (size_t(1) << 16))
   for (size_t i = 0; i < packed.size(); ++i) packed[i] = pack_int4(q.codes[2 * i], q.codes[2 * i + 1]);
   const int64_t ng = q.in / q.group;
   out.push_back({name + ".weight_packed", DType::U8, {q.out, q.in / 2}, std::move(packed)});
@@ -80,6 +83,7 @@ template <class Encode>
 void emit_channel(const FLinear& l, DType dtype, float qmax, Encode&& encode, std::vector<TensorData>& out) {
   std::vector<uint8_t> codes(size_t(l.out * l.in));
   std::vector<float> scale(size_t(l.out));
+#pragma omp parallel for schedule(static) if (l.out * l.in > (int64_t(1) << 16))
   for (int64_t r = 0; r < l.out; ++r) {
     float amax = 0.f;
     for (int64_t k = 0; k < l.in; ++k) amax = std::max(amax, std::fabs(l.w[size_t(r * l.in + k)]));
