@@ -10,6 +10,7 @@
 #   BATCHES  [1 16 64]                          PREFILL [2048] (0: no prefill run)
 #   RUN_TESTS [1]   WORK [/tmp/llmq-gpu-check] (synthetic models, up to ~50 GB; deleted as it goes)
 #   COMMIT   (recorded; default: git rev-parse HEAD)     OUT (if set, results and logs are copied there)
+#   DEVICE   [cuda]; cpu runs the same plumbing on the CPU (with SHAPES=tiny) to check the script itself
 #
 # w4a16-awq on a random-weight model: AWQ's search needs real activations to mean anything and takes hours
 # for 8B parameters on a CPU, so the matrix quantizes with w4a16-rtn, which writes the same format and runs the
@@ -26,6 +27,7 @@ PREFILL=${PREFILL:-2048}
 RUN_TESTS=${RUN_TESTS:-1}
 WORK=${WORK:-/tmp/llmq-gpu-check}
 COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+DEVICE=${DEVICE:-cuda}
 JOBS=$(nproc)
 SHARED="$ROOT/../shared"
 
@@ -41,9 +43,15 @@ if [ ! -d "$SHARED/models" ] && [ -d .gpu/shared ]; then
     "$SHARED/models/llama-27m.tar.xz" "$SHARED/models"
 fi
 
-CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
-ARCH=${CUDA_ARCH:-$([ "$CAP" = 90 ] && echo 90a-real || echo "$CAP-real")}
+if [ "$DEVICE" = cuda ]; then
+  CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+  CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+  ARCH=${CUDA_ARCH:-$([ "$CAP" = 90 ] && echo 90a-real || echo "$CAP-real")}
+else  # a dry run of the script's plumbing on the CPU
+  CARD=cpu
+  CAP=none
+  ARCH=${CUDA_ARCH:-90a-real}
+fi
 echo "== $CARD (sm_$CAP), building for $ARCH with $JOBS jobs"
 t0=$(date +%s)
 cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DLLMQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
@@ -68,7 +76,7 @@ REC="$WORK/records.jsonl"
 CALIB="$SHARED/data/c4/c4_validation_2k.jsonl"
 run_bench() {  # shape method quantized_with dir batch prompt gen
   local out
-  if out=$("$LLMQ" bench "$4" --device cuda --batch "$5" --prompt-len "$6" --gen-len "$7" --json 2>"$WORK/bench.err"); then
+  if out=$("$LLMQ" bench "$4" --device "$DEVICE" --batch "$5" --prompt-len "$6" --gen-len "$7" --json 2>"$WORK/bench.err"); then
     BENCH_JSON="$out" python3 - "$1" "$2" "$3" "$5" "$6" "$7" "$CARD" "$COMMIT" <<'PY' >> "$REC"
 import json, os, sys, datetime
 r = json.loads(os.environ["BENCH_JSON"])
@@ -94,26 +102,40 @@ for shape in $SHAPES; do
     "$LLMQ" synth --shape "$shape" -o "$base" --tokenizer models/llama-7m-demo/tokenizer.json >/dev/null 2>&1
     echo "== synth $shape: $(( $(date +%s) - t0 )) s"
   fi
+  # Quantize the formats one after another on the CPU in the background while the GPU benchmarks those
+  # already written (a quantized directory appears only when complete: quantize renames it at the end).
+  (
+    for method in $METHODS; do
+      [ "$method" = bf16 ] && continue
+      qw="$method"
+      [ "$method" = w4a16-awq ] && qw=w4a16-rtn
+      dir="$WORK/$shape-$qw"
+      [ -d "$dir" ] && continue
+      t0=$(date +%s)
+      if "$LLMQ" quantize "$base" -o "$dir" --method "$qw" --calib "$CALIB" --calib-samples 4 --calib-seq-len 128 \
+           >/dev/null 2>"$dir.err"; then
+        echo "== quantize $shape $qw: $(( $(date +%s) - t0 )) s"
+      else
+        echo "quantize $shape $qw failed: $(tail -1 "$dir.err")"
+        touch "$dir.failed"
+      fi
+    done
+  ) &
+  QPID=$!
   for method in $METHODS; do
     qw="$method"
     [ "$method" = w4a16-awq ] && qw=w4a16-rtn
     dir="$base"
     if [ "$method" != bf16 ]; then
       dir="$WORK/$shape-$qw"
-      if [ ! -d "$dir" ]; then
-        t0=$(date +%s)
-        if ! "$LLMQ" quantize "$base" -o "$dir" --method "$qw" --calib "$CALIB" --calib-samples 4 --calib-seq-len 128 \
-               >/dev/null 2>"$WORK/quantize.err"; then
-          echo "quantize $shape $qw failed: $(tail -1 "$WORK/quantize.err")"
-          continue
-        fi
-        echo "== quantize $shape $qw: $(( $(date +%s) - t0 )) s"
-      fi
+      while [ ! -d "$dir" ] && [ ! -e "$dir.failed" ]; do sleep 2; done
+      [ -e "$dir.failed" ] && continue
     fi
     for b in $BATCHES; do run_bench "$shape" "$method" "$qw" "$dir" "$b" 128 128; done
     if [ "$PREFILL" -gt 0 ]; then run_bench "$shape" "$method" "$qw" "$dir" 1 "$PREFILL" 1; fi
     if [ "$method" != bf16 ]; then rm -rf "$dir"; fi
   done
+  wait "$QPID" || true
   rm -rf "$base" "$WORK/$shape-"*
 done
 
