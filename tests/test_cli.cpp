@@ -6,6 +6,9 @@
 #include <fstream>
 
 #include "test_util.hpp"
+#ifdef LLMQ_HAVE_CUDA
+#include "backend/cuda/engine.hpp"
+#endif
 
 using namespace llmq;
 using nlohmann::json;
@@ -113,7 +116,22 @@ TEST(Cli, BadInputIsOneLineErrorExitOne) {
   expect_one_line_error(run("info /nonexistent/model"), "/nonexistent/model");
   expect_one_line_error(run("tokenize /nonexistent --text hi"), "/nonexistent");
   expect_one_line_error(run("perplexity " + demo() + " --text /nonexistent.txt"), "/nonexistent.txt");
-  expect_one_line_error(run("generate " + demo() + " -p hi --device cuda"), "cuda");
+  // --device cuda: runs where a GPU is; elsewhere one clear line (also for eval, which runs both models there).
+  for (const std::string& cmd : {"generate " + demo() + " -p hi -n 2 --device cuda",
+                                 "eval " + demo() + " --baseline " + demo() + " --max-windows 1 --device cuda --text " +
+                                     test::shared_dir() + "/data/eval/docs-en.txt"}) {
+    CmdResult r = run(cmd);
+#ifdef LLMQ_HAVE_CUDA
+    const bool gpu = !cuda::device_summary().empty();
+#else
+    const bool gpu = false;
+#endif
+    if (gpu) {
+      EXPECT_EQ(r.code, 0) << r.err;
+    } else {
+      expect_one_line_error(r, "cuda");
+    }
+  }
   expect_one_line_error(run("generate " + demo() + " -p hi --top-p 0"), "top-p");
 
   TempModel m(demo());

@@ -261,7 +261,6 @@ int main(int argc, char** argv) {
                     qz_model.c_str(), qz_out.c_str(), double(r.bytes_in) / 1e6, double(r.bytes_out) / 1e6,
                     r.bits_per_weight, r.seconds);
     } else if (*ev) {
-      cpu_only(device, "eval");
       Model m(ev_model);
       Model base(ev_base);
       Tokenizer tok = Tokenizer::load(ev_base);
@@ -271,7 +270,7 @@ int main(int argc, char** argv) {
         if (tty || done == total || done % 16 == 0)
           std::fprintf(stderr, "%seval: window %lld/%lld%s", tty ? "\r" : "", (long long)done, (long long)total,
                        tty && done < total ? "" : "\n");
-      });
+      }, device);
       json layers = json::array();
       for (auto& l : r.layers) layers.push_back({{"name", l.name}, {"rel_error", l.rel_error}});
       json j = {{"ppl", r.ppl}, {"baseline_ppl", r.baseline_ppl}, {"delta_ppl_pct", r.delta_ppl_pct},

@@ -1,5 +1,7 @@
 #include "eval/compare.hpp"
 
+#include "runtime/engine.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -76,7 +78,8 @@ struct LayerErrorHooks : ForwardHooks {
 }  // namespace
 
 CompareResult compare(const Model& model, const Model& baseline, const std::vector<int32_t>& tokens, int64_t ctx,
-                      int64_t max_windows, bool per_layer, const std::function<void(int64_t, int64_t)>& progress) {
+                      int64_t max_windows, bool per_layer, const std::function<void(int64_t, int64_t)>& progress,
+                      const std::string& device) {
   const ModelConfig& c = model.config();
   const ModelConfig& b = baseline.config();
   if (c.vocab != b.vocab || c.layers != b.layers || c.hidden != b.hidden)
@@ -89,7 +92,11 @@ CompareResult compare(const Model& model, const Model& baseline, const std::vect
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t V = c.vocab;
   std::vector<float> lq(size_t(ctx * V)), lb(size_t(ctx * V));
-  KVCache cq(c, 1, ctx), cb(b, 1, ctx);
+  KVCache cb(b, 1, ctx);  // the baseline's cache when it runs on the CPU with hooks
+  std::unique_ptr<Engine> eq = make_engine(model, device);
+  std::unique_ptr<Engine> eb = per_layer ? nullptr : make_engine(baseline, device);
+  eq->reset(1, ctx);
+  if (eb) eb->reset(1, ctx);
   std::vector<double> klds;
   double nll_q = 0, nll_b = 0, dp2 = 0;
   int64_t agree = 0;
@@ -98,8 +105,9 @@ CompareResult compare(const Model& model, const Model& baseline, const std::vect
   for (int64_t w = 0; w < windows; ++w) {
     std::vector<BatchToken> batch;
     for (int64_t i = 0; i < ctx; ++i) batch.push_back({tokens[size_t(w * ctx + i)], 0, int32_t(i), i + 1 < ctx});
-    model.forward(batch, cq, lq.data());
-    baseline.forward(batch, cb, lb.data(), per_layer ? &hooks : nullptr);
+    eq->forward(batch, lq.data());
+    if (eb) eb->forward(batch, lb.data());
+    else baseline.forward(batch, cb, lb.data(), &hooks);
     for (int64_t i = 0; i + 1 < ctx; ++i) {
       const int32_t target = tokens[size_t(w * ctx + i + 1)];
       log_softmax(&lq[size_t(i * V)], V, ls_q);

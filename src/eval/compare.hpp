@@ -27,8 +27,10 @@ struct CompareResult {
 
 // tokens: the tokenized text; windows as in the perplexity protocol. per_layer runs the baseline with hooks
 // and applies each quantized linear (its input divided by the smoothing factors it was stored with) to
-// the same input, so the error is the layer's own, not accumulated from earlier layers.
+// the same input, so the error is the layer's own, not accumulated from earlier layers. device: where the
+// models run ("cpu" or "cuda"; with per_layer the baseline runs on the CPU, where its hooks are).
 CompareResult compare(const Model& model, const Model& baseline, const std::vector<int32_t>& tokens, int64_t ctx,
-                      int64_t max_windows, bool per_layer, const std::function<void(int64_t, int64_t)>& progress);
+                      int64_t max_windows, bool per_layer, const std::function<void(int64_t, int64_t)>& progress,
+                      const std::string& device = "cpu");
 
 }  // namespace llmq
