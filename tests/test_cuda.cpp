@@ -58,12 +58,7 @@ struct Buf {
   T* as() const { return static_cast<T*>(p); }
 };
 
-float bf16_round(float f) {
-  const uint32_t u = uint32_t(float_to_bf16_bits(f)) << 16;
-  float r;
-  std::memcpy(&r, &u, 4);
-  return r;
-}
+float bf16_round(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 uint8_t random_fp8(std::mt19937& rng) {
   for (;;) {
@@ -95,7 +90,7 @@ void check_gemv(const GemvCase& c, uint64_t seed) {
   if (c.wf == WFmt::BF16) {
     std::vector<uint16_t> w(static_cast<size_t>(N * K));
     for (size_t i = 0; i < w.size(); ++i) {
-      w[i] = float_to_bf16_bits(nd(rng));
+      w[i] = f32_to_bf16(nd(rng));
       wv[i] = bf16_round(load_as_f32(w.data(), DType::BF16, i));
     }
     wbytes.resize(w.size() * 2);
@@ -142,7 +137,7 @@ void check_gemv(const GemvCase& c, uint64_t seed) {
   if (c.xf == XFmt::BF16) {
     std::vector<uint16_t> x(static_cast<size_t>(M * K));
     for (size_t i = 0; i < x.size(); ++i) {
-      x[i] = float_to_bf16_bits(nd(rng));
+      x[i] = f32_to_bf16(nd(rng));
       xv[i] = load_as_f32(x.data(), DType::BF16, i);
     }
     xbytes.resize(x.size() * 2);
@@ -482,8 +477,8 @@ std::pair<double, double> decode_and_prefill_nll(Engine& e, const std::vector<in
 
 std::vector<int32_t> eval_tokens(const std::string& model_dir, size_t n) {
   Tokenizer tok = Tokenizer::load(model_dir);
-  std::string text = read_text_file(test::shared_dir() + "/data/eval/docs-en.txt").substr(0, 40000);
-  if (n > 8000) text = read_text_file(test::shared_dir() + "/data/eval/docs-en.txt").substr(0, 5 * n);
+  // ~4.3 characters per token in this English text: 5n characters give n tokens
+  const std::string text = read_text_file(test::shared_dir() + "/data/eval/docs-en.txt").substr(0, std::max<size_t>(40000, 5 * n));
   std::vector<int32_t> ids = tok.encode(text, false);
   ids.resize(std::min(n, ids.size()));
   return ids;

@@ -227,18 +227,22 @@ void Model::rope_tables(int64_t n_pos, std::vector<float>& cos, std::vector<floa
   sin.assign(sin_.begin(), sin_.begin() + int64_t(n));
 }
 
-int64_t Model::check_batch(const std::vector<BatchToken>& batch, const KVCache& cache) const {
+int64_t Model::validate_batch(const std::vector<BatchToken>& batch, int64_t n_seq, int64_t capacity) const {
   const ModelConfig& c = cfg_;
   int64_t max_pos = 0;
   for (auto& b : batch) {
     if (b.token < 0 || b.token >= c.vocab)
       throw Error("token id " + std::to_string(b.token) + " is outside the vocabulary (" + std::to_string(c.vocab) + ")");
-    if (b.seq < 0 || b.seq >= cache.n_seq) throw Error("sequence " + std::to_string(b.seq) + " is outside the cache");
-    if (b.pos < 0 || b.pos >= cache.capacity)
-      throw Error("position " + std::to_string(b.pos) + " is beyond the context of " + std::to_string(cache.capacity) +
-                  " tokens");
+    if (b.seq < 0 || b.seq >= n_seq) throw Error("sequence " + std::to_string(b.seq) + " is outside the cache");
+    if (b.pos < 0 || b.pos >= capacity)
+      throw Error("position " + std::to_string(b.pos) + " is beyond the context of " + std::to_string(capacity) + " tokens");
     max_pos = std::max<int64_t>(max_pos, b.pos);
   }
+  return max_pos;
+}
+
+int64_t Model::check_batch(const std::vector<BatchToken>& batch, const KVCache& cache) const {
+  const int64_t max_pos = validate_batch(batch, cache.n_seq, cache.capacity);
   rope_table(max_pos + 1);
   return max_pos;
 }

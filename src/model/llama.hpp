@@ -92,6 +92,9 @@ class Model {
   void set_layer_dense(int64_t l, const std::vector<std::pair<Linear*, std::vector<float>>>& weights,
                        const std::vector<float>& attn_norm, const std::vector<float>& mlp_norm);
 
+  // Throws llmq::Error for a token outside the vocabulary or a (seq, pos) outside a cache of n_seq sequences
+  // of `capacity` positions; returns the largest position. Every engine checks its batches with it.
+  int64_t validate_batch(const std::vector<BatchToken>& batch, int64_t n_seq, int64_t capacity) const;
   // RoPE cos/sin tables for positions [0, n_pos): [n_pos][head_dim/2] each, as the CPU forward uses them.
   void rope_tables(int64_t n_pos, std::vector<float>& cos, std::vector<float>& sin) const;
 

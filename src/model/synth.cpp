@@ -1,6 +1,5 @@
 #include "model/synth.hpp"
 
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -40,13 +39,6 @@ uint64_t name_hash(const std::string& s) {
   return h;
 }
 
-uint16_t bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
 // N(0, std^2) approximated by the sum of four uniforms (Irwin-Hall), or a constant when std is 0.
 TensorData make_tensor(const std::string& name, std::vector<int64_t> shape, float std_dev, float constant, uint64_t seed) {
   TensorData t;
@@ -62,12 +54,12 @@ TensorData make_tensor(const std::string& name, std::vector<int64_t> shape, floa
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     if (std_dev == 0.f) {
-      out[i] = bf16_bits(constant);
+      out[i] = f32_to_bf16(constant);
       continue;
     }
     const uint64_t h = splitmix64(base + uint64_t(i));
     const float s = float(h & 0xFFFF) + float((h >> 16) & 0xFFFF) + float((h >> 32) & 0xFFFF) + float(h >> 48);
-    out[i] = bf16_bits((s - 2.0f * 65536.0f) * k);
+    out[i] = f32_to_bf16((s - 2.0f * 65536.0f) * k);
   }
   return t;
 }

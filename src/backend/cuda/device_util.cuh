@@ -56,7 +56,7 @@ __device__ __forceinline__ float block_reduce(float v) {
   __syncthreads();  // part[] may still be read by a previous call
   if (lane == 0) part[warp] = v;
   __syncthreads();
-  v = lane < nw ? part[lane] : (kMax ? 0.f : 0.f);
+  v = lane < nw ? part[lane] : 0.f;  // 0: identity of the sum and of the max of non-negatives
   v = kMax ? warp_max(v) : warp_sum(v);
   return v;
 }

@@ -1,5 +1,3 @@
-#include <cstring>
-
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/device_util.cuh"
 #include "backend/cuda/elementwise.cuh"
@@ -95,16 +93,16 @@ __global__ void epilogue_kernel(const float* acc, int64_t M, int64_t N, const fl
   *d = accumulate ? *d + v : v;
 }
 
-__global__ void weight_to_bf16_kernel(int fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group,
+__global__ void weight_to_bf16_kernel(WFmt fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group,
                                       int64_t N, int64_t K, bool apply_scale, __nv_bfloat16* out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N * K) return;
   const int64_t n = i / K, k = i % K;
   float v;
-  if (fmt == 1) {
+  if (fmt == WFmt::I8) {
     v = float(static_cast<const int8_t*>(w)[i]);
     if (apply_scale) v *= scale[n];
-  } else if (fmt == 2) {
+  } else if (fmt == WFmt::FP8) {
     v = fp8_to_float(static_cast<const uint8_t*>(w)[i]);
     if (apply_scale) v *= scale[n];
   } else {
@@ -151,20 +149,12 @@ void gemm_epilogue(const float* acc, int64_t M, int64_t N, const float* x_scale,
   check_launch("epilogue_kernel", s);
 }
 
-void weight_to_bf16(int fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group, int64_t N,
+void weight_to_bf16(WFmt fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group, int64_t N,
                     int64_t K, bool apply_scale, void* out, cudaStream_t s) {
   if (N * K == 0) return;
   weight_to_bf16_kernel<<<blocks_for(N * K, kThreads), kThreads, 0, s>>>(fmt, w, scale, zero, group, N, K, apply_scale,
                                                                           static_cast<__nv_bfloat16*>(out));
   check_launch("weight_to_bf16_kernel", s);
-}
-
-uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return uint16_t(u >> 16);
 }
 
 }  // namespace llmq::cuda

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/gemv.cuh"
+
 namespace llmq::cuda {
 
 // How a row of FP32 values is handed to the next matmul.
@@ -41,12 +43,9 @@ void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& 
 void gemm_epilogue(const float* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
                    const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s);
 
-// Weight rows as BF16 [N, K] for the cuBLAS path: fmt as gemv.cuh's WFmt (1 I8, 2 FP8, 3 I4). With
-// apply_scale, the dequantized value; without (I8/FP8 codes for W8A8), the code's own value, exactly.
-void weight_to_bf16(int fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group, int64_t N,
+// Weight rows as BF16 [N, K] for the cuBLAS path (fmt I8, FP8 or I4). With apply_scale, the dequantized
+// value; without (I8/FP8 codes for W8A8), the code's own value, exactly.
+void weight_to_bf16(WFmt fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group, int64_t N,
                     int64_t K, bool apply_scale, void* out, cudaStream_t s);
-
-// Host-side conversion helpers used at upload.
-uint16_t float_to_bf16_bits(float f);
 
 }  // namespace llmq::cuda

@@ -18,11 +18,23 @@
 
 namespace llmq::cuda {
 
+namespace {
+
+// An environment switch: set and not "0".
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::strcmp(v, "0") != 0;
+}
+
+std::string summary(const cudaDeviceProp& p) {
+  return std::string(p.name) + ", sm_" + std::to_string(p.major) + std::to_string(p.minor) + ", " +
+         std::to_string(p.multiProcessorCount) + " SMs, " + std::to_string(p.totalGlobalMem >> 20) + " MiB";
+}
+
+}  // namespace
+
 bool sync_each_launch() {
-  static const bool on = [] {
-    const char* v = std::getenv("LLMQ_CUDA_SYNC");
-    return v && *v && std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = env_flag("LLMQ_CUDA_SYNC");
   return on;
 }
 
@@ -46,8 +58,7 @@ std::string device_summary() {
   }
   cudaDeviceProp p{};
   if (cudaGetDeviceProperties(&p, 0) != cudaSuccess) return "";
-  return std::string(p.name) + ", sm_" + std::to_string(p.major) + std::to_string(p.minor) + ", " +
-         std::to_string(p.multiProcessorCount) + " SMs, " + std::to_string(p.totalGlobalMem >> 20) + " MiB";
+  return summary(p);
 }
 
 namespace {
@@ -150,7 +161,7 @@ class CudaEngine final : public Engine {
   ~CudaEngine() override;
   void reset(int64_t n_seq, int64_t capacity) override;
   void forward(const std::vector<BatchToken>& batch, float* logits_out) override;
-  std::string device() const override { return "cuda (" + device_summary() + ")"; }
+  std::string device() const override { return "cuda (" + summary(prop_) + ")"; }
   double kv_bytes_per_value() const override { return kv_type_ == KvType::BF16 ? 2.0 : 1.0; }
   double measure_peak_gbps() override;
   double measure_peak_gflops() override;
@@ -167,6 +178,9 @@ class CudaEngine final : public Engine {
   DevSite upload_site(const std::vector<const Linear*>& ls);
   void ensure_workspace(int64_t T, int64_t n_out);
   void note_memory();
+  // Throws "--device cuda: <what> need(s) <need> but only <free> of GPU memory are free ...; <advice>" unless
+  // need + margin bytes fit the free memory now.
+  void require_free(uint64_t need, uint64_t margin, const std::string& what, const char* advice) const;
   void run(int64_t T, int64_t n_out, bool small);
   // Runs the site on the input that `produce` writes (called once per distinct activation format).
   template <typename P>
@@ -177,14 +191,13 @@ class CudaEngine final : public Engine {
   // LLMQ_CUDA_PROFILE=1: every op runs eagerly between two events; the totals per op name are printed to
   // stderr when the engine ends (where the time of a decode step goes).
   template <typename F>
-  void op(const std::string& name, F f);
+  void op(const char* name, const char* suffix, F f);
+  template <typename F>
+  void op(const char* name, F f) { op(name, "", f); }
   void collect_profile();
 
   cudaStream_t stream_ = nullptr;
-  const bool profile_ = [] {
-    const char* v = std::getenv("LLMQ_CUDA_PROFILE");
-    return v && *v && std::strcmp(v, "0") != 0;
-  }();
+  const bool profile_ = env_flag("LLMQ_CUDA_PROFILE");
   std::vector<std::pair<std::string, std::pair<cudaEvent_t, cudaEvent_t>>> pending_;
   std::map<std::string, std::pair<double, int64_t>> prof_;  // name -> (total ms, calls)
   bool small_ = false;  // the batch being run takes the GEMV path
@@ -216,6 +229,14 @@ class CudaEngine final : public Engine {
 void* CudaEngine::alloc(size_t bytes) {
   weights_.emplace_back(bytes);
   return weights_.back().p;
+}
+
+void CudaEngine::require_free(uint64_t need, uint64_t margin, const std::string& what, const char* advice) const {
+  size_t free_b = 0, total_b = 0;
+  LLMQ_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  if (need + margin > free_b)
+    throw Error("--device cuda: " + what + " " + mib(need) + " but " + std::string(prop_.name) + " has " + mib(free_b) +
+                " of GPU memory free (of " + mib(total_b) + "); " + advice);
 }
 
 void CudaEngine::note_memory() {
@@ -256,7 +277,7 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls) {
       if (d.wf == WFmt::BF16 && l->w->dtype != DType::BF16) {
         std::vector<uint16_t> conv(size_t(l->out * K));
 #pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < int64_t(conv.size()); ++i) conv[size_t(i)] = float_to_bf16_bits(load_as_f32(l->w->data, l->w->dtype, size_t(i)));
+        for (int64_t i = 0; i < int64_t(conv.size()); ++i) conv[size_t(i)] = f32_to_bf16(load_as_f32(l->w->data, l->w->dtype, size_t(i)));
         LLMQ_CUDA_CHECK(cudaMemcpy(w, conv.data(), bytes, cudaMemcpyHostToDevice));
       } else {
         LLMQ_CUDA_CHECK(cudaMemcpy(w, l->w->data, bytes, cudaMemcpyHostToDevice));
@@ -310,13 +331,8 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
     if (!c.tie_embeddings) lin(m.lm_head());
     for (auto& L : m.layers())
       for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) lin(*l);
-    size_t free_b = 0, total_b = 0;
-    LLMQ_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-    const uint64_t margin = 256ull << 20;
-    if (need + margin > free_b)
-      throw Error("--device cuda: the model's weights need " + mib(need) + " on the GPU but " + std::string(prop_.name) +
-                  " has " + mib(free_b) + " free (of " + mib(total_b) + "); quantize it to a smaller format "
-                  "(w4a16-awq, fp8) or use --device cpu");
+    require_free(need, 256ull << 20, "the model's weights need",
+                 "quantize it to a smaller format (w4a16-awq, fp8) or use --device cpu");
   }
   LLMQ_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   LLMQ_CUBLAS_CHECK(cublasCreate(&cublas_));
@@ -353,7 +369,7 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
 }
 
 template <typename F>
-void CudaEngine::op(const std::string& name, F f) {
+void CudaEngine::op(const char* name, const char* suffix, F f) {
   if (!profile_) {
     f();
     return;
@@ -364,7 +380,7 @@ void CudaEngine::op(const std::string& name, F f) {
   LLMQ_CUDA_CHECK(cudaEventRecord(a, stream_));
   f();
   LLMQ_CUDA_CHECK(cudaEventRecord(b, stream_));
-  pending_.push_back({(small_ ? "" : "prefill ") + name, {a, b}});
+  pending_.push_back({std::string(small_ ? "" : "prefill ") + name + suffix, {a, b}});
 }
 
 void CudaEngine::collect_profile() {
@@ -411,13 +427,9 @@ void CudaEngine::reset(int64_t n_seq, int64_t capacity) {
   pages_per_seq_ = (capacity + kPage - 1) / kPage;
   const int64_t pages = n_seq * pages_per_seq_;
   const uint64_t per_layer = uint64_t(pages * kPage * c.kv_heads * c.head_dim) * uint64_t(kv_bytes_per_value());
-  size_t free_b = 0, total_b = 0;
-  LLMQ_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  const uint64_t need = 2 * per_layer * uint64_t(c.layers);
-  if (need + (256ull << 20) > free_b)
-    throw Error("--device cuda: the KV cache for " + std::to_string(n_seq) + " sequence(s) of " + std::to_string(capacity) +
-                " positions needs " + mib(need) + " but " + mib(free_b) + " of GPU memory are free; use fewer or shorter "
-                "sequences, or a KV-cache format of one byte (--kv-cache fp8 at quantization)");
+  require_free(2 * per_layer * uint64_t(c.layers), 256ull << 20,
+               "the KV cache for " + std::to_string(n_seq) + " sequence(s) of " + std::to_string(capacity) + " positions needs",
+               "use fewer or shorter sequences, or a KV-cache format of one byte (--kv-cache fp8 at quantization)");
   for (auto& L : layers_) {
     L.k_cache = DevMem(per_layer);
     L.v_cache = DevMem(per_layer);
@@ -456,11 +468,8 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   const int64_t widest_in = std::max({c.hidden, qd, c.intermediate});
   const uint64_t need = uint64_t(Tn) * uint64_t(c.hidden + qd + 2 * kvd + qd + 2 * c.intermediate + max_gemm_n_ + 1) * 4 +
                         uint64_t(Tn * widest_in) * 2 + uint64_t(max_wscratch_) * 2 + uint64_t(On * c.vocab) * 4;
-  size_t free_b = 0, total_b = 0;
-  LLMQ_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  if (need > free_b)
-    throw Error("--device cuda: activations for a batch of " + std::to_string(T) + " tokens need " + mib(need) + " but " +
-                mib(free_b) + " of GPU memory are free; use a smaller batch or prompt");
+  require_free(need, 0, "activations for a batch of " + std::to_string(T) + " tokens need",
+               "use a smaller batch or prompt");
   x_ = DevMem(size_t(Tn * c.hidden) * 4);
   qkv_ = DevMem(size_t(Tn * (qd + 2 * kvd)) * 4);
   att_ = DevMem(size_t(Tn * qd) * 4);
@@ -504,7 +513,7 @@ void CudaEngine::matmul(const DevLinear& l, int64_t T, bool small, float* y, int
   // cuBLAS: y[T, N] = x[T, K] . W[N, K]^T in column-major terms C[N, T] = W^T[N, K] x[K, T].
   const void* W = l.w;
   if (l.wf != WFmt::BF16) {
-    weight_to_bf16(int(l.wf), l.w, l.scale, l.zero, l.group, l.N, l.K, !quant_act, wscratch_.p, stream_);
+    weight_to_bf16(l.wf, l.w, l.scale, l.zero, l.group, l.N, l.K, !quant_act, wscratch_.p, stream_);
     W = wscratch_.p;
   }
   const bool direct = !quant_act && !l.bias;
@@ -522,7 +531,6 @@ void CudaEngine::matmul(const DevLinear& l, int64_t T, bool small, float* y, int
 template <typename P>
 void CudaEngine::site(const char* name, const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy,
                       bool accumulate) {
-  const std::string kind = small ? " gemv" : " gemm";
   const DevLinear* prev = nullptr;
   for (const DevLinear& l : s.parts) {
     if (!prev || prev->act != l.act || prev->act_scale != l.act_scale || prev->K != l.K) {
@@ -533,9 +541,9 @@ void CudaEngine::site(const char* name, const DevSite& s, int64_t T, bool small,
       o.out = act_.p;
       o.ld = l.K;
       o.row_scale = row_scale_.as<float>();
-      op(std::string(name) + " prep", [&] { produce(o); });
+      op(name, " prep", [&] { produce(o); });
     }
-    op(std::string(name) + kind, [&] { matmul(l, T, small, y + l.col, ldy, accumulate); });
+    op(name, small ? " gemv" : " gemm", [&] { matmul(l, T, small, y + l.col, ldy, accumulate); });
     prev = &l;
   }
 }
@@ -597,8 +605,9 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
   o.out = act_.p;
   o.ld = H;
   op("final_norm", [&] { rmsnorm_prep(x, rows, n_out, H, final_norm_, float(c.rms_eps), o, stream_); });
-  op(n_out <= kGemvMaxM ? "lm_head gemv" : "lm_head gemm",
-     [&] { matmul(lm_head_, n_out, n_out <= kGemvMaxM, logits_.as<float>(), c.vocab, false); });
+  const bool head_small = n_out <= kGemvMaxM;
+  op("lm_head", head_small ? " gemv" : " gemm",
+     [&] { matmul(lm_head_, n_out, head_small, logits_.as<float>(), c.vocab, false); });
 }
 
 void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out) {
@@ -606,15 +615,9 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
   if (batch.empty()) return;
   if (capacity_ == 0) throw Error("engine: forward before reset");
   const int64_t T = int64_t(batch.size());
+  model_.validate_batch(batch, n_seq_, capacity_);
   int64_t n_out = 0;
-  for (auto& b : batch) {
-    if (b.token < 0 || b.token >= c.vocab)
-      throw Error("token id " + std::to_string(b.token) + " is outside the vocabulary (" + std::to_string(c.vocab) + ")");
-    if (b.seq < 0 || b.seq >= n_seq_) throw Error("sequence " + std::to_string(b.seq) + " is outside the cache");
-    if (b.pos < 0 || b.pos >= capacity_)
-      throw Error("position " + std::to_string(b.pos) + " is beyond the context of " + std::to_string(capacity_) + " tokens");
-    n_out += b.logits;
-  }
+  for (auto& b : batch) n_out += b.logits;
   ensure_workspace(T, n_out);
   int32_t* h = static_cast<int32_t*>(h_ints_.p);
   int64_t r = 0;
