@@ -1,7 +1,10 @@
 // Scalar conversions between F32, F16 and BF16, against hand-computed cases and exhaustive round trips.
 #include <cmath>
+#include <cstring>
+#include <random>
 
 #include "common.hpp"
+#include "quant/pack/int4_mma.hpp"
 #include "test_util.hpp"
 
 using namespace llmq;
@@ -126,4 +129,56 @@ TEST(Formats, Int8AndInt4) {
   EXPECT_EQ(quant_int4(-0.7f, s), 1);  // -7 + 8
   // round trip error within half a step
   for (float x = -1.0f; x <= 2.0f; x += 0.013f) EXPECT_LE(std::abs(dequant_int4(quant_int4(x, p), p) - x), p.scale / 2 + 1e-6f);
+}
+
+// The INT4 tensor-core layout (quant/pack/int4_mma.hpp): a permutation of the codes, and, decoded the way the
+// CUDA GEMM decodes it, the A operand of mma.m16n8k16 as PTX defines its fragments, multiplied with the B
+// operand the GEMM loads (activations at k = k0 + 4t + 2r + e), gives the plain row-major product.
+TEST(Formats, Int4MmaLayout) {
+  std::mt19937 rng(3);
+  for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{1, 16}, {16, 64}, {17, 80}, {33, 192}, {40, 130}}) {
+    std::vector<uint8_t> codes(static_cast<size_t>(N * (K / 2)));
+    for (auto& b : codes) b = uint8_t(rng() & 0xFF);
+    const std::vector<uint8_t> packed = pack::int4_mma_pack(codes.data(), N, K);
+    ASSERT_EQ(int64_t(packed.size()), pack::int4_mma_bytes(N, K));
+    EXPECT_EQ(pack::int4_mma_unpack(packed.data(), N, K), codes) << N << "x" << K;
+    if (K % 16) continue;
+    std::vector<float> x(static_cast<size_t>(K));
+    for (auto& v : x) v = float(int(rng() % 7) - 3);
+    const int64_t units = pack::int4_mma_units(K);
+    for (int64_t b = 0; b < pack::int4_mma_row_blocks(N); ++b) {
+      double y[16] = {};
+      for (int64_t u = 0; u < units; ++u)
+        for (int s = 0; s < 4; ++s) {
+          const int64_t k0 = u * 64 + 16 * s;
+          if (k0 >= K) break;
+          double A[16][16] = {}, B[16] = {};
+          for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane / 4, t = lane % 4;
+            uint32_t w;
+            std::memcpy(&w, &packed[size_t((((b * units + u) * 32 + lane) * 4 + s) * 4)], 4);
+            for (int r = 0; r < 4; ++r) {
+              const uint32_t reg = ((w >> (4 * r)) & 0x000F000Fu) | 0x43004300u;  // the GEMM's decode
+              for (int e = 0; e < 2; ++e) {
+                const float v = bf16_to_f32(uint16_t(reg >> (16 * e))) - 128.f;  // the code
+                // PTX m16n8k16 A fragment: a{2r+e}: row g (+8 for odd r), column 2t + e (+8 for r >= 2).
+                A[g + 8 * (r & 1)][2 * t + e + 8 * (r >> 1)] = v;
+              }
+            }
+            // B fragment b{2r+e} (column g = 0 here): row 2t + e + 8r; the GEMM loads x[k0 + 4t + 2r + e].
+            if (g == 0)
+              for (int r = 0; r < 2; ++r)
+                for (int e = 0; e < 2; ++e) B[2 * t + e + 8 * r] = x[size_t(k0 + 4 * t + 2 * r + e)];
+          }
+          for (int i = 0; i < 16; ++i)
+            for (int c = 0; c < 16; ++c) y[i] += A[i][c] * B[c];
+        }
+      for (int i = 0; i < 16 && b * 16 + i < N; ++i) {
+        const int64_t n = b * 16 + i;
+        double want = 0;
+        for (int64_t k = 0; k < K; ++k) want += double((codes[size_t(n * (K / 2) + k / 2)] >> ((k & 1) * 4)) & 0xF) * x[size_t(k)];
+        ASSERT_EQ(y[i], want) << "row " << n << " of " << N << "x" << K;
+      }
+    }
+  }
 }

@@ -15,6 +15,8 @@
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/gemv.cuh"
+#include "backend/cuda/wgemm.cuh"
+#include "quant/pack/int4_mma.hpp"
 
 namespace llmq::cuda {
 
@@ -113,8 +115,12 @@ struct DevLinear {
   uint8_t* zero = nullptr;
   int64_t group = 0, N = 0, K = 0;
   float* bias = nullptr;
-  int64_t col = 0;  // first output column in the site's output
+  int64_t col = 0;     // first output column in the site's output
+  bool tiles = false;  // I4 repacked into the int4_mma layout (wgemm's), not row-major
 };
+
+// How one matmul runs for a batch of T tokens.
+enum class Path { Wgemm, Gemv, Cublas };
 
 // The linears reading one input (q/k/v; gate/up), fused into one matrix when their formats agree.
 struct DevSite {
@@ -184,9 +190,13 @@ class CudaEngine final : public Engine {
   void run(int64_t T, int64_t n_out, bool small);
   // Runs the site on the input that `produce` writes (called once per distinct activation format).
   template <typename P>
-  void site(const char* name, const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy,
+  void site(const char* name, const DevSite& s, int64_t T, P produce, float* y, int64_t ldy,
             bool accumulate);
-  void matmul(const DevLinear& l, int64_t T, bool small, float* y, int64_t ldy, bool accumulate);
+  GemvArgs gemv_args(const DevLinear& l, int64_t T, float* y, int64_t ldy, bool accumulate) const;
+  Path path(const DevLinear& l, int64_t T) const;
+  // Whether every matmul of a T-token step avoids cuBLAS (then the step can be one CUDA graph).
+  bool skinny(int64_t T) const;
+  void matmul(const DevLinear& l, int64_t T, float* y, int64_t ldy, bool accumulate);
   void clear_graphs();
   // LLMQ_CUDA_PROFILE=1: every op runs eagerly between two events; the totals per op name are printed to
   // stderr when the engine ends (where the time of a decode step goes).
@@ -200,9 +210,10 @@ class CudaEngine final : public Engine {
   const bool profile_ = env_flag("LLMQ_CUDA_PROFILE");
   std::vector<std::pair<std::string, std::pair<cudaEvent_t, cudaEvent_t>>> pending_;
   std::map<std::string, std::pair<double, int64_t>> prof_;  // name -> (total ms, calls)
-  bool small_ = false;  // the batch being run takes the GEMV path
+  bool small_ = false;  // the batch being run is a decode step or small batch (profile names)
   cublasHandle_t cublas_ = nullptr;
   cudaDeviceProp prop_{};
+  int sm_ = 0;  // compute capability, e.g. 90
   std::vector<DevMem> weights_;
   void* embed_ = nullptr;  // bf16 [vocab, H]
   DevLinear lm_head_;
@@ -268,13 +279,19 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls) {
     for (const Linear* l : g) d.N += l->out, any_bias = any_bias || !l->bias.empty();
     const int64_t K = d.K;
     const size_t row_bytes = d.wf == WFmt::BF16 ? size_t(K) * 2 : d.wf == WFmt::I4 ? size_t(K / 2) : size_t(K);
-    char* w = static_cast<char*>(alloc(row_bytes * size_t(d.N)));
+    // INT4 goes to the tensor-core layout when wgemm takes its shape (offline repack, once, on the host).
+    d.tiles = d.wf == WFmt::I4 && K % 16 == 0 && (d.group == 32 || d.group == 64 || d.group == 128);
+    std::vector<uint8_t> codes;  // tiles: the fused matrix's codes, row-major, packed at the end
+    char* w = d.tiles ? nullptr : static_cast<char*>(alloc(row_bytes * size_t(d.N)));
     d.w = w;
     std::vector<float> scale, bias;
     std::vector<uint8_t> zero;
     for (const Linear* l : g) {
       const size_t bytes = row_bytes * size_t(l->out);
-      if (d.wf == WFmt::BF16 && l->w->dtype != DType::BF16) {
+      if (d.tiles) {
+        const uint8_t* src = static_cast<const uint8_t*>(l->w->data);
+        codes.insert(codes.end(), src, src + bytes);
+      } else if (d.wf == WFmt::BF16 && l->w->dtype != DType::BF16) {
         std::vector<uint16_t> conv(size_t(l->out * K));
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < int64_t(conv.size()); ++i) conv[size_t(i)] = f32_to_bf16(load_as_f32(l->w->data, l->w->dtype, size_t(i)));
@@ -282,7 +299,7 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls) {
       } else {
         LLMQ_CUDA_CHECK(cudaMemcpy(w, l->w->data, bytes, cudaMemcpyHostToDevice));
       }
-      w += bytes;
+      if (w) w += bytes;
       scale.insert(scale.end(), l->w_scale.begin(), l->w_scale.end());
       zero.insert(zero.end(), l->w_zero.begin(), l->w_zero.end());
       if (any_bias) {
@@ -290,6 +307,7 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls) {
         else bias.insert(bias.end(), l->bias.begin(), l->bias.end());
       }
     }
+    if (d.tiles) d.w = upload(pack::int4_mma_pack(codes.data(), d.N, K));
     if (!scale.empty()) d.scale = upload(scale);
     if (!zero.empty()) d.zero = upload(zero);
     if (!bias.empty()) d.bias = upload(bias);
@@ -310,6 +328,7 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
                 (e != cudaSuccess ? cudaGetErrorString(e) : "no GPU found") + "); use --device cpu");
   LLMQ_CUDA_CHECK(cudaSetDevice(0));
   LLMQ_CUDA_CHECK(cudaGetDeviceProperties(&prop_, 0));
+  sm_ = prop_.major * 10 + prop_.minor;
   const ModelConfig& c = m.config();
   const QuantConfig& q = m.quant();
   if (c.head_dim > 256 || c.head_dim % 2)
@@ -454,7 +473,7 @@ void CudaEngine::reset(int64_t n_seq, int64_t capacity) {
   const int64_t blocks = c.kv_heads * gch;
   splits_ = std::clamp<int64_t>((2 * prop_.multiProcessorCount + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / 16));
   chunk_ = (capacity + splits_ - 1) / splits_;
-  partial_ = DevMem(size_t(kGemvMaxM * c.heads * splits_ * (c.head_dim + 2)) * 4);
+  partial_ = DevMem(size_t(kWgemmMaxT * c.heads * splits_ * (c.head_dim + 2)) * 4);
   note_memory();
 }
 
@@ -487,32 +506,60 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   note_memory();
 }
 
-void CudaEngine::matmul(const DevLinear& l, int64_t T, bool small, float* y, int64_t ldy, bool accumulate) {
+GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t ldy, bool accumulate) const {
+  GemvArgs a;
+  a.wf = l.wf;
+  a.xf = xfmt_of(l.act);
+  a.w = l.w;
+  a.w_scale = l.scale;
+  a.w_zero = l.zero;
+  a.group = l.group;
+  a.N = l.N;
+  a.K = l.K;
+  a.bias = l.bias;
+  a.x = act_.p;
+  a.ldx = l.K;
+  a.x_scale = l.act != ActKind::None ? row_scale_.as<float>() : nullptr;
+  a.M = int(T);
+  a.y = y;
+  a.ldy = ldy;
+  a.accumulate = accumulate;
+  return a;
+}
+
+Path CudaEngine::path(const DevLinear& l, int64_t T) const {
+  // Placeholder pointers: the shapes, formats and the workspace's alignment decide.
+  GemvArgs a = gemv_args(l, std::max<int64_t>(T, 1), reinterpret_cast<float*>(16), l.N, false);
+  a.x = act_.p ? act_.p : reinterpret_cast<void*>(16);
+  if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
+  if (T <= kWgemmMaxT && wgemm_supports(a, sm_)) return Path::Wgemm;
+  if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
+  return Path::Cublas;
+}
+
+bool CudaEngine::skinny(int64_t T) const {
+  if (T > kWgemmMaxT) return false;
+  auto ok = [&](const DevSite& s) {
+    for (const DevLinear& l : s.parts)
+      if (path(l, T) == Path::Cublas) return false;
+    return true;
+  };
+  for (const DevLayer& L : layers_)
+    if (!ok(L.qkv) || !ok(L.o) || !ok(L.gate_up) || !ok(L.down)) return false;
+  return true;
+}
+
+void CudaEngine::matmul(const DevLinear& l, int64_t T, float* y, int64_t ldy, bool accumulate) {
   const bool quant_act = l.act != ActKind::None;
-  if (small) {
-    GemvArgs a;
-    a.wf = l.wf;
-    a.xf = xfmt_of(l.act);
-    a.w = l.w;
-    a.w_scale = l.scale;
-    a.w_zero = l.zero;
-    a.group = l.group;
-    a.N = l.N;
-    a.K = l.K;
-    a.bias = l.bias;
-    a.x = act_.p;
-    a.ldx = l.K;
-    a.x_scale = quant_act ? row_scale_.as<float>() : nullptr;
-    a.M = int(T);
-    a.y = y;
-    a.ldy = ldy;
-    a.accumulate = accumulate;
-    gemv(a, stream_);
-    return;
-  }
+  const Path p = path(l, T);
+  if (p == Path::Wgemm) return wgemm(gemv_args(l, T, y, ldy, accumulate), stream_);
+  if (p == Path::Gemv) return gemv(gemv_args(l, T, y, ldy, accumulate), stream_);
   // cuBLAS: y[T, N] = x[T, K] . W[N, K]^T in column-major terms C[N, T] = W^T[N, K] x[K, T].
   const void* W = l.w;
-  if (l.wf != WFmt::BF16) {
+  if (l.tiles) {
+    int4_mma_to_bf16(l.w, l.scale, l.zero, l.group, l.N, l.K, wscratch_.p, stream_);
+    W = wscratch_.p;
+  } else if (l.wf != WFmt::BF16) {
     weight_to_bf16(l.wf, l.w, l.scale, l.zero, l.group, l.N, l.K, !quant_act, wscratch_.p, stream_);
     W = wscratch_.p;
   }
@@ -529,22 +576,28 @@ void CudaEngine::matmul(const DevLinear& l, int64_t T, bool small, float* y, int
 }
 
 template <typename P>
-void CudaEngine::site(const char* name, const DevSite& s, int64_t T, bool small, P produce, float* y, int64_t ldy,
+void CudaEngine::site(const char* name, const DevSite& s, int64_t T, P produce, float* y, int64_t ldy,
                       bool accumulate) {
   const DevLinear* prev = nullptr;
+  bool prev_bf16 = false;
   for (const DevLinear& l : s.parts) {
-    if (!prev || prev->act != l.act || prev->act_scale != l.act_scale || prev->K != l.K) {
+    // cuBLAS multiplies W8A8 codes as BF16 values (exact); the other paths read the codes.
+    const bool as_bf16 = l.act != ActKind::None && path(l, T) == Path::Cublas;
+    if (!prev || prev->act != l.act || prev->act_scale != l.act_scale || prev->K != l.K || prev_bf16 != as_bf16) {
       PrepOut o;
       o.kind = l.act;
-      o.codes_as_bf16 = !small && l.act != ActKind::None;
+      o.codes_as_bf16 = as_bf16;
       o.static_scale = l.act_scale;
       o.out = act_.p;
       o.ld = l.K;
       o.row_scale = row_scale_.as<float>();
       op(name, " prep", [&] { produce(o); });
     }
-    op(name, small ? " gemv" : " gemm", [&] { matmul(l, T, small, y + l.col, ldy, accumulate); });
+    const Path p = path(l, T);
+    op(name, p == Path::Wgemm ? " wgemm" : p == Path::Gemv ? " gemv" : " gemm",
+       [&] { matmul(l, T, y + l.col, ldy, accumulate); });
     prev = &l;
+    prev_bf16 = as_bf16;
   }
 }
 
@@ -562,7 +615,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
     DevLayer& L = layers_[li];
     const int64_t qkv_n = L.qkv.N;
     float* qkv = qkv_.as<float>();
-    site("qkv", L.qkv, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_); },
+    site("qkv", L.qkv, T, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_); },
          qkv, qkv_n, false);
     KvCacheView kv;
     kv.type = kv_type_;
@@ -592,22 +645,20 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
     const bool direct = L.o.parts.size() == 1 && L.o.parts[0].act == ActKind::None;
     if (direct) aa.out_bf16 = act_.p;
     op("attention", [&] { attention(aa, kv, stream_); });
-    site("o", L.o, T, small, [&](const PrepOut& o) {
+    site("o", L.o, T, [&](const PrepOut& o) {
       if (!direct) act_prep(att_.as<float>(), qd, T, qd, o, stream_);
     }, x, H, true);
     float* gu = gu_.as<float>();
-    site("gate_up", L.gate_up, T, small, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_); },
+    site("gate_up", L.gate_up, T, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_); },
          gu, L.gate_up.N, false);
-    site("down", L.down, T, small, [&](const PrepOut& o) { swiglu_prep(gu, L.gate_up.N, T, I, o, stream_); }, x, H, true);
+    site("down", L.down, T, [&](const PrepOut& o) { swiglu_prep(gu, L.gate_up.N, T, I, o, stream_); }, x, H, true);
   }
   if (n_out == 0) return;
   PrepOut o;
   o.out = act_.p;
   o.ld = H;
   op("final_norm", [&] { rmsnorm_prep(x, rows, n_out, H, final_norm_, float(c.rms_eps), o, stream_); });
-  const bool head_small = n_out <= kGemvMaxM;
-  op("lm_head", head_small ? " gemv" : " gemm",
-     [&] { matmul(lm_head_, n_out, head_small, logits_.as<float>(), c.vocab, false); });
+  op("lm_head", [&] { matmul(lm_head_, n_out, logits_.as<float>(), c.vocab, false); });
 }
 
 void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out) {
@@ -629,8 +680,10 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
     if (b.logits) h[3 * t_cap_ + r++] = int32_t(t);
   }
   LLMQ_CUDA_CHECK(cudaMemcpyAsync(ints_.p, h, size_t(4 * t_cap_) * 4, cudaMemcpyHostToDevice, stream_));
-  const bool small = T <= kGemvMaxM;
-  if (small && !sync_each_launch() && !profile_) {
+  // Decode steps and small batches: split attention, and one CUDA graph per shape when no matmul needs cuBLAS.
+  const bool small = T <= kWgemmMaxT;
+  if (small && skinny(T) && (n_out == 0 || path(lm_head_, n_out) != Path::Cublas) && !sync_each_launch() &&
+      !profile_) {
     const auto key = std::make_pair(T, n_out);
     auto it = graphs_.find(key);
     if (it == graphs_.end()) {

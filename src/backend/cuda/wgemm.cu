@@ -1,0 +1,349 @@
+#include "backend/cuda/wgemm.cuh"
+
+#include <algorithm>
+#include <type_traits>
+
+#include "backend/cuda/check.hpp"
+#include "backend/cuda/device_util.cuh"
+#include "quant/pack/int4_mma.hpp"
+
+namespace llmq::cuda {
+
+namespace {
+
+constexpr int kMaxWarps = 8;  // K-splitting warps per CTA
+constexpr int kDepth = 4;     // units loaded ahead per warp
+
+// The kinds of the table in wgemm.cuh.
+enum Kind : int { kBf16 = 0, kI8W = 1, kI4 = 2, kI8I8 = 3, kFp8Fp8 = 4 };
+
+// Weights are read once: do not keep them in L1 (the activations live there).
+__device__ __forceinline__ uint4 ld_weights(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint2 b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+}
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint2 b) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+}
+
+// FP8 products summed from zero per instruction and added in FP32 outside: Hopper's FP8 tensor cores keep
+// fewer bits than FP32 while accumulating, so long sums stay out of them.
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], uint2 b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+  c[0] += d0, c[1] += d1, c[2] += d2, c[3] += d3;
+#else
+  __trap();  // wgemm_supports() keeps FP8 off cards below sm_89
+#endif
+}
+
+// Bytes i and i+1 of w (signed INT8 codes) as a bf16 pair, exactly: 2^23 + (code + 128) is built as float bits,
+// the offset subtracted, and the (exact) bf16 halves taken.
+__device__ __forceinline__ uint32_t i8x2_to_bf16x2(uint32_t w_biased, int i) {
+  const float a = __uint_as_float(__byte_perm(w_biased, 0x4Bu, 0x4550u + i)) - 8388736.f;
+  const float b = __uint_as_float(__byte_perm(w_biased, 0x4Bu, 0x4550u + i + 1)) - 8388736.f;
+  return __byte_perm(__float_as_uint(a), __float_as_uint(b), 0x7632u);
+}
+
+// bf16 pair (lo - z, hi - z) where lo/hi are 128 + code and z2 holds 128 + zero twice: exact small integers.
+__device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
+  __nv_bfloat162 x = *reinterpret_cast<__nv_bfloat162*>(&a), y = *reinterpret_cast<__nv_bfloat162*>(&b);
+  __nv_bfloat162 d = __hsub2(x, y);
+  return *reinterpret_cast<uint32_t*>(&d);
+}
+
+template <int KIND>
+struct KindTraits {
+  static constexpr int kXBytes = KIND >= kI8I8 ? 1 : 2;
+  using Acc = typename std::conditional<KIND == kI8I8, int, float>::type;
+};
+
+template <int KIND, int NT, int G>
+__global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a, const int64_t units) {
+  using Tr = KindTraits<KIND>;
+  using Acc = typename Tr::Acc;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t rb = blockIdx.x;
+  // Rows past N re-read row N-1 (never stored).
+  const int64_t r0 = min(rb * 16 + g, a.N - 1), r1 = min(rb * 16 + g + 8, a.N - 1);
+  const int64_t per = (units + nw - 1) / nw;
+  const int64_t u0 = int64_t(warp) * per, u1 = min(units, u0 + per);
+
+  Acc acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = Acc(0);
+
+  // This lane's token in each n-tile (B operand column g); tokens past T read zeros.
+  const char* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int tok = n * 8 + g;
+    xok[n] = tok < a.M;
+    xrow[n] = static_cast<const char*>(a.x) + int64_t(xok[n] ? tok : 0) * a.ldx * Tr::kXBytes;
+  }
+  auto load_b = [&](int n, int64_t k) -> uint2 {
+    return xok[n] ? __ldg(reinterpret_cast<const uint2*>(xrow[n] + k * Tr::kXBytes)) : make_uint2(0u, 0u);
+  };
+
+  // INT4: per-group partial sums, scaled when the group changes.
+  float cg[NT][4];
+  int64_t cur_group = -1;
+  float s0 = 0.f, s1 = 0.f;
+  uint32_t z0 = 0, z1 = 0;
+  const int64_t ngroups = KIND == kI4 ? a.K / G : 0;
+  auto flush = [&]() {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] += s0 * cg[n][0], acc[n][1] += s0 * cg[n][1];
+      acc[n][2] += s1 * cg[n][2], acc[n][3] += s1 * cg[n][3];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cg[n][i] = 0.f;
+    }
+  };
+  if constexpr (KIND == kI4) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cg[n][i] = 0.f;
+  }
+
+  const char* w0 = static_cast<const char*>(a.w);
+  const char* w1 = w0;
+  int64_t wstride = 0;  // bytes between consecutive units of this lane
+  if constexpr (KIND == kI4) {
+    w0 += ((rb * units) * 32 + lane) * 16;
+    wstride = 32 * 16;
+  } else {
+    const int64_t row_bytes = a.K * (KIND == kBf16 ? 2 : 1);
+    w0 += r0 * row_bytes + t * 16;
+    w1 += r1 * row_bytes + t * 16;
+    wstride = 64;
+  }
+
+  auto process = [&](int64_t u, const uint4& wa, const uint4& wb) {
+    const uint32_t ra[4] = {wa.x, wa.y, wa.z, wa.w}, rbw[4] = {wb.x, wb.y, wb.z, wb.w};
+    if constexpr (KIND == kBf16 || KIND == kI8I8 || KIND == kFp8Fp8) {
+      // Two steps per unit; step j takes words 2j, 2j+1 of each row (k 8t+4j.. for BF16, 16t+8j.. for 8-bit).
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t A[4] = {ra[2 * j], rbw[2 * j], ra[2 * j + 1], rbw[2 * j + 1]};
+        const int64_t k = KIND == kBf16 ? u * 32 + 8 * t + 4 * j : u * 64 + 16 * t + 8 * j;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (n * 8 >= a.M) break;
+          const uint2 b = load_b(n, k);
+          if constexpr (KIND == kBf16) mma_bf16(acc[n], A, b);
+          else if constexpr (KIND == kI8I8) mma_s8(acc[n], A, b);
+          else mma_e4m3(acc[n], A, b);
+        }
+      }
+    } else if constexpr (KIND == kI8W) {
+      // Four steps; step j takes word j of each row (k 16t + 4j .. +3).
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t pa = ra[j] ^ 0x80808080u, pb = rbw[j] ^ 0x80808080u;
+        const uint32_t A[4] = {i8x2_to_bf16x2(pa, 0), i8x2_to_bf16x2(pb, 0), i8x2_to_bf16x2(pa, 2), i8x2_to_bf16x2(pb, 2)};
+        const int64_t k = u * 64 + 16 * t + 4 * j;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (n * 8 >= a.M) break;
+          mma_bf16(acc[n], A, load_b(n, k));
+        }
+      }
+    } else {  // kI4: four steps of 16 k; word j = step j (quant/pack/int4_mma.hpp)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t k0 = u * 64 + 16 * j;
+        if (k0 >= a.K) break;  // padding of the last unit
+        const int64_t grp = k0 / G;
+        if (grp != cur_group) {
+          if (cur_group >= 0) flush();
+          cur_group = grp;
+          s0 = __ldg(a.w_scale + r0 * ngroups + grp);
+          s1 = __ldg(a.w_scale + r1 * ngroups + grp);
+          const uint32_t za = 0x4300u | __ldg(a.w_zero + r0 * ngroups + grp);
+          const uint32_t zb = 0x4300u | __ldg(a.w_zero + r1 * ngroups + grp);
+          z0 = za | (za << 16);
+          z1 = zb | (zb << 16);
+        }
+        const uint32_t w = ra[j];
+        uint32_t A[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) A[r] = bf16x2_sub(((w >> (4 * r)) & 0x000F000Fu) | 0x43004300u, (r & 1) ? z1 : z0);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (n * 8 >= a.M) break;
+          mma_bf16(cg[n], A, load_b(n, k0 + 4 * t));
+        }
+      }
+    }
+  };
+
+  int64_t u = u0;
+  for (; u + kDepth <= u1; u += kDepth) {
+    uint4 wa[kDepth], wb[kDepth];
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      wa[d] = ld_weights(w0 + (u + d) * wstride);
+      if constexpr (KIND != kI4) wb[d] = ld_weights(w1 + (u + d) * wstride);
+      else wb[d] = wa[d];
+    }
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) process(u + d, wa[d], wb[d]);
+  }
+  for (; u < u1; ++u) {
+    const uint4 wa = ld_weights(w0 + u * wstride);
+    const uint4 wb = KIND != kI4 ? ld_weights(w1 + u * wstride) : wa;
+    process(u, wa, wb);
+  }
+  if constexpr (KIND == kI4) {
+    if (cur_group >= 0) flush();
+  }
+
+  // Sum the warps' partial results.
+  __shared__ Acc red[kMaxWarps - 1][NT * 4][32];
+  if (nw > 1) {
+    if (warp > 0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp - 1][n * 4 + i][lane] = acc[n][i];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    for (int w = 1; w < nw; ++w)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[n][i] += red[w - 1][n * 4 + i][lane];
+  }
+  // Epilogue: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = rb * 16 + g + 8 * (i >> 1);
+      const int tok = n * 8 + 2 * t + (i & 1);
+      if (row >= a.N || tok >= a.M) continue;
+      float v = float(acc[n][i]);
+      if constexpr (KIND >= kI8I8) v *= a.x_scale[tok];
+      if constexpr (KIND == kI8W || KIND >= kI8I8) v *= a.w_scale[row];
+      if (a.bias) v += a.bias[row];
+      float* y = a.y + int64_t(tok) * a.ldy + row;
+      *y = a.accumulate ? *y + v : v;
+    }
+}
+
+int kind_of(const GemvArgs& a) {
+  if (a.wf == WFmt::BF16 && a.xf == XFmt::BF16) return kBf16;
+  if (a.wf == WFmt::I8 && a.xf == XFmt::BF16) return kI8W;
+  if (a.wf == WFmt::I4 && a.xf == XFmt::BF16) return kI4;
+  if (a.wf == WFmt::I8 && a.xf == XFmt::I8) return kI8I8;
+  if (a.wf == WFmt::FP8 && a.xf == XFmt::FP8) return kFp8Fp8;
+  return -1;
+}
+
+int64_t units_of(int kind, int64_t K) {
+  return kind == kI4 ? pack::int4_mma_units(K) : K / (kind == kBf16 ? 32 : 64);
+}
+
+template <int KIND, int G>
+void launch_nt(const GemvArgs& a, cudaStream_t s) {
+  const int64_t units = units_of(KIND, a.K);
+  // Enough warps per row block that small matrices still keep every SM's memory pipe busy.
+  const int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
+  const dim3 grid(unsigned((a.N + 15) / 16)), block(unsigned(nw * 32));
+  if (a.M <= 8) wgemm_kernel<KIND, 1, G><<<grid, block, 0, s>>>(a, units);
+  else if (a.M <= 16) wgemm_kernel<KIND, 2, G><<<grid, block, 0, s>>>(a, units);
+  else if (a.M <= 32) wgemm_kernel<KIND, 4, G><<<grid, block, 0, s>>>(a, units);
+  else wgemm_kernel<KIND, 8, G><<<grid, block, 0, s>>>(a, units);
+  check_launch("wgemm_kernel", s);
+}
+
+bool aligned(const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p) % n) == 0; }
+
+__global__ void int4_mma_to_bf16_kernel(const uint32_t* packed, const float* scale, const uint8_t* zero, int64_t group,
+                                        int64_t N, int64_t K, int64_t units, int64_t words, __nv_bfloat16* out) {
+  const int64_t wi = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (wi >= words) return;
+  // word index = ((b * units + u) * 32 + lane) * 4 + s
+  const int s = int(wi % 4), lane = int((wi / 4) % 32);
+  const int64_t u = (wi / 128) % units, b = wi / (128 * units);
+  const int g = lane / 4, t = lane % 4;
+  const uint32_t w = packed[wi];
+  const int64_t ng = K / group;
+  for (int q = 0; q < 8; ++q) {
+    const int reg = q & 3, e = q >> 2;
+    const int64_t n = b * 16 + g + 8 * (reg & 1), k = u * 64 + 16 * s + 4 * t + 2 * (reg >> 1) + e;
+    if (n >= N || k >= K) continue;
+    const int64_t gi = n * ng + k / group;
+    out[n * K + k] = __float2bfloat16((float((w >> (4 * q)) & 0xFu) - float(zero[gi])) * scale[gi]);
+  }
+}
+
+}  // namespace
+
+bool wgemm_supports(const GemvArgs& a, int sm) {
+  const int kind = kind_of(a);
+  if (kind < 0 || a.M < 1 || a.M > kWgemmMaxT || a.N < 1 || a.K < 1 || !a.w || !a.x || !a.y) return false;
+  if (a.ldx < a.K || a.ldy < a.N) return false;
+  if (kind == kFp8Fp8 && sm < 89) return false;
+  if (kind >= kI8I8 && !a.x_scale) return false;
+  if (kind != kBf16 && !a.w_scale) return false;
+  if (kind == kBf16 && a.K % 32) return false;
+  if ((kind == kI8W || kind >= kI8I8) && a.K % 64) return false;
+  if (kind == kI4 && (a.K % 16 || !a.w_zero || (a.group != 32 && a.group != 64 && a.group != 128) || a.K % a.group))
+    return false;
+  const int xb = kind >= kI8I8 ? 1 : 2;
+  if (!aligned(a.w, 16) || !aligned(a.x, 8) || (a.ldx * xb) % 8) return false;
+  return true;
+}
+
+void wgemm(const GemvArgs& a, cudaStream_t s) {
+  switch (kind_of(a)) {
+    case kBf16: return launch_nt<kBf16, 0>(a, s);
+    case kI8W: return launch_nt<kI8W, 0>(a, s);
+    case kI8I8: return launch_nt<kI8I8, 0>(a, s);
+    case kFp8Fp8: return launch_nt<kFp8Fp8, 0>(a, s);
+    case kI4:
+      if (a.group == 32) return launch_nt<kI4, 32>(a, s);
+      if (a.group == 64) return launch_nt<kI4, 64>(a, s);
+      return launch_nt<kI4, 128>(a, s);
+    default: break;
+  }
+  throw Error("wgemm: unsupported format pair");
+}
+
+void int4_mma_to_bf16(const void* packed, const float* scale, const uint8_t* zero, int64_t group, int64_t N, int64_t K,
+                      void* out, cudaStream_t s) {
+  const int64_t units = pack::int4_mma_units(K), words = pack::int4_mma_bytes(N, K) / 4;
+  if (words == 0) return;
+  constexpr int kThreads = 256;
+  int4_mma_to_bf16_kernel<<<unsigned((words + kThreads - 1) / kThreads), kThreads, 0, s>>>(
+      static_cast<const uint32_t*>(packed), scale, zero, group, N, K, units, words, static_cast<__nv_bfloat16*>(out));
+  check_launch("int4_mma_to_bf16_kernel", s);
+}
+
+}  // namespace llmq::cuda
