@@ -532,7 +532,8 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   GemvArgs a = gemv_args(l, std::max<int64_t>(T, 1), reinterpret_cast<float*>(16), l.N, false);
   a.x = act_.p ? act_.p : reinterpret_cast<void*>(16);
   if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
-  if (T <= kWgemmMaxT && wgemm_supports(a, sm_)) return Path::Wgemm;
+  static const bool no_wgemm = env_flag("LLMQ_NO_WGEMM");  // comparisons with the GEMV only
+  if (T <= kWgemmMaxT && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   return Path::Cublas;
 }

@@ -1,6 +1,7 @@
 #include "backend/cuda/wgemm.cuh"
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "backend/cuda/check.hpp"
@@ -273,7 +274,11 @@ template <int KIND, int G>
 void launch_nt(const GemvArgs& a, cudaStream_t s) {
   const int64_t units = units_of(KIND, a.K);
   // Enough warps per row block that small matrices still keep every SM's memory pipe busy.
-  const int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
+  static const int max_warps = [] {  // LLMQ_WGEMM_WARPS: tuning experiments only
+    const char* e = std::getenv("LLMQ_WGEMM_WARPS");
+    return e && *e ? std::clamp(std::atoi(e), 1, kMaxWarps) : kMaxWarps;
+  }();
+  const int nw = int(std::clamp<int64_t>(units / 2, 1, max_warps));
   const dim3 grid(unsigned((a.N + 15) / 16)), block(unsigned(nw * 32));
   if (a.M <= 8) wgemm_kernel<KIND, 1, G><<<grid, block, 0, s>>>(a, units);
   else if (a.M <= 16) wgemm_kernel<KIND, 2, G><<<grid, block, 0, s>>>(a, units);
