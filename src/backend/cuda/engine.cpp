@@ -532,7 +532,12 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   GemvArgs a = gemv_args(l, std::max<int64_t>(T, 1), reinterpret_cast<float*>(16), l.N, false);
   a.x = act_.p ? act_.p : reinterpret_cast<void*>(16);
   if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
-  static const bool no_wgemm = env_flag("LLMQ_NO_WGEMM");  // comparisons with the GEMV only
+  // Comparison switches: LLMQ_NO_WGEMM (GEMV or cuBLAS only), LLMQ_WGEMM_ALL (wgemm wherever it runs).
+  static const bool no_wgemm = env_flag("LLMQ_NO_WGEMM"), wgemm_all = env_flag("LLMQ_WGEMM_ALL");
+  // BF16 and FP8 x FP8 at T <= 8: the GEMV reached more of the bandwidth (H200, llama-3-8b batch 1: bf16 182 vs
+  // 165 tok/s, fp8 254 vs 237; bench/results/2026-11-28-nvidia-h200-tuning.txt).
+  const bool gemv_first = !wgemm_all && (l.wf == WFmt::BF16 || l.wf == WFmt::FP8);
+  if (gemv_first && T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   if (T <= kWgemmMaxT && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   return Path::Cublas;
