@@ -212,15 +212,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     }
   };
 
-  // The warps of a CTA take interleaved units (warp w: units w, w + nw, ...), so at any moment the CTA reads
-  // long contiguous runs of each row; kDepth units per warp are in flight before any is used.
-  for (int64_t base = warp; base < units; base += int64_t(nw) * kDepth) {
+  // Each warp walks its own contiguous range of units (interleaving the warps' units measured 5-10% slower on
+  // H200), with kDepth units' loads in flight before any is used.
+  const int64_t per = (units + nw - 1) / nw;
+  const int64_t u0 = int64_t(warp) * per, u1 = min(units, u0 + per);
+  for (int64_t base = u0; base < u1; base += kDepth) {
     uint4 wa[kDepth], wb[kDepth];
     I4Params q[kDepth];
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
-      const int64_t u = base + int64_t(d) * nw;
-      if (u < units) {
+      const int64_t u = base + d;
+      if (u < u1) {
         wa[d] = ld_weights(w0 + u * wstride);
         if constexpr (KIND != kI4) wb[d] = ld_weights(w1 + u * wstride);
         else q[d] = load_i4_params<G>(a, r0, r1, u);
@@ -228,8 +230,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     }
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
-      const int64_t u = base + int64_t(d) * nw;
-      if (u < units) process(u, wa[d], KIND != kI4 ? wb[d] : wa[d], q[d]);
+      const int64_t u = base + d;
+      if (u < u1) process(u, wa[d], KIND != kI4 ? wb[d] : wa[d], q[d]);
     }
   }
 
