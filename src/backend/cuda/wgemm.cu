@@ -77,34 +77,6 @@ struct KindTraits {
   using Acc = typename std::conditional<KIND == kI8I8, int, float>::type;
 };
 
-// INT4 quantization parameters of one unit (64 k): scale and 128 + zero (a bf16 pair) of rows g and g + 8 for
-// its first and second 32 k (the same group unless G == 32). Loaded with the unit's weights so the group
-// change never waits on memory.
-struct I4Params {
-  float s0[2], s1[2];
-  uint32_t z0[2], z1[2];
-};
-
-template <int G>
-__device__ __forceinline__ I4Params load_i4_params(const GemvArgs& a, int64_t r0, int64_t r1, int64_t u) {
-  I4Params p;
-  const int64_t ng = a.K / G;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (G > 32 && h == 1) {  // one group per unit
-      p.s0[1] = p.s0[0], p.s1[1] = p.s1[0], p.z0[1] = p.z0[0], p.z1[1] = p.z1[0];
-      break;
-    }
-    const int64_t grp = min((u * 64 + 32 * h) / G, ng - 1);  // min: the padding past K of the last unit
-    p.s0[h] = __ldg(a.w_scale + r0 * ng + grp);
-    p.s1[h] = __ldg(a.w_scale + r1 * ng + grp);
-    const uint32_t za = 0x4300u | __ldg(a.w_zero + r0 * ng + grp), zb = 0x4300u | __ldg(a.w_zero + r1 * ng + grp);
-    p.z0[h] = za | (za << 16);
-    p.z1[h] = zb | (zb << 16);
-  }
-  return p;
-}
-
 template <int KIND, int NT, int G>
 __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a, const int64_t units) {
   using Tr = KindTraits<KIND>;
@@ -114,6 +86,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
   const int64_t rb = blockIdx.x;
   // Rows past N re-read row N-1 (never stored).
   const int64_t r0 = min(rb * 16 + g, a.N - 1), r1 = min(rb * 16 + g + 8, a.N - 1);
+  const int64_t per = (units + nw - 1) / nw;
+  const int64_t u0 = int64_t(warp) * per, u1 = min(units, u0 + per);
 
   Acc acc[NT][4];
 #pragma unroll
@@ -134,6 +108,28 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     return xok[n] ? __ldg(reinterpret_cast<const uint2*>(xrow[n] + k * Tr::kXBytes)) : make_uint2(0u, 0u);
   };
 
+  // INT4: per-group partial sums, scaled when the group changes.
+  float cg[NT][4];
+  int64_t cur_group = -1;
+  float s0 = 0.f, s1 = 0.f;
+  uint32_t z0 = 0, z1 = 0;
+  const int64_t ngroups = KIND == kI4 ? a.K / G : 0;
+  auto flush = [&]() {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      acc[n][0] += s0 * cg[n][0], acc[n][1] += s0 * cg[n][1];
+      acc[n][2] += s1 * cg[n][2], acc[n][3] += s1 * cg[n][3];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cg[n][i] = 0.f;
+    }
+  };
+  if constexpr (KIND == kI4) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cg[n][i] = 0.f;
+  }
+
   const char* w0 = static_cast<const char*>(a.w);
   const char* w1 = w0;
   int64_t wstride = 0;  // bytes between consecutive units of this lane
@@ -147,7 +143,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     wstride = 64;
   }
 
-  auto process = [&](int64_t u, const uint4& wa, const uint4& wb, const I4Params& q) {
+  auto process = [&](int64_t u, const uint4& wa, const uint4& wb) {
     const uint32_t ra[4] = {wa.x, wa.y, wa.z, wa.w}, rbw[4] = {wb.x, wb.y, wb.z, wb.w};
     if constexpr (KIND == kBf16 || KIND == kI8I8 || KIND == kFp8Fp8) {
       // Two steps per unit; step j takes words 2j, 2j+1 of each row (k 8t+4j.. for BF16, 16t+8j.. for 8-bit).
@@ -178,61 +174,53 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
         }
       }
     } else {  // kI4: four steps of 16 k; word j = step j (quant/pack/int4_mma.hpp)
-      float cg[NT][4];  // this group's sums of (code - zero) * x, scaled once at its end
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) cg[n][i] = 0.f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int h = j / 2;  // which 32 k of the unit (differs in group only when G == 32)
         const int64_t k0 = u * 64 + 16 * j;
-        if (k0 < a.K) {  // else padding of the last unit
-          const uint32_t w = ra[j];
-          uint32_t A[4];
-#pragma unroll
-          for (int r = 0; r < 4; ++r)
-            A[r] = bf16x2_sub(((w >> (4 * r)) & 0x000F000Fu) | 0x43004300u, (r & 1) ? q.z1[h] : q.z0[h]);
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            if (n * 8 >= a.M) break;
-            mma_bf16(cg[n], A, load_b(n, k0 + 4 * t));
-          }
+        if (k0 >= a.K) break;  // padding of the last unit
+        const int64_t grp = k0 / G;
+        if (grp != cur_group) {
+          if (cur_group >= 0) flush();
+          cur_group = grp;
+          s0 = __ldg(a.w_scale + r0 * ngroups + grp);
+          s1 = __ldg(a.w_scale + r1 * ngroups + grp);
+          const uint32_t za = 0x4300u | __ldg(a.w_zero + r0 * ngroups + grp);
+          const uint32_t zb = 0x4300u | __ldg(a.w_zero + r1 * ngroups + grp);
+          z0 = za | (za << 16);
+          z1 = zb | (zb << 16);
         }
-        if (j == 3 || (G == 32 && j == 1)) {
+        const uint32_t w = ra[j];
+        uint32_t A[4];
 #pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            acc[n][0] += q.s0[h] * cg[n][0], acc[n][1] += q.s0[h] * cg[n][1];
-            acc[n][2] += q.s1[h] * cg[n][2], acc[n][3] += q.s1[h] * cg[n][3];
+        for (int r = 0; r < 4; ++r) A[r] = bf16x2_sub(((w >> (4 * r)) & 0x000F000Fu) | 0x43004300u, (r & 1) ? z1 : z0);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) cg[n][i] = 0.f;
-          }
+        for (int n = 0; n < NT; ++n) {
+          if (n * 8 >= a.M) break;
+          mma_bf16(cg[n], A, load_b(n, k0 + 4 * t));
         }
       }
     }
   };
 
-  // Each warp walks its own contiguous range of units (interleaving the warps' units measured 5-10% slower on
-  // H200), with kDepth units' loads in flight before any is used.
-  const int64_t per = (units + nw - 1) / nw;
-  const int64_t u0 = int64_t(warp) * per, u1 = min(units, u0 + per);
-  for (int64_t base = u0; base < u1; base += kDepth) {
+  int64_t u = u0;
+  for (; u + kDepth <= u1; u += kDepth) {
     uint4 wa[kDepth], wb[kDepth];
-    I4Params q[kDepth];
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) {
-      const int64_t u = base + d;
-      if (u < u1) {
-        wa[d] = ld_weights(w0 + u * wstride);
-        if constexpr (KIND != kI4) wb[d] = ld_weights(w1 + u * wstride);
-        else q[d] = load_i4_params<G>(a, r0, r1, u);
-      }
+      wa[d] = ld_weights(w0 + (u + d) * wstride);
+      if constexpr (KIND != kI4) wb[d] = ld_weights(w1 + (u + d) * wstride);
+      else wb[d] = wa[d];
     }
 #pragma unroll
-    for (int d = 0; d < kDepth; ++d) {
-      const int64_t u = base + d;
-      if (u < u1) process(u, wa[d], KIND != kI4 ? wb[d] : wa[d], q[d]);
-    }
+    for (int d = 0; d < kDepth; ++d) process(u + d, wa[d], wb[d]);
+  }
+  for (; u < u1; ++u) {
+    const uint4 wa = ld_weights(w0 + u * wstride);
+    const uint4 wb = KIND != kI4 ? ld_weights(w1 + u * wstride) : wa;
+    process(u, wa, wb);
+  }
+  if constexpr (KIND == kI4) {
+    if (cur_group >= 0) flush();
   }
 
   // Sum the warps' partial results.
