@@ -98,6 +98,33 @@ TEST(Quantize, KvCacheFp8AndInt8) {
   }
 }
 
+// --fp8-headroom: FP8 activation and KV scales cover headroom x the calibration absmax (default 2); INT8 KV
+// scales stay at absmax / 127.
+TEST(Quantize, Fp8HeadroomScalesTheStaticScales) {
+  TempDir d;
+  auto run = [&](const char* name, float headroom, KvFormat kv) {
+    QuantizeOptions o = opts("fp8");
+    o.kv = kv;
+    o.fp8_headroom = headroom;
+    quantize_model(demo(), d.path + "/" + name, o, [](const std::string&) {});
+    return std::make_unique<Model>(d.path + "/" + name);
+  };
+  EXPECT_EQ(QuantizeOptions{}.fp8_headroom, 2.0f);
+  auto one = run("h1", 1.f, KvFormat::Fp8), two = run("h2", 2.f, KvFormat::Fp8);
+  for (size_t li = 0; li < one->layers().size(); ++li) {
+    const LayerWeights &a = one->layers()[li], &b = two->layers()[li];
+    for (auto [la, lb] : {std::pair{&a.q, &b.q}, {&a.o, &b.o}, {&a.gate, &b.gate}, {&a.down, &b.down}})
+      EXPECT_FLOAT_EQ(lb->act_scale, 2.f * la->act_scale) << "layer " << li;
+    for (size_t h = 0; h < a.k_scale.size(); ++h) {
+      EXPECT_FLOAT_EQ(b.k_scale[h], 2.f * a.k_scale[h]);
+      EXPECT_FLOAT_EQ(b.v_scale[h], 2.f * a.v_scale[h]);
+    }
+  }
+  QuantizeOptions bad = opts("fp8");
+  bad.fp8_headroom = 0.5f;
+  expect_error([&] { quantize_model(demo(), d.path + "/bad", bad, [](const std::string&) {}); }, {"--fp8-headroom"});
+}
+
 TEST(Quantize, DeterministicAndAtomic) {
   TempDir d;
   QuantizeOptions o = opts("w4a16-gptq");

@@ -129,6 +129,9 @@ int main(int argc, char** argv) {
   qz->add_flag("--act-order", qo.act_order, "GPTQ: quantize columns by descending Hessian diagonal");
   qz->add_option("--damp", qo.damp, "GPTQ: dampening added to the Hessian diagonal, relative to its mean (default 0.01)")
       ->check(CLI::Range(1e-6, 10.0));
+  qz->add_option("--fp8-headroom", qo.fp8_headroom,
+                 "fp8 activations and FP8 KV cache: static scales cover this many times the calibration absmax "
+                 "(default 2: text unlike the calibration set does not saturate; 1 = plain absmax)");
   qz->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   qz->add_flag("--json", as_json, "Print one JSON object");
 

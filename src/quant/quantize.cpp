@@ -191,6 +191,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   const bool int4 = m.rfind("w4a16", 0) == 0;
   if (int4) check_group(opt.group_size, c);
   if (!(opt.sq_alpha >= 0.f && opt.sq_alpha <= 1.f)) throw Error("--sq-alpha must be in [0, 1]");
+  if (!(opt.fp8_headroom >= 1.f && opt.fp8_headroom <= 256.f)) throw Error("--fp8-headroom must be in [1, 256]");
 
   QuantizeReport rep;
   rep.method = m;
@@ -330,7 +331,8 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
         q_params += uint64_t(l->out * l->in);
         const float amax = input_absmax[int(s)].empty() ? 0.f : *std::max_element(input_absmax[int(s)].begin(), input_absmax[int(s)].end());
         if (qc.acts == ActQuant::Fp8Tensor || qc.acts == ActQuant::Int8Tensor) {
-          const float scale = amax > 0 ? amax / (qc.acts == ActQuant::Fp8Tensor ? 448.0f : 127.0f) : 1.0f;
+          const float scale = amax <= 0 ? 1.0f
+                              : qc.acts == ActQuant::Fp8Tensor ? opt.fp8_headroom * amax / 448.0f : amax / 127.0f;
           emit_f32(l->name + ".input_scale", {scale}, {1}, out);
         }
         if (!L.smooth[int(s)].empty()) emit_f32(l->name + ".smooth_scale", L.smooth[int(s)], {l->in}, out);
@@ -339,7 +341,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
     }
     if (opt.kv != KvFormat::None) {
       const int64_t hd = c.head_dim, group = c.heads / c.kv_heads;
-      const float qmax = opt.kv == KvFormat::Fp8 ? 448.0f : 127.0f;
+      const float qmax = opt.kv == KvFormat::Fp8 ? 448.0f / opt.fp8_headroom : 127.0f;
       std::vector<float> ks(static_cast<size_t>(c.kv_heads)), vs(static_cast<size_t>(c.kv_heads));
       for (int64_t g = 0; g < c.kv_heads; ++g) {
         float ka = 0.f, va = 0.f;
@@ -379,6 +381,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
       qj["calibration"] = {{"file", fs::path(opt.calib).filename().string()}, {"samples", rep.calib_samples},
                            {"seq_len", opt.calib_seq_len}, {"tokens", rep.calib_tokens}};
     if (m == "int8-sq") qj["sq_alpha"] = opt.sq_alpha;
+    if (m == "fp8" || opt.kv == KvFormat::Fp8) qj["fp8_headroom"] = opt.fp8_headroom;
     if (m == "w4a16-gptq") qj["act_order"] = opt.act_order;
     cfg["quantization_config"] = qj;
     {

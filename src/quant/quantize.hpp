@@ -21,6 +21,10 @@ struct QuantizeOptions {
   bool act_static = false;  // int8-sq: per-tensor static activation scales instead of per-token dynamic
   bool act_order = false;   // GPTQ
   double damp = 0.01;       // GPTQ: dampening, relative to the mean Hessian diagonal
+  // Static FP8 scales (fp8 activations, FP8 KV cache) map this many times the calibration absmax to 448: text
+  // unlike the calibration set can exceed its absmax, and E4M3 saturates there, while one binade less at the top
+  // only moves values below absmax/28672 into subnormals. 1 = plain absmax.
+  float fp8_headroom = 2.0f;
 };
 
 struct QuantizeReport {
