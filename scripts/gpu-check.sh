@@ -6,11 +6,14 @@
 # bench/results/<date>-<card>.json (one record per run) and prints a table last.
 #
 # Environment (defaults in brackets):
-#   SHAPES   [llama-3-8b llama-2-7b]            METHODS [bf16 fp8 int8-sq w8a16 w4a16-awq]
+#   SHAPES   [llama-3-8b llama-2-7b] (empty: none)  METHODS [bf16 fp8 int8-sq w8a16 w4a16-awq]
 #   BATCHES  [1 16 64]                          PREFILL [2048] (0: no prefill run)
 #   RUN_TESTS [1]   WORK [/tmp/llmq-gpu-check] (synthetic models, up to ~50 GB; deleted as it goes)
 #   COMMIT   (recorded; default: git rev-parse HEAD)     OUT (if set, results and logs are copied there)
 #   DEVICE   [cuda]; cpu runs the same plumbing on the CPU (with SHAPES=tiny) to check the script itself
+#   RESULT   [bench/results/<date>-<card>.json]
+# Under a time limit run it as `timeout 570 scripts/gpu-check.sh`: on SIGTERM it writes what it measured so far
+# (marked "incomplete") once the running benchmark returns.
 #
 # w4a16-awq on a random-weight model: AWQ's search needs real activations to mean anything and takes hours
 # for 8B parameters on a CPU, so the matrix quantizes with w4a16-rtn, which writes the same format and runs the
@@ -20,9 +23,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$(pwd)"
-SHAPES=${SHAPES:-"llama-3-8b llama-2-7b"}
-METHODS=${METHODS:-"bf16 fp8 int8-sq w8a16 w4a16-awq"}
-BATCHES=${BATCHES:-"1 16 64"}
+SHAPES=${SHAPES-"llama-3-8b llama-2-7b"}  # set but empty: no benchmarks (tests only)
+METHODS=${METHODS-"bf16 fp8 int8-sq w8a16 w4a16-awq"}
+BATCHES=${BATCHES-"1 16 64"}
 PREFILL=${PREFILL:-2048}
 RUN_TESTS=${RUN_TESTS:-1}
 WORK=${WORK:-/tmp/llmq-gpu-check}
@@ -73,6 +76,36 @@ fi
 mkdir -p "$WORK"
 REC="$WORK/records.jsonl"
 : > "$REC"
+# The results file and the table, also when the run is cut short (a time limit's SIGTERM): what was measured
+# is never lost.
+finish() {
+  trap - TERM INT
+  local slug result
+  slug=$(echo "$CARD" | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
+  result=${RESULT:-"bench/results/$(date +%F)-$slug.json"}
+  mkdir -p bench/results
+  python3 - "$REC" "$result" "$TESTS" "$1" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+out = {"tests": sys.argv[3], "records": recs}
+if sys.argv[4] != "complete":
+    out["incomplete"] = sys.argv[4]
+json.dump(out, open(sys.argv[2], "w"), indent=1)
+print(f"\nGPU tests: {sys.argv[3]}   results: {sys.argv[2]}" + ("" if sys.argv[4] == "complete" else f"   ({sys.argv[4]})"))
+print(f"{'shape':<11} {'method':<10} {'batch':>5} {'prompt':>6} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8} "
+      f"{'prefill tok/s':>13} {'TFLOP/s':>7} {'peak GiB':>8}")
+for r in recs:
+    if "error" in r:
+        print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6}  error: {r['error']}")
+        continue
+    print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6} {r['decode_tokens_per_s']:>12.1f} "
+          f"{r['achieved_gbps']:>7.0f} {r['roofline_pct']:>7.1f}% {r['prefill_tokens_per_s']:>13.0f} "
+          f"{r['prefill_gflops'] / 1000:>7.1f} {r['peak_memory_bytes'] / 2**30:>8.1f}")
+PY
+  if [ -n "${OUT:-}" ]; then cp "$result" /tmp/llmq-gpu-tests.log "$OUT"/ 2>/dev/null || true; fi
+}
+QPID=""
+trap 'finish "cut short by a signal"; [ -n "$QPID" ] && kill "$QPID" 2>/dev/null; exit 143' TERM INT
 CALIB="$SHARED/data/c4/c4_validation_2k.jsonl"
 run_bench() {  # shape method quantized_with dir batch prompt gen
   local out
@@ -138,23 +171,4 @@ for shape in $SHAPES; do
   wait "$QPID" || true
   rm -rf "$base" "$WORK/$shape-"*
 done
-
-SLUG=$(echo "$CARD" | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
-RESULT=${RESULT:-"bench/results/$(date +%F)-$SLUG.json"}
-mkdir -p bench/results
-python3 - "$REC" "$RESULT" "$TESTS" <<'PY'
-import json, sys
-recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-json.dump({"tests": sys.argv[3], "records": recs}, open(sys.argv[2], "w"), indent=1)
-print(f"\nGPU tests: {sys.argv[3]}   results: {sys.argv[2]}")
-print(f"{'shape':<11} {'method':<10} {'batch':>5} {'prompt':>6} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8} "
-      f"{'prefill tok/s':>13} {'TFLOP/s':>7} {'peak GiB':>8}")
-for r in recs:
-    if "error" in r:
-        print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6}  error: {r['error']}")
-        continue
-    print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6} {r['decode_tokens_per_s']:>12.1f} "
-          f"{r['achieved_gbps']:>7.0f} {r['roofline_pct']:>7.1f}% {r['prefill_tokens_per_s']:>13.0f} "
-          f"{r['prefill_gflops'] / 1000:>7.1f} {r['peak_memory_bytes'] / 2**30:>8.1f}")
-PY
-if [ -n "${OUT:-}" ]; then cp "$RESULT" /tmp/llmq-gpu-tests.log "$OUT"/ 2>/dev/null || true; fi
+finish complete
