@@ -196,7 +196,7 @@ class CudaEngine final : public Engine {
   Path path(const DevLinear& l, int64_t T) const;
   // Whether every matmul of a T-token step avoids cuBLAS (then the step can be one CUDA graph).
   bool skinny(int64_t T) const;
-  void matmul(const DevLinear& l, int64_t T, float* y, int64_t ldy, bool accumulate);
+  void matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t ldy, bool accumulate);
   void clear_graphs();
   // LLMQ_CUDA_PROFILE=1: every op runs eagerly between two events; the totals per op name are printed to
   // stderr when the engine ends (where the time of a decode step goes).
@@ -280,7 +280,7 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls) {
     const int64_t K = d.K;
     const size_t row_bytes = d.wf == WFmt::BF16 ? size_t(K) * 2 : d.wf == WFmt::I4 ? size_t(K / 2) : size_t(K);
     // INT4 goes to the tensor-core layout when wgemm takes its shape (offline repack, once, on the host).
-    d.tiles = d.wf == WFmt::I4 && K % 16 == 0 && (d.group == 32 || d.group == 64 || d.group == 128);
+    d.tiles = d.wf == WFmt::I4 && wgemm_int4_shape(K, d.group);
     std::vector<uint8_t> codes;  // tiles: the fused matrix's codes, row-major, packed at the end
     char* w = d.tiles ? nullptr : static_cast<char*>(alloc(row_bytes * size_t(d.N)));
     d.w = w;
@@ -555,9 +555,8 @@ bool CudaEngine::skinny(int64_t T) const {
   return true;
 }
 
-void CudaEngine::matmul(const DevLinear& l, int64_t T, float* y, int64_t ldy, bool accumulate) {
+void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t ldy, bool accumulate) {
   const bool quant_act = l.act != ActKind::None;
-  const Path p = path(l, T);
   if (p == Path::Wgemm) return wgemm(gemv_args(l, T, y, ldy, accumulate), stream_);
   if (p == Path::Gemv) return gemv(gemv_args(l, T, y, ldy, accumulate), stream_);
   // cuBLAS: y[T, N] = x[T, K] . W[N, K]^T in column-major terms C[N, T] = W^T[N, K] x[K, T].
@@ -587,8 +586,9 @@ void CudaEngine::site(const char* name, const DevSite& s, int64_t T, P produce, 
   const DevLinear* prev = nullptr;
   bool prev_bf16 = false;
   for (const DevLinear& l : s.parts) {
+    const Path p = path(l, T);
     // cuBLAS multiplies W8A8 codes as BF16 values (exact); the other paths read the codes.
-    const bool as_bf16 = l.act != ActKind::None && path(l, T) == Path::Cublas;
+    const bool as_bf16 = l.act != ActKind::None && p == Path::Cublas;
     if (!prev || prev->act != l.act || prev->act_scale != l.act_scale || prev->K != l.K || prev_bf16 != as_bf16) {
       PrepOut o;
       o.kind = l.act;
@@ -599,9 +599,8 @@ void CudaEngine::site(const char* name, const DevSite& s, int64_t T, P produce, 
       o.row_scale = row_scale_.as<float>();
       op(name, " prep", [&] { produce(o); });
     }
-    const Path p = path(l, T);
     op(name, p == Path::Wgemm ? " wgemm" : p == Path::Gemv ? " gemv" : " gemm",
-       [&] { matmul(l, T, y + l.col, ldy, accumulate); });
+       [&] { matmul(l, p, T, y + l.col, ldy, accumulate); });
     prev = &l;
     prev_bf16 = as_bf16;
   }
@@ -664,7 +663,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
   o.out = act_.p;
   o.ld = H;
   op("final_norm", [&] { rmsnorm_prep(x, rows, n_out, H, final_norm_, float(c.rms_eps), o, stream_); });
-  op("lm_head", [&] { matmul(lm_head_, n_out, logits_.as<float>(), c.vocab, false); });
+  op("lm_head", [&] { matmul(lm_head_, path(lm_head_, n_out), n_out, logits_.as<float>(), c.vocab, false); });
 }
 
 void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out) {
@@ -688,10 +687,10 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
   LLMQ_CUDA_CHECK(cudaMemcpyAsync(ints_.p, h, size_t(4 * t_cap_) * 4, cudaMemcpyHostToDevice, stream_));
   // Decode steps and small batches: split attention, and one CUDA graph per shape when no matmul needs cuBLAS.
   const bool small = T <= kWgemmMaxT;
-  if (small && skinny(T) && (n_out == 0 || path(lm_head_, n_out) != Path::Cublas) && !sync_each_launch() &&
-      !profile_) {
-    const auto key = std::make_pair(T, n_out);
-    auto it = graphs_.find(key);
+  const auto key = std::make_pair(T, n_out);
+  auto it = graphs_.find(key);  // a graph exists only for shapes that passed the checks below
+  if (it != graphs_.end() || (small && skinny(T) && (n_out == 0 || path(lm_head_, n_out) != Path::Cublas) &&
+                              !sync_each_launch() && !profile_)) {
     if (it == graphs_.end()) {
       cudaGraph_t g = nullptr;
       LLMQ_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));

@@ -319,8 +319,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   if (kind != kBf16 && !a.w_scale) return false;
   if (kind == kBf16 && a.K % 32) return false;
   if ((kind == kI8W || kind >= kI8I8) && a.K % 64) return false;
-  if (kind == kI4 && (a.K % 16 || !a.w_zero || (a.group != 32 && a.group != 64 && a.group != 128) || a.K % a.group))
-    return false;
+  if (kind == kI4 && (!a.w_zero || !wgemm_int4_shape(a.K, a.group))) return false;
   const int xb = kind >= kI8I8 ? 1 : 2;
   if (!aligned(a.w, 16) || !aligned(a.x, 8) || (a.ldx * xb) % 8) return false;
   return true;

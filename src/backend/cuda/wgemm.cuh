@@ -30,6 +30,10 @@ constexpr int kWgemmMaxT = 64;
 // sm (e.g. 90). Needs K % 32 == 0 (BF16), K % 64 == 0 (I8, FP8), or K % 16 == 0 and groups of 32, 64 or 128
 // (I4, w in the int4_mma layout); 16-byte aligned weights, 8-byte aligned input rows.
 bool wgemm_supports(const GemvArgs& a, int sm);
+// Whether wgemm takes INT4 weights of row length K and this group size (then they are stored as int4_mma tiles).
+inline bool wgemm_int4_shape(int64_t K, int64_t group) {
+  return K % 16 == 0 && (group == 32 || group == 64 || group == 128) && K % group == 0;
+}
 void wgemm(const GemvArgs& a, cudaStream_t stream);
 
 // INT4 weights in the int4_mma layout to dequantized BF16 row-major [N, K] (the cuBLAS path for large batches).
