@@ -215,6 +215,11 @@ TEST(Cli, SynthWritesALoadableDeterministicCheckpoint) {
   const std::string f = "/model-00001-of-00001.safetensors";
   EXPECT_EQ(read_text_file(d + "/a" + f), read_text_file(d + "/b" + f));
   EXPECT_NE(read_text_file(d + "/a" + f), read_text_file(d + "/c" + f));
+  // --layers keeps that many layers at full size: one layer of tiny is the embeddings and lm_head plus one.
+  CmdResult one = run("synth --shape tiny -o " + d + "/l1 --layers 1 --json");
+  ASSERT_EQ(one.code, 0) << one.err;
+  EXPECT_EQ(json::parse(one.out)["params"].get<int64_t>(), 2 * 8192 * 128 + 128 + per_layer);
+  EXPECT_EQ(json::parse(run("info " + d + "/l1 --json").out)["layers"], 1);
   // An existing directory is refused, an unknown shape is a usage error.
   expect_one_line_error(run("synth --shape tiny -o " + d + "/a"), "already exists");
   EXPECT_EQ(run("synth --shape gpt-5 -o " + d + "/x").code, 2);

@@ -163,6 +163,7 @@ int main(int argc, char** argv) {
   auto* syn = app.add_subcommand("synth", "Write a random-initialized BF16 checkpoint of a published model shape (benchmarks)");
   std::string syn_shape, syn_out, syn_tok;
   uint64_t syn_seed = 0;
+  int64_t syn_layers = 0;
   std::vector<std::string> shape_names;
   for (auto& sh : synth_shapes()) shape_names.push_back(sh.name);
   syn->add_option("--shape", syn_shape, "llama-2-7b | llama-3-8b | mistral-7b | qwen2-7b | tiny")
@@ -170,6 +171,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember(shape_names));
   syn->add_option("-o,--output", syn_out, "Output directory (must not exist)")->required();
   syn->add_option("--seed", syn_seed, "Random seed (default 0)");
+  syn->add_option("--layers", syn_layers, "Keep only this many decoder layers, every matrix at full size "
+                                          "(quick per-kernel benchmarks; default: the shape's own count)");
   syn->add_option("--tokenizer", syn_tok, "A tokenizer.json to copy in, so that `quantize --calib` and `generate` "
                                           "work (its ids must fit the vocabulary; random weights give random text)");
   syn->add_flag("--json", as_json, "Print one JSON object");
@@ -352,7 +355,7 @@ int main(int argc, char** argv) {
     } else if (*syn) {
       SynthResult r = synth_model(syn_shape, syn_out, syn_seed, syn_tok, [](const std::string& line) {
         std::fprintf(stderr, "synth: %s\n", line.c_str());
-      });
+      }, syn_layers);
       if (as_json) print_json({{"params", r.params}, {"bytes", r.bytes}, {"shape", syn_shape}, {"output", syn_out}});
       else std::printf("%s: %s, %lld parameters, %.3f GB\n", syn_shape.c_str(), syn_out.c_str(), (long long)r.params,
                        double(r.bytes) / 1e9);

@@ -67,7 +67,8 @@ TensorData make_tensor(const std::string& name, std::vector<int64_t> shape, floa
 }  // namespace
 
 SynthResult synth_model(const std::string& shape_name, const std::string& out_dir, uint64_t seed,
-                        const std::string& tokenizer, const std::function<void(const std::string&)>& log) {
+                        const std::string& tokenizer, const std::function<void(const std::string&)>& log,
+                        int64_t layers) {
   const SynthShape* sp = nullptr;
   std::string known;
   for (const SynthShape& s : synth_shapes()) {
@@ -75,7 +76,9 @@ SynthResult synth_model(const std::string& shape_name, const std::string& out_di
     known += (known.empty() ? "" : ", ") + s.name;
   }
   if (!sp) throw Error("unknown shape '" + shape_name + "' (known: " + known + ")");
-  const SynthShape& s = *sp;
+  if (layers < 0) throw Error("--layers must be positive (0: the shape's own count)");
+  SynthShape s = *sp;
+  if (layers > 0) s.layers = layers;
   if (fs::exists(out_dir)) throw Error(out_dir + " already exists; choose a new output directory");
   if (!tokenizer.empty() && !fs::is_regular_file(tokenizer)) throw Error("tokenizer file " + tokenizer + " not found");
   const fs::path tmp = fs::path(out_dir).string() + ".tmp-synth";
@@ -99,7 +102,7 @@ SynthResult synth_model(const std::string& shape_name, const std::string& out_di
                         {"torch_dtype", "bfloat16"},
                         {"bos_token_id", 1},
                         {"eos_token_id", 2},
-                        {"llmq_synth", {{"shape", s.name}, {"seed", seed}}}};
+                        {"llmq_synth", {{"shape", s.name}, {"seed", seed}, {"layers", s.layers}}}};
   if (s.sliding_window) cfg["sliding_window"] = s.sliding_window;
   if (s.model_type == "qwen2") cfg["use_sliding_window"] = false;
 

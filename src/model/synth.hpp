@@ -28,8 +28,10 @@ struct SynthResult {
 // Writes config.json and BF16 safetensors shards (+ index) of `shape` into out_dir, which must not exist
 // (written to a temporary directory and renamed at the end). Weights are N(0, 0.02^2) (Irwin-Hall
 // approximation, deterministic for a seed), norms 1: activations stay finite through every layer.
-// tokenizer: optional tokenizer.json to copy in (its ids must fit the shape's vocabulary).
+// tokenizer: optional tokenizer.json to copy in (its ids must fit the shape's vocabulary). layers > 0 keeps
+// only that many decoder layers (every matrix keeps its shape: per-kernel benchmarks at a fraction of the size).
 SynthResult synth_model(const std::string& shape, const std::string& out_dir, uint64_t seed,
-                        const std::string& tokenizer, const std::function<void(const std::string&)>& log);
+                        const std::string& tokenizer, const std::function<void(const std::string&)>& log,
+                        int64_t layers = 0);
 
 }  // namespace llmq
