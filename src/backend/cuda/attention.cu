@@ -173,6 +173,220 @@ __global__ void combine_kernel(const AttentionArgs a, int64_t hd) {
   }
 }
 
+// ---- Prefill: flash attention on the tensor cores ----
+//
+// One CTA per (tile of <= 64 query tokens of one sequence, query head); each of its 4 warps owns 16 query
+// rows. K and V tiles of 64 positions are read from the paged cache (any KV type), converted to FP16 and
+// staged in shared memory; S = Q K^T and O += P V run on mma.m16n8k16 (FP16 inputs, FP32 accumulators) with
+// the online softmax in FP32 (base 2; the 1/sqrt(hd) scale and log2(e) are folded into Q). FP16 rather than
+// BF16 operands (11 significant bits); Q is split in two FP16 parts, so only P and the K/V conversion round.
+constexpr int kFlashWarps = 4;
+
+__device__ __forceinline__ uint32_t half2_bits(float a, float b) {
+  const __half2 h = __floats2half2_rn(fminf(fmaxf(a, -65504.f), 65504.f), fminf(fmaxf(b, -65504.f), 65504.f));
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Eight cache values (K or V of one position, dims d0..d0+7) as FP16, into 16 bytes of shared memory.
+__device__ __forceinline__ void stage8(const KvCacheView& kv, const void* base, int64_t at, float scale, __half* dst) {
+  float f[8];
+  if (kv.type == KvType::BF16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(base) + at);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[2 * i] = bf16lo(w[i]), f[2 * i + 1] = bf16hi(w[i]);
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(base) + at);
+    const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint8_t b = uint8_t(w[i / 4] >> (8 * (i % 4)));
+      f[i] = (kv.type == KvType::FP8 ? fp8_to_float(b) : float(int8_t(b))) * scale;
+    }
+  }
+  uint4 o;
+  o.x = half2_bits(f[0], f[1]);
+  o.y = half2_bits(f[2], f[3]);
+  o.z = half2_bits(f[4], f[5]);
+  o.w = half2_bits(f[6], f[7]);
+  *reinterpret_cast<uint4*>(dst) = o;
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const AttentionArgs a, const KvCacheView kv) {
+  constexpr int BN = 64;        // positions per K/V tile
+  constexpr int KS = HD / 16;   // k-steps of S = Q K^T
+  constexpr int NT = HD / 8;    // n-tiles of O
+  constexpr int LDS = HD + 8;   // shared row stride in halves: 16 bytes of padding keep the reads conflict-free
+  __shared__ __align__(16) __half ks[BN * LDS];
+  __shared__ __align__(16) __half vs[BN * LDS];
+  __shared__ int s_lo, s_hi;
+  const int64_t tile = a.n_tiles - 1 - blockIdx.x;  // the last tiles of a sequence have the most positions: first
+  const int h = blockIdx.y;
+  const int t0 = a.tiles[2 * tile], n = a.tiles[2 * tile + 1];
+  const int64_t sq = a.seq[t0], kvd = kv.kv_heads * HD;
+  const int64_t kvh = h / (a.heads / kv.kv_heads);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+
+  if (threadIdx.x == 0) s_lo = 0x7fffffff, s_hi = -1;
+  __syncthreads();
+  if (int(threadIdx.x) < n) {
+    const int p = a.pos[t0 + threadIdx.x];
+    atomicMin(&s_lo, a.window > 0 && p - a.window + 1 > 0 ? int(p - a.window + 1) : 0);
+    atomicMax(&s_hi, p);
+  }
+  // This lane's two query rows (g and g + 8 of the warp's 16); rows past n repeat the last (never stored).
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int64_t q0t = t0 + (r0 < n ? r0 : n - 1), q1t = t0 + (r1 < n ? r1 : n - 1);
+  const int p0 = a.pos[q0t], p1 = a.pos[q1t];
+  const int lo0 = a.window > 0 && p0 - a.window + 1 > 0 ? int(p0 - a.window + 1) : 0;
+  const int lo1 = a.window > 0 && p1 - a.window + 1 > 0 ? int(p1 - a.window + 1) : 0;
+  const float qs = rsqrtf(float(HD)) * 1.4426950408889634f;
+  // Q as two FP16 parts, q = hi + lo (22 significant bits): S = hi K + lo K keeps the scores as exact as FP32
+  // products of the cached K, so W8A8 models see the same o_proj inputs as with FP32 attention.
+  uint32_t qf[KS][4], ql[KS][4];
+  {
+    const float* q0 = a.q + q0t * a.ldq + int64_t(h) * HD;
+    const float* q1 = a.q + q1t * a.ldq + int64_t(h) * HD;
+    auto split = [&](float x, float y, uint32_t& hi, uint32_t& lo) {
+      hi = half2_bits(x, y);
+      const __half2 hh = *reinterpret_cast<const __half2*>(&hi);
+      lo = half2_bits(x - __low2float(hh), y - __high2float(hh));
+    };
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const int c = kk * 16 + 2 * tq;
+      split(q0[c] * qs, q0[c + 1] * qs, qf[kk][0], ql[kk][0]);
+      split(q1[c] * qs, q1[c + 1] * qs, qf[kk][1], ql[kk][1]);
+      split(q0[c + 8] * qs, q0[c + 9] * qs, qf[kk][2], ql[kk][2]);
+      split(q1[c + 8] * qs, q1[c + 9] * qs, qf[kk][3], ql[kk][3]);
+    }
+  }
+  float o[NT][4];
+#pragma unroll
+  for (int d = 0; d < NT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // l: this lane's share of the row sums
+  const float ksc = kv.k_scale ? kv.k_scale[kvh] : 1.f, vsc = kv.v_scale ? kv.v_scale[kvh] : 1.f;
+  __syncthreads();
+  const int kbeg = (s_lo / BN) * BN, kend = s_hi;
+
+  for (int kt = kbeg; kt <= kend; kt += BN) {
+    __syncthreads();  // the previous tile has been read
+    for (int i = threadIdx.x; i < BN * (HD / 8); i += kFlashWarps * 32) {
+      const int key = i / (HD / 8), d0 = (i % (HD / 8)) * 8, j = kt + key;
+      __half* kd = ks + key * LDS + d0;
+      __half* vd = vs + key * LDS + d0;
+      if (j <= kend) {
+        const int64_t at = slot_of(kv, sq, j) * kvd + kvh * HD + d0;
+        stage8(kv, kv.k, at, ksc, kd);
+        stage8(kv, kv.v, at, vsc, vd);
+      } else {
+        *reinterpret_cast<uint4*>(kd) = make_uint4(0u, 0u, 0u, 0u);
+        *reinterpret_cast<uint4*>(vd) = make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    __syncthreads();
+    // S = Q K^T for 64 positions: n-tile jn holds positions kt + 8 jn .. + 7.
+    float sc[BN / 8][4];
+#pragma unroll
+    for (int jn = 0; jn < BN / 8; ++jn) {
+      sc[jn][0] = sc[jn][1] = sc[jn][2] = sc[jn][3] = 0.f;
+      const __half* krow = ks + (jn * 8 + g) * LDS + 2 * tq;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kk * 16);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8);
+        mma_f16(sc[jn], qf[kk], b0, b1);
+        mma_f16(sc[jn], ql[kk], b0, b1);
+      }
+    }
+    // Causal (and sliding-window) mask, then the online softmax of rows r0 (c0, c1) and r1 (c2, c3).
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int jn = 0; jn < BN / 8; ++jn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = kt + jn * 8 + 2 * tq + (e & 1);
+        const bool ok = e < 2 ? (j <= p0 && j >= lo0) : (j <= p1 && j >= lo1);
+        if (!ok) sc[jn][e] = -INFINITY;
+        if (e < 2) mx0 = fmaxf(mx0, sc[jn][e]);
+        else mx1 = fmaxf(mx1, sc[jn][e]);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    // A row with no position yet keeps base 0: exp2(-inf - 0) = 0, never inf - inf.
+    const float b0 = mn0 == -INFINITY ? 0.f : mn0, b1 = mn1 == -INFINITY ? 0.f : mn1;
+    const float c0 = exp2f(m0 - b0), c1 = exp2f(m1 - b1);
+    m0 = mn0, m1 = mn1;
+    l0 *= c0, l1 *= c1;
+#pragma unroll
+    for (int d = 0; d < NT; ++d) o[d][0] *= c0, o[d][1] *= c0, o[d][2] *= c1, o[d][3] *= c1;
+#pragma unroll
+    for (int jn = 0; jn < BN / 8; ++jn) {
+      sc[jn][0] = exp2f(sc[jn][0] - b0), sc[jn][1] = exp2f(sc[jn][1] - b0);
+      sc[jn][2] = exp2f(sc[jn][2] - b1), sc[jn][3] = exp2f(sc[jn][3] - b1);
+      l0 += sc[jn][0] + sc[jn][1];
+      l1 += sc[jn][2] + sc[jn][3];
+    }
+    // O += P V: P's accumulator layout is the A operand's (two n-tiles make one k-step of 16 positions).
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t pa[4] = {half2_bits(sc[2 * kk][0], sc[2 * kk][1]), half2_bits(sc[2 * kk][2], sc[2 * kk][3]),
+                              half2_bits(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              half2_bits(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+      const __half* vrow = vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + (lane >> 4) * 8;
+#pragma unroll
+      for (int d = 0; d < NT; d += 2) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, vrow + d * 8);
+        mma_f16(o[d], pa, vb[0], vb[1]);
+        mma_f16(o[d + 1], pa, vb[2], vb[3]);
+      }
+    }
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float i0 = 1.f / l0, i1 = 1.f / l1;
+  const int64_t od = a.heads * HD;
+#pragma unroll
+  for (int d = 0; d < NT; ++d) {
+    const int64_t col = int64_t(h) * HD + d * 8 + 2 * tq;
+    if (r0 < n) {
+      store_out(a, (t0 + r0) * od + col, o[d][0] * i0);
+      store_out(a, (t0 + r0) * od + col + 1, o[d][1] * i0);
+    }
+    if (r1 < n) {
+      store_out(a, (t0 + r1) * od + col, o[d][2] * i1);
+      store_out(a, (t0 + r1) * od + col + 1, o[d][3] * i1);
+    }
+  }
+}
+
+template <int HD>
+void launch_flash(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
+  flash_prefill_kernel<HD><<<dim3(unsigned(a.n_tiles), unsigned(a.heads)), kFlashWarps * 32, 0, s>>>(a, kv);
+  check_launch("flash_prefill_kernel", s);
+}
+
 template <int DPL>
 void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   const int64_t G = a.heads / kv.kv_heads;
@@ -194,6 +408,23 @@ void rope_kv(float* qkv, int64_t ld, int64_t T, const int32_t* pos, const int32_
   check_launch("rope_kv_kernel", s);
 }
 
+int64_t attention_tiles(const int32_t* seq, int64_t T, int32_t* tiles) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < T;) {
+    int64_t e = t + 1;
+    while (e < T && e - t < kFlashTile && seq[e] == seq[t]) ++e;
+    tiles[2 * n] = int32_t(t);
+    tiles[2 * n + 1] = int32_t(e - t);
+    ++n;
+    t = e;
+  }
+  return n;
+}
+
+bool attention_flash_supports(int64_t head_dim) {
+  return head_dim == 32 || head_dim == 48 || head_dim == 64 || head_dim == 96 || head_dim == 128;
+}
+
 bool attention_supports(const KvCacheView& kv, int64_t heads) {
   return kv.head_dim >= 2 && kv.head_dim <= 256 && kv.head_dim % 2 == 0 && kv.kv_heads > 0 && heads % kv.kv_heads == 0;
 }
@@ -201,6 +432,15 @@ bool attention_supports(const KvCacheView& kv, int64_t heads) {
 void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   if (a.T == 0) return;
   if (!attention_supports(kv, a.heads)) throw Error("attention: head_dim " + std::to_string(kv.head_dim) + " is not supported (at most 256)");
+  if (a.tiles && a.n_tiles > 0 && a.splits == 1 && attention_flash_supports(kv.head_dim)) {
+    switch (kv.head_dim) {
+      case 32: return launch_flash<32>(a, kv, s);
+      case 48: return launch_flash<48>(a, kv, s);
+      case 64: return launch_flash<64>(a, kv, s);
+      case 96: return launch_flash<96>(a, kv, s);
+      default: return launch_flash<128>(a, kv, s);
+    }
+  }
   if (kv.head_dim <= 64) launch_attention<2>(a, kv, s);
   else if (kv.head_dim <= 128) launch_attention<4>(a, kv, s);
   else launch_attention<8>(a, kv, s);

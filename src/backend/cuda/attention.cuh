@@ -45,7 +45,21 @@ struct AttentionArgs {
   void* out_bf16 = nullptr;      // if set, the output goes here as BF16 instead (the next matmul's input)
   int64_t splits = 1, chunk = 0; // splits > 1: positions [lo + i*chunk, lo + (i+1)*chunk) per split
   float* partial = nullptr;      // splits > 1: [T, heads, splits, head_dim + 2]
+  // Prefill (splits == 1): tiles of up to kFlashTile consecutive tokens of one sequence, [n_tiles][2] =
+  // (first token, count) on the device (attention_tiles builds them). With tiles, head dims that are
+  // multiples of 16 up to 128 take the tensor-core kernel (flash attention: FP16 operands, FP32 softmax and
+  // accumulation); other shapes, or no tiles, the per-token kernel.
+  const int32_t* tiles = nullptr;
+  int64_t n_tiles = 0;
 };
+
+constexpr int64_t kFlashTile = 64;
+
+// Cuts a batch into prefill tiles: runs of consecutive tokens of the same sequence, at most kFlashTile each.
+// seq: [T] (host); tiles: room for 2 * T values (host). Returns the number of tiles.
+int64_t attention_tiles(const int32_t* seq, int64_t T, int32_t* tiles);
+// Whether the tensor-core prefill kernel takes this head dim (with tiles).
+bool attention_flash_supports(int64_t head_dim);
 
 // Whether the attention kernels run this shape (head_dim <= 256).
 bool attention_supports(const KvCacheView& kv, int64_t heads);

@@ -80,12 +80,12 @@ __global__ void act_prep_kernel(const float* x, int64_t ld, int64_t D, const Pre
   prep_row(o, t, D, [&](int64_t i) { return xr[i]; });
 }
 
-__global__ void epilogue_kernel(const float* acc, int64_t M, int64_t N, const float* xs, const float* ws,
-                                const float* bias, float* y, int64_t ldy, bool accumulate) {
+__global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const float* xs, const float* ws,
+                                const float* bias, float* y, int64_t ldy, bool accumulate, bool acc_int32) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
   const int64_t m = i / N, n = i % N;
-  float v = acc[i];
+  float v = acc_int32 ? float(static_cast<const int32_t*>(acc)[i]) : static_cast<const float*>(acc)[i];
   if (xs) v *= xs[m];
   if (ws) v *= ws[n];
   if (bias) v += bias[n];
@@ -142,10 +142,11 @@ void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& 
   check_launch("act_prep_kernel", s);
 }
 
-void gemm_epilogue(const float* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
-                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s) {
+void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
+                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32) {
   if (M * N == 0) return;
-  epilogue_kernel<<<blocks_for(M * N, kThreads), kThreads, 0, s>>>(acc, M, N, x_scale, w_scale, bias, y, ldy, accumulate);
+  epilogue_kernel<<<blocks_for(M * N, kThreads), kThreads, 0, s>>>(acc, M, N, x_scale, w_scale, bias, y, ldy, accumulate,
+                                                                    acc_int32);
   check_launch("epilogue_kernel", s);
 }
 

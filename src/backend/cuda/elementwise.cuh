@@ -39,9 +39,9 @@ void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const Pre
 void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s);
 
 // y[m, n] (+)= acc[m, n] * (x_scale ? x_scale[m] : 1) * (w_scale ? w_scale[n] : 1) + (bias ? bias[n] : 0);
-// acc FP32 [M, N] contiguous, y [M, ldy].
-void gemm_epilogue(const float* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
-                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s);
+// acc FP32 (or INT32 with acc_int32) [M, N] contiguous, y [M, ldy].
+void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
+                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32 = false);
 
 // Weight rows as BF16 [N, K] for the cuBLAS path (fmt I8, FP8 or I4). With apply_scale, the dequantized
 // value; without (I8/FP8 codes for W8A8), the code's own value, exactly.

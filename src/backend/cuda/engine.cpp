@@ -14,6 +14,7 @@
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/elementwise.cuh"
+#include "backend/cuda/gemm_lt.hpp"
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/wgemm.cuh"
 #include "quant/pack/int4_mma.hpp"
@@ -119,8 +120,9 @@ struct DevLinear {
   bool tiles = false;  // I4 repacked into the int4_mma layout (wgemm's), not row-major
 };
 
-// How one matmul runs for a batch of T tokens.
-enum class Path { Wgemm, Gemv, Cublas };
+// How one matmul runs for a batch of T tokens: wgemm, the GEMV, cuBLAS on BF16 (dequantized weights, or W8A8
+// codes as exact BF16 values), or cuBLASLt on the 8-bit codes (W8A8 prefill and large batches).
+enum class Path { Wgemm, Gemv, Cublas, Lt };
 
 // The linears reading one input (q/k/v; gate/up), fused into one matrix when their formats agree.
 struct DevSite {
@@ -212,6 +214,7 @@ class CudaEngine final : public Engine {
   std::map<std::string, std::pair<double, int64_t>> prof_;  // name -> (total ms, calls)
   bool small_ = false;  // the batch being run is a decode step or small batch (profile names)
   cublasHandle_t cublas_ = nullptr;
+  std::unique_ptr<LtGemm> lt_;
   cudaDeviceProp prop_{};
   int sm_ = 0;  // compute capability, e.g. 90
   std::vector<DevMem> weights_;
@@ -228,6 +231,7 @@ class CudaEngine final : public Engine {
   static constexpr int64_t kPage = 16;
   DevMem block_table_, cos_, sin_;
   int64_t splits_ = 1, chunk_ = 0;
+  int64_t n_tiles_ = 0;  // prefill attention tiles of the batch being run
 
   // Workspace, sized for t_cap_ tokens and out_cap_ logit rows.
   int64_t t_cap_ = 0, out_cap_ = 0;
@@ -356,6 +360,7 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
   LLMQ_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   LLMQ_CUBLAS_CHECK(cublasCreate(&cublas_));
   LLMQ_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  lt_ = std::make_unique<LtGemm>();
 
   // Embeddings (and tied lm_head) as BF16.
   {
@@ -498,8 +503,8 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   gemm_out_ = DevMem(size_t(Tn * max_gemm_n_) * 4);
   if (max_wscratch_ && !wscratch_.p) wscratch_ = DevMem(size_t(max_wscratch_) * 2);
   logits_ = DevMem(size_t(On * c.vocab) * 4);
-  ints_ = DevMem(size_t(4 * Tn) * 4);
-  h_ints_ = PinnedMem(size_t(4 * Tn) * 4);
+  ints_ = DevMem(size_t(6 * Tn) * 4);  // tokens, sequences, positions, logit rows, prefill tiles (2 per token)
+  h_ints_ = PinnedMem(size_t(6 * Tn) * 4);
   h_logits_ = PinnedMem(size_t(On * c.vocab) * 4);
   t_cap_ = Tn;
   out_cap_ = On;
@@ -534,12 +539,21 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
   // Comparison switches: LLMQ_NO_WGEMM (GEMV or cuBLAS only), LLMQ_WGEMM_ALL (wgemm wherever it runs).
   static const bool no_wgemm = env_flag("LLMQ_NO_WGEMM"), wgemm_all = env_flag("LLMQ_WGEMM_ALL");
-  // BF16 and FP8 x FP8 at T <= 8: the GEMV reached more of the bandwidth (H200, llama-3-8b batch 1: bf16 182 vs
-  // 165 tok/s, fp8 254 vs 237; bench/results/2026-11-28-nvidia-h200-tuning.txt).
-  const bool gemv_first = !wgemm_all && (l.wf == WFmt::BF16 || l.wf == WFmt::FP8);
+  // Row-major formats at T <= 8: the GEMV reads more of the bandwidth than wgemm (H200, llama-3-8b shapes at
+  // T = 1, llmq-kbench: gate_up bf16 56.7 vs 69.5 us, fp8 33.1 vs 38.9, int8 30.1 vs 36.8, w8a16 36.9 vs 40.7;
+  // bench/results/2026-12-01-nvidia-h200-kbench.txt). INT4 tiles always take wgemm.
+  const bool gemv_first = !wgemm_all;
   if (gemv_first && T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   if (T <= kWgemmMaxT && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
+  // W8A8 codes on the 8-bit tensor cores (LLMQ_NO_LT: through the BF16 GEMM instead, for comparisons).
+  static const bool no_lt = env_flag("LLMQ_NO_LT");
+  if (!no_lt && T > kWgemmMaxT) {
+    if (l.wf == WFmt::FP8 && l.act == ActKind::Fp8Tensor && lt_->supports(LtKind::Fp8, l.N, T, l.K, sm_)) return Path::Lt;
+    if (l.wf == WFmt::I8 && (l.act == ActKind::I8Token || l.act == ActKind::I8Tensor) &&
+        lt_->supports(LtKind::Int8, l.N, T, l.K, sm_))
+      return Path::Lt;
+  }
   return Path::Cublas;
 }
 
@@ -559,6 +573,12 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
   const bool quant_act = l.act != ActKind::None;
   if (p == Path::Wgemm) return wgemm(gemv_args(l, T, y, ldy, accumulate), stream_);
   if (p == Path::Gemv) return gemv(gemv_args(l, T, y, ldy, accumulate), stream_);
+  if (p == Path::Lt) {
+    const bool fp8 = l.wf == WFmt::FP8;
+    lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, act_.p, gemm_out_.p, l.N, T, l.K, stream_);
+    gemm_epilogue(gemm_out_.p, T, l.N, row_scale_.as<float>(), l.scale, l.bias, y, ldy, accumulate, stream_, !fp8);
+    return;
+  }
   // cuBLAS: y[T, N] = x[T, K] . W[N, K]^T in column-major terms C[N, T] = W^T[N, K] x[K, T].
   const void* W = l.w;
   if (l.tiles) {
@@ -599,7 +619,7 @@ void CudaEngine::site(const char* name, const DevSite& s, int64_t T, P produce, 
       o.row_scale = row_scale_.as<float>();
       op(name, " prep", [&] { produce(o); });
     }
-    op(name, p == Path::Wgemm ? " wgemm" : p == Path::Gemv ? " gemv" : " gemm",
+    op(name, p == Path::Wgemm ? " wgemm" : p == Path::Gemv ? " gemv" : p == Path::Lt ? " lt" : " gemm",
        [&] { matmul(l, p, T, y + l.col, ldy, accumulate); });
     prev = &l;
     prev_bf16 = as_bf16;
@@ -613,6 +633,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
   const int32_t* seq = tok + t_cap_;
   const int32_t* pos = seq + t_cap_;
   const int32_t* rows = pos + t_cap_;
+  const int32_t* tiles = rows + t_cap_;
   float* x = x_.as<float>();
   small_ = small;
   op("embed", [&] { embed_gather(embed_, tok, T, H, x, stream_); });
@@ -646,6 +667,8 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
     aa.splits = small ? splits_ : 1;
     aa.chunk = chunk_;
     aa.partial = partial_.as<float>();
+    static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
+    if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
     // o_proj reading BF16: attention writes its input directly (no separate conversion).
     const bool direct = L.o.parts.size() == 1 && L.o.parts[0].act == ActKind::None;
     if (direct) aa.out_bf16 = act_.p;
@@ -684,7 +707,9 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
     h[2 * t_cap_ + t] = b.pos;
     if (b.logits) h[3 * t_cap_ + r++] = int32_t(t);
   }
-  LLMQ_CUDA_CHECK(cudaMemcpyAsync(ints_.p, h, size_t(4 * t_cap_) * 4, cudaMemcpyHostToDevice, stream_));
+  // Prefill and large batches: the attention tiles (runs of one sequence's tokens).
+  n_tiles_ = T > kWgemmMaxT ? attention_tiles(h + t_cap_, T, h + 4 * t_cap_) : 0;
+  LLMQ_CUDA_CHECK(cudaMemcpyAsync(ints_.p, h, size_t(6 * t_cap_) * 4, cudaMemcpyHostToDevice, stream_));
   // Decode steps and small batches: split attention, and one CUDA graph per shape when no matmul needs cuBLAS.
   const bool small = T <= kWgemmMaxT;
   const auto key = std::make_pair(T, n_out);

@@ -257,6 +257,137 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     }
 }
 
+// INT4 with K a multiple of 64 (every unit full): the same product as wgemm_kernel<kI4>, with the per-value
+// work cut to what the tensor cores need. Profiling the general kernel (H200, llama-3-8b gate_up at T = 1)
+// showed it bound by instruction issue at ~1 TB/s: per 16-byte load it ran ~275 instructions (64-bit index
+// arithmetic, per-step bounds checks and predicated activation loads, group-change tests). Here each lane keeps
+// 32-bit offsets, loads a batch of units together with their group scales and zero points (no load waits
+// mid-sum), reads the activation column of a clamped token (columns past T are computed but never stored, so
+// no predicate), and applies the scale once per unit's share of a group.
+template <int NT, int G>
+__global__ void __launch_bounds__(kMaxWarps * 32) wgemm_i4_kernel(const GemvArgs a, const int units) {
+  constexpr int D = NT <= 2 ? 8 : 4;      // units per batch
+  constexpr int GPU = G == 32 ? 2 : 1;    // groups per unit
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  // blockIdx.x: group of 8 * NT tokens (more than one only past 16 tokens, see launch_i4), blockIdx.y: row block.
+  const int tok0 = int(blockIdx.x) * 8 * NT;
+  const int M = min(a.M - tok0, 8 * NT);
+  const int64_t rb = blockIdx.y;
+  const int64_t r0 = min(rb * 16 + g, a.N - 1), r1 = min(rb * 16 + g + 8, a.N - 1);
+  const int per = (units + nw - 1) / nw;
+  const int u0 = warp * per, u1 = min(units, u0 + per);
+  const int ng = int(a.K / G);
+  const float* s0p = a.w_scale + r0 * ng;
+  const float* s1p = a.w_scale + r1 * ng;
+  const uint8_t* z0p = a.w_zero + r0 * ng;
+  const uint8_t* z1p = a.w_zero + r1 * ng;
+  const uint4* wp = static_cast<const uint4*>(a.w) + rb * int64_t(units) * 32 + lane;
+  // Activations: this lane's token of each n-tile (B column g), from k = 4t; uint2 = 4 bf16.
+  const uint2* xp[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int tok = tok0 + min(n * 8 + g, M - 1);
+    xp[n] = reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.x) + int64_t(tok) * a.ldx + 4 * t);
+  }
+  float acc[NT][4], cg[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f, cg[n][i] = 0.f;
+
+  for (int u = u0; u < u1; u += D) {
+    uint4 wv[D];
+    float s0[D][GPU], s1[D][GPU];
+    uint32_t z0[D][GPU], z1[D][GPU];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      if (u + d >= u1) break;
+      wv[d] = ld_weights(wp + (u + d) * 32);
+#pragma unroll
+      for (int q = 0; q < GPU; ++q) {
+        const int grp = ((u + d) * 64 + q * 32) / G;
+        s0[d][q] = __ldg(s0p + grp);
+        s1[d][q] = __ldg(s1p + grp);
+        const uint32_t za = 0x4300u | __ldg(z0p + grp), zb = 0x4300u | __ldg(z1p + grp);
+        z0[d][q] = za | (za << 16);
+        z1[d][q] = zb | (zb << 16);
+      }
+    }
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      if (u + d >= u1) break;
+      const uint32_t words[4] = {wv[d].x, wv[d].y, wv[d].z, wv[d].w};
+      const int xo = (u + d) * 16;  // uint2 index of k = 64 (u + d)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int q = j / (4 / GPU);
+        const uint32_t w = words[j];
+        uint32_t A[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          A[r] = bf16x2_sub(((w >> (4 * r)) & 0x000F000Fu) | 0x43004300u, (r & 1) ? z1[d][q] : z0[d][q]);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          if (n * 8 >= M) break;
+          mma_bf16(cg[n], A, __ldg(xp[n] + xo + 4 * j));
+        }
+        if ((j + 1) % (4 / GPU) == 0) {
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            acc[n][0] += s0[d][q] * cg[n][0], acc[n][1] += s0[d][q] * cg[n][1];
+            acc[n][2] += s1[d][q] * cg[n][2], acc[n][3] += s1[d][q] * cg[n][3];
+            cg[n][0] = cg[n][1] = cg[n][2] = cg[n][3] = 0.f;
+          }
+        }
+      }
+    }
+  }
+
+  __shared__ float red[kMaxWarps - 1][NT * 4][32];
+  if (nw > 1) {
+    if (warp > 0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp - 1][n * 4 + i][lane] = acc[n][i];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+    for (int w = 1; w < nw; ++w)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[n][i] += red[w - 1][n * 4 + i][lane];
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = rb * 16 + g + 8 * (i >> 1);
+      const int tok = n * 8 + 2 * t + (i & 1);
+      if (row >= a.N || tok >= M) continue;
+      float v = acc[n][i];
+      if (a.bias) v += a.bias[row];
+      float* y = a.y + int64_t(tok0 + tok) * a.ldy + row;
+      *y = a.accumulate ? *y + v : v;
+    }
+}
+
+template <int G>
+void launch_i4(const GemvArgs& a, cudaStream_t s) {
+  const int units = int(a.K / 64);
+  const int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
+  const unsigned rbs = unsigned((a.N + 15) / 16);
+  const dim3 block(unsigned(nw * 32));
+  // Past 16 tokens, CTAs of 16 tokens each (the token groups of a row block run side by side and share its
+  // weights through the L2): the 32- and 64-token instances need ~160 registers, one CTA per SM, and measured
+  // 11x the 16-token time for 4x the tokens (H200, llama-3-8b gate_up: 654 vs 59 us).
+  if (a.M <= 8) wgemm_i4_kernel<1, G><<<dim3(1, rbs), block, 0, s>>>(a, units);
+  else wgemm_i4_kernel<2, G><<<dim3(unsigned((a.M + 15) / 16), rbs), block, 0, s>>>(a, units);
+  check_launch("wgemm_i4_kernel", s);
+}
+
 int kind_of(const GemvArgs& a) {
   if (a.wf == WFmt::BF16 && a.xf == XFmt::BF16) return kBf16;
   if (a.wf == WFmt::I8 && a.xf == XFmt::BF16) return kI8W;
@@ -285,6 +416,15 @@ void launch_nt(const GemvArgs& a, cudaStream_t s) {
   else if (a.M <= 32) wgemm_kernel<KIND, 4, G><<<grid, block, 0, s>>>(a, units);
   else wgemm_kernel<KIND, 8, G><<<grid, block, 0, s>>>(a, units);
   check_launch("wgemm_kernel", s);
+}
+
+// LLMQ_WGEMM_GENERIC_I4=1: INT4 through the general kernel (comparisons).
+bool env_generic_i4() {
+  static const bool on = [] {
+    const char* e = std::getenv("LLMQ_WGEMM_GENERIC_I4");
+    return e && *e && *e != '0';
+  }();
+  return on;
 }
 
 bool aligned(const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p) % n) == 0; }
@@ -332,6 +472,11 @@ void wgemm(const GemvArgs& a, cudaStream_t s) {
     case kI8I8: return launch_nt<kI8I8, 0>(a, s);
     case kFp8Fp8: return launch_nt<kFp8Fp8, 0>(a, s);
     case kI4:
+      if (a.K % 64 == 0 && !env_generic_i4()) {
+        if (a.group == 32) return launch_i4<32>(a, s);
+        if (a.group == 64) return launch_i4<64>(a, s);
+        return launch_i4<128>(a, s);
+      }
       if (a.group == 32) return launch_nt<kI4, 32>(a, s);
       if (a.group == 64) return launch_nt<kI4, 64>(a, s);
       return launch_nt<kI4, 128>(a, s);

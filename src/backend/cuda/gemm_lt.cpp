@@ -1,0 +1,87 @@
+#include "backend/cuda/gemm_lt.hpp"
+
+#include <cublasLt.h>
+
+#include "backend/cuda/check.hpp"
+
+namespace llmq::cuda {
+
+struct LtGemm::Plan {
+  bool ok = false;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+LtGemm::LtGemm() {
+  cublasLtHandle_t h = nullptr;
+  LLMQ_CUBLAS_CHECK(cublasLtCreate(&h));
+  handle_ = h;
+  workspace_bytes_ = size_t(32) << 20;
+  LLMQ_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
+}
+
+LtGemm::~LtGemm() {
+  for (auto& [key, p] : plans_) {
+    if (p->desc) cublasLtMatmulDescDestroy(p->desc);
+    for (cublasLtMatrixLayout_t l : {p->a, p->b, p->c})
+      if (l) cublasLtMatrixLayoutDestroy(l);
+    delete p;
+  }
+  if (workspace_) cudaFree(workspace_);
+  if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
+}
+
+LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K) {
+  const auto key = std::make_tuple(int(kind), N, T, K);
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second;
+  Plan* p = new Plan;
+  plans_[key] = p;
+  const bool fp8 = kind == LtKind::Fp8;
+  const cudaDataType_t in = fp8 ? CUDA_R_8F_E4M3 : CUDA_R_8I, out = fp8 ? CUDA_R_32F : CUDA_R_32I;
+  const cublasComputeType_t compute = fp8 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32I;
+  const cudaDataType_t scale = fp8 ? CUDA_R_32F : CUDA_R_32I;
+  // Column-major view: C[N, T] = W^T[N, K] x[K, T]; W is [K, N] with ld K (transposed), x [K, T] with ld K.
+  if (cublasLtMatmulDescCreate(&p->desc, compute, scale) != CUBLAS_STATUS_SUCCESS) return p;
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
+  cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
+  if (cublasLtMatrixLayoutCreate(&p->a, in, uint64_t(K), uint64_t(N), K) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatrixLayoutCreate(&p->b, in, uint64_t(K), uint64_t(T), K) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatrixLayoutCreate(&p->c, out, uint64_t(N), uint64_t(T), N) != CUBLAS_STATUS_SUCCESS)
+    return p;
+  cublasLtMatmulPreference_t pref = nullptr;
+  if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return p;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
+                                       sizeof(workspace_bytes_));
+  cublasLtMatmulHeuristicResult_t res{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b,
+                                                           p->c, p->c, pref, 1, &res, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+    p->algo = res.algo;
+    p->ok = true;
+  }
+  return p;
+}
+
+bool LtGemm::supports(LtKind kind, int64_t N, int64_t T, int64_t K, int sm) {
+  if (kind == LtKind::Fp8 && sm < 89) return false;
+  if (N < 1 || T < 1 || K < 16 || K % 16 || N % 4) return false;
+  return plan(kind, N, T, K)->ok;
+}
+
+void LtGemm::run(LtKind kind, const void* w, const void* x, void* acc, int64_t N, int64_t T, int64_t K, cudaStream_t s) {
+  Plan* p = plan(kind, N, T, K);
+  if (!p->ok) throw Error("cuBLASLt has no 8-bit GEMM for N " + std::to_string(N) + ", T " + std::to_string(T) + ", K " + std::to_string(K));
+  const float alpha_f = 1.f, beta_f = 0.f;
+  const int32_t alpha_i = 1, beta_i = 0;
+  const void* alpha = kind == LtKind::Fp8 ? static_cast<const void*>(&alpha_f) : static_cast<const void*>(&alpha_i);
+  const void* beta = kind == LtKind::Fp8 ? static_cast<const void*>(&beta_f) : static_cast<const void*>(&beta_i);
+  LLMQ_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, alpha, w, p->a, x, p->b, beta, acc, p->c,
+                                   acc, p->c, &p->algo, workspace_, workspace_bytes_, s));
+}
+
+}  // namespace llmq::cuda

@@ -1,0 +1,390 @@
+// llmq-kbench: the CUDA kernels one at a time at the shapes of a real model (llama-3-8b by default), on random
+// data, without a checkpoint: decode matmuls (wgemm, GEMV) in every weight format at several batch sizes,
+// the cuBLAS GEMMs of a prefill, and prefill attention (per-token vs tensor-core kernel). For tuning runs on a
+// GPU machine: each line is the median of several timed launches after a warm-up, against the device-copy
+// bandwidth or the BF16 GEMM rate measured in the same run. Weight buffers rotate over more memory than the L2
+// holds, so every launch reads its weights from HBM as a decode step does.
+//
+// Usage: llmq-kbench [--only matmul|gemm|attention] [--t LIST] (e.g. --t 1,16,64) [--matrix NAME] [--format NAME]
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/check.hpp"
+#include "backend/cuda/gemm_lt.hpp"
+#include "backend/cuda/gemv.cuh"
+#include "backend/cuda/wgemm.cuh"
+#include "quant/pack/int4_mma.hpp"
+
+using namespace llmq;
+using namespace llmq::cuda;
+
+namespace {
+
+uint64_t mix(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// Host-generated random bytes of the given kind, uploaded: "bf16" small normal-ish values, "code" any byte,
+// "fp8" E4M3 codes of moderate magnitude (no NaN), "scale" positive floats, "zero" 0..15.
+void* device_random(size_t n, const char* kind, uint64_t seed) {
+  std::vector<uint8_t> h;
+  const std::string k = kind;
+  if (k == "bf16") {
+    h.resize(n * 2);
+    for (size_t i = 0; i < n; ++i) {
+      const float v = (float(mix(seed + i) & 0xFFFF) / 65536.f - 0.5f) * 0.04f;
+      uint32_t b;
+      std::memcpy(&b, &v, 4);
+      const uint16_t r = uint16_t(b >> 16);
+      std::memcpy(&h[2 * i], &r, 2);
+    }
+  } else if (k == "scale") {
+    h.resize(n * 4);
+    for (size_t i = 0; i < n; ++i) {
+      const float v = 0.001f + float(mix(seed + i) & 0xFF) * 1e-5f;
+      std::memcpy(&h[4 * i], &v, 4);
+    }
+  } else {
+    h.resize(n);
+    for (size_t i = 0; i < n; i += 8) {
+      const uint64_t r = mix(seed + i);
+      for (size_t j = 0; j < 8 && i + j < n; ++j) {
+        uint8_t b = uint8_t(r >> (8 * j));
+        if (k == "fp8") b &= 0xB7;  // sign, exponent <= 6, mantissa: |x| < 2, never NaN
+        if (k == "zero") b &= 0x0F;
+        h[i + j] = b;
+      }
+    }
+  }
+  void* p = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&p, h.size()));
+  LLMQ_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size(), cudaMemcpyHostToDevice));
+  return p;
+}
+
+// Median time of one call of f in microseconds: 3 warm-up calls, then 7 samples of `reps` calls.
+double time_us(const std::function<void(int)>& f, int reps) {
+  cudaEvent_t a, b;
+  LLMQ_CUDA_CHECK(cudaEventCreate(&a));
+  LLMQ_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) f(i);
+  std::vector<double> us;
+  int call = 0;
+  for (int s = 0; s < 7; ++s) {
+    LLMQ_CUDA_CHECK(cudaEventRecord(a));
+    for (int i = 0; i < reps; ++i) f(call++);
+    LLMQ_CUDA_CHECK(cudaEventRecord(b));
+    LLMQ_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    LLMQ_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    us.push_back(double(ms) * 1e3 / reps);
+  }
+  LLMQ_CUDA_CHECK(cudaGetLastError());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
+}
+
+double copy_gbps() {
+  const size_t bytes = size_t(1) << 30;
+  void *a = device_random(bytes, "code", 1), *b = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&b, bytes));
+  const double us = time_us([&](int) { LLMQ_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 3);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * double(bytes) / (us * 1e-6) / 1e9;
+}
+
+struct Mat {
+  const char* name;
+  int64_t N, K;
+};
+
+struct Fmt {
+  const char* name;
+  WFmt wf;
+  XFmt xf;
+};
+
+// One weight matrix in a format, `copies` times (rotated so that the L2 never holds it), with inputs.
+struct Weights {
+  std::vector<void*> w, w_rowmajor;  // I4: tiles for wgemm, row-major for the GEMV
+  std::vector<float*> scale;
+  std::vector<uint8_t*> zero;
+  size_t bytes = 0;  // one copy, with scales
+};
+
+Weights make_weights(const Fmt& f, const Mat& m, int copies, uint64_t seed) {
+  Weights W;
+  const size_t nk = size_t(m.N * m.K);
+  for (int c = 0; c < copies; ++c) {
+    const uint64_t s = seed + uint64_t(c) * 1000003u;
+    if (f.wf == WFmt::BF16) {
+      W.w.push_back(device_random(nk, "bf16", s));
+      W.bytes = nk * 2;
+    } else if (f.wf == WFmt::I8 || f.wf == WFmt::FP8) {
+      W.w.push_back(device_random(nk, f.wf == WFmt::FP8 ? "fp8" : "code", s));
+      W.scale.push_back(static_cast<float*>(device_random(size_t(m.N), "scale", s + 1)));
+      W.bytes = nk + size_t(m.N) * 4;
+    } else {
+      const int64_t ng = m.K / 128;
+      std::vector<uint8_t> codes(nk / 2);
+      for (size_t i = 0; i < codes.size(); ++i) codes[i] = uint8_t(mix(s + i));
+      const std::vector<uint8_t> tiles = pack::int4_mma_pack(codes.data(), m.N, m.K);
+      void *pt = nullptr, *pr = nullptr;
+      LLMQ_CUDA_CHECK(cudaMalloc(&pt, tiles.size()));
+      LLMQ_CUDA_CHECK(cudaMemcpy(pt, tiles.data(), tiles.size(), cudaMemcpyHostToDevice));
+      LLMQ_CUDA_CHECK(cudaMalloc(&pr, codes.size()));
+      LLMQ_CUDA_CHECK(cudaMemcpy(pr, codes.data(), codes.size(), cudaMemcpyHostToDevice));
+      W.w.push_back(pt);
+      W.w_rowmajor.push_back(pr);
+      W.scale.push_back(static_cast<float*>(device_random(size_t(m.N * ng), "scale", s + 1)));
+      W.zero.push_back(static_cast<uint8_t*>(device_random(size_t(m.N * ng), "zero", s + 2)));
+      W.bytes = nk / 2 + size_t(m.N * ng) * 5;
+    }
+  }
+  return W;
+}
+
+void free_weights(Weights& W) {
+  for (void* p : W.w) cudaFree(p);
+  for (void* p : W.w_rowmajor) cudaFree(p);
+  for (float* p : W.scale) cudaFree(p);
+  for (uint8_t* p : W.zero) cudaFree(p);
+}
+
+void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::string& only_mat, const std::string& only_fmt) {
+  const Mat mats[] = {{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336},
+                      {"lm_head", 128256, 4096}};
+  const Fmt fmts[] = {{"bf16", WFmt::BF16, XFmt::BF16},
+                      {"w8a16", WFmt::I8, XFmt::BF16},
+                      {"fp8", WFmt::FP8, XFmt::FP8},
+                      {"int8", WFmt::I8, XFmt::I8},
+                      {"w4a16", WFmt::I4, XFmt::BF16}};
+  const int64_t maxT = *std::max_element(Ts.begin(), Ts.end());
+  void* xb = device_random(size_t(maxT * 14336), "bf16", 7);
+  void* xc = device_random(size_t(maxT * 14336), "fp8", 8);  // also fine as INT8 codes
+  float* xs = static_cast<float*>(device_random(size_t(maxT), "scale", 9));
+  float* y = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&y, size_t(maxT * 128256) * 4));
+  std::printf("\n%-8s %-7s %3s %-6s %9s %8s %6s\n", "matrix", "format", "T", "kernel", "us", "GB/s", "%copy");
+  for (const Mat& m : mats)
+    for (const Fmt& f : fmts) {
+      if (std::strcmp(m.name, "lm_head") == 0 && f.wf != WFmt::BF16) continue;
+      if ((!only_mat.empty() && only_mat != m.name) || (!only_fmt.empty() && only_fmt != f.name)) continue;
+      const size_t one = f.wf == WFmt::BF16 ? size_t(m.N * m.K) * 2 : f.wf == WFmt::I4 ? size_t(m.N * m.K) / 2 : size_t(m.N * m.K);
+      const int copies = int(std::clamp<size_t>((size_t(400) << 20) / one + 1, 2, 16));
+      Weights W = make_weights(f, m, copies, 100);
+      for (int T : Ts) {
+        GemvArgs a;
+        a.wf = f.wf;
+        a.xf = f.xf;
+        a.group = f.wf == WFmt::I4 ? 128 : 0;
+        a.N = m.N;
+        a.K = m.K;
+        a.x = f.xf == XFmt::BF16 ? xb : xc;
+        a.ldx = m.K;
+        a.x_scale = f.xf == XFmt::BF16 ? nullptr : xs;
+        a.M = T;
+        a.y = y;
+        a.ldy = m.N;
+        auto set = [&](int c, bool rowmajor) {
+          const int i = c % copies;
+          a.w = rowmajor ? W.w_rowmajor[size_t(i)] : W.w[size_t(i)];
+          a.w_scale = W.scale.empty() ? nullptr : W.scale[size_t(i)];
+          a.w_zero = W.zero.empty() ? nullptr : W.zero[size_t(i)];
+        };
+        auto row = [&](const char* kernel, double us) {
+          const double gbps = double(W.bytes) / (us * 1e-6) / 1e9;
+          std::printf("%-8s %-7s %3d %-6s %9.2f %8.0f %5.1f%%\n", m.name, f.name, T, kernel, us, gbps, 100.0 * gbps / peak);
+        };
+        set(0, false);
+        if (wgemm_supports(a, sm)) row("wgemm", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
+        set(0, f.wf == WFmt::I4);
+        if (T <= kGemvMaxM && gemv_supports(a)) row("gemv", time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
+      }
+      free_weights(W);
+    }
+  cudaFree(xb);
+  cudaFree(xc);
+  cudaFree(xs);
+  cudaFree(y);
+}
+
+// The prefill GEMMs as the engine runs them (cuBLAS, BF16 inputs, FP32 output) for T tokens.
+void bench_gemm(int64_t T, double peak_tflops, int sm) {
+  LtGemm lt;
+  const Mat mats[] = {{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
+  cublasHandle_t h;
+  LLMQ_CUBLAS_CHECK(cublasCreate(&h));
+  std::printf("\n%-8s %5s %-16s %9s %8s %6s\n", "matrix", "T", "gemm", "us", "TFLOP/s", "%peak");
+  for (const Mat& m : mats) {
+    void* w = device_random(size_t(m.N * m.K), "bf16", 3);
+    void* x = device_random(size_t(T * m.K), "bf16", 4);
+    void* c = nullptr;
+    LLMQ_CUDA_CHECK(cudaMalloc(&c, size_t(T * m.N) * 4));
+    for (int out_bf16 = 0; out_bf16 < 2; ++out_bf16) {
+      const float alpha = 1.f, beta = 0.f;
+      const double us = time_us([&](int) {
+        LLMQ_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(m.N), int(T), int(m.K), &alpha, w, CUDA_R_16BF,
+                                       int(m.K), x, CUDA_R_16BF, int(m.K), &beta, c, out_bf16 ? CUDA_R_16BF : CUDA_R_32F,
+                                       int(m.N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }, 5);
+      const double tf = 2.0 * double(m.N) * double(m.K) * double(T) / (us * 1e-6) / 1e12;
+      std::printf("%-8s %5lld %-16s %9.1f %8.1f %5.1f%%\n", m.name, (long long)T, out_bf16 ? "bf16 -> bf16" : "bf16 -> f32", us,
+                  tf, 100.0 * tf / peak_tflops);
+    }
+    cudaFree(w);
+    cudaFree(x);
+    // 8-bit operands through cuBLASLt (FP32 / INT32 accumulators out; scales go to the epilogue).
+    for (LtKind k : {LtKind::Fp8, LtKind::Int8}) {
+      const char* name = k == LtKind::Fp8 ? "lt fp8 -> f32" : "lt int8 -> i32";
+      void* w8 = device_random(size_t(m.N * m.K), "fp8", 13);
+      void* x8 = device_random(size_t(T * m.K), "fp8", 14);
+      if (!lt.supports(k, m.N, T, m.K, sm)) {
+        std::printf("%-8s %5lld %-16s   not supported\n", m.name, (long long)T, name);
+      } else {
+        const double us = time_us([&](int) { lt.run(k, w8, x8, c, m.N, T, m.K, nullptr); }, 5);
+        const double tf = 2.0 * double(m.N) * double(m.K) * double(T) / (us * 1e-6) / 1e12;
+        std::printf("%-8s %5lld %-16s %9.1f %8.1f %5.1f%%\n", m.name, (long long)T, name, us, tf, 100.0 * tf / peak_tflops);
+      }
+      cudaFree(w8);
+      cudaFree(x8);
+    }
+    cudaFree(c);
+  }
+  cublasDestroy(h);
+}
+
+double gemm_peak_tflops() {
+  const int n = 8192;
+  cublasHandle_t h;
+  LLMQ_CUBLAS_CHECK(cublasCreate(&h));
+  void* a = device_random(size_t(n) * n, "bf16", 5);
+  void* b = device_random(size_t(n) * n, "bf16", 6);
+  void* c = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&c, size_t(n) * n * 2));
+  const float alpha = 1.f, beta = 0.f;
+  const double us = time_us([&](int) {
+    LLMQ_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &beta,
+                                   c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }, 3);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  cublasDestroy(h);
+  return 2.0 * double(n) * n * n / (us * 1e-6) / 1e12;
+}
+
+// Prefill attention over a BF16 paged cache: T tokens of one sequence, llama-3-8b heads.
+void bench_attention(int64_t T, double peak_tflops) {
+  const int64_t heads = 32, nkv = 8, hd = 128, qd = heads * hd, kvd = nkv * hd, ld = qd + 2 * kvd, page = 16;
+  const int64_t pps = (T + page - 1) / page;
+  std::vector<int32_t> table(static_cast<size_t>(pps)), seq(static_cast<size_t>(T), 0), pos(static_cast<size_t>(T));
+  for (int64_t i = 0; i < pps; ++i) table[size_t(i)] = int32_t(i);
+  for (int64_t i = 0; i < T; ++i) pos[size_t(i)] = int32_t(i);
+  std::vector<int32_t> tiles(static_cast<size_t>(2 * T));
+  const int64_t n_tiles = attention_tiles(seq.data(), T, tiles.data());
+  auto up = [](const std::vector<int32_t>& v) {
+    void* p = nullptr;
+    LLMQ_CUDA_CHECK(cudaMalloc(&p, v.size() * 4));
+    LLMQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    return static_cast<int32_t*>(p);
+  };
+  int32_t *dtab = up(table), *dseq = up(seq), *dpos = up(pos), *dtiles = up(tiles);
+  std::vector<float> qkv(static_cast<size_t>(T * ld));
+  for (size_t i = 0; i < qkv.size(); ++i) qkv[i] = float(int64_t(mix(i) % 2001) - 1000) * 1e-3f;
+  float *dq = nullptr, *out = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&dq, qkv.size() * 4));
+  LLMQ_CUDA_CHECK(cudaMemcpy(dq, qkv.data(), qkv.size() * 4, cudaMemcpyHostToDevice));
+  LLMQ_CUDA_CHECK(cudaMalloc(&out, size_t(T * qd) * 4));
+  void *kc = nullptr, *vc = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&kc, size_t(pps * page * kvd) * 2));
+  LLMQ_CUDA_CHECK(cudaMalloc(&vc, size_t(pps * page * kvd) * 2));
+  std::vector<float> cs(static_cast<size_t>(T * hd / 2), 1.f), sn(static_cast<size_t>(T * hd / 2), 0.f);
+  float *dcs = nullptr, *dsn = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&dcs, cs.size() * 4));
+  LLMQ_CUDA_CHECK(cudaMalloc(&dsn, sn.size() * 4));
+  LLMQ_CUDA_CHECK(cudaMemcpy(dcs, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice));
+  LLMQ_CUDA_CHECK(cudaMemcpy(dsn, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice));
+  KvCacheView kv;
+  kv.page_size = page;
+  kv.pages_per_seq = pps;
+  kv.block_table = dtab;
+  kv.kv_heads = nkv;
+  kv.head_dim = hd;
+  kv.k = kc;
+  kv.v = vc;
+  rope_kv(dq, ld, T, dpos, dseq, dcs, dsn, heads, kv, nullptr);
+  AttentionArgs a;
+  a.q = dq;
+  a.ldq = ld;
+  a.T = T;
+  a.heads = heads;
+  a.pos = dpos;
+  a.seq = dseq;
+  a.out = out;
+  const double flops = 4.0 * double(heads * hd) * double(T) * double(T + 1) / 2;
+  std::printf("\n%-22s %6s %10s %8s %6s\n", "attention prefill", "T", "us", "TFLOP/s", "%peak");
+  for (int flash = 0; flash < 2; ++flash) {
+    if (flash) a.tiles = dtiles, a.n_tiles = n_tiles;
+    const double us = time_us([&](int) { attention(a, kv, nullptr); }, 2);
+    const double tf = flops / (us * 1e-6) / 1e12;
+    std::printf("%-22s %6lld %10.1f %8.1f %5.1f%%\n", flash ? "flash (tensor cores)" : "per token", (long long)T, us, tf,
+                100.0 * tf / peak_tflops);
+  }
+  for (void* p : {static_cast<void*>(dtab), static_cast<void*>(dseq), static_cast<void*>(dpos), static_cast<void*>(dtiles),
+                  static_cast<void*>(dq), static_cast<void*>(out), kc, vc, static_cast<void*>(dcs), static_cast<void*>(dsn)})
+    cudaFree(p);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string only, only_mat, only_fmt;
+  std::vector<int> Ts = {1, 16, 64};
+  for (int i = 1; i < argc; ++i) {
+    const std::string s = argv[i];
+    if (s == "--only" && i + 1 < argc) only = argv[++i];
+    else if (s == "--matrix" && i + 1 < argc) only_mat = argv[++i];
+    else if (s == "--format" && i + 1 < argc) only_fmt = argv[++i];
+    else if (s == "--t" && i + 1 < argc) {
+      Ts.clear();
+      for (const char* p = argv[++i]; *p;) {
+        Ts.push_back(std::atoi(p));
+        while (*p && *p != ',') ++p;
+        if (*p == ',') ++p;
+      }
+    } else {
+      std::fprintf(stderr, "usage: llmq-kbench [--only matmul|gemm|attention] [--t 1,16,64] [--matrix qkv|o|gate_up|down|lm_head]\n"
+                           "                   [--format bf16|w8a16|fp8|int8|w4a16]\n");
+      return 2;
+    }
+  }
+  try {
+    cudaDeviceProp p{};
+    LLMQ_CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
+    const double bw = copy_gbps(), tf = gemm_peak_tflops();
+    std::printf("%s, %d SMs: device copy %.0f GB/s, BF16 GEMM 8192^3 %.0f TFLOP/s\n", p.name, p.multiProcessorCount, bw, tf);
+    if (only.empty() || only == "matmul") bench_matmuls(Ts, bw, p.major * 10 + p.minor, only_mat, only_fmt);
+    if (only.empty() || only == "gemm") bench_gemm(2048, tf, p.major * 10 + p.minor);
+    if (only.empty() || only == "attention") bench_attention(2048, tf);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "llmq-kbench: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
