@@ -294,6 +294,27 @@ TEST(CudaWgemm, EveryFormatAtAwkwardShapes) {
   check_gemv({WFmt::BF16, XFmt::BF16, 4096 + 7, 4096, 0, 64, false, false}, 2001, true);
 }
 
+// Host code only (runs without a GPU): the prefill tiles are runs of one sequence's consecutive batch entries,
+// at most kFlashTile long, covering the batch in order.
+TEST(CudaHost, AttentionTilesCutRunsOfOneSequence) {
+  const std::vector<int32_t> seq = [] {
+    std::vector<int32_t> v;
+    for (int i = 0; i < 130; ++i) v.push_back(1);  // 64 + 64 + 2
+    for (int i = 0; i < 3; ++i) v.push_back(0);
+    v.push_back(1);  // a sequence seen again later is a new run
+    v.push_back(2);
+    return v;
+  }();
+  std::vector<int32_t> tiles(2 * seq.size(), -1);
+  const int64_t n = attention_tiles(seq.data(), int64_t(seq.size()), tiles.data());
+  const std::vector<int32_t> want = {0, 64, 64, 64, 128, 2, 130, 3, 133, 1, 134, 1};
+  ASSERT_EQ(n, int64_t(want.size() / 2));
+  EXPECT_EQ(std::vector<int32_t>(tiles.begin(), tiles.begin() + 2 * n), want);
+  EXPECT_EQ(attention_tiles(seq.data(), 0, tiles.data()), 0);
+  EXPECT_TRUE(attention_flash_supports(128) && attention_flash_supports(48) && !attention_flash_supports(256) &&
+              !attention_flash_supports(40));
+}
+
 TEST(CudaGemv, RejectsInvalidArguments) {
   REQUIRE_GPU();
   GemvArgs a;
