@@ -32,19 +32,7 @@ WORK=${WORK:-/tmp/llmq-gpu-check}
 COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 DEVICE=${DEVICE:-cuda}
 JOBS=$(nproc)
-SHARED="$ROOT/../shared"
-
-if [ -d .gpu/debs ]; then
-  mkdir -p .gpu/root
-  for f in .gpu/debs/*.deb; do dpkg-deb -x "$f" .gpu/root; done
-  export CMAKE_PREFIX_PATH="$ROOT/.gpu/root/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
-  export LD_LIBRARY_PATH="$ROOT/.gpu/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
-if [ ! -d "$SHARED/models" ] && [ -d .gpu/shared ]; then
-  SHARED="$ROOT/.gpu/shared"
-  [ -d "$SHARED/models/llama-27m" ] || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
-    "$SHARED/models/llama-27m.tar.xz" "$SHARED/models"
-fi
+. scripts/gpu-env.sh  # sets SHARED
 
 if [ "$DEVICE" = cuda ]; then
   CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)

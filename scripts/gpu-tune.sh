@@ -18,18 +18,7 @@ LAYERS=${LAYERS:-4}
 PREFILL=${PREFILL:-2048}
 BATCHES=${BATCHES:-"1 64"}
 LOG=${OUT:-/tmp}
-SHARED="$ROOT/../shared"
-if [ -d .gpu/debs ]; then
-  mkdir -p .gpu/root
-  for f in .gpu/debs/*.deb; do dpkg-deb -x "$f" .gpu/root; done
-  export CMAKE_PREFIX_PATH="$ROOT/.gpu/root/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
-  export LD_LIBRARY_PATH="$ROOT/.gpu/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
-if [ ! -d "$SHARED/models" ] && [ -d .gpu/shared ]; then
-  SHARED="$ROOT/.gpu/shared"
-  [ -d "$SHARED/models/llama-27m" ] || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
-    "$SHARED/models/llama-27m.tar.xz" "$SHARED/models"
-fi
+. scripts/gpu-env.sh  # sets SHARED
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 ARCH=${CUDA_ARCH:-$([ "$CAP" = 90 ] && echo 90a-real || echo "$CAP-real")}
 echo "== $(nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader | head -1), building for $ARCH"

@@ -71,6 +71,28 @@ __device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
   return *reinterpret_cast<uint32_t*>(&d);
 }
 
+// The K-splitting warps' partial sums added into warp 0's accumulators through shared memory. Returns false in
+// the other warps, which are then done (warp 0 runs the epilogue). Every thread of the CTA must call it.
+template <typename Acc, int NT>
+__device__ __forceinline__ bool sum_warps(Acc (&acc)[NT][4], int warp, int nw, int lane) {
+  __shared__ Acc red[kMaxWarps - 1][NT * 4][32];
+  if (nw == 1) return true;
+  if (warp > 0) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) red[warp - 1][n * 4 + i][lane] = acc[n][i];
+  }
+  __syncthreads();
+  if (warp > 0) return false;
+  for (int w = 1; w < nw; ++w)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[n][i] += red[w - 1][n * 4 + i][lane];
+  return true;
+}
+
 template <int KIND>
 struct KindTraits {
   static constexpr int kXBytes = KIND >= kI8I8 ? 1 : 2;
@@ -223,23 +245,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     if (cur_group >= 0) flush();
   }
 
-  // Sum the warps' partial results.
-  __shared__ Acc red[kMaxWarps - 1][NT * 4][32];
-  if (nw > 1) {
-    if (warp > 0) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[warp - 1][n * 4 + i][lane] = acc[n][i];
-    }
-    __syncthreads();
-    if (warp > 0) return;
-    for (int w = 1; w < nw; ++w)
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[n][i] += red[w - 1][n * 4 + i][lane];
-  }
+  if (!sum_warps<Acc, NT>(acc, warp, nw, lane)) return;
   // Epilogue: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
 #pragma unroll
   for (int n = 0; n < NT; ++n)
@@ -344,22 +350,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_i4_kernel(const GemvArgs
     }
   }
 
-  __shared__ float red[kMaxWarps - 1][NT * 4][32];
-  if (nw > 1) {
-    if (warp > 0) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[warp - 1][n * 4 + i][lane] = acc[n][i];
-    }
-    __syncthreads();
-    if (warp > 0) return;
-    for (int w = 1; w < nw; ++w)
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[n][i] += red[w - 1][n * 4 + i][lane];
-  }
+  if (!sum_warps<float, NT>(acc, warp, nw, lane)) return;
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
