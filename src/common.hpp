@@ -73,6 +73,15 @@ uint16_t f32_to_f16(float f);
 float fp8_e4m3_to_f32(uint8_t b);
 
 // Reads element i of a buffer of type t as float (I8/U8: the integer value).
+// A stateless 64-bit mix (splitmix64's output function of x + golden ratio): deterministic pseudo-random values
+// from an index, for synthetic weights and benchmark data.
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
 inline float load_as_f32(const void* p, DType t, size_t i) {
   switch (t) {
     case DType::F32: return static_cast<const float*>(p)[i];

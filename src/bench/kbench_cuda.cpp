@@ -15,6 +15,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "backend/cuda/attention.cuh"
@@ -29,13 +30,6 @@ using namespace llmq::cuda;
 
 namespace {
 
-uint64_t mix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 // Host-generated random bytes of the given kind, uploaded: "bf16" small normal-ish values, "code" any byte,
 // "fp8" E4M3 codes of moderate magnitude (no NaN), "scale" positive floats, "zero" 0..15.
 void* device_random(size_t n, const char* kind, uint64_t seed) {
@@ -44,7 +38,7 @@ void* device_random(size_t n, const char* kind, uint64_t seed) {
   if (k == "bf16") {
     h.resize(n * 2);
     for (size_t i = 0; i < n; ++i) {
-      const float v = (float(mix(seed + i) & 0xFFFF) / 65536.f - 0.5f) * 0.04f;
+      const float v = (float(splitmix64(seed + i) & 0xFFFF) / 65536.f - 0.5f) * 0.04f;
       uint32_t b;
       std::memcpy(&b, &v, 4);
       const uint16_t r = uint16_t(b >> 16);
@@ -53,13 +47,13 @@ void* device_random(size_t n, const char* kind, uint64_t seed) {
   } else if (k == "scale") {
     h.resize(n * 4);
     for (size_t i = 0; i < n; ++i) {
-      const float v = 0.001f + float(mix(seed + i) & 0xFF) * 1e-5f;
+      const float v = 0.001f + float(splitmix64(seed + i) & 0xFF) * 1e-5f;
       std::memcpy(&h[4 * i], &v, 4);
     }
   } else {
     h.resize(n);
     for (size_t i = 0; i < n; i += 8) {
-      const uint64_t r = mix(seed + i);
+      const uint64_t r = splitmix64(seed + i);
       for (size_t j = 0; j < 8 && i + j < n; ++j) {
         uint8_t b = uint8_t(r >> (8 * j));
         if (k == "fp8") b &= 0xB7;  // sign, exponent <= 6, mantissa: |x| < 2, never NaN
@@ -142,7 +136,7 @@ Weights make_weights(const Fmt& f, const Mat& m, int copies, uint64_t seed) {
     } else {
       const int64_t ng = m.K / 128;
       std::vector<uint8_t> codes(nk / 2);
-      for (size_t i = 0; i < codes.size(); ++i) codes[i] = uint8_t(mix(s + i));
+      for (size_t i = 0; i < codes.size(); ++i) codes[i] = uint8_t(splitmix64(s + i));
       const std::vector<uint8_t> tiles = pack::int4_mma_pack(codes.data(), m.N, m.K);
       void *pt = nullptr, *pr = nullptr;
       LLMQ_CUDA_CHECK(cudaMalloc(&pt, tiles.size()));
@@ -298,28 +292,24 @@ void bench_attention(int64_t T, double peak_tflops) {
   for (int64_t i = 0; i < T; ++i) pos[size_t(i)] = int32_t(i);
   std::vector<int32_t> tiles(static_cast<size_t>(2 * T));
   const int64_t n_tiles = attention_tiles(seq.data(), T, tiles.data());
-  auto up = [](const std::vector<int32_t>& v) {
+  auto up = [](const auto& v) {
+    using E = typename std::decay_t<decltype(v)>::value_type;
     void* p = nullptr;
-    LLMQ_CUDA_CHECK(cudaMalloc(&p, v.size() * 4));
-    LLMQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
-    return static_cast<int32_t*>(p);
+    LLMQ_CUDA_CHECK(cudaMalloc(&p, v.size() * sizeof(E)));
+    LLMQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(E), cudaMemcpyHostToDevice));
+    return static_cast<E*>(p);
   };
   int32_t *dtab = up(table), *dseq = up(seq), *dpos = up(pos), *dtiles = up(tiles);
   std::vector<float> qkv(static_cast<size_t>(T * ld));
-  for (size_t i = 0; i < qkv.size(); ++i) qkv[i] = float(int64_t(mix(i) % 2001) - 1000) * 1e-3f;
-  float *dq = nullptr, *out = nullptr;
-  LLMQ_CUDA_CHECK(cudaMalloc(&dq, qkv.size() * 4));
-  LLMQ_CUDA_CHECK(cudaMemcpy(dq, qkv.data(), qkv.size() * 4, cudaMemcpyHostToDevice));
+  for (size_t i = 0; i < qkv.size(); ++i) qkv[i] = float(int64_t(splitmix64(i) % 2001) - 1000) * 1e-3f;
+  float* dq = up(qkv);
+  float* out = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&out, size_t(T * qd) * 4));
   void *kc = nullptr, *vc = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&kc, size_t(pps * page * kvd) * 2));
   LLMQ_CUDA_CHECK(cudaMalloc(&vc, size_t(pps * page * kvd) * 2));
   std::vector<float> cs(static_cast<size_t>(T * hd / 2), 1.f), sn(static_cast<size_t>(T * hd / 2), 0.f);
-  float *dcs = nullptr, *dsn = nullptr;
-  LLMQ_CUDA_CHECK(cudaMalloc(&dcs, cs.size() * 4));
-  LLMQ_CUDA_CHECK(cudaMalloc(&dsn, sn.size() * 4));
-  LLMQ_CUDA_CHECK(cudaMemcpy(dcs, cs.data(), cs.size() * 4, cudaMemcpyHostToDevice));
-  LLMQ_CUDA_CHECK(cudaMemcpy(dsn, sn.data(), sn.size() * 4, cudaMemcpyHostToDevice));
+  float *dcs = up(cs), *dsn = up(sn);
   KvCacheView kv;
   kv.page_size = page;
   kv.pages_per_seq = pps;

@@ -542,8 +542,7 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   // Row-major formats at T <= 8: the GEMV reads more of the bandwidth than wgemm (H200, llama-3-8b shapes at
   // T = 1, llmq-kbench: gate_up bf16 56.7 vs 69.5 us, fp8 33.1 vs 38.9, int8 30.1 vs 36.8, w8a16 36.9 vs 40.7;
   // bench/results/2026-12-01-nvidia-h200-kbench.txt). INT4 tiles always take wgemm.
-  const bool gemv_first = !wgemm_all;
-  if (gemv_first && T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
+  if (!wgemm_all && T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   if (T <= kWgemmMaxT && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   // W8A8 codes on the 8-bit tensor cores (LLMQ_NO_LT: through the BF16 GEMM instead, for comparisons).
