@@ -24,6 +24,7 @@
 #include "quant/quantize.hpp"
 #include "runtime/engine.hpp"
 #include "runtime/generate.hpp"
+#include "runtime/sampler.hpp"
 #include "tokenizer/tokenizer.hpp"
 
 namespace fs = std::filesystem;
@@ -75,6 +76,8 @@ struct GemvCase {
   int64_t N, K, group;
   int M;
   bool accumulate, bias;
+  bool swiglu = false;  // rows 2j, 2j + 1 as gate j, up j: the kernel writes bf16 silu(gate) * up instead of y
+  int norm = -1;        // >= 0: the fused RMSNorm of y into an activation of this ActKind (GemvArgs::norm_out)
 };
 
 int device_sm() {
@@ -173,6 +176,16 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   Buf ds(wscale.empty() ? std::vector<float>{1.f} : wscale), dz(wzero.empty() ? std::vector<uint8_t>{0} : wzero);
   Buf db(bias), dxs(xscale);
   if (c.accumulate) cudaMemcpy(dy.p, y0.data(), dy.n, cudaMemcpyHostToDevice);
+  const int64_t ld_sw = N / 2 + 5;
+  Buf dsw(static_cast<size_t>(M * ld_sw) * 2);  // poisoned: 0xFFFF is a bf16 NaN
+  // The fused norm's weight, output (poisoned: 0xFF bytes), row scales and counter.
+  std::vector<float> nw(static_cast<size_t>(N));
+  for (auto& v : nw) v = 0.5f + std::fabs(nd(rng));
+  const ActKind nk = c.norm >= 0 ? ActKind(c.norm) : ActKind::None;
+  const int64_t ld_n = N + 3, nbytes = nk == ActKind::None ? 2 : 1;
+  const float nstatic = 0.02f;
+  Buf dnw(nw), dn(static_cast<size_t>(M * ld_n * nbytes)), dns(static_cast<size_t>(M) * 4),
+      dcnt(std::vector<int32_t>{0});
   GemvArgs a;
   a.wf = c.wf;
   a.xf = c.xf;
@@ -190,9 +203,21 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   a.y = dy.as<float>();
   a.ldy = ldy;
   a.accumulate = c.accumulate;
+  if (c.swiglu) a.swiglu_out = dsw.p, a.swiglu_ld = ld_sw, a.y = nullptr;
+  if (c.norm >= 0) {
+    a.norm_counter = dcnt.as<int32_t>();
+    a.norm_w = dnw.as<float>();
+    a.norm_eps = 1e-5f;
+    a.norm_out.kind = nk;
+    a.norm_out.static_scale = nstatic;
+    a.norm_out.out = dn.p;
+    a.norm_out.ld = ld_n;
+    a.norm_out.row_scale = dns.as<float>();
+  }
   const std::string what = "wf " + std::to_string(int(c.wf)) + " xf " + std::to_string(int(c.xf)) + " N " +
                            std::to_string(N) + " K " + std::to_string(K) + " M " + std::to_string(M) + " g " +
-                           std::to_string(c.group) + (tc ? " (wgemm)" : gemv_vectorized(a) ? " (vector)" : " (scalar)");
+                           std::to_string(c.group) + (tc ? " (wgemm)" : gemv_vectorized(a) ? " (vector)" : " (scalar)") +
+                           (c.swiglu ? " swiglu" : "") + (c.norm >= 0 ? " norm " + std::to_string(c.norm) : "");
   if (tc) {
     EXPECT_TRUE(wgemm_supports(a, device_sm())) << what;
     if (!wgemm_supports(a, device_sm())) return 0;
@@ -204,6 +229,8 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   }
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<float> y = dy.get<float>();
+  const std::vector<uint16_t> sw = dsw.get<uint16_t>();
+  std::vector<double> want_row(static_cast<size_t>(N)), tol_row(static_cast<size_t>(N));
   double worst = 0;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {
@@ -221,12 +248,66 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
       // (DeepSeek-V3 report, sec. 3.3.2) over the 32 products of one instruction: 2^-12 of the magnitude.
       const double rel = c.xf == XFmt::I8 ? 0 : !tc ? 1e-6 : c.xf == XFmt::FP8 ? 1.0 / 4096 : 1e-5;
       const double tol = rel * mag * post + 1e-5 * std::fabs(want) + 1e-6;
+      want_row[size_t(n)] = want, tol_row[size_t(n)] = tol;
+      if (c.swiglu) continue;  // checked per pair below
       const float got = y[size_t(m * ldy + n)];
       EXPECT_TRUE(std::isfinite(got)) << what << " at m " << m << " n " << n;
       if (!std::isfinite(got)) return 1e30;
       if (mag > 0) worst = std::max(worst, std::fabs(got - want) / (mag * post));
       EXPECT_NEAR(got, want, tol) << what << " at m " << m << " n " << n;
       if (std::fabs(got - want) > tol) return worst;
+    }
+    if (c.norm >= 0) {
+      // The RMSNorm of the row just checked (want_row, within tol_row), in the format asked: BF16 within
+      // 2^-9, codes within half a step of the scale the kernel chose (FP8: 2^-4 relative), plus what the
+      // row's own error moves.
+      const std::vector<uint8_t> got = dn.get<uint8_t>();
+      const std::vector<float> gs = dns.get<float>();
+      double ss = 0, amax = 0, terr = 0;
+      for (int64_t n = 0; n < N; ++n) ss += want_row[size_t(n)] * want_row[size_t(n)], terr = std::max(terr, tol_row[size_t(n)]);
+      const double inv = 1.0 / std::sqrt(ss / double(N) + 1e-5);
+      for (int64_t n = 0; n < N; ++n) amax = std::max(amax, std::fabs(nw[size_t(n)] * want_row[size_t(n)] * inv));
+      const double s = nk == ActKind::I8Token ? (amax > 0 ? amax / 127 : 1.0) : nstatic;
+      if (nk != ActKind::None) {
+        EXPECT_NEAR(gs[size_t(m)], s, 1e-3 * s) << what << ": row scale of m " << m;
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        const double v = nw[size_t(n)] * want_row[size_t(n)] * inv;
+        const size_t at = size_t(m * ld_n + n);
+        double g = 0, tol = nw[size_t(n)] * inv * terr * 2 + 1e-6;
+        if (nk == ActKind::None) {
+          uint16_t h;
+          std::memcpy(&h, &got[2 * at], 2);
+          g = bf16_to_f32(h), tol += std::ldexp(std::fabs(v), -8);
+        } else if (nk == ActKind::Fp8Tensor) {
+          g = quant::fp8_to_f32(got[at]) * gs[size_t(m)], tol += std::fabs(v) / 16 + s / 1024;  // subnormal steps
+          if (std::fabs(v / s) > 448) g = v, tol = 0;  // saturated: checked by the formats' own tests
+        } else {
+          g = double(int8_t(got[at])) * gs[size_t(m)], tol += 0.5 * s * 1.001;
+          if (std::fabs(v / s) > 127) g = v, tol = 0;
+        }
+        EXPECT_NEAR(g, v, tol) << what << " norm at m " << m << " n " << n;
+        if (!(std::fabs(g - v) <= tol)) return worst;
+      }
+      EXPECT_EQ(dcnt.get<int32_t>()[0], 0) << what << ": the counter was not reset";
+    }
+    if (c.swiglu) {
+      // silu(g) * u rounded to bf16 (2^-9 relative), plus the product's sensitivity to the errors of g and u
+      // (|silu'| <= 1.1, |silu(g)| <= max(|g|, 0.28)).
+      for (int64_t j = 0; j < N / 2; ++j) {
+        const double g = want_row[size_t(2 * j)], u = want_row[size_t(2 * j + 1)];
+        const double want = g / (1.0 + std::exp(-g)) * u;
+        const double tol = std::ldexp(std::fabs(want), -8) + 1.1 * std::fabs(u) * tol_row[size_t(2 * j)] +
+                           std::max(std::fabs(g), 0.28) * tol_row[size_t(2 * j + 1)] + 1e-6;
+        const float got = bf16_to_f32(sw[size_t(m * ld_sw + j)]);
+        EXPECT_NEAR(got, want, tol) << what << " at m " << m << " j " << j;
+        if (!(std::fabs(got - want) <= tol)) return worst;
+      }
+      for (int64_t j = N / 2; j < ld_sw; ++j) {
+        EXPECT_EQ(sw[size_t(m * ld_sw + j)], 0xFFFF) << what << ": wrote past N / 2";
+        if (sw[size_t(m * ld_sw + j)] != 0xFFFF) return worst;
+      }
+      continue;
     }
     if (!c.accumulate) {  // columns past N stay poisoned
       for (int64_t n = N; n < ldy; ++n) {
@@ -292,6 +373,48 @@ TEST(CudaWgemm, EveryFormatAtAwkwardShapes) {
               worst[1], worst[2], worst[3], worst[4]);
   check_gemv({WFmt::I4, XFmt::BF16, 37, 14336, 128, 5, true, true}, 2000, true);
   check_gemv({WFmt::BF16, XFmt::BF16, 4096 + 7, 4096, 0, 64, false, false}, 2001, true);
+}
+
+// The SwiGLU epilogue (gate/up rows paired) of the GEMV and wgemm kernels, for every weight format with BF16
+// inputs (the engine fuses it only where down_proj reads BF16): tokens across the n-tiles, row blocks cut by N,
+// INT4 groups, bias.
+TEST(CudaMatmul, SwigluEpilogueMatchesReference) {
+  REQUIRE_GPU();
+  uint64_t seed = 3000;
+  for (WFmt wf : {WFmt::BF16, WFmt::I8, WFmt::FP8, WFmt::I4}) {
+    for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{2, 64}, {22, 256}, {70, 1024}, {36, 4096}}) {
+      const int64_t g = wf == WFmt::I4 ? (K % 128 == 0 && seed % 2 ? 128 : 32) : 0;
+      for (int M : {1, 3, 8}) {
+        check_gemv({wf, XFmt::BF16, N, K, g, M, false, (seed % 2) == 0, true}, seed++);
+        if (HasFailure()) return;
+      }
+      if (wf == WFmt::FP8) continue;  // wgemm multiplies FP8 weights only with FP8 inputs
+      for (int M : {1, 5, 8, 9, 17, 64}) {
+        check_gemv({wf, XFmt::BF16, N, K, g, M, false, (seed % 2) == 0, true}, seed++, true);
+        if (HasFailure()) return;
+      }
+    }
+  }
+}
+
+// The fused RMSNorm epilogue (the last block normalizes the residual stream y into the next matmul's input) of
+// the GEMV and wgemm kernels: every activation kind, residual add on (as the engine runs it) and off, a few
+// tokens, N not a multiple of the row blocks.
+TEST(CudaMatmul, NormEpilogueMatchesReference) {
+  REQUIRE_GPU();
+  uint64_t seed = 4000;
+  for (int kind = 0; kind < 4; ++kind)
+    for (WFmt wf : {WFmt::BF16, WFmt::I4, WFmt::I8})
+      for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{40, 128}, {1000, 512}}) {
+        const int64_t g = wf == WFmt::I4 ? 64 : 0;
+        for (int M : {1, 3, 8}) {
+          check_gemv({wf, XFmt::BF16, N, K, g, M, (seed % 2) == 1, false, false, kind}, seed++);
+          if (HasFailure()) return;
+          if (wf == WFmt::I8) continue;  // the engine's wgemm at T <= 8 serves INT4 tiles; BF16 covers the rest
+          check_gemv({wf, XFmt::BF16, N, K, g, M, (seed % 2) == 1, false, false, kind}, seed++, true);
+          if (HasFailure()) return;
+        }
+      }
 }
 
 // Host code only (runs without a GPU): the prefill tiles are runs of one sequence's consecutive batch entries,
@@ -361,6 +484,36 @@ TEST(CudaGemv, RejectsInvalidArguments) {
   b.xf = XFmt::FP8;
   b.x_scale = &sc;
   EXPECT_FALSE(wgemm_supports(b, 80));
+}
+
+// The device argmax against the host one (sampler.hpp's argmax): random rows of awkward lengths, ties (the first
+// index wins, also across slices), a row of -inf, a row with NaN (never the winner), run twice over the same
+// counters (the graph replay case).
+TEST(CudaElementwise, ArgmaxRowsMatchesHost) {
+  REQUIRE_GPU();
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 3.f);
+  for (int64_t n : {1, 31, 1000, 8192, 128256}) {
+    const int64_t R = 6;
+    std::vector<float> x(static_cast<size_t>(R * n));
+    for (auto& v : x) v = std::round(nd(rng) * 4.f) / 4.f;  // coarse values: many ties
+    for (int64_t i = 0; i < n; ++i) x[size_t(3 * n + i)] = -INFINITY;
+    if (n > 2) x[size_t(4 * n + n / 2)] = NAN;
+    if (n > 40) x[size_t(5 * n + 7)] = x[size_t(5 * n + n - 3)] = 1e30f;  // a tie between the first and last slice
+    Buf dx(x), ids(static_cast<size_t>(R) * 4), pv(static_cast<size_t>(R * kArgmaxParts) * 4),
+        pi(static_cast<size_t>(R * kArgmaxParts) * 4), cnt(std::vector<int32_t>(static_cast<size_t>(R), 0));
+    for (int rep = 0; rep < 2; ++rep) {
+      argmax_rows(dx.as<float>(), R, n, ids.as<int32_t>(), pv.as<float>(), pi.as<int32_t>(), cnt.as<int32_t>(), nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<int32_t> got = ids.get<int32_t>();
+      for (int64_t r = 0; r < R; ++r) {
+        std::vector<float> row(x.begin() + r * n, x.begin() + (r + 1) * n);
+        if (r == 4 && n > 2) row[size_t(n / 2)] = -INFINITY;  // the host argmax skips NaN too, unless it is first
+        EXPECT_EQ(got[size_t(r)], argmax(row.data(), n)) << "n " << n << " row " << r << " rep " << rep;
+      }
+      for (int32_t c : cnt.get<int32_t>()) ASSERT_EQ(c, 0);
+    }
+  }
 }
 
 // rmsnorm fused with each activation format, against the CPU formulas and formats.
@@ -492,6 +645,7 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
         Buf dq(qkv), dseq(seqs), dpos(poss), dout(static_cast<size_t>(T * qd) * 4);
         const int64_t chunk = (cap + splits - 1) / splits;
         Buf part(static_cast<size_t>(T * heads * splits * (hd + 2)) * 4);
+        Buf counters(std::vector<int32_t>(static_cast<size_t>(attention_counters(T, heads, nkv)), 0));
         rope_kv(dq.as<float>(), ld, T, dpos.as<int32_t>(), dseq.as<int32_t>(), dcs.as<float>(), dsn.as<float>(), heads, kv, nullptr);
         AttentionArgs a;
         a.q = dq.as<float>();
@@ -504,12 +658,16 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
         a.splits = splits;
         a.chunk = chunk;
         a.partial = part.as<float>();
+        a.counters = counters.as<int32_t>();
         a.window = window;
         if (flash) a.tiles = dtiles.as<int32_t>(), a.n_tiles = n_tiles;
         const bool fp16_ops = flash && attention_flash_supports(hd);
         attention(a, kv, nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<float> got = dout.get<float>();
+        // The last block of each split group merged and reset its counter (the next launch, a graph replay,
+        // starts from zero).
+        for (int32_t c : counters.get<int32_t>()) ASSERT_EQ(c, 0) << "splits " << splits;
         // CPU: rope, store, attend.
         for (int64_t t = 0; t < T; ++t) {
           float* row = &qkv[size_t(t * ld)];

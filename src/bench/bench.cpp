@@ -37,7 +37,7 @@ BenchResult bench(Engine& engine, const BenchParams& p) {
   for (auto& pr : prompts)
     for (int64_t i = 0; i < p.prompt_len; ++i) pr.push_back(rng_src.sample(uniform_logits.data(), c.vocab));
 
-  std::vector<float> logits(static_cast<size_t>(p.batch * c.vocab));
+  std::vector<int32_t> next(static_cast<size_t>(p.batch));  // greedy: the engine's argmax of each sequence
   std::vector<double> prefill_s, decode_s;
   using clock = std::chrono::steady_clock;
   for (int rep = 0; rep <= p.repeats; ++rep) {
@@ -47,13 +47,12 @@ BenchResult bench(Engine& engine, const BenchParams& p) {
       for (int64_t i = 0; i < p.prompt_len; ++i)
         batch.push_back({prompts[size_t(s)][size_t(i)], int32_t(s), int32_t(i), i + 1 == p.prompt_len});
     auto t0 = clock::now();
-    engine.forward(batch, logits.data());
+    engine.forward_argmax(batch, next.data());
     auto t1 = clock::now();
     for (int64_t step = 0; step < p.gen_len; ++step) {
       std::vector<BatchToken> dec;
-      for (int64_t s = 0; s < p.batch; ++s)
-        dec.push_back({argmax(&logits[size_t(s * c.vocab)], c.vocab), int32_t(s), int32_t(p.prompt_len + step), true});
-      engine.forward(dec, logits.data());
+      for (int64_t s = 0; s < p.batch; ++s) dec.push_back({next[size_t(s)], int32_t(s), int32_t(p.prompt_len + step), true});
+      engine.forward_argmax(dec, next.data());
     }
     auto t2 = clock::now();
     if (rep == 0) continue;  // warm-up

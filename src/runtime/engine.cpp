@@ -3,11 +3,20 @@
 #include <fstream>
 
 #include "backend/cpu/kernels.hpp"
+#include "runtime/sampler.hpp"
 #ifdef LLMQ_HAVE_CUDA
 #include "backend/cuda/engine.hpp"
 #endif
 
 namespace llmq {
+
+void Engine::forward_argmax(const std::vector<BatchToken>& batch, int32_t* ids_out) {
+  int64_t n = 0;
+  for (const BatchToken& b : batch) n += b.logits;
+  std::vector<float> logits(static_cast<size_t>(n * config().vocab));
+  forward(batch, logits.data());
+  for (int64_t r = 0; r < n; ++r) ids_out[r] = argmax(&logits[static_cast<size_t>(r * config().vocab)], config().vocab);
+}
 
 namespace {
 

@@ -23,6 +23,11 @@ class Engine {
   // Model::forward's contract: K/V of every token go into the cache at (seq, pos); logits of the tokens with
   // `logits` set are written in batch order to logits_out ([n_wanted, vocab], host memory).
   virtual void forward(const std::vector<BatchToken>& batch, float* logits_out) = 0;
+  // A greedy decoding step: forward's contract, but for each token with `logits` set the id of its largest
+  // logit (the first such id; argmax() in sampler.hpp) goes to ids_out ([n_wanted]) instead of the logits.
+  // This default runs forward and argmax on the host; the CUDA engine finds the ids on the device and copies
+  // back only them (the logits of a 128K vocabulary are half a megabyte a token).
+  virtual void forward_argmax(const std::vector<BatchToken>& batch, int32_t* ids_out);
 
   // What the device is, in words ("cpu (AMD EPYC ..., 2 threads, avx512)", "cuda (NVIDIA H100 80GB HBM3, sm_90)").
   virtual std::string device() const = 0;

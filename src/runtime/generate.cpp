@@ -25,6 +25,9 @@ GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<
   Sampler sampler(sp);
   StreamDecoder stream(tok);
   std::vector<float> logits(static_cast<size_t>(c.vocab));
+  // Greedy decoding takes the argmax from the engine (on the GPU: no logits cross to the host).
+  const bool greedy = sp.temperature <= 0.f;
+  int32_t next = 0;
   GenerateResult r;
   r.prompt_tokens = int64_t(prompt.size());
   using clock = std::chrono::steady_clock;
@@ -32,12 +35,15 @@ GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<
   auto t0 = clock::now();
   std::vector<BatchToken> batch;
   for (size_t i = 0; i < prompt.size(); ++i) batch.push_back({prompt[i], 0, int32_t(i), i + 1 == prompt.size()});
-  if (n_new > 0) engine.forward(batch, logits.data());
+  if (n_new > 0) {
+    if (greedy) engine.forward_argmax(batch, &next);
+    else engine.forward(batch, logits.data());
+  }
   auto t1 = clock::now();
   r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   int64_t pos = int64_t(prompt.size());
   for (int64_t i = 0; i < n_new; ++i) {
-    const int32_t id = sampler.sample(logits.data(), c.vocab);
+    const int32_t id = greedy ? next : sampler.sample(logits.data(), c.vocab);
     r.ids.push_back(id);
     if (std::find(stop_ids.begin(), stop_ids.end(), id) != stop_ids.end()) {
       r.stopped_at_eos = true;
@@ -47,7 +53,8 @@ GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<
     r.text += piece;
     if (on_text && !piece.empty()) on_text(piece);
     if (i + 1 < n_new) {
-      engine.forward({{id, 0, int32_t(pos), true}}, logits.data());
+      if (greedy) engine.forward_argmax({{id, 0, int32_t(pos), true}}, &next);
+      else engine.forward({{id, 0, int32_t(pos), true}}, logits.data());
       ++pos;
       ++r.decode_steps;
     }

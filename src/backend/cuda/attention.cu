@@ -1,9 +1,11 @@
 #include <cfloat>
+#include <cstdlib>
 #include <type_traits>
 
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/device_util.cuh"
+#include "backend/cuda/launch.cuh"
 
 namespace llmq::cuda {
 
@@ -11,6 +13,7 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxGroup = 8;  // query heads per block (more share a KV head: several blocks)
+constexpr int kMaxSplits = kMaxAttentionSplits;
 
 __device__ __forceinline__ int64_t slot_of(const KvCacheView& kv, int64_t seq, int64_t p) {
   return int64_t(kv.block_table[seq * kv.pages_per_seq + p / kv.page_size]) * kv.page_size + p % kv.page_size;
@@ -23,6 +26,25 @@ __device__ __forceinline__ float kv_load(const KT* p) {
   else return fp8_to_float(*p);
 }
 
+// Eight cache values (K or V of one position, dims d0..d0+7 at element offset `at`) as floats, dequantized:
+// one 16-byte (BF16) or 8-byte (FP8, INT8) load.
+__device__ __forceinline__ void kv_load8(const KvCacheView& kv, const void* base, int64_t at, float scale, float (&f)[8]) {
+  if (kv.type == KvType::BF16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(base) + at);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[2 * i] = bf16lo(w[i]), f[2 * i + 1] = bf16hi(w[i]);
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(base) + at);
+    const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint8_t b = uint8_t(w[i / 4] >> (8 * (i % 4)));
+      f[i] = (kv.type == KvType::FP8 ? fp8_to_float(b) : float(int8_t(b))) * scale;
+    }
+  }
+}
+
 __device__ __forceinline__ void store_out(const AttentionArgs& a, int64_t i, float v) {
   if (a.out_bf16) static_cast<__nv_bfloat16*>(a.out_bf16)[i] = __float2bfloat16(v);
   else a.out[i] = v;
@@ -30,6 +52,8 @@ __device__ __forceinline__ void store_out(const AttentionArgs& a, int64_t i, flo
 
 __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const int32_t* seq, const float* cos_tab,
                                const float* sin_tab, int64_t heads, const KvCacheView kv) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x;
   const int64_t hd = kv.head_dim, half = hd / 2, kvd = kv.kv_heads * hd, qd = heads * hd;
   const int64_t p = pos[t];
@@ -65,10 +89,93 @@ __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const
   }
 }
 
+// The end of both decode kernels: every warp has left its softmax state in shared memory (sm_m, sm_l: its
+// running max and sum per head of the group; sm_acc: its unnormalized output per head and dimension). Merges
+// the warps and writes the output, or for a split launch this split's partial result, after which the last
+// block of the (token, head group) merges every split's.
+template <int D>
+__device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t hd, int64_t t, int64_t kvh, int64_t G,
+                                               int64_t g0, int ng, int64_t split, float (&sm_m)[kWarps][kMaxGroup],
+                                               float (&sm_l)[kWarps][kMaxGroup], float (&sm_acc)[kWarps][kMaxGroup][D]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < int64_t(ng) * hd; idx += blockDim.x) {
+    const int g = int(idx / hd);
+    const int64_t d = idx % hd;
+    float M = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sm_m[w][g]);
+    float L = 0.f, O = 0.f;
+    if (M != -INFINITY) {
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = expf(sm_m[w][g] - M);
+        L += sm_l[w][g] * f;
+        O += sm_acc[w][g][d] * f;
+      }
+    }
+    const int64_t h = kvh * G + g0 + g;
+    if (a.splits == 1) {
+      store_out(a, t * a.heads * hd + h * hd + d, O / L);
+    } else {
+      float* pr = a.partial + ((t * a.heads + h) * a.splits + split) * (hd + 2);
+      pr[d] = O;
+      if (d == 0) pr[hd] = M, pr[hd + 1] = L;
+    }
+  }
+  if (a.splits == 1) return;
+  // Split launch: the last block of this (token, head group) merges every split's partial result (the
+  // threadFenceReduction pattern: publish, count, and the block that counts last reads through the L2).
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* c = a.counters + t * gridDim.y + blockIdx.y;
+    last = atomicAdd(c, 1) == int(a.splits) - 1;
+    if (last) *c = 0;  // ready for the next launch (graph replays)
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // Each head's split maxima, then per split the weight exp(M_s - M) (0 for a split with no position) and the
+  // weighted sum of L, in shared memory; then every (head, dim) adds its weighted partial outputs, the loads of
+  // all splits independent of each other.
+  __shared__ float sm_f[kMaxGroup][kMaxSplits];
+  __shared__ float sm_ltot[kMaxGroup];
+  const int S = int(a.splits);
+  const float* part = a.partial + (t * a.heads + kvh * G + g0) * S * (hd + 2);  // head g's split s: (g * S + s)
+  for (int i = threadIdx.x; i < ng * S; i += blockDim.x) sm_f[i / S][i % S] = __ldcg(part + int64_t(i) * (hd + 2) + hd);
+  __syncthreads();
+  for (int g = warp; g < ng; g += kWarps) {
+    float M = -INFINITY;
+    for (int s = lane; s < S; s += 32) M = fmaxf(M, sm_f[g][s]);
+    M = warp_max(M);
+    float L = 0.f;
+    for (int s = lane; s < S; s += 32) {
+      const float ms = sm_f[g][s];
+      const float f = ms == -INFINITY ? 0.f : expf(ms - M);
+      L = fmaf(f, __ldcg(part + int64_t(g * S + s) * (hd + 2) + hd + 1), L);
+      sm_f[g][s] = f;
+    }
+    L = warp_sum(L);
+    if (lane == 0) sm_ltot[g] = L;
+  }
+  __syncthreads();
+  for (int64_t idx = threadIdx.x; idx < int64_t(ng) * hd; idx += blockDim.x) {
+    const int g = int(idx / hd);
+    const int64_t d = idx % hd;
+    const float* base = part + int64_t(g) * S * (hd + 2) + d;
+    float O = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < S; ++s) O = fmaf(sm_f[g][s], __ldcg(base + int64_t(s) * (hd + 2)), O);
+    store_out(a, t * a.heads * hd + (kvh * G + g0 + g) * hd + d, O / sm_ltot[g]);
+  }
+}
+
 // One block per (token, KV head, group of <= kMaxGroup query heads, split); each warp runs an online
 // softmax over every fourth position of the block's range, lanes owning head dimensions lane + 32 i.
 template <int DPL, typename KT>
 __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttentionArgs a, const KvCacheView kv) {
+  pdl_trigger();
+  pdl_wait();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t hd = kv.head_dim, kvd = kv.kv_heads * hd;
   const int64_t G = a.heads / kv.kv_heads;
@@ -130,47 +237,103 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttentionA
   for (int g = 0; g < kMaxGroup; ++g)
 #pragma unroll
     for (int i = 0; i < DPL; ++i) sm_acc[warp][g][lane + 32 * i] = acc[g][i];
-  __syncthreads();
-  for (int64_t idx = threadIdx.x; idx < int64_t(ng) * hd; idx += blockDim.x) {
-    const int g = int(idx / hd);
-    const int64_t d = idx % hd;
-    float M = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sm_m[w][g]);
-    float L = 0.f, O = 0.f;
-    if (M != -INFINITY) {
-      for (int w = 0; w < kWarps; ++w) {
-        const float f = expf(sm_m[w][g] - M);
-        L += sm_l[w][g] * f;
-        O += sm_acc[w][g][d] * f;
-      }
-    }
-    const int64_t h = kvh * G + g0 + g;
-    if (a.splits == 1) {
-      store_out(a, t * a.heads * hd + h * hd + d, O / L);
-    } else {
-      float* pr = a.partial + ((t * a.heads + h) * a.splits + split) * (hd + 2);
-      pr[d] = O;
-      if (d == 0) pr[hd] = M, pr[hd + 1] = L;
-    }
-  }
+  attention_tail<DPL * 32>(a, hd, t, kvh, G, g0, ng, split, sm_m, sm_l, sm_acc);
 }
 
-__global__ void combine_kernel(const AttentionArgs a, int64_t hd) {
-  const int64_t t = blockIdx.x, h = blockIdx.y;
-  const float* base = a.partial + (t * a.heads + h) * a.splits * (hd + 2);
-  float M = -INFINITY;
-  for (int64_t s = 0; s < a.splits; ++s) M = fmaxf(M, base[s * (hd + 2) + hd]);
-  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
-    float L = 0.f, O = 0.f;
-    for (int64_t s = 0; s < a.splits; ++s) {
-      const float* pr = base + s * (hd + 2);
-      if (pr[hd] == -INFINITY) continue;
-      const float f = expf(pr[hd] - M);
-      L += pr[hd + 1] * f;
-      O += pr[d] * f;
+// Decode attention for head dims 64 and 128 (most models): the same blocks as attention_kernel, but a warp
+// takes P = 32 / L positions at a time, L = HD / 8 lanes each, every lane loading 8 dims of K and V in one
+// 16-byte (BF16) or 8-byte load. The per-token kernel walks positions one per warp step with 2-byte loads and a
+// 5-shuffle sum per head and position; here a step covers P positions with log2(L) shuffles, and each position
+// slot keeps its own online softmax until the end, where the slots are merged with shuffles.
+template <int HD, typename KT>
+__global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
+  pdl_trigger();
+  pdl_wait();
+  constexpr int L = HD / 8, P = 32 / L;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int slot = lane / L, sub = lane % L;  // this lane's position slot and its 8 dims sub*8 .. sub*8+7
+  const int64_t kvd = kv.kv_heads * HD;
+  const int64_t G = a.heads / kv.kv_heads;
+  const int64_t gchunks = (G + kMaxGroup - 1) / kMaxGroup;
+  const int64_t t = blockIdx.x, kvh = blockIdx.y / gchunks, g0 = (blockIdx.y % gchunks) * kMaxGroup;
+  const int ng = int(G - g0 < kMaxGroup ? G - g0 : kMaxGroup);
+  const int64_t split = blockIdx.z;
+  const int64_t p = a.pos[t], sq = a.seq[t];
+  const int64_t lo = a.window > 0 && p - a.window + 1 > 0 ? p - a.window + 1 : 0;
+  const int64_t begin = a.splits > 1 ? lo + split * a.chunk : lo;
+  const int64_t end = a.splits > 1 ? (begin + a.chunk < p + 1 ? begin + a.chunk : p + 1) : p + 1;
+  const float scale = rsqrtf(float(HD));
+
+  float q[kMaxGroup][8], acc[kMaxGroup][8], m[kMaxGroup], l[kMaxGroup];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      q[g][i] = g < ng ? a.q[t * a.ldq + (kvh * G + g0 + g) * HD + sub * 8 + i] * scale : 0.f;
+      acc[g][i] = 0.f;
     }
-    store_out(a, t * a.heads * hd + h * hd + d, O / L);
   }
+  const float ks = kv.k_scale ? kv.k_scale[kvh] : 1.f, vs = kv.v_scale ? kv.v_scale[kvh] : 1.f;
+  for (int64_t j0 = begin + warp * P; j0 < end; j0 += kWarps * P) {
+    const int64_t j = j0 + slot;
+    const bool ok = j < end;
+    float kf[8], vf[8];
+    if (ok) {
+      const int64_t at = slot_of(kv, sq, j) * kvd + kvh * HD + sub * 8;
+      kv_load8(kv, kv.k, at, ks, kf);
+      kv_load8(kv, kv.v, at, vs, vf);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) kf[i] = vf[i] = 0.f;
+    }
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g >= ng) break;
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s = fmaf(q[g][i], kf[i], s);
+#pragma unroll
+      for (int o = L / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (!ok) continue;  // a slot past the range keeps its state (the shuffles above ran on every lane)
+      const float mn = fmaxf(m[g], s);
+      const float corr = expf(m[g] - mn), e = expf(s - mn);
+      l[g] = l[g] * corr + e;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(acc[g][i], corr, e * vf[i]);
+      m[g] = mn;
+    }
+  }
+  // Merge the warp's P slots (lanes sub, sub + L, ...): max, rescale, sum; every lane ends with the warp's state.
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    if (g >= ng) break;
+    float M = m[g];
+#pragma unroll
+    for (int o = L; o < 32; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    const float f = m[g] == -INFINITY ? 0.f : expf(m[g] - M);
+    l[g] *= f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[g][i] *= f;
+#pragma unroll
+    for (int o = L; o < 32; o <<= 1) {
+      l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] += __shfl_xor_sync(0xffffffffu, acc[g][i], o);
+    }
+    m[g] = M;
+  }
+  __shared__ float sm_m[kWarps][kMaxGroup], sm_l[kWarps][kMaxGroup];
+  __shared__ float sm_acc[kWarps][kMaxGroup][HD];
+  if (lane == 0)
+    for (int g = 0; g < kMaxGroup; ++g) sm_m[warp][g] = m[g], sm_l[warp][g] = l[g];
+  if (slot == 0)
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sm_acc[warp][g][sub * 8 + i] = acc[g][i];
+  attention_tail<HD>(a, HD, t, kvh, G, g0, ng, split, sm_m, sm_l, sm_acc);
 }
 
 // ---- Prefill: flash attention on the tensor cores ----
@@ -204,20 +367,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // Eight cache values (K or V of one position, dims d0..d0+7) as FP16, into 16 bytes of shared memory.
 __device__ __forceinline__ void stage8(const KvCacheView& kv, const void* base, int64_t at, float scale, __half* dst) {
   float f[8];
-  if (kv.type == KvType::BF16) {
-    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(base) + at);
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) f[2 * i] = bf16lo(w[i]), f[2 * i + 1] = bf16hi(w[i]);
-  } else {
-    const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(base) + at);
-    const uint32_t w[2] = {u.x, u.y};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint8_t b = uint8_t(w[i / 4] >> (8 * (i % 4)));
-      f[i] = (kv.type == KvType::FP8 ? fp8_to_float(b) : float(int8_t(b))) * scale;
-    }
-  }
+  kv_load8(kv, base, at, scale, f);
   uint4 o;
   o.x = half2_bits(f[0], f[1]);
   o.y = half2_bits(f[2], f[3]);
@@ -228,6 +378,8 @@ __device__ __forceinline__ void stage8(const KvCacheView& kv, const void* base, 
 
 template <int HD>
 __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const AttentionArgs a, const KvCacheView kv) {
+  pdl_trigger();
+  pdl_wait();
   constexpr int BN = 64;        // positions per K/V tile
   constexpr int KS = HD / 16;   // k-steps of S = Q K^T
   constexpr int NT = HD / 8;    // n-tiles of O
@@ -383,8 +535,19 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
 
 template <int HD>
 void launch_flash(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
-  flash_prefill_kernel<HD><<<dim3(unsigned(a.n_tiles), unsigned(a.heads)), kFlashWarps * 32, 0, s>>>(a, kv);
-  check_launch("flash_prefill_kernel", s);
+  launch("flash_prefill_kernel", flash_prefill_kernel<HD>, dim3(unsigned(a.n_tiles), unsigned(a.heads)), kFlashWarps * 32, 0,
+         s, a, kv);
+}
+
+template <int HD>
+void launch_decode(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
+  const int64_t G = a.heads / kv.kv_heads;
+  const dim3 grid(unsigned(a.T), unsigned(kv.kv_heads * ((G + kMaxGroup - 1) / kMaxGroup)), unsigned(a.splits));
+  switch (kv.type) {
+    case KvType::BF16: return launch("attention_decode_kernel", attention_decode_kernel<HD, uint16_t>, grid, kWarps * 32, 0, s, a, kv);
+    case KvType::FP8: return launch("attention_decode_kernel", attention_decode_kernel<HD, uint8_t>, grid, kWarps * 32, 0, s, a, kv);
+    case KvType::I8: return launch("attention_decode_kernel", attention_decode_kernel<HD, int8_t>, grid, kWarps * 32, 0, s, a, kv);
+  }
 }
 
 template <int DPL>
@@ -392,11 +555,10 @@ void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
   const int64_t G = a.heads / kv.kv_heads;
   const dim3 grid(unsigned(a.T), unsigned(kv.kv_heads * ((G + kMaxGroup - 1) / kMaxGroup)), unsigned(a.splits));
   switch (kv.type) {
-    case KvType::BF16: attention_kernel<DPL, uint16_t><<<grid, kWarps * 32, 0, s>>>(a, kv); break;
-    case KvType::FP8: attention_kernel<DPL, uint8_t><<<grid, kWarps * 32, 0, s>>>(a, kv); break;
-    case KvType::I8: attention_kernel<DPL, int8_t><<<grid, kWarps * 32, 0, s>>>(a, kv); break;
+    case KvType::BF16: return launch("attention_kernel", attention_kernel<DPL, uint16_t>, grid, kWarps * 32, 0, s, a, kv);
+    case KvType::FP8: return launch("attention_kernel", attention_kernel<DPL, uint8_t>, grid, kWarps * 32, 0, s, a, kv);
+    case KvType::I8: return launch("attention_kernel", attention_kernel<DPL, int8_t>, grid, kWarps * 32, 0, s, a, kv);
   }
-  check_launch("attention_kernel", s);
 }
 
 }  // namespace
@@ -404,8 +566,7 @@ void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
 void rope_kv(float* qkv, int64_t ld, int64_t T, const int32_t* pos, const int32_t* seq, const float* cos_tab,
              const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s) {
   if (T == 0) return;
-  rope_kv_kernel<<<unsigned(T), 256, 0, s>>>(qkv, ld, pos, seq, cos_tab, sin_tab, heads, kv);
-  check_launch("rope_kv_kernel", s);
+  launch("rope_kv_kernel", rope_kv_kernel, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab, sin_tab, heads, kv);
 }
 
 int64_t attention_tiles(const int32_t* seq, int64_t T, int32_t* tiles) {
@@ -425,6 +586,10 @@ bool attention_flash_supports(int64_t head_dim) {
   return head_dim == 32 || head_dim == 48 || head_dim == 64 || head_dim == 96 || head_dim == 128;
 }
 
+int64_t attention_counters(int64_t T, int64_t heads, int64_t kv_heads) {
+  return T * kv_heads * ((heads / kv_heads + kMaxGroup - 1) / kMaxGroup);
+}
+
 bool attention_supports(const KvCacheView& kv, int64_t heads) {
   return kv.head_dim >= 2 && kv.head_dim <= 256 && kv.head_dim % 2 == 0 && kv.kv_heads > 0 && heads % kv.kv_heads == 0;
 }
@@ -441,13 +606,18 @@ void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
       default: return launch_flash<128>(a, kv, s);
     }
   }
+  if (a.splits > 1 && (!a.partial || !a.counters)) throw Error("attention: a split launch needs partial and counters");
+  if (a.splits > kMaxAttentionSplits) throw Error("attention: more than " + std::to_string(kMaxAttentionSplits) + " splits");
+  // LLMQ_ATTN_V2=1: head dims 64 and 128 through attention_decode_kernel (any T, splits or not).
+  static const bool v2 = [] {
+    const char* e = std::getenv("LLMQ_ATTN_V2");
+    return e && *e && *e != '0';
+  }();
+  if (v2 && kv.head_dim == 128) return launch_decode<128>(a, kv, s);
+  if (v2 && kv.head_dim == 64) return launch_decode<64>(a, kv, s);
   if (kv.head_dim <= 64) launch_attention<2>(a, kv, s);
   else if (kv.head_dim <= 128) launch_attention<4>(a, kv, s);
   else launch_attention<8>(a, kv, s);
-  if (a.splits > 1) {
-    combine_kernel<<<dim3(unsigned(a.T), unsigned(a.heads)), 128, 0, s>>>(a, kv.head_dim);
-    check_launch("attention_combine_kernel", s);
-  }
 }
 
 }  // namespace llmq::cuda

@@ -7,7 +7,8 @@
 //
 // Attention reads (seq, pos) of each token from device memory, so one launch configuration serves every
 // decode step (CUDA graphs). With splits > 1 (flash-decoding) each block covers `chunk` positions and
-// writes an unnormalized partial result; attention_combine merges them.
+// writes an unnormalized partial result; the last block of each (token, head group) to finish, found with a
+// counter, merges them in the same launch.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -45,6 +46,7 @@ struct AttentionArgs {
   void* out_bf16 = nullptr;      // if set, the output goes here as BF16 instead (the next matmul's input)
   int64_t splits = 1, chunk = 0; // splits > 1: positions [lo + i*chunk, lo + (i+1)*chunk) per split
   float* partial = nullptr;      // splits > 1: [T, heads, splits, head_dim + 2]
+  int32_t* counters = nullptr;   // splits > 1: attention_counters(...) zeros on the device; left zero again
   // Prefill (splits == 1): tiles of up to kFlashTile consecutive tokens of one sequence, [n_tiles][2] =
   // (first token, count) on the device (attention_tiles builds them). With tiles, head dims that are
   // multiples of 16 up to 128 take the tensor-core kernel (flash attention: FP16 operands, FP32 softmax and
@@ -54,12 +56,16 @@ struct AttentionArgs {
 };
 
 constexpr int64_t kFlashTile = 64;
+constexpr int64_t kMaxAttentionSplits = 256;  // AttentionArgs::splits at most
 
 // Cuts a batch into prefill tiles: runs of consecutive tokens of the same sequence, at most kFlashTile each.
 // seq: [T] (host); tiles: room for 2 * T values (host). Returns the number of tiles.
 int64_t attention_tiles(const int32_t* seq, int64_t T, int32_t* tiles);
 // Whether the tensor-core prefill kernel takes this head dim (with tiles).
 bool attention_flash_supports(int64_t head_dim);
+
+// The number of counters a split launch of T tokens needs (AttentionArgs::counters).
+int64_t attention_counters(int64_t T, int64_t heads, int64_t kv_heads);
 
 // Whether the attention kernels run this shape (head_dim <= 256).
 bool attention_supports(const KvCacheView& kv, int64_t heads);

@@ -24,6 +24,9 @@ namespace llmq::cuda {
 // reported with the name of the kernel that caused it, at the cost of speed.
 bool sync_each_launch();
 
+// Whether kernels are launched with programmatic dependent launch (launch.cuh): on sm_90+ unless LLMQ_NO_PDL=1.
+bool pdl_enabled();
+
 // After a kernel launch: a launch error (bad configuration), or with LLMQ_CUDA_SYNC=1 an execution error,
 // is thrown naming the kernel.
 void check_launch(const char* kernel, cudaStream_t stream);

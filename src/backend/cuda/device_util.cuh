@@ -1,4 +1,5 @@
-// Device helpers shared by the CUDA kernels (nvcc only): value decoding and warp/block reductions.
+// Device helpers shared by the CUDA kernels (nvcc only): value decoding, warp/block reductions, and the
+// device side of programmatic dependent launch (launch.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,31 @@
 #include <cstdint>
 
 namespace llmq::cuda {
+
+// Programmatic dependent launch (sm_90+; no-ops below, and when the kernel was launched without it). A kernel
+// started by launch() may run while the previous kernel of the stream is still finishing: pdl_wait() blocks
+// until that kernel has completed and its writes are visible, so every kernel calls it before it reads
+// anything an earlier kernel wrote and before its first global write (reading weights before it is fine).
+// pdl_trigger() lets the next kernel start launching (its blocks then wait in their own pdl_wait()).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Starts bringing `bytes` (a multiple of 16, from a 16-byte aligned address) of read-only data into the L2
+// (sm_90+: one bulk-prefetch instruction; nothing below). Used before pdl_wait() on a kernel's weights.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+  (void)p, (void)bytes;
+#endif
+}
 
 __device__ __forceinline__ float bf16lo(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf16hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }

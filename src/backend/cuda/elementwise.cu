@@ -1,6 +1,7 @@
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/device_util.cuh"
 #include "backend/cuda/elementwise.cuh"
+#include "backend/cuda/launch.cuh"
 
 namespace llmq::cuda {
 
@@ -20,34 +21,23 @@ template <typename F>
 __device__ void prep_row(const PrepOut& o, int64_t r, int64_t D, F value) {
   const int64_t i0 = int64_t(blockIdx.y) * kSlice, i1 = i0 + kSlice < D ? i0 + kSlice : D;
   if (o.kind == ActKind::None) {
-    __nv_bfloat16* dst = static_cast<__nv_bfloat16*>(o.out) + r * o.ld;
-    for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) dst[i] = __float2bfloat16(value(i));
+    for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) prep_store(o, r, i, value(i));
     return;
   }
-  float s = o.static_scale;
+  float amax = 0.f;
   if (o.kind == ActKind::I8Token) {
-    float amax = 0.f;
     for (int64_t i = threadIdx.x; i < D; i += blockDim.x) amax = fmaxf(amax, fabsf(value(i)));
     amax = block_reduce<true>(amax);
-    s = amax > 0.f ? amax / 127.0f : 1.0f;
   }
+  const float s = prep_scale(o, amax);
   if (threadIdx.x == 0 && blockIdx.y == 0 && o.row_scale) o.row_scale[r] = s;
   const float inv = 1.0f / s;
-  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
-    const float v = value(i) * inv;
-    if (o.kind == ActKind::Fp8Tensor) {
-      const uint8_t c = float_to_fp8(v);
-      if (o.codes_as_bf16) static_cast<__nv_bfloat16*>(o.out)[r * o.ld + i] = __float2bfloat16(fp8_to_float(c));
-      else static_cast<uint8_t*>(o.out)[r * o.ld + i] = c;
-    } else {
-      const int8_t c = float_to_int8(v);
-      if (o.codes_as_bf16) static_cast<__nv_bfloat16*>(o.out)[r * o.ld + i] = __float2bfloat16(float(c));
-      else static_cast<int8_t*>(o.out)[r * o.ld + i] = c;
-    }
-  }
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) prep_store(o, r, i, value(i) * inv);
 }
 
 __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* tokens, int64_t H, float* x) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x;
   const __nv_bfloat16* src = table + int64_t(tokens[t]) * H;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[t * H + i] = __bfloat162float(src[i]);
@@ -55,6 +45,8 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* tokens, 
 
 __global__ void rmsnorm_kernel(const float* x, const int32_t* src_rows, int64_t H, const float* w, float eps,
                                const PrepOut o) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t r = blockIdx.x;
   const float* xr = x + (src_rows ? int64_t(src_rows[r]) : r) * H;
   float ss = 0.f;
@@ -64,17 +56,21 @@ __global__ void rmsnorm_kernel(const float* x, const int32_t* src_rows, int64_t 
   prep_row(o, r, H, [&](int64_t i) { return w[i] * (xr[i] * inv); });
 }
 
-__global__ void swiglu_kernel(const float* gu, int64_t ld, int64_t I, const PrepOut o) {
+__global__ void swiglu_kernel(const float* gu, int64_t ld, int64_t I, bool paired, const PrepOut o) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x;
-  const float* g = gu + t * ld;
-  const float* u = g + I;
+  const float* row = gu + t * ld;
+  const int64_t gs = paired ? 2 : 1, uo = paired ? 1 : I;  // gate i at row[gs * i], up i at row[gs * i + uo]
   prep_row(o, t, I, [&](int64_t i) {
-    const float gv = g[i];
-    return gv / (1.0f + expf(-gv)) * u[i];
+    const float gv = row[gs * i];
+    return gv / (1.0f + expf(-gv)) * row[gs * i + uo];
   });
 }
 
 __global__ void act_prep_kernel(const float* x, int64_t ld, int64_t D, const PrepOut o) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t t = blockIdx.x;
   const float* xr = x + t * ld;
   prep_row(o, t, D, [&](int64_t i) { return xr[i]; });
@@ -82,6 +78,8 @@ __global__ void act_prep_kernel(const float* x, int64_t ld, int64_t D, const Pre
 
 __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const float* xs, const float* ws,
                                 const float* bias, float* y, int64_t ldy, bool accumulate, bool acc_int32) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
   const int64_t m = i / N, n = i % N;
@@ -95,6 +93,8 @@ __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const flo
 
 __global__ void weight_to_bf16_kernel(WFmt fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group,
                                       int64_t N, int64_t K, bool apply_scale, __nv_bfloat16* out) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N * K) return;
   const int64_t n = i / K, k = i % K;
@@ -113,49 +113,99 @@ __global__ void weight_to_bf16_kernel(WFmt fmt, const void* w, const float* scal
   out[i] = __float2bfloat16(v);
 }
 
+// (v, i) beats (bv, bi): larger, or equal at a smaller index; NaN never beats anything.
+__device__ __forceinline__ bool beats(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
+
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (beats(ov, oi, v, i)) v = ov, i = oi;
+  }
+}
+
+__global__ void argmax_kernel(const float* x, int64_t n, int32_t* ids, float* part_v, int32_t* part_i, int32_t* counters) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t r = blockIdx.x;
+  const int s = int(blockIdx.y);
+  const int64_t chunk = (n + kArgmaxParts - 1) / kArgmaxParts;
+  const int64_t i0 = s * chunk, i1 = i0 + chunk < n ? i0 + chunk : n;
+  const float* row = x + r * n;
+  float bv = -INFINITY;
+  int bi = 0x7fffffff;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x)
+    if (beats(row[i], int(i), bv, bi)) bv = row[i], bi = int(i);
+  warp_argmax(bv, bi);
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  __shared__ bool last;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) sv[warp] = bv, si[warp] = bi;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < int(blockDim.x / 32); ++w)
+      if (beats(sv[w], si[w], bv, bi)) bv = sv[w], bi = si[w];
+    part_v[r * kArgmaxParts + s] = bv;
+    part_i[r * kArgmaxParts + s] = bi;
+    __threadfence();
+    last = atomicAdd(counters + r, 1) == kArgmaxParts - 1;
+    if (last) counters[r] = 0;
+  }
+  __syncthreads();
+  if (!last || warp > 0) return;
+  __threadfence();
+  bv = __ldcg(part_v + r * kArgmaxParts + lane);  // kArgmaxParts == 32: one slice a lane
+  bi = __ldcg(part_i + r * kArgmaxParts + lane);
+  warp_argmax(bv, bi);
+  if (lane == 0) ids[r] = bi == 0x7fffffff ? 0 : bi;
+}
+
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 }  // namespace
 
 void embed_gather(const void* table, const int32_t* tokens, int64_t T, int64_t H, float* x, cudaStream_t s) {
   if (T == 0) return;
-  embed_kernel<<<unsigned(T), kThreads, 0, s>>>(static_cast<const __nv_bfloat16*>(table), tokens, H, x);
-  check_launch("embed_kernel", s);
+  launch("embed_kernel", embed_kernel, unsigned(T), kThreads, 0, s, static_cast<const __nv_bfloat16*>(table), tokens, H, x);
 }
 
 void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H, const float* w, float eps,
                   const PrepOut& out, cudaStream_t s) {
   if (R == 0) return;
-  rmsnorm_kernel<<<dim3(unsigned(R), slices(H)), kThreads, 0, s>>>(x, src_rows, H, w, eps, out);
-  check_launch("rmsnorm_kernel", s);
+  launch("rmsnorm_kernel", rmsnorm_kernel, dim3(unsigned(R), slices(H)), kThreads, 0, s, x, src_rows, H, w, eps, out);
 }
 
-void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s) {
+void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
   if (T == 0) return;
-  swiglu_kernel<<<dim3(unsigned(T), slices(I)), kThreads, 0, s>>>(gu, ld_gu, I, out);
-  check_launch("swiglu_kernel", s);
+  launch("swiglu_kernel", swiglu_kernel, dim3(unsigned(T), slices(I)), kThreads, 0, s, gu, ld_gu, I, paired, out);
 }
 
 void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
-  act_prep_kernel<<<dim3(unsigned(T), slices(D)), kThreads, 0, s>>>(x, ldx, D, out);
-  check_launch("act_prep_kernel", s);
+  launch("act_prep_kernel", act_prep_kernel, dim3(unsigned(T), slices(D)), kThreads, 0, s, x, ldx, D, out);
 }
 
 void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
                    const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32) {
   if (M * N == 0) return;
-  epilogue_kernel<<<blocks_for(M * N, kThreads), kThreads, 0, s>>>(acc, M, N, x_scale, w_scale, bias, y, ldy, accumulate,
-                                                                    acc_int32);
-  check_launch("epilogue_kernel", s);
+  launch("epilogue_kernel", epilogue_kernel, blocks_for(M * N, kThreads), kThreads, 0, s, acc, M, N, x_scale, w_scale, bias,
+         y, ldy, accumulate, acc_int32);
+}
+
+void argmax_rows(const float* x, int64_t R, int64_t n, int32_t* ids, float* part_v, int32_t* part_i, int32_t* counters,
+                 cudaStream_t s) {
+  static_assert(kArgmaxParts == 32, "the last block reduces one slice per lane");
+  if (R == 0 || n == 0) return;
+  launch("argmax_kernel", argmax_kernel, dim3(unsigned(R), kArgmaxParts), kThreads, 0, s, x, n, ids, part_v, part_i, counters);
 }
 
 void weight_to_bf16(WFmt fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group, int64_t N,
                     int64_t K, bool apply_scale, void* out, cudaStream_t s) {
   if (N * K == 0) return;
-  weight_to_bf16_kernel<<<blocks_for(N * K, kThreads), kThreads, 0, s>>>(fmt, w, scale, zero, group, N, K, apply_scale,
-                                                                          static_cast<__nv_bfloat16*>(out));
-  check_launch("weight_to_bf16_kernel", s);
+  launch("weight_to_bf16_kernel", weight_to_bf16_kernel, blocks_for(N * K, kThreads), kThreads, 0, s, fmt, w, scale, zero,
+         group, N, K, apply_scale, static_cast<__nv_bfloat16*>(out));
 }
 
 }  // namespace llmq::cuda

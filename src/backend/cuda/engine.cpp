@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <tuple>
 
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/check.hpp"
@@ -38,6 +39,19 @@ std::string summary(const cudaDeviceProp& p) {
 
 bool sync_each_launch() {
   static const bool on = env_flag("LLMQ_CUDA_SYNC");
+  return on;
+}
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    if (env_flag("LLMQ_NO_PDL")) return false;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return major >= 9;
+  }();
   return on;
 }
 
@@ -118,6 +132,15 @@ struct DevLinear {
   float* bias = nullptr;
   int64_t col = 0;     // first output column in the site's output
   bool tiles = false;  // I4 repacked into the int4_mma layout (wgemm's), not row-major
+  bool paired = false; // gate/up fused with their rows alternating: output 2j is gate j, 2j + 1 up j
+};
+
+// What a GEMV/wgemm epilogue does besides storing y: the SwiGLU of paired gate/up rows (into swiglu_out,
+// instead of y), or the RMSNorm of the residual stream y into the next matmul's input (norm_w, norm_out).
+struct Epilogue {
+  void* swiglu_out = nullptr;
+  const float* norm_w = nullptr;
+  PrepOut norm_out;
 };
 
 // How one matmul runs for a batch of T tokens: wgemm, the GEMV, cuBLAS on BF16 (dequantized weights, or W8A8
@@ -168,7 +191,8 @@ class CudaEngine final : public Engine {
   explicit CudaEngine(const Model& m);
   ~CudaEngine() override;
   void reset(int64_t n_seq, int64_t capacity) override;
-  void forward(const std::vector<BatchToken>& batch, float* logits_out) override;
+  void forward(const std::vector<BatchToken>& batch, float* logits_out) override { step(batch, logits_out, nullptr); }
+  void forward_argmax(const std::vector<BatchToken>& batch, int32_t* ids_out) override { step(batch, nullptr, ids_out); }
   std::string device() const override { return "cuda (" + summary(prop_) + ")"; }
   double kv_bytes_per_value() const override { return kv_type_ == KvType::BF16 ? 2.0 : 1.0; }
   double measure_peak_gbps() override;
@@ -183,22 +207,35 @@ class CudaEngine final : public Engine {
     LLMQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
     return p;
   }
-  DevSite upload_site(const std::vector<const Linear*>& ls);
+  // pair_rows: two linears of equal shape whose rows alternate in the fused matrix (gate/up, for the SwiGLU
+  // epilogue of the GEMV and wgemm kernels).
+  DevSite upload_site(const std::vector<const Linear*>& ls, bool pair_rows = false);
   void ensure_workspace(int64_t T, int64_t n_out);
   void note_memory();
   // Throws "--device cuda: <what> need(s) <need> but only <free> of GPU memory are free ...; <advice>" unless
   // need + margin bytes fit the free memory now.
   void require_free(uint64_t need, uint64_t margin, const std::string& what, const char* advice) const;
-  void run(int64_t T, int64_t n_out, bool small);
+  // One forward step: the logits (logits_out) or their argmax ids (ids_out) of the wanted tokens to the host.
+  void step(const std::vector<BatchToken>& batch, float* logits_out, int32_t* ids_out);
+  // The step's kernels (captured into a graph or run eagerly); with_ids: the argmax of the logits too.
+  void run(int64_t T, int64_t n_out, bool small, bool with_ids);
   // Runs the site on the input that `produce` writes (called once per distinct activation format).
+  // x: the input when not act_ (which produce writes); ep: what the matmul's epilogue fuses.
   template <typename P>
-  void site(const char* name, const DevSite& s, int64_t T, P produce, float* y, int64_t ldy,
-            bool accumulate);
+  void site(const char* name, const DevSite& s, int64_t T, P produce, float* y, int64_t ldy, bool accumulate,
+            const void* x = nullptr, const Epilogue& ep = {});
   GemvArgs gemv_args(const DevLinear& l, int64_t T, float* y, int64_t ldy, bool accumulate) const;
   Path path(const DevLinear& l, int64_t T) const;
   // Whether every matmul of a T-token step avoids cuBLAS (then the step can be one CUDA graph).
   bool skinny(int64_t T) const;
-  void matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t ldy, bool accumulate);
+  void matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t ldy, bool accumulate, const void* x = nullptr,
+              const Epilogue& ep = {});
+  // Whether the RMSNorm of the residual stream after `producer` (o_proj, down_proj) runs in its epilogue at T
+  // tokens, writing the input `consumer` (gate_up, the next qkv) reads; then `o` is that input's format.
+  bool norm_fused(const DevSite& producer, const DevSite& consumer, int64_t T, PrepOut& o) const;
+  // Whether this layer's SwiGLU runs in the gate_up matmul's epilogue at T tokens (paired rows, a BF16 down_proj
+  // input, GEMV or wgemm for both matmuls; LLMQ_NO_FUSE=1 turns it off for comparisons).
+  bool swiglu_fused(const DevLayer& L, int64_t T) const;
   void clear_graphs();
   // LLMQ_CUDA_PROFILE=1: every op runs eagerly between two events; the totals per op name are printed to
   // stderr when the engine ends (where the time of a decode step goes).
@@ -230,14 +267,18 @@ class CudaEngine final : public Engine {
   int64_t n_seq_ = 0, capacity_ = 0, pages_per_seq_ = 0;
   static constexpr int64_t kPage = 16;
   DevMem block_table_, cos_, sin_;
+  DevMem counters_;       // split attention's counters (zero between launches)
+  DevMem norm_counters_;  // the fused RMSNorm's counter (zero between launches)
   int64_t splits_ = 1, chunk_ = 0;
   int64_t n_tiles_ = 0;  // prefill attention tiles of the batch being run
 
   // Workspace, sized for t_cap_ tokens and out_cap_ logit rows.
   int64_t t_cap_ = 0, out_cap_ = 0;
-  DevMem x_, qkv_, att_, gu_, act_, row_scale_, gemm_out_, wscratch_, logits_, partial_, ints_;
+  DevMem x_, qkv_, att_, gu_, act_, act2_, row_scale_, gemm_out_, wscratch_, logits_, partial_, ints_;
   PinnedMem h_ints_, h_logits_;
-  std::map<std::pair<int64_t, int64_t>, cudaGraphExec_t> graphs_;
+  DevMem ids_, argmax_v_, argmax_i_, argmax_counters_;  // the device argmax: [out_cap] ids and its scratch
+  PinnedMem h_ids_;
+  std::map<std::tuple<int64_t, int64_t, bool>, cudaGraphExec_t> graphs_;  // (T, n_out, with_ids)
   uint64_t peak_used_ = 0;
 };
 
@@ -259,7 +300,18 @@ void CudaEngine::note_memory() {
   if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) peak_used_ = std::max<uint64_t>(peak_used_, total_b - free_b);
 }
 
-DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls) {
+// Rows of a and b alternating: out row 2r = a row r, 2r + 1 = b row r (per_row values a row).
+template <typename V>
+std::vector<V> alternate_rows(const V* a, const V* b, int64_t rows, size_t per_row) {
+  std::vector<V> out(size_t(2 * rows) * per_row);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(a + size_t(r) * per_row, a + size_t(r + 1) * per_row, out.begin() + ptrdiff_t(size_t(2 * r) * per_row));
+    std::copy(b + size_t(r) * per_row, b + size_t(r + 1) * per_row, out.begin() + ptrdiff_t(size_t(2 * r + 1) * per_row));
+  }
+  return out;
+}
+
+DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls, bool pair_rows) {
   DevSite site;
   const Linear& f = *ls[0];
   bool fuse = true;
@@ -285,12 +337,41 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls) {
     const size_t row_bytes = d.wf == WFmt::BF16 ? size_t(K) * 2 : d.wf == WFmt::I4 ? size_t(K / 2) : size_t(K);
     // INT4 goes to the tensor-core layout when wgemm takes its shape (offline repack, once, on the host).
     d.tiles = d.wf == WFmt::I4 && wgemm_int4_shape(K, d.group);
+    d.paired = pair_rows && fuse && g.size() == 2 && g[0]->out == g[1]->out;
     std::vector<uint8_t> codes;  // tiles: the fused matrix's codes, row-major, packed at the end
     char* w = d.tiles ? nullptr : static_cast<char*>(alloc(row_bytes * size_t(d.N)));
     d.w = w;
     std::vector<float> scale, bias;
     std::vector<uint8_t> zero;
+    if (d.paired) {
+      // Both matrices in the device format on the host, then their rows (and per-row scales, zero points,
+      // biases) alternated.
+      std::vector<uint8_t> rows[2];
+      std::vector<float> b2[2];
+      for (int i = 0; i < 2; ++i) {
+        const Linear* l = g[size_t(i)];
+        const uint8_t* src = static_cast<const uint8_t*>(l->w->data);
+        if (d.wf == WFmt::BF16 && l->w->dtype != DType::BF16) {
+          rows[i].resize(size_t(l->out * K) * 2);
+          uint16_t* dst = reinterpret_cast<uint16_t*>(rows[i].data());
+#pragma omp parallel for schedule(static)
+          for (int64_t e = 0; e < l->out * K; ++e) dst[e] = f32_to_bf16(load_as_f32(l->w->data, l->w->dtype, size_t(e)));
+        } else {
+          rows[i].assign(src, src + row_bytes * size_t(l->out));
+        }
+        b2[i] = l->bias.empty() ? std::vector<float>(size_t(l->out), 0.f) : l->bias;
+      }
+      const int64_t n = g[0]->out;
+      codes = alternate_rows(rows[0].data(), rows[1].data(), n, row_bytes);
+      if (!d.tiles) LLMQ_CUDA_CHECK(cudaMemcpy(w, codes.data(), codes.size(), cudaMemcpyHostToDevice));
+      if (!g[0]->w_scale.empty())
+        scale = alternate_rows(g[0]->w_scale.data(), g[1]->w_scale.data(), n, g[0]->w_scale.size() / size_t(n));
+      if (!g[0]->w_zero.empty())
+        zero = alternate_rows(g[0]->w_zero.data(), g[1]->w_zero.data(), n, g[0]->w_zero.size() / size_t(n));
+      if (any_bias) bias = alternate_rows(b2[0].data(), b2[1].data(), n, 1);
+    }
     for (const Linear* l : g) {
+      if (d.paired) break;
       const size_t bytes = row_bytes * size_t(l->out);
       if (d.tiles) {
         const uint8_t* src = static_cast<const uint8_t*>(l->w->data);
@@ -381,7 +462,7 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
     d.mlp_norm = upload(L.mlp_norm);
     d.qkv = upload_site({&L.q, &L.k, &L.v});
     d.o = upload_site({&L.o});
-    d.gate_up = upload_site({&L.gate, &L.up});
+    d.gate_up = upload_site({&L.gate, &L.up}, true);
     d.down = upload_site({&L.down});
     if (!L.k_scale.empty()) {
       d.k_scale = upload(L.k_scale);
@@ -394,6 +475,19 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
 
 template <typename F>
 void CudaEngine::op(const char* name, const char* suffix, F f) {
+  // LLMQ_SKIP_OPS=name,name,...: those ops are not run at all (wrong results; for measuring, in a CUDA graph,
+  // what an op costs the step: the step's time with and without it).
+  static const std::vector<std::string> skip = [] {
+    std::vector<std::string> v;
+    const char* e = std::getenv("LLMQ_SKIP_OPS");
+    for (std::string s = e ? e : ""; !s.empty();) {
+      const size_t c = s.find(',');
+      v.push_back(s.substr(0, c));
+      s = c == std::string::npos ? "" : s.substr(c + 1);
+    }
+    return v;
+  }();
+  if (!skip.empty() && std::find(skip.begin(), skip.end(), std::string(name) + suffix) != skip.end()) return;
   if (!profile_) {
     f();
     return;
@@ -476,9 +570,14 @@ void CudaEngine::reset(int64_t n_seq, int64_t capacity) {
   // Decode attention: split the positions so that a small batch still fills the GPU (flash-decoding).
   const int64_t gch = (c.heads / c.kv_heads + 7) / 8;
   const int64_t blocks = c.kv_heads * gch;
-  splits_ = std::clamp<int64_t>((2 * prop_.multiProcessorCount + blocks - 1) / blocks, 1, std::max<int64_t>(1, capacity / 16));
+  splits_ = std::clamp<int64_t>((2 * prop_.multiProcessorCount + blocks - 1) / blocks, 1,
+                                std::clamp<int64_t>(capacity / 16, 1, kMaxAttentionSplits));
   chunk_ = (capacity + splits_ - 1) / splits_;
   partial_ = DevMem(size_t(kWgemmMaxT * c.heads * splits_ * (c.head_dim + 2)) * 4);
+  counters_ = DevMem(size_t(attention_counters(kWgemmMaxT, c.heads, c.kv_heads)) * 4);
+  norm_counters_ = DevMem(4);
+  LLMQ_CUDA_CHECK(cudaMemset(norm_counters_.p, 0, norm_counters_.n));
+  LLMQ_CUDA_CHECK(cudaMemset(counters_.p, 0, counters_.n));
   note_memory();
 }
 
@@ -491,7 +590,8 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   const int64_t qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
   const int64_t widest_in = std::max({c.hidden, qd, c.intermediate});
   const uint64_t need = uint64_t(Tn) * uint64_t(c.hidden + qd + 2 * kvd + qd + 2 * c.intermediate + max_gemm_n_ + 1) * 4 +
-                        uint64_t(Tn * widest_in) * 2 + uint64_t(max_wscratch_) * 2 + uint64_t(On * c.vocab) * 4;
+                        uint64_t(Tn * widest_in) * 2 + uint64_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.intermediate) * 2 +
+                        uint64_t(max_wscratch_) * 2 + uint64_t(On * c.vocab) * 4;
   require_free(need, 0, "activations for a batch of " + std::to_string(T) + " tokens need",
                "use a smaller batch or prompt");
   x_ = DevMem(size_t(Tn * c.hidden) * 4);
@@ -499,6 +599,7 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   att_ = DevMem(size_t(Tn * qd) * 4);
   gu_ = DevMem(size_t(Tn * 2 * c.intermediate) * 4);
   act_ = DevMem(size_t(Tn * widest_in) * 2);
+  act2_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.intermediate) * 2);  // fused SwiGLU output [T, I]
   row_scale_ = DevMem(size_t(Tn) * 4);
   gemm_out_ = DevMem(size_t(Tn * max_gemm_n_) * 4);
   if (max_wscratch_ && !wscratch_.p) wscratch_ = DevMem(size_t(max_wscratch_) * 2);
@@ -506,6 +607,12 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   ints_ = DevMem(size_t(6 * Tn) * 4);  // tokens, sequences, positions, logit rows, prefill tiles (2 per token)
   h_ints_ = PinnedMem(size_t(6 * Tn) * 4);
   h_logits_ = PinnedMem(size_t(On * c.vocab) * 4);
+  ids_ = DevMem(size_t(On) * 4);
+  argmax_v_ = DevMem(size_t(On * kArgmaxParts) * 4);
+  argmax_i_ = DevMem(size_t(On * kArgmaxParts) * 4);
+  argmax_counters_ = DevMem(size_t(On) * 4);
+  LLMQ_CUDA_CHECK(cudaMemset(argmax_counters_.p, 0, argmax_counters_.n));
+  h_ids_ = PinnedMem(size_t(On) * 4);
   t_cap_ = Tn;
   out_cap_ = On;
   note_memory();
@@ -556,6 +663,50 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   return Path::Cublas;
 }
 
+bool CudaEngine::swiglu_fused(const DevLayer& L, int64_t T) const {
+  static const bool off = env_flag("LLMQ_NO_FUSE");
+  if (off || T > kWgemmMaxT || L.gate_up.parts.size() != 1 || L.down.parts.size() != 1) return false;
+  const DevLinear& gl = L.gate_up.parts[0];
+  const DevLinear& dl = L.down.parts[0];
+  if (!gl.paired || dl.act != ActKind::None) return false;
+  const Path pg = path(gl, T), pd = path(dl, T);
+  if ((pg != Path::Gemv && pg != Path::Wgemm) || (pd != Path::Gemv && pd != Path::Wgemm)) return false;
+  GemvArgs a = gemv_args(gl, T, nullptr, gl.N, false);
+  a.x = reinterpret_cast<void*>(16);
+  if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
+  a.swiglu_out = reinterpret_cast<void*>(16);
+  a.swiglu_ld = gl.N / 2;
+  return pg == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_);
+}
+
+bool CudaEngine::norm_fused(const DevSite& producer, const DevSite& consumer, int64_t T, PrepOut& o) const {
+  static const bool off = env_flag("LLMQ_NO_FUSE");
+  // One block normalizes all T rows: cheap for decode steps, not for 64.
+  if (off || T > kGemvMaxM || producer.parts.size() != 1) return false;
+  const DevLinear& pl = producer.parts[0];
+  const Path pp = path(pl, T);
+  if (pp != Path::Gemv && pp != Path::Wgemm) return false;
+  // The consumer must read one input (the same format for all its parts) that is not BF16-coded for cuBLAS.
+  const DevLinear& cl = consumer.parts[0];
+  for (const DevLinear& l : consumer.parts)
+    if (l.act != cl.act || l.act_scale != cl.act_scale || l.K != cl.K || path(l, T) == Path::Cublas) return false;
+  if (cl.K != pl.N) return false;
+  o = PrepOut{};
+  o.kind = cl.act;
+  o.static_scale = cl.act_scale;
+  o.out = act_.p;
+  o.ld = cl.K;
+  o.row_scale = row_scale_.as<float>();
+  GemvArgs a = gemv_args(pl, T, reinterpret_cast<float*>(16), pl.N, true);
+  a.x = reinterpret_cast<void*>(16);
+  if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
+  a.norm_counter = reinterpret_cast<int32_t*>(16);
+  a.norm_w = reinterpret_cast<const float*>(16);
+  a.norm_out = o;
+  if (!a.norm_out.out) a.norm_out.out = reinterpret_cast<void*>(16);
+  return pp == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_);
+}
+
 bool CudaEngine::skinny(int64_t T) const {
   if (T > kWgemmMaxT) return false;
   auto ok = [&](const DevSite& s) {
@@ -568,13 +719,26 @@ bool CudaEngine::skinny(int64_t T) const {
   return true;
 }
 
-void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t ldy, bool accumulate) {
+void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t ldy, bool accumulate, const void* x,
+                        const Epilogue& ep) {
   const bool quant_act = l.act != ActKind::None;
-  if (p == Path::Wgemm) return wgemm(gemv_args(l, T, y, ldy, accumulate), stream_);
-  if (p == Path::Gemv) return gemv(gemv_args(l, T, y, ldy, accumulate), stream_);
+  if (!x) x = act_.p;
+  if (p == Path::Wgemm || p == Path::Gemv) {
+    GemvArgs a = gemv_args(l, T, y, ldy, accumulate);
+    a.x = x;
+    if (ep.swiglu_out) a.swiglu_out = ep.swiglu_out, a.swiglu_ld = l.N / 2, a.y = nullptr;
+    if (ep.norm_w) {
+      a.norm_counter = norm_counters_.as<int32_t>();
+      a.norm_w = ep.norm_w;
+      a.norm_eps = float(config().rms_eps);
+      a.norm_out = ep.norm_out;
+    }
+    return p == Path::Wgemm ? wgemm(a, stream_) : gemv(a, stream_);
+  }
+  if (ep.swiglu_out || ep.norm_w) throw Error("engine: fused epilogues run only in the GEMV and wgemm kernels");
   if (p == Path::Lt) {
     const bool fp8 = l.wf == WFmt::FP8;
-    lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, act_.p, gemm_out_.p, l.N, T, l.K, stream_);
+    lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_);
     gemm_epilogue(gemm_out_.p, T, l.N, row_scale_.as<float>(), l.scale, l.bias, y, ldy, accumulate, stream_, !fp8);
     return;
   }
@@ -592,7 +756,7 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
   float* C = direct ? y : gemm_out_.as<float>();
   const int64_t ldc = direct ? ldy : l.N;
   LLMQ_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(l.N), int(T), int(l.K), &alpha, W, CUDA_R_16BF,
-                                 int(l.K), act_.p, CUDA_R_16BF, int(l.K), &beta, C, CUDA_R_32F, int(ldc),
+                                 int(l.K), x, CUDA_R_16BF, int(l.K), &beta, C, CUDA_R_32F, int(ldc),
                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   if (!direct)
     gemm_epilogue(C, T, l.N, quant_act ? row_scale_.as<float>() : nullptr, quant_act ? l.scale : nullptr, l.bias, y, ldy,
@@ -600,8 +764,8 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
 }
 
 template <typename P>
-void CudaEngine::site(const char* name, const DevSite& s, int64_t T, P produce, float* y, int64_t ldy,
-                      bool accumulate) {
+void CudaEngine::site(const char* name, const DevSite& s, int64_t T, P produce, float* y, int64_t ldy, bool accumulate,
+                      const void* x, const Epilogue& ep) {
   const DevLinear* prev = nullptr;
   bool prev_bf16 = false;
   for (const DevLinear& l : s.parts) {
@@ -619,13 +783,13 @@ void CudaEngine::site(const char* name, const DevSite& s, int64_t T, P produce, 
       op(name, " prep", [&] { produce(o); });
     }
     op(name, p == Path::Wgemm ? " wgemm" : p == Path::Gemv ? " gemv" : p == Path::Lt ? " lt" : " gemm",
-       [&] { matmul(l, p, T, y + l.col, ldy, accumulate); });
+       [&] { matmul(l, p, T, y + l.col, ldy, accumulate, x, ep); });
     prev = &l;
     prev_bf16 = as_bf16;
   }
 }
 
-void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
+void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   const ModelConfig& c = config();
   const int64_t H = c.hidden, qd = c.heads * c.head_dim, I = c.intermediate;
   const int32_t* tok = ints_.as<int32_t>();
@@ -636,12 +800,14 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
   float* x = x_.as<float>();
   small_ = small;
   op("embed", [&] { embed_gather(embed_, tok, T, H, x, stream_); });
+  bool normed = false;  // the previous matmul's epilogue wrote the RMSNorm of x into act_ (the next input)
   for (size_t li = 0; li < layers_.size(); ++li) {
     DevLayer& L = layers_[li];
     const int64_t qkv_n = L.qkv.N;
     float* qkv = qkv_.as<float>();
-    site("qkv", L.qkv, T, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_); },
-         qkv, qkv_n, false);
+    site("qkv", L.qkv, T, [&](const PrepOut& o) {
+      if (!normed) rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_);
+    }, qkv, qkv_n, false);
     KvCacheView kv;
     kv.type = kv_type_;
     kv.page_size = kPage;
@@ -666,19 +832,38 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
     aa.splits = small ? splits_ : 1;
     aa.chunk = chunk_;
     aa.partial = partial_.as<float>();
+    aa.counters = counters_.as<int32_t>();
     static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
     if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
     // o_proj reading BF16: attention writes its input directly (no separate conversion).
     const bool direct = L.o.parts.size() == 1 && L.o.parts[0].act == ActKind::None;
     if (direct) aa.out_bf16 = act_.p;
     op("attention", [&] { attention(aa, kv, stream_); });
+    // The MLP's RMSNorm in o_proj's epilogue, or as a kernel of its own.
+    Epilogue eo;
+    if (norm_fused(L.o, L.gate_up, T, eo.norm_out)) eo.norm_w = L.mlp_norm;
     site("o", L.o, T, [&](const PrepOut& o) {
       if (!direct) act_prep(att_.as<float>(), qd, T, qd, o, stream_);
-    }, x, H, true);
+    }, x, H, true, nullptr, eo);
+    normed = eo.norm_w != nullptr;
     float* gu = gu_.as<float>();
-    site("gate_up", L.gate_up, T, [&](const PrepOut& o) { rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_); },
-         gu, L.gate_up.N, false);
-    site("down", L.down, T, [&](const PrepOut& o) { swiglu_prep(gu, L.gate_up.N, T, I, o, stream_); }, x, H, true);
+    // SwiGLU in gate_up's epilogue (into act2_, which down reads), or as a kernel of its own.
+    const bool fused = swiglu_fused(L, T);
+    Epilogue eg;
+    eg.swiglu_out = fused ? act2_.p : nullptr;
+    const bool paired = L.gate_up.parts.size() == 1 && L.gate_up.parts[0].paired;
+    site("gate_up", L.gate_up, T, [&](const PrepOut& o) {
+      if (!normed) rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_);
+    }, gu, L.gate_up.N, false, nullptr, eg);
+    // The next layer's attention RMSNorm in down_proj's epilogue (the last layer's final norm stays a kernel:
+    // it reads only the rows that want logits).
+    Epilogue ed;
+    if (li + 1 < layers_.size() && norm_fused(L.down, layers_[li + 1].qkv, T, ed.norm_out))
+      ed.norm_w = layers_[li + 1].attn_norm;
+    site("down", L.down, T, [&](const PrepOut& o) {
+      if (!fused) swiglu_prep(gu, L.gate_up.N, T, I, o, stream_, paired);
+    }, x, H, true, eg.swiglu_out, ed);
+    normed = ed.norm_w != nullptr;
   }
   if (n_out == 0) return;
   PrepOut o;
@@ -686,9 +871,14 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small) {
   o.ld = H;
   op("final_norm", [&] { rmsnorm_prep(x, rows, n_out, H, final_norm_, float(c.rms_eps), o, stream_); });
   op("lm_head", [&] { matmul(lm_head_, path(lm_head_, n_out), n_out, logits_.as<float>(), c.vocab, false); });
+  if (with_ids)
+    op("argmax", [&] {
+      argmax_rows(logits_.as<float>(), n_out, c.vocab, ids_.as<int32_t>(), argmax_v_.as<float>(), argmax_i_.as<int32_t>(),
+                  argmax_counters_.as<int32_t>(), stream_);
+    });
 }
 
-void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out) {
+void CudaEngine::step(const std::vector<BatchToken>& batch, float* logits_out, int32_t* ids_out) {
   const ModelConfig& c = config();
   if (batch.empty()) return;
   if (capacity_ == 0) throw Error("engine: forward before reset");
@@ -711,7 +901,8 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
   LLMQ_CUDA_CHECK(cudaMemcpyAsync(ints_.p, h, size_t(6 * t_cap_) * 4, cudaMemcpyHostToDevice, stream_));
   // Decode steps and small batches: split attention, and one CUDA graph per shape when no matmul needs cuBLAS.
   const bool small = T <= kWgemmMaxT;
-  const auto key = std::make_pair(T, n_out);
+  const bool with_ids = ids_out != nullptr;
+  const auto key = std::make_tuple(T, n_out, with_ids);
   auto it = graphs_.find(key);  // a graph exists only for shapes that passed the checks below
   if (it != graphs_.end() || (small && skinny(T) && (n_out == 0 || path(lm_head_, n_out) != Path::Cublas) &&
                               !sync_each_launch() && !profile_)) {
@@ -719,7 +910,7 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
       cudaGraph_t g = nullptr;
       LLMQ_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
       try {
-        run(T, n_out, small);
+        run(T, n_out, small, with_ids);
       } catch (...) {
         cudaStreamEndCapture(stream_, &g);
         if (g) cudaGraphDestroy(g);
@@ -734,13 +925,14 @@ void CudaEngine::forward(const std::vector<BatchToken>& batch, float* logits_out
     }
     LLMQ_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
   } else {
-    run(T, n_out, small);
+    run(T, n_out, small, with_ids);
   }
   if (n_out) {
-    const size_t bytes = size_t(n_out * c.vocab) * 4;
-    LLMQ_CUDA_CHECK(cudaMemcpyAsync(h_logits_.p, logits_.p, bytes, cudaMemcpyDeviceToHost, stream_));
+    const size_t bytes = with_ids ? size_t(n_out) * 4 : size_t(n_out * c.vocab) * 4;
+    void* host = with_ids ? h_ids_.p : h_logits_.p;
+    LLMQ_CUDA_CHECK(cudaMemcpyAsync(host, with_ids ? ids_.p : logits_.p, bytes, cudaMemcpyDeviceToHost, stream_));
     LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    std::memcpy(logits_out, h_logits_.p, bytes);
+    std::memcpy(with_ids ? static_cast<void*>(ids_out) : static_cast<void*>(logits_out), host, bytes);
   } else {
     LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }

@@ -2,6 +2,8 @@
 
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/device_util.cuh"
+#include "backend/cuda/launch.cuh"
+#include "backend/cuda/matmul_store.cuh"
 
 namespace llmq::cuda {
 
@@ -16,14 +18,13 @@ template <WFmt WF>
 __host__ __device__ constexpr int64_t row_bytes(int64_t K) { return WF == WFmt::BF16 ? K * 2 : WF == WFmt::I4 ? K / 2 : K; }
 __host__ __device__ constexpr int x_bytes(XFmt xf) { return xf == XFmt::BF16 ? 2 : 1; }
 
-// The epilogue: scales, bias, residual.
+// The epilogue's arithmetic: scales and bias (matmul_store.cuh stores the result).
 template <WFmt WF, XFmt XF>
-__device__ __forceinline__ void store(const GemvArgs& a, int64_t row, int m, float v) {
+__device__ __forceinline__ float finish(const GemvArgs& a, int64_t row, int m, float v) {
   if constexpr (XF != XFmt::BF16) v *= a.x_scale[m];
   if constexpr (WF == WFmt::I8 || WF == WFmt::FP8) v *= a.w_scale[row];
   if (a.bias) v += a.bias[row];
-  float* y = a.y + int64_t(m) * a.ldy + row;
-  *y = a.accumulate ? *y + v : v;
+  return v;
 }
 
 // ---- 16-byte chunk dot products (acc += sum over the chunk) ----
@@ -113,8 +114,10 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
   constexpr bool kInt = XF == XFmt::I8;
   const int lane = threadIdx.x % 32;
   const int64_t row0 = (int64_t(blockIdx.x) * kWarps + threadIdx.x / 32) * kRows;
-  if (row0 >= a.N) return;
-  const int64_t chunks = a.K / E;
+  // Warps past N do nothing, but with the fused norm they still take part in its block-wide steps.
+  const bool active = row0 < a.N;
+  if (!active && !a.norm_counter) return;
+  const int64_t chunks = active ? a.K / E : 0;
   const int64_t rb = row_bytes<WF>(a.K);
   int64_t rows[kRows];
   const uint4* wr[kRows];
@@ -123,6 +126,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
     rows[r] = row0 + r < a.N ? row0 + r : a.N - 1;  // a missing last row re-reads row N-1; never stored
     wr[r] = reinterpret_cast<const uint4*>(static_cast<const char*>(a.w) + rows[r] * rb);
   }
+  // The weights do not depend on the previous kernel: start the first of them towards the L2 before waiting
+  // for it (1 KB of each row, so that all resident warps together stay well inside the L2).
+  if (active && lane < kRows) prefetch_l2(lane == 0 ? wr[0] : wr[kRows - 1], uint32_t(rb < 1024 ? rb : 1024));
+  pdl_trigger();
+  pdl_wait();
   const int64_t ngroups = WF == WFmt::I4 ? a.K / a.group : 1;
   const int64_t xrow = a.ldx * x_bytes(XF) / 16;  // 16-byte units per input row
   const uint4* xb = static_cast<const uint4*>(a.x);
@@ -164,20 +172,31 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
       }
     }
   }
+  static_assert(kRows == 2, "the SwiGLU epilogue pairs a warp's two rows");
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+  for (int m = 0; m < MT; ++m) {
+    if (m >= a.M || !active) break;
+    float v[kRows];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m >= a.M) break;
-      const float v = kInt ? float(warp_sum(iacc[r][m])) : warp_sum(acc[r][m]);
-      if (lane == 0 && row0 + r < a.N) store<WF, XF>(a, row0 + r, m, v);
+    for (int r = 0; r < kRows; ++r) v[r] = kInt ? float(warp_sum(iacc[r][m])) : warp_sum(acc[r][m]);
+    if (lane != 0) continue;
+    if (a.swiglu_out) {  // row0 is even: rows row0, row0 + 1 are gate and up of activation row0 / 2
+      store_swiglu(a, row0 / 2, m, finish<WF, XF>(a, row0, m, v[0]), finish<WF, XF>(a, row0 + 1, m, v[1]));
+      continue;
     }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (row0 + r < a.N) store_y(a, row0 + r, m, finish<WF, XF>(a, row0 + r, m, v[r]));
+  }
+  norm_tail(a);
 }
 
 // Any K and alignment: one warp per row, one value per lane at a time.
 template <WFmt WF, XFmt XF>
 __global__ void __launch_bounds__(kWarps * 32) gemv_scalar_kernel(const GemvArgs a) {
   const int lane = threadIdx.x % 32;
+  pdl_trigger();
+  pdl_wait();
   const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= a.N) return;
   float acc[kGemvMaxM];
@@ -208,7 +227,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_scalar_kernel(const GemvArgs
   }
   for (int m = 0; m < a.M; ++m) {
     const float v = XF == XFmt::I8 ? float(warp_sum(iacc[m])) : warp_sum(acc[m]);
-    if (lane == 0) store<WF, XF>(a, row, m, v);
+    if (lane == 0) store_y(a, row, m, finish<WF, XF>(a, row, m, v));
   }
 }
 
@@ -217,15 +236,13 @@ void launch(const GemvArgs& a, cudaStream_t s) {
   const dim3 block(kWarps * 32);
   if (gemv_vectorized(a)) {
     const dim3 grid(unsigned((a.N + kWarps * kRows - 1) / (kWarps * kRows)));
-    if (a.M <= 1) gemv_vec_kernel<WF, XF, 1><<<grid, block, 0, s>>>(a);
-    else if (a.M <= 2) gemv_vec_kernel<WF, XF, 2><<<grid, block, 0, s>>>(a);
-    else if (a.M <= 4) gemv_vec_kernel<WF, XF, 4><<<grid, block, 0, s>>>(a);
-    else gemv_vec_kernel<WF, XF, 8><<<grid, block, 0, s>>>(a);
-    check_launch("gemv_vec_kernel", s);
+    if (a.M <= 1) launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, 1>, grid, block, 0, s, a);
+    else if (a.M <= 2) launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, 2>, grid, block, 0, s, a);
+    else if (a.M <= 4) launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, 4>, grid, block, 0, s, a);
+    else launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, 8>, grid, block, 0, s, a);
   } else {
     const dim3 grid(unsigned((a.N + kWarps - 1) / kWarps));
-    gemv_scalar_kernel<WF, XF><<<grid, block, 0, s>>>(a);
-    check_launch("gemv_scalar_kernel", s);
+    launch("gemv_scalar_kernel", gemv_scalar_kernel<WF, XF>, grid, block, 0, s, a);
   }
 }
 
@@ -234,13 +251,16 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 }  // namespace
 
 bool gemv_supports(const GemvArgs& a) {
-  if (a.M < 1 || a.M > kGemvMaxM || a.N < 1 || a.K < 1 || !a.w || !a.x || !a.y) return false;
-  if (a.ldx < a.K || a.ldy < a.N) return false;
+  if (a.M < 1 || a.M > kGemvMaxM || a.N < 1 || a.K < 1 || !a.w || !a.x || (!a.y && !a.swiglu_out)) return false;
+  if (a.ldx < a.K || (!a.swiglu_out && a.ldy < a.N)) return false;
   if (a.xf == XFmt::I8 && a.wf != WFmt::I8) return false;
   if (a.xf == XFmt::FP8 && a.wf != WFmt::FP8) return false;
   if (a.xf != XFmt::BF16 && !a.x_scale) return false;
   if ((a.wf == WFmt::I8 || a.wf == WFmt::FP8 || a.wf == WFmt::I4) && !a.w_scale) return false;
   if (a.wf == WFmt::I4 && (!a.w_zero || a.group < 2 || a.group % 2 || a.K % a.group)) return false;
+  if (a.swiglu_out && (a.N % 2 || a.swiglu_ld < a.N / 2 || !gemv_vectorized(a))) return false;
+  if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N || !gemv_vectorized(a)))
+    return false;
   return true;
 }
 

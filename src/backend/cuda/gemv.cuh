@@ -11,11 +11,17 @@
 //   FP8   E4M3 codes [M, ldx] with x = fp8(code) * x_scale[m]; only with FP8 weights: products in FP32
 // Each warp owns two output rows and walks K in 16-byte weight loads (8 BF16, 16 INT8/FP8, 32 INT4 values);
 // the epilogue applies x_scale, scale[n], the bias and the residual add (accumulate), so nothing else runs.
+// With swiglu_out set (gate/up rows paired: row 2j is gate j, row 2j+1 up j) the epilogue writes
+// bf16(silu(gate) * up) to swiglu_out[m, j] instead of y: the SwiGLU of the MLP without a kernel of its own.
+// With norm_counter set, the last block to finish also writes the RMSNorm of every row of y (the residual
+// stream after this matmul's add) in norm_out's format: the next matmul's input without a kernel of its own.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "backend/cuda/prep.cuh"
 
 namespace llmq::cuda {
 
@@ -38,13 +44,19 @@ struct GemvArgs {
   float* y = nullptr;             // [M, ldy]
   int64_t ldy = 0;
   bool accumulate = false;        // y += result (residual add) instead of y = result
+  void* swiglu_out = nullptr;     // if set: bf16 [M, swiglu_ld] = silu(row 2j) * row 2j+1 (N even); y unused
+  int64_t swiglu_ld = 0;
+  int32_t* norm_counter = nullptr;// if set: one int, zero (left zero); norm_out = prep(norm_w * y / rms(y)) per row
+  const float* norm_w = nullptr;  // [N]
+  float norm_eps = 0.f;
+  PrepOut norm_out;               // rows [M, norm_out.ld]; must not be what this matmul reads (x, x_scale)
 };
 
 constexpr int kGemvMaxM = 8;
 
 // Whether gemv() runs these arguments (M in 1..8, a known format pair, sizes and pointers non-null).
 // Shapes whose rows are not 16-byte aligned or whose groups are not multiples of 32 take a slower
-// scalar kernel; they are still supported.
+// scalar kernel; they are still supported, except with swiglu_out (the vector kernel only).
 bool gemv_supports(const GemvArgs& a);
 // Whether the 16-byte vector kernel (rather than the scalar one) serves these arguments.
 bool gemv_vectorized(const GemvArgs& a);

@@ -6,6 +6,8 @@
 
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/device_util.cuh"
+#include "backend/cuda/launch.cuh"
+#include "backend/cuda/matmul_store.cuh"
 #include "quant/pack/int4_mma.hpp"
 
 namespace llmq::cuda {
@@ -71,6 +73,18 @@ __device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
   return *reinterpret_cast<uint32_t*>(&d);
 }
 
+// One accumulator value of warp 0 (row `row` of the output, token `tok`, lane group g = lane / 4), scaled and
+// biased: stored to y, or, with swiglu_out, paired with row + 1 (lane + 4) into one SwiGLU activation. Every
+// lane of the warp calls it (the pairing shuffles); `valid` says whether the token exists.
+__device__ __forceinline__ void store_out(const GemvArgs& a, int64_t row, int64_t tok, bool valid, int g, float v) {
+  if (a.swiglu_out) {
+    const float up = __shfl_down_sync(0xffffffffu, v, 4);
+    if (valid && (g & 1) == 0 && row < a.N) store_swiglu(a, row / 2, tok, v, up);
+  } else if (valid && row < a.N) {
+    store_y(a, row, tok, v);
+  }
+}
+
 // The K-splitting warps' partial sums added into warp 0's accumulators through shared memory. Returns false in
 // the other warps, which are then done (warp 0 runs the epilogue). Every thread of the CTA must call it.
 template <typename Acc, int NT>
@@ -101,6 +115,8 @@ struct KindTraits {
 
 template <int KIND, int NT, int G>
 __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a, const int64_t units) {
+  pdl_trigger();
+  pdl_wait();
   using Tr = KindTraits<KIND>;
   using Acc = typename Tr::Acc;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -245,50 +261,128 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     if (cur_group >= 0) flush();
   }
 
-  if (!sum_warps<Acc, NT>(acc, warp, nw, lane)) return;
-  // Epilogue: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8.
+  if (!sum_warps<Acc, NT>(acc, warp, nw, lane)) return norm_tail(a);
+  // Epilogue: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8. Rows and tokens past the ends are computed
+  // from clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored.
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t row = rb * 16 + g + 8 * (i >> 1);
       const int tok = n * 8 + 2 * t + (i & 1);
-      if (row >= a.N || tok >= a.M) continue;
+      const int64_t rc = row < a.N ? row : a.N - 1;
+      const int tc = tok < a.M ? tok : a.M - 1;
       float v = float(acc[n][i]);
-      if constexpr (KIND >= kI8I8) v *= a.x_scale[tok];
-      if constexpr (KIND == kI8W || KIND >= kI8I8) v *= a.w_scale[row];
-      if (a.bias) v += a.bias[row];
-      float* y = a.y + int64_t(tok) * a.ldy + row;
-      *y = a.accumulate ? *y + v : v;
+      if constexpr (KIND >= kI8I8) v *= a.x_scale[tc];
+      if constexpr (KIND == kI8W || KIND >= kI8I8) v *= a.w_scale[rc];
+      if (a.bias) v += a.bias[rc];
+      store_out(a, row, tok, tok < a.M, g, v);
     }
+  norm_tail(a);
+}
+
+// (a & b) | c as one LOP3: written in C++ the compiler makes it two instructions when b and c are constants.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// ND consecutive units (from unit u) of one lane of wgemm_i4_kernel: the weight words and their groups' scales
+// and zero points are loaded first (no load waits mid-sum), then each step's eight codes become four bf16 pairs
+// (code - zero, exact: one shift, one LOP3 and one HSUB2 each) for one mma per n-tile, and every group's share
+// of the sum is scaled once into acc.
+template <int ND, int NT, int G>
+__device__ __forceinline__ void i4_units(int u, const uint4* wp, const float* s0p, const float* s1p, const uint8_t* z0p,
+                                         const uint8_t* z1p, const uint2* const (&xp)[NT], int M, float (&acc)[NT][4]) {
+  constexpr int GPU = G == 32 ? 2 : 1;  // groups per unit
+  uint4 wv[ND];
+  float s0[ND][GPU], s1[ND][GPU];
+  uint32_t z0[ND][GPU], z1[ND][GPU];
+#pragma unroll
+  for (int d = 0; d < ND; ++d) {
+    wv[d] = ld_weights(wp + (u + d) * 32);
+#pragma unroll
+    for (int q = 0; q < GPU; ++q) {
+      const int grp = ((u + d) * 64 + q * 32) / G;
+      s0[d][q] = __ldg(s0p + grp);
+      s1[d][q] = __ldg(s1p + grp);
+      z0[d][q] = 0x43004300u | uint32_t(__ldg(z0p + grp)) * 0x10001u;
+      z1[d][q] = 0x43004300u | uint32_t(__ldg(z1p + grp)) * 0x10001u;
+    }
+  }
+  const uint2* xb[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) xb[n] = xp[n] + u * 16;  // uint2 index of k = 64 u
+#pragma unroll
+  for (int d = 0; d < ND; ++d) {
+    const uint32_t words[4] = {wv[d].x, wv[d].y, wv[d].z, wv[d].w};
+    float cg[NT][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int q = j / (4 / GPU);
+      const uint32_t w = words[j];
+      const uint32_t A[4] = {bf16x2_sub(and_or(w, 0x000F000Fu, 0x43004300u), z0[d][q]),
+                             bf16x2_sub(and_or(w >> 4, 0x000F000Fu, 0x43004300u), z1[d][q]),
+                             bf16x2_sub(and_or(w >> 8, 0x000F000Fu, 0x43004300u), z0[d][q]),
+                             bf16x2_sub(and_or(w >> 12, 0x000F000Fu, 0x43004300u), z1[d][q])};
+      if (j % (4 / GPU) == 0) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) cg[n][0] = cg[n][1] = cg[n][2] = cg[n][3] = 0.f;
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        if (n > 0 && n * 8 >= M) break;
+        mma_bf16(cg[n], A, __ldg(xb[n] + d * 16 + 4 * j));
+      }
+      if ((j + 1) % (4 / GPU) == 0) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[n][0] = fmaf(s0[d][q], cg[n][0], acc[n][0]), acc[n][1] = fmaf(s0[d][q], cg[n][1], acc[n][1]);
+          acc[n][2] = fmaf(s1[d][q], cg[n][2], acc[n][2]), acc[n][3] = fmaf(s1[d][q], cg[n][3], acc[n][3]);
+        }
+      }
+    }
+  }
 }
 
 // INT4 with K a multiple of 64 (every unit full): the same product as wgemm_kernel<kI4>, with the per-value
 // work cut to what the tensor cores need. Profiling the general kernel (H200, llama-3-8b gate_up at T = 1)
 // showed it bound by instruction issue at ~1 TB/s: per 16-byte load it ran ~275 instructions (64-bit index
-// arithmetic, per-step bounds checks and predicated activation loads, group-change tests). Here each lane keeps
-// 32-bit offsets, loads a batch of units together with their group scales and zero points (no load waits
-// mid-sum), reads the activation column of a clamped token (columns past T are computed but never stored, so
-// no predicate), and applies the scale once per unit's share of a group.
+// arithmetic, per-step bounds checks and predicated activation loads, group-change tests); a first lean version
+// still ran ~200 (an AND and an OR per register, a predicated 64-bit address per activation load). Here each
+// lane keeps 32-bit offsets, loads batches of units together with their group scales and zero points, builds
+// each bf16 pair with one LOP3, reads activations at immediate offsets from the clamped token's row (columns
+// past T are computed but never stored, so no predicate), and applies the scale once per unit's share of a
+// group. Before pdl_wait() each warp asks the L2 for its first 16 units of weights. The minimum of 2 CTAs per SM
+// (<= 128 registers) keeps ptxas from sinking a batch's weight loads between its mma steps, which it does when
+// it aims at 3 CTAs (80 registers: one 16-byte load in flight per warp instead of four).
 template <int NT, int G>
-__global__ void __launch_bounds__(kMaxWarps * 32) wgemm_i4_kernel(const GemvArgs a, const int units) {
-  constexpr int D = NT <= 2 ? 8 : 4;      // units per batch
-  constexpr int GPU = G == 32 ? 2 : 1;    // groups per unit
+__global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units) {
+  // Units per batch, loaded together (8 made ptxas spill and sink half of the loads at the 128-register cap).
+  constexpr int D = 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   // blockIdx.x: group of 8 * NT tokens (more than one only past 16 tokens, see launch_i4), blockIdx.y: row block.
   const int tok0 = int(blockIdx.x) * 8 * NT;
-  const int M = min(a.M - tok0, 8 * NT);
-  const int64_t rb = blockIdx.y;
-  const int64_t r0 = min(rb * 16 + g, a.N - 1), r1 = min(rb * 16 + g + 8, a.N - 1);
+  const int rb = int(blockIdx.y);
+  const int N = int(a.N);
+  const int r0 = min(rb * 16 + g, N - 1), r1 = min(rb * 16 + g + 8, N - 1);
   const int per = (units + nw - 1) / nw;
-  const int u0 = warp * per, u1 = min(units, u0 + per);
+  const int u0 = min(units, warp * per), u1 = min(units, u0 + per);
+  const uint4* wblock = static_cast<const uint4*>(a.w) + int64_t(rb) * units * 32;
+  // This warp's first 16 units (8 KB) of weights towards the L2 while the previous kernel finishes, and so
+  // that more than the batch in registers is on its way from memory (all resident warps together: < 20 MB).
+  if (lane == 0 && u1 > u0) prefetch_l2(wblock + u0 * 32, uint32_t(min(u1 - u0, 16)) * 512u);
+  pdl_trigger();
+  pdl_wait();
+  const int M = min(a.M - tok0, 8 * NT);
   const int ng = int(a.K / G);
   const float* s0p = a.w_scale + r0 * ng;
   const float* s1p = a.w_scale + r1 * ng;
   const uint8_t* z0p = a.w_zero + r0 * ng;
   const uint8_t* z1p = a.w_zero + r1 * ng;
-  const uint4* wp = static_cast<const uint4*>(a.w) + rb * int64_t(units) * 32 + lane;
+  const uint4* wp = wblock + lane;
   // Activations: this lane's token of each n-tile (B column g), from k = 4t; uint2 = 4 bf16.
   const uint2* xp[NT];
 #pragma unroll
@@ -296,73 +390,28 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_i4_kernel(const GemvArgs
     const int tok = tok0 + min(n * 8 + g, M - 1);
     xp[n] = reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.x) + int64_t(tok) * a.ldx + 4 * t);
   }
-  float acc[NT][4], cg[NT][4];
+  float acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f, cg[n][i] = 0.f;
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 
-  for (int u = u0; u < u1; u += D) {
-    uint4 wv[D];
-    float s0[D][GPU], s1[D][GPU];
-    uint32_t z0[D][GPU], z1[D][GPU];
-#pragma unroll
-    for (int d = 0; d < D; ++d) {
-      if (u + d >= u1) break;
-      wv[d] = ld_weights(wp + (u + d) * 32);
-#pragma unroll
-      for (int q = 0; q < GPU; ++q) {
-        const int grp = ((u + d) * 64 + q * 32) / G;
-        s0[d][q] = __ldg(s0p + grp);
-        s1[d][q] = __ldg(s1p + grp);
-        const uint32_t za = 0x4300u | __ldg(z0p + grp), zb = 0x4300u | __ldg(z1p + grp);
-        z0[d][q] = za | (za << 16);
-        z1[d][q] = zb | (zb << 16);
-      }
-    }
-#pragma unroll
-    for (int d = 0; d < D; ++d) {
-      if (u + d >= u1) break;
-      const uint32_t words[4] = {wv[d].x, wv[d].y, wv[d].z, wv[d].w};
-      const int xo = (u + d) * 16;  // uint2 index of k = 64 (u + d)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int q = j / (4 / GPU);
-        const uint32_t w = words[j];
-        uint32_t A[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          A[r] = bf16x2_sub(((w >> (4 * r)) & 0x000F000Fu) | 0x43004300u, (r & 1) ? z1[d][q] : z0[d][q]);
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          if (n * 8 >= M) break;
-          mma_bf16(cg[n], A, __ldg(xp[n] + xo + 4 * j));
-        }
-        if ((j + 1) % (4 / GPU) == 0) {
-#pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            acc[n][0] += s0[d][q] * cg[n][0], acc[n][1] += s0[d][q] * cg[n][1];
-            acc[n][2] += s1[d][q] * cg[n][2], acc[n][3] += s1[d][q] * cg[n][3];
-            cg[n][0] = cg[n][1] = cg[n][2] = cg[n][3] = 0.f;
-          }
-        }
-      }
-    }
-  }
+  int u = u0;
+  for (; u + D <= u1; u += D) i4_units<D, NT, G>(u, wp, s0p, s1p, z0p, z1p, xp, M, acc);
+  for (; u < u1; ++u) i4_units<1, NT, G>(u, wp, s0p, s1p, z0p, z1p, xp, M, acc);
 
-  if (!sum_warps<float, NT>(acc, warp, nw, lane)) return;
+  if (!sum_warps<float, NT>(acc, warp, nw, lane)) return norm_tail(a);
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t row = rb * 16 + g + 8 * (i >> 1);
+      const int row = rb * 16 + g + 8 * (i >> 1);
       const int tok = n * 8 + 2 * t + (i & 1);
-      if (row >= a.N || tok >= M) continue;
       float v = acc[n][i];
-      if (a.bias) v += a.bias[row];
-      float* y = a.y + int64_t(tok0 + tok) * a.ldy + row;
-      *y = a.accumulate ? *y + v : v;
+      if (a.bias) v += a.bias[min(row, N - 1)];
+      store_out(a, row, tok0 + tok, tok < M, g, v);
     }
+  norm_tail(a);
 }
 
 template <int G>
@@ -374,9 +423,8 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   // Past 16 tokens, CTAs of 16 tokens each (the token groups of a row block run side by side and share its
   // weights through the L2): the 32- and 64-token instances need ~160 registers, one CTA per SM, and measured
   // 11x the 16-token time for 4x the tokens (H200, llama-3-8b gate_up: 654 vs 59 us).
-  if (a.M <= 8) wgemm_i4_kernel<1, G><<<dim3(1, rbs), block, 0, s>>>(a, units);
-  else wgemm_i4_kernel<2, G><<<dim3(unsigned((a.M + 15) / 16), rbs), block, 0, s>>>(a, units);
-  check_launch("wgemm_i4_kernel", s);
+  if (a.M <= 8) launch("wgemm_i4_kernel", wgemm_i4_kernel<1, G>, dim3(1, rbs), block, 0, s, a, units);
+  else launch("wgemm_i4_kernel", wgemm_i4_kernel<2, G>, dim3(unsigned((a.M + 15) / 16), rbs), block, 0, s, a, units);
 }
 
 int kind_of(const GemvArgs& a) {
@@ -402,11 +450,10 @@ void launch_nt(const GemvArgs& a, cudaStream_t s) {
   }();
   const int nw = int(std::clamp<int64_t>(units / 2, 1, max_warps));
   const dim3 grid(unsigned((a.N + 15) / 16)), block(unsigned(nw * 32));
-  if (a.M <= 8) wgemm_kernel<KIND, 1, G><<<grid, block, 0, s>>>(a, units);
-  else if (a.M <= 16) wgemm_kernel<KIND, 2, G><<<grid, block, 0, s>>>(a, units);
-  else if (a.M <= 32) wgemm_kernel<KIND, 4, G><<<grid, block, 0, s>>>(a, units);
-  else wgemm_kernel<KIND, 8, G><<<grid, block, 0, s>>>(a, units);
-  check_launch("wgemm_kernel", s);
+  if (a.M <= 8) launch("wgemm_kernel", wgemm_kernel<KIND, 1, G>, grid, block, 0, s, a, units);
+  else if (a.M <= 16) launch("wgemm_kernel", wgemm_kernel<KIND, 2, G>, grid, block, 0, s, a, units);
+  else if (a.M <= 32) launch("wgemm_kernel", wgemm_kernel<KIND, 4, G>, grid, block, 0, s, a, units);
+  else launch("wgemm_kernel", wgemm_kernel<KIND, 8, G>, grid, block, 0, s, a, units);
 }
 
 // LLMQ_WGEMM_GENERIC_I4=1: INT4 through the general kernel (comparisons).
@@ -422,6 +469,8 @@ bool aligned(const void* p, uintptr_t n) { return (reinterpret_cast<uintptr_t>(p
 
 __global__ void int4_mma_to_bf16_kernel(const uint32_t* packed, const float* scale, const uint8_t* zero, int64_t group,
                                         int64_t N, int64_t K, int64_t units, int64_t words, __nv_bfloat16* out) {
+  pdl_trigger();
+  pdl_wait();
   const int64_t wi = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (wi >= words) return;
   // word index = ((b * units + u) * 32 + lane) * 4 + s
@@ -443,8 +492,10 @@ __global__ void int4_mma_to_bf16_kernel(const uint32_t* packed, const float* sca
 
 bool wgemm_supports(const GemvArgs& a, int sm) {
   const int kind = kind_of(a);
-  if (kind < 0 || a.M < 1 || a.M > kWgemmMaxT || a.N < 1 || a.K < 1 || !a.w || !a.x || !a.y) return false;
-  if (a.ldx < a.K || a.ldy < a.N) return false;
+  if (kind < 0 || a.M < 1 || a.M > kWgemmMaxT || a.N < 1 || a.K < 1 || !a.w || !a.x || (!a.y && !a.swiglu_out)) return false;
+  if (a.ldx < a.K || (!a.swiglu_out && a.ldy < a.N)) return false;
+  if (a.swiglu_out && (a.N % 2 || a.swiglu_ld < a.N / 2)) return false;
+  if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N)) return false;
   if (kind == kFp8Fp8 && sm < 89) return false;
   if (kind >= kI8I8 && !a.x_scale) return false;
   if (kind != kBf16 && !a.w_scale) return false;
@@ -481,9 +532,8 @@ void int4_mma_to_bf16(const void* packed, const float* scale, const uint8_t* zer
   const int64_t units = pack::int4_mma_units(K), words = pack::int4_mma_bytes(N, K) / 4;
   if (words == 0) return;
   constexpr int kThreads = 256;
-  int4_mma_to_bf16_kernel<<<unsigned((words + kThreads - 1) / kThreads), kThreads, 0, s>>>(
-      static_cast<const uint32_t*>(packed), scale, zero, group, N, K, units, words, static_cast<__nv_bfloat16*>(out));
-  check_launch("int4_mma_to_bf16_kernel", s);
+  launch("int4_mma_to_bf16_kernel", int4_mma_to_bf16_kernel, unsigned((words + kThreads - 1) / kThreads), kThreads, 0, s,
+         static_cast<const uint32_t*>(packed), scale, zero, group, N, K, units, words, static_cast<__nv_bfloat16*>(out));
 }
 
 }  // namespace llmq::cuda

@@ -1,0 +1,37 @@
+// Kernel launches with programmatic dependent launch (PDL; nvcc only). On Hopper a launch marked so may
+// start while the previous kernel of the stream is finishing: its blocks get resident, prefetch their weights
+// and wait in pdl_wait() (device_util.cuh) for that kernel's results, which hides the launch latency and the
+// ramp-up of one kernel behind the tail of the other. Inside a CUDA graph the marks become programmatic edges.
+// Every kernel launched this way calls pdl_wait() before it reads what an earlier kernel wrote and before its
+// first global write; blocks that return early without doing either need not call it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+#include <utility>
+
+#include "backend/cuda/check.hpp"
+
+namespace llmq::cuda {
+
+// kernel<<<grid, block, smem, s>>>(args...), with PDL where pdl_enabled(); errors name the kernel.
+template <typename... P, typename... A>
+void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
+  if (e != cudaSuccess)
+    throw Error(std::string("CUDA kernel ") + name + " failed to launch: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+  check_launch(name, s);
+}
+
+}  // namespace llmq::cuda
