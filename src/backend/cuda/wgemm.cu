@@ -85,8 +85,8 @@ __device__ __forceinline__ void store_out(const GemvArgs& a, int64_t row, int64_
   }
 }
 
-// The K-splitting warps' partial sums added into warp 0's accumulators through shared memory. Returns false in
-// the other warps, which are then done (warp 0 runs the epilogue). Every thread of the CTA must call it.
+// The K-splitting warps' partial sums added into warp 0's accumulators through shared memory. Returns true in
+// warp 0, which then runs the epilogue, false in the others. Every thread of the CTA must call it.
 template <typename Acc, int NT>
 __device__ __forceinline__ bool sum_warps(Acc (&acc)[NT][4], int warp, int nw, int lane) {
   __shared__ Acc red[kMaxWarps - 1][NT * 4][32];
@@ -261,24 +261,25 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     if (cur_group >= 0) flush();
   }
 
-  if (!sum_warps<Acc, NT>(acc, warp, nw, lane)) return norm_tail(a);
-  // Epilogue: c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8. Rows and tokens past the ends are computed
-  // from clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored.
+  // Epilogue (warp 0): c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8. Rows and tokens past the ends are
+  // computed from clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored.
+  if (sum_warps<Acc, NT>(acc, warp, nw, lane)) {
 #pragma unroll
-  for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t row = rb * 16 + g + 8 * (i >> 1);
-      const int tok = n * 8 + 2 * t + (i & 1);
-      const int64_t rc = row < a.N ? row : a.N - 1;
-      const int tc = tok < a.M ? tok : a.M - 1;
-      float v = float(acc[n][i]);
-      if constexpr (KIND >= kI8I8) v *= a.x_scale[tc];
-      if constexpr (KIND == kI8W || KIND >= kI8I8) v *= a.w_scale[rc];
-      if (a.bias) v += a.bias[rc];
-      store_out(a, row, tok, tok < a.M, g, v);
-    }
-  norm_tail(a);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t row = rb * 16 + g + 8 * (i >> 1);
+        const int tok = n * 8 + 2 * t + (i & 1);
+        const int64_t rc = row < a.N ? row : a.N - 1;
+        const int tc = tok < a.M ? tok : a.M - 1;
+        float v = float(acc[n][i]);
+        if constexpr (KIND >= kI8I8) v *= a.x_scale[tc];
+        if constexpr (KIND == kI8W || KIND >= kI8I8) v *= a.w_scale[rc];
+        if (a.bias) v += a.bias[rc];
+        store_out(a, row, tok, tok < a.M, g, v);
+      }
+  }
+  norm_tail(a);  // every thread of the CTA, once
 }
 
 // (a & b) | c as one LOP3: written in C++ the compiler makes it two instructions when b and c are constants.
@@ -400,18 +401,19 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   for (; u + D <= u1; u += D) i4_units<D, NT, G>(u, wp, s0p, s1p, z0p, z1p, xp, M, acc);
   for (; u < u1; ++u) i4_units<1, NT, G>(u, wp, s0p, s1p, z0p, z1p, xp, M, acc);
 
-  if (!sum_warps<float, NT>(acc, warp, nw, lane)) return norm_tail(a);
+  if (sum_warps<float, NT>(acc, warp, nw, lane)) {
 #pragma unroll
-  for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = rb * 16 + g + 8 * (i >> 1);
-      const int tok = n * 8 + 2 * t + (i & 1);
-      float v = acc[n][i];
-      if (a.bias) v += a.bias[min(row, N - 1)];
-      store_out(a, row, tok0 + tok, tok < M, g, v);
-    }
-  norm_tail(a);
+      for (int i = 0; i < 4; ++i) {
+        const int row = rb * 16 + g + 8 * (i >> 1);
+        const int tok = n * 8 + 2 * t + (i & 1);
+        float v = acc[n][i];
+        if (a.bias) v += a.bias[min(row, N - 1)];
+        store_out(a, row, tok0 + tok, tok < M, g, v);
+      }
+  }
+  norm_tail(a);  // every thread of the CTA, once
 }
 
 template <int G>
