@@ -232,6 +232,7 @@ class CudaEngine final : public Engine {
               const Epilogue& ep = {});
   // Whether the RMSNorm of the residual stream after `producer` (o_proj, down_proj) runs in its epilogue at T
   // tokens, writing the input `consumer` (gate_up, the next qkv) reads; then `o` is that input's format.
+  // Off unless LLMQ_FUSE_NORM=1 (measured slower; see the definition).
   bool norm_fused(const DevSite& producer, const DevSite& consumer, int64_t T, PrepOut& o) const;
   // Whether this layer's SwiGLU runs in the gate_up matmul's epilogue at T tokens (paired rows, a BF16 down_proj
   // input, GEMV or wgemm for both matmuls; LLMQ_NO_FUSE=1 turns it off for comparisons).
@@ -680,9 +681,13 @@ bool CudaEngine::swiglu_fused(const DevLayer& L, int64_t T) const {
 }
 
 bool CudaEngine::norm_fused(const DevSite& producer, const DevSite& consumer, int64_t T, PrepOut& o) const {
-  static const bool off = env_flag("LLMQ_NO_FUSE");
+  // Opt-in (LLMQ_FUSE_NORM=1): measured slower than the separate rmsnorm kernel. H200, llama-3-8b cut to 4
+  // layers, batch 1, tpot with / without: bf16 1.008 / 0.910 ms, w4a16 0.705 / 0.672, fp8 0.825 / 0.725
+  // (bench/results/2026-12-01-nvidia-h200-session5.txt): the one block that normalizes after every other
+  // block has finished costs more than the kernel launch it saves.
+  static const bool on = env_flag("LLMQ_FUSE_NORM") && !env_flag("LLMQ_NO_FUSE");
   // One block normalizes all T rows: cheap for decode steps, not for 64.
-  if (off || T > kGemvMaxM || producer.parts.size() != 1) return false;
+  if (!on || T > kGemvMaxM || producer.parts.size() != 1) return false;
   const DevLinear& pl = producer.parts[0];
   const Path pp = path(pl, T);
   if (pp != Path::Gemv && pp != Path::Wgemm) return false;
