@@ -170,6 +170,27 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
   }
 }
 
+// What one block of the decode kernels covers: token t, query heads kvh * G + g0 .. + ng - 1 (sharing KV head
+// kvh), positions [begin, end) of sequence sq (this split's share of the causal, windowed range).
+struct DecodeBlock {
+  int64_t t, kvh, G, g0, split, sq, begin, end;
+  int ng;
+};
+__device__ __forceinline__ DecodeBlock decode_block(const AttentionArgs& a, const KvCacheView& kv) {
+  DecodeBlock b;
+  b.G = a.heads / kv.kv_heads;
+  const int64_t gchunks = (b.G + kMaxGroup - 1) / kMaxGroup;
+  b.t = blockIdx.x, b.kvh = blockIdx.y / gchunks, b.g0 = (blockIdx.y % gchunks) * kMaxGroup;
+  b.ng = int(b.G - b.g0 < kMaxGroup ? b.G - b.g0 : kMaxGroup);
+  b.split = blockIdx.z;
+  const int64_t p = a.pos[b.t];
+  b.sq = a.seq[b.t];
+  const int64_t lo = a.window > 0 && p - a.window + 1 > 0 ? p - a.window + 1 : 0;
+  b.begin = a.splits > 1 ? lo + b.split * a.chunk : lo;
+  b.end = a.splits > 1 ? (b.begin + a.chunk < p + 1 ? b.begin + a.chunk : p + 1) : p + 1;
+  return b;
+}
+
 // One block per (token, KV head, group of <= kMaxGroup query heads, split); each warp runs an online
 // softmax over every fourth position of the block's range, lanes owning head dimensions lane + 32 i.
 template <int DPL, typename KT>
@@ -178,15 +199,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttentionA
   pdl_wait();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t hd = kv.head_dim, kvd = kv.kv_heads * hd;
-  const int64_t G = a.heads / kv.kv_heads;
-  const int64_t gchunks = (G + kMaxGroup - 1) / kMaxGroup;
-  const int64_t t = blockIdx.x, kvh = blockIdx.y / gchunks, g0 = (blockIdx.y % gchunks) * kMaxGroup;
-  const int ng = int(G - g0 < kMaxGroup ? G - g0 : kMaxGroup);
-  const int64_t split = blockIdx.z;
-  const int64_t p = a.pos[t], sq = a.seq[t];
-  const int64_t lo = a.window > 0 && p - a.window + 1 > 0 ? p - a.window + 1 : 0;
-  const int64_t begin = a.splits > 1 ? lo + split * a.chunk : lo;
-  const int64_t end = a.splits > 1 ? (begin + a.chunk < p + 1 ? begin + a.chunk : p + 1) : p + 1;
+  const DecodeBlock b = decode_block(a, kv);
+  const int64_t t = b.t, kvh = b.kvh, G = b.G, g0 = b.g0, split = b.split, sq = b.sq, begin = b.begin, end = b.end;
+  const int ng = b.ng;
   const float scale = rsqrtf(float(hd));
 
   float q[kMaxGroup][DPL], acc[kMaxGroup][DPL], m[kMaxGroup], l[kMaxGroup];
@@ -254,15 +269,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int slot = lane / L, sub = lane % L;  // this lane's position slot and its 8 dims sub*8 .. sub*8+7
   const int64_t kvd = kv.kv_heads * HD;
-  const int64_t G = a.heads / kv.kv_heads;
-  const int64_t gchunks = (G + kMaxGroup - 1) / kMaxGroup;
-  const int64_t t = blockIdx.x, kvh = blockIdx.y / gchunks, g0 = (blockIdx.y % gchunks) * kMaxGroup;
-  const int ng = int(G - g0 < kMaxGroup ? G - g0 : kMaxGroup);
-  const int64_t split = blockIdx.z;
-  const int64_t p = a.pos[t], sq = a.seq[t];
-  const int64_t lo = a.window > 0 && p - a.window + 1 > 0 ? p - a.window + 1 : 0;
-  const int64_t begin = a.splits > 1 ? lo + split * a.chunk : lo;
-  const int64_t end = a.splits > 1 ? (begin + a.chunk < p + 1 ? begin + a.chunk : p + 1) : p + 1;
+  const DecodeBlock b = decode_block(a, kv);
+  const int64_t t = b.t, kvh = b.kvh, G = b.G, g0 = b.g0, split = b.split, sq = b.sq, begin = b.begin, end = b.end;
+  const int ng = b.ng;
   const float scale = rsqrtf(float(HD));
 
   float q[kMaxGroup][8], acc[kMaxGroup][8], m[kMaxGroup], l[kMaxGroup];
