@@ -15,7 +15,8 @@
 //   FP8  row-major E4M3 codes (sm_89+)   FP8 codes      m16n8k32 e4m3, FP32    x_scale[t] * w_scale[n]
 //
 // Each CTA owns 16 output rows and splits K across up to 8 warps (summed through shared memory), so even a
-// 4096-row matrix keeps thousands of 16-byte loads in flight. Bias and residual add are fused as in gemv().
+// 4096-row matrix keeps thousands of 16-byte loads in flight. Bias, residual add and the SwiGLU and RMSNorm
+// epilogues (GemvArgs::swiglu_out, norm_counter) are fused as in gemv().
 #pragma once
 
 #include <cuda_runtime.h>
