@@ -9,7 +9,8 @@
 #   SHAPES   [llama-3-8b llama-2-7b] (empty: none)  METHODS [bf16 fp8 int8-sq w8a16 w4a16-awq]
 #   BATCHES  [1 16 64]                          PREFILL [2048] (0: no prefill run)
 #   RUN_TESTS [1]   WORK [/tmp/llmq-gpu-check] (synthetic models, up to ~50 GB; deleted as it goes)
-#   COMMIT   (recorded; default: git rev-parse HEAD)     OUT (if set, results and logs are copied there)
+#   COMMIT   (recorded; default: git rev-parse HEAD, which on a copied checkout can be stale: pass it there)
+#   OUT      (if set, results and logs are copied there)
 #   DEVICE   [cuda]; cpu runs the same plumbing on the CPU (with SHAPES=tiny) to check the script itself
 #   RESULT   [bench/results/<date>-<card>.json]
 # Under a time limit run it as `timeout 570 scripts/gpu-check.sh`: on SIGTERM it writes what it measured so far
