@@ -1,6 +1,7 @@
 // llmq-kbench: the CUDA kernels one at a time at the shapes of a real model (llama-3-8b by default), on random
 // data, without a checkpoint: decode matmuls (wgemm, GEMV) in every weight format at several batch sizes,
-// the cuBLAS GEMMs of a prefill, and prefill attention (per-token vs tensor-core kernel). For tuning runs on a
+// the cuBLAS GEMMs of a prefill, prefill attention (per-token vs tensor-core kernel) and one decode token's
+// attention at contexts of 256-8192. For tuning runs on a
 // GPU machine: each line is the median of several timed launches after a warm-up, against the device-copy
 // bandwidth or the BF16 GEMM rate measured in the same run. Weight buffers rotate over more memory than the L2
 // holds, so every launch reads its weights from HBM as a decode step does.
@@ -283,62 +284,108 @@ double gemm_peak_tflops() {
   return 2.0 * double(n) * n * n / (us * 1e-6) / 1e12;
 }
 
-// Prefill attention over a BF16 paged cache: T tokens of one sequence, llama-3-8b heads.
-void bench_attention(int64_t T, double peak_tflops) {
-  const int64_t heads = 32, nkv = 8, hd = 128, qd = heads * hd, kvd = nkv * hd, ld = qd + 2 * kvd, page = 16;
-  const int64_t pps = (T + page - 1) / page;
-  std::vector<int32_t> table(static_cast<size_t>(pps)), seq(static_cast<size_t>(T), 0), pos(static_cast<size_t>(T));
-  for (int64_t i = 0; i < pps; ++i) table[size_t(i)] = int32_t(i);
-  for (int64_t i = 0; i < T; ++i) pos[size_t(i)] = int32_t(i);
-  std::vector<int32_t> tiles(static_cast<size_t>(2 * T));
-  const int64_t n_tiles = attention_tiles(seq.data(), T, tiles.data());
-  auto up = [](const auto& v) {
-    using E = typename std::decay_t<decltype(v)>::value_type;
-    void* p = nullptr;
-    LLMQ_CUDA_CHECK(cudaMalloc(&p, v.size() * sizeof(E)));
-    LLMQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(E), cudaMemcpyHostToDevice));
-    return static_cast<E*>(p);
-  };
-  int32_t *dtab = up(table), *dseq = up(seq), *dpos = up(pos), *dtiles = up(tiles);
-  std::vector<float> qkv(static_cast<size_t>(T * ld));
-  for (size_t i = 0; i < qkv.size(); ++i) qkv[i] = float(int64_t(splitmix64(i) % 2001) - 1000) * 1e-3f;
-  float* dq = up(qkv);
+// T tokens of one sequence, llama-3-8b heads, their K/V in a BF16 paged cache (written by rope_kv).
+struct AttentionSetup {
+  static constexpr int64_t heads = 32, nkv = 8, hd = 128, qd = heads * hd, kvd = nkv * hd, ld = qd + 2 * kvd, page = 16;
+  int64_t T, n_tiles = 0;
+  std::vector<void*> owned;
+  int32_t *dseq = nullptr, *dpos = nullptr, *dtiles = nullptr;
+  float* dq = nullptr;
   float* out = nullptr;
-  LLMQ_CUDA_CHECK(cudaMalloc(&out, size_t(T * qd) * 4));
-  void *kc = nullptr, *vc = nullptr;
-  LLMQ_CUDA_CHECK(cudaMalloc(&kc, size_t(pps * page * kvd) * 2));
-  LLMQ_CUDA_CHECK(cudaMalloc(&vc, size_t(pps * page * kvd) * 2));
-  std::vector<float> cs(static_cast<size_t>(T * hd / 2), 1.f), sn(static_cast<size_t>(T * hd / 2), 0.f);
-  float *dcs = up(cs), *dsn = up(sn);
   KvCacheView kv;
-  kv.page_size = page;
-  kv.pages_per_seq = pps;
-  kv.block_table = dtab;
-  kv.kv_heads = nkv;
-  kv.head_dim = hd;
-  kv.k = kc;
-  kv.v = vc;
-  rope_kv(dq, ld, T, dpos, dseq, dcs, dsn, heads, kv, nullptr);
-  AttentionArgs a;
-  a.q = dq;
-  a.ldq = ld;
-  a.T = T;
-  a.heads = heads;
-  a.pos = dpos;
-  a.seq = dseq;
-  a.out = out;
-  const double flops = 4.0 * double(heads * hd) * double(T) * double(T + 1) / 2;
+
+  template <typename V>
+  auto up(const std::vector<V>& v) {
+    void* p = nullptr;
+    LLMQ_CUDA_CHECK(cudaMalloc(&p, v.size() * sizeof(V)));
+    LLMQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(V), cudaMemcpyHostToDevice));
+    owned.push_back(p);
+    return static_cast<V*>(p);
+  }
+  void* zeros(size_t bytes) {
+    void* p = nullptr;
+    LLMQ_CUDA_CHECK(cudaMalloc(&p, bytes));
+    LLMQ_CUDA_CHECK(cudaMemset(p, 0, bytes));
+    owned.push_back(p);
+    return p;
+  }
+  explicit AttentionSetup(int64_t t) : T(t) {
+    const int64_t pps = (T + page - 1) / page;
+    std::vector<int32_t> table(static_cast<size_t>(pps)), seq(static_cast<size_t>(T), 0), pos(static_cast<size_t>(T));
+    for (int64_t i = 0; i < pps; ++i) table[size_t(i)] = int32_t(i);
+    for (int64_t i = 0; i < T; ++i) pos[size_t(i)] = int32_t(i);
+    std::vector<int32_t> tiles(static_cast<size_t>(2 * T));
+    n_tiles = attention_tiles(seq.data(), T, tiles.data());
+    int32_t* dtab = up(table);
+    dseq = up(seq), dpos = up(pos), dtiles = up(tiles);
+    std::vector<float> qkv(static_cast<size_t>(T * ld));
+    for (size_t i = 0; i < qkv.size(); ++i) qkv[i] = float(int64_t(splitmix64(i) % 2001) - 1000) * 1e-3f;
+    dq = up(qkv);
+    out = static_cast<float*>(zeros(size_t(T * qd) * 4));
+    std::vector<float> cs(static_cast<size_t>(T * hd / 2), 1.f), sn(static_cast<size_t>(T * hd / 2), 0.f);
+    kv.page_size = page;
+    kv.pages_per_seq = pps;
+    kv.block_table = dtab;
+    kv.kv_heads = nkv;
+    kv.head_dim = hd;
+    kv.k = zeros(size_t(pps * page * kvd) * 2);
+    kv.v = zeros(size_t(pps * page * kvd) * 2);
+    rope_kv(dq, ld, T, dpos, dseq, up(cs), up(sn), heads, kv, nullptr);
+  }
+  ~AttentionSetup() {
+    for (void* p : owned) cudaFree(p);
+  }
+  AttentionArgs args() const {
+    AttentionArgs a;
+    a.q = dq;
+    a.ldq = ld;
+    a.T = T;
+    a.heads = heads;
+    a.pos = dpos;
+    a.seq = dseq;
+    a.out = out;
+    return a;
+  }
+};
+
+// Prefill attention: T tokens at once, per-token kernel and flash kernel.
+void bench_attention(int64_t T, double peak_tflops) {
+  AttentionSetup st(T);
+  AttentionArgs a = st.args();
+  const double flops = 4.0 * double(st.heads * st.hd) * double(T) * double(T + 1) / 2;
   std::printf("\n%-22s %6s %10s %8s %6s\n", "attention prefill", "T", "us", "TFLOP/s", "%peak");
   for (int flash = 0; flash < 2; ++flash) {
-    if (flash) a.tiles = dtiles, a.n_tiles = n_tiles;
-    const double us = time_us([&](int) { attention(a, kv, nullptr); }, 2);
+    if (flash) a.tiles = st.dtiles, a.n_tiles = st.n_tiles;
+    const double us = time_us([&](int) { attention(a, st.kv, nullptr); }, 2);
     const double tf = flops / (us * 1e-6) / 1e12;
     std::printf("%-22s %6lld %10.1f %8.1f %5.1f%%\n", flash ? "flash (tensor cores)" : "per token", (long long)T, us, tf,
                 100.0 * tf / peak_tflops);
   }
-  for (void* p : {static_cast<void*>(dtab), static_cast<void*>(dseq), static_cast<void*>(dpos), static_cast<void*>(dtiles),
-                  static_cast<void*>(dq), static_cast<void*>(out), kc, vc, static_cast<void*>(dcs), static_cast<void*>(dsn)})
-    cudaFree(p);
+}
+
+// Decode attention: the last of `ctx` cached positions attends to all of them, split as the engine splits a
+// decode step on this card (flash-decoding; the last block of each head group merges). Which kernel runs is
+// the engine's default (LLMQ_ATTN_V1=1: the per-token one); GB/s counts the K and V bytes read, which at these
+// sizes (1-32 MB) stay in the L2 between launches: a kernel comparison, not what a step reading HBM sees.
+void bench_decode_attention(const std::vector<int64_t>& ctxs, double peak_gbps, int sms) {
+  std::printf("\n%-22s %6s %6s %10s %8s %6s\n", "attention decode", "ctx", "splits", "us", "GB/s", "%copy");
+  for (int64_t ctx : ctxs) {
+    AttentionSetup st(ctx);
+    AttentionArgs a = st.args();
+    const int64_t blocks = st.nkv;  // 4 query heads a KV head: one head group each
+    a.splits = std::clamp<int64_t>((2 * sms + blocks - 1) / blocks, 1, std::clamp<int64_t>(ctx / 16, 1, kMaxAttentionSplits));
+    a.chunk = (ctx + a.splits - 1) / a.splits;
+    a.T = 1;
+    a.q = st.dq + (ctx - 1) * st.ld;
+    a.pos = st.dpos + (ctx - 1);
+    a.seq = st.dseq + (ctx - 1);
+    a.partial = static_cast<float*>(st.zeros(size_t(st.heads * a.splits * (st.hd + 2)) * 4));
+    a.counters = static_cast<int32_t*>(st.zeros(size_t(attention_counters(1, st.heads, st.nkv)) * 4));
+    const double us = time_us([&](int) { attention(a, st.kv, nullptr); }, 20);
+    const double gbps = 2.0 * double(ctx * st.kvd) * 2 / (us * 1e-6) / 1e9;
+    std::printf("%-22s %6lld %6lld %10.2f %8.0f %5.1f%%\n", "1 token", (long long)ctx, (long long)a.splits, us, gbps,
+                100.0 * gbps / peak_gbps);
+  }
 }
 
 }  // namespace
@@ -371,7 +418,10 @@ int main(int argc, char** argv) {
     std::printf("%s, %d SMs: device copy %.0f GB/s, BF16 GEMM 8192^3 %.0f TFLOP/s\n", p.name, p.multiProcessorCount, bw, tf);
     if (only.empty() || only == "matmul") bench_matmuls(Ts, bw, p.major * 10 + p.minor, only_mat, only_fmt);
     if (only.empty() || only == "gemm") bench_gemm(2048, tf, p.major * 10 + p.minor);
-    if (only.empty() || only == "attention") bench_attention(2048, tf);
+    if (only.empty() || only == "attention") {
+      bench_attention(2048, tf);
+      bench_decode_attention({256, 2048, 8192}, bw, p.multiProcessorCount);
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llmq-kbench: error: %s\n", e.what());
     return 1;
