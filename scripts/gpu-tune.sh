@@ -37,7 +37,7 @@ gpu_tests() {  # gtest filter, log name
   grep -E "Failure|Expected|Which is|Value of|PASSED|FAILED|nll cpu|ppl cpu" "$LOG/$2.log" | head -40
   echo "== $2 in $(( $(date +%s) - t0 )) s"
 }
-[ "$RUN_TESTS" = 1 ] && gpu_tests 'CudaGemv*:CudaWgemm*:CudaElementwise*:CudaAttention*' kernel-tests
+[ "$RUN_TESTS" = 1 ] && gpu_tests 'CudaGemv*:CudaWgemm*:CudaMatmul*:CudaElementwise*:CudaAttention*:CudaHost*' kernel-tests
 if [ "$KBENCH" = 1 ]; then
   build/gpu/llmq-kbench 2>&1 | tee "$LOG/kbench.txt"
 fi
