@@ -122,19 +122,8 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
     }
   }
   if (a.splits == 1) return;
-  // Split launch: the last block of this (token, head group) merges every split's partial result (the
-  // threadFenceReduction pattern: publish, count, and the block that counts last reads through the L2).
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int32_t* c = a.counters + t * gridDim.y + blockIdx.y;
-    last = atomicAdd(c, 1) == int(a.splits) - 1;
-    if (last) *c = 0;  // ready for the next launch (graph replays)
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  // Split launch: the last block of this (token, head group) merges every split's partial result.
+  if (!last_block(a.counters + t * gridDim.y + blockIdx.y, int(a.splits))) return;
   // Each head's split maxima, then per split the weight exp(M_s - M) (0 for a split with no position) and the
   // weighted sum of L, in shared memory; then every (head, dim) adds its weighted partial outputs, the loads of
   // all splits independent of each other.
@@ -549,26 +538,25 @@ void launch_flash(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s)
          s, a, kv);
 }
 
-template <int HD>
-void launch_decode(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
+// A decode kernel (one block per token, head group and split; see DecodeBlock), instantiated for the cache type.
+using DecodeKernel = void (*)(AttentionArgs, KvCacheView);
+void launch_blocks(const char* name, DecodeKernel bf16, DecodeKernel fp8, DecodeKernel i8, const AttentionArgs& a,
+                   const KvCacheView& kv, cudaStream_t s) {
   const int64_t G = a.heads / kv.kv_heads;
   const dim3 grid(unsigned(a.T), unsigned(kv.kv_heads * ((G + kMaxGroup - 1) / kMaxGroup)), unsigned(a.splits));
-  switch (kv.type) {
-    case KvType::BF16: return launch("attention_decode_kernel", attention_decode_kernel<HD, uint16_t>, grid, kWarps * 32, 0, s, a, kv);
-    case KvType::FP8: return launch("attention_decode_kernel", attention_decode_kernel<HD, uint8_t>, grid, kWarps * 32, 0, s, a, kv);
-    case KvType::I8: return launch("attention_decode_kernel", attention_decode_kernel<HD, int8_t>, grid, kWarps * 32, 0, s, a, kv);
-  }
+  launch(name, kv.type == KvType::BF16 ? bf16 : kv.type == KvType::FP8 ? fp8 : i8, grid, kWarps * 32, 0, s, a, kv);
+}
+
+template <int HD>
+void launch_decode(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
+  launch_blocks("attention_decode_kernel", attention_decode_kernel<HD, uint16_t>, attention_decode_kernel<HD, uint8_t>,
+                attention_decode_kernel<HD, int8_t>, a, kv, s);
 }
 
 template <int DPL>
 void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
-  const int64_t G = a.heads / kv.kv_heads;
-  const dim3 grid(unsigned(a.T), unsigned(kv.kv_heads * ((G + kMaxGroup - 1) / kMaxGroup)), unsigned(a.splits));
-  switch (kv.type) {
-    case KvType::BF16: return launch("attention_kernel", attention_kernel<DPL, uint16_t>, grid, kWarps * 32, 0, s, a, kv);
-    case KvType::FP8: return launch("attention_kernel", attention_kernel<DPL, uint8_t>, grid, kWarps * 32, 0, s, a, kv);
-    case KvType::I8: return launch("attention_kernel", attention_kernel<DPL, int8_t>, grid, kWarps * 32, 0, s, a, kv);
-  }
+  launch_blocks("attention_kernel", attention_kernel<DPL, uint16_t>, attention_kernel<DPL, uint8_t>,
+                attention_kernel<DPL, int8_t>, a, kv, s);
 }
 
 }  // namespace

@@ -35,6 +35,26 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
+// The threadFenceReduction pattern: every thread of every block of a launch calls it once, after its last
+// global write that the reduction reads. Returns true (in all threads) only in the last of `total` blocks to
+// arrive at *counter, which then sees every other block's writes when it reads them through the L2 (__ldcg);
+// that block also resets *counter to zero for the next launch (CUDA graph replays).
+__device__ __forceinline__ bool last_block(int32_t* counter, int total) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(counter, 1) == total - 1;
+    if (last) *counter = 0;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+// SwiGLU of one gate/up pair: silu(gate) * up.
+__device__ __forceinline__ float silu_mul(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
+
 __device__ __forceinline__ float bf16lo(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf16hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
 

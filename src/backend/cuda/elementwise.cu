@@ -62,10 +62,7 @@ __global__ void swiglu_kernel(const float* gu, int64_t ld, int64_t I, bool paire
   const int64_t t = blockIdx.x;
   const float* row = gu + t * ld;
   const int64_t gs = paired ? 2 : 1, uo = paired ? 1 : I;  // gate i at row[gs * i], up i at row[gs * i + uo]
-  prep_row(o, t, I, [&](int64_t i) {
-    const float gv = row[gs * i];
-    return gv / (1.0f + expf(-gv)) * row[gs * i + uo];
-  });
+  prep_row(o, t, I, [&](int64_t i) { return silu_mul(row[gs * i], row[gs * i + uo]); });
 }
 
 __global__ void act_prep_kernel(const float* x, int64_t ld, int64_t D, const PrepOut o) {
@@ -140,7 +137,6 @@ __global__ void argmax_kernel(const float* x, int64_t n, int32_t* ids, float* pa
   warp_argmax(bv, bi);
   __shared__ float sv[32];
   __shared__ int si[32];
-  __shared__ bool last;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) sv[warp] = bv, si[warp] = bi;
   __syncthreads();
@@ -149,13 +145,9 @@ __global__ void argmax_kernel(const float* x, int64_t n, int32_t* ids, float* pa
       if (beats(sv[w], si[w], bv, bi)) bv = sv[w], bi = si[w];
     part_v[r * kArgmaxParts + s] = bv;
     part_i[r * kArgmaxParts + s] = bi;
-    __threadfence();
-    last = atomicAdd(counters + r, 1) == kArgmaxParts - 1;
-    if (last) counters[r] = 0;
   }
-  __syncthreads();
-  if (!last || warp > 0) return;
-  __threadfence();
+  // The last slice of the row to finish reduces all of them.
+  if (!last_block(counters + r, kArgmaxParts) || warp > 0) return;
   bv = __ldcg(part_v + r * kArgmaxParts + lane);  // kArgmaxParts == 32: one slice a lane
   bi = __ldcg(part_i + r * kArgmaxParts + lane);
   warp_argmax(bv, bi);

@@ -225,6 +225,9 @@ class CudaEngine final : public Engine {
   void site(const char* name, const DevSite& s, int64_t T, P produce, float* y, int64_t ldy, bool accumulate,
             const void* x = nullptr, const Epilogue& ep = {});
   GemvArgs gemv_args(const DevLinear& l, int64_t T, float* y, int64_t ldy, bool accumulate) const;
+  // gemv_args with placeholder pointers, for asking the kernels' supports(): shapes, formats and the
+  // workspace's alignment decide.
+  GemvArgs probe_args(const DevLinear& l, int64_t T) const;
   Path path(const DevLinear& l, int64_t T) const;
   // Whether every matmul of a T-token step avoids cuBLAS (then the step can be one CUDA graph).
   bool skinny(int64_t T) const;
@@ -312,6 +315,14 @@ std::vector<V> alternate_rows(const V* a, const V* b, int64_t rows, size_t per_r
   return out;
 }
 
+// A dense F32/F16 weight as BF16 values, row-major (what the device stores for dense linears).
+std::vector<uint16_t> as_bf16(const Linear& l) {
+  std::vector<uint16_t> conv(size_t(l.out * l.in));
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < int64_t(conv.size()); ++i) conv[size_t(i)] = f32_to_bf16(load_as_f32(l.w->data, l.w->dtype, size_t(i)));
+  return conv;
+}
+
 DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls, bool pair_rows) {
   DevSite site;
   const Linear& f = *ls[0];
@@ -353,10 +364,9 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls, bool pair_
         const Linear* l = g[size_t(i)];
         const uint8_t* src = static_cast<const uint8_t*>(l->w->data);
         if (d.wf == WFmt::BF16 && l->w->dtype != DType::BF16) {
-          rows[i].resize(size_t(l->out * K) * 2);
-          uint16_t* dst = reinterpret_cast<uint16_t*>(rows[i].data());
-#pragma omp parallel for schedule(static)
-          for (int64_t e = 0; e < l->out * K; ++e) dst[e] = f32_to_bf16(load_as_f32(l->w->data, l->w->dtype, size_t(e)));
+          const std::vector<uint16_t> conv = as_bf16(*l);
+          const uint8_t* cb = reinterpret_cast<const uint8_t*>(conv.data());
+          rows[i].assign(cb, cb + conv.size() * 2);
         } else {
           rows[i].assign(src, src + row_bytes * size_t(l->out));
         }
@@ -378,9 +388,7 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls, bool pair_
         const uint8_t* src = static_cast<const uint8_t*>(l->w->data);
         codes.insert(codes.end(), src, src + bytes);
       } else if (d.wf == WFmt::BF16 && l->w->dtype != DType::BF16) {
-        std::vector<uint16_t> conv(size_t(l->out * K));
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < int64_t(conv.size()); ++i) conv[size_t(i)] = f32_to_bf16(load_as_f32(l->w->data, l->w->dtype, size_t(i)));
+        const std::vector<uint16_t> conv = as_bf16(*l);
         LLMQ_CUDA_CHECK(cudaMemcpy(w, conv.data(), bytes, cudaMemcpyHostToDevice));
       } else {
         LLMQ_CUDA_CHECK(cudaMemcpy(w, l->w->data, bytes, cudaMemcpyHostToDevice));
@@ -640,11 +648,15 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   return a;
 }
 
-Path CudaEngine::path(const DevLinear& l, int64_t T) const {
-  // Placeholder pointers: the shapes, formats and the workspace's alignment decide.
+GemvArgs CudaEngine::probe_args(const DevLinear& l, int64_t T) const {
   GemvArgs a = gemv_args(l, std::max<int64_t>(T, 1), reinterpret_cast<float*>(16), l.N, false);
   a.x = act_.p ? act_.p : reinterpret_cast<void*>(16);
   if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
+  return a;
+}
+
+Path CudaEngine::path(const DevLinear& l, int64_t T) const {
+  const GemvArgs a = probe_args(l, T);
   // Comparison switches: LLMQ_NO_WGEMM (GEMV or cuBLAS only), LLMQ_WGEMM_ALL (wgemm wherever it runs).
   static const bool no_wgemm = env_flag("LLMQ_NO_WGEMM"), wgemm_all = env_flag("LLMQ_WGEMM_ALL");
   // Row-major formats at T <= 8: the GEMV reads more of the bandwidth than wgemm (H200, llama-3-8b shapes at
@@ -672,9 +684,7 @@ bool CudaEngine::swiglu_fused(const DevLayer& L, int64_t T) const {
   if (!gl.paired || dl.act != ActKind::None) return false;
   const Path pg = path(gl, T), pd = path(dl, T);
   if ((pg != Path::Gemv && pg != Path::Wgemm) || (pd != Path::Gemv && pd != Path::Wgemm)) return false;
-  GemvArgs a = gemv_args(gl, T, nullptr, gl.N, false);
-  a.x = reinterpret_cast<void*>(16);
-  if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
+  GemvArgs a = probe_args(gl, T);
   a.swiglu_out = reinterpret_cast<void*>(16);
   a.swiglu_ld = gl.N / 2;
   return pg == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_);
@@ -702,9 +712,7 @@ bool CudaEngine::norm_fused(const DevSite& producer, const DevSite& consumer, in
   o.out = act_.p;
   o.ld = cl.K;
   o.row_scale = row_scale_.as<float>();
-  GemvArgs a = gemv_args(pl, T, reinterpret_cast<float*>(16), pl.N, true);
-  a.x = reinterpret_cast<void*>(16);
-  if (a.xf != XFmt::BF16) a.x_scale = reinterpret_cast<float*>(16);
+  GemvArgs a = probe_args(pl, T);
   a.norm_counter = reinterpret_cast<int32_t*>(16);
   a.norm_w = reinterpret_cast<const float*>(16);
   a.norm_out = o;

@@ -15,26 +15,14 @@ __device__ __forceinline__ void store_y(const GemvArgs& a, int64_t row, int64_t 
 
 // Activation j of token m from its gate and up values: bf16(silu(gate) * up), as swiglu_prep computes it.
 __device__ __forceinline__ void store_swiglu(const GemvArgs& a, int64_t j, int64_t m, float gate, float up) {
-  const float v = gate / (1.0f + expf(-gate)) * up;
-  static_cast<__nv_bfloat16*>(a.swiglu_out)[m * a.swiglu_ld + j] = __float2bfloat16(v);
+  static_cast<__nv_bfloat16*>(a.swiglu_out)[m * a.swiglu_ld + j] = __float2bfloat16(silu_mul(gate, up));
 }
 
 // The fused RMSNorm (GemvArgs::norm_counter): after this block's stores, the last block of the launch to finish
-// (the threadFenceReduction pattern) normalizes every row of y into norm_out. Every thread of every block calls
+// (last_block) normalizes every row of y into norm_out. Every thread of every block calls
 // it, after all of its stores.
 __device__ __forceinline__ void norm_tail(const GemvArgs& a) {
-  if (!a.norm_counter) return;
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int total = int(gridDim.x * gridDim.y * gridDim.z);
-    last = atomicAdd(a.norm_counter, 1) == total - 1;
-    if (last) *a.norm_counter = 0;  // ready for the next launch
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!a.norm_counter || !last_block(a.norm_counter, int(gridDim.x * gridDim.y * gridDim.z))) return;
   rmsnorm_rows_block(a.y, a.ldy, a.M, a.N, a.norm_w, a.norm_eps, a.norm_out);
 }
 
