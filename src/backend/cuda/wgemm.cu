@@ -289,20 +289,31 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
-// ND consecutive units (from unit u) of one lane of wgemm_i4_kernel: the weight words and their groups' scales
-// and zero points are loaded first (no load waits mid-sum), then each step's eight codes become four bf16 pairs
-// (code - zero, exact: one shift, one LOP3 and one HSUB2 each) for one mma per n-tile, and every group's share
-// of the sum is scaled once into acc.
+// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, bypassing L1.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// ND consecutive units (from unit u) of one lane of wgemm_i4_kernel, whose weight words wv the caller has
+// loaded: their groups' scales and zero points are loaded first (no load waits mid-sum), then each step's eight
+// codes become four bf16 pairs (code - zero, exact: one shift, one LOP3 and one HSUB2 each) for one mma per
+// n-tile, and every group's share of the sum is scaled once into acc.
 template <int ND, int NT, int G>
-__device__ __forceinline__ void i4_units(int u, const uint4* wp, const float* s0p, const float* s1p, const uint8_t* z0p,
-                                         const uint8_t* z1p, const uint2* const (&xp)[NT], int M, float (&acc)[NT][4]) {
+__device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[ND], const float* s0p, const float* s1p,
+                                         const uint8_t* z0p, const uint8_t* z1p, const uint2* const (&xp)[NT], int M,
+                                         float (&acc)[NT][4]) {
   constexpr int GPU = G == 32 ? 2 : 1;  // groups per unit
-  uint4 wv[ND];
   float s0[ND][GPU], s1[ND][GPU];
   uint32_t z0[ND][GPU], z1[ND][GPU];
 #pragma unroll
   for (int d = 0; d < ND; ++d) {
-    wv[d] = ld_weights(wp + (u + d) * 32);
 #pragma unroll
     for (int q = 0; q < GPU; ++q) {
       const int grp = ((u + d) * 64 + q * 32) / G;
@@ -347,21 +358,33 @@ __device__ __forceinline__ void i4_units(int u, const uint4* wp, const float* s0
   }
 }
 
+// Units per batch of wgemm_i4_kernel; its shared-memory ring holds S batches per warp (S - 1 in flight while
+// one is summed): 4 by default, LLMQ_I4_STAGES = 1 (no prefetch: each batch loaded, waited for, summed) or 6
+// for comparisons.
+constexpr int kI4Batch = 4;
+constexpr int kI4Stages = 4;
+constexpr int i4_ring_bytes_per_warp(int stages) { return stages * kI4Batch * 32 * 16; }  // 8 KB at 4 stages
+
 // INT4 with K a multiple of 64 (every unit full): the same product as wgemm_kernel<kI4>, with the per-value
-// work cut to what the tensor cores need. Profiling the general kernel (H200, llama-3-8b gate_up at T = 1)
-// showed it bound by instruction issue at ~1 TB/s: per 16-byte load it ran ~275 instructions (64-bit index
-// arithmetic, per-step bounds checks and predicated activation loads, group-change tests); a first lean version
-// still ran ~200 (an AND and an OR per register, a predicated 64-bit address per activation load). Here each
-// lane keeps 32-bit offsets, loads batches of units together with their group scales and zero points, builds
-// each bf16 pair with one LOP3, reads activations at immediate offsets from the clamped token's row (columns
-// past T are computed but never stored, so no predicate), and applies the scale once per unit's share of a
-// group. Before pdl_wait() each warp asks the L2 for its first 16 units of weights. The minimum of 2 CTAs per SM
-// (<= 128 registers) keeps ptxas from sinking a batch's weight loads between its mma steps, which it does when
-// it aims at 3 CTAs (80 registers: one 16-byte load in flight per warp instead of four).
-template <int NT, int G>
+// work cut to what the tensor cores need and the weights streamed through shared memory.
+//
+// Instructions: profiling the general kernel (H200, llama-3-8b gate_up at T = 1) showed ~275 instructions per
+// 16-byte load (64-bit index arithmetic, per-step bounds checks and predicated activation loads, group-change
+// tests). Here each lane keeps 32-bit offsets, builds each bf16 pair with one LOP3, reads activations at
+// immediate offsets from the clamped token's row (columns past T are computed but never stored, so no
+// predicate), and applies the scale once per unit's share of a group: ~90 SASS instructions per unit.
+//
+// Memory: a warp of the first lean version loaded a batch of 4 units into registers, waited, and summed them
+// before it asked for the next, so that ~half of the time no load of it was in flight; with 16 warps an SM
+// that is ~16 KB in flight, which at ~1 us of DRAM latency is ~2 TB/s over 132 SMs: what it measured (gate_up
+// 31.8 us). Now every warp copies its units with cp.async into its own ring of kI4Stages batches in shared
+// memory (each lane copies and later reads back only its own 16 bytes, so no barrier is needed) and keeps
+// S - 1 batches in flight while it sums one. The first batches are requested before pdl_wait(): the
+// weights do not depend on the previous kernel.
+template <int NT, int G, int S>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units) {
-  // Units per batch, loaded together (8 made ptxas spill and sink half of the loads at the 128-register cap).
-  constexpr int D = 4;
+  constexpr int D = kI4Batch;
+  extern __shared__ uint4 i4_ring[];  // [warps][S][D][32 lanes]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   // blockIdx.x: group of 8 * NT tokens (more than one only past 16 tokens, see launch_i4), blockIdx.y: row block.
@@ -371,10 +394,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   const int r0 = min(rb * 16 + g, N - 1), r1 = min(rb * 16 + g + 8, N - 1);
   const int per = (units + nw - 1) / nw;
   const int u0 = min(units, warp * per), u1 = min(units, u0 + per);
-  const uint4* wblock = static_cast<const uint4*>(a.w) + int64_t(rb) * units * 32;
-  // This warp's first 16 units (8 KB) of weights towards the L2 while the previous kernel finishes, and so
-  // that more than the batch in registers is on its way from memory (all resident warps together: < 20 MB).
-  if (lane == 0 && u1 > u0) prefetch_l2(wblock + u0 * 32, uint32_t(min(u1 - u0, 16)) * 512u);
+  const int nu = u1 - u0, nb = (nu + D - 1) / D;
+  const uint4* src = static_cast<const uint4*>(a.w) + (int64_t(rb) * units + u0) * 32 + lane;
+  uint4* ring = i4_ring + warp * (S * D * 32) + lane;
+  auto issue = [&](int b) {  // batch b of this warp's units into its ring slot; always one commit group
+    if (b < nb) {
+      uint4* dst = ring + (b % S) * (D * 32);
+#pragma unroll
+      for (int d = 0; d < D; ++d)
+        if (b * D + d < nu) cp_async16(dst + d * 32, src + (b * D + d) * 32);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int b = 0; b < S - 1; ++b) issue(b);
   pdl_trigger();
   pdl_wait();
   const int M = min(a.M - tok0, 8 * NT);
@@ -383,7 +416,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   const float* s1p = a.w_scale + r1 * ng;
   const uint8_t* z0p = a.w_zero + r0 * ng;
   const uint8_t* z1p = a.w_zero + r1 * ng;
-  const uint4* wp = wblock + lane;
   // Activations: this lane's token of each n-tile (B column g), from k = 4t; uint2 = 4 bf16.
   const uint2* xp[NT];
 #pragma unroll
@@ -397,9 +429,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 
-  int u = u0;
-  for (; u + D <= u1; u += D) i4_units<D, NT, G>(u, wp, s0p, s1p, z0p, z1p, xp, M, acc);
-  for (; u < u1; ++u) i4_units<1, NT, G>(u, wp, s0p, s1p, z0p, z1p, xp, M, acc);
+  for (int b = 0; b < nb; ++b) {
+    issue(b + S - 1);
+    cp_async_wait<S - 1>();  // batch b has landed
+    const uint4* slot = ring + (b % S) * (D * 32);
+    const int u = u0 + b * D;
+    if (b * D + D <= nu) {
+      uint4 wv[D];
+#pragma unroll
+      for (int d = 0; d < D; ++d) wv[d] = slot[d * 32];
+      i4_units<D, NT, G>(u, wv, s0p, s1p, z0p, z1p, xp, M, acc);
+    } else {
+      for (int d = 0; b * D + d < nu; ++d) {
+        const uint4 wv[1] = {slot[d * 32]};
+        i4_units<1, NT, G>(u + d, wv, s0p, s1p, z0p, z1p, xp, M, acc);
+      }
+    }
+  }
 
   if (sum_warps<float, NT>(acc, warp, nw, lane)) {
 #pragma unroll
@@ -416,17 +462,46 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   norm_tail(a);  // every thread of the CTA, once
 }
 
+template <int NT, int G, int S>
+void launch_i4_ring(const GemvArgs& a, dim3 grid, int nw, cudaStream_t s) {
+  constexpr int kMaxBytes = kMaxWarps * i4_ring_bytes_per_warp(S);
+  static const bool ready = [] {  // the ring is over the 48 KB a launch gets without asking
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    return true;
+  }();
+  (void)ready;
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, S>, grid, dim3(unsigned(nw * 32)),
+         size_t(nw) * i4_ring_bytes_per_warp(S), s, a, int(a.K / 64));
+}
+
+int env_i4_stages() {  // LLMQ_I4_STAGES: comparisons only
+  static const int v = [] {
+    const char* e = std::getenv("LLMQ_I4_STAGES");
+    const int n = e && *e ? std::atoi(e) : kI4Stages;
+    return n == 1 || n == 6 ? n : kI4Stages;
+  }();
+  return v;
+}
+
+template <int NT, int G>
+void launch_i4_nt(const GemvArgs& a, dim3 grid, int nw, cudaStream_t s) {
+  switch (env_i4_stages()) {
+    case 1: return launch_i4_ring<NT, G, 1>(a, grid, nw, s);
+    case 6: return launch_i4_ring<NT, G, 6>(a, grid, nw, s);
+    default: return launch_i4_ring<NT, G, kI4Stages>(a, grid, nw, s);
+  }
+}
+
 template <int G>
 void launch_i4(const GemvArgs& a, cudaStream_t s) {
   const int units = int(a.K / 64);
   const int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
   const unsigned rbs = unsigned((a.N + 15) / 16);
-  const dim3 block(unsigned(nw * 32));
   // Past 16 tokens, CTAs of 16 tokens each (the token groups of a row block run side by side and share its
   // weights through the L2): the 32- and 64-token instances need ~160 registers, one CTA per SM, and measured
   // 11x the 16-token time for 4x the tokens (H200, llama-3-8b gate_up: 654 vs 59 us).
-  if (a.M <= 8) launch("wgemm_i4_kernel", wgemm_i4_kernel<1, G>, dim3(1, rbs), block, 0, s, a, units);
-  else launch("wgemm_i4_kernel", wgemm_i4_kernel<2, G>, dim3(unsigned((a.M + 15) / 16), rbs), block, 0, s, a, units);
+  if (a.M <= 8) launch_i4_nt<1, G>(a, dim3(1, rbs), nw, s);
+  else launch_i4_nt<2, G>(a, dim3(unsigned((a.M + 15) / 16), rbs), nw, s);
 }
 
 int kind_of(const GemvArgs& a) {
