@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "backend/cuda/check.hpp"
@@ -290,9 +291,9 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 }
 
 // cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, bypassing L1.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+// smem: a shared-memory address (__cvta_generic_to_shared).
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 // Waits until at most N of this thread's committed groups are still in flight.
@@ -301,121 +302,147 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// ND consecutive units (from unit u) of one lane of wgemm_i4_kernel, whose weight words wv the caller has
-// loaded: their groups' scales and zero points are loaded first (no load waits mid-sum), then each step's eight
-// codes become four bf16 pairs (code - zero, exact: one shift, one LOP3 and one HSUB2 each) for one mma per
-// n-tile, and every group's share of the sum is scaled once into acc.
-template <int ND, int NT, int G>
-__device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[ND], const float* s0p, const float* s1p,
-                                         const uint8_t* z0p, const uint8_t* z1p, const uint2* const (&xp)[NT], int M,
+// ND consecutive units (from unit u, a multiple of the units per group) of one lane of wgemm_i4_kernel, whose
+// weight words wv the caller has loaded; sp/zp: the scales and zero points of rows g and g + 8 (sp[0], sp[1]),
+// advanced to unit u's group, so that every group of the batch is an immediate offset from them.
+//
+// Each step's eight codes become four bf16 pairs with one LOP3 each (one shift for three of them). With FOLD the
+// pairs are 128 + code as they come out (exact), and the zero point is taken out once per group instead of
+// per pair: sum (128 + c) x - (128 + z) sum x, where sum x comes from a second mma with an all-ones A operand
+// (the same for every row). That is one mma per step in place of four HSUB2; the subtraction in FP32 loses
+// about log2(136 / |c - z|) ~ 5 bits of the 24 to cancellation, far below the inputs' BF16 rounding. Without
+// FOLD, each pair is (code - zero) from an HSUB2, exact. Every group's share of the sum is scaled once into acc.
+template <int ND, int NT, int G, bool FOLD>
+__device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[ND], const float* const (&sp)[2],
+                                         const uint8_t* const (&zp)[2], const uint2* const (&xp)[NT], int M,
                                          float (&acc)[NT][4]) {
   constexpr int GPU = G == 32 ? 2 : 1;  // groups per unit
-  float s0[ND][GPU], s1[ND][GPU];
-  uint32_t z0[ND][GPU], z1[ND][GPU];
+  constexpr uint32_t kOnes = 0x3F803F80u;  // bf16 pair (1, 1)
+  float sc[2][ND][GPU];
+  uint32_t zb[2][ND][GPU];  // FOLD: float bits of 128 + zero; else bf16 pair (128 + zero) twice
 #pragma unroll
-  for (int d = 0; d < ND; ++d) {
+  for (int d = 0; d < ND; ++d)
 #pragma unroll
-    for (int q = 0; q < GPU; ++q) {
-      const int grp = ((u + d) * 64 + q * 32) / G;
-      s0[d][q] = __ldg(s0p + grp);
-      s1[d][q] = __ldg(s1p + grp);
-      z0[d][q] = 0x43004300u | uint32_t(__ldg(z0p + grp)) * 0x10001u;
-      z1[d][q] = 0x43004300u | uint32_t(__ldg(z1p + grp)) * 0x10001u;
-    }
-  }
+    for (int q = 0; q < GPU; ++q)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int off = (d * 64 + q * 32) / G;
+        sc[h][d][q] = __ldg(sp[h] + off);
+        const uint32_t z = __ldg(zp[h] + off);
+        zb[h][d][q] = FOLD ? __float_as_uint(float(z + 128u)) : (0x43004300u | z * 0x10001u);
+      }
   const uint2* xb[NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) xb[n] = xp[n] + u * 16;  // uint2 index of k = 64 u
 #pragma unroll
   for (int d = 0; d < ND; ++d) {
     const uint32_t words[4] = {wv[d].x, wv[d].y, wv[d].z, wv[d].w};
-    float cg[NT][4];
+    float cg[NT][4], cs[NT][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int q = j / (4 / GPU);
       const uint32_t w = words[j];
-      const uint32_t A[4] = {bf16x2_sub(and_or(w, 0x000F000Fu, 0x43004300u), z0[d][q]),
-                             bf16x2_sub(and_or(w >> 4, 0x000F000Fu, 0x43004300u), z1[d][q]),
-                             bf16x2_sub(and_or(w >> 8, 0x000F000Fu, 0x43004300u), z0[d][q]),
-                             bf16x2_sub(and_or(w >> 12, 0x000F000Fu, 0x43004300u), z1[d][q])};
+      uint32_t A[4] = {and_or(w, 0x000F000Fu, 0x43004300u), and_or(w >> 4, 0x000F000Fu, 0x43004300u),
+                       and_or(w >> 8, 0x000F000Fu, 0x43004300u), and_or(w >> 12, 0x000F000Fu, 0x43004300u)};
+      if constexpr (!FOLD) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) A[r] = bf16x2_sub(A[r], zb[r & 1][d][q]);
+      }
       if (j % (4 / GPU) == 0) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) cg[n][0] = cg[n][1] = cg[n][2] = cg[n][3] = 0.f;
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) cg[n][i] = cs[n][i] = 0.f;
       }
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         if (n > 0 && n * 8 >= M) break;
-        mma_bf16(cg[n], A, __ldg(xb[n] + d * 16 + 4 * j));
+        const uint2 bx = __ldg(xb[n] + d * 16 + 4 * j);
+        mma_bf16(cg[n], A, bx);
+        if constexpr (FOLD) {
+          const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
+          mma_bf16(cs[n], ones, bx);
+        }
       }
       if ((j + 1) % (4 / GPU) == 0) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          acc[n][0] = fmaf(s0[d][q], cg[n][0], acc[n][0]), acc[n][1] = fmaf(s0[d][q], cg[n][1], acc[n][1]);
-          acc[n][2] = fmaf(s1[d][q], cg[n][2], acc[n][2]), acc[n][3] = fmaf(s1[d][q], cg[n][3], acc[n][3]);
-        }
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int h = i >> 1;  // c0, c1: row g; c2, c3: row g + 8
+            const float v = FOLD ? fmaf(-__uint_as_float(zb[h][d][q]), cs[n][i], cg[n][i]) : cg[n][i];
+            acc[n][i] = fmaf(sc[h][d][q], v, acc[n][i]);
+          }
       }
     }
   }
 }
 
-// Units per batch of wgemm_i4_kernel; its shared-memory ring holds S batches per warp (S - 1 in flight while
-// one is summed): 4 by default, LLMQ_I4_STAGES = 1 (no prefetch: each batch loaded, waited for, summed) or 6
-// for comparisons.
+// Units per batch of wgemm_i4_kernel; its shared-memory ring holds kI4Stages batches per warp (three in flight
+// while one is summed).
 constexpr int kI4Batch = 4;
 constexpr int kI4Stages = 4;
-constexpr int i4_ring_bytes_per_warp(int stages) { return stages * kI4Batch * 32 * 16; }  // 8 KB at 4 stages
+constexpr int kI4RingBytesPerWarp = kI4Stages * kI4Batch * 32 * 16;  // 8 KB
 
 // INT4 with K a multiple of 64 (every unit full): the same product as wgemm_kernel<kI4>, with the per-value
 // work cut to what the tensor cores need and the weights streamed through shared memory.
 //
-// Instructions: profiling the general kernel (H200, llama-3-8b gate_up at T = 1) showed ~275 instructions per
-// 16-byte load (64-bit index arithmetic, per-step bounds checks and predicated activation loads, group-change
-// tests). Here each lane keeps 32-bit offsets, builds each bf16 pair with one LOP3, reads activations at
-// immediate offsets from the clamped token's row (columns past T are computed but never stored, so no
-// predicate), and applies the scale once per unit's share of a group: ~90 SASS instructions per unit.
+// Instructions: the general kernel ran ~275 instructions per 16-byte load (H200, llama-3-8b gate_up at T = 1:
+// 64-bit index arithmetic, per-step bounds checks and predicated activation loads, group-change tests). Here
+// each lane keeps 32-bit offsets, builds each bf16 pair with one LOP3, reads activations at immediate offsets
+// from the clamped token's row (columns past T are computed but never stored, so no predicate), takes scales
+// and zero points at immediate offsets (every warp's unit range starts on a group), and applies them once per
+// unit's share of a group.
 //
-// Memory: a warp of the first lean version loaded a batch of 4 units into registers, waited, and summed them
-// before it asked for the next, so that ~half of the time no load of it was in flight; with 16 warps an SM
-// that is ~16 KB in flight, which at ~1 us of DRAM latency is ~2 TB/s over 132 SMs: what it measured (gate_up
-// 31.8 us). Now every warp copies its units with cp.async into its own ring of kI4Stages batches in shared
-// memory (each lane copies and later reads back only its own 16 bytes, so no barrier is needed) and keeps
-// S - 1 batches in flight while it sums one. The first batches are requested before pdl_wait(): the
-// weights do not depend on the previous kernel.
-template <int NT, int G, int S>
-__global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units) {
-  constexpr int D = kI4Batch;
+// Memory: every warp copies its units with cp.async into its own ring of kI4Stages batches in shared memory
+// (each lane copies and later reads back only its own 16 bytes, so no barrier is needed), kI4Stages - 1 batches
+// ahead of the one it sums. A CTA takes row blocks blockIdx.y, + gridDim.y, ... (launch_i4 sizes the grid to
+// what is resident at once), and its warps' rings run on from one row block into the next, so that the loads
+// of the next row block are in flight while this one is summed and reduced: with one row block per CTA,
+// an SM's CTAs all waited for their data and then all computed, leaving the memory idle in between (the
+// first lean kernel, and the ring without the row-block loop, both ran at ~1.7-2 TB/s on gate_up whatever the
+// ring depth). The first batches are requested before pdl_wait(): the weights do not depend on the previous
+// kernel.
+template <int NT, int G, bool FOLD>
+__global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
+  constexpr int D = kI4Batch, S = kI4Stages;
   extern __shared__ uint4 i4_ring[];  // [warps][S][D][32 lanes]
+  __shared__ float red[2][kMaxWarps - 1][NT * 4][32];  // the K-split partial sums, by row-block parity
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  // blockIdx.x: group of 8 * NT tokens (more than one only past 16 tokens, see launch_i4), blockIdx.y: row block.
+  // blockIdx.x: group of 8 * NT tokens (more than one only past 16 tokens, see launch_i4).
   const int tok0 = int(blockIdx.x) * 8 * NT;
-  const int rb = int(blockIdx.y);
   const int N = int(a.N);
-  const int r0 = min(rb * 16 + g, N - 1), r1 = min(rb * 16 + g + 8, N - 1);
-  const int per = (units + nw - 1) / nw;
+  const int rbs = (N + 15) / 16;
+  const int nr = (rbs - int(blockIdx.y) + int(gridDim.y) - 1) / int(gridDim.y);  // row blocks of this CTA
+  // This warp's units of every row block: [u0, u1), u0 a multiple of the units per group (per is).
   const int u0 = min(units, warp * per), u1 = min(units, u0 + per);
-  const int nu = u1 - u0, nb = (nu + D - 1) / D;
-  const uint4* src = static_cast<const uint4*>(a.w) + (int64_t(rb) * units + u0) * 32 + lane;
+  const int nu = u1 - u0, nb = (nu + D - 1) / D;  // units and batches per row block
+  const uint4* wbase = static_cast<const uint4*>(a.w) + int64_t(u0) * 32 + lane;
   uint4* ring = i4_ring + warp * (S * D * 32) + lane;
-  auto issue = [&](int b) {  // batch b of this warp's units into its ring slot; always one commit group
-    if (b < nb) {
-      uint4* dst = ring + (b % S) * (D * 32);
+  // The stream of batches this warp asks for: row block (blockIdx.y + ir * gridDim.y), batch ib of it.
+  int ir = 0, ib = 0, slot_in = 0;
+  const uint4* src = wbase + int64_t(blockIdx.y) * units * 32;
+  const int64_t src_step = int64_t(gridDim.y) * units * 32;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  auto issue = [&]() {  // the next batch into its ring slot; always one commit group
+    if (ir < nr) {
+      const uint4* from = src + ib * (D * 32);
+      const uint32_t dst = ring_s + uint32_t(slot_in) * (D * 32 * 16);
 #pragma unroll
       for (int d = 0; d < D; ++d)
-        if (b * D + d < nu) cp_async16(dst + d * 32, src + (b * D + d) * 32);
+        if (ib * D + d < nu) cp_async16(dst + d * 32 * 16, from + d * 32);
+      if (++ib == nb) ib = 0, ++ir, src += src_step;
+      slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
     }
     cp_async_commit();
   };
 #pragma unroll
-  for (int b = 0; b < S - 1; ++b) issue(b);
+  for (int B = 0; B < S - 1; ++B) issue();
   pdl_trigger();
   pdl_wait();
   const int M = min(a.M - tok0, 8 * NT);
   const int ng = int(a.K / G);
-  const float* s0p = a.w_scale + r0 * ng;
-  const float* s1p = a.w_scale + r1 * ng;
-  const uint8_t* z0p = a.w_zero + r0 * ng;
-  const uint8_t* z1p = a.w_zero + r1 * ng;
   // Activations: this lane's token of each n-tile (B column g), from k = 4t; uint2 = 4 bf16.
   const uint2* xp[NT];
 #pragma unroll
@@ -423,85 +450,123 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
     const int tok = tok0 + min(n * 8 + g, M - 1);
     xp[n] = reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.x) + int64_t(tok) * a.ldx + 4 * t);
   }
-  float acc[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 
-  for (int b = 0; b < nb; ++b) {
-    issue(b + S - 1);
-    cp_async_wait<S - 1>();  // batch b has landed
-    const uint4* slot = ring + (b % S) * (D * 32);
-    const int u = u0 + b * D;
-    if (b * D + D <= nu) {
-      uint4 wv[D];
-#pragma unroll
-      for (int d = 0; d < D; ++d) wv[d] = slot[d * 32];
-      i4_units<D, NT, G>(u, wv, s0p, s1p, z0p, z1p, xp, M, acc);
-    } else {
-      for (int d = 0; b * D + d < nu; ++d) {
-        const uint4 wv[1] = {slot[d * 32]};
-        i4_units<1, NT, G>(u + d, wv, s0p, s1p, z0p, z1p, xp, M, acc);
-      }
-    }
-  }
-
-  if (sum_warps<float, NT>(acc, warp, nw, lane)) {
+  int slot_out = 0;
+  for (int r = 0; r < nr; ++r) {
+    const int rb = int(blockIdx.y) + r * int(gridDim.y);
+    const int r0 = min(rb * 16 + g, N - 1), r1 = min(rb * 16 + g + 8, N - 1);
+    float acc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = rb * 16 + g + 8 * (i >> 1);
-        const int tok = n * 8 + 2 * t + (i & 1);
-        float v = acc[n][i];
-        if (a.bias) v += a.bias[min(row, N - 1)];
-        store_out(a, row, tok0 + tok, tok < M, g, v);
+      for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+    for (int bb = 0; bb < nb; ++bb) {
+      issue();
+      cp_async_wait<S - 1>();  // the batch S - 1 before the one just asked for has landed: this one
+      const uint4* slot = ring + slot_out * (D * 32);
+      slot_out = slot_out + 1 == S ? 0 : slot_out + 1;
+      const int u = u0 + bb * D;
+      const int goff = u * 64 / G;  // u is a multiple of the units per group
+      const float* sp[2] = {a.w_scale + int64_t(r0) * ng + goff, a.w_scale + int64_t(r1) * ng + goff};
+      const uint8_t* zp[2] = {a.w_zero + int64_t(r0) * ng + goff, a.w_zero + int64_t(r1) * ng + goff};
+      if (bb * D + D <= nu) {
+        uint4 wv[D];
+#pragma unroll
+        for (int d = 0; d < D; ++d) wv[d] = slot[d * 32];
+        i4_units<D, NT, G, FOLD>(u, wv, sp, zp, xp, M, acc);
+      } else {
+        for (int d = 0; bb * D + d < nu; ++d) {  // the last, partial batch: one unit at a time
+          const int ud = u + d, go = ud * 64 / G - goff;
+          const float* spd[2] = {sp[0] + go, sp[1] + go};
+          const uint8_t* zpd[2] = {zp[0] + go, zp[1] + go};
+          const uint4 wv[1] = {slot[d * 32]};
+          if constexpr (G == 128) {  // ud may sit in the second half of its group
+            i4_units<1, NT, 64, FOLD>(ud, wv, spd, zpd, xp, M, acc);
+          } else {
+            i4_units<1, NT, G, FOLD>(ud, wv, spd, zpd, xp, M, acc);
+          }
+        }
       }
+    }
+    // The K-splitting warps' partial sums into warp 0 (red[] alternates by row block: a warp may start writing
+    // the next row block's sums while warp 0 still reads these).
+    float (*rd)[NT * 4][32] = red[r & 1];
+    if (nw > 1) {
+      if (warp > 0) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) rd[warp - 1][n * 4 + i][lane] = acc[n][i];
+      }
+      __syncthreads();
+    }
+    if (warp == 0) {
+      for (int w = 1; w < nw; ++w)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[n][i] += rd[w - 1][n * 4 + i][lane];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = rb * 16 + g + 8 * (i >> 1);
+          const int tok = n * 8 + 2 * t + (i & 1);
+          float v = acc[n][i];
+          if (a.bias) v += a.bias[min(row, N - 1)];
+          store_out(a, row, tok0 + tok, tok < M, g, v);
+        }
+    }
   }
   norm_tail(a);  // every thread of the CTA, once
 }
 
-template <int NT, int G, int S>
-void launch_i4_ring(const GemvArgs& a, dim3 grid, int nw, cudaStream_t s) {
-  constexpr int kMaxBytes = kMaxWarps * i4_ring_bytes_per_warp(S);
-  static const bool ready = [] {  // the ring is over the 48 KB a launch gets without asking
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
-    return true;
+// LLMQ_I4_GRID=rows: one row block per CTA (comparisons); LLMQ_I4_NOFOLD=1: zero points by HSUB2 per pair.
+bool env_i4_rows_grid() {
+  static const bool v = [] {
+    const char* e = std::getenv("LLMQ_I4_GRID");
+    return e && std::string(e) == "rows";
   }();
-  (void)ready;
-  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, S>, grid, dim3(unsigned(nw * 32)),
-         size_t(nw) * i4_ring_bytes_per_warp(S), s, a, int(a.K / 64));
+  return v;
 }
-
-int env_i4_stages() {  // LLMQ_I4_STAGES: comparisons only
-  static const int v = [] {
-    const char* e = std::getenv("LLMQ_I4_STAGES");
-    const int n = e && *e ? std::atoi(e) : kI4Stages;
-    return n == 1 || n == 6 ? n : kI4Stages;
+bool env_i4_nofold() {
+  static const bool v = [] {
+    const char* e = std::getenv("LLMQ_I4_NOFOLD");
+    return e && *e && *e != '0';
   }();
   return v;
 }
 
-template <int NT, int G>
-void launch_i4_nt(const GemvArgs& a, dim3 grid, int nw, cudaStream_t s) {
-  switch (env_i4_stages()) {
-    case 1: return launch_i4_ring<NT, G, 1>(a, grid, nw, s);
-    case 6: return launch_i4_ring<NT, G, 6>(a, grid, nw, s);
-    default: return launch_i4_ring<NT, G, kI4Stages>(a, grid, nw, s);
-  }
+template <int NT, int G, bool FOLD>
+void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
+  constexpr int kMaxBytes = kMaxWarps * kI4RingBytesPerWarp;
+  static const int resident = [] {  // CTAs of this instance resident on the whole card
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, FOLD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    int dev = 0, sms = 0, per_sm = 0;
+    LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
+    LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, FOLD>, kMaxWarps * 32, kMaxBytes));
+    return std::max(1, sms * std::max(1, per_sm));
+  }();
+  const int units = int(a.K / 64);
+  const int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
+  constexpr int upg = G > 64 ? G / 64 : 1;  // units per group: every warp's range starts on a group
+  const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
+  const int rbs = int((a.N + 15) / 16);
+  const int rows = env_i4_rows_grid() ? rbs : std::min(rbs, std::max(1, resident / int(token_groups)));
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, FOLD>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
+         size_t(nw) * kI4RingBytesPerWarp, s, a, units, per);
 }
 
 template <int G>
 void launch_i4(const GemvArgs& a, cudaStream_t s) {
-  const int units = int(a.K / 64);
-  const int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
-  const unsigned rbs = unsigned((a.N + 15) / 16);
   // Past 16 tokens, CTAs of 16 tokens each (the token groups of a row block run side by side and share its
   // weights through the L2): the 32- and 64-token instances need ~160 registers, one CTA per SM, and measured
   // 11x the 16-token time for 4x the tokens (H200, llama-3-8b gate_up: 654 vs 59 us).
-  if (a.M <= 8) launch_i4_nt<1, G>(a, dim3(1, rbs), nw, s);
-  else launch_i4_nt<2, G>(a, dim3(unsigned((a.M + 15) / 16), rbs), nw, s);
+  const bool fold = !env_i4_nofold();
+  if (a.M <= 8) return fold ? launch_i4_nt<1, G, true>(a, 1, s) : launch_i4_nt<1, G, false>(a, 1, s);
+  const unsigned tg = unsigned((a.M + 15) / 16);
+  return fold ? launch_i4_nt<2, G, true>(a, tg, s) : launch_i4_nt<2, G, false>(a, tg, s);
 }
 
 int kind_of(const GemvArgs& a) {
