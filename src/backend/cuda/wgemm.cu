@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "backend/cuda/check.hpp"
@@ -304,22 +303,21 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ND consecutive units (from unit u, a multiple of the units per group) of one lane of wgemm_i4_kernel, whose
 // weight words wv the caller has loaded; sp/zp: the scales and zero points of rows g and g + 8 (sp[0], sp[1]),
-// advanced to unit u's group, so that every group of the batch is an immediate offset from them.
+// advanced to unit u's group, so that every group of the batch is an immediate offset from them. Each step's
+// eight codes become four bf16 pairs (code - zero, exact: one shift, one LOP3 and one HSUB2 each) for one mma
+// per n-tile, and every group's share of the sum is scaled once into acc.
 //
-// Each step's eight codes become four bf16 pairs with one LOP3 each (one shift for three of them). With FOLD the
-// pairs are 128 + code as they come out (exact), and the zero point is taken out once per group instead of
-// per pair: sum (128 + c) x - (128 + z) sum x, where sum x comes from a second mma with an all-ones A operand
-// (the same for every row). That is one mma per step in place of four HSUB2; the subtraction in FP32 loses
-// about log2(136 / |c - z|) ~ 5 bits of the 24 to cancellation, far below the inputs' BF16 rounding. Without
-// FOLD, each pair is (code - zero) from an HSUB2, exact. Every group's share of the sum is scaled once into acc.
-template <int ND, int NT, int G, bool FOLD>
+// Measured and not kept (H200, this kernel at llama-3-8b shapes): pairs of 128 + code straight from the LOP3
+// with the zero point taken out once per group, sum (128 + c) x - (128 + z) sum x, sum x from a second mma on
+// an all-ones A operand (one mma per step instead of four HSUB2): the same time at T = 1, 5-13% slower at T = 16
+// (the 2-tile instance spilled), and 10x the rounding error (cancellation in FP32).
+template <int ND, int NT, int G>
 __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[ND], const float* const (&sp)[2],
                                          const uint8_t* const (&zp)[2], const uint2* const (&xp)[NT], int M,
                                          float (&acc)[NT][4]) {
   constexpr int GPU = G == 32 ? 2 : 1;  // groups per unit
-  constexpr uint32_t kOnes = 0x3F803F80u;  // bf16 pair (1, 1)
   float sc[2][ND][GPU];
-  uint32_t zb[2][ND][GPU];  // FOLD: float bits of 128 + zero; else bf16 pair (128 + zero) twice
+  uint32_t zb[2][ND][GPU];  // bf16 pair (128 + zero) twice
 #pragma unroll
   for (int d = 0; d < ND; ++d)
 #pragma unroll
@@ -328,8 +326,7 @@ __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[ND], const flo
       for (int h = 0; h < 2; ++h) {
         const int off = (d * 64 + q * 32) / G;
         sc[h][d][q] = __ldg(sp[h] + off);
-        const uint32_t z = __ldg(zp[h] + off);
-        zb[h][d][q] = FOLD ? __float_as_uint(float(z + 128u)) : (0x43004300u | z * 0x10001u);
+        zb[h][d][q] = 0x43004300u | uint32_t(__ldg(zp[h] + off)) * 0x10001u;
       }
   const uint2* xb[NT];
 #pragma unroll
@@ -337,42 +334,29 @@ __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[ND], const flo
 #pragma unroll
   for (int d = 0; d < ND; ++d) {
     const uint32_t words[4] = {wv[d].x, wv[d].y, wv[d].z, wv[d].w};
-    float cg[NT][4], cs[NT][4];
+    float cg[NT][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int q = j / (4 / GPU);
       const uint32_t w = words[j];
-      uint32_t A[4] = {and_or(w, 0x000F000Fu, 0x43004300u), and_or(w >> 4, 0x000F000Fu, 0x43004300u),
-                       and_or(w >> 8, 0x000F000Fu, 0x43004300u), and_or(w >> 12, 0x000F000Fu, 0x43004300u)};
-      if constexpr (!FOLD) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) A[r] = bf16x2_sub(A[r], zb[r & 1][d][q]);
-      }
+      const uint32_t A[4] = {bf16x2_sub(and_or(w, 0x000F000Fu, 0x43004300u), zb[0][d][q]),
+                             bf16x2_sub(and_or(w >> 4, 0x000F000Fu, 0x43004300u), zb[1][d][q]),
+                             bf16x2_sub(and_or(w >> 8, 0x000F000Fu, 0x43004300u), zb[0][d][q]),
+                             bf16x2_sub(and_or(w >> 12, 0x000F000Fu, 0x43004300u), zb[1][d][q])};
       if (j % (4 / GPU) == 0) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) cg[n][i] = cs[n][i] = 0.f;
+        for (int n = 0; n < NT; ++n) cg[n][0] = cg[n][1] = cg[n][2] = cg[n][3] = 0.f;
       }
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         if (n > 0 && n * 8 >= M) break;
-        const uint2 bx = __ldg(xb[n] + d * 16 + 4 * j);
-        mma_bf16(cg[n], A, bx);
-        if constexpr (FOLD) {
-          const uint32_t ones[4] = {kOnes, kOnes, kOnes, kOnes};
-          mma_bf16(cs[n], ones, bx);
-        }
+        mma_bf16(cg[n], A, __ldg(xb[n] + d * 16 + 4 * j));
       }
       if ((j + 1) % (4 / GPU) == 0) {
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int h = i >> 1;  // c0, c1: row g; c2, c3: row g + 8
-            const float v = FOLD ? fmaf(-__uint_as_float(zb[h][d][q]), cs[n][i], cg[n][i]) : cg[n][i];
-            acc[n][i] = fmaf(sc[h][d][q], v, acc[n][i]);
-          }
+          for (int i = 0; i < 4; ++i) acc[n][i] = fmaf(sc[i >> 1][d][q], cg[n][i], acc[n][i]);  // c2, c3: row g + 8
       }
     }
   }
@@ -398,12 +382,12 @@ constexpr int kI4RingBytesPerWarp = kI4Stages * kI4Batch * 32 * 16;  // 8 KB
 // (each lane copies and later reads back only its own 16 bytes, so no barrier is needed), kI4Stages - 1 batches
 // ahead of the one it sums. A CTA takes row blocks blockIdx.y, + gridDim.y, ... (launch_i4 sizes the grid to
 // what is resident at once), and its warps' rings run on from one row block into the next, so that the loads
-// of the next row block are in flight while this one is summed and reduced: with one row block per CTA,
-// an SM's CTAs all waited for their data and then all computed, leaving the memory idle in between (the
-// first lean kernel, and the ring without the row-block loop, both ran at ~1.7-2 TB/s on gate_up whatever the
-// ring depth). The first batches are requested before pdl_wait(): the weights do not depend on the previous
-// kernel.
-template <int NT, int G, bool FOLD>
+// of the next row block are in flight while this one is summed and reduced. With one row block per CTA, an
+// SM's CTAs all waited for their data and then all computed, leaving the memory idle in between, whatever the
+// ring's depth (H200, llama-3-8b gate_up at T = 1: 37.1 / 36.9 / 36.7 us with 1 / 4 / 6 stages); looping over
+// row blocks made it 26.0 us (57% of the copy bandwidth). The first batches are requested before pdl_wait():
+// the weights do not depend on the previous kernel.
+template <int NT, int G>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
   constexpr int D = kI4Batch, S = kI4Stages;
   extern __shared__ uint4 i4_ring[];  // [warps][S][D][32 lanes]
@@ -473,7 +457,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
         uint4 wv[D];
 #pragma unroll
         for (int d = 0; d < D; ++d) wv[d] = slot[d * 32];
-        i4_units<D, NT, G, FOLD>(u, wv, sp, zp, xp, M, acc);
+        i4_units<D, NT, G>(u, wv, sp, zp, xp, M, acc);
       } else {
         for (int d = 0; bb * D + d < nu; ++d) {  // the last, partial batch: one unit at a time
           const int ud = u + d, go = ud * 64 / G - goff;
@@ -481,9 +465,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
           const uint8_t* zpd[2] = {zp[0] + go, zp[1] + go};
           const uint4 wv[1] = {slot[d * 32]};
           if constexpr (G == 128) {  // ud may sit in the second half of its group
-            i4_units<1, NT, 64, FOLD>(ud, wv, spd, zpd, xp, M, acc);
+            i4_units<1, NT, 64>(ud, wv, spd, zpd, xp, M, acc);
           } else {
-            i4_units<1, NT, G, FOLD>(ud, wv, spd, zpd, xp, M, acc);
+            i4_units<1, NT, G>(ud, wv, spd, zpd, xp, M, acc);
           }
         }
       }
@@ -521,31 +505,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   norm_tail(a);  // every thread of the CTA, once
 }
 
-// LLMQ_I4_GRID=rows: one row block per CTA (comparisons); LLMQ_I4_NOFOLD=1: zero points by HSUB2 per pair.
-bool env_i4_rows_grid() {
-  static const bool v = [] {
-    const char* e = std::getenv("LLMQ_I4_GRID");
-    return e && std::string(e) == "rows";
-  }();
-  return v;
-}
-bool env_i4_nofold() {
-  static const bool v = [] {
-    const char* e = std::getenv("LLMQ_I4_NOFOLD");
-    return e && *e && *e != '0';
-  }();
-  return v;
-}
-
-template <int NT, int G, bool FOLD>
+template <int NT, int G>
 void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int kMaxBytes = kMaxWarps * kI4RingBytesPerWarp;
   static const int resident = [] {  // CTAs of this instance resident on the whole card
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, FOLD>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, FOLD>, kMaxWarps * 32, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G>, kMaxWarps * 32, kMaxBytes));
     return std::max(1, sms * std::max(1, per_sm));
   }();
   const int units = int(a.K / 64);
@@ -553,8 +521,8 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int upg = G > 64 ? G / 64 : 1;  // units per group: every warp's range starts on a group
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
   const int rbs = int((a.N + 15) / 16);
-  const int rows = env_i4_rows_grid() ? rbs : std::min(rbs, std::max(1, resident / int(token_groups)));
-  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, FOLD>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
+  const int rows = std::min(rbs, std::max(1, resident / int(token_groups)));
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
          size_t(nw) * kI4RingBytesPerWarp, s, a, units, per);
 }
 
@@ -563,10 +531,8 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   // Past 16 tokens, CTAs of 16 tokens each (the token groups of a row block run side by side and share its
   // weights through the L2): the 32- and 64-token instances need ~160 registers, one CTA per SM, and measured
   // 11x the 16-token time for 4x the tokens (H200, llama-3-8b gate_up: 654 vs 59 us).
-  const bool fold = !env_i4_nofold();
-  if (a.M <= 8) return fold ? launch_i4_nt<1, G, true>(a, 1, s) : launch_i4_nt<1, G, false>(a, 1, s);
-  const unsigned tg = unsigned((a.M + 15) / 16);
-  return fold ? launch_i4_nt<2, G, true>(a, tg, s) : launch_i4_nt<2, G, false>(a, tg, s);
+  if (a.M <= 8) return launch_i4_nt<1, G>(a, 1, s);
+  return launch_i4_nt<2, G>(a, unsigned((a.M + 15) / 16), s);
 }
 
 int kind_of(const GemvArgs& a) {
