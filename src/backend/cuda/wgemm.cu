@@ -85,11 +85,11 @@ __device__ __forceinline__ void store_out(const GemvArgs& a, int64_t row, int64_
   }
 }
 
-// The K-splitting warps' partial sums added into warp 0's accumulators through shared memory. Returns true in
-// warp 0, which then runs the epilogue, false in the others. Every thread of the CTA must call it.
+// The K-splitting warps' partial sums added into warp 0's accumulators through shared memory (red, a
+// __shared__ [kMaxWarps - 1][NT * 4][32] of the kernel). Returns true in warp 0, which then runs the epilogue,
+// false in the others. Every thread of the CTA must call it.
 template <typename Acc, int NT>
-__device__ __forceinline__ bool sum_warps(Acc (&acc)[NT][4], int warp, int nw, int lane) {
-  __shared__ Acc red[kMaxWarps - 1][NT * 4][32];
+__device__ __forceinline__ bool sum_warps(Acc (&acc)[NT][4], int warp, int nw, int lane, Acc (*red)[NT * 4][32]) {
   if (nw == 1) return true;
   if (warp > 0) {
 #pragma unroll
@@ -263,7 +263,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
 
   // Epilogue (warp 0): c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8. Rows and tokens past the ends are
   // computed from clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored.
-  if (sum_warps<Acc, NT>(acc, warp, nw, lane)) {
+  __shared__ Acc red[kMaxWarps - 1][NT * 4][32];
+  if (sum_warps<Acc, NT>(acc, warp, nw, lane, red)) {
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -402,11 +403,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   // This warp's units of every row block: [u0, u1), u0 a multiple of the units per group (per is).
   const int u0 = min(units, warp * per), u1 = min(units, u0 + per);
   const int nu = u1 - u0, nb = (nu + D - 1) / D;  // units and batches per row block
-  const uint4* wbase = static_cast<const uint4*>(a.w) + int64_t(u0) * 32 + lane;
   uint4* ring = i4_ring + warp * (S * D * 32) + lane;
   // The stream of batches this warp asks for: row block (blockIdx.y + ir * gridDim.y), batch ib of it.
   int ir = 0, ib = 0, slot_in = 0;
-  const uint4* src = wbase + int64_t(blockIdx.y) * units * 32;
+  const uint4* src = static_cast<const uint4*>(a.w) + (int64_t(blockIdx.y) * units + u0) * 32 + lane;
   const int64_t src_step = int64_t(gridDim.y) * units * 32;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   auto issue = [&]() {  // the next batch into its ring slot; always one commit group
@@ -464,32 +464,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
           const float* spd[2] = {sp[0] + go, sp[1] + go};
           const uint8_t* zpd[2] = {zp[0] + go, zp[1] + go};
           const uint4 wv[1] = {slot[d * 32]};
-          if constexpr (G == 128) {  // ud may sit in the second half of its group
-            i4_units<1, NT, 64>(ud, wv, spd, zpd, xp, M, acc);
-          } else {
-            i4_units<1, NT, G>(ud, wv, spd, zpd, xp, M, acc);
-          }
+          i4_units<1, NT, G>(ud, wv, spd, zpd, xp, M, acc);
         }
       }
     }
     // The K-splitting warps' partial sums into warp 0 (red[] alternates by row block: a warp may start writing
     // the next row block's sums while warp 0 still reads these).
-    float (*rd)[NT * 4][32] = red[r & 1];
-    if (nw > 1) {
-      if (warp > 0) {
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) rd[warp - 1][n * 4 + i][lane] = acc[n][i];
-      }
-      __syncthreads();
-    }
-    if (warp == 0) {
-      for (int w = 1; w < nw; ++w)
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) acc[n][i] += rd[w - 1][n * 4 + i][lane];
+    if (sum_warps<float, NT>(acc, warp, nw, lane, red[r & 1])) {
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
