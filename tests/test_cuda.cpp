@@ -375,6 +375,27 @@ TEST(CudaWgemm, EveryFormatAtAwkwardShapes) {
   check_gemv({WFmt::BF16, XFmt::BF16, 4096 + 7, 4096, 0, 64, false, false}, 2001, true);
 }
 
+// INT4 wgemm with more row blocks than CTAs resident at once: the kernel's CTAs then loop over row blocks, its
+// cp.async ring runs on from one row block into the next and the K-split sums alternate buffers by row block,
+// none of which the shapes above reach (at most a few dozen row blocks). Uneven row blocks per CTA (N not a
+// multiple of 16 * resident CTAs), a partial last batch (K = 384: two units a warp) and full ones (K = 1024),
+// one and three token groups, and the SwiGLU epilogue across the loop.
+TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
+  REQUIRE_GPU();
+  cudaDeviceProp p{};
+  ASSERT_EQ(cudaGetDeviceProperties(&p, 0), cudaSuccess);
+  const int64_t N = 16 * 4 * int64_t(p.multiProcessorCount) + 9;  // > 2 row blocks per CTA at 2 CTAs per SM
+  uint64_t seed = 3000;
+  for (auto [K, g] : std::vector<std::pair<int64_t, int64_t>>{{384, 128}, {1024, 64}})
+    for (int M : {1, 16, 40}) {
+      check_gemv({WFmt::I4, XFmt::BF16, N, K, g, M, M != 16, M != 1}, seed++, true);
+      if (HasFailure()) return;
+    }
+  GemvCase sw{WFmt::I4, XFmt::BF16, N + 1, 1024, 128, 3, false, true};
+  sw.swiglu = true;
+  check_gemv(sw, seed, true);
+}
+
 // The SwiGLU epilogue (gate/up rows paired) of the GEMV and wgemm kernels, for every weight format with BF16
 // inputs (the engine fuses it only where down_proj reads BF16): tokens across the n-tiles, row blocks cut by N,
 // INT4 groups, bias.
