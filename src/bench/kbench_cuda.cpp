@@ -175,7 +175,7 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
   float* xs = static_cast<float*>(device_random(size_t(maxT), "scale", 9));
   float* y = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&y, size_t(maxT * 128256) * 4));
-  std::printf("\n%-8s %-7s %3s %-6s %9s %8s %6s\n", "matrix", "format", "T", "kernel", "us", "GB/s", "%copy");
+  std::printf("\n%-8s %-7s %3s %-7s %9s %8s %6s\n", "matrix", "format", "T", "kernel", "us", "GB/s", "%copy");
   for (const Mat& m : mats)
     for (const Fmt& f : fmts) {
       if (std::strcmp(m.name, "lm_head") == 0 && f.wf != WFmt::BF16) continue;
@@ -204,12 +204,21 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
         };
         auto row = [&](const char* kernel, double us) {
           const double gbps = double(W.bytes) / (us * 1e-6) / 1e9;
-          std::printf("%-8s %-7s %3d %-6s %9.2f %8.0f %5.1f%%\n", m.name, f.name, T, kernel, us, gbps, 100.0 * gbps / peak);
+          std::printf("%-8s %-7s %3d %-7s %9.2f %8.0f %5.1f%%\n", m.name, f.name, T, kernel, us, gbps, 100.0 * gbps / peak);
         };
         set(0, false);
         if (wgemm_supports(a, sm)) row("wgemm", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
         set(0, f.wf == WFmt::I4);
-        if (T <= kGemvMaxM && gemv_supports(a)) row("gemv", time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
+        if (T <= kGemvMaxM && gemv_supports(a)) {
+          row("gemv", time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
+          // The K split forced (the row above is the launcher's choice).
+          for (int ks : {1, 2, 4}) {
+            a.ksplit = ks;
+            const std::string name = "gemv/k" + std::to_string(ks);
+            row(name.c_str(), time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
+          }
+          a.ksplit = 0;
+        }
       }
       free_weights(W);
     }

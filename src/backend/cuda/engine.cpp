@@ -141,6 +141,11 @@ struct Epilogue {
   void* swiglu_out = nullptr;
   const float* norm_w = nullptr;
   PrepOut norm_out;
+  // The distributed RMSNorm (GemvArgs::rms_*): the producer writes bf16(x * rms_w) to nrm_ and adds the sums
+  // of squares to rms_sumsq; the consumer reads nrm_ and x_sumsq.
+  const float* rms_w = nullptr;
+  double* rms_sumsq = nullptr;
+  const double* x_sumsq = nullptr;
 };
 
 // How one matmul runs for a batch of T tokens: wgemm, the GEMV, cuBLAS on BF16 (dequantized weights, or W8A8
@@ -237,6 +242,10 @@ class CudaEngine final : public Engine {
   // tokens, writing the input `consumer` (gate_up, the next qkv) reads; then `o` is that input's format.
   // Off unless LLMQ_FUSE_NORM=1 (measured slower; see the definition).
   bool norm_fused(const DevSite& producer, const DevSite& consumer, int64_t T, PrepOut& o) const;
+  // Whether the RMSNorm between `producer` and `consumer` is distributed over their epilogues at T tokens
+  // (Epilogue::rms_w, x_sumsq): every part of the consumer reads BF16 through the GEMV or wgemm, and so does
+  // the producer (one part). LLMQ_NO_RMS_SPLIT=1 turns it off for comparisons.
+  bool rms_split(const DevSite& producer, const DevSite& consumer, int64_t T) const;
   // Whether this layer's SwiGLU runs in the gate_up matmul's epilogue at T tokens (paired rows, a BF16 down_proj
   // input, GEMV or wgemm for both matmuls; LLMQ_NO_FUSE=1 turns it off for comparisons).
   bool swiglu_fused(const DevLayer& L, int64_t T) const;
@@ -279,6 +288,8 @@ class CudaEngine final : public Engine {
   // Workspace, sized for t_cap_ tokens and out_cap_ logit rows.
   int64_t t_cap_ = 0, out_cap_ = 0;
   DevMem x_, qkv_, att_, gu_, act_, act2_, row_scale_, gemm_out_, wscratch_, logits_, partial_, ints_;
+  DevMem nrm_;    // bf16 [min(t_cap, 64), H]: x o w of the distributed RMSNorm (the next matmul's input)
+  DevMem sumsq_;  // double [2 * layers, min(t_cap, 64)]: its sums of squares per token, zeroed every step
   PinnedMem h_ints_, h_logits_;
   DevMem ids_, argmax_v_, argmax_i_, argmax_counters_;  // the device argmax: [out_cap] ids and its scratch
   PinnedMem h_ids_;
@@ -600,6 +611,7 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   const int64_t widest_in = std::max({c.hidden, qd, c.intermediate});
   const uint64_t need = uint64_t(Tn) * uint64_t(c.hidden + qd + 2 * kvd + qd + 2 * c.intermediate + max_gemm_n_ + 1) * 4 +
                         uint64_t(Tn * widest_in) * 2 + uint64_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.intermediate) * 2 +
+                        uint64_t(std::min<int64_t>(Tn, kWgemmMaxT)) * uint64_t(c.hidden * 2 + 16 * layers_.size()) +
                         uint64_t(max_wscratch_) * 2 + uint64_t(On * c.vocab) * 4;
   require_free(need, 0, "activations for a batch of " + std::to_string(T) + " tokens need",
                "use a smaller batch or prompt");
@@ -609,6 +621,8 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   gu_ = DevMem(size_t(Tn * 2 * c.intermediate) * 4);
   act_ = DevMem(size_t(Tn * widest_in) * 2);
   act2_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.intermediate) * 2);  // fused SwiGLU output [T, I]
+  nrm_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.hidden) * 2);
+  sumsq_ = DevMem(size_t(2 * int64_t(layers_.size()) * std::min<int64_t>(Tn, kWgemmMaxT)) * 8);
   row_scale_ = DevMem(size_t(Tn) * 4);
   gemm_out_ = DevMem(size_t(Tn * max_gemm_n_) * 4);
   if (max_wscratch_ && !wscratch_.p) wscratch_ = DevMem(size_t(max_wscratch_) * 2);
@@ -659,10 +673,12 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   const GemvArgs a = probe_args(l, T);
   // Comparison switches: LLMQ_NO_WGEMM (GEMV or cuBLAS only), LLMQ_WGEMM_ALL (wgemm wherever it runs).
   static const bool no_wgemm = env_flag("LLMQ_NO_WGEMM"), wgemm_all = env_flag("LLMQ_WGEMM_ALL");
-  // Row-major formats at T <= 8: the GEMV reads more of the bandwidth than wgemm (H200, llama-3-8b shapes at
-  // T = 1, llmq-kbench: gate_up bf16 56.7 vs 69.5 us, fp8 33.1 vs 38.9, int8 30.1 vs 36.8, w8a16 36.9 vs 40.7;
-  // bench/results/2026-12-01-nvidia-h200-kbench.txt). INT4 tiles always take wgemm.
-  if (!wgemm_all && T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
+  // Row-major formats at T = 1: the GEMV reads more of the bandwidth than wgemm (H200, llama-3-8b shapes,
+  // llmq-kbench: gate_up bf16 56.7 vs 69.5 us, fp8 33.1 vs 38.9, int8 30.1 vs 36.8, w8a16 36.9 vs 40.7;
+  // bench/results/2026-12-01-nvidia-h200-kbench.txt); at T = 4 wgemm wins in every format and matrix (bf16
+  // gate_up 75.6 vs 77.7 us at the GEMV's best K split, down 42.8 vs 66.4, fp8 gate_up 38.6 vs 64.8;
+  // bench/results/2026-12-02-nvidia-h200-session7.txt). INT4 tiles always take wgemm.
+  if (!wgemm_all && T <= kGemvPreferT && !l.tiles && gemv_supports(a)) return Path::Gemv;
   if (T <= kWgemmMaxT && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   // W8A8 codes on the 8-bit tensor cores (LLMQ_NO_LT: through the BF16 GEMM instead, for comparisons).
@@ -720,6 +736,30 @@ bool CudaEngine::norm_fused(const DevSite& producer, const DevSite& consumer, in
   return pp == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_);
 }
 
+bool CudaEngine::rms_split(const DevSite& producer, const DevSite& consumer, int64_t T) const {
+  static const bool off = env_flag("LLMQ_NO_RMS_SPLIT") || env_flag("LLMQ_NO_FUSE");
+  if (off || T > kWgemmMaxT || producer.parts.size() != 1) return false;
+  const DevLinear& pl = producer.parts[0];
+  const Path pp = path(pl, T);
+  if (pp != Path::Gemv && pp != Path::Wgemm) return false;
+  GemvArgs a = probe_args(pl, T);
+  a.accumulate = true;
+  a.rms_w = reinterpret_cast<const float*>(16);
+  a.rms_out = reinterpret_cast<void*>(16);
+  a.rms_ld = pl.N;
+  a.rms_sumsq = reinterpret_cast<double*>(16);
+  if (!(pp == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_))) return false;
+  for (const DevLinear& l : consumer.parts) {
+    const Path p = path(l, T);
+    if (l.act != ActKind::None || l.K != pl.N || (p != Path::Gemv && p != Path::Wgemm)) return false;
+    GemvArgs b = probe_args(l, T);
+    b.x_sumsq = reinterpret_cast<const double*>(16);
+    b.x_inv_n = 1.f;
+    if (!(p == Path::Gemv ? gemv_supports(b) : wgemm_supports(b, sm_))) return false;
+  }
+  return true;
+}
+
 bool CudaEngine::skinny(int64_t T) const {
   if (T > kWgemmMaxT) return false;
   auto ok = [&](const DevSite& s) {
@@ -740,6 +780,8 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     GemvArgs a = gemv_args(l, T, y, ldy, accumulate);
     a.x = x;
     if (ep.swiglu_out) a.swiglu_out = ep.swiglu_out, a.swiglu_ld = l.N / 2, a.y = nullptr;
+    if (ep.rms_w) a.rms_w = ep.rms_w, a.rms_out = nrm_.p, a.rms_ld = config().hidden, a.rms_sumsq = ep.rms_sumsq;
+    if (ep.x_sumsq) a.x_sumsq = ep.x_sumsq, a.x_inv_n = float(1.0 / double(config().hidden)), a.norm_eps = float(config().rms_eps);
     if (ep.norm_w) {
       a.norm_counter = norm_counters_.as<int32_t>();
       a.norm_w = ep.norm_w;
@@ -748,7 +790,8 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     }
     return p == Path::Wgemm ? wgemm(a, stream_) : gemv(a, stream_);
   }
-  if (ep.swiglu_out || ep.norm_w) throw Error("engine: fused epilogues run only in the GEMV and wgemm kernels");
+  if (ep.swiglu_out || ep.norm_w || ep.rms_w || ep.x_sumsq)
+    throw Error("engine: fused epilogues run only in the GEMV and wgemm kernels");
   if (p == Path::Lt) {
     const bool fp8 = l.wf == WFmt::FP8;
     lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_);
@@ -812,15 +855,27 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   const int32_t* tiles = rows + t_cap_;
   float* x = x_.as<float>();
   small_ = small;
+  // The distributed RMSNorms' sums of squares: slot 2l for layer l's gate_up, 2l + 1 for layer l + 1's qkv.
+  const int64_t ts = std::min<int64_t>(T, kWgemmMaxT);
+  double* sumsq = sumsq_.as<double>();
+  bool any_split = false;
+  for (size_t li = 0; li < layers_.size() && !any_split; ++li)
+    any_split = rms_split(layers_[li].o, layers_[li].gate_up, T) ||
+                (li + 1 < layers_.size() && rms_split(layers_[li].down, layers_[li + 1].qkv, T));
+  if (any_split)
+    op("rms_zero", [&] { LLMQ_CUDA_CHECK(cudaMemsetAsync(sumsq, 0, size_t(2 * layers_.size() * ts) * 8, stream_)); });
   op("embed", [&] { embed_gather(embed_, tok, T, H, x, stream_); });
   bool normed = false;  // the previous matmul's epilogue wrote the RMSNorm of x into act_ (the next input)
+  const double* split = nullptr;  // the previous matmul's epilogue wrote x o w into nrm_ and these sums of squares
   for (size_t li = 0; li < layers_.size(); ++li) {
     DevLayer& L = layers_[li];
     const int64_t qkv_n = L.qkv.N;
     float* qkv = qkv_.as<float>();
+    Epilogue eq;
+    eq.x_sumsq = split;
     site("qkv", L.qkv, T, [&](const PrepOut& o) {
-      if (!normed) rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_);
-    }, qkv, qkv_n, false);
+      if (!normed && !split) rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_);
+    }, qkv, qkv_n, false, split ? nrm_.p : nullptr, eq);
     KvCacheView kv;
     kv.type = kv_type_;
     kv.page_size = kPage;
@@ -855,28 +910,35 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // The MLP's RMSNorm in o_proj's epilogue, or as a kernel of its own.
     Epilogue eo;
     if (norm_fused(L.o, L.gate_up, T, eo.norm_out)) eo.norm_w = L.mlp_norm;
+    else if (rms_split(L.o, L.gate_up, T)) eo.rms_w = L.mlp_norm, eo.rms_sumsq = sumsq + int64_t(2 * li) * ts;
     site("o", L.o, T, [&](const PrepOut& o) {
       if (!direct) act_prep(att_.as<float>(), qd, T, qd, o, stream_);
     }, x, H, true, nullptr, eo);
     normed = eo.norm_w != nullptr;
+    split = eo.rms_sumsq;
     float* gu = gu_.as<float>();
     // SwiGLU in gate_up's epilogue (into act2_, which down reads), or as a kernel of its own.
     const bool fused = swiglu_fused(L, T);
     Epilogue eg;
     eg.swiglu_out = fused ? act2_.p : nullptr;
+    eg.x_sumsq = split;
     const bool paired = L.gate_up.parts.size() == 1 && L.gate_up.parts[0].paired;
     site("gate_up", L.gate_up, T, [&](const PrepOut& o) {
-      if (!normed) rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_);
-    }, gu, L.gate_up.N, false, nullptr, eg);
+      if (!normed && !split) rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_);
+    }, gu, L.gate_up.N, false, split ? nrm_.p : nullptr, eg);
     // The next layer's attention RMSNorm in down_proj's epilogue (the last layer's final norm stays a kernel:
     // it reads only the rows that want logits).
     Epilogue ed;
-    if (li + 1 < layers_.size() && norm_fused(L.down, layers_[li + 1].qkv, T, ed.norm_out))
-      ed.norm_w = layers_[li + 1].attn_norm;
+    if (li + 1 < layers_.size()) {
+      if (norm_fused(L.down, layers_[li + 1].qkv, T, ed.norm_out)) ed.norm_w = layers_[li + 1].attn_norm;
+      else if (rms_split(L.down, layers_[li + 1].qkv, T))
+        ed.rms_w = layers_[li + 1].attn_norm, ed.rms_sumsq = sumsq + int64_t(2 * li + 1) * ts;
+    }
     site("down", L.down, T, [&](const PrepOut& o) {
       if (!fused) swiglu_prep(gu, L.gate_up.N, T, I, o, stream_, paired);
     }, x, H, true, eg.swiglu_out, ed);
     normed = ed.norm_w != nullptr;
+    split = ed.rms_sumsq;
   }
   if (n_out == 0) return;
   PrepOut o;

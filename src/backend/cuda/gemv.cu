@@ -1,5 +1,7 @@
 #include "backend/cuda/gemv.cuh"
 
+#include <cstdlib>
+
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/device_util.cuh"
 #include "backend/cuda/launch.cuh"
@@ -11,6 +13,7 @@ namespace {
 
 constexpr int kWarps = 4;  // warps per block
 constexpr int kRows = 2;   // output rows per warp in the vector kernel
+constexpr int kBatch = 4;  // 16-byte chunks of each row a lane loads before it multiplies them
 
 template <WFmt WF>
 __host__ __device__ constexpr int values_per_load() { return WF == WFmt::BF16 ? 8 : WF == WFmt::I4 ? 32 : 16; }
@@ -22,6 +25,7 @@ __host__ __device__ constexpr int x_bytes(XFmt xf) { return xf == XFmt::BF16 ? 2
 template <WFmt WF, XFmt XF>
 __device__ __forceinline__ float finish(const GemvArgs& a, int64_t row, int m, float v) {
   if constexpr (XF != XFmt::BF16) v *= a.x_scale[m];
+  else v *= rms_factor(a, m);
   if constexpr (WF == WFmt::I8 || WF == WFmt::FP8) v *= a.w_scale[row];
   if (a.bias) v += a.bias[row];
   return v;
@@ -40,16 +44,24 @@ __device__ __forceinline__ void dot_bf16(const uint4& w, const uint4* x, float& 
   }
 }
 
-// 16 INT8 weight codes x 16 BF16 inputs
+// 16 INT8 weight codes x 16 BF16 inputs. A code c becomes a float without an I2F (quarter rate on sm_80-sm_90,
+// which bounded this kernel): with the sign bit flipped the byte is c + 128 in 0..255, and placed under the
+// exponent of 2^23 it is the float 2^23 + c + 128 exactly (PRMT), from which one FADD leaves c.
 __device__ __forceinline__ void dot_i8_bf16(const uint4& w, const uint4* x, float& acc) {
   const uint4 x0 = x[0], x1 = x[1];
-  const uint32_t ws[4] = {w.x, w.y, w.z, w.w}, xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+  const uint32_t ws[4] = {w.x ^ 0x80808080u, w.y ^ 0x80808080u, w.z ^ 0x80808080u, w.w ^ 0x80808080u};
+  const uint32_t xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+  constexpr float kBias = 8388608.f + 128.f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    acc = fmaf(float(int8_t(ws[i])), bf16lo(xs[2 * i]), acc);
-    acc = fmaf(float(int8_t(ws[i] >> 8)), bf16hi(xs[2 * i]), acc);
-    acc = fmaf(float(int8_t(ws[i] >> 16)), bf16lo(xs[2 * i + 1]), acc);
-    acc = fmaf(float(int8_t(ws[i] >> 24)), bf16hi(xs[2 * i + 1]), acc);
+    const float c0 = __uint_as_float(__byte_perm(ws[i], 0x4B000000u, 0x7540)) - kBias;
+    const float c1 = __uint_as_float(__byte_perm(ws[i], 0x4B000000u, 0x7541)) - kBias;
+    const float c2 = __uint_as_float(__byte_perm(ws[i], 0x4B000000u, 0x7542)) - kBias;
+    const float c3 = __uint_as_float(__byte_perm(ws[i], 0x4B000000u, 0x7543)) - kBias;
+    acc = fmaf(c0, bf16lo(xs[2 * i]), acc);
+    acc = fmaf(c1, bf16hi(xs[2 * i]), acc);
+    acc = fmaf(c2, bf16lo(xs[2 * i + 1]), acc);
+    acc = fmaf(c3, bf16hi(xs[2 * i + 1]), acc);
   }
 }
 
@@ -108,15 +120,23 @@ __device__ __forceinline__ void dot_fp8_fp8(const uint4& w, const uint4* x, floa
   }
 }
 
+// One warp, or ks warps of a block that split K between them, own two output rows (the SwiGLU epilogue pairs
+// them). Each lane keeps kBatch 16-byte chunks of each row in flight: the loads of a batch are all issued
+// before any of them is used, since a loop that loads and multiplies one chunk at a time keeps only 32 bytes a
+// lane in flight and leaves the smaller matrices latency-bound (H200, llama-3-8b o_proj BF16: 58% of the copy
+// bandwidth, gate_up with 7x more warps 98%).
 template <WFmt WF, XFmt XF, int MT>
 __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a) {
   constexpr int E = values_per_load<WF>();
   constexpr bool kInt = XF == XFmt::I8;
-  const int lane = threadIdx.x % 32;
-  const int64_t row0 = (int64_t(blockIdx.x) * kWarps + threadIdx.x / 32) * kRows;
-  // Warps past N do nothing, but with the fused norm they still take part in its block-wide steps.
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int ks = a.ksplit;  // 1, 2 or 4 (the launcher's choice)
+  const int kw = warp % ks; // this warp's share of K: chunks kw * 32 + lane + i * 32 * ks
+  const int64_t row0 = (int64_t(blockIdx.x) * (kWarps / ks) + warp / ks) * kRows;
+  // Warps past N do nothing, but they still take part in the block-wide steps of the K-split sum and the
+  // fused norm.
   const bool active = row0 < a.N;
-  if (!active && !a.norm_counter) return;
+  if (!active && !a.norm_counter && ks == 1) return;
   const int64_t chunks = active ? a.K / E : 0;
   const int64_t rb = row_bytes<WF>(a.K);
   int64_t rows[kRows];
@@ -128,7 +148,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
   }
   // The weights do not depend on the previous kernel: start the first of them towards the L2 before waiting
   // for it (1 KB of each row, so that all resident warps together stay well inside the L2).
-  if (active && lane < kRows) prefetch_l2(lane == 0 ? wr[0] : wr[kRows - 1], uint32_t(rb < 1024 ? rb : 1024));
+  if (active && kw == 0 && lane < kRows) prefetch_l2(lane == 0 ? wr[0] : wr[kRows - 1], uint32_t(rb < 1024 ? rb : 1024));
   pdl_trigger();
   pdl_wait();
   const int64_t ngroups = WF == WFmt::I4 ? a.K / a.group : 1;
@@ -143,11 +163,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f, iacc[r][m] = 0;
 
-#pragma unroll 4
-  for (int64_t c = lane; c < chunks; c += 32) {
-    uint4 wv[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) wv[r] = __ldg(wr[r] + c);
+  // acc += chunk c of both rows (wv) times chunk c of every input row.
+  auto multiply = [&](int64_t c, const uint4 (&wv)[kRows]) {
     float gs[kRows], gz[kRows];
     if constexpr (WF == WFmt::I4) {
       const int64_t g = c * E / a.group;
@@ -171,22 +188,78 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
         else dot_fp8_fp8(wv[r], xc, acc[r][m]);
       }
     }
+  };
+  const int64_t step = 32 * int64_t(ks);
+  int64_t c = lane + 32 * int64_t(kw);
+  for (; c + (kBatch - 1) * step < chunks; c += kBatch * step) {
+    uint4 wv[kBatch][kRows];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) wv[u][r] = __ldg(wr[r] + c + u * step);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) multiply(c + u * step, wv[u]);
   }
-  static_assert(kRows == 2, "the SwiGLU epilogue pairs a warp's two rows");
+  for (; c < chunks; c += step) {
+    uint4 wv[kRows];
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    if (m >= a.M || !active) break;
-    float v[kRows];
+    for (int r = 0; r < kRows; ++r) wv[r] = __ldg(wr[r] + c);
+    multiply(c, wv);
+  }
+
+  // Row sums: over the lanes, then over the ks warps of the row pair (through shared memory). INT32 sums stay
+  // integers until the last one, so INT8 x INT8 is exact.
+  float v[kRows][MT];
+  int iv[kRows][MT];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) v[r] = kInt ? float(warp_sum(iacc[r][m])) : warp_sum(acc[r][m]);
-    if (lane != 0) continue;
-    if (a.swiglu_out) {  // row0 is even: rows row0, row0 + 1 are gate and up of activation row0 / 2
-      store_swiglu(a, row0 / 2, m, finish<WF, XF>(a, row0, m, v[0]), finish<WF, XF>(a, row0 + 1, m, v[1]));
-      continue;
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if constexpr (kInt) iv[r][m] = warp_sum(iacc[r][m]);
+      else v[r][m] = warp_sum(acc[r][m]);
     }
+  if (ks > 1) {
+    __shared__ float part[kWarps][kRows][MT];
+    __shared__ int ipart[kWarps][kRows][MT];
+    if (lane == 0)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if constexpr (kInt) ipart[warp][r][m] = iv[r][m];
+          else part[warp][r][m] = v[r][m];
+        }
+    __syncthreads();
+    if (kw == 0 && lane == 0)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+          for (int j = 1; j < ks; ++j) {
+            if constexpr (kInt) iv[r][m] += ipart[warp + j][r][m];
+            else v[r][m] += part[warp + j][r][m];
+          }
+  }
+  if constexpr (kInt)
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
-      if (row0 + r < a.N) store_y(a, row0 + r, m, finish<WF, XF>(a, row0 + r, m, v[r]));
+#pragma unroll
+      for (int m = 0; m < MT; ++m) v[r][m] = float(iv[r][m]);
+  static_assert(kRows == 2, "the SwiGLU epilogue pairs a warp's two rows");
+  if (active && kw == 0 && lane == 0) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= a.M) break;
+      if (a.swiglu_out) {  // row0 is even: rows row0, row0 + 1 are gate and up of activation row0 / 2
+        store_swiglu(a, row0 / 2, m, finish<WF, XF>(a, row0, m, v[0][m]), finish<WF, XF>(a, row0 + 1, m, v[1][m]));
+        continue;
+      }
+      float sq = 0.f;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (row0 + r < a.N) sq += store_y(a, row0 + r, m, finish<WF, XF>(a, row0 + r, m, v[r][m]));
+      add_sumsq(a, m, sq);
+    }
   }
   norm_tail(a);
 }
@@ -227,22 +300,62 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_scalar_kernel(const GemvArgs
   }
   for (int m = 0; m < a.M; ++m) {
     const float v = XF == XFmt::I8 ? float(warp_sum(iacc[m])) : warp_sum(acc[m]);
-    if (lane == 0) store_y(a, row, m, finish<WF, XF>(a, row, m, v));
+    if (lane == 0) add_sumsq(a, m, store_y(a, row, m, finish<WF, XF>(a, row, m, v)));
   }
+}
+
+// Warps per row pair for the vector kernel. Where N alone gives two waves of resident warps or more (resident:
+// the kernel's occupancy times the SMs) one warp a pair; otherwise the most (up to a block's four) that leave
+// each warp at least 2 KB of every row, one batch of loads a lane. H200, llama-3-8b shapes at T = 1
+// (llmq-kbench, bench/results/2026-12-02-nvidia-h200-session7.txt): BF16 qkv 19.8 / 17.6 / 16.8 us with
+// 1 / 2 / 4 warps, down 40.9 / 33.1 / 32.5; INT8 weights down 26.5 / 22.9 / 21.1; gate_up (3 waves) is
+// best with one (W8A16 35.0 / 38.8 / 46.9). LLMQ_GEMV_KSPLIT=1|2|4 forces one (comparisons).
+int choose_ksplit(const GemvArgs& a, int64_t resident) {
+  static const int forced = [] {
+    const char* e = std::getenv("LLMQ_GEMV_KSPLIT");
+    return e ? std::atoi(e) : 0;
+  }();
+  if (a.ksplit) return a.ksplit;
+  if (forced == 1 || forced == 2 || forced == 4) return forced;
+  const int64_t warps = (a.N + kRows - 1) / kRows;
+  if (warps >= 2 * resident) return 1;
+  const int64_t rb = a.wf == WFmt::BF16 ? a.K * 2 : a.wf == WFmt::I4 ? a.K / 2 : a.K;
+  int ks = 1;
+  while (ks < kWarps && rb / (ks * 2) >= 2048) ks *= 2;
+  return ks;
+}
+
+// Resident warps of one vector-kernel instance on the current device (computed once per instance).
+template <WFmt WF, XFmt XF, int MT>
+int64_t resident_warps() {
+  static const int64_t n = [] {
+    int dev = 0, sms = 0, blocks = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_vec_kernel<WF, XF, MT>, kWarps * 32, 0) != cudaSuccess)
+      return int64_t(kWarps);
+    return int64_t(sms) * blocks * kWarps;
+  }();
+  return n;
+}
+
+template <WFmt WF, XFmt XF, int MT>
+void launch_vec(const GemvArgs& args, cudaStream_t s) {
+  GemvArgs a = args;
+  a.ksplit = choose_ksplit(args, resident_warps<WF, XF, MT>());
+  const int64_t rows = int64_t(kWarps / a.ksplit) * kRows;  // per block
+  launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, MT>, dim3(unsigned((a.N + rows - 1) / rows)), dim3(kWarps * 32), 0, s, a);
 }
 
 template <WFmt WF, XFmt XF>
 void launch(const GemvArgs& a, cudaStream_t s) {
-  const dim3 block(kWarps * 32);
   if (gemv_vectorized(a)) {
-    const dim3 grid(unsigned((a.N + kWarps * kRows - 1) / (kWarps * kRows)));
-    if (a.M <= 1) launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, 1>, grid, block, 0, s, a);
-    else if (a.M <= 2) launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, 2>, grid, block, 0, s, a);
-    else if (a.M <= 4) launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, 4>, grid, block, 0, s, a);
-    else launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, 8>, grid, block, 0, s, a);
+    if (a.M <= 1) launch_vec<WF, XF, 1>(a, s);
+    else if (a.M <= 2) launch_vec<WF, XF, 2>(a, s);
+    else if (a.M <= 4) launch_vec<WF, XF, 4>(a, s);
+    else launch_vec<WF, XF, 8>(a, s);
   } else {
     const dim3 grid(unsigned((a.N + kWarps - 1) / kWarps));
-    launch("gemv_scalar_kernel", gemv_scalar_kernel<WF, XF>, grid, block, 0, s, a);
+    launch("gemv_scalar_kernel", gemv_scalar_kernel<WF, XF>, grid, dim3(kWarps * 32), 0, s, a);
   }
 }
 
@@ -259,6 +372,9 @@ bool gemv_supports(const GemvArgs& a) {
   if ((a.wf == WFmt::I8 || a.wf == WFmt::FP8 || a.wf == WFmt::I4) && !a.w_scale) return false;
   if (a.wf == WFmt::I4 && (!a.w_zero || a.group < 2 || a.group % 2 || a.K % a.group)) return false;
   if (a.swiglu_out && (a.N % 2 || a.swiglu_ld < a.N / 2 || !gemv_vectorized(a))) return false;
+  if (a.rms_out && (!a.y || a.swiglu_out || !a.rms_w || !a.rms_sumsq || a.rms_ld < a.N)) return false;
+  if (a.x_sumsq && (a.xf != XFmt::BF16 || !(a.x_inv_n > 0.f))) return false;
+  if (a.ksplit != 0 && a.ksplit != 1 && a.ksplit != 2 && a.ksplit != 4) return false;
   if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N || !gemv_vectorized(a)))
     return false;
   return true;

@@ -9,7 +9,8 @@
 //   BF16  bf16 [M, ldx] (weight-only and dense paths)
 //   I8    int8 codes [M, ldx] with x = code * x_scale[m]; only with I8 weights: INT8 x INT8 -> INT32 (dp4a)
 //   FP8   E4M3 codes [M, ldx] with x = fp8(code) * x_scale[m]; only with FP8 weights: products in FP32
-// Each warp owns two output rows and walks K in 16-byte weight loads (8 BF16, 16 INT8/FP8, 32 INT4 values);
+// Each warp (or 2-4 warps splitting K, where N alone gives too few warps to fill the GPU) owns two output rows
+// and walks K in 16-byte weight loads (8 BF16, 16 INT8/FP8, 32 INT4 values), four of them a row in flight;
 // the epilogue applies x_scale, scale[n], the bias and the residual add (accumulate), so nothing else runs.
 // With swiglu_out set (gate/up rows paired: row 2j is gate j, row 2j+1 up j) the epilogue writes
 // bf16(silu(gate) * up) to swiglu_out[m, j] instead of y: the SwiGLU of the MLP without a kernel of its own.
@@ -50,9 +51,24 @@ struct GemvArgs {
   const float* norm_w = nullptr;  // [N]
   float norm_eps = 0.f;
   PrepOut norm_out;               // rows [M, norm_out.ld]; must not be what this matmul reads (x, x_scale)
+  // The distributed RMSNorm (y = W . rmsnorm(x) computed as r * (W . (x o w)), r = rsqrt(mean(x^2) + eps)):
+  // producer half, with y set (not swiglu_out): besides y, write bf16(y[m, n] * rms_w[n]) to rms_out[m, rms_ld]
+  // and add sum_n y[m, n]^2 to rms_sumsq[m] (y after the residual add; rms_sumsq zeroed by the caller).
+  const float* rms_w = nullptr;   // [N]
+  void* rms_out = nullptr;        // bf16 [M, rms_ld]; must not be what this matmul reads
+  int64_t rms_ld = 0;
+  double* rms_sumsq = nullptr;    // [M]
+  // Consumer half (BF16 inputs only): x holds x o w and every result is multiplied by
+  // rsqrt(x_sumsq[m] * x_inv_n + norm_eps) before the bias.
+  const double* x_sumsq = nullptr;// [M]
+  float x_inv_n = 0.f;            // 1 / hidden size
+  int ksplit = 0;                 // GEMV: warps that share a row pair, splitting K (1, 2 or 4); 0 = the launcher's
+                                  // choice (enough warps to fill the GPU). wgemm ignores it.
 };
 
 constexpr int kGemvMaxM = 8;
+// Up to this many tokens the engine prefers the GEMV to wgemm (engine.cpp, CudaEngine::path).
+constexpr int kGemvPreferT = 1;
 
 // Whether gemv() runs these arguments (M in 1..8, a known format pair, sizes and pointers non-null).
 // Shapes whose rows are not 16-byte aligned or whose groups are not multiples of 32 take a slower

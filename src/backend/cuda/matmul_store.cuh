@@ -8,9 +8,25 @@
 
 namespace llmq::cuda {
 
-__device__ __forceinline__ void store_y(const GemvArgs& a, int64_t row, int64_t m, float v) {
+// Stores y[m, row] (or adds v to it). With rms_out (the distributed RMSNorm's producer half) also writes
+// bf16(y * rms_w[row]) and returns y^2, the caller's share of rms_sumsq[m]; else returns 0.
+__device__ __forceinline__ float store_y(const GemvArgs& a, int64_t row, int64_t m, float v) {
   float* y = a.y + m * a.ldy + row;
-  *y = a.accumulate ? *y + v : v;
+  const float nv = a.accumulate ? *y + v : v;
+  *y = nv;
+  if (!a.rms_out) return 0.f;
+  static_cast<__nv_bfloat16*>(a.rms_out)[m * a.rms_ld + row] = __float2bfloat16(nv * a.rms_w[row]);
+  return nv * nv;
+}
+
+// The distributed RMSNorm's consumer half: the factor rsqrt(mean(x^2) + eps) of input row m (1 without it).
+__device__ __forceinline__ float rms_factor(const GemvArgs& a, int64_t m) {
+  return a.x_sumsq ? rsqrtf(float(a.x_sumsq[m]) * a.x_inv_n + a.norm_eps) : 1.f;
+}
+
+// Adds a share of row m's sum of squares (the producer half; no-op without rms_sumsq).
+__device__ __forceinline__ void add_sumsq(const GemvArgs& a, int64_t m, float sq) {
+  if (a.rms_sumsq) atomicAdd(a.rms_sumsq + m, double(sq));
 }
 
 // Activation j of token m from its gate and up values: bf16(silu(gate) * up), as swiglu_prep computes it.

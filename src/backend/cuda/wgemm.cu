@@ -76,13 +76,33 @@ __device__ __forceinline__ uint32_t bf16x2_sub(uint32_t a, uint32_t b) {
 // One accumulator value of warp 0 (row `row` of the output, token `tok`, lane group g = lane / 4), scaled and
 // biased: stored to y, or, with swiglu_out, paired with row + 1 (lane + 4) into one SwiGLU activation. Every
 // lane of the warp calls it (the pairing shuffles); `valid` says whether the token exists.
-__device__ __forceinline__ void store_out(const GemvArgs& a, int64_t row, int64_t tok, bool valid, int g, float v) {
+// Returns store_y's share of the distributed RMSNorm's sum of squares (0 where nothing was stored).
+__device__ __forceinline__ float store_out(const GemvArgs& a, int64_t row, int64_t tok, bool valid, int g, float v) {
   if (a.swiglu_out) {
     const float up = __shfl_down_sync(0xffffffffu, v, 4);
     if (valid && (g & 1) == 0 && row < a.N) store_swiglu(a, row / 2, tok, v, up);
   } else if (valid && row < a.N) {
-    store_y(a, row, tok, v);
+    return store_y(a, row, tok, v);
   }
+  return 0.f;
+}
+
+// The distributed RMSNorm's sums of squares of warp 0's stores (sq[n][j]: token n * 8 + 2t + j of this lane,
+// over its rows g and g + 8) added over the 8 lane groups, then to rms_sumsq by lanes 0-3. All lanes call it.
+template <int NT>
+__device__ __forceinline__ void add_sumsq_tile(const GemvArgs& a, float (&sq)[NT][2], int64_t tok0, int M, int lane) {
+  if (!a.rms_sumsq) return;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float s = sq[n][j];
+      s += __shfl_xor_sync(0xffffffffu, s, 4);
+      s += __shfl_xor_sync(0xffffffffu, s, 8);
+      s += __shfl_xor_sync(0xffffffffu, s, 16);
+      const int tok = n * 8 + 2 * (lane % 4) + j;
+      if (lane < 4 && tok < M) add_sumsq(a, tok0 + tok, s);
+    }
 }
 
 // The K-splitting warps' partial sums added into warp 0's accumulators through shared memory (red, a
@@ -265,6 +285,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
   // computed from clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored.
   __shared__ Acc red[kMaxWarps - 1][NT * 4][32];
   if (sum_warps<Acc, NT>(acc, warp, nw, lane, red)) {
+    float sq[NT][2] = {};
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -275,10 +296,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
         const int tc = tok < a.M ? tok : a.M - 1;
         float v = float(acc[n][i]);
         if constexpr (KIND >= kI8I8) v *= a.x_scale[tc];
+        else v *= rms_factor(a, tc);
         if constexpr (KIND == kI8W || KIND >= kI8I8) v *= a.w_scale[rc];
         if (a.bias) v += a.bias[rc];
-        store_out(a, row, tok, tok < a.M, g, v);
+        sq[n][i & 1] += store_out(a, row, tok, tok < a.M, g, v);
       }
+    add_sumsq_tile<NT>(a, sq, 0, a.M, lane);
   }
   norm_tail(a);  // every thread of the CTA, once
 }
@@ -471,16 +494,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
     // The K-splitting warps' partial sums into warp 0 (red[] alternates by row block: a warp may start writing
     // the next row block's sums while warp 0 still reads these).
     if (sum_warps<float, NT>(acc, warp, nw, lane, red[r & 1])) {
+      float sq[NT][2] = {};
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int row = rb * 16 + g + 8 * (i >> 1);
           const int tok = n * 8 + 2 * t + (i & 1);
-          float v = acc[n][i];
+          float v = acc[n][i] * rms_factor(a, tok0 + min(tok, M - 1));
           if (a.bias) v += a.bias[min(row, N - 1)];
-          store_out(a, row, tok0 + tok, tok < M, g, v);
+          sq[n][i & 1] += store_out(a, row, tok0 + tok, tok < M, g, v);
         }
+      add_sumsq_tile<NT>(a, sq, tok0, M, lane);
     }
   }
   norm_tail(a);  // every thread of the CTA, once
@@ -585,6 +610,8 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   if (a.ldx < a.K || (!a.swiglu_out && a.ldy < a.N)) return false;
   if (a.swiglu_out && (a.N % 2 || a.swiglu_ld < a.N / 2)) return false;
   if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N)) return false;
+  if (a.rms_out && (!a.y || a.swiglu_out || !a.rms_w || !a.rms_sumsq || a.rms_ld < a.N)) return false;
+  if (a.x_sumsq && (kind >= kI8I8 || !(a.x_inv_n > 0.f))) return false;
   if (kind == kFp8Fp8 && sm < 89) return false;
   if (kind >= kI8I8 && !a.x_scale) return false;
   if (kind != kBf16 && !a.w_scale) return false;
