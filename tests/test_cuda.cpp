@@ -971,10 +971,9 @@ TEST(CudaModel, Llama27mGreedyMatchesCpuAndReference) {
 // Batched decode keeps sequences apart. (1) A sequence's logits do not depend on the other sequences of its
 // batch: the same three-token step with the two companions at other positions and tokens gives the same
 // logits to 1e-4 (the same kernels; only the order of the distributed RMSNorm's atomic sums may differ).
-// (2) Batched equals one at a time: a one-token step runs the GEMV and a three-token one wgemm, whose sums
-// differ in order, so a BF16 rounding of an activation can flip between them; over the layers that moves a
-// logit by a few 2^-9 of its size (measured up to 0.008 at 12.3, H200). Held to 2^-7 of max(1, |logit|)
-// and the same argmax: a sequence that read another's cache or position would be off by whole units.
+// (2) Batched equals one at a time, to 1e-3 and the same argmax: up to kGemvPreferT tokens the GEMV computes
+// each token's sums in the same order whatever the batch. (With wgemm at 3 tokens and the GEMV at 1, H200
+// measured differences up to 0.019; see kGemvPreferT.)
 TEST(CudaModel, BatchedDecodeEqualsOneAtATime) {
   REQUIRE_GPU();
   Model m(model_27m());
@@ -1007,7 +1006,7 @@ TEST(CudaModel, BatchedDecodeEqualsOneAtATime) {
     const float* t = together.data() + s * V;
     EXPECT_EQ(argmax(t, V), argmax(alone.data(), V)) << "seq " << s;
     for (int64_t v = 0; v < V; ++v)
-      ASSERT_NEAR(t[v], alone[size_t(v)], std::ldexp(std::max(1.f, std::fabs(alone[size_t(v)])), -7)) << "seq " << s << " v " << v;
+      ASSERT_NEAR(t[v], alone[size_t(v)], 1e-3f) << "seq " << s << " v " << v;
   }
 }
 

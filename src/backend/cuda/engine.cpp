@@ -675,9 +675,10 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   static const bool no_wgemm = env_flag("LLMQ_NO_WGEMM"), wgemm_all = env_flag("LLMQ_WGEMM_ALL");
   // Row-major formats at T = 1: the GEMV reads more of the bandwidth than wgemm (H200, llama-3-8b shapes,
   // llmq-kbench: gate_up bf16 56.7 vs 69.5 us, fp8 33.1 vs 38.9, int8 30.1 vs 36.8, w8a16 36.9 vs 40.7;
-  // bench/results/2026-12-01-nvidia-h200-kbench.txt); at T = 4 wgemm wins in every format and matrix (bf16
+  // bench/results/2026-12-01-nvidia-h200-kbench.txt). At T = 4 wgemm wins in every format and matrix (bf16
   // gate_up 75.6 vs 77.7 us at the GEMV's best K split, down 42.8 vs 66.4, fp8 gate_up 38.6 vs 64.8;
-  // bench/results/2026-12-02-nvidia-h200-session7.txt). INT4 tiles always take wgemm.
+  // bench/results/2026-12-02-nvidia-h200-session7.txt), but the GEMV still serves T <= kGemvPreferT (see
+  // there why). INT4 tiles always take wgemm.
   if (!wgemm_all && T <= kGemvPreferT && !l.tiles && gemv_supports(a)) return Path::Gemv;
   if (T <= kWgemmMaxT && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
