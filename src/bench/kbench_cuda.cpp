@@ -229,43 +229,51 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
 }
 
 // The prefill GEMMs as the engine runs them (cuBLAS, BF16 inputs, FP32 output) for T tokens.
-void bench_gemm(int64_t T, double peak_tflops, int sm) {
+// bw: the copy bandwidth (GB/s) for the weight-read rate of skinny T (decode batches); weights rotate over
+// > 400 MB as in bench_matmuls, so that they come from HBM.
+void bench_gemm(int64_t T, double peak_tflops, double bw, int sm) {
   LtGemm lt;
   const Mat mats[] = {{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336}};
   cublasHandle_t h;
   LLMQ_CUBLAS_CHECK(cublasCreate(&h));
-  std::printf("\n%-8s %5s %-16s %9s %8s %6s\n", "matrix", "T", "gemm", "us", "TFLOP/s", "%peak");
+  std::printf("\n%-8s %5s %-16s %9s %8s %6s %8s %6s\n", "matrix", "T", "gemm", "us", "TFLOP/s", "%peak", "GB/s", "%copy");
   for (const Mat& m : mats) {
-    void* w = device_random(size_t(m.N * m.K), "bf16", 3);
+    const int copies = int(std::clamp<size_t>((size_t(400) << 20) / size_t(m.N * m.K) + 1, 2, 16));  // of the 8-bit size
+    auto row = [&](const char* name, double us, double wbytes) {
+      const double tf = 2.0 * double(m.N) * double(m.K) * double(T) / (us * 1e-6) / 1e12;
+      const double gbps = wbytes / (us * 1e-6) / 1e9;
+      std::printf("%-8s %5lld %-16s %9.1f %8.1f %5.1f%% %8.0f %5.1f%%\n", m.name, (long long)T, name, us, tf,
+                  100.0 * tf / peak_tflops, gbps, 100.0 * gbps / bw);
+    };
+    std::vector<void*> w;
+    for (int i = 0; i < copies; ++i) w.push_back(device_random(size_t(m.N * m.K), "bf16", 3 + uint64_t(i)));
     void* x = device_random(size_t(T * m.K), "bf16", 4);
     void* c = nullptr;
     LLMQ_CUDA_CHECK(cudaMalloc(&c, size_t(T * m.N) * 4));
     for (int out_bf16 = 0; out_bf16 < 2; ++out_bf16) {
       const float alpha = 1.f, beta = 0.f;
-      const double us = time_us([&](int) {
-        LLMQ_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(m.N), int(T), int(m.K), &alpha, w, CUDA_R_16BF,
-                                       int(m.K), x, CUDA_R_16BF, int(m.K), &beta, c, out_bf16 ? CUDA_R_16BF : CUDA_R_32F,
-                                       int(m.N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      const double us = time_us([&](int i) {
+        LLMQ_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, int(m.N), int(T), int(m.K), &alpha, w[size_t(i % copies)],
+                                       CUDA_R_16BF, int(m.K), x, CUDA_R_16BF, int(m.K), &beta, c,
+                                       out_bf16 ? CUDA_R_16BF : CUDA_R_32F, int(m.N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
       }, 5);
-      const double tf = 2.0 * double(m.N) * double(m.K) * double(T) / (us * 1e-6) / 1e12;
-      std::printf("%-8s %5lld %-16s %9.1f %8.1f %5.1f%%\n", m.name, (long long)T, out_bf16 ? "bf16 -> bf16" : "bf16 -> f32", us,
-                  tf, 100.0 * tf / peak_tflops);
+      row(out_bf16 ? "bf16 -> bf16" : "bf16 -> f32", us, 2.0 * double(m.N * m.K));
     }
-    cudaFree(w);
+    for (void* p : w) cudaFree(p);
     cudaFree(x);
     // 8-bit operands through cuBLASLt (FP32 / INT32 accumulators out; scales go to the epilogue).
     for (LtKind k : {LtKind::Fp8, LtKind::Int8}) {
       const char* name = k == LtKind::Fp8 ? "lt fp8 -> f32" : "lt int8 -> i32";
-      void* w8 = device_random(size_t(m.N * m.K), "fp8", 13);
+      std::vector<void*> w8;
+      for (int i = 0; i < copies; ++i) w8.push_back(device_random(size_t(m.N * m.K), "fp8", 13 + uint64_t(i)));
       void* x8 = device_random(size_t(T * m.K), "fp8", 14);
       if (!lt.supports(k, m.N, T, m.K, sm)) {
         std::printf("%-8s %5lld %-16s   not supported\n", m.name, (long long)T, name);
       } else {
-        const double us = time_us([&](int) { lt.run(k, w8, x8, c, m.N, T, m.K, nullptr); }, 5);
-        const double tf = 2.0 * double(m.N) * double(m.K) * double(T) / (us * 1e-6) / 1e12;
-        std::printf("%-8s %5lld %-16s %9.1f %8.1f %5.1f%%\n", m.name, (long long)T, name, us, tf, 100.0 * tf / peak_tflops);
+        const double us = time_us([&](int i) { lt.run(k, w8[size_t(i % copies)], x8, c, m.N, T, m.K, nullptr); }, 5);
+        row(name, us, double(m.N * m.K));
       }
-      cudaFree(w8);
+      for (void* p : w8) cudaFree(p);
       cudaFree(x8);
     }
     cudaFree(c);
@@ -426,7 +434,12 @@ int main(int argc, char** argv) {
     const double bw = copy_gbps(), tf = gemm_peak_tflops();
     std::printf("%s, %d SMs: device copy %.0f GB/s, BF16 GEMM 8192^3 %.0f TFLOP/s\n", p.name, p.multiProcessorCount, bw, tf);
     if (only.empty() || only == "matmul") bench_matmuls(Ts, bw, p.major * 10 + p.minor, only_mat, only_fmt);
-    if (only.empty() || only == "gemm") bench_gemm(2048, tf, p.major * 10 + p.minor);
+    if (only.empty() || only == "gemm") {
+      // The decode batches of --t from 8 tokens (where the engine may choose cuBLAS over wgemm), then prefill.
+      for (int T : Ts)
+        if (T >= 8 && T < 2048) bench_gemm(T, tf, bw, p.major * 10 + p.minor);
+      bench_gemm(2048, tf, bw, p.major * 10 + p.minor);
+    }
     if (only.empty() || only == "attention") {
       bench_attention(2048, tf);
       bench_decode_attention({256, 2048, 8192}, bw, p.multiProcessorCount);

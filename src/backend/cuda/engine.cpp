@@ -680,11 +680,19 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   // bench/results/2026-12-02-nvidia-h200-session7.txt), but the GEMV still serves T <= kGemvPreferT (see
   // there why). INT4 tiles always take wgemm.
   if (!wgemm_all && T <= kGemvPreferT && !l.tiles && gemv_supports(a)) return Path::Gemv;
-  if (T <= kWgemmMaxT && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
+  // LLMQ_WGEMM_MAX_T=N: row-major formats past N tokens go to cuBLAS / cuBLASLt instead of wgemm (for
+  // measuring the crossover: wgemm reads 21% of the copy bandwidth at 64 tokens in BF16, gate_up 265 us,
+  // bench/results/2026-12-01-nvidia-h200-kbench.txt; cuBLAS at 64 not measured yet). INT4 tiles stay on wgemm.
+  static const int64_t wgemm_max_t = [] {
+    const char* e = std::getenv("LLMQ_WGEMM_MAX_T");
+    return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kWgemmMaxT) : int64_t(kWgemmMaxT);
+  }();
+  const int64_t max_t = l.tiles ? kWgemmMaxT : wgemm_max_t;
+  if (T <= max_t && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   // W8A8 codes on the 8-bit tensor cores (LLMQ_NO_LT: through the BF16 GEMM instead, for comparisons).
   static const bool no_lt = env_flag("LLMQ_NO_LT");
-  if (!no_lt && T > kWgemmMaxT) {
+  if (!no_lt && T > max_t) {
     if (l.wf == WFmt::FP8 && l.act == ActKind::Fp8Tensor && lt_->supports(LtKind::Fp8, l.N, T, l.K, sm_)) return Path::Lt;
     if (l.wf == WFmt::I8 && (l.act == ActKind::I8Token || l.act == ActKind::I8Tensor) &&
         lt_->supports(LtKind::Int8, l.N, T, l.K, sm_))
