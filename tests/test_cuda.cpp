@@ -753,7 +753,7 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
   struct Shape {
     int64_t heads, kv_heads, hd;
   };
-  for (Shape sh : {Shape{4, 2, 64}, Shape{12, 1, 48}, Shape{8, 8, 128}, Shape{4, 4, 256}, Shape{2, 1, 96}}) {
+  for (Shape sh : {Shape{4, 2, 64}, Shape{12, 1, 48}, Shape{8, 8, 128}, Shape{4, 4, 256}, Shape{2, 1, 96}, Shape{16, 2, 64}}) {
     for (KvType kt : {KvType::BF16, KvType::FP8, KvType::I8}) {
       const int64_t heads = sh.heads, nkv = sh.kv_heads, hd = sh.hd, half = hd / 2;
       const int64_t qd = heads * hd, kvd = nkv * hd, ld = qd + 2 * kvd + 5, page = 16, cap = 200;
@@ -794,8 +794,12 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
         return float(quant::quant_int8(v, 1.0f / s)) * s;
       };
       // flash: prefill tiles given (the tensor-core kernel where the head dim allows); window: sliding window.
+      // rope: RoPE and the KV write inside the decode kernel (AttentionArgs::rope_cos; one token per sequence)
+      // where the shape allows it, instead of rope_kv.
+      const bool rope_ok = attention_rope_supports(kv, heads);
       auto step = [&](const std::vector<int32_t>& seqs, const std::vector<int32_t>& poss, int64_t splits, bool flash = false,
-                      int64_t window = 0) {
+                      int64_t window = 0, bool rope = false) {
+        rope = rope && rope_ok;
         const int64_t T = int64_t(seqs.size());
         std::vector<int32_t> tiles(static_cast<size_t>(2 * T));
         const int64_t n_tiles = attention_tiles(seqs.data(), T, tiles.data());
@@ -806,8 +810,10 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
         const int64_t chunk = (cap + splits - 1) / splits;
         Buf part(static_cast<size_t>(T * heads * splits * (hd + 2)) * 4);
         Buf counters(std::vector<int32_t>(static_cast<size_t>(attention_counters(T, heads, nkv)), 0));
-        rope_kv(dq.as<float>(), ld, T, dpos.as<int32_t>(), dseq.as<int32_t>(), dcs.as<float>(), dsn.as<float>(), heads, kv, nullptr);
+        if (!rope)
+          rope_kv(dq.as<float>(), ld, T, dpos.as<int32_t>(), dseq.as<int32_t>(), dcs.as<float>(), dsn.as<float>(), heads, kv, nullptr);
         AttentionArgs a;
+        if (rope) a.rope_cos = dcs.as<float>(), a.rope_sin = dsn.as<float>(), a.kv_col = qd;
         a.q = dq.as<float>();
         a.ldq = ld;
         a.T = T;
@@ -887,7 +893,8 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
               }
               ASSERT_NEAR(got[size_t(t * qd + h * hd + i)], o, tol)
                   << "heads " << heads << " kv " << nkv << " hd " << hd << " kv type " << int(kt) << " t " << t
-                  << " h " << h << " i " << i << " splits " << splits << " flash " << flash << " window " << window;
+                  << " h " << h << " i " << i << " splits " << splits << " flash " << flash << " window " << window
+                  << " rope " << rope;
             }
           }
         }
@@ -898,8 +905,8 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
       for (int i = 0; i < 20; ++i) s.push_back(0), p.push_back(i);
       step(s, p, 1);
       step({0, 1}, {20, 37}, 5);
-      step({1}, {38}, 1);
-      step({1, 0}, {39, 21}, 3);
+      step({1}, {38}, 1, false, 0, true);      // fused RoPE: its K/V read back by the next steps
+      step({1, 0}, {39, 21}, 3, false, 0, true);
       // Tensor-core prefill: 130 more tokens of sequence 1 (tiles of 64, 64, 2; three K/V tiles) and 9 of
       // sequence 0 in one batch, then a sliding-window prefill of sequence 0 over positions already written.
       s.clear(), p.clear();
@@ -910,8 +917,23 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
       for (int i = 31; i < 101; ++i) s.push_back(0), p.push_back(i);
       step(s, p, 1, true, 50);
       step({1, 0}, {170, 101}, 4, false, 50);
+      step({0, 1}, {102, 171}, 7, false, 50, true);  // fused, sliding window, the position in the last split
+      step({1}, {172}, 1, false, 0, true);
     }
   }
+  // Fused RoPE refused where a block per (KV head, split) would not cover the head group, or the head dim.
+  KvCacheView kv;
+  kv.kv_heads = 1;
+  kv.head_dim = 64;
+  EXPECT_TRUE(attention_rope_supports(kv, 8));
+  EXPECT_FALSE(attention_rope_supports(kv, 16));
+  kv.head_dim = 48;
+  EXPECT_FALSE(attention_rope_supports(kv, 4));
+  AttentionArgs a;
+  a.T = 1;
+  a.heads = 4;
+  a.rope_cos = a.rope_sin = reinterpret_cast<const float*>(256);
+  EXPECT_THROW(attention(a, kv, nullptr), Error);
 }
 
 // ---- Whole model against the CPU engine ----
@@ -1008,6 +1030,38 @@ TEST(CudaModel, BatchedDecodeEqualsOneAtATime) {
     for (int64_t v = 0; v < V; ++v)
       ASSERT_NEAR(t[v], alone[size_t(v)], 1e-3f) << "seq " << s << " v " << v;
   }
+}
+
+// RoPE and the KV write inside decode attention (LLMQ_FUSE_ROPE=1, read when an engine is made) give the same
+// logits as the separate rope_kv kernel: the same rotation arithmetic, done in another kernel. Teacher-forced
+// one-token steps, then a 3-sequence decode step, to 1e-4; a prefill step (several tokens of one sequence)
+// keeps rope_kv in both.
+TEST(CudaModel, FusedRopeMatchesRopeKernel) {
+  REQUIRE_GPU();
+  Model m(model_27m());
+  const int64_t V = m.config().vocab;
+  auto plain = make_engine(m, "cuda");
+  setenv("LLMQ_FUSE_ROPE", "1", 1);
+  auto fused = make_engine(m, "cuda");
+  unsetenv("LLMQ_FUSE_ROPE");
+  const std::vector<int32_t> ids = eval_tokens(model_27m(), 48);
+  std::vector<float> a(static_cast<size_t>(3 * V)), b(static_cast<size_t>(3 * V));
+  for (Engine* e : {plain.get(), fused.get()}) {
+    e->reset(3, 64);
+    std::vector<BatchToken> pre;
+    for (int s = 1; s < 3; ++s)
+      for (int i = 0; i < 9 * s; ++i) pre.push_back({ids[size_t(i + s)], s, i, false});
+    e->forward(pre, nullptr);
+  }
+  for (int i = 0; i < 20; ++i) {
+    plain->forward({{ids[size_t(i)], 0, i, true}}, a.data());
+    fused->forward({{ids[size_t(i)], 0, i, true}}, b.data());
+    for (int64_t v = 0; v < V; ++v) ASSERT_NEAR(a[size_t(v)], b[size_t(v)], 1e-4f) << "step " << i << " v " << v;
+  }
+  const std::vector<BatchToken> step = {{ids[20], 0, 20, true}, {ids[21], 1, 9, true}, {ids[22], 2, 18, true}};
+  plain->forward(step, a.data());
+  fused->forward(step, b.data());
+  for (int64_t v = 0; v < 3 * V; ++v) ASSERT_NEAR(a[size_t(v)], b[size_t(v)], 1e-4f) << "batched step, " << v;
 }
 
 // Perplexity on the GPU within 0.1% of the CPU engine, dense and every format: 32 windows of 512 tokens through

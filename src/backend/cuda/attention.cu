@@ -50,6 +50,29 @@ __device__ __forceinline__ void store_out(const AttentionArgs& a, int64_t i, flo
   else a.out[i] = v;
 }
 
+// Element i of this layer's K and V pages (kv head h) from their float values, quantized per the cache type.
+__device__ __forceinline__ void kv_store(const KvCacheView& kv, int64_t i, int64_t h, float kval, float vval) {
+  if (kv.type == KvType::BF16) {
+    static_cast<__nv_bfloat16*>(kv.k)[i] = __float2bfloat16(kval);
+    static_cast<__nv_bfloat16*>(kv.v)[i] = __float2bfloat16(vval);
+  } else {
+    const float ik = 1.0f / kv.k_scale[h], iv = 1.0f / kv.v_scale[h];
+    if (kv.type == KvType::FP8) {
+      static_cast<uint8_t*>(kv.k)[i] = float_to_fp8(kval * ik);
+      static_cast<uint8_t*>(kv.v)[i] = float_to_fp8(vval * iv);
+    } else {
+      static_cast<int8_t*>(kv.k)[i] = float_to_int8(kval * ik);
+      static_cast<int8_t*>(kv.v)[i] = float_to_int8(vval * iv);
+    }
+  }
+}
+
+// Rotate-half RoPE of dimension d of one head vector (x: the head's hd values; cs, sn: the position's table rows).
+__device__ __forceinline__ float rope_at(const float* x, int64_t d, int64_t half, const float* cs, const float* sn) {
+  const int64_t j = d < half ? d : d - half;
+  return d < half ? x[d] * cs[j] - x[d + half] * sn[j] : x[d] * cs[j] + x[d - half] * sn[j];
+}
+
 __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const int32_t* seq, const float* cos_tab,
                                const float* sin_tab, int64_t heads, const KvCacheView kv) {
   pdl_trigger();
@@ -69,24 +92,7 @@ __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const
   }
   __syncthreads();
   const int64_t slot = slot_of(kv, seq[t], p);
-  for (int64_t j = threadIdx.x; j < kvd; j += blockDim.x) {
-    const float kval = row[qd + j], vval = row[qd + kvd + j];
-    const int64_t i = slot * kvd + j;
-    if (kv.type == KvType::BF16) {
-      static_cast<__nv_bfloat16*>(kv.k)[i] = __float2bfloat16(kval);
-      static_cast<__nv_bfloat16*>(kv.v)[i] = __float2bfloat16(vval);
-    } else {
-      const int64_t h = j / hd;
-      const float ik = 1.0f / kv.k_scale[h], iv = 1.0f / kv.v_scale[h];
-      if (kv.type == KvType::FP8) {
-        static_cast<uint8_t*>(kv.k)[i] = float_to_fp8(kval * ik);
-        static_cast<uint8_t*>(kv.v)[i] = float_to_fp8(vval * iv);
-      } else {
-        static_cast<int8_t*>(kv.k)[i] = float_to_int8(kval * ik);
-        static_cast<int8_t*>(kv.v)[i] = float_to_int8(vval * iv);
-      }
-    }
-  }
+  for (int64_t j = threadIdx.x; j < kvd; j += blockDim.x) kv_store(kv, slot * kvd + j, j / hd, row[qd + j], row[qd + kvd + j]);
 }
 
 // The end of both decode kernels: every warp has left its softmax state in shared memory (sm_m, sm_l: its
@@ -262,17 +268,35 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
   const int64_t t = b.t, kvh = b.kvh, G = b.G, g0 = b.g0, split = b.split, sq = b.sq, begin = b.begin, end = b.end;
   const int ng = b.ng;
   const float scale = rsqrtf(float(HD));
+  // Fused RoPE (AttentionArgs::rope_cos): the position's table rows.
+  constexpr int64_t half = HD / 2;
+  const bool rope = a.rope_cos != nullptr;
+  const int64_t p = a.pos[t];
+  const float* cs = rope ? a.rope_cos + p * half : nullptr;
+  const float* sn = rope ? a.rope_sin + p * half : nullptr;
 
   float q[kMaxGroup][8], acc[kMaxGroup][8], m[kMaxGroup], l[kMaxGroup];
 #pragma unroll
   for (int g = 0; g < kMaxGroup; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
+    const float* qh = a.q + t * a.ldq + (kvh * G + g0 + g) * HD;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      q[g][i] = g < ng ? a.q[t * a.ldq + (kvh * G + g0 + g) * HD + sub * 8 + i] * scale : 0.f;
+      const int64_t d = sub * 8 + i;
+      q[g][i] = g < ng ? (rope ? rope_at(qh, d, half, cs, sn) : qh[d]) * scale : 0.f;
       acc[g][i] = 0.f;
     }
+  }
+  // Fused KV write: the block whose range holds the token's own position rotates its k, stores k and v, and
+  // only then reads the cache (the stores are visible to the whole block after the barrier). No other block
+  // reads that position: the other splits end before it, and one block per (KV head, split) exists (at most
+  // kMaxGroup query heads per KV head).
+  if (rope && begin <= p && p < end) {
+    const float* kh = a.q + t * a.ldq + a.kv_col + kvh * HD;
+    const int64_t at = slot_of(kv, sq, p) * kvd + kvh * HD;
+    for (int64_t d = threadIdx.x; d < HD; d += blockDim.x) kv_store(kv, at + d, kvh, rope_at(kh, d, half, cs, sn), kh[kvd + d]);
+    __syncthreads();
   }
   const float ks = kv.k_scale ? kv.k_scale[kvh] : 1.f, vs = kv.v_scale ? kv.v_scale[kvh] : 1.f;
   for (int64_t j0 = begin + warp * P; j0 < end; j0 += kWarps * P) {
@@ -588,6 +612,20 @@ int64_t attention_counters(int64_t T, int64_t heads, int64_t kv_heads) {
   return T * kv_heads * ((heads / kv_heads + kMaxGroup - 1) / kMaxGroup);
 }
 
+// LLMQ_ATTN_V1=1 keeps head dims 64/128 on the per-token kernel (comparisons).
+static bool attention_v1() {
+  static const bool v1 = [] {
+    const char* e = std::getenv("LLMQ_ATTN_V1");
+    return e && *e && *e != '0';
+  }();
+  return v1;
+}
+
+bool attention_rope_supports(const KvCacheView& kv, int64_t heads) {
+  return (kv.head_dim == 64 || kv.head_dim == 128) && kv.kv_heads > 0 && heads % kv.kv_heads == 0 &&
+         heads / kv.kv_heads <= kMaxGroup && !attention_v1();
+}
+
 bool attention_supports(const KvCacheView& kv, int64_t heads) {
   return kv.head_dim >= 2 && kv.head_dim <= 256 && kv.head_dim % 2 == 0 && kv.kv_heads > 0 && heads % kv.kv_heads == 0;
 }
@@ -605,14 +643,13 @@ void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
     }
   }
   if (a.splits > 1 && (!a.partial || !a.counters)) throw Error("attention: a split launch needs partial and counters");
+  if (a.rope_cos && (!a.rope_sin || !attention_rope_supports(kv, a.heads) || (a.tiles && a.n_tiles > 0)))
+    throw Error("attention: fused RoPE needs head dim 64 or 128, at most 8 query heads per KV head and no prefill tiles");
   if (a.splits > kMaxAttentionSplits) throw Error("attention: more than " + std::to_string(kMaxAttentionSplits) + " splits");
   // Head dims 64 and 128 through attention_decode_kernel (any T, splits or not); LLMQ_ATTN_V1=1 keeps them on
   // the per-token kernel (comparisons). H200, llama-3-8b cut to 4 layers, batch 1, context ~190: attention
   // 14 us a layer against 18.5 (step time with and without it, LLMQ_SKIP_OPS).
-  static const bool v2 = [] {
-    const char* e = std::getenv("LLMQ_ATTN_V1");
-    return !(e && *e && *e != '0');
-  }();
+  const bool v2 = !attention_v1();
   if (v2 && kv.head_dim == 128) return launch_decode<128>(a, kv, s);
   if (v2 && kv.head_dim == 64) return launch_decode<64>(a, kv, s);
   if (kv.head_dim <= 64) launch_attention<2>(a, kv, s);

@@ -53,6 +53,13 @@ struct AttentionArgs {
   // accumulation); other shapes, or no tiles, the per-token kernel.
   const int32_t* tiles = nullptr;
   int64_t n_tiles = 0;
+  // RoPE and the KV write inside the decode kernel (attention_rope_supports: steps of one token per sequence):
+  // q is read unrotated and rotated on load; k and v of token t are read from row t of q's buffer (k at column
+  // kv_col, v at kv_col + kv_heads * head_dim), k rotated, and both stored into the cache by the block whose
+  // range holds the token's position, before it reads the cache. rope_kv is not run for such a step.
+  const float* rope_cos = nullptr;  // [positions, head_dim / 2]; set: fused
+  const float* rope_sin = nullptr;
+  int64_t kv_col = 0;
 };
 
 constexpr int64_t kFlashTile = 64;
@@ -66,6 +73,11 @@ bool attention_flash_supports(int64_t head_dim);
 
 // The number of counters a split launch of T tokens needs (AttentionArgs::counters).
 int64_t attention_counters(int64_t T, int64_t heads, int64_t kv_heads);
+
+// Whether attention() fuses RoPE and the KV write (AttentionArgs::rope_cos) for this shape: head dims 64 and
+// 128, at most 8 query heads per KV head (one block per KV head and split writes its K/V), splits or not.
+// Only for steps where every sequence has one token (no token reads another's K/V of the same step).
+bool attention_rope_supports(const KvCacheView& kv, int64_t heads);
 
 // Whether the attention kernels run this shape (head_dim <= 256).
 bool attention_supports(const KvCacheView& kv, int64_t heads);

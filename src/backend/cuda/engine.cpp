@@ -293,7 +293,9 @@ class CudaEngine final : public Engine {
   PinnedMem h_ints_, h_logits_;
   DevMem ids_, argmax_v_, argmax_i_, argmax_counters_;  // the device argmax: [out_cap] ids and its scratch
   PinnedMem h_ids_;
-  std::map<std::tuple<int64_t, int64_t, bool>, cudaGraphExec_t> graphs_;  // (T, n_out, with_ids)
+  std::map<std::tuple<int64_t, int64_t, bool, bool>, cudaGraphExec_t> graphs_;  // (T, n_out, with_ids, one_per_seq)
+  bool one_per_seq_ = false;  // the step being run has one token per sequence (decode)
+  bool fuse_rope_ = false;    // LLMQ_FUSE_ROPE=1 and attention_rope_supports() for this model
   uint64_t peak_used_ = 0;
 };
 
@@ -440,6 +442,12 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
     throw Error("--device cuda: head_dim " + std::to_string(c.head_dim) + " is not supported by the CUDA attention kernel (at most 256)");
   if (q.kv == KvFormat::Fp8) kv_type_ = KvType::FP8;
   else if (q.kv == KvFormat::Int8) kv_type_ = KvType::I8;
+  {
+    KvCacheView probe;
+    probe.kv_heads = c.kv_heads;
+    probe.head_dim = c.head_dim;
+    fuse_rope_ = env_flag("LLMQ_FUSE_ROPE") && attention_rope_supports(probe, c.heads);
+  }
   if (q.weights == WeightFormat::Fp8Channel && prop_.major * 10 + prop_.minor < 89)
     std::fprintf(stderr, "llmq: note: %s (sm_%d%d) has no FP8 tensor cores; FP8 weights run through FP32/BF16 kernels "
                  "(exact, slower)\n", prop_.name, prop_.major, prop_.minor);
@@ -896,7 +904,11 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     kv.v = L.v_cache.p;
     kv.k_scale = L.k_scale;
     kv.v_scale = L.v_scale;
-    op("rope_kv", [&] { rope_kv(qkv, qkv_n, T, pos, seq, cos_.as<float>(), sin_.as<float>(), c.heads, kv, stream_); });
+    // RoPE and the KV write inside decode attention when every sequence has one token in this step
+    // (LLMQ_FUSE_ROPE=1: opt-in until measured on a GPU), else a kernel of their own.
+    const bool rope_in_attention = small && one_per_seq_ && fuse_rope_;
+    if (!rope_in_attention)
+      op("rope_kv", [&] { rope_kv(qkv, qkv_n, T, pos, seq, cos_.as<float>(), sin_.as<float>(), c.heads, kv, stream_); });
     AttentionArgs aa;
     aa.q = qkv;
     aa.ldq = qkv_n;
@@ -910,6 +922,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     aa.chunk = chunk_;
     aa.partial = partial_.as<float>();
     aa.counters = counters_.as<int32_t>();
+    if (rope_in_attention) aa.rope_cos = cos_.as<float>(), aa.rope_sin = sin_.as<float>(), aa.kv_col = qd;
     static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
     if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
     // o_proj reading BF16: attention writes its input directly (no separate conversion).
@@ -986,7 +999,17 @@ void CudaEngine::step(const std::vector<BatchToken>& batch, float* logits_out, i
   // Decode steps and small batches: split attention, and one CUDA graph per shape when no matmul needs cuBLAS.
   const bool small = T <= kWgemmMaxT;
   const bool with_ids = ids_out != nullptr;
-  const auto key = std::make_tuple(T, n_out, with_ids);
+  // One token per sequence (a decode step): RoPE and the KV write can run inside attention.
+  one_per_seq_ = false;
+  if (small && fuse_rope_) {
+    std::vector<char> seen(static_cast<size_t>(n_seq_), 0);
+    one_per_seq_ = true;
+    for (const BatchToken& b : batch) {
+      if (seen[size_t(b.seq)]) one_per_seq_ = false;
+      seen[size_t(b.seq)] = 1;
+    }
+  }
+  const auto key = std::make_tuple(T, n_out, with_ids, one_per_seq_);
   auto it = graphs_.find(key);  // a graph exists only for shapes that passed the checks below
   if (it != graphs_.end() || (small && skinny(T) && (n_out == 0 || path(lm_head_, n_out) != Path::Cublas) &&
                               !sync_each_launch() && !profile_)) {
