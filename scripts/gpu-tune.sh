@@ -6,7 +6,9 @@
 # model) for each of METHODS at batch 1, 64 and a PREFILL-token prefill. Logs go to $OUT when set.
 #
 # Environment: RUN_TESTS [1] (kernel tests first, model tests last), KBENCH [1], METHODS [bf16 fp8 w4a16-rtn] (empty: no profiles), LAYERS [4],
-#              PREFILL [2048], BATCHES [1 64]
+#              PREFILL [2048], BATCHES [1 64],
+#              AB [] (space-separated engine switches, e.g. "LLMQ_FUSE_ROPE=1 LLMQ_WGEMM_MAX_T=16": each batch's
+#              bench also runs once with each, tpot printed next to the default's; no profile for them)
 # On a machine without package access or ../shared, run scripts/gpu-pack.sh beforehand and carry .gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ METHODS=${METHODS-"bf16 fp8 w4a16-rtn"}
 LAYERS=${LAYERS:-4}
 PREFILL=${PREFILL:-2048}
 BATCHES=${BATCHES:-"1 64"}
+AB=${AB:-}
 LOG=${OUT:-/tmp}
 . scripts/gpu-env.sh  # sets SHARED
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
@@ -55,8 +58,13 @@ if [ -n "$METHODS" ]; then
     fi
     for b in $BATCHES; do
       echo "--- $m, $LAYERS layers, batch $b, prompt 128, gen 32: graphed, then per op"
-      "$LLMQ" bench "$dir" --device cuda --batch "$b" --prompt-len 128 --gen-len 32 --repeats 2 --json 2>/dev/null |
-        python3 -c 'import json,sys; r=json.load(sys.stdin); print("decode %.1f tok/s, tpot %.3f ms, %.0f GB/s (%.1f%%)" % (r["decode_tokens_per_s"], r["tpot_ms"], r["achieved_gbps"], r["roofline_pct"]))'
+      for sw in default $AB; do
+        printf '%-26s ' "$sw"
+        ( [ "$sw" = default ] || export "${sw?}"
+          "$LLMQ" bench "$dir" --device cuda --batch "$b" --prompt-len 128 --gen-len 32 --repeats 2 --json 2>/dev/null ) |
+          python3 -c 'import json,sys; r=json.load(sys.stdin); print("decode %.1f tok/s, tpot %.3f ms, %.0f GB/s (%.1f%%)" % (r["decode_tokens_per_s"], r["tpot_ms"], r["achieved_gbps"], r["roofline_pct"]))' ||
+          echo "failed"
+      done
       LLMQ_CUDA_PROFILE=1 "$LLMQ" bench "$dir" --device cuda --batch "$b" --prompt-len 128 --gen-len 32 --repeats 1 2>&1 >/dev/null | grep -v "^llmq: note"
     done
     if [ "$PREFILL" -gt 0 ]; then
