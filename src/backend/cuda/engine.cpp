@@ -875,10 +875,14 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   // The distributed RMSNorms' sums of squares: slot 2l for layer l's gate_up, 2l + 1 for layer l + 1's qkv.
   const int64_t ts = std::min<int64_t>(T, kWgemmMaxT);
   double* sumsq = sumsq_.as<double>();
+  // Per layer: o_proj -> gate_up, and down_proj -> the next layer's qkv (decided once per step).
+  std::vector<char> split_o(layers_.size()), split_d(layers_.size());
   bool any_split = false;
-  for (size_t li = 0; li < layers_.size() && !any_split; ++li)
-    any_split = rms_split(layers_[li].o, layers_[li].gate_up, T) ||
-                (li + 1 < layers_.size() && rms_split(layers_[li].down, layers_[li + 1].qkv, T));
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    split_o[li] = rms_split(layers_[li].o, layers_[li].gate_up, T);
+    split_d[li] = li + 1 < layers_.size() && rms_split(layers_[li].down, layers_[li + 1].qkv, T);
+    any_split = any_split || split_o[li] || split_d[li];
+  }
   if (any_split)
     op("rms_zero", [&] { LLMQ_CUDA_CHECK(cudaMemsetAsync(sumsq, 0, size_t(2 * layers_.size() * ts) * 8, stream_)); });
   op("embed", [&] { embed_gather(embed_, tok, T, H, x, stream_); });
@@ -932,7 +936,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // The MLP's RMSNorm in o_proj's epilogue, or as a kernel of its own.
     Epilogue eo;
     if (norm_fused(L.o, L.gate_up, T, eo.norm_out)) eo.norm_w = L.mlp_norm;
-    else if (rms_split(L.o, L.gate_up, T)) eo.rms_w = L.mlp_norm, eo.rms_sumsq = sumsq + int64_t(2 * li) * ts;
+    else if (split_o[li]) eo.rms_w = L.mlp_norm, eo.rms_sumsq = sumsq + int64_t(2 * li) * ts;
     site("o", L.o, T, [&](const PrepOut& o) {
       if (!direct) act_prep(att_.as<float>(), qd, T, qd, o, stream_);
     }, x, H, true, nullptr, eo);
@@ -953,7 +957,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     Epilogue ed;
     if (li + 1 < layers_.size()) {
       if (norm_fused(L.down, layers_[li + 1].qkv, T, ed.norm_out)) ed.norm_w = layers_[li + 1].attn_norm;
-      else if (rms_split(L.down, layers_[li + 1].qkv, T))
+      else if (split_d[li])
         ed.rms_w = layers_[li + 1].attn_norm, ed.rms_sumsq = sumsq + int64_t(2 * li + 1) * ts;
     }
     site("down", L.down, T, [&](const PrepOut& o) {

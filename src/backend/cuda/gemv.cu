@@ -310,7 +310,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_scalar_kernel(const GemvArgs
 // (llmq-kbench, bench/results/2026-12-02-nvidia-h200-session7.txt): BF16 qkv 19.8 / 17.6 / 16.8 us with
 // 1 / 2 / 4 warps, down 40.9 / 33.1 / 32.5; INT8 weights down 26.5 / 22.9 / 21.1; gate_up (3 waves) is
 // best with one (W8A16 35.0 / 38.8 / 46.9). LLMQ_GEMV_KSPLIT=1|2|4 forces one (comparisons).
-int choose_ksplit(const GemvArgs& a, int64_t resident) {
+int choose_ksplit(const GemvArgs& a, int64_t rb, int64_t resident) {
   static const int forced = [] {
     const char* e = std::getenv("LLMQ_GEMV_KSPLIT");
     return e ? std::atoi(e) : 0;
@@ -319,7 +319,6 @@ int choose_ksplit(const GemvArgs& a, int64_t resident) {
   if (forced == 1 || forced == 2 || forced == 4) return forced;
   const int64_t warps = (a.N + kRows - 1) / kRows;
   if (warps >= 2 * resident) return 1;
-  const int64_t rb = a.wf == WFmt::BF16 ? a.K * 2 : a.wf == WFmt::I4 ? a.K / 2 : a.K;
   int ks = 1;
   while (ks < kWarps && rb / (ks * 2) >= 2048) ks *= 2;
   return ks;
@@ -341,7 +340,7 @@ int64_t resident_warps() {
 template <WFmt WF, XFmt XF, int MT>
 void launch_vec(const GemvArgs& args, cudaStream_t s) {
   GemvArgs a = args;
-  a.ksplit = choose_ksplit(args, resident_warps<WF, XF, MT>());
+  a.ksplit = choose_ksplit(args, row_bytes<WF>(args.K), resident_warps<WF, XF, MT>());
   const int64_t rows = int64_t(kWarps / a.ksplit) * kRows;  // per block
   launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, MT>, dim3(unsigned((a.N + rows - 1) / rows)), dim3(kWarps * 32), 0, s, a);
 }
@@ -371,12 +370,17 @@ bool gemv_supports(const GemvArgs& a) {
   if (a.xf != XFmt::BF16 && !a.x_scale) return false;
   if ((a.wf == WFmt::I8 || a.wf == WFmt::FP8 || a.wf == WFmt::I4) && !a.w_scale) return false;
   if (a.wf == WFmt::I4 && (!a.w_zero || a.group < 2 || a.group % 2 || a.K % a.group)) return false;
-  if (a.swiglu_out && (a.N % 2 || a.swiglu_ld < a.N / 2 || !gemv_vectorized(a))) return false;
+  if (!epilogue_args_ok(a)) return false;
+  if ((a.swiglu_out || a.norm_counter) && !gemv_vectorized(a)) return false;  // the vector kernel's epilogues
+  if (a.ksplit != 0 && a.ksplit != 1 && a.ksplit != 2 && a.ksplit != 4) return false;
+  return true;
+}
+
+bool epilogue_args_ok(const GemvArgs& a) {
+  if (a.swiglu_out && (a.N % 2 || a.swiglu_ld < a.N / 2)) return false;
+  if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N)) return false;
   if (a.rms_out && (!a.y || a.swiglu_out || !a.rms_w || !a.rms_sumsq || a.rms_ld < a.N)) return false;
   if (a.x_sumsq && (a.xf != XFmt::BF16 || !(a.x_inv_n > 0.f))) return false;
-  if (a.ksplit != 0 && a.ksplit != 1 && a.ksplit != 2 && a.ksplit != 4) return false;
-  if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N || !gemv_vectorized(a)))
-    return false;
   return true;
 }
 

@@ -78,6 +78,9 @@ constexpr int kGemvPreferT = kGemvMaxM;
 // Shapes whose rows are not 16-byte aligned or whose groups are not multiples of 32 take a slower
 // scalar kernel; they are still supported, except with swiglu_out (the vector kernel only).
 bool gemv_supports(const GemvArgs& a);
+// The checks of the fused epilogues' arguments (swiglu_out, norm_counter, rms_*, x_sumsq) that the GEMV and
+// wgemm share: sizes, the pointers each needs, and no two that exclude each other.
+bool epilogue_args_ok(const GemvArgs& a);
 // Whether the 16-byte vector kernel (rather than the scalar one) serves these arguments.
 bool gemv_vectorized(const GemvArgs& a);
 void gemv(const GemvArgs& a, cudaStream_t stream);

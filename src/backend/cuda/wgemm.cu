@@ -608,10 +608,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   const int kind = kind_of(a);
   if (kind < 0 || a.M < 1 || a.M > kWgemmMaxT || a.N < 1 || a.K < 1 || !a.w || !a.x || (!a.y && !a.swiglu_out)) return false;
   if (a.ldx < a.K || (!a.swiglu_out && a.ldy < a.N)) return false;
-  if (a.swiglu_out && (a.N % 2 || a.swiglu_ld < a.N / 2)) return false;
-  if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N)) return false;
-  if (a.rms_out && (!a.y || a.swiglu_out || !a.rms_w || !a.rms_sumsq || a.rms_ld < a.N)) return false;
-  if (a.x_sumsq && (kind >= kI8I8 || !(a.x_inv_n > 0.f))) return false;
+  if (!epilogue_args_ok(a)) return false;
   if (kind == kFp8Fp8 && sm < 89) return false;
   if (kind >= kI8I8 && !a.x_scale) return false;
   if (kind != kBf16 && !a.w_scale) return false;
