@@ -7,7 +7,7 @@
 #
 # Environment: RUN_TESTS [1] (kernel tests first, model tests last), KBENCH [1], METHODS [bf16 fp8 w4a16-rtn] (empty: no profiles), LAYERS [4],
 #              PREFILL [2048], BATCHES [1 64],
-#              AB [] (space-separated engine switches, e.g. "LLMQ_FUSE_ROPE=1 LLMQ_WGEMM_MAX_T=16": each batch's
+#              AB [] (space-separated engine switches, e.g. "LLMQ_NO_FUSE_ROPE=1 LLMQ_WGEMM_MAX_T=16": each batch's
 #              bench also runs once with each, tpot printed next to the default's; no profile for them)
 # On a machine without package access or ../shared, run scripts/gpu-pack.sh beforehand and carry .gpu.
 set -uo pipefail

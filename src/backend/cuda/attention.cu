@@ -67,10 +67,17 @@ __device__ __forceinline__ void kv_store(const KvCacheView& kv, int64_t i, int64
   }
 }
 
-// Rotate-half RoPE of dimension d of one head vector (x: the head's hd values; cs, sn: the position's table rows).
+// Rotate-half RoPE of the pair (a, b) = (x[j], x[j + half]) with c, s = cos, sin of the position's angle j:
+// (a c - b s, b c + a s). Rounded products and sums with no FMA contraction, so that rope_kv_kernel and the
+// fused decode kernel give the same bits (a contraction chosen differently in each flipped BF16/FP8 roundings
+// of K, and moved llama-27m logits by 1e-3 between the two).
+__device__ __forceinline__ float rope_lo(float a, float b, float c, float s) { return __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)); }
+__device__ __forceinline__ float rope_hi(float a, float b, float c, float s) { return __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)); }
+
+// Dimension d of one head vector after RoPE (x: the head's hd values; cs, sn: the position's table rows).
 __device__ __forceinline__ float rope_at(const float* x, int64_t d, int64_t half, const float* cs, const float* sn) {
   const int64_t j = d < half ? d : d - half;
-  return d < half ? x[d] * cs[j] - x[d + half] * sn[j] : x[d] * cs[j] + x[d - half] * sn[j];
+  return d < half ? rope_lo(x[j], x[j + half], cs[j], sn[j]) : rope_hi(x[j], x[j + half], cs[j], sn[j]);
 }
 
 __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const int32_t* seq, const float* cos_tab,
@@ -87,8 +94,8 @@ __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const
     float* vec = row + (i / half) * hd;
     const int64_t j = i % half;
     const float a = vec[j], b = vec[j + half];
-    vec[j] = a * cs[j] - b * sn[j];
-    vec[j + half] = b * cs[j] + a * sn[j];
+    vec[j] = rope_lo(a, b, cs[j], sn[j]);
+    vec[j + half] = rope_hi(a, b, cs[j], sn[j]);
   }
   __syncthreads();
   const int64_t slot = slot_of(kv, seq[t], p);

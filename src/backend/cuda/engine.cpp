@@ -234,8 +234,6 @@ class CudaEngine final : public Engine {
   // workspace's alignment decide.
   GemvArgs probe_args(const DevLinear& l, int64_t T) const;
   Path path(const DevLinear& l, int64_t T) const;
-  // Whether every matmul of a T-token step avoids cuBLAS (then the step can be one CUDA graph).
-  bool skinny(int64_t T) const;
   void matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t ldy, bool accumulate, const void* x = nullptr,
               const Epilogue& ep = {});
   // Whether the RMSNorm of the residual stream after `producer` (o_proj, down_proj) runs in its epilogue at T
@@ -282,7 +280,9 @@ class CudaEngine final : public Engine {
   DevMem block_table_, cos_, sin_;
   DevMem counters_;       // split attention's counters (zero between launches)
   DevMem norm_counters_;  // the fused RMSNorm's counter (zero between launches)
-  int64_t splits_ = 1, chunk_ = 0;
+  int64_t splits_ = 1;           // decode attention's splits of the cache at one token (fewer for more tokens)
+  int64_t attention_blocks_ = 1;  // its blocks per token and split (KV heads x query-head groups)
+  int64_t max_splits_ = kMaxAttentionSplits;  // LLMQ_ATTN_MAX_SPLITS
   int64_t n_tiles_ = 0;  // prefill attention tiles of the batch being run
 
   // Workspace, sized for t_cap_ tokens and out_cap_ logit rows.
@@ -291,11 +291,12 @@ class CudaEngine final : public Engine {
   DevMem nrm_;    // bf16 [min(t_cap, 64), H]: x o w of the distributed RMSNorm (the next matmul's input)
   DevMem sumsq_;  // double [2 * layers, min(t_cap, 64)]: its sums of squares per token, zeroed every step
   PinnedMem h_ints_, h_logits_;
+  DevMem cublas_ws_;  // cuBLAS's workspace, set explicitly so that its GEMMs can be captured into graphs
   DevMem ids_, argmax_v_, argmax_i_, argmax_counters_;  // the device argmax: [out_cap] ids and its scratch
   PinnedMem h_ids_;
   std::map<std::tuple<int64_t, int64_t, bool, bool>, cudaGraphExec_t> graphs_;  // (T, n_out, with_ids, one_per_seq)
   bool one_per_seq_ = false;  // the step being run has one token per sequence (decode)
-  bool fuse_rope_ = false;    // LLMQ_FUSE_ROPE=1 and attention_rope_supports() for this model
+  bool fuse_rope_ = false;    // attention_rope_supports() for this model, unless LLMQ_NO_FUSE_ROPE=1
   uint64_t peak_used_ = 0;
 };
 
@@ -446,7 +447,9 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
     KvCacheView probe;
     probe.kv_heads = c.kv_heads;
     probe.head_dim = c.head_dim;
-    fuse_rope_ = env_flag("LLMQ_FUSE_ROPE") && attention_rope_supports(probe, c.heads);
+    fuse_rope_ = !env_flag("LLMQ_NO_FUSE_ROPE") && attention_rope_supports(probe, c.heads);
+    const char* ms = std::getenv("LLMQ_ATTN_MAX_SPLITS");  // tests and comparisons: at most this many splits
+    max_splits_ = ms && *ms ? std::clamp<int64_t>(std::atoll(ms), 1, kMaxAttentionSplits) : kMaxAttentionSplits;
   }
   if (q.weights == WeightFormat::Fp8Channel && prop_.major * 10 + prop_.minor < 89)
     std::fprintf(stderr, "llmq: note: %s (sm_%d%d) has no FP8 tensor cores; FP8 weights run through FP32/BF16 kernels "
@@ -469,6 +472,8 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
   LLMQ_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   LLMQ_CUBLAS_CHECK(cublasCreate(&cublas_));
   LLMQ_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  cublas_ws_ = DevMem(size_t(32) << 20);  // NVIDIA's advice for Hopper
+  LLMQ_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_ws_.p, cublas_ws_.n));
   lt_ = std::make_unique<LtGemm>();
 
   // Embeddings (and tied lm_head) as BF16.
@@ -598,9 +603,9 @@ void CudaEngine::reset(int64_t n_seq, int64_t capacity) {
   // Decode attention: split the positions so that a small batch still fills the GPU (flash-decoding).
   const int64_t gch = (c.heads / c.kv_heads + 7) / 8;
   const int64_t blocks = c.kv_heads * gch;
+  attention_blocks_ = blocks;
   splits_ = std::clamp<int64_t>((2 * prop_.multiProcessorCount + blocks - 1) / blocks, 1,
-                                std::clamp<int64_t>(capacity / 16, 1, kMaxAttentionSplits));
-  chunk_ = (capacity + splits_ - 1) / splits_;
+                                std::clamp<int64_t>(capacity / 16, 1, max_splits_));
   partial_ = DevMem(size_t(kWgemmMaxT * c.heads * splits_ * (c.head_dim + 2)) * 4);
   counters_ = DevMem(size_t(attention_counters(kWgemmMaxT, c.heads, c.kv_heads)) * 4);
   norm_counters_ = DevMem(4);
@@ -688,14 +693,19 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   // bench/results/2026-12-02-nvidia-h200-session7.txt), but the GEMV still serves T <= kGemvPreferT (see
   // there why). INT4 tiles always take wgemm.
   if (!wgemm_all && T <= kGemvPreferT && !l.tiles && gemv_supports(a)) return Path::Gemv;
-  // LLMQ_WGEMM_MAX_T=N: row-major formats past N tokens go to cuBLAS / cuBLASLt instead of wgemm (for
-  // measuring the crossover: wgemm reads 21% of the copy bandwidth at 64 tokens in BF16, gate_up 265 us,
-  // bench/results/2026-12-01-nvidia-h200-kbench.txt; cuBLAS at 64 not measured yet). INT4 tiles stay on wgemm.
-  static const int64_t wgemm_max_t = [] {
+  // Past the GEMV's batches, wgemm serves only the formats cuBLAS cannot read as they are: BF16 and W8A8 go to
+  // cuBLAS / cuBLASLt, which at 16-64 tokens read 60-87% of the copy bandwidth where wgemm read 11-59% (H200,
+  // llama-3-8b shapes, bf16 gate_up at 16 tokens 63.5 vs 95.1 us, at 64 tokens 69.7 vs 265; fp8 35.3 vs 51.0 and
+  // 41.0 vs 209; cuBLAS in bench/results/2026-12-02-nvidia-h200-session8.txt, wgemm in 2026-12-01-nvidia-h200-
+  // kbench.txt; 4-layer bf16 at batch 64: 1.90 against 5.97 ms a step). INT8 weight-only and INT4 tiles would need
+  // a dequantized copy for cuBLAS (more bytes than BF16) and stay on wgemm up to kWgemmMaxT.
+  // LLMQ_WGEMM_MAX_T=N overrides the limit for every format (comparisons; INT4 past N is dequantized for cuBLAS).
+  static const int64_t forced_max_t = [] {
     const char* e = std::getenv("LLMQ_WGEMM_MAX_T");
-    return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kWgemmMaxT) : int64_t(kWgemmMaxT);
+    return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kWgemmMaxT) : int64_t(-1);
   }();
-  const int64_t max_t = l.tiles ? kWgemmMaxT : wgemm_max_t;
+  const bool own_format = l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None);
+  const int64_t max_t = forced_max_t >= 0 ? forced_max_t : own_format ? kWgemmMaxT : kGemvPreferT;
   if (T <= max_t && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   // W8A8 codes on the 8-bit tensor cores (LLMQ_NO_LT: through the BF16 GEMM instead, for comparisons).
@@ -774,18 +784,6 @@ bool CudaEngine::rms_split(const DevSite& producer, const DevSite& consumer, int
     b.x_inv_n = 1.f;
     if (!(p == Path::Gemv ? gemv_supports(b) : wgemm_supports(b, sm_))) return false;
   }
-  return true;
-}
-
-bool CudaEngine::skinny(int64_t T) const {
-  if (T > kWgemmMaxT) return false;
-  auto ok = [&](const DevSite& s) {
-    for (const DevLinear& l : s.parts)
-      if (path(l, T) == Path::Cublas) return false;
-    return true;
-  };
-  for (const DevLayer& L : layers_)
-    if (!ok(L.qkv) || !ok(L.o) || !ok(L.gate_up) || !ok(L.down)) return false;
   return true;
 }
 
@@ -908,8 +906,9 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     kv.v = L.v_cache.p;
     kv.k_scale = L.k_scale;
     kv.v_scale = L.v_scale;
-    // RoPE and the KV write inside decode attention when every sequence has one token in this step
-    // (LLMQ_FUSE_ROPE=1: opt-in until measured on a GPU), else a kernel of their own.
+    // RoPE and the KV write inside decode attention when every sequence has one token in this step, else a
+    // kernel of their own (H200, 4-layer llama-3-8b at batch 1: bf16 0.858 against 0.874 ms a step, fp8 0.716
+    // against 0.733; bench/results/2026-12-02-nvidia-h200-session8.txt). LLMQ_NO_FUSE_ROPE=1: always the kernel.
     const bool rope_in_attention = small && one_per_seq_ && fuse_rope_;
     if (!rope_in_attention)
       op("rope_kv", [&] { rope_kv(qkv, qkv_n, T, pos, seq, cos_.as<float>(), sin_.as<float>(), c.heads, kv, stream_); });
@@ -922,8 +921,13 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     aa.seq = seq;
     aa.window = c.sliding_window;
     aa.out = att_.as<float>();
-    aa.splits = small ? splits_ : 1;
-    aa.chunk = chunk_;
+    // Splits for this many tokens: enough blocks for two waves of the GPU, no more. With the batch-1 count at
+    // every batch (16 splits of 16 positions for a 256-position cache), a 64-token step ran 8,192 blocks and
+    // wrote 17 MB of partial results a layer (llama-3-8b).
+    const int64_t waves2 = 2 * int64_t(prop_.multiProcessorCount), per_split = T * attention_blocks_;
+    const int64_t sp = small ? std::clamp<int64_t>((waves2 + per_split - 1) / per_split, 1, splits_) : 1;
+    aa.splits = sp;
+    aa.chunk = (capacity_ + sp - 1) / sp;
     aa.partial = partial_.as<float>();
     aa.counters = counters_.as<int32_t>();
     if (rope_in_attention) aa.rope_cos = cos_.as<float>(), aa.rope_sin = sin_.as<float>(), aa.kv_col = qd;
@@ -1000,7 +1004,8 @@ void CudaEngine::step(const std::vector<BatchToken>& batch, float* logits_out, i
   // Prefill and large batches: the attention tiles (runs of one sequence's tokens).
   n_tiles_ = T > kWgemmMaxT ? attention_tiles(h + t_cap_, T, h + 4 * t_cap_) : 0;
   LLMQ_CUDA_CHECK(cudaMemcpyAsync(ints_.p, h, size_t(6 * t_cap_) * 4, cudaMemcpyHostToDevice, stream_));
-  // Decode steps and small batches: split attention, and one CUDA graph per shape when no matmul needs cuBLAS.
+  // Decode steps and small batches: split attention, and one CUDA graph per shape (cuBLAS and cuBLASLt calls
+  // included: their workspaces are fixed buffers, and they allocate nothing while captured).
   const bool small = T <= kWgemmMaxT;
   const bool with_ids = ids_out != nullptr;
   // One token per sequence (a decode step): RoPE and the KV write can run inside attention.
@@ -1015,8 +1020,7 @@ void CudaEngine::step(const std::vector<BatchToken>& batch, float* logits_out, i
   }
   const auto key = std::make_tuple(T, n_out, with_ids, one_per_seq_);
   auto it = graphs_.find(key);  // a graph exists only for shapes that passed the checks below
-  if (it != graphs_.end() || (small && skinny(T) && (n_out == 0 || path(lm_head_, n_out) != Path::Cublas) &&
-                              !sync_each_launch() && !profile_)) {
+  if (it != graphs_.end() || (small && !sync_each_launch() && !profile_)) {
     if (it == graphs_.end()) {
       cudaGraph_t g = nullptr;
       LLMQ_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));

@@ -64,6 +64,8 @@ struct GemvArgs {
   float x_inv_n = 0.f;            // 1 / hidden size
   int ksplit = 0;                 // GEMV: warps that share a row pair, splitting K (1, 2 or 4); 0 = the launcher's
                                   // choice (enough warps to fill the GPU). wgemm ignores it.
+  int i4_row_blocks = 0;          // wgemm, INT4 tiles: row blocks of 16 rows a CTA sums at once (1 or 2); 0 = the
+                                  // launcher's choice. The GEMV ignores it.
 };
 
 constexpr int kGemvMaxM = 8;

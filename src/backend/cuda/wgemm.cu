@@ -325,69 +325,83 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-// ND consecutive units (from unit u, a multiple of the units per group) of one lane of wgemm_i4_kernel, whose
-// weight words wv the caller has loaded; sp/zp: the scales and zero points of rows g and g + 8 (sp[0], sp[1]),
-// advanced to unit u's group, so that every group of the batch is an immediate offset from them. Each step's
-// eight codes become four bf16 pairs (code - zero, exact: one shift, one LOP3 and one HSUB2 each) for one mma
-// per n-tile, and every group's share of the sum is scaled once into acc.
+// ND consecutive units (from unit u, a multiple of the units per group) of RB row blocks of one lane of
+// wgemm_i4_kernel, whose weight words wv[i] (row block i) the caller has loaded; sp[i]/zp[i]: the scales and zero
+// points of row block i's rows g and g + 8 (sp[i][0], sp[i][1]), advanced to unit u's group, so that every group
+// of the batch is an immediate offset from them. Each step's eight codes become four bf16 pairs (code - zero,
+// exact: one shift, one LOP3 and one HSUB2 each) for one mma per n-tile, and every group's share of the sum is
+// scaled once into acc[i * NT + n]. The activations (the B operand) are loaded once per step and n-tile and
+// serve all RB row blocks.
 //
 // Measured and not kept (H200, this kernel at llama-3-8b shapes): pairs of 128 + code straight from the LOP3
 // with the zero point taken out once per group, sum (128 + c) x - (128 + z) sum x, sum x from a second mma on
 // an all-ones A operand (one mma per step instead of four HSUB2): the same time at T = 1, 5-13% slower at T = 16
 // (the 2-tile instance spilled), and 10x the rounding error (cancellation in FP32).
-template <int ND, int NT, int G>
-__device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[ND], const float* const (&sp)[2],
-                                         const uint8_t* const (&zp)[2], const uint2* const (&xp)[NT], int M,
-                                         float (&acc)[NT][4]) {
+template <int ND, int NT, int G, int RB>
+__device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const float* const (&sp)[RB][2],
+                                         const uint8_t* const (&zp)[RB][2], const uint2* const (&xp)[NT], int M,
+                                         float (&acc)[RB * NT][4]) {
   constexpr int GPU = G == 32 ? 2 : 1;  // groups per unit
-  float sc[2][ND][GPU];
-  uint32_t zb[2][ND][GPU];  // bf16 pair (128 + zero) twice
+  float sc[RB][2][ND][GPU];
+  uint32_t zb[RB][2][ND][GPU];  // bf16 pair (128 + zero) twice
 #pragma unroll
-  for (int d = 0; d < ND; ++d)
+  for (int i = 0; i < RB; ++i)
 #pragma unroll
-    for (int q = 0; q < GPU; ++q)
+    for (int d = 0; d < ND; ++d)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int off = (d * 64 + q * 32) / G;
-        sc[h][d][q] = __ldg(sp[h] + off);
-        zb[h][d][q] = 0x43004300u | uint32_t(__ldg(zp[h] + off)) * 0x10001u;
-      }
+      for (int q = 0; q < GPU; ++q)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int off = (d * 64 + q * 32) / G;
+          sc[i][h][d][q] = __ldg(sp[i][h] + off);
+          zb[i][h][d][q] = 0x43004300u | uint32_t(__ldg(zp[i][h] + off)) * 0x10001u;
+        }
   const uint2* xb[NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) xb[n] = xp[n] + u * 16;  // uint2 index of k = 64 u
 #pragma unroll
   for (int d = 0; d < ND; ++d) {
-    const uint32_t words[4] = {wv[d].x, wv[d].y, wv[d].z, wv[d].w};
-    float cg[NT][4];
+    float cg[RB][NT][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int q = j / (4 / GPU);
-      const uint32_t w = words[j];
-      const uint32_t A[4] = {bf16x2_sub(and_or(w, 0x000F000Fu, 0x43004300u), zb[0][d][q]),
-                             bf16x2_sub(and_or(w >> 4, 0x000F000Fu, 0x43004300u), zb[1][d][q]),
-                             bf16x2_sub(and_or(w >> 8, 0x000F000Fu, 0x43004300u), zb[0][d][q]),
-                             bf16x2_sub(and_or(w >> 12, 0x000F000Fu, 0x43004300u), zb[1][d][q])};
+      uint32_t A[RB][4];
+#pragma unroll
+      for (int i = 0; i < RB; ++i) {
+        const uint32_t w = j == 0 ? wv[i][d].x : j == 1 ? wv[i][d].y : j == 2 ? wv[i][d].z : wv[i][d].w;
+        A[i][0] = bf16x2_sub(and_or(w, 0x000F000Fu, 0x43004300u), zb[i][0][d][q]);
+        A[i][1] = bf16x2_sub(and_or(w >> 4, 0x000F000Fu, 0x43004300u), zb[i][1][d][q]);
+        A[i][2] = bf16x2_sub(and_or(w >> 8, 0x000F000Fu, 0x43004300u), zb[i][0][d][q]);
+        A[i][3] = bf16x2_sub(and_or(w >> 12, 0x000F000Fu, 0x43004300u), zb[i][1][d][q]);
+      }
       if (j % (4 / GPU) == 0) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) cg[n][0] = cg[n][1] = cg[n][2] = cg[n][3] = 0.f;
+        for (int i = 0; i < RB; ++i)
+#pragma unroll
+          for (int n = 0; n < NT; ++n) cg[i][n][0] = cg[i][n][1] = cg[i][n][2] = cg[i][n][3] = 0.f;
       }
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         if (n > 0 && n * 8 >= M) break;
-        mma_bf16(cg[n], A, __ldg(xb[n] + d * 16 + 4 * j));
+        const uint2 bx = __ldg(xb[n] + d * 16 + 4 * j);
+#pragma unroll
+        for (int i = 0; i < RB; ++i) mma_bf16(cg[i][n], A[i], bx);
       }
       if ((j + 1) % (4 / GPU) == 0) {
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        for (int i = 0; i < RB; ++i)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[n][i] = fmaf(sc[i >> 1][d][q], cg[n][i], acc[n][i]);  // c2, c3: row g + 8
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)  // c2, c3: row g + 8
+              acc[i * NT + n][e] = fmaf(sc[i][e >> 1][d][q], cg[i][n][e], acc[i * NT + n][e]);
       }
     }
   }
 }
 
-// Units per batch of wgemm_i4_kernel; its shared-memory ring holds kI4Stages batches per warp (three in flight
-// while one is summed).
+// Units per batch of wgemm_i4_kernel (over all its row blocks); its shared-memory ring holds kI4Stages batches
+// per warp (three in flight while one is summed).
 constexpr int kI4Batch = 4;
 constexpr int kI4Stages = 4;
 constexpr int kI4RingBytesPerWarp = kI4Stages * kI4Batch * 32 * 16;  // 8 KB
@@ -404,42 +418,50 @@ constexpr int kI4RingBytesPerWarp = kI4Stages * kI4Batch * 32 * 16;  // 8 KB
 //
 // Memory: every warp copies its units with cp.async into its own ring of kI4Stages batches in shared memory
 // (each lane copies and later reads back only its own 16 bytes, so no barrier is needed), kI4Stages - 1 batches
-// ahead of the one it sums. A CTA takes row blocks blockIdx.y, + gridDim.y, ... (launch_i4 sizes the grid to
-// what is resident at once), and its warps' rings run on from one row block into the next, so that the loads
-// of the next row block are in flight while this one is summed and reduced. With one row block per CTA, an
-// SM's CTAs all waited for their data and then all computed, leaving the memory idle in between, whatever the
-// ring's depth (H200, llama-3-8b gate_up at T = 1: 37.1 / 36.9 / 36.7 us with 1 / 4 / 6 stages); looping over
-// row blocks made it 26.0 us (57% of the copy bandwidth). The first batches are requested before pdl_wait():
-// the weights do not depend on the previous kernel.
-template <int NT, int G>
+// ahead of the one it sums. A CTA takes row-block sets blockIdx.y, + gridDim.y, ... (RB consecutive row blocks
+// of 16 rows each; launch_i4 sizes the grid to what is resident at once), and its warps' rings run on from one
+// set into the next, so that the loads of the next set are in flight while this one is summed and reduced. With
+// one row block per CTA, an SM's CTAs all waited for their data and then all computed, leaving the memory idle
+// in between, whatever the ring's depth (H200, llama-3-8b gate_up at T = 1: 37.1 / 36.9 / 36.7 us with 1 / 4 / 6
+// stages); looping over row blocks made it 26.0 us (57% of the copy bandwidth). With RB = 2 each activation
+// fragment a lane loads serves two row blocks' mma (half the activation loads per weight byte, which at 16
+// tokens are 8 bytes a lane per mma pair from 8 token rows). The first batches are requested before
+// pdl_wait(): the weights do not depend on the previous kernel.
+template <int NT, int G, int RB>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
-  constexpr int D = kI4Batch, S = kI4Stages;
-  extern __shared__ uint4 i4_ring[];  // [warps][S][D][32 lanes]
-  __shared__ float red[2][kMaxWarps - 1][NT * 4][32];  // the K-split partial sums, by row-block parity
+  constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block
+  static_assert(D * RB == kI4Batch, "a batch is kI4Batch units");
+  extern __shared__ uint4 i4_ring[];  // [warps][S][D][RB][32 lanes]
+  __shared__ float red[2][kMaxWarps - 1][RB * NT * 4][32];  // the K-split partial sums, by set parity
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   // blockIdx.x: group of 8 * NT tokens (more than one only past 16 tokens, see launch_i4).
   const int tok0 = int(blockIdx.x) * 8 * NT;
   const int N = int(a.N);
-  const int rbs = (N + 15) / 16;
-  const int nr = (rbs - int(blockIdx.y) + int(gridDim.y) - 1) / int(gridDim.y);  // row blocks of this CTA
+  const int rbs = (N + 15) / 16, sets = (rbs + RB - 1) / RB;
+  const int nr = (sets - int(blockIdx.y) + int(gridDim.y) - 1) / int(gridDim.y);  // row-block sets of this CTA
   // This warp's units of every row block: [u0, u1), u0 a multiple of the units per group (per is).
   const int u0 = min(units, warp * per), u1 = min(units, u0 + per);
   const int nu = u1 - u0, nb = (nu + D - 1) / D;  // units and batches per row block
-  uint4* ring = i4_ring + warp * (S * D * 32) + lane;
-  // The stream of batches this warp asks for: row block (blockIdx.y + ir * gridDim.y), batch ib of it.
+  uint4* ring = i4_ring + warp * (S * D * RB * 32) + lane;
+  // The stream of batches this warp asks for: set (blockIdx.y + ir * gridDim.y), batch ib of it. A set's row
+  // blocks past the last are clamped to it (loaded and summed, never stored).
   int ir = 0, ib = 0, slot_in = 0;
-  const uint4* src = static_cast<const uint4*>(a.w) + (int64_t(blockIdx.y) * units + u0) * 32 + lane;
-  const int64_t src_step = int64_t(gridDim.y) * units * 32;
+  const uint4* w4 = static_cast<const uint4*>(a.w);
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   auto issue = [&]() {  // the next batch into its ring slot; always one commit group
     if (ir < nr) {
-      const uint4* from = src + ib * (D * 32);
-      const uint32_t dst = ring_s + uint32_t(slot_in) * (D * 32 * 16);
+      const int set = int(blockIdx.y) + ir * int(gridDim.y);
+      const uint32_t dst = ring_s + uint32_t(slot_in) * (D * RB * 32 * 16);
 #pragma unroll
-      for (int d = 0; d < D; ++d)
-        if (ib * D + d < nu) cp_async16(dst + d * 32 * 16, from + d * 32);
-      if (++ib == nb) ib = 0, ++ir, src += src_step;
+      for (int i = 0; i < RB; ++i) {
+        const int rb = min(set * RB + i, rbs - 1);
+        const uint4* from = w4 + (int64_t(rb) * units + u0 + ib * D) * 32 + lane;
+#pragma unroll
+        for (int d = 0; d < D; ++d)
+          if (ib * D + d < nu) cp_async16(dst + (d * RB + i) * 32 * 16, from + d * 32);
+      }
+      if (++ib == nb) ib = 0, ++ir;
       slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
     }
     cp_async_commit();
@@ -460,76 +482,110 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
 
   int slot_out = 0;
   for (int r = 0; r < nr; ++r) {
-    const int rb = int(blockIdx.y) + r * int(gridDim.y);
-    const int r0 = min(rb * 16 + g, N - 1), r1 = min(rb * 16 + g + 8, N - 1);
-    float acc[NT][4];
+    const int set = int(blockIdx.y) + r * int(gridDim.y);
+    int r0[RB], r1[RB];
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int i = 0; i < RB; ++i) {
+      const int rb = min(set * RB + i, rbs - 1);
+      r0[i] = min(rb * 16 + g, N - 1), r1[i] = min(rb * 16 + g + 8, N - 1);
+    }
+    float acc[RB * NT][4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+    for (int n = 0; n < RB * NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
     for (int bb = 0; bb < nb; ++bb) {
       issue();
       cp_async_wait<S - 1>();  // the batch S - 1 before the one just asked for has landed: this one
-      const uint4* slot = ring + slot_out * (D * 32);
+      const uint4* slot = ring + slot_out * (D * RB * 32);
       slot_out = slot_out + 1 == S ? 0 : slot_out + 1;
       const int u = u0 + bb * D;
       const int goff = u * 64 / G;  // u is a multiple of the units per group
-      const float* sp[2] = {a.w_scale + int64_t(r0) * ng + goff, a.w_scale + int64_t(r1) * ng + goff};
-      const uint8_t* zp[2] = {a.w_zero + int64_t(r0) * ng + goff, a.w_zero + int64_t(r1) * ng + goff};
-      if (bb * D + D <= nu) {
-        uint4 wv[D];
+      const float* sp[RB][2];
+      const uint8_t* zp[RB][2];
 #pragma unroll
-        for (int d = 0; d < D; ++d) wv[d] = slot[d * 32];
-        i4_units<D, NT, G>(u, wv, sp, zp, xp, M, acc);
+      for (int i = 0; i < RB; ++i) {
+        sp[i][0] = a.w_scale + int64_t(r0[i]) * ng + goff, sp[i][1] = a.w_scale + int64_t(r1[i]) * ng + goff;
+        zp[i][0] = a.w_zero + int64_t(r0[i]) * ng + goff, zp[i][1] = a.w_zero + int64_t(r1[i]) * ng + goff;
+      }
+      if (bb * D + D <= nu) {
+        uint4 wv[RB][D];
+#pragma unroll
+        for (int d = 0; d < D; ++d)
+#pragma unroll
+          for (int i = 0; i < RB; ++i) wv[i][d] = slot[(d * RB + i) * 32];
+        i4_units<D, NT, G, RB>(u, wv, sp, zp, xp, M, acc);
       } else {
         for (int d = 0; bb * D + d < nu; ++d) {  // the last, partial batch: one unit at a time
           const int ud = u + d, go = ud * 64 / G - goff;
-          const float* spd[2] = {sp[0] + go, sp[1] + go};
-          const uint8_t* zpd[2] = {zp[0] + go, zp[1] + go};
-          const uint4 wv[1] = {slot[d * 32]};
-          i4_units<1, NT, G>(ud, wv, spd, zpd, xp, M, acc);
+          const float* spd[RB][2];
+          const uint8_t* zpd[RB][2];
+          uint4 wv[RB][1];
+#pragma unroll
+          for (int i = 0; i < RB; ++i) {
+            spd[i][0] = sp[i][0] + go, spd[i][1] = sp[i][1] + go;
+            zpd[i][0] = zp[i][0] + go, zpd[i][1] = zp[i][1] + go;
+            wv[i][0] = slot[(d * RB + i) * 32];
+          }
+          i4_units<1, NT, G, RB>(ud, wv, spd, zpd, xp, M, acc);
         }
       }
     }
-    // The K-splitting warps' partial sums into warp 0 (red[] alternates by row block: a warp may start writing
-    // the next row block's sums while warp 0 still reads these).
-    if (sum_warps<float, NT>(acc, warp, nw, lane, red[r & 1])) {
-      float sq[NT][2] = {};
+    // The K-splitting warps' partial sums into warp 0 (red[] alternates by set: a warp may start writing the
+    // next set's sums while warp 0 still reads these).
+    if (sum_warps<float, RB * NT>(acc, warp, nw, lane, red[r & 1])) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+      for (int i = 0; i < RB; ++i) {
+        const int rb = set * RB + i;
+        if (rb >= rbs) break;  // the clamped copy of the last row block (warp-uniform)
+        float sq[NT][2] = {};
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = rb * 16 + g + 8 * (i >> 1);
-          const int tok = n * 8 + 2 * t + (i & 1);
-          float v = acc[n][i] * rms_factor(a, tok0 + min(tok, M - 1));
-          if (a.bias) v += a.bias[min(row, N - 1)];
-          sq[n][i & 1] += store_out(a, row, tok0 + tok, tok < M, g, v);
-        }
-      add_sumsq_tile<NT>(a, sq, tok0, M, lane);
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = rb * 16 + g + 8 * (e >> 1);
+            const int tok = n * 8 + 2 * t + (e & 1);
+            float v = acc[i * NT + n][e] * rms_factor(a, tok0 + min(tok, M - 1));
+            if (a.bias) v += a.bias[min(row, N - 1)];
+            sq[n][e & 1] += store_out(a, row, tok0 + tok, tok < M, g, v);
+          }
+        add_sumsq_tile<NT>(a, sq, tok0, M, lane);
+      }
     }
   }
   norm_tail(a);  // every thread of the CTA, once
 }
 
-template <int NT, int G>
+template <int NT, int G, int RB>
 void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int kMaxBytes = kMaxWarps * kI4RingBytesPerWarp;
   static const int resident = [] {  // CTAs of this instance resident on the whole card
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G>, kMaxWarps * 32, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB>, kMaxWarps * 32, kMaxBytes));
     return std::max(1, sms * std::max(1, per_sm));
   }();
   const int units = int(a.K / 64);
   const int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
   constexpr int upg = G > 64 ? G / 64 : 1;  // units per group: every warp's range starts on a group
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
-  const int rbs = int((a.N + 15) / 16);
-  const int rows = std::min(rbs, std::max(1, resident / int(token_groups)));
-  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
+  const int sets = int(((a.N + 15) / 16 + RB - 1) / RB);
+  const int rows = std::min(sets, std::max(1, resident / int(token_groups)));
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
          size_t(nw) * kI4RingBytesPerWarp, s, a, units, per);
+}
+
+// LLMQ_WGEMM_I4_RB=1|2: row blocks per set of wgemm_i4_kernel wherever GemvArgs::i4_row_blocks leaves it open
+// (comparisons).
+int env_i4_rb() {
+  static const int rb = [] {
+    const char* e = std::getenv("LLMQ_WGEMM_I4_RB");
+    const int v = e && *e ? std::atoi(e) : 0;
+    return v == 1 || v == 2 ? v : 0;
+  }();
+  return rb;
 }
 
 template <int G>
@@ -537,8 +593,23 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   // Past 16 tokens, CTAs of 16 tokens each (the token groups of a row block run side by side and share its
   // weights through the L2): the 32- and 64-token instances need ~160 registers, one CTA per SM, and measured
   // 11x the 16-token time for 4x the tokens (H200, llama-3-8b gate_up: 654 vs 59 us).
-  if (a.M <= 8) return launch_i4_nt<1, G>(a, 1, s);
-  return launch_i4_nt<2, G>(a, unsigned((a.M + 15) / 16), s);
+  // Row blocks per set: two past 16 tokens, and from 9 to 16 where the matrix has at least 1.4 row blocks per
+  // resident CTA (two a SM). H200, llama-3-8b shapes, us at 1 / 2 row blocks (llmq-kbench,
+  // bench/results/2026-12-02-nvidia-h200-session8.txt): T = 16 qkv 19.4 / 15.6, gate_up 61.7 / 49.0, but o 12.5 /
+  // 14.1 and down 32.4 / 34.7 (256 row blocks: half the CTAs idle with two); T = 32 and 64 two everywhere (gate_up
+  // 116 / 80, 232 / 155); T = 1 one (gate_up 28.4 / 29.5, down 15.5 / 22.0).
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
+    return n;
+  }();
+  const int64_t rbs = (a.N + 15) / 16;
+  int rb = a.M > 16 || (a.M > 8 && rbs * 10 >= int64_t(sms) * 2 * 14) ? 2 : 1;
+  if (env_i4_rb()) rb = env_i4_rb();
+  if (a.i4_row_blocks) rb = a.i4_row_blocks;
+  if (a.M <= 8) return rb == 2 ? launch_i4_nt<1, G, 2>(a, 1, s) : launch_i4_nt<1, G, 1>(a, 1, s);
+  const unsigned tg = unsigned((a.M + 15) / 16);
+  return rb == 2 ? launch_i4_nt<2, G, 2>(a, tg, s) : launch_i4_nt<2, G, 1>(a, tg, s);
 }
 
 int kind_of(const GemvArgs& a) {
@@ -615,6 +686,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   if (kind == kBf16 && a.K % 32) return false;
   if ((kind == kI8W || kind >= kI8I8) && a.K % 64) return false;
   if (kind == kI4 && (!a.w_zero || !wgemm_int4_shape(a.K, a.group))) return false;
+  if (a.i4_row_blocks != 0 && a.i4_row_blocks != 1 && a.i4_row_blocks != 2) return false;
   const int xb = kind >= kI8I8 ? 1 : 2;
   if (!aligned(a.w, 16) || !aligned(a.x, 8) || (a.ldx * xb) % 8) return false;
   return true;
