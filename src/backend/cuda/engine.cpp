@@ -809,6 +809,14 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     throw Error("engine: fused epilogues run only in the GEMV and wgemm kernels");
   if (p == Path::Lt) {
     const bool fp8 = l.wf == WFmt::FP8;
+    // LLMQ_LT_SCALED=1: FP8 with cuBLASLt's outer-vector scaling straight into y (no FP32 round trip through
+    // gemm_epilogue); opt-in until measured on a GPU (written without one).
+    static const bool lt_scaled = env_flag("LLMQ_LT_SCALED");
+    if (fp8 && lt_scaled && !l.bias && reinterpret_cast<uintptr_t>(y) % 16 == 0 &&
+        lt_->supports_fp8_scaled(l.N, T, l.K, ldy, accumulate, sm_)) {
+      lt_->run_fp8_scaled(l.w, x, l.scale, row_scale_.as<float>(), y, ldy, accumulate, l.N, T, l.K, stream_);
+      return;
+    }
     lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_);
     gemm_epilogue(gemm_out_.p, T, l.N, row_scale_.as<float>(), l.scale, l.bias, y, ldy, accumulate, stream_, !fp8);
     return;

@@ -8,6 +8,7 @@ namespace llmq::cuda {
 
 struct LtGemm::Plan {
   bool ok = false;
+  float beta = 0.f;  // scaled plans: 1 adds into the output
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
@@ -32,8 +33,8 @@ LtGemm::~LtGemm() {
   if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
 }
 
-LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K) {
-  const auto key = std::make_tuple(int(kind), N, T, K);
+LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, bool scaled, int64_t ldc, bool accumulate) {
+  const auto key = std::make_tuple(int(kind), N, T, K, scaled, ldc, accumulate);
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   Plan* p = new Plan;
@@ -47,14 +48,26 @@ LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K) {
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
   cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
   cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
+  if (scaled) {  // A (the weights, M = N rows of C) and B (the tokens) each scaled by a vector
+    const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+    if (cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)) != CUBLAS_STATUS_SUCCESS)
+      return p;
+  }
   if (cublasLtMatrixLayoutCreate(&p->a, in, uint64_t(K), uint64_t(N), K) != CUBLAS_STATUS_SUCCESS ||
       cublasLtMatrixLayoutCreate(&p->b, in, uint64_t(K), uint64_t(T), K) != CUBLAS_STATUS_SUCCESS ||
-      cublasLtMatrixLayoutCreate(&p->c, out, uint64_t(N), uint64_t(T), N) != CUBLAS_STATUS_SUCCESS)
+      cublasLtMatrixLayoutCreate(&p->c, out, uint64_t(N), uint64_t(T), scaled ? ldc : N) != CUBLAS_STATUS_SUCCESS)
     return p;
+  p->beta = scaled && accumulate ? 1.f : 0.f;
   cublasLtMatmulPreference_t pref = nullptr;
   if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return p;
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
                                        sizeof(workspace_bytes_));
+  if (scaled) {  // y may be a column offset into a wider row (a fused site's part): 16-byte alignment only
+    const uint32_t align = 16;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align, sizeof(align));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align, sizeof(align));
+  }
   cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b,
@@ -82,6 +95,27 @@ void LtGemm::run(LtKind kind, const void* w, const void* x, void* acc, int64_t N
   const void* beta = kind == LtKind::Fp8 ? static_cast<const void*>(&beta_f) : static_cast<const void*>(&beta_i);
   LLMQ_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, alpha, w, p->a, x, p->b, beta, acc, p->c,
                                    acc, p->c, &p->algo, workspace_, workspace_bytes_, s));
+}
+
+bool LtGemm::supports_fp8_scaled(int64_t N, int64_t T, int64_t K, int64_t ldy, bool accumulate, int sm) {
+  if (sm < 89 || ldy < N || N < 1 || T < 1 || K < 16 || K % 16 || N % 4 || ldy % 4) return false;  // y: 16-byte aligned
+  return plan(LtKind::Fp8, N, T, K, true, ldy, accumulate)->ok;
+}
+
+void LtGemm::run_fp8_scaled(const void* w, const void* x, const float* w_scale, const float* x_scale, float* y,
+                            int64_t ldy, bool accumulate, int64_t N, int64_t T, int64_t K, cudaStream_t s) {
+  Plan* p = plan(LtKind::Fp8, N, T, K, true, ldy, accumulate);
+  if (reinterpret_cast<uintptr_t>(y) % 16) throw Error("cuBLASLt scaled FP8 GEMM: output not 16-byte aligned");
+  if (!p->ok) throw Error("cuBLASLt has no scaled FP8 GEMM for N " + std::to_string(N) + ", T " + std::to_string(T) + ", K " + std::to_string(K));
+  // The scale pointers belong to this call (the plan is shared by every layer of the shape): set each time, on
+  // the host, before the launch (inside a graph capture too: nothing here synchronizes or allocates).
+  const void* as = w_scale;
+  const void* bs = x_scale;
+  LLMQ_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &as, sizeof(as)));
+  LLMQ_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &bs, sizeof(bs)));
+  const float alpha = 1.f, beta = p->beta;
+  LLMQ_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w, p->a, x, p->b, &beta, y, p->c,
+                                   y, p->c, &p->algo, workspace_, workspace_bytes_, s));
 }
 
 }  // namespace llmq::cuda

@@ -28,13 +28,23 @@ class LtGemm {
   // acc: FP32 (Fp8) or INT32 (Int8) [T, N] row-major, contiguous.
   void run(LtKind kind, const void* w, const void* x, void* acc, int64_t N, int64_t T, int64_t K, cudaStream_t s);
 
+  // FP8 with the scales applied inside cuBLASLt (outer-vector scaling, CUDA 12.9+): y[t, n] = x_scale[t] *
+  // w_scale[n] * sum_k x[t, k] W[n, k], plus y[t, n] when accumulate, written straight into y (FP32, row stride
+  // ldy >= N): no FP32 accumulator round trip through an epilogue kernel. supports_fp8_scaled: whether
+  // cuBLASLt offers an algorithm for it on this card (sm_89+, the same shape rules as supports()).
+  bool supports_fp8_scaled(int64_t N, int64_t T, int64_t K, int64_t ldy, bool accumulate, int sm);
+  void run_fp8_scaled(const void* w, const void* x, const float* w_scale, const float* x_scale, float* y, int64_t ldy,
+                      bool accumulate, int64_t N, int64_t T, int64_t K, cudaStream_t s);
+
  private:
   struct Plan;
-  Plan* plan(LtKind kind, int64_t N, int64_t T, int64_t K);
+  // scaled: the outer-vector-scaled FP8 plan writing FP32 with row stride ldc (beta 1 when accumulate)
+  Plan* plan(LtKind kind, int64_t N, int64_t T, int64_t K, bool scaled = false, int64_t ldc = 0, bool accumulate = false);
   void* handle_ = nullptr;     // cublasLtHandle_t
   void* workspace_ = nullptr;  // device
   size_t workspace_bytes_ = 0;
-  std::map<std::tuple<int, int64_t, int64_t, int64_t>, Plan*> plans_;
+  // (kind, N, T, K, scaled, ldc, accumulate)
+  std::map<std::tuple<int, int64_t, int64_t, int64_t, bool, int64_t, bool>, Plan*> plans_;
 };
 
 }  // namespace llmq::cuda

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Hardware-counter profiles (Nsight Compute) of the kernels that bound issue 4's open speed targets, for a GPU
+# machine whose runtime lets ncu read the counters (Firecracker here; not gVisor). Builds build/gpu if it is
+# missing, then profiles one launch of each (after warm-up launches) through llmq-kbench:
+#   wgemm_i4_kernel  INT4 gate_up at 16 tokens (W4A16 at batch 16: 30% of the copy bandwidth)
+#   flash_prefill_kernel  2048-token prefill attention (a third of the BF16 prefill time)
+#   gemv_vec_kernel  FP8 x FP8 qkv at 1 token (the FP8 batch-1 row)
+# printing the speed of light, occupancy, launch statistics and warp stall reasons. Logs go to $OUT when set.
+# Environment: KERNELS [i4 flash fp8gemv] (a subset to run), NCU [ncu].
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+LOG=${OUT:-/tmp}
+KERNELS=${KERNELS:-"i4 flash fp8gemv"}
+NCU=${NCU:-ncu}
+. scripts/gpu-env.sh  # sets SHARED
+if [ ! -x build/gpu/llmq-kbench ]; then
+  CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+  ARCH=${CUDA_ARCH:-$([ "$CAP" = 90 ] && echo 90a-real || echo "$CAP-real")}
+  cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DLLMQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+    -DLLMQ_SHARED_DIR="$SHARED" >/dev/null || exit 1
+  cmake --build build/gpu -j"$(nproc)" --target llmq-kbench > "$LOG/build.log" 2>&1 || { grep error "$LOG/build.log" | head; exit 1; }
+fi
+K=build/gpu/llmq-kbench
+SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats"
+prof() {  # name kernel-regex skip kbench-args...
+  local name=$1 kern=$2 skip=$3
+  shift 3
+  echo "=== $name ($kern)"
+  # shellcheck disable=SC2086
+  timeout 240 "$NCU" --clock-control none -k "regex:$kern" -s "$skip" -c 1 $SECTIONS "$K" "$@" > "$LOG/ncu-$name.txt" 2>&1
+  grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occ|Warp Cycles Per Issued|Issued Warp|No Eligible|Stall|Block Limit" \
+    "$LOG/ncu-$name.txt" | head -40
+}
+for k in $KERNELS; do
+  case $k in
+    i4) prof i4-t16-gate_up wgemm_i4_kernel 3 --only matmul --format w4a16 --t 16 --matrix gate_up ;;
+    flash) prof flash-2048 flash_prefill_kernel 1 --only attention ;;
+    fp8gemv) prof fp8-gemv-t1-qkv gemv_vec_kernel 3 --only matmul --format fp8 --t 1 --matrix qkv ;;
+    *) echo "unknown kernel set $k" ;;
+  esac
+done
