@@ -22,19 +22,20 @@ if [ ! -x build/gpu/llmq-kbench ]; then
   cmake --build build/gpu -j"$(nproc)" --target llmq-kbench > "$LOG/build.log" 2>&1 || { grep error "$LOG/build.log" | head; exit 1; }
 fi
 K=build/gpu/llmq-kbench
-SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats"
+SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis"
 prof() {  # name kernel-regex skip kbench-args...
   local name=$1 kern=$2 skip=$3
   shift 3
   echo "=== $name ($kern)"
   # shellcheck disable=SC2086
   timeout 240 "$NCU" --clock-control none -k "regex:$kern" -s "$skip" -c 1 $SECTIONS "$K" "$@" > "$LOG/ncu-$name.txt" 2>&1
-  grep -E "Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occ|Warp Cycles Per Issued|Issued Warp|No Eligible|Stall|Block Limit" \
+  grep -E "Duration|Memory Throughput|DRAM Throughput|L1/TEX Hit|L2 Hit|Compute \(SM\)|Registers Per|Shared Memory Config|Achieved Occupancy|Theoretical Occ|Warp Cycles Per Issued|Issued Warp|No Eligible|Stall|Block Limit" \
     "$LOG/ncu-$name.txt" | head -40
 }
 for k in $KERNELS; do
   case $k in
-    i4) prof i4-t16-gate_up wgemm_i4_kernel 3 --only matmul --format w4a16 --t 16 --matrix gate_up ;;
+    i4) prof i4-t16-gate_up wgemm_i4_kernel 3 --only matmul --format w4a16 --t 16 --matrix gate_up
+        ( export LLMQ_WGEMM_I4_ONE_CTA=1; prof i4-t16-gate_up-one-cta wgemm_i4_kernel 3 --only matmul --format w4a16 --t 16 --matrix gate_up ) ;;
     flash) prof flash-2048 flash_prefill_kernel 1 --only attention ;;
     fp8gemv) prof fp8-gemv-t1-qkv gemv_vec_kernel 3 --only matmul --format fp8 --t 1 --matrix qkv ;;
     *) echo "unknown kernel set $k" ;;

@@ -565,6 +565,20 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB>, kMaxWarps * 32, kMaxBytes));
+    // LLMQ_WGEMM_I4_ONE_CTA=1 (an experiment, not measured yet): one CTA an SM, with the shared-memory carve-out
+    // cut to what one CTA needs so that the rest of the SM's 256 KB is L1. The suspicion it tests: past 8
+    // tokens the activations a CTA's warps read (16 tokens x K x 2 bytes, 128 KB at K = 4096) no longer fit
+    // the L1 that two CTAs' rings and reduction buffers leave (~70 KB), and every activation fragment comes
+    // from the L2 (T = 9 already costs 1.6x T = 1 for the same weight bytes).
+    const char* e = std::getenv("LLMQ_WGEMM_I4_ONE_CTA");
+    if (NT > 1 && e && *e == '1') {
+      cudaFuncAttributes fa{};
+      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB>));
+      const double need = double(kMaxBytes + fa.sharedSizeBytes) / double(228 * 1024);
+      const int pct = std::min(100, int(need * 100.0) + 1);
+      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
+      per_sm = 1;
+    }
     return std::max(1, sms * std::max(1, per_sm));
   }();
   const int units = int(a.K / 64);
