@@ -569,7 +569,8 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
     // cut to what one CTA needs so that the rest of the SM's 256 KB is L1. The suspicion it tests: past 8
     // tokens the activations a CTA's warps read (16 tokens x K x 2 bytes, 128 KB at K = 4096) no longer fit
     // the L1 that two CTAs' rings and reduction buffers leave (~70 KB), and every activation fragment comes
-    // from the L2 (T = 9 already costs 1.6x T = 1 for the same weight bytes).
+    // from the L2 (T = 9 already costs 1.6x T = 1 for the same weight bytes). Against it: down_proj (K = 14336,
+    // activations that never fit) slows down by the same factor as gate_up (K = 4096), so it may well not be.
     const char* e = std::getenv("LLMQ_WGEMM_I4_ONE_CTA");
     if (NT > 1 && e && *e == '1') {
       cudaFuncAttributes fa{};
