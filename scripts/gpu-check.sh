@@ -2,7 +2,8 @@
 # The one script a GPU machine runs: builds llmq with all its cores for the card it has, runs the GPU tests
 # (ctest -L gpu: every CUDA kernel against the CPU reference, llama-27m on CUDA against the CPU engine), then
 # the benchmark matrix on synthetic checkpoints (`llmq synth`): METHODS x BATCHES on each of SHAPES, prompt
-# 128 and 128 generated tokens, plus one batch-1 prefill of PREFILL tokens per (shape, method). Writes
+# 128 and 128 generated tokens (every batch size of a format in one `llmq bench --batches`: the model is
+# loaded once), plus one batch-1 prefill of PREFILL tokens per (shape, method). Writes
 # bench/results/<date>-<card>.json (one record per run) and prints a table last.
 #
 # Environment (defaults in brackets):
@@ -96,24 +97,27 @@ PY
 QPID=""
 trap 'finish "cut short by a signal"; [ -n "$QPID" ] && kill "$QPID" 2>/dev/null; exit 143' TERM INT
 CALIB="$SHARED/data/c4/c4_validation_2k.jsonl"
-run_bench() {  # shape method quantized_with dir batch prompt gen
+run_bench() {  # shape method quantized_with dir batches(comma-separated) prompt gen: one llmq bench, the model loaded once
   local out
-  if out=$("$LLMQ" bench "$4" --device "$DEVICE" --batch "$5" --prompt-len "$6" --gen-len "$7" --json 2>"$WORK/bench.err"); then
-    BENCH_JSON="$out" python3 - "$1" "$2" "$3" "$5" "$6" "$7" "$CARD" "$COMMIT" <<'PY' >> "$REC"
+  if out=$("$LLMQ" bench "$4" --device "$DEVICE" --batches "$5" --prompt-len "$6" --gen-len "$7" --json 2>"$WORK/bench.err"); then
+    BENCH_JSON="$out" python3 - "$1" "$2" "$3" "$6" "$7" "$CARD" "$COMMIT" <<'PY' >> "$REC"
 import json, os, sys, datetime
-r = json.loads(os.environ["BENCH_JSON"])
-shape, method, qw, batch, pl, gl, card, commit = sys.argv[1:]
-rec = {"shape": shape, "method": method, "quantized_with": qw, "batch": int(batch), "prompt_len": int(pl),
-       "gen_len": int(gl), "card": card, "commit": commit, "date": datetime.date.today().isoformat()}
-for k in ["decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms", "achieved_gbps", "peak_gbps",
-          "roofline_pct", "prefill_gflops", "peak_gflops", "prefill_pct_of_peak_flops", "weight_bytes",
-          "bytes_per_token", "peak_memory_bytes", "device"]:
-    rec[k] = r.get(k)
-print(json.dumps(rec))
+runs = json.loads(os.environ["BENCH_JSON"])["runs"]
+shape, method, qw, pl, gl, card, commit = sys.argv[1:]
+for r in runs:
+    rec = {"shape": shape, "method": method, "quantized_with": qw, "batch": r["batch"], "prompt_len": int(pl),
+           "gen_len": int(gl), "card": card, "commit": commit, "date": datetime.date.today().isoformat()}
+    for k in ["decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms", "achieved_gbps", "peak_gbps",
+              "roofline_pct", "prefill_gflops", "peak_gflops", "prefill_pct_of_peak_flops", "weight_bytes",
+              "bytes_per_token", "peak_memory_bytes", "device"]:
+        rec[k] = r.get(k)
+    print(json.dumps(rec))
 PY
   else
-    echo "bench failed: $1 $2 batch $5: $(tail -1 "$WORK/bench.err")"
-    echo "{\"shape\": \"$1\", \"method\": \"$2\", \"batch\": $5, \"prompt_len\": $6, \"error\": $(tail -1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}" >> "$REC"
+    echo "bench failed: $1 $2 batches $5: $(tail -1 "$WORK/bench.err")"
+    for b in ${5//,/ }; do
+      echo "{\"shape\": \"$1\", \"method\": \"$2\", \"batch\": $b, \"prompt_len\": $6, \"error\": $(tail -1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}" >> "$REC"
+    done
   fi
 }
 
@@ -153,7 +157,8 @@ for shape in $SHAPES; do
       while [ ! -d "$dir" ] && [ ! -e "$dir.failed" ]; do sleep 2; done
       [ -e "$dir.failed" ] && continue
     fi
-    for b in $BATCHES; do run_bench "$shape" "$method" "$qw" "$dir" "$b" 128 128; done
+    # Every batch size on the model loaded once (llmq bench --batches), then the prefill run.
+    if [ -n "$BATCHES" ]; then run_bench "$shape" "$method" "$qw" "$dir" "$(echo $BATCHES | tr ' ' ',')" 128 128; fi
     if [ "$PREFILL" -gt 0 ]; then run_bench "$shape" "$method" "$qw" "$dir" 1 "$PREFILL" 1; fi
     if [ "$method" != bf16 ]; then rm -rf "$dir"; fi
   done

@@ -103,6 +103,34 @@ TEST(Cli, PerplexityJson) {
   EXPECT_NE(r.err.find("window 2/2"), std::string::npos) << "progress on stderr";
 }
 
+// bench: one run's keys; --batches runs several batch sizes on the model loaded once, one object per batch in
+// order under "runs", each with the keys of a single run.
+TEST(Cli, BenchJson) {
+  const std::string small = " --prompt-len 8 --gen-len 4 --repeats 1 --json";
+  CmdResult one = run("bench " + demo() + small);
+  ASSERT_EQ(one.code, 0) << one.err;
+  const json j = json::parse(one.out);
+  for (auto k : {"prefill_tokens_per_s", "decode_tokens_per_s", "ttft_ms", "tpot_ms", "weight_bytes", "achieved_gbps",
+                 "peak_gbps", "roofline_pct", "device"})
+    EXPECT_TRUE(j.contains(k)) << k;
+  EXPECT_EQ(j["batch"], 1);
+  CmdResult many = run("bench " + demo() + " --batches 2,1,3" + small);
+  ASSERT_EQ(many.code, 0) << many.err;
+  const json m = json::parse(many.out);
+  ASSERT_TRUE(m.contains("runs"));
+  ASSERT_EQ(m["runs"].size(), 3u);
+  const int want[3] = {2, 1, 3};
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(m["runs"][size_t(i)]["batch"], want[i]);
+    EXPECT_GT(m["runs"][size_t(i)]["decode_tokens_per_s"].get<double>(), 0.0);
+    for (auto& [k, v] : j.items()) EXPECT_TRUE(m["runs"][size_t(i)].contains(k)) << k;
+  }
+  EXPECT_EQ(run("bench " + demo() + " --batches 1,x" + small).code, 2);
+  EXPECT_EQ(run("bench " + demo() + " --batches 1,,2" + small).code, 2);
+  EXPECT_EQ(run("bench " + demo() + " --batches 0" + small).code, 2);
+  EXPECT_EQ(run("bench " + demo() + " --batch 2 --batches 1" + small).code, 2);
+}
+
 TEST(Cli, UsageErrorsExitTwo) {
   EXPECT_EQ(run("").code, 2);
   EXPECT_EQ(run("frobnicate").code, 2);

@@ -2,7 +2,9 @@
 //
 // Exit status: 0 success, 2 usage error, 1 any other error (one line `llmq: error: <what>` on stderr).
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <unistd.h>
@@ -100,7 +102,12 @@ int main(int argc, char** argv) {
   BenchParams bp;
   bch->add_option("MODEL", bench_model, "Hugging Face model directory")->required();
   bch->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  bch->add_option("--batch", bp.batch, "Sequences decoded together (default 1)")->check(CLI::PositiveNumber);
+  std::string bench_batches;
+  auto* bch_batch = bch->add_option("--batch", bp.batch, "Sequences decoded together (default 1)")->check(CLI::PositiveNumber);
+  bch->add_option("--batches", bench_batches,
+                  "Several batch sizes, comma-separated (e.g. 1,16,64), measured one after another on the model "
+                  "loaded once; with --json one object {\"runs\": [the keys above, per batch]}")
+      ->excludes(bch_batch);
   bch->add_option("--prompt-len", bp.prompt_len, "Prompt tokens per sequence (default 128)")->check(CLI::PositiveNumber);
   bch->add_option("--gen-len", bp.gen_len, "Generated tokens per sequence (default 128)")->check(CLI::PositiveNumber);
   bch->add_option("--repeats", bp.repeats, "Timed runs after one warm-up; the median is reported (default 3)")
@@ -360,27 +367,50 @@ int main(int argc, char** argv) {
       else std::printf("%s: %s, %lld parameters, %.3f GB\n", syn_shape.c_str(), syn_out.c_str(), (long long)r.params,
                        double(r.bytes) / 1e9);
     } else if (*bch) {
+      std::vector<int64_t> batches = {bp.batch};
+      if (!bench_batches.empty()) {
+        batches.clear();
+        for (size_t at = 0; at <= bench_batches.size();) {
+          const size_t comma = std::min(bench_batches.find(',', at), bench_batches.size());
+          const std::string item = bench_batches.substr(at, comma - at);
+          char* end = nullptr;
+          const long long v = std::strtoll(item.c_str(), &end, 10);
+          if (item.empty() || *end != '\0' || v < 1) {
+            std::fprintf(stderr, "llmq bench: --batches: '%s' is not a positive batch size\n", item.c_str());
+            return 2;
+          }
+          batches.push_back(v);
+          at = comma + 1;
+        }
+      }
       Model m(bench_model);
       auto engine = make_engine(m, device);
-      BenchResult r = bench(*engine, bp);
-      json j = {{"prefill_tokens_per_s", r.prefill_tokens_per_s}, {"decode_tokens_per_s", r.decode_tokens_per_s},
-                {"ttft_ms", r.ttft_ms}, {"tpot_ms", r.tpot_ms}, {"weight_bytes", r.weight_bytes},
-                {"achieved_gbps", r.achieved_gbps}, {"peak_gbps", r.peak_gbps}, {"roofline_pct", r.roofline_pct},
-                {"prefill_gflops", r.prefill_gflops}, {"decode_gflops", r.decode_gflops}, {"peak_gflops", r.peak_gflops},
-                {"prefill_pct_of_peak_flops", r.prefill_pct_of_peak}, {"device", r.device}, {"isa", r.isa},
-                {"threads", r.threads}, {"batch", bp.batch}, {"prompt_len", bp.prompt_len}, {"gen_len", bp.gen_len},
-                {"dtype", dtype_name(m.config().dtype)},
-                {"peak_memory_bytes", r.peak_memory_bytes}, {"bytes_per_token", m.bytes_per_token()},
-                {"method", m.quant().method.empty() ? std::string(dtype_name(m.config().dtype)) : m.quant().method}};
-      if (as_json) {
-        print_json(j);
-      } else {
-        std::printf("device   %s\n", r.device.c_str());
-        std::printf("prefill  %9.1f tok/s  %7.1f GFLOP/s  (%.0f%% of %.0f GFLOP/s FMA peak)  ttft %.1f ms\n",
-                    r.prefill_tokens_per_s, r.prefill_gflops, r.prefill_pct_of_peak, r.peak_gflops, r.ttft_ms);
-        std::printf("decode   %9.1f tok/s  %7.1f GB/s     (%.0f%% of %.1f GB/s read peak)  tpot %.2f ms\n",
-                    r.decode_tokens_per_s, r.achieved_gbps, r.roofline_pct, r.peak_gbps, r.tpot_ms);
+      json runs = json::array();
+      for (int64_t b : batches) {
+        bp.batch = b;
+        BenchResult r = bench(*engine, bp);
+        json j = {{"prefill_tokens_per_s", r.prefill_tokens_per_s}, {"decode_tokens_per_s", r.decode_tokens_per_s},
+                  {"ttft_ms", r.ttft_ms}, {"tpot_ms", r.tpot_ms}, {"weight_bytes", r.weight_bytes},
+                  {"achieved_gbps", r.achieved_gbps}, {"peak_gbps", r.peak_gbps}, {"roofline_pct", r.roofline_pct},
+                  {"prefill_gflops", r.prefill_gflops}, {"decode_gflops", r.decode_gflops}, {"peak_gflops", r.peak_gflops},
+                  {"prefill_pct_of_peak_flops", r.prefill_pct_of_peak}, {"device", r.device}, {"isa", r.isa},
+                  {"threads", r.threads}, {"batch", bp.batch}, {"prompt_len", bp.prompt_len}, {"gen_len", bp.gen_len},
+                  {"dtype", dtype_name(m.config().dtype)},
+                  {"peak_memory_bytes", r.peak_memory_bytes}, {"bytes_per_token", m.bytes_per_token()},
+                  {"method", m.quant().method.empty() ? std::string(dtype_name(m.config().dtype)) : m.quant().method}};
+        if (as_json) {
+          if (bench_batches.empty()) print_json(j);
+          else runs.push_back(j);
+        } else {
+          if (!bench_batches.empty()) std::printf("batch    %lld\n", (long long)b);
+          std::printf("device   %s\n", r.device.c_str());
+          std::printf("prefill  %9.1f tok/s  %7.1f GFLOP/s  (%.0f%% of %.0f GFLOP/s FMA peak)  ttft %.1f ms\n",
+                      r.prefill_tokens_per_s, r.prefill_gflops, r.prefill_pct_of_peak, r.peak_gflops, r.ttft_ms);
+          std::printf("decode   %9.1f tok/s  %7.1f GB/s     (%.0f%% of %.1f GB/s read peak)  tpot %.2f ms\n",
+                      r.decode_tokens_per_s, r.achieved_gbps, r.roofline_pct, r.peak_gbps, r.tpot_ms);
+        }
       }
+      if (as_json && !bench_batches.empty()) print_json({{"runs", runs}});
     }
   } catch (const std::exception& e) {
     std::fflush(stdout);
