@@ -87,6 +87,10 @@ struct GemvCase {
   bool rms_out = false; // producer half: bf16(y * w) to rms_out and sum y^2 added to rms_sumsq
 };
 
+// Every weight x input format pair the GEMV runs.
+constexpr std::pair<WFmt, XFmt> kGemvPairs[] = {{WFmt::BF16, XFmt::BF16}, {WFmt::I8, XFmt::BF16}, {WFmt::FP8, XFmt::BF16},
+                                                {WFmt::I4, XFmt::BF16},   {WFmt::I8, XFmt::I8},   {WFmt::FP8, XFmt::FP8}};
+
 int device_sm() {
   cudaDeviceProp p{};
   cudaGetDeviceProperties(&p, 0);
@@ -366,9 +370,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
 TEST(CudaGemv, EveryFormatAtAwkwardShapes) {
   REQUIRE_GPU();
   uint64_t seed = 1;
-  const std::pair<WFmt, XFmt> pairs[] = {{WFmt::BF16, XFmt::BF16}, {WFmt::I8, XFmt::BF16}, {WFmt::FP8, XFmt::BF16},
-                                         {WFmt::I4, XFmt::BF16},   {WFmt::I8, XFmt::I8},   {WFmt::FP8, XFmt::FP8}};
-  for (auto [wf, xf] : pairs) {
+  for (auto [wf, xf] : kGemvPairs) {
     for (int M : {1, 2, 3, 5, 8}) {
       // N odd (a warp's second row missing), K small, K not a multiple of the 16-byte load (scalar kernel).
       const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 128}, {7, 256}, {33, 512}, {129, 1024}, {5, 96}, {3, 130}};
@@ -396,9 +398,7 @@ TEST(CudaGemv, EveryFormatAtAwkwardShapes) {
 TEST(CudaGemv, KSplitMatchesReference) {
   REQUIRE_GPU();
   uint64_t seed = 4000;
-  const std::pair<WFmt, XFmt> pairs[] = {{WFmt::BF16, XFmt::BF16}, {WFmt::I8, XFmt::BF16}, {WFmt::FP8, XFmt::BF16},
-                                         {WFmt::I4, XFmt::BF16},   {WFmt::I8, XFmt::I8},   {WFmt::FP8, XFmt::FP8}};
-  for (auto [wf, xf] : pairs) {
+  for (auto [wf, xf] : kGemvPairs) {
     const int64_t E = wf == WFmt::BF16 ? 8 : wf == WFmt::I4 ? 32 : 16;  // values per 16-byte chunk
     for (int ks : {1, 2, 4}) {
       // 512 chunks (whole batches of 4 warps), 5 * 128 + 37 (a remainder), 40 (fewer chunks than lanes x warps)

@@ -878,6 +878,11 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   const int32_t* tiles = rows + t_cap_;
   float* x = x_.as<float>();
   small_ = small;
+  // Decode attention's splits for this many tokens: enough blocks for two waves of the GPU, no more. With the
+  // batch-1 count at every batch (16 splits of 16 positions for a 256-position cache), a 64-token step ran 8,192
+  // blocks and wrote 17 MB of partial results a layer (llama-3-8b).
+  const int64_t waves2 = 2 * int64_t(prop_.multiProcessorCount), per_split = T * attention_blocks_;
+  const int64_t att_splits = small ? std::clamp<int64_t>((waves2 + per_split - 1) / per_split, 1, splits_) : 1;
   // The distributed RMSNorms' sums of squares: slot 2l for layer l's gate_up, 2l + 1 for layer l + 1's qkv.
   const int64_t ts = std::min<int64_t>(T, kWgemmMaxT);
   double* sumsq = sumsq_.as<double>();
@@ -929,13 +934,8 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     aa.seq = seq;
     aa.window = c.sliding_window;
     aa.out = att_.as<float>();
-    // Splits for this many tokens: enough blocks for two waves of the GPU, no more. With the batch-1 count at
-    // every batch (16 splits of 16 positions for a 256-position cache), a 64-token step ran 8,192 blocks and
-    // wrote 17 MB of partial results a layer (llama-3-8b).
-    const int64_t waves2 = 2 * int64_t(prop_.multiProcessorCount), per_split = T * attention_blocks_;
-    const int64_t sp = small ? std::clamp<int64_t>((waves2 + per_split - 1) / per_split, 1, splits_) : 1;
-    aa.splits = sp;
-    aa.chunk = (capacity_ + sp - 1) / sp;
+    aa.splits = att_splits;
+    aa.chunk = (capacity_ + att_splits - 1) / att_splits;
     aa.partial = partial_.as<float>();
     aa.counters = counters_.as<int32_t>();
     if (rope_in_attention) aa.rope_cos = cos_.as<float>(), aa.rope_sin = sin_.as<float>(), aa.kv_col = qd;

@@ -105,6 +105,29 @@ __device__ __forceinline__ void add_sumsq_tile(const GemvArgs& a, float (&sq)[NT
     }
 }
 
+// Warp 0's epilogue for one 16-row block (rows rb * 16 ..) and NT n-tiles of tokens from tok0 (M of them
+// valid): value(n, e, rc, tc) gives accumulator e of n-tile n scaled (c0, c1 = row g, tokens 2t, 2t + 1; c2, c3 =
+// row g + 8), from the row and token clamped into range; the bias is added, the value stored (store_out) and
+// the distributed RMSNorm's sums of squares gathered. Rows and tokens past the ends are computed from the
+// clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored. All lanes call it.
+template <int NT, typename Value>
+__device__ __forceinline__ void store_tile(const GemvArgs& a, int64_t rb, int64_t tok0, int M, int lane, Value value) {
+  const int g = lane >> 2, t = lane & 3;
+  float sq[NT][2] = {};
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t row = rb * 16 + g + 8 * (e >> 1);
+      const int tok = n * 8 + 2 * t + (e & 1);
+      const int64_t rc = row < a.N ? row : a.N - 1;
+      float v = value(n, e, rc, tok0 + (tok < M ? tok : M - 1));
+      if (a.bias) v += a.bias[rc];
+      sq[n][e & 1] += store_out(a, row, tok0 + tok, tok < M, g, v);
+    }
+  add_sumsq_tile<NT>(a, sq, tok0, M, lane);
+}
+
 // The K-splitting warps' partial sums added into warp 0's accumulators through shared memory (red, a
 // __shared__ [kMaxWarps - 1][NT * 4][32] of the kernel). Returns true in warp 0, which then runs the epilogue,
 // false in the others. Every thread of the CTA must call it.
@@ -281,28 +304,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wgemm_kernel(const GemvArgs a,
     if (cur_group >= 0) flush();
   }
 
-  // Epilogue (warp 0): c0, c1 = row g, tokens 2t, 2t+1; c2, c3 = row g + 8. Rows and tokens past the ends are
-  // computed from clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored.
+  // Epilogue (warp 0).
   __shared__ Acc red[kMaxWarps - 1][NT * 4][32];
-  if (sum_warps<Acc, NT>(acc, warp, nw, lane, red)) {
-    float sq[NT][2] = {};
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t row = rb * 16 + g + 8 * (i >> 1);
-        const int tok = n * 8 + 2 * t + (i & 1);
-        const int64_t rc = row < a.N ? row : a.N - 1;
-        const int tc = tok < a.M ? tok : a.M - 1;
-        float v = float(acc[n][i]);
-        if constexpr (KIND >= kI8I8) v *= a.x_scale[tc];
-        else v *= rms_factor(a, tc);
-        if constexpr (KIND == kI8W || KIND >= kI8I8) v *= a.w_scale[rc];
-        if (a.bias) v += a.bias[rc];
-        sq[n][i & 1] += store_out(a, row, tok, tok < a.M, g, v);
-      }
-    add_sumsq_tile<NT>(a, sq, 0, a.M, lane);
-  }
+  if (sum_warps<Acc, NT>(acc, warp, nw, lane, red))
+    store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t rc, int64_t tc) {
+      float v = float(acc[n][e]);
+      if constexpr (KIND >= kI8I8) v *= a.x_scale[tc];
+      else v *= rms_factor(a, tc);
+      if constexpr (KIND == kI8W || KIND >= kI8I8) v *= a.w_scale[rc];
+      return v;
+    });
   norm_tail(a);  // every thread of the CTA, once
 }
 
@@ -538,18 +549,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
       for (int i = 0; i < RB; ++i) {
         const int rb = set * RB + i;
         if (rb >= rbs) break;  // the clamped copy of the last row block (warp-uniform)
-        float sq[NT][2] = {};
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = rb * 16 + g + 8 * (e >> 1);
-            const int tok = n * 8 + 2 * t + (e & 1);
-            float v = acc[i * NT + n][e] * rms_factor(a, tok0 + min(tok, M - 1));
-            if (a.bias) v += a.bias[min(row, N - 1)];
-            sq[n][e & 1] += store_out(a, row, tok0 + tok, tok < M, g, v);
-          }
-        add_sumsq_tile<NT>(a, sq, tok0, M, lane);
+        store_tile<NT>(a, rb, tok0, M, lane,
+                       [&](int n, int e, int64_t, int64_t tc) { return acc[i * NT + n][e] * rms_factor(a, tc); });
       }
     }
   }
