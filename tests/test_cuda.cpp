@@ -822,7 +822,9 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
   struct Shape {
     int64_t heads, kv_heads, hd;
   };
-  for (Shape sh : {Shape{4, 2, 64}, Shape{12, 1, 48}, Shape{8, 8, 128}, Shape{4, 4, 256}, Shape{2, 1, 96}, Shape{16, 2, 64}}) {
+  // Query heads per KV head 1, 2, 3 (a group below its power of two), 4 and 8; head dims of both decode kernels.
+  for (Shape sh : {Shape{4, 2, 64}, Shape{12, 1, 48}, Shape{8, 8, 128}, Shape{4, 4, 256}, Shape{2, 1, 96}, Shape{16, 2, 64},
+                   Shape{6, 2, 128}, Shape{8, 2, 64}}) {
     for (KvType kt : {KvType::BF16, KvType::FP8, KvType::I8}) {
       const int64_t heads = sh.heads, nkv = sh.kv_heads, hd = sh.hd, half = hd / 2;
       const int64_t qd = heads * hd, kvd = nkv * hd, ld = qd + 2 * kvd + 5, page = 16, cap = 200;

@@ -6,7 +6,7 @@
 // bandwidth or the BF16 GEMM rate measured in the same run. Weight buffers rotate over more memory than the L2
 // holds, so every launch reads its weights from HBM as a decode step does.
 //
-// Usage: llmq-kbench [--only matmul|gemm|attention] [--t LIST] (e.g. --t 1,16,64) [--matrix NAME] [--format NAME]
+// Usage: llmq-kbench [--only matmul|gemm|attention|decode] [--t LIST] (e.g. --t 1,16,64) [--matrix NAME] [--format NAME]
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -405,6 +405,69 @@ void bench_decode_attention(const std::vector<int64_t>& ctxs, double peak_gbps, 
   }
 }
 
+// Decode attention of a batch: B sequences with `ctx` cached positions each (own pages of a BF16 cache, random
+// values), one new token each at position ctx - 1, chunks cut from a cache capacity of `cap` positions as the
+// engine cuts them. Splits: the engine's rule (two waves of blocks, at most cap / 16), then half and twice
+// that, and one. GB/s counts the K and V bytes read (at B = 64, ~40 MB: mostly from HBM).
+void bench_batch_decode_attention(const std::vector<int64_t>& batches, int64_t ctx, int64_t cap, double peak_gbps, int sms) {
+  constexpr int64_t heads = 32, nkv = 8, hd = 128, kvd = nkv * hd, page = 16, ld = heads * hd + 2 * kvd;
+  std::printf("\n%-22s %6s %6s %6s %10s %8s %6s\n", "attention decode batch", "B", "ctx", "splits", "us", "GB/s", "%copy");
+  for (int64_t B : batches) {
+    const int64_t pps = (cap + page - 1) / page;
+    std::vector<int32_t> table(static_cast<size_t>(B * pps)), seq(static_cast<size_t>(B)), pos(static_cast<size_t>(B), int32_t(ctx - 1));
+    for (size_t i = 0; i < table.size(); ++i) table[i] = int32_t(i);
+    for (int64_t s = 0; s < B; ++s) seq[size_t(s)] = int32_t(s);
+    std::vector<void*> owned;
+    auto up = [&](const auto& v) {
+      void* p = nullptr;
+      LLMQ_CUDA_CHECK(cudaMalloc(&p, v.size() * sizeof(v[0])));
+      LLMQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(v[0]), cudaMemcpyHostToDevice));
+      owned.push_back(p);
+      return p;
+    };
+    KvCacheView kv;
+    kv.page_size = page;
+    kv.pages_per_seq = pps;
+    kv.block_table = static_cast<int32_t*>(up(table));
+    kv.kv_heads = nkv;
+    kv.head_dim = hd;
+    kv.k = device_random(size_t(B * pps * page * kvd), "bf16", 11);
+    kv.v = device_random(size_t(B * pps * page * kvd), "bf16", 12);
+    owned.push_back(kv.k);
+    owned.push_back(kv.v);
+    AttentionArgs a;
+    a.q = static_cast<float*>(device_random(size_t(B * ld), "scale", 13));
+    owned.push_back(const_cast<float*>(a.q));
+    a.ldq = ld;
+    a.T = B;
+    a.heads = heads;
+    a.pos = static_cast<int32_t*>(up(pos));
+    a.seq = static_cast<int32_t*>(up(seq));
+    LLMQ_CUDA_CHECK(cudaMalloc(&a.out, size_t(B * heads * hd) * 4));
+    owned.push_back(a.out);
+    const int64_t max_sp = std::clamp<int64_t>(cap / 16, 1, kMaxAttentionSplits);
+    const int64_t one = std::clamp<int64_t>((2 * sms + nkv - 1) / nkv, 1, std::max<int64_t>(1, cap / 32));  // the engine's splits_
+    const int64_t rule = std::clamp<int64_t>((2 * sms + B * nkv - 1) / (B * nkv), 1, one);
+    LLMQ_CUDA_CHECK(cudaMalloc(&a.partial, size_t(B * heads * max_sp * (hd + 2)) * 4));
+    owned.push_back(a.partial);
+    LLMQ_CUDA_CHECK(cudaMalloc(&a.counters, size_t(attention_counters(B, heads, nkv)) * 4));
+    LLMQ_CUDA_CHECK(cudaMemset(a.counters, 0, size_t(attention_counters(B, heads, nkv)) * 4));
+    owned.push_back(a.counters);
+    std::vector<int64_t> variants = {rule, std::max<int64_t>(1, rule / 2), std::min(max_sp, rule * 2), 1};
+    std::sort(variants.begin(), variants.end());
+    variants.erase(std::unique(variants.begin(), variants.end()), variants.end());
+    for (int64_t sp : variants) {
+      a.splits = sp;
+      a.chunk = (cap + sp - 1) / sp;
+      const double us = time_us([&](int) { attention(a, kv, nullptr); }, 20);
+      const double gbps = double(B) * 2.0 * double(ctx * kvd) * 2 / (us * 1e-6) / 1e9;
+      std::printf("%-22s %6lld %6lld %6lld %10.2f %8.0f %5.1f%%%s\n", "", (long long)B, (long long)ctx, (long long)sp, us,
+                  gbps, 100.0 * gbps / peak_gbps, sp == rule ? "  (engine)" : "");
+    }
+    for (void* p : owned) cudaFree(p);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -423,7 +486,7 @@ int main(int argc, char** argv) {
         if (*p == ',') ++p;
       }
     } else {
-      std::fprintf(stderr, "usage: llmq-kbench [--only matmul|gemm|attention] [--t 1,16,64] [--matrix qkv|o|gate_up|down|lm_head]\n"
+      std::fprintf(stderr, "usage: llmq-kbench [--only matmul|gemm|attention|decode] [--t 1,16,64] [--matrix qkv|o|gate_up|down|lm_head]\n"
                            "                   [--format bf16|w8a16|fp8|int8|w4a16]\n");
       return 2;
     }
@@ -444,6 +507,8 @@ int main(int argc, char** argv) {
       bench_attention(2048, tf);
       bench_decode_attention({256, 2048, 8192}, bw, p.multiProcessorCount);
     }
+    if (only.empty() || only == "attention" || only == "decode")
+      bench_batch_decode_attention({1, 16, 64}, 160, 256, bw, p.multiProcessorCount);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llmq-kbench: error: %s\n", e.what());
     return 1;

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cfloat>
 #include <cstdlib>
 #include <type_traits>
@@ -106,10 +107,10 @@ __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const
 // running max and sum per head of the group; sm_acc: its unnormalized output per head and dimension). Merges
 // the warps and writes the output, or for a split launch this split's partial result, after which the last
 // block of the (token, head group) merges every split's.
-template <int D>
+template <int D, int NG>
 __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t hd, int64_t t, int64_t kvh, int64_t G,
-                                               int64_t g0, int ng, int64_t split, float (&sm_m)[kWarps][kMaxGroup],
-                                               float (&sm_l)[kWarps][kMaxGroup], float (&sm_acc)[kWarps][kMaxGroup][D]) {
+                                               int64_t g0, int ng, int64_t split, float (&sm_m)[kWarps][NG],
+                                               float (&sm_l)[kWarps][NG], float (&sm_acc)[kWarps][NG][D]) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   __syncthreads();
   for (int64_t idx = threadIdx.x; idx < int64_t(ng) * hd; idx += blockDim.x) {
@@ -140,8 +141,8 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
   // Each head's split maxima, then per split the weight exp(M_s - M) (0 for a split with no position) and the
   // weighted sum of L, in shared memory; then every (head, dim) adds its weighted partial outputs, the loads of
   // all splits independent of each other.
-  __shared__ float sm_f[kMaxGroup][kMaxSplits];
-  __shared__ float sm_ltot[kMaxGroup];
+  __shared__ float sm_f[NG][kMaxSplits];
+  __shared__ float sm_ltot[NG];
   const int S = int(a.splits);
   const float* part = a.partial + (t * a.heads + kvh * G + g0) * S * (hd + 2);  // head g's split s: (g * S + s)
   for (int i = threadIdx.x; i < ng * S; i += blockDim.x) sm_f[i / S][i % S] = __ldcg(part + int64_t(i) * (hd + 2) + hd);
@@ -254,16 +255,48 @@ __global__ void __launch_bounds__(kWarps * 32) attention_kernel(const AttentionA
   for (int g = 0; g < kMaxGroup; ++g)
 #pragma unroll
     for (int i = 0; i < DPL; ++i) sm_acc[warp][g][lane + 32 * i] = acc[g][i];
-  attention_tail<DPL * 32>(a, hd, t, kvh, G, g0, ng, split, sm_m, sm_l, sm_acc);
+  attention_tail<DPL * 32, kMaxGroup>(a, hd, t, kvh, G, g0, ng, split, sm_m, sm_l, sm_acc);
+}
+
+// One position's eight cache values (K or V, dims d0..d0+7 at element offset `at`) as raw codes: one 16-byte
+// (BF16) or 8-byte (FP8, INT8; in .x and .y) load. kv_cvt8 turns them into dequantized floats. Split in two so
+// that a loop can issue the loads of several positions before it needs any of them.
+template <typename KT>
+__device__ __forceinline__ uint4 kv_raw8(const void* base, int64_t at) {
+  if constexpr (sizeof(KT) == 2) {
+    return *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + at);
+  } else {
+    const uint2 u = *reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(base) + at);
+    return make_uint4(u.x, u.y, 0u, 0u);
+  }
+}
+template <typename KT>
+__device__ __forceinline__ void kv_cvt8(const uint4 u, float scale, float (&f)[8]) {
+  if constexpr (sizeof(KT) == 2) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[2 * i] = bf16lo(w[i]), f[2 * i + 1] = bf16hi(w[i]);
+  } else {
+    const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint8_t b = uint8_t(w[i / 4] >> (8 * (i % 4)));
+      f[i] = (std::is_same_v<KT, int8_t> ? float(int8_t(b)) : fp8_to_float(b)) * scale;
+    }
+  }
 }
 
 // Attention for head dims 64 and 128 (most models) wherever the flash kernel does not run (decode, small
-// batches): the same blocks as attention_kernel, but a warp
-// takes P = 32 / L positions at a time, L = HD / 8 lanes each, every lane loading 8 dims of K and V in one
-// 16-byte (BF16) or 8-byte load. The per-token kernel walks positions one per warp step with 2-byte loads and a
-// 5-shuffle sum per head and position; here a step covers P positions with log2(L) shuffles, and each position
-// slot keeps its own online softmax until the end, where the slots are merged with shuffles.
-template <int HD, typename KT>
+// batches): the same blocks as attention_kernel, with NG (>= the block's query heads, a power of two) fixed at
+// compile time, so a model with 4 query heads per KV head holds registers for 4, not kMaxGroup (llama-3-8b: 198
+// registers and 2 blocks an SM before, 168 and 3 now). A warp takes P = 32 / L positions at a time, L = HD / 8
+// lanes each, every lane loading 8 dims of K and V in one 16-byte (BF16) or 8-byte load, and U such steps at
+// once: all their block-table and cache loads are issued before the first score is computed, and the U scores
+// of a head share one max update (U + 1 exponentials instead of 2 U). Each position slot keeps its own online
+// softmax until the end, where the slots are merged with shuffles. U = kUnroll needs more registers than U = 1;
+// decode_kernel_for picks between them.
+constexpr int kUnroll = 4;
+template <int HD, typename KT, int NG, int U = kUnroll>
 __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
   pdl_trigger();
   pdl_wait();
@@ -282,9 +315,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
   const float* cs = rope ? a.rope_cos + p * half : nullptr;
   const float* sn = rope ? a.rope_sin + p * half : nullptr;
 
-  float q[kMaxGroup][8], acc[kMaxGroup][8], m[kMaxGroup], l[kMaxGroup];
+  float q[NG][8], acc[NG][8], m[NG], l[NG];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < NG; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
     const float* qh = a.q + t * a.ldq + (kvh * G + g0 + g) * HD;
@@ -306,39 +339,67 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
     __syncthreads();
   }
   const float ks = kv.k_scale ? kv.k_scale[kvh] : 1.f, vs = kv.v_scale ? kv.v_scale[kvh] : 1.f;
-  for (int64_t j0 = begin + warp * P; j0 < end; j0 += kWarps * P) {
-    const int64_t j = j0 + slot;
-    const bool ok = j < end;
-    float kf[8], vf[8];
-    if (ok) {
-      const int64_t at = slot_of(kv, sq, j) * kvd + kvh * HD + sub * 8;
-      kv_load8(kv, kv.k, at, ks, kf);
-      kv_load8(kv, kv.v, at, vs, vf);
-    } else {
+  // Warp w covers positions j0 .. j0 + P * U - 1 of each round (step u: j0 + u * P + slot).
+  for (int64_t j0 = begin + warp * P * U; j0 < end; j0 += kWarps * P * U) {
+    uint4 kr[U], vr[U];
+    bool ok[U];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) kf[i] = vf[i] = 0.f;
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = j0 + u * P + slot;
+      ok[u] = j < end;
+      kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (ok[u]) {
+        const int64_t at = slot_of(kv, sq, j) * kvd + kvh * HD + sub * 8;
+        kr[u] = kv_raw8<KT>(kv.k, at);
+        vr[u] = kv_raw8<KT>(kv.v, at);
+      }
+    }
+    // Scores (every lane runs the shuffles; a slot past the range scores -inf and adds nothing).
+    float s[U][NG];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[8];
+      kv_cvt8<KT>(kr[u], ks, kf);
+#pragma unroll
+      for (int g = 0; g < NG; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) d = fmaf(q[g][i], kf[i], d);
+#pragma unroll
+        for (int o = L / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        s[u][g] = ok[u] ? d : -INFINITY;
+      }
     }
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      if (g >= ng) break;
-      float s = 0.f;
+    for (int g = 0; g < NG; ++g) {
+      float mn = m[g];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) s = fmaf(q[g][i], kf[i], s);
+      for (int u = 0; u < U; ++u) mn = fmaxf(mn, s[u][g]);
+      const float corr = mn == -INFINITY ? 1.f : expf(m[g] - mn);
+      float sum = 0.f;
 #pragma unroll
-      for (int o = L / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (!ok) continue;  // a slot past the range keeps its state (the shuffles above ran on every lane)
-      const float mn = fmaxf(m[g], s);
-      const float corr = expf(m[g] - mn), e = expf(s - mn);
-      l[g] = l[g] * corr + e;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(acc[g][i], corr, e * vf[i]);
+      for (int u = 0; u < U; ++u) {
+        s[u][g] = s[u][g] == -INFINITY ? 0.f : expf(s[u][g] - mn);  // now the weight of step u
+        sum += s[u][g];
+      }
+      l[g] = fmaf(l[g], corr, sum);
       m[g] = mn;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[8];
+      kv_cvt8<KT>(vr[u], vs, vf);
+#pragma unroll
+      for (int g = 0; g < NG; ++g)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(s[u][g], vf[i], acc[g][i]);
     }
   }
   // Merge the warp's P slots (lanes sub, sub + L, ...): max, rescale, sum; every lane ends with the warp's state.
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
-    if (g >= ng) break;
+  for (int g = 0; g < NG; ++g) {
     float M = m[g];
 #pragma unroll
     for (int o = L; o < 32; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
@@ -354,16 +415,16 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
     }
     m[g] = M;
   }
-  __shared__ float sm_m[kWarps][kMaxGroup], sm_l[kWarps][kMaxGroup];
-  __shared__ float sm_acc[kWarps][kMaxGroup][HD];
+  __shared__ float sm_m[kWarps][NG], sm_l[kWarps][NG];
+  __shared__ float sm_acc[kWarps][NG][HD];
   if (lane == 0)
-    for (int g = 0; g < kMaxGroup; ++g) sm_m[warp][g] = m[g], sm_l[warp][g] = l[g];
+    for (int g = 0; g < NG; ++g) sm_m[warp][g] = m[g], sm_l[warp][g] = l[g];
   if (slot == 0)
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g)
+    for (int g = 0; g < NG; ++g)
 #pragma unroll
       for (int i = 0; i < 8; ++i) sm_acc[warp][g][sub * 8 + i] = acc[g][i];
-  attention_tail<HD>(a, HD, t, kvh, G, g0, ng, split, sm_m, sm_l, sm_acc);
+  attention_tail<HD, NG>(a, HD, t, kvh, G, g0, ng, split, sm_m, sm_l, sm_acc);
 }
 
 // ---- Prefill: flash attention on the tensor cores ----
@@ -578,10 +639,37 @@ void launch_blocks(const char* name, DecodeKernel bf16, DecodeKernel fp8, Decode
   launch(name, kv.type == KvType::BF16 ? bf16 : kv.type == KvType::FP8 ? fp8 : i8, grid, kWarps * 32, 0, s, a, kv);
 }
 
+// kUnroll steps at once where every block of the launch is resident at once with it; else one step at a time,
+// which needs fewer registers and so keeps more blocks resident. H200, llmq-kbench --only decode, 32 heads / 8 KV
+// heads / hd 128, ctx 160, BF16 cache, us unrolled / one step: 1 sequence (16 splits) 17.4 / 16.5, 8 splits
+// 15.0 / 15.7; 16 sequences (3 splits, 384 blocks) 20.2 / 23.5; 64 sequences (1 split, 512 blocks, more than
+// the 3 x 132 resident unrolled) 42.3 / 34.1 (bench/results/2026-12-02-nvidia-h200-session9.txt).
+template <int HD, typename KT, int NG>
+DecodeKernel decode_kernel_for(int64_t blocks) {
+  static const int64_t resident = [] {
+    int per_sm = 0, dev = 0, sms = 0;
+    LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
+    LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_decode_kernel<HD, KT, NG>, kWarps * 32, 0));
+    return int64_t(per_sm) * sms;
+  }();
+  return blocks <= resident ? attention_decode_kernel<HD, KT, NG> : attention_decode_kernel<HD, KT, NG, 1>;
+}
+template <int HD, int NG>
+void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
+  const int64_t blocks = a.T * kv.kv_heads * ((a.heads / kv.kv_heads + kMaxGroup - 1) / kMaxGroup) * a.splits;
+  launch_blocks("attention_decode_kernel", decode_kernel_for<HD, uint16_t, NG>(blocks), decode_kernel_for<HD, uint8_t, NG>(blocks),
+                decode_kernel_for<HD, int8_t, NG>(blocks), a, kv, s);
+}
+// The block's query heads (G, at most kMaxGroup) rounded up to a power of two: registers for no more heads
+// than a block has (llama-3-8b: 4, llama-2-7b: 1).
 template <int HD>
 void launch_decode(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
-  launch_blocks("attention_decode_kernel", attention_decode_kernel<HD, uint16_t>, attention_decode_kernel<HD, uint8_t>,
-                attention_decode_kernel<HD, int8_t>, a, kv, s);
+  const int64_t G = std::min<int64_t>(a.heads / kv.kv_heads, kMaxGroup);
+  if (G <= 1) return launch_decode_ng<HD, 1>(a, kv, s);
+  if (G <= 2) return launch_decode_ng<HD, 2>(a, kv, s);
+  if (G <= 4) return launch_decode_ng<HD, 4>(a, kv, s);
+  launch_decode_ng<HD, 8>(a, kv, s);
 }
 
 template <int DPL>

@@ -2,6 +2,8 @@
 
 #include <cublasLt.h>
 
+#include <cstdlib>
+
 #include "backend/cuda/check.hpp"
 
 namespace llmq::cuda {
@@ -48,6 +50,16 @@ LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, bool sc
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
   cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
   cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
+  // LLMQ_LT_FAST_ACCUM=1 (FP8, for measuring): the tensor cores' own accumulation throughout, without cuBLASLt's
+  // periodic promotion to FP32 (faster, less exact over long K).
+  static const bool fast_accum = [] {
+    const char* e = std::getenv("LLMQ_LT_FAST_ACCUM");
+    return e && *e == '1';
+  }();
+  if (fp8 && fast_accum) {
+    const int8_t one = 1;
+    cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &one, sizeof(one));
+  }
   if (scaled) {  // A (the weights, M = N rows of C) and B (the tokens) each scaled by a vector
     const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
     if (cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)) != CUBLAS_STATUS_SUCCESS ||
