@@ -757,10 +757,11 @@ TEST(CudaElementwise, RmsNormPrepMatchesCpu) {
   }
 }
 
-// cuBLASLt FP8 GEMM with the per-channel weight scales and per-token input scales applied by cuBLASLt
-// (outer-vector scaling) straight into a strided FP32 output, overwriting or adding to it, against a CPU sum in
-// double. Products of two E4M3 values are exact in FP32; the tolerance allows FP32 accumulation over K (K ulps
-// of the sum of |terms|, with cuBLASLt's precise accumulation) and the rounding of the added output.
+// cuBLASLt FP8 GEMM with the scales applied by cuBLASLt straight into a strided FP32 output, overwriting or
+// adding to it, against a CPU sum in double: per-channel weight scales and per-token input scales (outer-vector
+// scaling), and one scale per channel carrying a static input scale too (alpha vector). Products of two E4M3
+// values are exact in FP32; the tolerance allows FP32 accumulation over K (K ulps of the sum of |terms|, with
+// cuBLASLt's precise accumulation) and the rounding of the scales and of the added output.
 TEST(CudaLt, Fp8ScaledMatchesReference) {
   REQUIRE_GPU();
   const int sm = device_sm();
@@ -772,46 +773,56 @@ TEST(CudaLt, Fp8ScaledMatchesReference) {
     bool accumulate;
   };
   int ran = 0;
-  for (Case c : {Case{64, 3, 128, 0, false}, Case{200, 17, 336, 12, true}, Case{4096, 64, 4096, 4, true},
-                 Case{28, 1, 16, 0, true}, Case{512, 2048, 1024, 8, false}}) {
-    const int64_t ldy = c.N + c.pad;
-    if (!lt.supports_fp8_scaled(c.N, c.T, c.K, ldy, c.accumulate, sm)) {
-      std::printf("  cuBLASLt offers no scaled FP8 GEMM for N %lld T %lld K %lld on sm_%d\n", (long long)c.N,
-                  (long long)c.T, (long long)c.K, sm);
-      continue;
-    }
-    std::vector<uint8_t> w(size_t(c.N * c.K)), x(size_t(c.T * c.K));
-    for (auto& b : w) b = random_fp8(rng) & 0xBF;  // exponent field <= 7: |value| <= 1.875
-    for (auto& b : x) b = random_fp8(rng) & 0xBF;
-    std::vector<float> ws(size_t(c.N)), xs(size_t(c.T)), y0(size_t(c.T * ldy));
-    for (auto& v : ws) v = us(rng) * 1e-2f;
-    for (auto& v : xs) v = us(rng) * 1e-1f;
-    for (auto& v : y0) v = uy(rng);
-    Buf dw(w), dx(x), dws(ws), dxs(xs), dy(y0);
-    lt.run_fp8_scaled(dw.p, dx.p, dws.as<float>(), dxs.as<float>(), dy.as<float>(), ldy, c.accumulate, c.N, c.T, c.K, nullptr);
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const std::vector<float> got = dy.get<float>();
-    for (int64_t t = 0; t < c.T; ++t)
-      for (int64_t j = 0; j < ldy; ++j) {
-        const float g = got[size_t(t * ldy + j)];
-        if (j >= c.N) {  // past N: untouched
-          ASSERT_EQ(g, y0[size_t(t * ldy + j)]) << "padding t " << t << " j " << j;
-          continue;
-        }
-        double sum = 0, mag = 0;
-        for (int64_t k = 0; k < c.K; ++k) {
-          const double term = double(quant::fp8_to_f32(x[size_t(t * c.K + k)])) * quant::fp8_to_f32(w[size_t(j * c.K + k)]);
-          sum += term;
-          mag += std::fabs(term);
-        }
-        const double sc = double(xs[size_t(t)]) * ws[size_t(j)];
-        const double want = sum * sc + (c.accumulate ? y0[size_t(t * ldy + j)] : 0.0);
-        const double tol = double(c.K) * 6e-8 * mag * sc + 2e-7 * std::fabs(want) + 1e-30;
-        ASSERT_NEAR(g, want, tol) << "N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
+  for (const bool alpha_vec : {false, true}) {
+    const char* mode = alpha_vec ? "alpha-vector" : "outer-vector-scaled";
+    for (Case c : {Case{64, 3, 128, 0, false}, Case{200, 17, 336, 12, true}, Case{4096, 64, 4096, 4, true},
+                   Case{28, 1, 16, 0, true}, Case{512, 2048, 1024, 8, false}}) {
+      const int64_t ldy = c.N + c.pad;
+      if (alpha_vec ? !lt.supports_fp8_alpha(c.N, c.T, c.K, ldy, c.accumulate, sm)
+                    : !lt.supports_fp8_scaled(c.N, c.T, c.K, ldy, c.accumulate, sm)) {
+        std::printf("  cuBLASLt offers no %s FP8 GEMM for N %lld T %lld K %lld on sm_%d\n", mode, (long long)c.N,
+                    (long long)c.T, (long long)c.K, sm);
+        continue;
       }
-    ++ran;
+      std::vector<uint8_t> w(size_t(c.N * c.K)), x(size_t(c.T * c.K));
+      for (auto& b : w) b = random_fp8(rng) & 0xBF;  // exponent field <= 7: |value| <= 1.875
+      for (auto& b : x) b = random_fp8(rng) & 0xBF;
+      std::vector<float> ws(size_t(c.N)), xs(size_t(c.T)), y0(size_t(c.T * ldy)), alpha(size_t(c.N));
+      for (auto& v : ws) v = us(rng) * 1e-2f;
+      for (auto& v : xs) v = us(rng) * 1e-1f;
+      if (alpha_vec) std::fill(xs.begin(), xs.end(), xs[0]);  // a static input scale
+      for (size_t j = 0; j < alpha.size(); ++j) alpha[j] = ws[j] * xs[0];
+      for (auto& v : y0) v = uy(rng);
+      Buf dw(w), dx(x), dws(ws), dxs(xs), dalpha(alpha), dy(y0);
+      if (alpha_vec)
+        lt.run_fp8_alpha(dw.p, dx.p, dalpha.as<float>(), dy.as<float>(), ldy, c.accumulate, c.N, c.T, c.K, nullptr);
+      else
+        lt.run_fp8_scaled(dw.p, dx.p, dws.as<float>(), dxs.as<float>(), dy.as<float>(), ldy, c.accumulate, c.N, c.T, c.K,
+                          nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> got = dy.get<float>();
+      for (int64_t t = 0; t < c.T; ++t)
+        for (int64_t j = 0; j < ldy; ++j) {
+          const float g = got[size_t(t * ldy + j)];
+          if (j >= c.N) {  // past N: untouched
+            ASSERT_EQ(g, y0[size_t(t * ldy + j)]) << mode << " padding t " << t << " j " << j;
+            continue;
+          }
+          double sum = 0, mag = 0;
+          for (int64_t k = 0; k < c.K; ++k) {
+            const double term = double(quant::fp8_to_f32(x[size_t(t * c.K + k)])) * quant::fp8_to_f32(w[size_t(j * c.K + k)]);
+            sum += term;
+            mag += std::fabs(term);
+          }
+          const double sc = double(xs[size_t(t)]) * ws[size_t(j)];
+          const double want = sum * sc + (c.accumulate ? y0[size_t(t * ldy + j)] : 0.0);
+          const double tol = double(c.K) * 6e-8 * mag * sc + 4e-7 * std::fabs(want) + 1e-30;
+          ASSERT_NEAR(g, want, tol) << mode << " N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
+        }
+      ++ran;
+    }
   }
-  if (ran == 0) GTEST_SKIP() << "cuBLASLt has no outer-vector-scaled FP8 GEMM here";
+  if (ran == 0) GTEST_SKIP() << "cuBLASLt has neither an outer-vector-scaled nor an alpha-vector FP8 GEMM here";
 }
 
 // RoPE + paged KV write + attention (prefill and split decode) against a CPU computation, for each KV type.

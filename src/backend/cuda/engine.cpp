@@ -127,6 +127,7 @@ struct DevLinear {
   float act_scale = 1.f;
   void* w = nullptr;
   float* scale = nullptr;
+  float* alpha = nullptr;  // FP8 weights with a static FP8 input scale: scale[n] * act_scale (cuBLASLt's alpha vector)
   uint8_t* zero = nullptr;
   int64_t group = 0, N = 0, K = 0;
   float* bias = nullptr;
@@ -417,6 +418,11 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls, bool pair_
     }
     if (d.tiles) d.w = upload(pack::int4_mma_pack(codes.data(), d.N, K));
     if (!scale.empty()) d.scale = upload(scale);
+    if (d.wf == WFmt::FP8 && d.act == ActKind::Fp8Tensor && !scale.empty()) {
+      std::vector<float> alpha(scale.size());
+      for (size_t i = 0; i < alpha.size(); ++i) alpha[i] = scale[i] * d.act_scale;
+      d.alpha = upload(alpha);
+    }
     if (!zero.empty()) d.zero = upload(zero);
     if (!bias.empty()) d.bias = upload(bias);
     if (d.wf != WFmt::BF16) max_wscratch_ = std::max(max_wscratch_, d.N * d.K);
@@ -814,6 +820,20 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     // LLMQ_LT_SCALED=1: FP8 with cuBLASLt's outer-vector scaling straight into y (no FP32 round trip through
     // gemm_epilogue); opt-in until measured on a GPU (written without one).
     static const bool lt_scaled = env_flag("LLMQ_LT_SCALED");
+    // LLMQ_LT_ALPHA=1: FP8 with a static input scale through cuBLASLt's alpha vector (every scale in
+    // alpha[n] = w_scale[n] * x_scale), FP32 straight into y, added for the residual; opt-in until measured.
+    static const bool lt_alpha = env_flag("LLMQ_LT_ALPHA");
+    if (fp8 && lt_alpha && l.alpha) {
+      if (!l.bias && reinterpret_cast<uintptr_t>(y) % 16 == 0 && lt_->supports_fp8_alpha(l.N, T, l.K, ldy, accumulate, sm_)) {
+        lt_->run_fp8_alpha(l.w, x, l.alpha, y, ldy, accumulate, l.N, T, l.K, stream_);
+        return;
+      }
+      static bool told = false;
+      if (!told)
+        std::fprintf(stderr, "llmq: note: LLMQ_LT_ALPHA: no alpha-vector cuBLASLt FP8 GEMM for N %lld, T %lld, K %lld%s; "
+                     "using the FP32 epilogue\n", (long long)l.N, (long long)T, (long long)l.K, l.bias ? " (bias)" : "");
+      told = true;
+    }
     if (fp8 && lt_scaled) {
       if (!l.bias && reinterpret_cast<uintptr_t>(y) % 16 == 0 && lt_->supports_fp8_scaled(l.N, T, l.K, ldy, accumulate, sm_)) {
         lt_->run_fp8_scaled(l.w, x, l.scale, row_scale_.as<float>(), y, ldy, accumulate, l.N, T, l.K, stream_);

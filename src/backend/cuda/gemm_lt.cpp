@@ -35,8 +35,9 @@ LtGemm::~LtGemm() {
   if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
 }
 
-LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, bool scaled, int64_t ldc, bool accumulate) {
-  const auto key = std::make_tuple(int(kind), N, T, K, scaled, ldc, accumulate);
+LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, Scaling scaling, int64_t ldc, bool accumulate) {
+  const bool scaled = scaling != Scaling::None;
+  const auto key = std::make_tuple(int(kind), N, T, K, int(scaling), ldc, accumulate);
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   Plan* p = new Plan;
@@ -60,7 +61,12 @@ LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, bool sc
     const int8_t one = 1;
     cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &one, sizeof(one));
   }
-  if (scaled) {  // A (the weights, M = N rows of C) and B (the tokens) each scaled by a vector
+  if (scaling == Scaling::AlphaVec) {  // alpha: a device vector over M (= N, the output channels); beta: host
+    const int32_t pm = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST;
+    if (cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof(pm)) != CUBLAS_STATUS_SUCCESS)
+      return p;
+  }
+  if (scaling == Scaling::OuterVec) {  // A (the weights, M = N rows of C) and B (the tokens) each scaled by a vector
     const int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
     if (cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)) != CUBLAS_STATUS_SUCCESS ||
         cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)) != CUBLAS_STATUS_SUCCESS)
@@ -111,12 +117,12 @@ void LtGemm::run(LtKind kind, const void* w, const void* x, void* acc, int64_t N
 
 bool LtGemm::supports_fp8_scaled(int64_t N, int64_t T, int64_t K, int64_t ldy, bool accumulate, int sm) {
   if (sm < 89 || ldy < N || N < 1 || T < 1 || K < 16 || K % 16 || N % 4 || ldy % 4) return false;  // y: 16-byte aligned
-  return plan(LtKind::Fp8, N, T, K, true, ldy, accumulate)->ok;
+  return plan(LtKind::Fp8, N, T, K, Scaling::OuterVec, ldy, accumulate)->ok;
 }
 
 void LtGemm::run_fp8_scaled(const void* w, const void* x, const float* w_scale, const float* x_scale, float* y,
                             int64_t ldy, bool accumulate, int64_t N, int64_t T, int64_t K, cudaStream_t s) {
-  Plan* p = plan(LtKind::Fp8, N, T, K, true, ldy, accumulate);
+  Plan* p = plan(LtKind::Fp8, N, T, K, Scaling::OuterVec, ldy, accumulate);
   if (reinterpret_cast<uintptr_t>(y) % 16) throw Error("cuBLASLt scaled FP8 GEMM: output not 16-byte aligned");
   if (!p->ok) throw Error("cuBLASLt has no scaled FP8 GEMM for N " + std::to_string(N) + ", T " + std::to_string(T) + ", K " + std::to_string(K));
   // The scale pointers belong to this call (the plan is shared by every layer of the shape): set each time, on
@@ -127,6 +133,21 @@ void LtGemm::run_fp8_scaled(const void* w, const void* x, const float* w_scale, 
   LLMQ_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &bs, sizeof(bs)));
   const float alpha = 1.f, beta = p->beta;
   LLMQ_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, &alpha, w, p->a, x, p->b, &beta, y, p->c,
+                                   y, p->c, &p->algo, workspace_, workspace_bytes_, s));
+}
+
+bool LtGemm::supports_fp8_alpha(int64_t N, int64_t T, int64_t K, int64_t ldy, bool accumulate, int sm) {
+  if (sm < 89 || ldy < N || N < 1 || T < 1 || K < 16 || K % 16 || N % 4 || ldy % 4) return false;  // y: 16-byte aligned
+  return plan(LtKind::Fp8, N, T, K, Scaling::AlphaVec, ldy, accumulate)->ok;
+}
+
+void LtGemm::run_fp8_alpha(const void* w, const void* x, const float* alpha, float* y, int64_t ldy, bool accumulate,
+                           int64_t N, int64_t T, int64_t K, cudaStream_t s) {
+  Plan* p = plan(LtKind::Fp8, N, T, K, Scaling::AlphaVec, ldy, accumulate);
+  if (reinterpret_cast<uintptr_t>(y) % 16) throw Error("cuBLASLt alpha-vector FP8 GEMM: output not 16-byte aligned");
+  if (!p->ok) throw Error("cuBLASLt has no alpha-vector FP8 GEMM for N " + std::to_string(N) + ", T " + std::to_string(T) + ", K " + std::to_string(K));
+  const float beta = p->beta;  // host (pointer mode ALPHA_DEVICE_VECTOR_BETA_HOST); alpha is the device vector
+  LLMQ_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p->desc, alpha, w, p->a, x, p->b, &beta, y, p->c,
                                    y, p->c, &p->algo, workspace_, workspace_bytes_, s));
 }
 

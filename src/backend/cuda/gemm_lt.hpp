@@ -2,7 +2,7 @@
 // with FP8 E4M3 x E4M3 -> FP32 (sm_89+) or INT8 x INT8 -> INT32 (exact), both operands row-major as the
 // checkpoint and the activation quantizers store them (in cuBLAS's column-major terms: the "TN" layout these
 // types require). Scales stay outside: the caller's epilogue applies x_scale[t] * w_scale[n] (gemm_epilogue).
-// FP8 runs with cuBLASLt's precise accumulation (no fast-accumulate mode).
+// FP8 runs with cuBLASLt's precise accumulation (LLMQ_LT_FAST_ACCUM=1: its fast-accumulate mode).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -36,15 +36,26 @@ class LtGemm {
   void run_fp8_scaled(const void* w, const void* x, const float* w_scale, const float* x_scale, float* y, int64_t ldy,
                       bool accumulate, int64_t N, int64_t T, int64_t K, cudaStream_t s);
 
+  // FP8 with one scale per output channel applied inside cuBLASLt (pointer mode "alpha device vector, beta
+  // host"): y[t, n] = alpha[n] * sum_k x[t, k] W[n, k] (+ y[t, n] when accumulate), FP32 with row stride ldy.
+  // With a static per-tensor input scale, alpha[n] = w_scale[n] * x_scale carries every scale, so nothing runs
+  // after the GEMM. supports_fp8_alpha: whether cuBLASLt offers an algorithm for it on this card.
+  bool supports_fp8_alpha(int64_t N, int64_t T, int64_t K, int64_t ldy, bool accumulate, int sm);
+  void run_fp8_alpha(const void* w, const void* x, const float* alpha, float* y, int64_t ldy, bool accumulate, int64_t N,
+                     int64_t T, int64_t K, cudaStream_t s);
+
  private:
   struct Plan;
-  // scaled: the outer-vector-scaled FP8 plan writing FP32 with row stride ldc (beta 1 when accumulate)
-  Plan* plan(LtKind kind, int64_t N, int64_t T, int64_t K, bool scaled = false, int64_t ldc = 0, bool accumulate = false);
+  // How the scales are applied: not at all (the caller's epilogue), outer-vector scaling, an alpha vector.
+  enum class Scaling : int { None, OuterVec, AlphaVec };
+  // Scaled plans write FP32 with row stride ldc (beta 1 when accumulate).
+  Plan* plan(LtKind kind, int64_t N, int64_t T, int64_t K, Scaling scaling = Scaling::None, int64_t ldc = 0,
+             bool accumulate = false);
   void* handle_ = nullptr;     // cublasLtHandle_t
   void* workspace_ = nullptr;  // device
   size_t workspace_bytes_ = 0;
-  // (kind, N, T, K, scaled, ldc, accumulate)
-  std::map<std::tuple<int, int64_t, int64_t, int64_t, bool, int64_t, bool>, Plan*> plans_;
+  // (kind, N, T, K, scaling, ldc, accumulate)
+  std::map<std::tuple<int, int64_t, int64_t, int64_t, int, int64_t, bool>, Plan*> plans_;
 };
 
 }  // namespace llmq::cuda
