@@ -916,6 +916,38 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
         // The last block of each split group merged and reset its counter (the next launch, a graph replay,
         // starts from zero).
         for (int32_t c : counters.get<int32_t>()) ASSERT_EQ(c, 0) << "splits " << splits;
+        // The same launch writing the next matmul's input instead (AttentionArgs::out_prep), into rows wider than
+        // the output: BF16 values, then FP8 codes of a static scale with the row scales. The kernels are
+        // deterministic, so each must be exactly the FP32 output converted as act_prep converts it.
+        for (const ActKind kind : {ActKind::None, ActKind::Fp8Tensor}) {
+          const int64_t lo = qd + 3;
+          const float sc = 0.05f;
+          Buf dcodes(static_cast<size_t>(T * lo) * 2), drs(std::vector<float>(static_cast<size_t>(T), -1.f));
+          AttentionArgs b = a;
+          b.out = nullptr;
+          b.out_prep.kind = kind;
+          b.out_prep.static_scale = sc;
+          b.out_prep.out = dcodes.p;
+          b.out_prep.ld = lo;
+          b.out_prep.row_scale = drs.as<float>();
+          attention(b, kv, nullptr);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          const std::vector<uint8_t> codes = dcodes.get<uint8_t>();
+          const std::vector<float> rs = drs.get<float>();
+          for (int64_t t = 0; t < T; ++t) {
+            if (kind == ActKind::Fp8Tensor) ASSERT_EQ(rs[size_t(t)], sc) << "row scale of token " << t;
+            for (int64_t i = 0; i < qd; ++i) {
+              const float v = got[size_t(t * qd + i)];
+              if (kind == ActKind::None) {
+                uint16_t u;
+                std::memcpy(&u, &codes[size_t(t * lo + i) * 2], 2);
+                ASSERT_EQ(bf16_to_f32(u), bf16_round(v)) << "bf16 out, token " << t << " col " << i;
+              } else {
+                ASSERT_EQ(codes[size_t(t * lo + i)], quant::f32_to_fp8(v * (1.0f / sc))) << "fp8 out, token " << t << " col " << i;
+              }
+            }
+          }
+        }
         // The cache as the GPU wrote it: each stored value must be the CPU's (or, at a rounding boundary that
         // a last-bit difference of the rotation crosses, its neighbour), and the attention below is checked
         // against the stored values. Neighbours must stay rare: a systematic one-step error is a bug.

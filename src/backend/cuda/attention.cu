@@ -46,9 +46,18 @@ __device__ __forceinline__ void kv_load8(const KvCacheView& kv, const void* base
   }
 }
 
-__device__ __forceinline__ void store_out(const AttentionArgs& a, int64_t i, float v) {
-  if (a.out_bf16) static_cast<__nv_bfloat16*>(a.out_bf16)[i] = __float2bfloat16(v);
-  else a.out[i] = v;
+// Output value (row, col) of the [T, od] attention output (od = heads * head_dim), where AttentionArgs says.
+__device__ __forceinline__ void store_out(const AttentionArgs& a, int64_t row, int64_t col, int64_t od, float v) {
+  const PrepOut& o = a.out_prep;
+  if (!o.out) {
+    a.out[row * od + col] = v;
+  } else if (o.kind == ActKind::None) {
+    prep_store(o, row, col, v);
+  } else {  // a static scale, as prep_row applies it (1 / s, then one multiply)
+    const float s = o.static_scale;
+    if (col == 0 && o.row_scale) o.row_scale[row] = s;
+    prep_store(o, row, col, v * (1.0f / s));
+  }
 }
 
 // Element i of this layer's K and V pages (kv head h) from their float values, quantized per the cache type.
@@ -128,7 +137,7 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
     }
     const int64_t h = kvh * G + g0 + g;
     if (a.splits == 1) {
-      store_out(a, t * a.heads * hd + h * hd + d, O / L);
+      store_out(a, t, h * hd + d, a.heads * hd, O / L);
     } else {
       float* pr = a.partial + ((t * a.heads + h) * a.splits + split) * (hd + 2);
       pr[d] = O;
@@ -169,7 +178,7 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
     float O = 0.f;
 #pragma unroll 4
     for (int s = 0; s < S; ++s) O = fmaf(sm_f[g][s], __ldcg(base + int64_t(s) * (hd + 2)), O);
-    store_out(a, t * a.heads * hd + (kvh * G + g0 + g) * hd + d, O / sm_ltot[g]);
+    store_out(a, t, (kvh * G + g0 + g) * hd + d, a.heads * hd, O / sm_ltot[g]);
   }
 }
 
@@ -614,12 +623,12 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
   for (int d = 0; d < NT; ++d) {
     const int64_t col = int64_t(h) * HD + d * 8 + 2 * tq;
     if (r0 < n) {
-      store_out(a, (t0 + r0) * od + col, o[d][0] * i0);
-      store_out(a, (t0 + r0) * od + col + 1, o[d][1] * i0);
+      store_out(a, t0 + r0, col, od, o[d][0] * i0);
+      store_out(a, t0 + r0, col + 1, od, o[d][1] * i0);
     }
     if (r1 < n) {
-      store_out(a, (t0 + r1) * od + col, o[d][2] * i1);
-      store_out(a, (t0 + r1) * od + col + 1, o[d][3] * i1);
+      store_out(a, t0 + r1, col, od, o[d][2] * i1);
+      store_out(a, t0 + r1, col + 1, od, o[d][3] * i1);
     }
   }
 }
@@ -738,6 +747,8 @@ void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
     }
   }
   if (a.splits > 1 && (!a.partial || !a.counters)) throw Error("attention: a split launch needs partial and counters");
+  if (a.out_prep.out && (a.out_prep.kind == ActKind::I8Token || a.out_prep.ld < a.heads * kv.head_dim))
+    throw Error("attention: out_prep takes BF16 or a static scale, rows of at least heads * head_dim");
   if (a.rope_cos && (!a.rope_sin || !attention_rope_supports(kv, a.heads) || (a.tiles && a.n_tiles > 0)))
     throw Error("attention: fused RoPE needs head dim 64 or 128, at most 8 query heads per KV head and no prefill tiles");
   if (a.splits > kMaxAttentionSplits) throw Error("attention: more than " + std::to_string(kMaxAttentionSplits) + " splits");

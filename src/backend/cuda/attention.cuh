@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/prep.cuh"
+
 namespace llmq::cuda {
 
 enum class KvType : int { BF16, FP8, I8 };
@@ -43,7 +45,10 @@ struct AttentionArgs {
   const int32_t* seq = nullptr;  // [T]
   int64_t window = 0;            // sliding window (0: none)
   float* out = nullptr;          // [T, heads * head_dim]
-  void* out_bf16 = nullptr;      // if set, the output goes here as BF16 instead (the next matmul's input)
+  // If out_prep.out is set, the output goes there instead, as the next matmul's input (out_prep.ld >= heads *
+  // head_dim): BF16 values (kind None), or codes of a static scale (I8Tensor, Fp8Tensor; row_scale[t] set to
+  // it), exactly as act_prep would write them. Not I8Token: a row's absmax spans blocks.
+  PrepOut out_prep;
   int64_t splits = 1, chunk = 0; // splits > 1: positions [lo + i*chunk, lo + (i+1)*chunk) per split
   float* partial = nullptr;      // splits > 1: [T, heads, splits, head_dim + 2]
   int32_t* counters = nullptr;   // splits > 1: attention_counters(...) zeros on the device; left zero again

@@ -969,9 +969,19 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     if (rope_in_attention) aa.rope_cos = cos_.as<float>(), aa.rope_sin = sin_.as<float>(), aa.kv_col = qd;
     static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
     if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
-    // o_proj reading BF16: attention writes its input directly (no separate conversion).
-    const bool direct = L.o.parts.size() == 1 && L.o.parts[0].act == ActKind::None;
-    if (direct) aa.out_bf16 = act_.p;
+    // Attention writes o_proj's input directly (no act_prep kernel): BF16, or the codes of a static scale (FP8
+    // W8A8, INT8 with --act-scale static) as site() would have them written; not per-token INT8 (a row's
+    // absmax spans attention blocks).
+    const DevLinear& ol = L.o.parts[0];
+    const bool direct = L.o.parts.size() == 1 && ol.act != ActKind::I8Token;
+    if (direct) {
+      aa.out_prep.kind = ol.act;
+      aa.out_prep.codes_as_bf16 = ol.act != ActKind::None && path(ol, T) == Path::Cublas;
+      aa.out_prep.static_scale = ol.act_scale;
+      aa.out_prep.out = act_.p;
+      aa.out_prep.ld = ol.K;
+      aa.out_prep.row_scale = row_scale_.as<float>();
+    }
     op("attention", [&] { attention(aa, kv, stream_); });
     // The MLP's RMSNorm in o_proj's epilogue, or as a kernel of its own.
     Epilogue eo;
