@@ -80,12 +80,16 @@ struct GemvCase {
   int M;
   bool accumulate, bias;
   bool swiglu = false;  // rows 2j, 2j + 1 as gate j, up j: the kernel writes bf16 silu(gate) * up instead of y
+  ActKind swiglu_kind = ActKind::None;  // with swiglu: or FP8 / INT8 codes of the static scale kSwigluScale
   int norm = -1;        // >= 0: the fused RMSNorm of y into an activation of this ActKind (GemvArgs::norm_out)
   int ksplit = 0;       // GemvArgs::ksplit (0: the launcher's choice)
   int i4_rb = 0;        // GemvArgs::i4_row_blocks (0: the launcher's choice)
   bool rms_in = false;  // distributed RMSNorm, consumer half: results times rsqrt(x_sumsq[m] / H + eps)
   bool rms_out = false; // producer half: bf16(y * w) to rms_out and sum y^2 added to rms_sumsq
 };
+
+// The static scale of SwiGLU codes in the epilogue tests (GemvCase::swiglu_kind).
+constexpr float kSwigluScale = 0.02f;
 
 // Every weight x input format pair the GEMV runs.
 constexpr std::pair<WFmt, XFmt> kGemvPairs[] = {{WFmt::BF16, XFmt::BF16}, {WFmt::I8, XFmt::BF16}, {WFmt::FP8, XFmt::BF16},
@@ -229,6 +233,13 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   if (c.rms_in) a.x_sumsq = dxsq.as<double>(), a.x_inv_n = float(inv_h), a.norm_eps = float(rms_eps);
   if (c.rms_out) a.rms_w = drw.as<float>(), a.rms_out = dro.p, a.rms_ld = ld_r, a.rms_sumsq = dsq.as<double>();
   if (c.swiglu) a.swiglu_out = dsw.p, a.swiglu_ld = ld_sw, a.y = nullptr;
+  Buf dswrs(std::vector<float>(static_cast<size_t>(M), -1.f));  // the codes' row scales
+  if (c.swiglu && c.swiglu_kind != ActKind::None) {
+    a.swiglu_kind = c.swiglu_kind;
+    a.swiglu_scale = kSwigluScale;
+    a.swiglu_inv = 1.0f / kSwigluScale;
+    a.swiglu_row_scale = dswrs.as<float>();
+  }
   if (c.norm >= 0) {
     a.norm_counter = dcnt.as<int32_t>();
     a.norm_w = dnw.as<float>();
@@ -339,7 +350,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
       }
       EXPECT_EQ(dcnt.get<int32_t>()[0], 0) << what << ": the counter was not reset";
     }
-    if (c.swiglu) {
+    if (c.swiglu && c.swiglu_kind == ActKind::None) {
       // silu(g) * u rounded to bf16 (2^-9 relative), plus the product's sensitivity to the errors of g and u
       // (|silu'| <= 1.1, |silu(g)| <= max(|g|, 0.28)).
       for (int64_t j = 0; j < N / 2; ++j) {
@@ -354,6 +365,33 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
       for (int64_t j = N / 2; j < ld_sw; ++j) {
         EXPECT_EQ(sw[size_t(m * ld_sw + j)], 0xFFFF) << what << ": wrote past N / 2";
         if (sw[size_t(m * ld_sw + j)] != 0xFFFF) return worst;
+      }
+      continue;
+    }
+    if (c.swiglu) {
+      // Codes of v / s: the value they stand for is within half a code step of v (FP8 E4M3: 2^-4 relative, or
+      // 2^-10 s below the normal range; INT8: s / 2), plus the product's sensitivity as above; the row's scale
+      // is s. Bytes past N / 2 of the row stay poisoned (0xFF).
+      const std::vector<uint8_t> bytes = dsw.get<uint8_t>();
+      const float s = kSwigluScale, srs = dswrs.get<float>()[size_t(m)];
+      EXPECT_EQ(srs, s) << what << ": row scale of m " << m;
+      if (srs != s) return worst;
+      const bool fp8 = c.swiglu_kind == ActKind::Fp8Tensor;
+      for (int64_t j = 0; j < N / 2; ++j) {
+        const double g = want_row[size_t(2 * j)], u = want_row[size_t(2 * j + 1)];
+        const double want = g / (1.0 + std::exp(-g)) * u;
+        const double step = fp8 ? std::max(std::ldexp(std::fabs(want), -4), std::ldexp(double(s), -10)) : 0.5 * s;
+        const double tol = step + 1.1 * std::fabs(u) * tol_row[size_t(2 * j)] +
+                           std::max(std::fabs(g), 0.28) * tol_row[size_t(2 * j + 1)] + 1e-6;
+        const uint8_t code = bytes[size_t(m * ld_sw + j)];
+        const double got = fp8 ? double(quant::fp8_to_f32(code)) * s : double(int8_t(code)) * s;
+        if (std::fabs(want / s) > (fp8 ? 448.0 : 127.0)) continue;  // saturated: the clamp, not the error
+        EXPECT_NEAR(got, want, tol) << what << " codes at m " << m << " j " << j;
+        if (!(std::fabs(got - want) <= tol)) return worst;
+      }
+      for (int64_t j = N / 2; j < ld_sw; ++j) {
+        EXPECT_EQ(bytes[size_t(m * ld_sw + j)], 0xFF) << what << ": wrote past N / 2";
+        if (bytes[size_t(m * ld_sw + j)] != 0xFF) return worst;
       }
       continue;
     }
@@ -559,6 +597,17 @@ TEST(CudaMatmul, SwigluEpilogueMatchesReference) {
       for (int M : {1, 3, 8}) {
         check_gemv({wf, XFmt::BF16, N, K, g, M, false, (seed % 2) == 0, true}, seed++);
         if (HasFailure()) return;
+      }
+      // The activations as the next matmul's codes of a static scale (FP8 W8A8 and static INT8 down_proj).
+      for (const ActKind kind : {ActKind::Fp8Tensor, ActKind::I8Tensor}) {
+        GemvCase sc{wf, wf == WFmt::FP8 ? XFmt::FP8 : XFmt::BF16, N, K, g, 3, false, false, true};
+        sc.swiglu_kind = kind;
+        check_gemv(sc, seed++);
+        if (HasFailure()) return;
+        if (wf == WFmt::FP8 || wf == WFmt::I4) {  // the engine's wgemm at T <= 8: FP8 x FP8 and INT4 tiles
+          check_gemv(sc, seed++, true);
+          if (HasFailure()) return;
+        }
       }
       if (wf == WFmt::FP8) continue;  // wgemm multiplies FP8 weights only with FP8 inputs
       for (int M : {1, 5, 8, 9, 17, 64}) {

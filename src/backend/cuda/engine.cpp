@@ -140,6 +140,12 @@ struct DevLinear {
 // instead of y), or the RMSNorm of the residual stream y into the next matmul's input (norm_w, norm_out).
 struct Epilogue {
   void* swiglu_out = nullptr;
+  // The SwiGLU activations' format (GemvArgs::swiglu_kind): the down_proj input's, with its own row scales
+  // (row_scale2_: gate_up's blocks still read row_scale_ as their x_scale while others write).
+  ActKind swiglu_kind = ActKind::None;
+  float swiglu_scale = 1.f;
+  float* swiglu_row_scale = nullptr;
+  const float* x_scale = nullptr;  // if set: the input's row scales (instead of row_scale_)
   const float* norm_w = nullptr;
   PrepOut norm_out;
   // The distributed RMSNorm (GemvArgs::rms_*): the producer writes bf16(x * rms_w) to nrm_ and adds the sums
@@ -288,7 +294,7 @@ class CudaEngine final : public Engine {
 
   // Workspace, sized for t_cap_ tokens and out_cap_ logit rows.
   int64_t t_cap_ = 0, out_cap_ = 0;
-  DevMem x_, qkv_, att_, gu_, act_, act2_, row_scale_, gemm_out_, wscratch_, logits_, partial_, ints_;
+  DevMem x_, qkv_, att_, gu_, act_, act2_, row_scale_, row_scale2_, gemm_out_, wscratch_, logits_, partial_, ints_;
   DevMem nrm_;    // bf16 [min(t_cap, 64), H]: x o w of the distributed RMSNorm (the next matmul's input)
   DevMem sumsq_;  // double [2 * layers, min(t_cap, 64)]: its sums of squares per token, zeroed every step
   PinnedMem h_ints_, h_logits_;
@@ -645,6 +651,7 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   nrm_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.hidden) * 2);
   sumsq_ = DevMem(size_t(2 * int64_t(layers_.size()) * std::min<int64_t>(Tn, kWgemmMaxT)) * 8);
   row_scale_ = DevMem(size_t(Tn) * 4);
+  row_scale2_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT)) * 4);  // the fused SwiGLU codes' row scales
   gemm_out_ = DevMem(size_t(Tn * max_gemm_n_) * 4);
   if (max_wscratch_ && !wscratch_.p) wscratch_ = DevMem(size_t(max_wscratch_) * 2);
   logits_ = DevMem(size_t(On * c.vocab) * 4);
@@ -732,12 +739,16 @@ bool CudaEngine::swiglu_fused(const DevLayer& L, int64_t T) const {
   if (off || T > kWgemmMaxT || L.gate_up.parts.size() != 1 || L.down.parts.size() != 1) return false;
   const DevLinear& gl = L.gate_up.parts[0];
   const DevLinear& dl = L.down.parts[0];
-  if (!gl.paired || dl.act != ActKind::None) return false;
+  // down_proj reads BF16 or the codes of a static scale (not per-token INT8: a row's absmax spans blocks).
+  if (!gl.paired || dl.act == ActKind::I8Token) return false;
   const Path pg = path(gl, T), pd = path(dl, T);
   if ((pg != Path::Gemv && pg != Path::Wgemm) || (pd != Path::Gemv && pd != Path::Wgemm)) return false;
   GemvArgs a = probe_args(gl, T);
   a.swiglu_out = reinterpret_cast<void*>(16);
   a.swiglu_ld = gl.N / 2;
+  a.swiglu_kind = dl.act;
+  a.swiglu_scale = dl.act_scale;
+  a.swiglu_row_scale = dl.act != ActKind::None ? reinterpret_cast<float*>(32) : nullptr;
   return pg == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_);
 }
 
@@ -802,7 +813,12 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
   if (p == Path::Wgemm || p == Path::Gemv) {
     GemvArgs a = gemv_args(l, T, y, ldy, accumulate);
     a.x = x;
-    if (ep.swiglu_out) a.swiglu_out = ep.swiglu_out, a.swiglu_ld = l.N / 2, a.y = nullptr;
+    if (ep.swiglu_out) {
+      a.swiglu_out = ep.swiglu_out, a.swiglu_ld = l.N / 2, a.y = nullptr;
+      a.swiglu_kind = ep.swiglu_kind, a.swiglu_scale = ep.swiglu_scale, a.swiglu_inv = 1.0f / ep.swiglu_scale;
+      a.swiglu_row_scale = ep.swiglu_row_scale;
+    }
+    if (ep.x_scale) a.x_scale = ep.x_scale;
     if (ep.rms_w) a.rms_w = ep.rms_w, a.rms_out = nrm_.p, a.rms_ld = config().hidden, a.rms_sumsq = ep.rms_sumsq;
     if (ep.x_sumsq) a.x_sumsq = ep.x_sumsq, a.x_inv_n = float(1.0 / double(config().hidden)), a.norm_eps = float(config().rms_eps);
     if (ep.norm_w) {
@@ -813,7 +829,7 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     }
     return p == Path::Wgemm ? wgemm(a, stream_) : gemv(a, stream_);
   }
-  if (ep.swiglu_out || ep.norm_w || ep.rms_w || ep.x_sumsq)
+  if (ep.swiglu_out || ep.norm_w || ep.rms_w || ep.x_sumsq || ep.x_scale)
     throw Error("engine: fused epilogues run only in the GEMV and wgemm kernels");
   if (p == Path::Lt) {
     const bool fp8 = l.wf == WFmt::FP8;
@@ -996,7 +1012,13 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // SwiGLU in gate_up's epilogue (into act2_, which down reads), or as a kernel of its own.
     const bool fused = swiglu_fused(L, T);
     Epilogue eg;
-    eg.swiglu_out = fused ? act2_.p : nullptr;
+    const DevLinear& dl = L.down.parts[0];
+    if (fused) {
+      eg.swiglu_out = act2_.p;
+      eg.swiglu_kind = dl.act;
+      eg.swiglu_scale = dl.act_scale;
+      if (dl.act != ActKind::None) eg.swiglu_row_scale = row_scale2_.as<float>();
+    }
     eg.x_sumsq = split;
     const bool paired = L.gate_up.parts.size() == 1 && L.gate_up.parts[0].paired;
     site("gate_up", L.gate_up, T, [&](const PrepOut& o) {
@@ -1005,6 +1027,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // The next layer's attention RMSNorm in down_proj's epilogue (the last layer's final norm stays a kernel:
     // it reads only the rows that want logits).
     Epilogue ed;
+    if (fused && dl.act != ActKind::None) ed.x_scale = row_scale2_.as<float>();  // the SwiGLU codes' scales
     if (li + 1 < layers_.size()) {
       if (norm_fused(L.down, layers_[li + 1].qkv, T, ed.norm_out)) ed.norm_w = layers_[li + 1].attn_norm;
       else if (split_d[li])

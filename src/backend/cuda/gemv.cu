@@ -378,6 +378,9 @@ bool gemv_supports(const GemvArgs& a) {
 
 bool epilogue_args_ok(const GemvArgs& a) {
   if (a.swiglu_out && (a.N % 2 || a.swiglu_ld < a.N / 2)) return false;
+  if (a.swiglu_kind != ActKind::None &&
+      (!a.swiglu_out || a.swiglu_kind == ActKind::I8Token || (a.swiglu_row_scale && a.swiglu_row_scale == a.x_scale)))
+    return false;
   if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N)) return false;
   if (a.rms_out && (!a.y || a.swiglu_out || !a.rms_w || !a.rms_sumsq || a.rms_ld < a.N)) return false;
   if (a.x_sumsq && (a.xf != XFmt::BF16 || !(a.x_inv_n > 0.f))) return false;

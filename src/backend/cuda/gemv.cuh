@@ -47,6 +47,12 @@ struct GemvArgs {
   bool accumulate = false;        // y += result (residual add) instead of y = result
   void* swiglu_out = nullptr;     // if set: bf16 [M, swiglu_ld] = silu(row 2j) * row 2j+1 (N even); y unused
   int64_t swiglu_ld = 0;
+  // With swiglu_out: the activations' format, as swiglu_prep writes it: BF16 (None), or the codes of the static
+  // scale swiglu_scale (I8Tensor, Fp8Tensor) with swiglu_row_scale[m] set to it. Not I8Token (a row's absmax).
+  ActKind swiglu_kind = ActKind::None;
+  float swiglu_scale = 1.f;
+  float swiglu_inv = 1.f;             // 1.0f / swiglu_scale (IEEE: the reciprocal prep_row computes on the device)
+  float* swiglu_row_scale = nullptr;  // [M]; must not be this matmul's x_scale
   int32_t* norm_counter = nullptr;// if set: one int, zero (left zero); norm_out = prep(norm_w * y / rms(y)) per row
   const float* norm_w = nullptr;  // [N]
   float norm_eps = 0.f;

@@ -29,9 +29,19 @@ __device__ __forceinline__ void add_sumsq(const GemvArgs& a, int64_t m, float sq
   if (a.rms_sumsq) atomicAdd(a.rms_sumsq + m, double(sq));
 }
 
-// Activation j of token m from its gate and up values: bf16(silu(gate) * up), as swiglu_prep computes it.
+// Activation j of token m from its gate and up values: silu(gate) * up in swiglu_kind's format, as swiglu_prep
+// computes it (BF16; or, for a static scale s, the code of v * swiglu_inv, with the row's scale from column 0).
 __device__ __forceinline__ void store_swiglu(const GemvArgs& a, int64_t j, int64_t m, float gate, float up) {
-  static_cast<__nv_bfloat16*>(a.swiglu_out)[m * a.swiglu_ld + j] = __float2bfloat16(silu_mul(gate, up));
+  const float v = silu_mul(gate, up);
+  const int64_t at = m * a.swiglu_ld + j;
+  if (a.swiglu_kind == ActKind::None) {
+    static_cast<__nv_bfloat16*>(a.swiglu_out)[at] = __float2bfloat16(v);
+    return;
+  }
+  if (j == 0 && a.swiglu_row_scale) a.swiglu_row_scale[m] = a.swiglu_scale;
+  const float q = v * a.swiglu_inv;
+  if (a.swiglu_kind == ActKind::Fp8Tensor) static_cast<uint8_t*>(a.swiglu_out)[at] = float_to_fp8(q);
+  else static_cast<int8_t*>(a.swiglu_out)[at] = float_to_int8(q);
 }
 
 // The fused RMSNorm (GemvArgs::norm_counter): after this block's stores, the last block of the launch to finish
