@@ -80,12 +80,12 @@ struct GemvCase {
   int M;
   bool accumulate, bias;
   bool swiglu = false;  // rows 2j, 2j + 1 as gate j, up j: the kernel writes bf16 silu(gate) * up instead of y
-  ActKind swiglu_kind = ActKind::None;  // with swiglu: or FP8 / INT8 codes of the static scale kSwigluScale
   int norm = -1;        // >= 0: the fused RMSNorm of y into an activation of this ActKind (GemvArgs::norm_out)
   int ksplit = 0;       // GemvArgs::ksplit (0: the launcher's choice)
   int i4_rb = 0;        // GemvArgs::i4_row_blocks (0: the launcher's choice)
   bool rms_in = false;  // distributed RMSNorm, consumer half: results times rsqrt(x_sumsq[m] / H + eps)
   bool rms_out = false; // producer half: bf16(y * w) to rms_out and sum y^2 added to rms_sumsq
+  ActKind swiglu_kind = ActKind::None;  // with swiglu: or FP8 / INT8 codes of the static scale kSwigluScale
 };
 
 // The static scale of SwiGLU codes in the epilogue tests (GemvCase::swiglu_kind).
@@ -984,7 +984,9 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
           const std::vector<uint8_t> codes = dcodes.get<uint8_t>();
           const std::vector<float> rs = drs.get<float>();
           for (int64_t t = 0; t < T; ++t) {
-            if (kind == ActKind::Fp8Tensor) ASSERT_EQ(rs[size_t(t)], sc) << "row scale of token " << t;
+            if (kind == ActKind::Fp8Tensor) {
+              ASSERT_EQ(rs[size_t(t)], sc) << "row scale of token " << t;
+            }
             for (int64_t i = 0; i < qd; ++i) {
               const float v = got[size_t(t * qd + i)];
               if (kind == ActKind::None) {
