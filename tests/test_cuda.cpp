@@ -365,47 +365,39 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
       }
       EXPECT_EQ(dcnt.get<int32_t>()[0], 0) << what << ": the counter was not reset";
     }
-    if (c.swiglu && c.swiglu_kind == ActKind::None) {
-      // silu(g) * u rounded to bf16 (2^-9 relative), plus the product's sensitivity to the errors of g and u
-      // (|silu'| <= 1.1, |silu(g)| <= max(|g|, 0.28)).
-      for (int64_t j = 0; j < N / 2; ++j) {
-        const double g = want_row[size_t(2 * j)], u = want_row[size_t(2 * j + 1)];
-        const double want = g / (1.0 + std::exp(-g)) * u;
-        const double tol = std::ldexp(std::fabs(want), -8) + 1.1 * std::fabs(u) * tol_row[size_t(2 * j)] +
-                           std::max(std::fabs(g), 0.28) * tol_row[size_t(2 * j + 1)] + 1e-6;
-        const float got = bf16_to_f32(sw[size_t(m * ld_sw + j)]);
-        EXPECT_NEAR(got, want, tol) << what << " at m " << m << " j " << j;
-        if (!(std::fabs(got - want) <= tol)) return worst;
-      }
-      for (int64_t j = N / 2; j < ld_sw; ++j) {
-        EXPECT_EQ(sw[size_t(m * ld_sw + j)], 0xFFFF) << what << ": wrote past N / 2";
-        if (sw[size_t(m * ld_sw + j)] != 0xFFFF) return worst;
-      }
-      continue;
-    }
     if (c.swiglu) {
-      // Codes of v / s: the value they stand for is within half a code step of v (FP8 E4M3: 2^-4 relative, or
-      // 2^-10 s below the normal range; INT8: s / 2), plus the product's sensitivity as above; the row's scale
-      // is s. Bytes past N / 2 of the row stay poisoned (0xFF).
+      // silu(g) * u in the format asked, plus the product's sensitivity to the errors of g and u (|silu'| <= 1.1,
+      // |silu(g)| <= max(|g|, 0.28)): BF16 within 2^-8 of it; codes of v / s within half a code step of it (FP8
+      // E4M3: 2^-4 relative, or 2^-10 s below the normal range; INT8: s / 2), with the row's scale s. Past N / 2
+      // the row stays poisoned (0xFFFF, or 0xFF bytes for codes).
+      const bool codes = c.swiglu_kind != ActKind::None, fp8 = c.swiglu_kind == ActKind::Fp8Tensor;
       const std::vector<uint8_t> bytes = dsw.get<uint8_t>();
-      const float s = sw_scale, srs = dswrs.get<float>()[size_t(m)];
-      EXPECT_EQ(srs, s) << what << ": row scale of m " << m;
-      if (srs != s) return worst;
-      const bool fp8 = c.swiglu_kind == ActKind::Fp8Tensor;
+      const float s = sw_scale;
+      if (codes) {
+        const float srs = dswrs.get<float>()[size_t(m)];
+        EXPECT_EQ(srs, s) << what << ": row scale of m " << m;
+        if (srs != s) return worst;
+      }
       for (int64_t j = 0; j < N / 2; ++j) {
         const double g = want_row[size_t(2 * j)], u = want_row[size_t(2 * j + 1)];
         const double want = g / (1.0 + std::exp(-g)) * u;
-        const double step = fp8 ? std::max(std::ldexp(std::fabs(want), -4), std::ldexp(double(s), -10)) : 0.5 * s;
+        const double step = !codes ? std::ldexp(std::fabs(want), -8)
+                            : fp8  ? std::max(std::ldexp(std::fabs(want), -4), std::ldexp(double(s), -10))
+                                   : 0.5 * s;
         const double tol = step + 1.1 * std::fabs(u) * tol_row[size_t(2 * j)] +
                            std::max(std::fabs(g), 0.28) * tol_row[size_t(2 * j + 1)] + 1e-6;
-        const uint8_t code = bytes[size_t(m * ld_sw + j)];
-        const double got = fp8 ? double(quant::fp8_to_f32(code)) * s : double(int8_t(code)) * s;
-        EXPECT_NEAR(got, want, tol) << what << " codes at m " << m << " j " << j;
+        const size_t at = size_t(m * ld_sw + j);
+        const double got = !codes ? double(bf16_to_f32(sw[at]))
+                           : fp8  ? double(quant::fp8_to_f32(bytes[at])) * s
+                                  : double(int8_t(bytes[at])) * s;
+        EXPECT_NEAR(got, want, tol) << what << (codes ? " codes" : "") << " at m " << m << " j " << j;
         if (!(std::fabs(got - want) <= tol)) return worst;
       }
       for (int64_t j = N / 2; j < ld_sw; ++j) {
-        EXPECT_EQ(bytes[size_t(m * ld_sw + j)], 0xFF) << what << ": wrote past N / 2";
-        if (bytes[size_t(m * ld_sw + j)] != 0xFF) return worst;
+        const size_t at = size_t(m * ld_sw + j);
+        const bool poisoned = codes ? bytes[at] == 0xFF : sw[at] == 0xFFFF;
+        EXPECT_TRUE(poisoned) << what << ": wrote past N / 2 at m " << m << " j " << j;
+        if (!poisoned) return worst;
       }
       continue;
     }

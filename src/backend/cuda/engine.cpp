@@ -127,7 +127,7 @@ struct DevLinear {
   float act_scale = 1.f;
   void* w = nullptr;
   float* scale = nullptr;
-  float* alpha = nullptr;  // FP8 weights with a static FP8 input scale: scale[n] * act_scale (cuBLASLt's alpha vector)
+  float* alpha = nullptr;  // LLMQ_LT_ALPHA, FP8 weights with a static FP8 input scale: scale[n] * act_scale
   uint8_t* zero = nullptr;
   int64_t group = 0, N = 0, K = 0;
   float* bias = nullptr;
@@ -265,6 +265,7 @@ class CudaEngine final : public Engine {
 
   cudaStream_t stream_ = nullptr;
   const bool profile_ = env_flag("LLMQ_CUDA_PROFILE");
+  const bool lt_alpha_ = env_flag("LLMQ_LT_ALPHA");  // FP8 linears get an alpha vector (DevLinear::alpha)
   std::vector<std::pair<std::string, std::pair<cudaEvent_t, cudaEvent_t>>> pending_;
   std::map<std::string, std::pair<double, int64_t>> prof_;  // name -> (total ms, calls)
   bool small_ = false;  // the batch being run is a decode step or small batch (profile names)
@@ -424,7 +425,7 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls, bool pair_
     }
     if (d.tiles) d.w = upload(pack::int4_mma_pack(codes.data(), d.N, K));
     if (!scale.empty()) d.scale = upload(scale);
-    if (d.wf == WFmt::FP8 && d.act == ActKind::Fp8Tensor && !scale.empty()) {
+    if (lt_alpha_ && d.wf == WFmt::FP8 && d.act == ActKind::Fp8Tensor && !scale.empty()) {
       std::vector<float> alpha(scale.size());
       for (size_t i = 0; i < alpha.size(); ++i) alpha[i] = scale[i] * d.act_scale;
       d.alpha = upload(alpha);
@@ -836,30 +837,31 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     // LLMQ_LT_SCALED=1: FP8 with cuBLASLt's outer-vector scaling straight into y (no FP32 round trip through
     // gemm_epilogue); opt-in until measured on a GPU (written without one).
     static const bool lt_scaled = env_flag("LLMQ_LT_SCALED");
-    // LLMQ_LT_ALPHA=1: FP8 with a static input scale through cuBLASLt's alpha vector (every scale in
-    // alpha[n] = w_scale[n] * x_scale), FP32 straight into y, added for the residual; opt-in until measured.
-    static const bool lt_alpha = env_flag("LLMQ_LT_ALPHA");
-    if (fp8 && lt_alpha && l.alpha) {
-      if (!l.bias && reinterpret_cast<uintptr_t>(y) % 16 == 0 && lt_->supports_fp8_alpha(l.N, T, l.K, ldy, accumulate, sm_)) {
+    // LLMQ_LT_ALPHA=1 (lt_alpha_): FP8 with a static input scale through cuBLASLt's alpha vector (every scale
+    // in alpha[n] = w_scale[n] * x_scale), FP32 straight into y, added for the residual; opt-in until measured.
+    // Either switch says once when its request cannot be met, rather than silently not.
+    const bool direct_ok = fp8 && !l.bias && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+    auto unmet = [&](bool& told, const char* what) {
+      if (!told)
+        std::fprintf(stderr, "llmq: note: %s: no such cuBLASLt FP8 GEMM for N %lld, T %lld, K %lld%s; using the FP32 "
+                     "epilogue\n", what, (long long)l.N, (long long)T, (long long)l.K, l.bias ? " (bias)" : "");
+      told = true;
+    };
+    if (fp8 && l.alpha) {
+      if (direct_ok && lt_->supports_fp8_alpha(l.N, T, l.K, ldy, accumulate, sm_)) {
         lt_->run_fp8_alpha(l.w, x, l.alpha, y, ldy, accumulate, l.N, T, l.K, stream_);
         return;
       }
       static bool told = false;
-      if (!told)
-        std::fprintf(stderr, "llmq: note: LLMQ_LT_ALPHA: no alpha-vector cuBLASLt FP8 GEMM for N %lld, T %lld, K %lld%s; "
-                     "using the FP32 epilogue\n", (long long)l.N, (long long)T, (long long)l.K, l.bias ? " (bias)" : "");
-      told = true;
+      unmet(told, "LLMQ_LT_ALPHA (alpha-vector scaling)");
     }
     if (fp8 && lt_scaled) {
-      if (!l.bias && reinterpret_cast<uintptr_t>(y) % 16 == 0 && lt_->supports_fp8_scaled(l.N, T, l.K, ldy, accumulate, sm_)) {
+      if (direct_ok && lt_->supports_fp8_scaled(l.N, T, l.K, ldy, accumulate, sm_)) {
         lt_->run_fp8_scaled(l.w, x, l.scale, row_scale_.as<float>(), y, ldy, accumulate, l.N, T, l.K, stream_);
         return;
       }
-      static bool told = false;  // say once that the request could not be met, rather than silently not
-      if (!told)
-        std::fprintf(stderr, "llmq: note: LLMQ_LT_SCALED: no outer-vector-scaled cuBLASLt FP8 GEMM for N %lld, T %lld, K %lld%s; "
-                     "using the FP32 epilogue\n", (long long)l.N, (long long)T, (long long)l.K, l.bias ? " (bias)" : "");
-      told = true;
+      static bool told = false;
+      unmet(told, "LLMQ_LT_SCALED (outer-vector scaling)");
     }
     lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_);
     gemm_epilogue(gemm_out_.p, T, l.N, row_scale_.as<float>(), l.scale, l.bias, y, ldy, accumulate, stream_, !fp8);

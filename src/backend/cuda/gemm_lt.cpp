@@ -115,9 +115,15 @@ void LtGemm::run(LtKind kind, const void* w, const void* x, void* acc, int64_t N
                                    acc, p->c, &p->algo, workspace_, workspace_bytes_, s));
 }
 
+namespace {
+// The shapes the FP8 plans writing straight into a strided y take (sm_89+, y rows 16-byte aligned).
+bool fp8_direct_shape_ok(int64_t N, int64_t T, int64_t K, int64_t ldy, int sm) {
+  return sm >= 89 && ldy >= N && N >= 1 && T >= 1 && K >= 16 && K % 16 == 0 && N % 4 == 0 && ldy % 4 == 0;
+}
+}  // namespace
+
 bool LtGemm::supports_fp8_scaled(int64_t N, int64_t T, int64_t K, int64_t ldy, bool accumulate, int sm) {
-  if (sm < 89 || ldy < N || N < 1 || T < 1 || K < 16 || K % 16 || N % 4 || ldy % 4) return false;  // y: 16-byte aligned
-  return plan(LtKind::Fp8, N, T, K, Scaling::OuterVec, ldy, accumulate)->ok;
+  return fp8_direct_shape_ok(N, T, K, ldy, sm) && plan(LtKind::Fp8, N, T, K, Scaling::OuterVec, ldy, accumulate)->ok;
 }
 
 void LtGemm::run_fp8_scaled(const void* w, const void* x, const float* w_scale, const float* x_scale, float* y,
@@ -137,8 +143,7 @@ void LtGemm::run_fp8_scaled(const void* w, const void* x, const float* w_scale, 
 }
 
 bool LtGemm::supports_fp8_alpha(int64_t N, int64_t T, int64_t K, int64_t ldy, bool accumulate, int sm) {
-  if (sm < 89 || ldy < N || N < 1 || T < 1 || K < 16 || K % 16 || N % 4 || ldy % 4) return false;  // y: 16-byte aligned
-  return plan(LtKind::Fp8, N, T, K, Scaling::AlphaVec, ldy, accumulate)->ok;
+  return fp8_direct_shape_ok(N, T, K, ldy, sm) && plan(LtKind::Fp8, N, T, K, Scaling::AlphaVec, ldy, accumulate)->ok;
 }
 
 void LtGemm::run_fp8_alpha(const void* w, const void* x, const float* alpha, float* y, int64_t ldy, bool accumulate,
