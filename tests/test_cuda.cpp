@@ -743,6 +743,59 @@ TEST(CudaElementwise, ArgmaxRowsMatchesHost) {
   }
 }
 
+// The BF16 expansion of quantized weights for the cuBLAS path, exactly: I8 and FP8 rows (with and without their
+// scales: W8A8 multiplies the codes' own values), at K % 16 == 0 (16 values a thread) and not (one a thread); INT4
+// int4_mma tiles (a lane's 16 bytes a thread), groups 32/64/128, rows and K not multiples of the tiles.
+TEST(CudaElementwise, WeightExpansionMatchesCpu) {
+  REQUIRE_GPU();
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> us(0.001f, 0.05f);
+  for (const auto& [N, K] : std::vector<std::pair<int64_t, int64_t>>{{1, 16}, {3, 48}, {17, 80}, {40, 200}, {33, 4096}, {5, 37}}) {
+    std::vector<float> scale(static_cast<size_t>(N));
+    for (auto& v : scale) v = us(rng);
+    for (WFmt f : {WFmt::I8, WFmt::FP8})
+      for (bool apply : {true, false}) {
+        std::vector<uint8_t> codes(static_cast<size_t>(N * K));
+        for (auto& c : codes) c = f == WFmt::FP8 ? random_fp8(rng) : uint8_t(rng() & 0xFF);
+        Buf dw(codes), ds(scale), out(static_cast<size_t>(N * K) * 2);
+        weight_to_bf16(f, dw.p, ds.as<float>(), nullptr, 0, N, K, apply, out.p, nullptr);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<uint16_t> got = out.get<uint16_t>();
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t k = 0; k < K; ++k) {
+            const uint8_t c = codes[size_t(n * K + k)];
+            float v = f == WFmt::FP8 ? quant::fp8_to_f32(c) : float(int8_t(c));
+            if (apply) v *= scale[size_t(n)];
+            ASSERT_EQ(got[size_t(n * K + k)], f32_to_bf16(v))
+                << (f == WFmt::FP8 ? "fp8" : "i8") << (apply ? " scaled" : " codes") << " N " << N << " K " << K << " at " << n << ", " << k;
+          }
+      }
+    if (K % 16) continue;
+    for (int64_t group : {32, 64, 128}) {
+      if (K % group) continue;
+      const int64_t ng = K / group;
+      std::vector<uint8_t> codes(static_cast<size_t>(N * K / 2)), zero(static_cast<size_t>(N * ng));
+      std::vector<float> gs(static_cast<size_t>(N * ng));
+      for (auto& c : codes) c = uint8_t(rng() & 0xFF);
+      for (auto& z : zero) z = uint8_t(rng() % 16);
+      for (auto& v : gs) v = us(rng);
+      const std::vector<uint8_t> tiles = pack::int4_mma_pack(codes.data(), N, K);
+      Buf dw(tiles), ds(gs), dz(zero), out(static_cast<size_t>(N * K) * 2);
+      int4_mma_to_bf16(dw.p, ds.as<float>(), dz.as<uint8_t>(), group, N, K, out.p, nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<uint16_t> got = out.get<uint16_t>();
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) {
+          const uint8_t b = codes[size_t((n * K + k) / 2)];
+          const int code = (k % 2) ? b >> 4 : b & 0xF;
+          const int64_t gi = n * ng + k / group;
+          const float want = (float(code) - float(zero[size_t(gi)])) * gs[size_t(gi)];
+          ASSERT_EQ(got[size_t(n * K + k)], f32_to_bf16(want)) << "int4 g" << group << " N " << N << " K " << K << " at " << n << ", " << k;
+        }
+    }
+  }
+}
+
 // rmsnorm fused with each activation format, against the CPU formulas and formats.
 TEST(CudaElementwise, RmsNormPrepMatchesCpu) {
   REQUIRE_GPU();

@@ -40,7 +40,11 @@ void argmax_rows(const float* x, int64_t R, int64_t n, int32_t* ids, float* part
 
 // Weight rows as BF16 [N, K] for the cuBLAS path (fmt I8, FP8 or I4). With apply_scale, the dequantized
 // value; without (I8/FP8 codes for W8A8), the code's own value, exactly.
+// I8 and FP8 rows with K % 16 == 0 (16-byte aligned) take a 16-values-per-thread kernel, the rest (and every
+// format with LLMQ_SCALAR_DEQUANT=1) one value per thread; both compute the same values.
 void weight_to_bf16(WFmt fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group, int64_t N,
                     int64_t K, bool apply_scale, void* out, cudaStream_t s);
+// Whether LLMQ_SCALAR_DEQUANT=1 asks for the one-value-per-thread expansion kernels (also int4_mma_to_bf16's).
+bool scalar_dequant();
 
 }  // namespace llmq::cuda
