@@ -629,6 +629,223 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   return rb == 2 ? launch_i4_nt<2, G, 2>(a, tg, s) : launch_i4_nt<2, G, 1>(a, tg, s);
 }
 
+// ---- INT4 at 9..64 tokens: the tiled kernel (GemvArgs::i4_tiled; LLMQ_WGEMM_I4_TILED=1 in the engine) ----
+//
+// wgemm_i4_kernel splits K over a CTA's warps, so each warp reads the activations of its K range once for every
+// 16-32 rows it computes: at 16 tokens that is 2 bytes of activations per byte of weights, from the L2 (128 KB
+// at K = 4096 does not fit the L1 beside two CTAs' rings). H200, llama-3-8b gate_up at T = 16: 30% of the copy
+// bandwidth; ncu: DRAM 27%, L1 hit rate 34%, L1TEX scoreboard the largest stall.
+// Here a CTA's 8 warps own 8 consecutive row blocks (128 rows) and walk one K range together: each of kTStages
+// ring stages brings kTUnits units (128 k) of every warp's weights, their scales and zero points, and all tokens'
+// activations into shared memory with cp.async; every warp reads the activation fragments from there, so they
+// cross the L2 once per 128 rows (a quarter of the weight bytes at 16 tokens). Matrices with few row tiles split
+// K over gridDim.y CTAs: their partial sums go to GemvArgs::i4_ws in fragment order and
+// wgemm_i4_splitk_epilogue adds them in split order (the same sum every run) and runs the epilogue. Groups of 64
+// or 128 with K / group a multiple of 4 (a zero-point word holds four groups of a row); no fused RMSNorm
+// (norm_counter). Written without a GPU to run it on: not measured yet.
+constexpr int kTWarps = 8, kTStages = 4, kTUnits = 2;  // row blocks (warps) a CTA, ring stages, units a stage
+constexpr int kTPad = 16;  // bf16 padding per activation row: a 288-byte stride, 32 mod 128 (no bank conflicts)
+
+template <int NT>
+struct TiledLayout {  // one ring stage: activations [NT * 8][kRow] bf16, weights [warp][unit][lane] 16 B,
+                      // scales [warp][group][16 rows] float, zero-point words [warp][group][16 rows] uint32
+  static constexpr int kRow = kTUnits * 64 + kTPad;
+  static constexpr int kAct = NT * 8 * kRow * 2;
+  static constexpr int kW = kTWarps * kTUnits * 32 * 16;
+  static constexpr int kGroups = kTUnits;  // at most (groups of 64)
+  static constexpr int kSc = kTWarps * kGroups * 16 * 4;
+  static constexpr int kStage = kAct + kW + 2 * kSc;
+  static constexpr int kBytes = kTStages * kStage;
+  static_assert(kAct % 16 == 0 && kW % 16 == 0 && kSc % 16 == 0, "16-byte aligned regions");
+};
+
+__device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem), "l"(gmem) : "memory");
+}
+
+template <int NT, int G>
+__global__ void __launch_bounds__(kTWarps * 32) wgemm_i4_tiled_kernel(const GemvArgs a, const int units, const int ups) {
+  using Lay = TiledLayout<NT>;
+  constexpr int UPG = G / 64;             // units per group
+  constexpr int GPS = kTUnits / UPG;      // groups per stage (1 or 2)
+  extern __shared__ uint4 t_ring[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int N = int(a.N), rbs = (N + 15) / 16, M = a.M, ng = int(a.K / G);
+  const int rb_raw = int(blockIdx.x) * kTWarps + warp;
+  const int rb = min(rb_raw, rbs - 1);  // warps past the last row block recompute it (never stored)
+  const int u_begin = int(blockIdx.y) * ups, u_end = min(units, u_begin + ups);
+  const int nst = (u_end - u_begin + kTUnits - 1) / kTUnits;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(t_ring));
+  const uint4* w4 = static_cast<const uint4*>(a.w);
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
+  pdl_trigger();
+  pdl_wait();
+  auto issue = [&](int stg) {  // stage stg of this CTA into ring slot stg % kTStages; always one commit group
+    if (stg < nst) {
+      const uint32_t base = ring_s + uint32_t((stg % kTStages) * Lay::kStage);
+      const int u0 = u_begin + stg * kTUnits;
+#pragma unroll
+      for (int cu = 0; cu < kTUnits; ++cu)
+        if (u0 + cu < u_end)
+          cp_async16(base + Lay::kAct + ((warp * kTUnits + cu) * 32 + lane) * 16, w4 + (int64_t(rb) * units + u0 + cu) * 32 + lane);
+      // Scales (lanes 0-15, rows rb * 16 + lane) and zero-point words (lanes 16-31) of the stage's groups.
+      const int row = min(rb * 16 + (lane & 15), N - 1);
+#pragma unroll
+      for (int q = 0; q < GPS; ++q) {
+        const int grp = (u0 + q * UPG) / UPG;
+        if (grp >= ng || u0 + q * UPG >= u_end) continue;
+        const uint32_t slot = uint32_t(((warp * Lay::kGroups + q) * 16 + (lane & 15)) * 4);
+        if (lane < 16) cp_async4(base + Lay::kAct + Lay::kW + slot, a.w_scale + int64_t(row) * ng + grp);
+        else cp_async4(base + Lay::kAct + Lay::kW + Lay::kSc + slot, a.w_zero + int64_t(row) * ng + (grp & ~3));
+      }
+      constexpr int kPieces = NT * 8 * kTUnits * 8;  // 16-byte pieces of activations: rows x (128 k / 8)
+      for (int p = int(threadIdx.x); p < kPieces; p += kTWarps * 32) {
+        const int r = p / (kTUnits * 8), c = p % (kTUnits * 8);
+        if (u0 + c / 8 >= u_end) continue;
+        const int tok = min(r, M - 1);  // rows past T: computed, never stored
+        cp_async16(base + uint32_t((r * Lay::kRow + c * 8) * 2), x + int64_t(tok) * a.ldx + int64_t(u0) * 64 + c * 8);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int st = 0; st < kTStages - 1; ++st) issue(st);
+
+  float acc[NT][4], cg[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = cg[n][e] = 0.f;
+  for (int stg = 0; stg < nst; ++stg) {
+    cp_async_wait<kTStages - 2>();  // this thread's copies of stage stg have landed ...
+    __syncthreads();                // ... and everyone's; every warp is done with stage stg - 1's slot
+    issue(stg + kTStages - 1);      // into that slot
+    const char* st = reinterpret_cast<const char*>(t_ring) + (stg % kTStages) * Lay::kStage;
+    const __nv_bfloat16* act = reinterpret_cast<const __nv_bfloat16*>(st);
+    const uint4* wsm = reinterpret_cast<const uint4*>(st + Lay::kAct) + warp * kTUnits * 32 + lane;
+    const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * Lay::kGroups * 16;
+    const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * Lay::kGroups * 16;
+    const int u0 = u_begin + stg * kTUnits;
+#pragma unroll
+    for (int cu = 0; cu < kTUnits; ++cu) {
+      const int u = u0 + cu;
+      if (u >= u_end) break;  // CTA-uniform
+      const int q = cu / UPG, grp = u / UPG, zsh = 8 * (grp & 3);
+      const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
+      const uint32_t z0 = 0x43004300u | ((szw[q * 16 + g] >> zsh) & 0xFFu) * 0x10001u;
+      const uint32_t z1 = 0x43004300u | ((szw[q * 16 + g + 8] >> zsh) & 0xFFu) * 0x10001u;
+      const uint4 wv = wsm[cu * 32];
+      const uint32_t wd[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t A[4];
+        A[0] = bf16x2_sub(and_or(wd[j], 0x000F000Fu, 0x43004300u), z0);
+        A[1] = bf16x2_sub(and_or(wd[j] >> 4, 0x000F000Fu, 0x43004300u), z1);
+        A[2] = bf16x2_sub(and_or(wd[j] >> 8, 0x000F000Fu, 0x43004300u), z0);
+        A[3] = bf16x2_sub(and_or(wd[j] >> 12, 0x000F000Fu, 0x43004300u), z1);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const uint2 bx = *reinterpret_cast<const uint2*>(act + (n * 8 + g) * Lay::kRow + cu * 64 + 16 * j + 4 * t);
+          mma_bf16(cg[n], A, bx);
+        }
+      }
+      if ((u + 1) % UPG == 0 || u + 1 == u_end) {  // the end of a group's share: scale it into acc
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            acc[n][e] = fmaf(e < 2 ? s0 : s1, cg[n][e], acc[n][e]);
+            cg[n][e] = 0.f;
+          }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  if (rb_raw >= rbs) return;  // the whole warp
+  if (gridDim.y == 1) {
+    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t, int64_t tc) { return acc[n][e] * rms_factor(a, tc); });
+  } else {
+    float* wsp = a.i4_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = acc[n][e];
+  }
+}
+
+// The split-K sums of wgemm_i4_tiled_kernel (splits partial tiles per row block in GemvArgs::i4_ws, fragment
+// order), added in split order, and the epilogue; one warp per row block.
+template <int NT>
+__global__ void __launch_bounds__(kTWarps * 32) wgemm_i4_splitk_epilogue(const GemvArgs a, const int splits) {
+  pdl_trigger();
+  pdl_wait();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int rbs = int((a.N + 15) / 16), rb = int(blockIdx.x) * kTWarps + warp;
+  if (rb >= rbs) return;
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = 0.f;
+      for (int sp = 0; sp < splits; ++sp) v += a.i4_ws[(int64_t(sp) * rbs + rb) * (NT * 4 * 32) + (n * 4 + e) * 32 + lane];
+      acc[n][e] = v;
+    }
+  store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t, int64_t tc) { return acc[n][e] * rms_factor(a, tc); });
+}
+
+// Whether wgemm_i4_tiled_kernel serves these (INT4 tile) arguments.
+bool i4_tiled_ok(const GemvArgs& a) {
+  return a.K % 64 == 0 && (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 && !a.norm_counter &&
+         reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && a.ldx % 8 == 0 && reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
+}
+
+// LLMQ_WGEMM_I4_TILED=1: the engine's INT4 matmuls of 9..64 tokens through the tiled kernel where it serves them.
+bool env_i4_tiled() {
+  static const bool on = [] {
+    const char* e = std::getenv("LLMQ_WGEMM_I4_TILED");
+    return e && *e && *e != '0';
+  }();
+  return on;
+}
+
+template <int NT, int G>
+void launch_i4_tiled_nt(const GemvArgs& a, cudaStream_t s) {
+  using Lay = TiledLayout<NT>;
+  static const int sms = [] {
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_tiled_kernel<NT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
+    int dev = 0, n = 0;
+    LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
+    LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  }();
+  const int units = int(a.K / 64), rbs = int((a.N + 15) / 16), tiles = (rbs + kTWarps - 1) / kTWarps;
+  // Split K until there are about LLMQ_WGEMM_I4_TILED_WAVES [2] CTAs per SM, in whole stages of at least two
+  // per split, as far as the workspace allows (the count to tune: not measured yet).
+  static const int waves = [] {
+    const char* e = std::getenv("LLMQ_WGEMM_I4_TILED_WAVES");
+    return e && *e ? std::clamp(std::atoi(e), 1, 8) : 2;
+  }();
+  int splits = a.i4_ws ? std::clamp((waves * sms + tiles - 1) / tiles, 1, std::max(1, units / (2 * kTUnits))) : 1;
+  auto per_split = [&](int sp) { return ((units + sp - 1) / sp + kTUnits - 1) / kTUnits * kTUnits; };
+  int ups = per_split(splits);
+  splits = (units + ups - 1) / ups;
+  if (splits > 1 && a.i4_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
+  launch("wgemm_i4_tiled_kernel", wgemm_i4_tiled_kernel<NT, G>, dim3(unsigned(tiles), unsigned(splits)),
+         dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
+  if (splits > 1)
+    launch("wgemm_i4_splitk_epilogue", wgemm_i4_splitk_epilogue<NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32), 0, s, a, splits);
+}
+
+template <int G>
+void launch_i4_tiled(const GemvArgs& a, cudaStream_t s) {
+  if (a.M <= 8) return launch_i4_tiled_nt<1, G>(a, s);
+  if (a.M <= 16) return launch_i4_tiled_nt<2, G>(a, s);
+  if (a.M <= 32) return launch_i4_tiled_nt<4, G>(a, s);
+  return launch_i4_tiled_nt<8, G>(a, s);
+}
+
 int kind_of(const GemvArgs& a) {
   if (a.wf == WFmt::BF16 && a.xf == XFmt::BF16) return kBf16;
   if (a.wf == WFmt::I8 && a.xf == XFmt::BF16) return kI8W;
@@ -742,6 +959,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   if ((kind == kI8W || kind >= kI8I8) && a.K % 64) return false;
   if (kind == kI4 && (!a.w_zero || !wgemm_int4_shape(a.K, a.group))) return false;
   if (a.i4_row_blocks != 0 && a.i4_row_blocks != 1 && a.i4_row_blocks != 2) return false;
+  if (a.i4_tiled < -1 || a.i4_tiled > 1 || (a.i4_tiled == 1 && (kind != kI4 || !i4_tiled_ok(a)))) return false;
   const int xb = kind >= kI8I8 ? 1 : 2;
   if (!aligned(a.w, 16) || !aligned(a.x, 8) || (a.ldx * xb) % 8) return false;
   return true;
@@ -754,6 +972,8 @@ void wgemm(const GemvArgs& a, cudaStream_t s) {
     case kI8I8: return launch_nt<kI8I8, 0>(a, s);
     case kFp8Fp8: return launch_nt<kFp8Fp8, 0>(a, s);
     case kI4:
+      if (a.i4_tiled == 1 || (a.i4_tiled == 0 && a.M > 8 && env_i4_tiled() && i4_tiled_ok(a)))
+        return a.group == 64 ? launch_i4_tiled<64>(a, s) : launch_i4_tiled<128>(a, s);
       if (a.K % 64 == 0 && !env_generic_i4()) {
         if (a.group == 32) return launch_i4<32>(a, s);
         if (a.group == 64) return launch_i4<64>(a, s);
