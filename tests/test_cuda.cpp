@@ -86,8 +86,8 @@ struct GemvCase {
   bool rms_in = false;  // distributed RMSNorm, consumer half: results times rsqrt(x_sumsq[m] / H + eps)
   bool rms_out = false; // producer half: bf16(y * w) to rms_out and sum y^2 added to rms_sumsq
   ActKind swiglu_kind = ActKind::None;  // with swiglu: or FP8 / INT8 codes of a static scale (no rms_in, accumulate)
-  int i4_tiled = 0;     // GemvArgs::i4_tiled (1: the tiled INT4 kernel)
-  bool i4_ws = false;   // with i4_tiled: a split-K workspace (the launcher then splits K where N is small)
+  int tiled = 0;        // GemvArgs::tiled (1: the tiled weight-only kernel)
+  bool tiled_ws = false;// with tiled: a split-K workspace (the launcher then splits K where N is small)
 };
 
 // Every weight x input format pair the GEMV runs.
@@ -229,11 +229,11 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   a.accumulate = c.accumulate;
   a.ksplit = c.ksplit;
   a.i4_row_blocks = c.i4_rb;
-  a.i4_tiled = c.i4_tiled;
+  a.tiled = c.tiled;
   // Room for as many splits as the launcher may take (K / 256), poisoned (NaN): every partial is written first.
-  const int64_t ws_floats = c.i4_ws ? (K / 256 + 1) * ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8) : 1;
+  const int64_t ws_floats = c.tiled_ws ? (K / 256 + 1) * ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8) : 1;
   Buf dws(static_cast<size_t>(ws_floats) * 4);
-  if (c.i4_ws) a.i4_ws = dws.as<float>(), a.i4_ws_floats = ws_floats;
+  if (c.tiled_ws) a.tiled_ws = dws.as<float>(), a.tiled_ws_floats = ws_floats;
   if (c.rms_in) a.x_sumsq = dxsq.as<double>(), a.x_inv_n = float(inv_h), a.norm_eps = float(rms_eps);
   if (c.rms_out) a.rms_w = drw.as<float>(), a.rms_out = dro.p, a.rms_ld = ld_r, a.rms_sumsq = dsq.as<double>();
   if (c.swiglu) a.swiglu_out = dsw.p, a.swiglu_ld = ld_sw, a.y = nullptr;
@@ -533,44 +533,48 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
   }
 }
 
-// The tiled INT4 kernel (GemvArgs::i4_tiled = 1): 128 rows a CTA sharing the activations in shared memory, K
-// split over CTAs through a workspace where the matrix has few row tiles (with and without one). Token counts in
-// every n-tile instance (1..64, not multiples of 8), N not a multiple of 16 or of the 128-row tile, K from one
-// stage to many with an odd number of units (a partial last stage, groups of 64), both group sizes, bias,
-// residual, the SwiGLU epilogue (BF16 and FP8 codes) and both halves of the distributed RMSNorm; and that it
-// refuses what it does not serve (groups of 32, K / group not a multiple of 4, the fused norm).
-TEST(CudaWgemm, Int4TiledMatchesReference) {
+// The tiled weight-only kernel (GemvArgs::tiled = 1), INT4 tiles and INT8 rows: 128 rows a CTA sharing the
+// activations in shared memory, K split over CTAs through a workspace where the matrix has few row tiles (with
+// and without one). Token counts in every n-tile instance (1..64, not multiples of 8), N not a multiple of 16 or
+// of the 128-row tile, K from one stage to many with an odd number of units (a partial last stage; INT4 groups
+// of 64), both INT4 group sizes, bias, residual, the SwiGLU epilogue (BF16 and FP8 codes) and both halves of the
+// distributed RMSNorm; and that it refuses what it does not serve (groups of 32, K / group not a multiple of 4,
+// W8A8, i4 values other than -1..1).
+TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
   REQUIRE_GPU();
   uint64_t seed = 7000;
-  double worst = 0;
+  double worst[2] = {};
   const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
       {1, 256, 64}, {17, 320, 64}, {129, 512, 128}, {300, 1024, 64}, {4096 + 40, 512, 128}, {45, 4096, 128}, {21, 14336, 128}};
-  for (auto [N, K, g] : shapes)
-    for (int M : {1, 9, 16, 23, 40, 64})
-      for (bool ws : {false, true}) {
-        GemvCase c{WFmt::I4, XFmt::BF16, N, K, g, M, (seed % 2) == 0, (seed % 3) != 0};
-        c.i4_tiled = 1;
-        c.i4_ws = ws;
-        worst = std::max(worst, check_gemv(c, seed++, true));
-        if (HasFailure()) return;
-      }
-  std::printf("tiled INT4 worst |error| / sum|products|: %.2e\n", worst);
-  for (ActKind kind : {ActKind::None, ActKind::Fp8Tensor}) {
-    GemvCase sw{WFmt::I4, XFmt::BF16, 2 * 700, 1024, 128, 16, false, true};
-    sw.swiglu = true;
-    sw.swiglu_kind = kind;
-    sw.i4_tiled = 1;
-    sw.i4_ws = true;
-    check_gemv(sw, seed++, true);
-  }
-  for (bool rms_in : {false, true}) {
-    GemvCase r{WFmt::I4, XFmt::BF16, 333, 2048, 128, 12, true, rms_in};
-    r.rms_in = rms_in;
-    r.rms_out = !rms_in;
-    r.i4_tiled = 1;
-    r.i4_ws = true;
-    check_gemv(r, seed++, true);
-  }
+  for (WFmt wf : {WFmt::I4, WFmt::I8})
+    for (auto [N, K, g] : shapes)
+      for (int M : {1, 9, 16, 23, 40, 64})
+        for (bool ws : {false, true}) {
+          GemvCase c{wf, XFmt::BF16, N, K, wf == WFmt::I4 ? g : 0, M, (seed % 2) == 0, (seed % 3) != 0};
+          c.tiled = 1;
+          c.tiled_ws = ws;
+          worst[wf == WFmt::I8] = std::max(worst[wf == WFmt::I8], check_gemv(c, seed++, true));
+          if (HasFailure()) return;
+        }
+  std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
+  for (WFmt wf : {WFmt::I4, WFmt::I8})
+    for (ActKind kind : {ActKind::None, ActKind::Fp8Tensor}) {
+      GemvCase sw{wf, XFmt::BF16, 2 * 700, 1024, wf == WFmt::I4 ? 128 : 0, 16, false, true};
+      sw.swiglu = true;
+      sw.swiglu_kind = kind;
+      sw.tiled = 1;
+      sw.tiled_ws = true;
+      check_gemv(sw, seed++, true);
+    }
+  for (WFmt wf : {WFmt::I4, WFmt::I8})
+    for (bool rms_in : {false, true}) {
+      GemvCase r{wf, XFmt::BF16, 333, 2048, wf == WFmt::I4 ? 128 : 0, 12, true, rms_in};
+      r.rms_in = rms_in;
+      r.rms_out = !rms_in;
+      r.tiled = 1;
+      r.tiled_ws = true;
+      check_gemv(r, seed++, true);
+    }
   // Refusals: wgemm_supports says no, so callers fall back instead of launching.
   GemvArgs a;
   a.wf = WFmt::I4;
@@ -579,16 +583,22 @@ TEST(CudaWgemm, Int4TiledMatchesReference) {
   a.y = reinterpret_cast<float*>(256);
   a.w_scale = reinterpret_cast<const float*>(256);
   a.w_zero = reinterpret_cast<const uint8_t*>(256);
+  a.x_scale = reinterpret_cast<const float*>(256);
   a.N = 64, a.K = 1024, a.M = 16, a.ldx = 1024, a.ldy = 64, a.group = 128;
-  a.i4_tiled = 1;
+  a.tiled = 1;
   EXPECT_TRUE(wgemm_supports(a, device_sm()));
   a.group = 32;
   EXPECT_FALSE(wgemm_supports(a, device_sm())) << "groups of 32";
   a.group = 128, a.K = 128 * 6, a.ldx = a.K;
   EXPECT_FALSE(wgemm_supports(a, device_sm())) << "K / group = 6";
   a.K = 1024, a.ldx = 1024;
-  a.i4_tiled = 2;
-  EXPECT_FALSE(wgemm_supports(a, device_sm())) << "i4_tiled = 2";
+  a.tiled = 2;
+  EXPECT_FALSE(wgemm_supports(a, device_sm())) << "tiled = 2";
+  a.tiled = 1;
+  a.wf = WFmt::I8, a.xf = XFmt::I8;
+  EXPECT_FALSE(wgemm_supports(a, device_sm())) << "W8A8";
+  a.xf = XFmt::BF16;
+  EXPECT_TRUE(wgemm_supports(a, device_sm())) << "W8A16";
 }
 
 // The distributed RMSNorm's two halves in the GEMV and wgemm kernels: the consumer's factor per token before

@@ -175,7 +175,7 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
   float* xs = static_cast<float*>(device_random(size_t(maxT), "scale", 9));
   float* y = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&y, size_t(maxT * 128256) * 4));
-  // The tiled INT4 kernel's split-K workspace: up to K / 256 splits of every row block's tokens.
+  // The tiled kernel's split-K workspace: up to K / 256 splits of every row block's tokens.
   const int64_t ws_floats = (14336 / 256 + 1) * 28672 * ((maxT + 7) / 8 * 8);
   float* ws = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&ws, size_t(ws_floats) * 4));
@@ -212,15 +212,15 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
         };
         set(0, false);
         if (wgemm_supports(a, sm)) row("wgemm", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
-        if (f.wf == WFmt::I4) {  // the tiled INT4 kernel (GemvArgs::i4_tiled): K unsplit, then split through ws
-          a.i4_tiled = 1;
+        if (f.xf == XFmt::BF16 && (f.wf == WFmt::I4 || f.wf == WFmt::I8)) {  // the tiled kernel (GemvArgs::tiled):
+          a.tiled = 1;                                                      // K unsplit, then split through ws
           if (wgemm_supports(a, sm)) {
             row("tiled", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
-            a.i4_ws = ws, a.i4_ws_floats = ws_floats;
+            a.tiled_ws = ws, a.tiled_ws_floats = ws_floats;
             row("tiled/ws", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
-            a.i4_ws = nullptr, a.i4_ws_floats = 0;
+            a.tiled_ws = nullptr, a.tiled_ws_floats = 0;
           }
-          a.i4_tiled = 0;
+          a.tiled = 0;
         }
         set(0, f.wf == WFmt::I4);
         if (T <= kGemvMaxM && gemv_supports(a)) {

@@ -72,12 +72,13 @@ struct GemvArgs {
                                   // choice (enough warps to fill the GPU). wgemm ignores it.
   int i4_row_blocks = 0;          // wgemm, INT4 tiles: row blocks of 16 rows a CTA sums at once (1 or 2); 0 = the
                                   // launcher's choice. The GEMV ignores it.
-  // wgemm, INT4 tiles: 1 = the tiled kernel (128 rows a CTA sharing the activations in shared memory; groups of
-  // 64/128, K / group % 4 == 0, no norm_counter, 16-byte aligned x rows), -1 = never, 0 = the launcher's choice
-  // (the tiled kernel past 8 tokens where it serves and LLMQ_WGEMM_I4_TILED=1). Not measured yet.
-  int i4_tiled = 0;
-  float* i4_ws = nullptr;         // the tiled kernel's split-K partial sums (null: no split): at least
-  int64_t i4_ws_floats = 0;       // splits x 16 * ceil(N / 16) x 8 * ceil(M / 8) floats are used, else no split
+  // wgemm, INT4 tiles and INT8 weight-only: 1 = the tiled kernel (128 rows a CTA sharing the activations in shared
+  // memory; INT4 groups of 64/128 with K / group % 4 == 0; K % 64 == 0, no norm_counter, 16-byte aligned x rows),
+  // -1 = never, 0 = the launcher's choice (the tiled kernel past 8 tokens where it serves and LLMQ_WGEMM_TILED=1).
+  // Not measured yet.
+  int tiled = 0;
+  float* tiled_ws = nullptr;      // the tiled kernel's split-K partial sums (null: no split): splits x
+  int64_t tiled_ws_floats = 0;    // 16 * ceil(N / 16) x 8 * ceil(M / 8) floats are used if they fit, else no split
 };
 
 constexpr int kGemvMaxM = 8;

@@ -629,55 +629,63 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   return rb == 2 ? launch_i4_nt<2, G, 2>(a, tg, s) : launch_i4_nt<2, G, 1>(a, tg, s);
 }
 
-// ---- INT4 at 9..64 tokens: the tiled kernel (GemvArgs::i4_tiled; LLMQ_WGEMM_I4_TILED=1 in the engine) ----
+// ---- Weight-only (INT4 tiles, INT8 rows) at 9..64 tokens: the tiled kernel (GemvArgs::tiled) ----
 //
 // wgemm_i4_kernel splits K over a CTA's warps, so each warp reads the activations of its K range once for every
-// 16-32 rows it computes: at 16 tokens that is 2 bytes of activations per byte of weights, from the L2 (128 KB
-// at K = 4096 does not fit the L1 beside two CTAs' rings). H200, llama-3-8b gate_up at T = 16: 30% of the copy
-// bandwidth; ncu: DRAM 27%, L1 hit rate 34%, L1TEX scoreboard the largest stall.
+// 16-32 rows it computes: at 16 tokens that is 2 bytes of activations per byte of INT4 weights, from the L2 (128
+// KB at K = 4096 does not fit the L1 beside two CTAs' rings). H200, llama-3-8b gate_up at T = 16: 30% of the copy
+// bandwidth; ncu: DRAM 27%, L1 hit rate 34%, L1TEX scoreboard the largest stall. The general kernel (INT8
+// weight-only) is worse past 16 tokens: one CTA per row block, activations from the L2 for every 16 rows.
 // Here a CTA's 8 warps own 8 consecutive row blocks (128 rows) and walk one K range together: each of kTStages
-// ring stages brings kTUnits units (128 k) of every warp's weights, their scales and zero points, and all tokens'
-// activations into shared memory with cp.async; every warp reads the activation fragments from there, so they
-// cross the L2 once per 128 rows (a quarter of the weight bytes at 16 tokens). Matrices with few row tiles split
-// K over gridDim.y CTAs: their partial sums go to GemvArgs::i4_ws in fragment order and
-// wgemm_i4_splitk_epilogue adds them in split order (the same sum every run) and runs the epilogue. Groups of 64
-// or 128 with K / group a multiple of 4 (a zero-point word holds four groups of a row); no fused RMSNorm
-// (norm_counter). Written without a GPU to run it on: not measured yet.
+// ring stages brings kTUnits units (128 k) of every warp's weights (INT4: with their scales and zero-point words)
+// and all tokens' activations into shared memory with cp.async; every warp reads the activation fragments from
+// there, so they cross the L2 once per 128 rows. Matrices with few row tiles split K over gridDim.y CTAs: their
+// partial sums go to GemvArgs::tiled_ws in fragment order and wgemm_tiled_splitk_epilogue adds them in split
+// order (the same sum every run) and runs the epilogue. INT4: groups of 64 or 128 with K / group a multiple of 4
+// (a zero-point word holds four groups of a row). No fused RMSNorm (norm_counter). Written without a GPU to run
+// it on: not measured yet.
 constexpr int kTWarps = 8, kTStages = 4, kTUnits = 2;  // row blocks (warps) a CTA, ring stages, units a stage
 constexpr int kTPad = 16;  // bf16 padding per activation row: a 288-byte stride, 32 mod 128 (no bank conflicts)
 
-template <int NT>
-struct TiledLayout {  // one ring stage: activations [NT * 8][kRow] bf16, weights [warp][unit][lane] 16 B,
-                      // scales [warp][group][16 rows] float, zero-point words [warp][group][16 rows] uint32
+// One ring stage: activations [NT * 8][kRow] bf16; weights [warp][unit][lane] 16 B (INT4) or
+// [warp][unit][row half][lane] 16 B (INT8); INT4 only: scales [warp][group][16 rows] float and zero-point words
+// [warp][group][16 rows] uint32.
+template <int KIND, int NT>
+struct TiledLayout {
   static constexpr int kRow = kTUnits * 64 + kTPad;
   static constexpr int kAct = NT * 8 * kRow * 2;
-  static constexpr int kW = kTWarps * kTUnits * 32 * 16;
+  static constexpr int kW = kTWarps * kTUnits * 32 * 16 * (KIND == kI4 ? 1 : 2);
   static constexpr int kGroups = kTUnits;  // at most (groups of 64)
-  static constexpr int kSc = kTWarps * kGroups * 16 * 4;
+  static constexpr int kSc = KIND == kI4 ? kTWarps * kGroups * 16 * 4 : 0;
   static constexpr int kStage = kAct + kW + 2 * kSc;
   static constexpr int kBytes = kTStages * kStage;
   static_assert(kAct % 16 == 0 && kW % 16 == 0 && kSc % 16 == 0, "16-byte aligned regions");
 };
 
+// cp.async of 4 or 8 bytes (through L1: the sizes below 16 have no .cg form).
 __device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem), "l"(gmem) : "memory");
 }
+__device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem) : "memory");
+}
 
-template <int NT, int G>
-__global__ void __launch_bounds__(kTWarps * 32) wgemm_i4_tiled_kernel(const GemvArgs a, const int units, const int ups) {
-  using Lay = TiledLayout<NT>;
-  constexpr int UPG = G / 64;             // units per group
-  constexpr int GPS = kTUnits / UPG;      // groups per stage (1 or 2)
+// KIND kI4 (G = 64 or 128) or kI8W (G unused).
+template <int KIND, int NT, int G>
+__global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
+  using Lay = TiledLayout<KIND, NT>;
+  constexpr bool I4 = KIND == kI4;
+  constexpr int UPG = I4 ? G / 64 : 1;  // units per group
+  constexpr int GPS = kTUnits / UPG;    // groups per stage (1 or 2)
   extern __shared__ uint4 t_ring[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int N = int(a.N), rbs = (N + 15) / 16, M = a.M, ng = int(a.K / G);
+  const int N = int(a.N), rbs = (N + 15) / 16, M = a.M, ng = I4 ? int(a.K / G) : 1;
   const int rb_raw = int(blockIdx.x) * kTWarps + warp;
   const int rb = min(rb_raw, rbs - 1);  // warps past the last row block recompute it (never stored)
   const int u_begin = int(blockIdx.y) * ups, u_end = min(units, u_begin + ups);
   const int nst = (u_end - u_begin + kTUnits - 1) / kTUnits;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(t_ring));
-  const uint4* w4 = static_cast<const uint4*>(a.w);
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
   pdl_trigger();
   pdl_wait();
@@ -685,26 +693,54 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_i4_tiled_kernel(const Gemv
     if (stg < nst) {
       const uint32_t base = ring_s + uint32_t((stg % kTStages) * Lay::kStage);
       const int u0 = u_begin + stg * kTUnits;
+      if constexpr (I4) {
+        const uint4* w4 = static_cast<const uint4*>(a.w);
 #pragma unroll
-      for (int cu = 0; cu < kTUnits; ++cu)
-        if (u0 + cu < u_end)
-          cp_async16(base + Lay::kAct + ((warp * kTUnits + cu) * 32 + lane) * 16, w4 + (int64_t(rb) * units + u0 + cu) * 32 + lane);
-      // Scales (lanes 0-15, rows rb * 16 + lane) and zero-point words (lanes 16-31) of the stage's groups.
-      const int row = min(rb * 16 + (lane & 15), N - 1);
+        for (int cu = 0; cu < kTUnits; ++cu)
+          if (u0 + cu < u_end)
+            cp_async16(base + Lay::kAct + ((warp * kTUnits + cu) * 32 + lane) * 16, w4 + (int64_t(rb) * units + u0 + cu) * 32 + lane);
+        // Scales (lanes 0-15, rows rb * 16 + lane) and zero-point words (lanes 16-31) of the stage's groups.
+        const int row = min(rb * 16 + (lane & 15), N - 1);
 #pragma unroll
-      for (int q = 0; q < GPS; ++q) {
-        const int grp = (u0 + q * UPG) / UPG;
-        if (grp >= ng || u0 + q * UPG >= u_end) continue;
-        const uint32_t slot = uint32_t(((warp * Lay::kGroups + q) * 16 + (lane & 15)) * 4);
-        if (lane < 16) cp_async4(base + Lay::kAct + Lay::kW + slot, a.w_scale + int64_t(row) * ng + grp);
-        else cp_async4(base + Lay::kAct + Lay::kW + Lay::kSc + slot, a.w_zero + int64_t(row) * ng + (grp & ~3));
+        for (int q = 0; q < GPS; ++q) {
+          const int grp = (u0 + q * UPG) / UPG;
+          if (grp >= ng || u0 + q * UPG >= u_end) continue;
+          const uint32_t slot = uint32_t(((warp * Lay::kGroups + q) * 16 + (lane & 15)) * 4);
+          if (lane < 16) cp_async4(base + Lay::kAct + Lay::kW + slot, a.w_scale + int64_t(row) * ng + grp);
+          else cp_async4(base + Lay::kAct + Lay::kW + Lay::kSc + slot, a.w_zero + int64_t(row) * ng + (grp & ~3));
+        }
+      } else {  // rows g and g + 8, k = 64 u + 16 t .. + 15 of each unit (the general kernel's A order)
+        const uint8_t* w8 = static_cast<const uint8_t*>(a.w);
+#pragma unroll
+        for (int cu = 0; cu < kTUnits; ++cu)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            if (u0 + cu < u_end) {
+              const int64_t row = min(rb * 16 + g + 8 * h, N - 1);
+              cp_async16(base + Lay::kAct + (((warp * kTUnits + cu) * 2 + h) * 32 + lane) * 16,
+                         w8 + row * a.K + int64_t(u0 + cu) * 64 + 16 * t);
+            }
       }
-      constexpr int kPieces = NT * 8 * kTUnits * 8;  // 16-byte pieces of activations: rows x (128 k / 8)
-      for (int p = int(threadIdx.x); p < kPieces; p += kTWarps * 32) {
-        const int r = p / (kTUnits * 8), c = p % (kTUnits * 8);
-        if (u0 + c / 8 >= u_end) continue;
-        const int tok = min(r, M - 1);  // rows past T: computed, never stored
-        cp_async16(base + uint32_t((r * Lay::kRow + c * 8) * 2), x + int64_t(tok) * a.ldx + int64_t(u0) * 64 + c * 8);
+      if constexpr (I4) {  // 16-byte pieces of activations: rows x (128 k / 8), in k order
+        constexpr int kPieces = NT * 8 * kTUnits * 8;
+        for (int p = int(threadIdx.x); p < kPieces; p += kTWarps * 32) {
+          const int r = p / (kTUnits * 8), c = p % (kTUnits * 8);
+          if (u0 + c / 8 >= u_end) continue;
+          const int tok = min(r, M - 1);  // rows past T: computed, never stored
+          cp_async16(base + uint32_t((r * Lay::kRow + c * 8) * 2), x + int64_t(tok) * a.ldx + int64_t(u0) * 64 + c * 8);
+        }
+      } else {
+        // 8-byte chunks, transposed within each unit: the 4 values at k = 16 i + 4 j go to position 16 j + 4 i,
+        // so that a lane (g, t) reads step j's B fragment (k = 16 t + 4 j, the INT8 rows' order) from position
+        // 16 j + 4 t: the INT4 reads' pattern, free of bank conflicts.
+        constexpr int kChunks = NT * 8 * kTUnits * 16;
+        for (int p = int(threadIdx.x); p < kChunks; p += kTWarps * 32) {
+          const int r = p / (kTUnits * 16), c = p % (kTUnits * 16), cu = c / 16, i = (c % 16) / 4, j = c % 4;
+          if (u0 + cu >= u_end) continue;
+          const int tok = min(r, M - 1);
+          cp_async8(base + uint32_t((r * Lay::kRow + cu * 64 + 16 * j + 4 * i) * 2),
+                    x + int64_t(tok) * a.ldx + int64_t(u0 + cu) * 64 + 16 * i + 4 * j);
+        }
       }
     }
     cp_async_commit();
@@ -723,50 +759,69 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_i4_tiled_kernel(const Gemv
     issue(stg + kTStages - 1);      // into that slot
     const char* st = reinterpret_cast<const char*>(t_ring) + (stg % kTStages) * Lay::kStage;
     const __nv_bfloat16* act = reinterpret_cast<const __nv_bfloat16*>(st);
-    const uint4* wsm = reinterpret_cast<const uint4*>(st + Lay::kAct) + warp * kTUnits * 32 + lane;
-    const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * Lay::kGroups * 16;
-    const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * Lay::kGroups * 16;
+    const uint4* wsm = reinterpret_cast<const uint4*>(st + Lay::kAct) + warp * kTUnits * 32 * (I4 ? 1 : 2) + lane;
     const int u0 = u_begin + stg * kTUnits;
 #pragma unroll
     for (int cu = 0; cu < kTUnits; ++cu) {
       const int u = u0 + cu;
       if (u >= u_end) break;  // CTA-uniform
-      const int q = cu / UPG, grp = u / UPG, zsh = 8 * (grp & 3);
-      const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
-      const uint32_t z0 = 0x43004300u | ((szw[q * 16 + g] >> zsh) & 0xFFu) * 0x10001u;
-      const uint32_t z1 = 0x43004300u | ((szw[q * 16 + g + 8] >> zsh) & 0xFFu) * 0x10001u;
-      const uint4 wv = wsm[cu * 32];
-      const uint32_t wd[4] = {wv.x, wv.y, wv.z, wv.w};
+      if constexpr (I4) {
+        const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * Lay::kGroups * 16;
+        const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * Lay::kGroups * 16;
+        const int q = cu / UPG, grp = u / UPG, zsh = 8 * (grp & 3);
+        const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
+        const uint32_t z0 = 0x43004300u | ((szw[q * 16 + g] >> zsh) & 0xFFu) * 0x10001u;
+        const uint32_t z1 = 0x43004300u | ((szw[q * 16 + g + 8] >> zsh) & 0xFFu) * 0x10001u;
+        const uint4 wv = wsm[cu * 32];
+        const uint32_t wd[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t A[4];
-        A[0] = bf16x2_sub(and_or(wd[j], 0x000F000Fu, 0x43004300u), z0);
-        A[1] = bf16x2_sub(and_or(wd[j] >> 4, 0x000F000Fu, 0x43004300u), z1);
-        A[2] = bf16x2_sub(and_or(wd[j] >> 8, 0x000F000Fu, 0x43004300u), z0);
-        A[3] = bf16x2_sub(and_or(wd[j] >> 12, 0x000F000Fu, 0x43004300u), z1);
+        for (int j = 0; j < 4; ++j) {
+          uint32_t A[4];
+          A[0] = bf16x2_sub(and_or(wd[j], 0x000F000Fu, 0x43004300u), z0);
+          A[1] = bf16x2_sub(and_or(wd[j] >> 4, 0x000F000Fu, 0x43004300u), z1);
+          A[2] = bf16x2_sub(and_or(wd[j] >> 8, 0x000F000Fu, 0x43004300u), z0);
+          A[3] = bf16x2_sub(and_or(wd[j] >> 12, 0x000F000Fu, 0x43004300u), z1);
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const uint2 bx = *reinterpret_cast<const uint2*>(act + (n * 8 + g) * Lay::kRow + cu * 64 + 16 * j + 4 * t);
-          mma_bf16(cg[n], A, bx);
-        }
-      }
-      if ((u + 1) % UPG == 0 || u + 1 == u_end) {  // the end of a group's share: scale it into acc
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            acc[n][e] = fmaf(e < 2 ? s0 : s1, cg[n][e], acc[n][e]);
-            cg[n][e] = 0.f;
+          for (int n = 0; n < NT; ++n) {
+            const uint2 bx = *reinterpret_cast<const uint2*>(act + (n * 8 + g) * Lay::kRow + cu * 64 + 16 * j + 4 * t);
+            mma_bf16(cg[n], A, bx);
           }
+        }
+        if ((u + 1) % UPG == 0 || u + 1 == u_end) {  // the end of a group's share: scale it into acc
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              acc[n][e] = fmaf(e < 2 ? s0 : s1, cg[n][e], acc[n][e]);
+              cg[n][e] = 0.f;
+            }
+        }
+      } else {
+        const uint4 wa = wsm[(cu * 2) * 32], wb = wsm[(cu * 2 + 1) * 32];
+        const uint32_t ra[4] = {wa.x, wa.y, wa.z, wa.w}, rbw[4] = {wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // word j of rows g and g + 8: k = 64 u + 16 t + 4 j .. + 3
+          const uint32_t pa = ra[j] ^ 0x80808080u, pb = rbw[j] ^ 0x80808080u;
+          const uint32_t A[4] = {i8x2_to_bf16x2(pa, 0), i8x2_to_bf16x2(pb, 0), i8x2_to_bf16x2(pa, 2), i8x2_to_bf16x2(pb, 2)};
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const uint2 bx = *reinterpret_cast<const uint2*>(act + (n * 8 + g) * Lay::kRow + cu * 64 + 16 * j + 4 * t);
+            mma_bf16(acc[n], A, bx);
+          }
+        }
       }
     }
   }
   cp_async_wait<0>();
   if (rb_raw >= rbs) return;  // the whole warp
   if (gridDim.y == 1) {
-    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t, int64_t tc) { return acc[n][e] * rms_factor(a, tc); });
+    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) {
+      float v = acc[n][e] * rms_factor(a, tc);
+      if constexpr (!I4) v *= a.w_scale[rc];
+      return v;
+    });
   } else {
-    float* wsp = a.i4_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
+    float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -774,10 +829,10 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_i4_tiled_kernel(const Gemv
   }
 }
 
-// The split-K sums of wgemm_i4_tiled_kernel (splits partial tiles per row block in GemvArgs::i4_ws, fragment
+// The split-K sums of wgemm_tiled_kernel (splits partial tiles per row block in GemvArgs::tiled_ws, fragment
 // order), added in split order, and the epilogue; one warp per row block.
-template <int NT>
-__global__ void __launch_bounds__(kTWarps * 32) wgemm_i4_splitk_epilogue(const GemvArgs a, const int splits) {
+template <int KIND, int NT>
+__global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(const GemvArgs a, const int splits) {
   pdl_trigger();
   pdl_wait();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -789,61 +844,74 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_i4_splitk_epilogue(const G
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       float v = 0.f;
-      for (int sp = 0; sp < splits; ++sp) v += a.i4_ws[(int64_t(sp) * rbs + rb) * (NT * 4 * 32) + (n * 4 + e) * 32 + lane];
+      for (int sp = 0; sp < splits; ++sp) v += a.tiled_ws[(int64_t(sp) * rbs + rb) * (NT * 4 * 32) + (n * 4 + e) * 32 + lane];
       acc[n][e] = v;
     }
-  store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t, int64_t tc) { return acc[n][e] * rms_factor(a, tc); });
+  store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t rc, int64_t tc) {
+    float v = acc[n][e] * rms_factor(a, tc);
+    if constexpr (KIND != kI4) v *= a.w_scale[rc];
+    return v;
+  });
 }
 
-// Whether wgemm_i4_tiled_kernel serves these (INT4 tile) arguments.
-bool i4_tiled_ok(const GemvArgs& a) {
-  return a.K % 64 == 0 && (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 && !a.norm_counter &&
-         reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && a.ldx % 8 == 0 && reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
+// Whether wgemm_tiled_kernel serves these arguments (kind: kind_of(a)).
+bool tiled_ok(const GemvArgs& a, int kind) {
+  if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % 8) return false;
+  if (kind == kI8W) return true;
+  return kind == kI4 && (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 &&
+         reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
 }
 
-// LLMQ_WGEMM_I4_TILED=1: the engine's INT4 matmuls of 9..64 tokens through the tiled kernel where it serves them.
-bool env_i4_tiled() {
+// LLMQ_WGEMM_TILED=1: the engine's INT4 and INT8 weight-only matmuls of 9..64 tokens through the tiled kernel
+// where it serves them.
+bool env_tiled() {
   static const bool on = [] {
-    const char* e = std::getenv("LLMQ_WGEMM_I4_TILED");
+    const char* e = std::getenv("LLMQ_WGEMM_TILED");
     return e && *e && *e != '0';
   }();
   return on;
 }
 
-template <int NT, int G>
-void launch_i4_tiled_nt(const GemvArgs& a, cudaStream_t s) {
-  using Lay = TiledLayout<NT>;
+template <int KIND, int NT, int G>
+void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
+  using Lay = TiledLayout<KIND, NT>;
   static const int sms = [] {
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_tiled_kernel<NT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_tiled_kernel<KIND, NT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
     int dev = 0, n = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
     return n;
   }();
   const int units = int(a.K / 64), rbs = int((a.N + 15) / 16), tiles = (rbs + kTWarps - 1) / kTWarps;
-  // Split K until there are about LLMQ_WGEMM_I4_TILED_WAVES [2] CTAs per SM, in whole stages of at least two
-  // per split, as far as the workspace allows (the count to tune: not measured yet).
+  // Split K until there are about LLMQ_WGEMM_TILED_WAVES [2] CTAs per SM, in whole stages of at least two per
+  // split, as far as the workspace allows (the count to tune: not measured yet).
   static const int waves = [] {
-    const char* e = std::getenv("LLMQ_WGEMM_I4_TILED_WAVES");
+    const char* e = std::getenv("LLMQ_WGEMM_TILED_WAVES");
     return e && *e ? std::clamp(std::atoi(e), 1, 8) : 2;
   }();
-  int splits = a.i4_ws ? std::clamp((waves * sms + tiles - 1) / tiles, 1, std::max(1, units / (2 * kTUnits))) : 1;
+  int splits = a.tiled_ws ? std::clamp((waves * sms + tiles - 1) / tiles, 1, std::max(1, units / (2 * kTUnits))) : 1;
   auto per_split = [&](int sp) { return ((units + sp - 1) / sp + kTUnits - 1) / kTUnits * kTUnits; };
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
-  if (splits > 1 && a.i4_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
-  launch("wgemm_i4_tiled_kernel", wgemm_i4_tiled_kernel<NT, G>, dim3(unsigned(tiles), unsigned(splits)),
+  if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
+  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
   if (splits > 1)
-    launch("wgemm_i4_splitk_epilogue", wgemm_i4_splitk_epilogue<NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32), 0, s, a, splits);
+    launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
+           0, s, a, splits);
 }
 
-template <int G>
-void launch_i4_tiled(const GemvArgs& a, cudaStream_t s) {
-  if (a.M <= 8) return launch_i4_tiled_nt<1, G>(a, s);
-  if (a.M <= 16) return launch_i4_tiled_nt<2, G>(a, s);
-  if (a.M <= 32) return launch_i4_tiled_nt<4, G>(a, s);
-  return launch_i4_tiled_nt<8, G>(a, s);
+template <int KIND, int G>
+void launch_tiled_g(const GemvArgs& a, cudaStream_t s) {
+  if (a.M <= 8) return launch_tiled_nt<KIND, 1, G>(a, s);
+  if (a.M <= 16) return launch_tiled_nt<KIND, 2, G>(a, s);
+  if (a.M <= 32) return launch_tiled_nt<KIND, 4, G>(a, s);
+  return launch_tiled_nt<KIND, 8, G>(a, s);
+}
+
+void launch_tiled(const GemvArgs& a, int kind, cudaStream_t s) {
+  if (kind == kI8W) return launch_tiled_g<kI8W, 0>(a, s);
+  return a.group == 64 ? launch_tiled_g<kI4, 64>(a, s) : launch_tiled_g<kI4, 128>(a, s);
 }
 
 int kind_of(const GemvArgs& a) {
@@ -959,21 +1027,22 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   if ((kind == kI8W || kind >= kI8I8) && a.K % 64) return false;
   if (kind == kI4 && (!a.w_zero || !wgemm_int4_shape(a.K, a.group))) return false;
   if (a.i4_row_blocks != 0 && a.i4_row_blocks != 1 && a.i4_row_blocks != 2) return false;
-  if (a.i4_tiled < -1 || a.i4_tiled > 1 || (a.i4_tiled == 1 && (kind != kI4 || !i4_tiled_ok(a)))) return false;
+  if (a.tiled < -1 || a.tiled > 1 || (a.tiled == 1 && !tiled_ok(a, kind))) return false;
   const int xb = kind >= kI8I8 ? 1 : 2;
   if (!aligned(a.w, 16) || !aligned(a.x, 8) || (a.ldx * xb) % 8) return false;
   return true;
 }
 
 void wgemm(const GemvArgs& a, cudaStream_t s) {
-  switch (kind_of(a)) {
+  const int kind = kind_of(a);
+  if ((kind == kI4 || kind == kI8W) && (a.tiled == 1 || (a.tiled == 0 && a.M > 8 && env_tiled() && tiled_ok(a, kind))))
+    return launch_tiled(a, kind, s);
+  switch (kind) {
     case kBf16: return launch_nt<kBf16, 0>(a, s);
     case kI8W: return launch_nt<kI8W, 0>(a, s);
     case kI8I8: return launch_nt<kI8I8, 0>(a, s);
     case kFp8Fp8: return launch_nt<kFp8Fp8, 0>(a, s);
     case kI4:
-      if (a.i4_tiled == 1 || (a.i4_tiled == 0 && a.M > 8 && env_i4_tiled() && i4_tiled_ok(a)))
-        return a.group == 64 ? launch_i4_tiled<64>(a, s) : launch_i4_tiled<128>(a, s);
       if (a.K % 64 == 0 && !env_generic_i4()) {
         if (a.group == 32) return launch_i4<32>(a, s);
         if (a.group == 64) return launch_i4<64>(a, s);
