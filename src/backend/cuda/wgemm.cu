@@ -854,9 +854,29 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(cons
   });
 }
 
-// Whether wgemm_tiled_kernel serves these arguments (kind: kind_of(a)).
+// Shared memory of the wgemm_tiled_kernel instance for `kind` and M tokens.
+int tiled_bytes(int kind, int M) {
+  const int nt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
+  auto of = [&](auto k) {
+    constexpr int K = decltype(k)::value;
+    return nt == 1 ? TiledLayout<K, 1>::kBytes : nt == 2 ? TiledLayout<K, 2>::kBytes : nt == 4 ? TiledLayout<K, 4>::kBytes
+                                                                                            : TiledLayout<K, 8>::kBytes;
+  };
+  return kind == kI4 ? of(std::integral_constant<int, kI4>{}) : of(std::integral_constant<int, kI8W>{});
+}
+
+// Whether wgemm_tiled_kernel serves these arguments (kind: kind_of(a)) on this device (its shared memory: up to
+// 200 KB for INT8 at 64 tokens, more than sm_80 / sm_89 give a block).
 bool tiled_ok(const GemvArgs& a, int kind) {
+  static const int max_smem = [] {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+      return 0;
+    return n;
+  }();
+  if (kind != kI4 && kind != kI8W) return false;
   if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % 8) return false;
+  if (tiled_bytes(kind, a.M) > max_smem) return false;
   if (kind == kI8W) return true;
   return kind == kI4 && (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 &&
          reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
