@@ -175,8 +175,12 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
   float* xs = static_cast<float*>(device_random(size_t(maxT), "scale", 9));
   float* y = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&y, size_t(maxT * 128256) * 4));
-  // The tiled kernel's split-K workspace: up to K / 256 splits of every row block's tokens.
-  const int64_t ws_floats = (14336 / 256 + 1) * 28672 * ((maxT + 7) / 8 * 8);
+  // The tiled kernel's split-K workspace: up to K / 256 splits of every row block's tokens, for the largest
+  // quantized matrix (lm_head stays BF16).
+  int64_t ws_floats = 0;
+  for (const Mat& m : mats)
+    if (std::strcmp(m.name, "lm_head") != 0)
+      ws_floats = std::max<int64_t>(ws_floats, (m.K / 256 + 1) * ((m.N + 15) / 16 * 16) * ((maxT + 7) / 8 * 8));
   float* ws = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&ws, size_t(ws_floats) * 4));
   std::printf("\n%-8s %-7s %3s %-7s %9s %8s %6s\n", "matrix", "format", "T", "kernel", "us", "GB/s", "%copy");

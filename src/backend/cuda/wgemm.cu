@@ -650,17 +650,28 @@ constexpr int kTPad = 16;  // bf16 padding per activation row: a 288-byte stride
 // One ring stage: activations [NT * 8][kRow] bf16; weights [warp][unit][lane] 16 B (INT4) or
 // [warp][unit][row half][lane] 16 B (INT8); INT4 only: scales [warp][group][16 rows] float and zero-point words
 // [warp][group][16 rows] uint32.
+constexpr int kTRow = kTUnits * 64 + kTPad;
+constexpr int kTGroups = kTUnits;  // INT4 groups a stage holds at most (groups of 64)
+constexpr int tiled_act_bytes(int nt) { return nt * 8 * kTRow * 2; }
+constexpr int tiled_w_bytes(bool i4) { return kTWarps * kTUnits * 32 * 16 * (i4 ? 1 : 2); }
+constexpr int tiled_sc_bytes(bool i4) { return i4 ? kTWarps * kTGroups * 16 * 4 : 0; }
+// The whole ring's shared memory for INT4 (i4) or INT8 rows at nt n-tiles.
+constexpr int tiled_bytes(bool i4, int nt) {
+  return kTStages * (tiled_act_bytes(nt) + tiled_w_bytes(i4) + 2 * tiled_sc_bytes(i4));
+}
 template <int KIND, int NT>
 struct TiledLayout {
-  static constexpr int kRow = kTUnits * 64 + kTPad;
-  static constexpr int kAct = NT * 8 * kRow * 2;
-  static constexpr int kW = kTWarps * kTUnits * 32 * 16 * (KIND == kI4 ? 1 : 2);
-  static constexpr int kGroups = kTUnits;  // at most (groups of 64)
-  static constexpr int kSc = KIND == kI4 ? kTWarps * kGroups * 16 * 4 : 0;
+  static constexpr int kRow = kTRow;
+  static constexpr int kAct = tiled_act_bytes(NT);
+  static constexpr int kW = tiled_w_bytes(KIND == kI4);
+  static constexpr int kSc = tiled_sc_bytes(KIND == kI4);
   static constexpr int kStage = kAct + kW + 2 * kSc;
-  static constexpr int kBytes = kTStages * kStage;
+  static constexpr int kBytes = tiled_bytes(KIND == kI4, NT);
   static_assert(kAct % 16 == 0 && kW % 16 == 0 && kSc % 16 == 0, "16-byte aligned regions");
 };
+
+// n-tiles of 8 tokens the tiled kernel's instance for M tokens has.
+constexpr int tiled_nt(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 
 // cp.async of 4 or 8 bytes (through L1: the sizes below 16 have no .cg form).
 __device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem) {
@@ -705,7 +716,7 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
         for (int q = 0; q < GPS; ++q) {
           const int grp = (u0 + q * UPG) / UPG;
           if (grp >= ng || u0 + q * UPG >= u_end) continue;
-          const uint32_t slot = uint32_t(((warp * Lay::kGroups + q) * 16 + (lane & 15)) * 4);
+          const uint32_t slot = uint32_t(((warp * kTGroups + q) * 16 + (lane & 15)) * 4);
           if (lane < 16) cp_async4(base + Lay::kAct + Lay::kW + slot, a.w_scale + int64_t(row) * ng + grp);
           else cp_async4(base + Lay::kAct + Lay::kW + Lay::kSc + slot, a.w_zero + int64_t(row) * ng + (grp & ~3));
         }
@@ -766,8 +777,8 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
       const int u = u0 + cu;
       if (u >= u_end) break;  // CTA-uniform
       if constexpr (I4) {
-        const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * Lay::kGroups * 16;
-        const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * Lay::kGroups * 16;
+        const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * kTGroups * 16;
+        const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
         const int q = cu / UPG, grp = u / UPG, zsh = 8 * (grp & 3);
         const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
         const uint32_t z0 = 0x43004300u | ((szw[q * 16 + g] >> zsh) & 0xFFu) * 0x10001u;
@@ -854,17 +865,6 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(cons
   });
 }
 
-// Shared memory of the wgemm_tiled_kernel instance for `kind` and M tokens.
-int tiled_bytes(int kind, int M) {
-  const int nt = M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8;
-  auto of = [&](auto k) {
-    constexpr int K = decltype(k)::value;
-    return nt == 1 ? TiledLayout<K, 1>::kBytes : nt == 2 ? TiledLayout<K, 2>::kBytes : nt == 4 ? TiledLayout<K, 4>::kBytes
-                                                                                            : TiledLayout<K, 8>::kBytes;
-  };
-  return kind == kI4 ? of(std::integral_constant<int, kI4>{}) : of(std::integral_constant<int, kI8W>{});
-}
-
 // Whether wgemm_tiled_kernel serves these arguments (kind: kind_of(a)) on this device (its shared memory: up to
 // 200 KB for INT8 at 64 tokens, more than sm_80 / sm_89 give a block).
 bool tiled_ok(const GemvArgs& a, int kind) {
@@ -876,10 +876,9 @@ bool tiled_ok(const GemvArgs& a, int kind) {
   }();
   if (kind != kI4 && kind != kI8W) return false;
   if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % 8) return false;
-  if (tiled_bytes(kind, a.M) > max_smem) return false;
+  if (tiled_bytes(kind == kI4, tiled_nt(a.M)) > max_smem) return false;
   if (kind == kI8W) return true;
-  return kind == kI4 && (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 &&
-         reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
+  return (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 && reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
 }
 
 // LLMQ_WGEMM_TILED=1: the engine's INT4 and INT8 weight-only matmuls of 9..64 tokens through the tiled kernel
@@ -923,10 +922,12 @@ void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
 
 template <int KIND, int G>
 void launch_tiled_g(const GemvArgs& a, cudaStream_t s) {
-  if (a.M <= 8) return launch_tiled_nt<KIND, 1, G>(a, s);
-  if (a.M <= 16) return launch_tiled_nt<KIND, 2, G>(a, s);
-  if (a.M <= 32) return launch_tiled_nt<KIND, 4, G>(a, s);
-  return launch_tiled_nt<KIND, 8, G>(a, s);
+  switch (tiled_nt(a.M)) {
+    case 1: return launch_tiled_nt<KIND, 1, G>(a, s);
+    case 2: return launch_tiled_nt<KIND, 2, G>(a, s);
+    case 4: return launch_tiled_nt<KIND, 4, G>(a, s);
+    default: return launch_tiled_nt<KIND, 8, G>(a, s);
+  }
 }
 
 void launch_tiled(const GemvArgs& a, int kind, cudaStream_t s) {
