@@ -8,7 +8,7 @@
 # Environment: RUN_TESTS [1] (kernel tests first, model tests last), KBENCH [1], METHODS [bf16 fp8 w4a16-rtn] (empty: no profiles), LAYERS [4],
 #              PREFILL [2048], BATCHES [1 64],
 #              AB [] (space-separated engine switches, e.g. "LLMQ_NO_FUSE_ROPE=1 LLMQ_WGEMM_MAX_T=16": each batch's
-#              bench also runs once with each, tpot printed next to the default's; no profile for them)
+#              bench and the prefill also run once with each, tpot printed next to the default's; no profile for them)
 # On a machine without package access or ../shared, run scripts/gpu-pack.sh beforehand and carry .gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,8 +69,13 @@ if [ -n "$METHODS" ]; then
     done
     if [ "$PREFILL" -gt 0 ]; then
       echo "--- $m, $LAYERS layers, prefill $PREFILL"
-      "$LLMQ" bench "$dir" --device cuda --prompt-len "$PREFILL" --gen-len 1 --repeats 2 --json 2>/dev/null |
-        python3 -c 'import json,sys; r=json.load(sys.stdin); print("prefill %.0f tok/s, ttft %.1f ms, %.1f TFLOP/s (%.1f%%)" % (r["prefill_tokens_per_s"], r["ttft_ms"], r["prefill_gflops"]/1e3, r["prefill_pct_of_peak_flops"] if "prefill_pct_of_peak_flops" in r else 0))'
+      for sw in default $AB; do
+        printf '%-26s ' "$sw"
+        ( [ "$sw" = default ] || export "${sw?}"
+          "$LLMQ" bench "$dir" --device cuda --prompt-len "$PREFILL" --gen-len 1 --repeats 2 --json 2>/dev/null ) |
+          python3 -c 'import json,sys; r=json.load(sys.stdin); print("prefill %.0f tok/s, ttft %.1f ms, %.1f TFLOP/s (%.1f%%)" % (r["prefill_tokens_per_s"], r["ttft_ms"], r["prefill_gflops"]/1e3, r["prefill_pct_of_peak_flops"] if "prefill_pct_of_peak_flops" in r else 0))' ||
+          echo "failed"
+      done
       LLMQ_CUDA_PROFILE=1 "$LLMQ" bench "$dir" --device cuda --prompt-len "$PREFILL" --gen-len 1 --repeats 1 2>&1 >/dev/null | grep -v "^llmq: note"
     fi
     [ "$m" != bf16 ] && rm -rf "$dir"

@@ -688,7 +688,7 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   a.y = y;
   a.ldy = ldy;
   a.accumulate = accumulate;
-  // The tiled weight-only kernel's split-K partial sums (LLMQ_WGEMM_TILED=1): gemm_out_, which only the cuBLAS
+  // The tiled weight-only kernel's split-K partial sums (wgemm.cu, tiled_default): gemm_out_, which only the cuBLAS
   // and cuBLASLt paths use.
   if (l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None))
     a.tiled_ws = static_cast<float*>(gemm_out_.p), a.tiled_ws_floats = t_cap_ * max_gemm_n_;

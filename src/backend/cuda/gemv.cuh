@@ -74,8 +74,7 @@ struct GemvArgs {
                                   // launcher's choice. The GEMV ignores it.
   // wgemm, INT4 tiles and INT8 weight-only: 1 = the tiled kernel (128 rows a CTA sharing the activations in shared
   // memory; INT4 groups of 64/128 with K / group % 4 == 0; K % 64 == 0, no norm_counter, 16-byte aligned x rows),
-  // -1 = never, 0 = the launcher's choice (the tiled kernel past 8 tokens where it serves and LLMQ_WGEMM_TILED=1).
-  // Not measured yet.
+  // -1 = never, 0 = the launcher's choice (the tiled kernel past 8 tokens where it serves and wins: tiled_default in wgemm.cu).
   int tiled = 0;
   float* tiled_ws = nullptr;      // the tiled kernel's split-K partial sums (null: no split): splits x
   int64_t tiled_ws_floats = 0;    // 16 * ceil(N / 16) x 8 * ceil(M / 8) floats are used if they fit, else no split

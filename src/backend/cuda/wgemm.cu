@@ -641,9 +641,9 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
 // and all tokens' activations into shared memory with cp.async; every warp reads the activation fragments from
 // there, so they cross the L2 once per 128 rows. Matrices with few row tiles split K over gridDim.y CTAs: their
 // partial sums go to GemvArgs::tiled_ws in fragment order and wgemm_tiled_splitk_epilogue adds them in split
-// order (the same sum every run) and runs the epilogue. INT4: groups of 64 or 128 with K / group a multiple of 4
-// (a zero-point word holds four groups of a row). No fused RMSNorm (norm_counter). Written without a GPU to run
-// it on: not measured yet.
+// order (the same sum every run) and runs the epilogue; the split count fills one wave of the device. INT4: groups
+// of 64 or 128 with K / group a multiple of 4 (a zero-point word holds four groups of a row). No fused RMSNorm
+// (norm_counter). Where it wins is in tiled_default below.
 constexpr int kTWarps = 8, kTStages = 4, kTUnits = 2;  // row blocks (warps) a CTA, ring stages, units a stage
 constexpr int kTPad = 16;  // bf16 padding per activation row: a 288-byte stride, 32 mod 128 (no bank conflicts)
 
@@ -699,8 +699,9 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(t_ring));
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
   pdl_trigger();
-  pdl_wait();
-  auto issue = [&](int stg) {  // stage stg of this CTA into ring slot stg % kTStages; always one commit group
+  // A stage's copies in two halves: the weights (with INT4 scales and zero points), which no kernel writes and
+  // so may be fetched before pdl_wait(), and the activations, which the previous kernel writes.
+  auto issue_w = [&](int stg) {  // stage stg's weights into ring slot stg % kTStages
     if (stg < nst) {
       const uint32_t base = ring_s + uint32_t((stg % kTStages) * Lay::kStage);
       const int u0 = u_begin + stg * kTUnits;
@@ -732,6 +733,12 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
                          w8 + row * a.K + int64_t(u0 + cu) * 64 + 16 * t);
             }
       }
+    }
+  };
+  auto issue_x = [&](int stg) {  // stage stg's activations
+    if (stg < nst) {
+      const uint32_t base = ring_s + uint32_t((stg % kTStages) * Lay::kStage);
+      const int u0 = u_begin + stg * kTUnits;
       if constexpr (I4) {  // 16-byte pieces of activations: rows x (128 k / 8), in k order
         constexpr int kPieces = NT * 8 * kTUnits * 8;
         for (int p = int(threadIdx.x); p < kPieces; p += kTWarps * 32) {
@@ -754,10 +761,17 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
         }
       }
     }
-    cp_async_commit();
   };
+  // The first stages' weights before the wait, then their activations: commit group st holds stage st's
+  // activations (group 0 also every prologue weight), so waiting for group st still covers all of stage st.
 #pragma unroll
-  for (int st = 0; st < kTStages - 1; ++st) issue(st);
+  for (int st = 0; st < kTStages - 1; ++st) issue_w(st);
+  pdl_wait();
+#pragma unroll
+  for (int st = 0; st < kTStages - 1; ++st) {
+    issue_x(st);
+    cp_async_commit();
+  }
 
   float acc[NT][4], cg[NT][4];
 #pragma unroll
@@ -767,7 +781,9 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   for (int stg = 0; stg < nst; ++stg) {
     cp_async_wait<kTStages - 2>();  // this thread's copies of stage stg have landed ...
     __syncthreads();                // ... and everyone's; every warp is done with stage stg - 1's slot
-    issue(stg + kTStages - 1);      // into that slot
+    issue_w(stg + kTStages - 1);    // into that slot (always one commit group)
+    issue_x(stg + kTStages - 1);
+    cp_async_commit();
     const char* st = reinterpret_cast<const char*>(t_ring) + (stg % kTStages) * Lay::kStage;
     const __nv_bfloat16* act = reinterpret_cast<const __nv_bfloat16*>(st);
     const uint4* wsm = reinterpret_cast<const uint4*>(st + Lay::kAct) + warp * kTUnits * 32 * (I4 ? 1 : 2) + lane;
@@ -881,34 +897,40 @@ bool tiled_ok(const GemvArgs& a, int kind) {
   return (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 && reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
 }
 
-// LLMQ_WGEMM_TILED=1: the engine's INT4 and INT8 weight-only matmuls of 9..64 tokens through the tiled kernel
-// where it serves them.
-bool env_tiled() {
-  static const bool on = [] {
-    const char* e = std::getenv("LLMQ_WGEMM_TILED");
-    return e && *e && *e != '0';
-  }();
-  return on;
+// Whether a weight-only matmul of 9..64 tokens (a.tiled == 0) takes the tiled kernel. LLMQ_WGEMM_TILED=0:
+// never; =1: wherever it serves; unset: INT8 rows always, INT4 past 16 tokens on matrices of 2^25 weights or
+// more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens (bench/results/2026-12-02-nvidia-h200-
+// session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against the general kernel's 88); INT4
+// faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38 against 53 us), slower for qkv and o (6-25
+// M weights: the split-K pass and the per-stage barrier cost more than the activations' L2 reads save) and for
+// gate_up at 9-16. Read at every call, so that a test can set it.
+bool tiled_default(const GemvArgs& a, int kind) {
+  const char* e = std::getenv("LLMQ_WGEMM_TILED");
+  if (e && *e) return *e != '0';
+  return kind == kI8W || (a.M > 16 && a.N * a.K >= (int64_t(1) << 25));
 }
 
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   using Lay = TiledLayout<KIND, NT>;
-  static const int sms = [] {
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_tiled_kernel<KIND, NT, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
-    int dev = 0, n = 0;
+  // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
+  static const int slots = [] {
+    const auto kernel = wgemm_tiled_kernel<KIND, NT, G>;
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
+    int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
-    LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    return n;
+    LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTWarps * 32, size_t(Lay::kBytes)));
+    return sms * std::max(per_sm, 1);
   }();
   const int units = int(a.K / 64), rbs = int((a.N + 15) / 16), tiles = (rbs + kTWarps - 1) / kTWarps;
-  // Split K until there are about LLMQ_WGEMM_TILED_WAVES [2] CTAs per SM, in whole stages of at least two per
-  // split, as far as the workspace allows (the count to tune: not measured yet).
+  // Split K so that the CTAs fill one wave (LLMQ_WGEMM_TILED_WAVES [1] waves) and no more: a second, part-full
+  // wave would cost as long as the first. Whole stages, at least two per split, as far as the workspace allows.
   static const int waves = [] {
     const char* e = std::getenv("LLMQ_WGEMM_TILED_WAVES");
-    return e && *e ? std::clamp(std::atoi(e), 1, 8) : 2;
+    return e && *e ? std::clamp(std::atoi(e), 1, 8) : 1;
   }();
-  int splits = a.tiled_ws ? std::clamp((waves * sms + tiles - 1) / tiles, 1, std::max(1, units / (2 * kTUnits))) : 1;
+  int splits = a.tiled_ws ? std::clamp(waves * slots / tiles, 1, std::max(1, units / (2 * kTUnits))) : 1;
   auto per_split = [&](int sp) { return ((units + sp - 1) / sp + kTUnits - 1) / kTUnits * kTUnits; };
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
@@ -1056,7 +1078,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
 
 void wgemm(const GemvArgs& a, cudaStream_t s) {
   const int kind = kind_of(a);
-  if ((kind == kI4 || kind == kI8W) && (a.tiled == 1 || (a.tiled == 0 && a.M > 8 && env_tiled() && tiled_ok(a, kind))))
+  if ((kind == kI4 || kind == kI8W) && (a.tiled == 1 || (a.tiled == 0 && a.M > 8 && tiled_default(a, kind) && tiled_ok(a, kind))))
     return launch_tiled(a, kind, s);
   switch (kind) {
     case kBf16: return launch_nt<kBf16, 0>(a, s);
