@@ -558,6 +558,25 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
           if (HasFailure()) return;
         }
   std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
+  // The other ring depths (LLMQ_WGEMM_TILED_STAGES: 3 at every token count, 8 up to 16 tokens), split and not.
+  for (const char* stages : {"3", "8"}) {
+    setenv("LLMQ_WGEMM_TILED_STAGES", stages, 1);
+    for (WFmt wf : {WFmt::I4, WFmt::I8})
+      for (auto [N, K, g] : {std::tuple<int64_t, int64_t, int64_t>{300, 1024, 64}, {45, 4096, 128}})
+        for (int M : {5, 16, 40, 64})
+          for (bool ws : {false, true}) {
+            GemvCase c{wf, XFmt::BF16, N, K, wf == WFmt::I4 ? g : 0, M, (seed % 2) == 0, (seed % 3) != 0};
+            c.tiled = 1;
+            c.tiled_ws = ws;
+            check_gemv(c, seed++, true);
+            if (HasFailure()) {
+              ADD_FAILURE() << "LLMQ_WGEMM_TILED_STAGES=" << stages;
+              unsetenv("LLMQ_WGEMM_TILED_STAGES");
+              return;
+            }
+          }
+  }
+  unsetenv("LLMQ_WGEMM_TILED_STAGES");
   for (WFmt wf : {WFmt::I4, WFmt::I8})
     for (ActKind kind : {ActKind::None, ActKind::Fp8Tensor}) {
       GemvCase sw{wf, XFmt::BF16, 2 * 700, 1024, wf == WFmt::I4 ? 128 : 0, 16, false, true};

@@ -644,7 +644,7 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
 // order (the same sum every run) and runs the epilogue; the split count fills one wave of the device. INT4: groups
 // of 64 or 128 with K / group a multiple of 4 (a zero-point word holds four groups of a row). No fused RMSNorm
 // (norm_counter). Where it wins is in tiled_default below.
-constexpr int kTWarps = 8, kTStages = 4, kTUnits = 2;  // row blocks (warps) a CTA, ring stages, units a stage
+constexpr int kTWarps = 8, kTStages = 4, kTUnits = 2;  // row blocks (warps) a CTA, ring stages (default), units a stage
 constexpr int kTPad = 16;  // bf16 padding per activation row: a 288-byte stride, 32 mod 128 (no bank conflicts)
 
 // One ring stage: activations [NT * 8][kRow] bf16; weights [warp][unit][lane] 16 B (INT4) or
@@ -655,18 +655,18 @@ constexpr int kTGroups = kTUnits;  // INT4 groups a stage holds at most (groups 
 constexpr int tiled_act_bytes(int nt) { return nt * 8 * kTRow * 2; }
 constexpr int tiled_w_bytes(bool i4) { return kTWarps * kTUnits * 32 * 16 * (i4 ? 1 : 2); }
 constexpr int tiled_sc_bytes(bool i4) { return i4 ? kTWarps * kTGroups * 16 * 4 : 0; }
-// The whole ring's shared memory for INT4 (i4) or INT8 rows at nt n-tiles.
-constexpr int tiled_bytes(bool i4, int nt) {
-  return kTStages * (tiled_act_bytes(nt) + tiled_w_bytes(i4) + 2 * tiled_sc_bytes(i4));
+// The whole ring's shared memory for INT4 (i4) or INT8 rows at nt n-tiles and the given ring stages.
+constexpr int tiled_bytes(bool i4, int nt, int stages = kTStages) {
+  return stages * (tiled_act_bytes(nt) + tiled_w_bytes(i4) + 2 * tiled_sc_bytes(i4));
 }
-template <int KIND, int NT>
+template <int KIND, int NT, int S>
 struct TiledLayout {
   static constexpr int kRow = kTRow;
   static constexpr int kAct = tiled_act_bytes(NT);
   static constexpr int kW = tiled_w_bytes(KIND == kI4);
   static constexpr int kSc = tiled_sc_bytes(KIND == kI4);
   static constexpr int kStage = kAct + kW + 2 * kSc;
-  static constexpr int kBytes = tiled_bytes(KIND == kI4, NT);
+  static constexpr int kBytes = tiled_bytes(KIND == kI4, NT, S);
   static_assert(kAct % 16 == 0 && kW % 16 == 0 && kSc % 16 == 0, "16-byte aligned regions");
 };
 
@@ -681,10 +681,10 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem) : "memory");
 }
 
-// KIND kI4 (G = 64 or 128) or kI8W (G unused).
-template <int KIND, int NT, int G>
+// KIND kI4 (G = 64 or 128) or kI8W (G unused); S ring stages.
+template <int KIND, int NT, int G, int S>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
-  using Lay = TiledLayout<KIND, NT>;
+  using Lay = TiledLayout<KIND, NT, S>;
   constexpr bool I4 = KIND == kI4;
   constexpr int UPG = I4 ? G / 64 : 1;  // units per group
   constexpr int GPS = kTUnits / UPG;    // groups per stage (1 or 2)
@@ -701,9 +701,9 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   pdl_trigger();
   // A stage's copies in two halves: the weights (with INT4 scales and zero points), which no kernel writes and
   // so may be fetched before pdl_wait(), and the activations, which the previous kernel writes.
-  auto issue_w = [&](int stg) {  // stage stg's weights into ring slot stg % kTStages
+  auto issue_w = [&](int stg) {  // stage stg's weights into ring slot stg % S
     if (stg < nst) {
-      const uint32_t base = ring_s + uint32_t((stg % kTStages) * Lay::kStage);
+      const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
       const int u0 = u_begin + stg * kTUnits;
       if constexpr (I4) {
         const uint4* w4 = static_cast<const uint4*>(a.w);
@@ -737,7 +737,7 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   };
   auto issue_x = [&](int stg) {  // stage stg's activations
     if (stg < nst) {
-      const uint32_t base = ring_s + uint32_t((stg % kTStages) * Lay::kStage);
+      const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
       const int u0 = u_begin + stg * kTUnits;
       if constexpr (I4) {  // 16-byte pieces of activations: rows x (128 k / 8), in k order
         constexpr int kPieces = NT * 8 * kTUnits * 8;
@@ -765,10 +765,10 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   // The first stages' weights before the wait, then their activations: commit group st holds stage st's
   // activations (group 0 also every prologue weight), so waiting for group st still covers all of stage st.
 #pragma unroll
-  for (int st = 0; st < kTStages - 1; ++st) issue_w(st);
+  for (int st = 0; st < S - 1; ++st) issue_w(st);
   pdl_wait();
 #pragma unroll
-  for (int st = 0; st < kTStages - 1; ++st) {
+  for (int st = 0; st < S - 1; ++st) {
     issue_x(st);
     cp_async_commit();
   }
@@ -779,12 +779,12 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[n][e] = cg[n][e] = 0.f;
   for (int stg = 0; stg < nst; ++stg) {
-    cp_async_wait<kTStages - 2>();  // this thread's copies of stage stg have landed ...
+    cp_async_wait<S - 2>();         // this thread's copies of stage stg have landed ...
     __syncthreads();                // ... and everyone's; every warp is done with stage stg - 1's slot
-    issue_w(stg + kTStages - 1);    // into that slot (always one commit group)
-    issue_x(stg + kTStages - 1);
+    issue_w(stg + S - 1);           // into that slot (always one commit group)
+    issue_x(stg + S - 1);
     cp_async_commit();
-    const char* st = reinterpret_cast<const char*>(t_ring) + (stg % kTStages) * Lay::kStage;
+    const char* st = reinterpret_cast<const char*>(t_ring) + (stg % S) * Lay::kStage;
     const __nv_bfloat16* act = reinterpret_cast<const __nv_bfloat16*>(st);
     const uint4* wsm = reinterpret_cast<const uint4*>(st + Lay::kAct) + warp * kTUnits * 32 * (I4 ? 1 : 2) + lane;
     const int u0 = u_begin + stg * kTUnits;
@@ -881,18 +881,23 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(cons
   });
 }
 
-// Whether wgemm_tiled_kernel serves these arguments (kind: kind_of(a)) on this device (its shared memory: up to
-// 200 KB for INT8 at 64 tokens, more than sm_80 / sm_89 give a block).
-bool tiled_ok(const GemvArgs& a, int kind) {
-  static const int max_smem = [] {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+// The shared memory a block may opt in to on this device (0 if unknown).
+int tiled_max_smem() {
+  static const int n = [] {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
       return 0;
-    return n;
+    return v;
   }();
+  return n;
+}
+
+// Whether wgemm_tiled_kernel serves these arguments (kind: kind_of(a)) on this device (its shared memory at the
+// default 4 stages: up to 139 KB for INT8 at 64 tokens, more than sm_89 gives a block).
+bool tiled_ok(const GemvArgs& a, int kind) {
   if (kind != kI4 && kind != kI8W) return false;
   if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % 8) return false;
-  if (tiled_bytes(kind == kI4, tiled_nt(a.M)) > max_smem) return false;
+  if (tiled_bytes(kind == kI4, tiled_nt(a.M)) > tiled_max_smem()) return false;
   if (kind == kI8W) return true;
   return (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 && reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
 }
@@ -910,12 +915,12 @@ bool tiled_default(const GemvArgs& a, int kind) {
   return kind == kI8W || (a.M > 16 && a.N * a.K >= (int64_t(1) << 25));
 }
 
-template <int KIND, int NT, int G>
-void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
-  using Lay = TiledLayout<KIND, NT>;
+template <int KIND, int NT, int G, int S>
+void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
+  using Lay = TiledLayout<KIND, NT, S>;
   // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
   static const int slots = [] {
-    const auto kernel = wgemm_tiled_kernel<KIND, NT, G>;
+    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S>;
     LLMQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
@@ -935,11 +940,24 @@ void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
   if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
-  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G>, dim3(unsigned(tiles), unsigned(splits)),
+  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
   if (splits > 1)
     launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
            0, s, a, splits);
+}
+
+// The ring's depth: kTStages (4), or LLMQ_WGEMM_TILED_STAGES=3 (any tokens: at 64 tokens two CTAs an SM fit
+// instead of one) or =8 (up to 16 tokens: twice the weights in flight), where that ring fits the device's shared
+// memory. An experiment, read at every call so that a test can set it; not measured yet.
+template <int KIND, int NT, int G>
+void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
+  const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
+  const int want = e && *e ? std::atoi(e) : kTStages;
+  if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
+  if constexpr (NT <= 2)
+    if (want == 8 && tiled_bytes(KIND == kI4, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
+  return launch_tiled_s<KIND, NT, G, kTStages>(a, s);
 }
 
 template <int KIND, int G>
