@@ -546,16 +546,20 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
   double worst[2] = {};
   const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
       {1, 256, 64}, {17, 320, 64}, {129, 512, 128}, {300, 1024, 64}, {4096 + 40, 512, 128}, {45, 4096, 128}, {21, 14336, 128}};
+  // One forced tiled launch of a random case, its error into worst; false once the test has failed.
+  auto tiled_case = [&](WFmt wf, int64_t N, int64_t K, int64_t g, int M, bool ws) {
+    GemvCase c{wf, XFmt::BF16, N, K, wf == WFmt::I4 ? g : 0, M, (seed % 2) == 0, (seed % 3) != 0};
+    c.tiled = 1;
+    c.tiled_ws = ws;
+    worst[wf == WFmt::I8] = std::max(worst[wf == WFmt::I8], check_gemv(c, seed++, true));
+    return !HasFailure();
+  };
   for (WFmt wf : {WFmt::I4, WFmt::I8})
     for (auto [N, K, g] : shapes)
       for (int M : {1, 9, 16, 23, 40, 64})
         for (bool ws : {false, true}) {
           if (wf == WFmt::I4 && (K / g) % 4) continue;  // refused (checked below); INT8 covers K = 320
-          GemvCase c{wf, XFmt::BF16, N, K, wf == WFmt::I4 ? g : 0, M, (seed % 2) == 0, (seed % 3) != 0};
-          c.tiled = 1;
-          c.tiled_ws = ws;
-          worst[wf == WFmt::I8] = std::max(worst[wf == WFmt::I8], check_gemv(c, seed++, true));
-          if (HasFailure()) return;
+          if (!tiled_case(wf, N, K, g, M, ws)) return;
         }
   std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
   // The other ring depths (LLMQ_WGEMM_TILED_STAGES: 3 at every token count, 8 up to 16 tokens), split and not.
@@ -564,17 +568,12 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
     for (WFmt wf : {WFmt::I4, WFmt::I8})
       for (auto [N, K, g] : {std::tuple<int64_t, int64_t, int64_t>{300, 1024, 64}, {45, 4096, 128}})
         for (int M : {5, 16, 40, 64})
-          for (bool ws : {false, true}) {
-            GemvCase c{wf, XFmt::BF16, N, K, wf == WFmt::I4 ? g : 0, M, (seed % 2) == 0, (seed % 3) != 0};
-            c.tiled = 1;
-            c.tiled_ws = ws;
-            check_gemv(c, seed++, true);
-            if (HasFailure()) {
+          for (bool ws : {false, true})
+            if (!tiled_case(wf, N, K, g, M, ws)) {
               ADD_FAILURE() << "LLMQ_WGEMM_TILED_STAGES=" << stages;
               unsetenv("LLMQ_WGEMM_TILED_STAGES");
               return;
             }
-          }
   }
   unsetenv("LLMQ_WGEMM_TILED_STAGES");
   for (WFmt wf : {WFmt::I4, WFmt::I8})
@@ -1451,9 +1450,9 @@ TEST_P(WideDecode, StepEqualsOneAtATime) {
 }
 INSTANTIATE_TEST_SUITE_P(CudaModel, WideDecode, ::testing::Values(0, 1));
 
-// The same for the weight-only formats, whose 12-token matmuls take the tiled kernel (wgemm.cu) where the
-// engine's rule picks it and, with LLMQ_WGEMM_TILED=1, for every matrix: the wide step against the GEMV of one
-// sequence at a time.
+// The same for the weight-only formats, whose 12-token matmuls take the general wgemm kernels with
+// LLMQ_WGEMM_TILED=0 and the tiled kernel for every matrix with =1 (the default rule picks one of the two per
+// matrix): the wide step against the GEMV of one sequence at a time.
 TEST(CudaModel, WeightOnlyWideDecodeEqualsOneAtATime) {
   REQUIRE_GPU();
   const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-wide-" + std::to_string(::getpid()));
@@ -1467,9 +1466,9 @@ TEST(CudaModel, WeightOnlyWideDecodeEqualsOneAtATime) {
     o.calib_seq_len = 128;
     quant::quantize_model(model_27m(), dir, o, [](const std::string&) {});
     Model m(dir);
-    for (const char* tiled : {"", "1"}) {
+    for (const char* tiled : {"0", "1"}) {
       setenv("LLMQ_WGEMM_TILED", tiled, 1);
-      const float worst = wide_decode_check(m, method + (*tiled ? " tiled" : ""));
+      const float worst = wide_decode_check(m, method + (*tiled == '1' ? " tiled" : ""));
       std::printf("  %-10s LLMQ_WGEMM_TILED=%s: largest logit difference %.4f\n", method.c_str(), tiled, double(worst));
     }
     unsetenv("LLMQ_WGEMM_TILED");
