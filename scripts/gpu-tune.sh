@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Kernel tuning run for a GPU machine (the short loop; scripts/gpu-check.sh is the full matrix): builds for
 # the card, optionally runs the GPU tests, runs llmq-kbench (every decode matmul format at llama-3-8b shapes,
-# the prefill GEMMs, prefill attention), then profiles `llmq bench` per op (LLMQ_CUDA_PROFILE=1) on a
-# llama-3-8b checkpoint cut to LAYERS layers (every matrix at full size: per-op times are those of the full
-# model) for each of METHODS at batch 1, 64 and a PREFILL-token prefill. Logs go to $OUT when set.
+# the prefill GEMMs, prefill attention), then profiles `llmq bench` per kernel on a llama-3-8b checkpoint cut
+# to LAYERS layers (every matrix at full size: per-op times are those of the full model) for each of METHODS
+# at batch 1, 64 and a PREFILL-token prefill. Logs go to $OUT when set.
 #
 # Environment: RUN_TESTS [1] (kernel tests first, model tests last), KBENCH [1], METHODS [bf16 fp8 w4a16-rtn] (empty: no profiles), LAYERS [4],
 #              PREFILL [2048], BATCHES [1 64],
+#              PROFILE [trace] (trace: LLMQ_CUDA_TRACE, every kernel of the decode graphs in order; events:
+#              LLMQ_CUDA_PROFILE, eager launches timed per op; none),
 #              AB [] (space-separated engine switches, e.g. "LLMQ_NO_FUSE_ROPE=1 LLMQ_WGEMM_MAX_T=16": each batch's
 #              bench and the prefill also run once with each, tpot printed next to the default's; no profile for them)
 # On a machine without package access or ../shared, run scripts/gpu-pack.sh beforehand and carry .gpu.
@@ -20,6 +22,13 @@ LAYERS=${LAYERS:-4}
 PREFILL=${PREFILL:-2048}
 BATCHES=${BATCHES:-"1 64"}
 AB=${AB:-}
+PROFILE=${PROFILE:-trace}
+profile() {  # llmq bench arguments: one run with the chosen per-kernel report on stderr
+  case "$PROFILE" in
+    trace) LLMQ_CUDA_TRACE=1 "$LLMQ" bench "$@" 2>&1 >/dev/null | grep -v "^llmq: note" ;;
+    events) LLMQ_CUDA_PROFILE=1 "$LLMQ" bench "$@" 2>&1 >/dev/null | grep -v "^llmq: note" ;;
+  esac
+}
 LOG=${OUT:-/tmp}
 . scripts/gpu-env.sh  # sets SHARED
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
@@ -65,7 +74,7 @@ if [ -n "$METHODS" ]; then
           python3 -c 'import json,sys; r=json.load(sys.stdin); print("decode %.1f tok/s, tpot %.3f ms, %.0f GB/s (%.1f%%)" % (r["decode_tokens_per_s"], r["tpot_ms"], r["achieved_gbps"], r["roofline_pct"]))' ||
           echo "failed"
       done
-      LLMQ_CUDA_PROFILE=1 "$LLMQ" bench "$dir" --device cuda --batch "$b" --prompt-len 128 --gen-len 32 --repeats 1 2>&1 >/dev/null | grep -v "^llmq: note"
+      profile "$dir" --device cuda --batch "$b" --prompt-len 128 --gen-len 32 --repeats 1
     done
     if [ "$PREFILL" -gt 0 ]; then
       echo "--- $m, $LAYERS layers, prefill $PREFILL"
@@ -76,7 +85,7 @@ if [ -n "$METHODS" ]; then
           python3 -c 'import json,sys; r=json.load(sys.stdin); print("prefill %.0f tok/s, ttft %.1f ms, %.1f TFLOP/s (%.1f%%)" % (r["prefill_tokens_per_s"], r["ttft_ms"], r["prefill_gflops"]/1e3, r["prefill_pct_of_peak_flops"] if "prefill_pct_of_peak_flops" in r else 0))' ||
           echo "failed"
       done
-      LLMQ_CUDA_PROFILE=1 "$LLMQ" bench "$dir" --device cuda --prompt-len "$PREFILL" --gen-len 1 --repeats 1 2>&1 >/dev/null | grep -v "^llmq: note"
+      profile "$dir" --device cuda --prompt-len "$PREFILL" --gen-len 1 --repeats 1
     fi
     [ "$m" != bf16 ] && rm -rf "$dir"
   done

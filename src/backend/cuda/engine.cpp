@@ -17,6 +17,7 @@
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/gemm_lt.hpp"
 #include "backend/cuda/gemv.cuh"
+#include "backend/cuda/trace.hpp"
 #include "backend/cuda/wgemm.cuh"
 #include "quant/pack/int4_mma.hpp"
 
@@ -450,6 +451,7 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
   LLMQ_CUDA_CHECK(cudaSetDevice(0));
   LLMQ_CUDA_CHECK(cudaGetDeviceProperties(&prop_, 0));
   sm_ = prop_.major * 10 + prop_.minor;
+  if (env_flag("LLMQ_CUDA_TRACE")) trace_start();
   const ModelConfig& c = m.config();
   const QuantConfig& q = m.quant();
   if (c.head_dim > 256 || c.head_dim % 2)
@@ -561,6 +563,7 @@ void CudaEngine::collect_profile() {
 }
 
 CudaEngine::~CudaEngine() {
+  if (env_flag("LLMQ_CUDA_TRACE")) trace_report();
   if (profile_ && !prof_.empty()) {
     double total = 0;
     for (auto& [n, p] : prof_) total += p.first;

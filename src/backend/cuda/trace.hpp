@@ -1,0 +1,19 @@
+// LLMQ_CUDA_TRACE=1: every kernel's start and end on the GPU, recorded through CUPTI's activity API, kernels
+// launched inside CUDA graphs included (LLMQ_CUDA_PROFILE times eager launches with events, which counts host
+// time into cuBLAS ops and cannot see inside the decode graphs). The report says where a decode step's time
+// goes: each kernel of a graph replayed many times, in order, with its median duration and the median gap
+// from the end of the kernel before it (negative: the two overlapped, as PDL lets them).
+#pragma once
+
+namespace llmq::cuda {
+
+// Starts recording (once per process). Without CUPTI (not found at build time, or refusing at run time) says
+// so on stderr and records nothing.
+void trace_start();
+
+// Flushes the records and prints the report to stderr: every graph replayed at least 8 times (its kernels by
+// node, and per kernel name the time a replay spends in it), then the kernels launched outside graphs by name.
+// Clears the records.
+void trace_report();
+
+}  // namespace llmq::cuda
