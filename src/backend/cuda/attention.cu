@@ -60,6 +60,19 @@ __device__ __forceinline__ void store_out(const AttentionArgs& a, int64_t row, i
   }
 }
 
+// The code a K (is_k) or V value of KV head h is stored as: BF16 bits, or an FP8 or INT8 code of the head's
+// scale (as kv_store writes it).
+template <typename KT>
+__device__ __forceinline__ KT kv_code(const KvCacheView& kv, int64_t h, float v, bool is_k) {
+  if constexpr (sizeof(KT) == 2) {
+    return __bfloat16_as_ushort(__float2bfloat16(v));
+  } else {
+    const float inv = 1.0f / (is_k ? kv.k_scale[h] : kv.v_scale[h]);
+    if constexpr (std::is_same_v<KT, int8_t>) return float_to_int8(v * inv);
+    else return float_to_fp8(v * inv);
+  }
+}
+
 // Element i of this layer's K and V pages (kv head h) from their float values, quantized per the cache type.
 __device__ __forceinline__ void kv_store(const KvCacheView& kv, int64_t i, int64_t h, float kval, float vval) {
   if (kv.type == KvType::BF16) {
@@ -305,14 +318,19 @@ __device__ __forceinline__ void kv_cvt8(const uint4 u, float scale, float (&f)[8
 // softmax until the end, where the slots are merged with shuffles. U = kUnroll needs more registers than U = 1;
 // decode_kernel_for picks between them.
 constexpr int kUnroll = 4;
+
 template <int HD, typename KT, int NG, int U = kUnroll>
 __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
   pdl_trigger();
-  pdl_wait();
   constexpr int L = HD / 8, P = 32 / L;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int slot = lane / L, sub = lane % L;  // this lane's position slot and its 8 dims sub*8 .. sub*8+7
   const int64_t kvd = kv.kv_heads * HD;
+  // Before pdl_wait() a block reads only what was written before this step began: the batch's pos, seq and
+  // block table (uploaded before the step) and, with fused RoPE (AttentionArgs::prewait), the cache at the
+  // positions of earlier steps. Such a step writes one position per sequence, p, and only this kernel writes
+  // it: the first round's other positions are loaded here, overlapping the previous kernel's tail, and p's
+  // K/V come from shared memory once the writing block has stored them.
   const DecodeBlock b = decode_block(a, kv);
   const int64_t t = b.t, kvh = b.kvh, G = b.G, g0 = b.g0, split = b.split, sq = b.sq, begin = b.begin, end = b.end;
   const int ng = b.ng;
@@ -320,9 +338,29 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
   // Fused RoPE (AttentionArgs::rope_cos): the position's table rows.
   constexpr int64_t half = HD / 2;
   const bool rope = a.rope_cos != nullptr;
+  const bool early = rope && a.prewait;
   const int64_t p = a.pos[t];
   const float* cs = rope ? a.rope_cos + p * half : nullptr;
   const float* sn = rope ? a.rope_sin + p * half : nullptr;
+  // Warp w covers positions j0 .. j0 + P * U - 1 of each round (step u: j0 + u * P + slot).
+  uint4 kr[U], vr[U];
+  bool ok[U];
+  auto load_round = [&](int64_t j0, bool skip_p) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = j0 + u * P + slot;
+      ok[u] = j < end;
+      kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (ok[u] && !(skip_p && j == p)) {
+        const int64_t at = slot_of(kv, sq, j) * kvd + kvh * HD + sub * 8;
+        kr[u] = kv_raw8<KT>(kv.k, at);
+        vr[u] = kv_raw8<KT>(kv.v, at);
+      }
+    }
+  };
+  const int64_t first = begin + warp * P * U;
+  if (early) load_round(first, true);
+  pdl_wait();
 
   float q[NG][8], acc[NG][8], m[NG], l[NG];
 #pragma unroll
@@ -338,30 +376,36 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
     }
   }
   // Fused KV write: the block whose range holds the token's own position rotates its k, stores k and v, and
-  // only then reads the cache (the stores are visible to the whole block after the barrier). No other block
+  // only then reads the cache (the stores are visible to the whole block after the barrier; with `early` the
+  // stored codes are also kept in shared memory, where the first round takes position p from). No other block
   // reads that position: the other splits end before it, and one block per (KV head, split) exists (at most
   // kMaxGroup query heads per KV head).
-  if (rope && begin <= p && p < end) {
+  __shared__ __align__(16) KT sm_new[2][HD];  // position p's K and V as stored (early)
+  const bool holds_p = rope && begin <= p && p < end;
+  if (holds_p) {
     const float* kh = a.q + t * a.ldq + a.kv_col + kvh * HD;
     const int64_t at = slot_of(kv, sq, p) * kvd + kvh * HD;
-    for (int64_t d = threadIdx.x; d < HD; d += blockDim.x) kv_store(kv, at + d, kvh, rope_at(kh, d, half, cs, sn), kh[kvd + d]);
+    for (int64_t d = threadIdx.x; d < HD; d += blockDim.x) {
+      const KT kc = kv_code<KT>(kv, kvh, rope_at(kh, d, half, cs, sn), true);
+      const KT vc = kv_code<KT>(kv, kvh, kh[kvd + d], false);
+      static_cast<KT*>(kv.k)[at + d] = kc;
+      static_cast<KT*>(kv.v)[at + d] = vc;
+      sm_new[0][d] = kc;
+      sm_new[1][d] = vc;
+    }
     __syncthreads();
   }
   const float ks = kv.k_scale ? kv.k_scale[kvh] : 1.f, vs = kv.v_scale ? kv.v_scale[kvh] : 1.f;
-  // Warp w covers positions j0 .. j0 + P * U - 1 of each round (step u: j0 + u * P + slot).
-  for (int64_t j0 = begin + warp * P * U; j0 < end; j0 += kWarps * P * U) {
-    uint4 kr[U], vr[U];
-    bool ok[U];
+  for (int64_t j0 = first; j0 < end; j0 += kWarps * P * U) {
+    if (!early || j0 != first) {
+      load_round(j0, false);
+    } else if (holds_p) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t j = j0 + u * P + slot;
-      ok[u] = j < end;
-      kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
-      if (ok[u]) {
-        const int64_t at = slot_of(kv, sq, j) * kvd + kvh * HD + sub * 8;
-        kr[u] = kv_raw8<KT>(kv.k, at);
-        vr[u] = kv_raw8<KT>(kv.v, at);
-      }
+      for (int u = 0; u < U; ++u)
+        if (ok[u] && j0 + u * P + slot == p) {
+          kr[u] = kv_raw8<KT>(sm_new[0], sub * 8);
+          vr[u] = kv_raw8<KT>(sm_new[1], sub * 8);
+        }
     }
     // Scores (every lane runs the shuffles; a slot past the range scores -inf and adds nothing).
     float s[U][NG];

@@ -65,6 +65,9 @@ struct AttentionArgs {
   const float* rope_cos = nullptr;  // [positions, head_dim / 2]; set: fused
   const float* rope_sin = nullptr;
   int64_t kv_col = 0;
+  // With fused RoPE: the first positions of each block's range (all but the token's own) are read from the
+  // cache before the kernel waits for the previous one (PDL), overlapping its tail. false: after (comparisons).
+  bool prewait = true;
 };
 
 constexpr int64_t kFlashTile = 64;

@@ -992,6 +992,8 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     aa.partial = partial_.as<float>();
     aa.counters = counters_.as<int32_t>();
     if (rope_in_attention) aa.rope_cos = cos_.as<float>(), aa.rope_sin = sin_.as<float>(), aa.kv_col = qd;
+    static const bool prewait = !env_flag("LLMQ_ATTN_NO_PREWAIT");  // comparisons: cache reads after the wait
+    aa.prewait = prewait;
     static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
     if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
     // Attention writes o_proj's input directly (no act_prep kernel): BF16, or the codes of a static scale (FP8
