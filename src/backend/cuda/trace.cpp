@@ -109,7 +109,12 @@ void report_graph(uint32_t graph, std::vector<Rec>& rs) {
   runs.erase(std::remove_if(runs.begin(), runs.end(), [&](auto& run) { return run.size() != nodes; }), runs.end());
   if (runs.size() < 8) return;
   std::vector<double> span, busy;
-  std::map<uint64_t, std::pair<std::vector<double>, std::vector<double>>> per_node;  // durations, gaps (us)
+  // Per node: durations, gaps from the previous kernel's end, and what it adds (end minus the previous end),
+  // in us. With PDL a kernel starts early and waits, so its duration overstates it; what it adds does not.
+  struct NodeTimes {
+    std::vector<double> dur, gap, adds;
+  };
+  std::map<uint64_t, NodeTimes> per_node;
   std::map<std::string, std::pair<int, std::vector<double>>> per_name;                // per replay: count, us
   for (auto& run : runs) {
     double b = 0;
@@ -117,8 +122,10 @@ void report_graph(uint32_t graph, std::vector<Rec>& rs) {
     for (size_t i = 0; i < run.size(); ++i) {
       const double dur = double(run[i]->end - run[i]->start) * 1e-3;
       const double gap = i ? (double(run[i]->start) - double(run[i - 1]->end)) * 1e-3 : 0.0;
-      per_node[run[i]->node].first.push_back(dur);
-      per_node[run[i]->node].second.push_back(gap);
+      NodeTimes& nt = per_node[run[i]->node];
+      nt.dur.push_back(dur);
+      nt.gap.push_back(gap);
+      nt.adds.push_back(i ? (double(run[i]->end) - double(run[i - 1]->end)) * 1e-3 : dur);
       by_name[short_name(run[i]->name)] += dur;
       b += dur;
     }
@@ -136,11 +143,12 @@ void report_graph(uint32_t graph, std::vector<Rec>& rs) {
   for (auto& [us, n] : order)
     std::fprintf(stderr, "  %-60s %6d %10.1f %7.1f%%\n", n.c_str(), per_name[n].first, us, 100 * us / median(span));
   if (nodes > 96) return;
-  std::fprintf(stderr, "  %4s %-60s %9s %9s\n", "node", "kernel, in order", "us", "gap us");
+  std::fprintf(stderr, "  %4s %-60s %9s %9s %9s\n", "node", "kernel, in order", "us", "gap us", "adds us");
   for (size_t i = 0; i < nodes; ++i) {
     const Rec* r = runs[0][i];
-    auto& [d, g] = per_node[r->node];
-    std::fprintf(stderr, "  %4zu %-60s %9.2f %9.2f\n", i, short_name(r->name).c_str(), median(d), median(g));
+    const NodeTimes& nt = per_node[r->node];
+    std::fprintf(stderr, "  %4zu %-60s %9.2f %9.2f %9.2f\n", i, short_name(r->name).c_str(), median(nt.dur),
+                 median(nt.gap), median(nt.adds));
   }
 }
 
