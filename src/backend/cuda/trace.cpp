@@ -5,6 +5,7 @@
 #ifdef LLMQ_HAVE_CUPTI
 #include <cupti.h>
 #include <cxxabi.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -19,7 +20,7 @@ namespace llmq::cuda {
 
 #ifndef LLMQ_HAVE_CUPTI
 
-void trace_start() { std::fprintf(stderr, "llmq: note: LLMQ_CUDA_TRACE: this build has no CUPTI; nothing is traced\n"); }
+void trace_start() { std::fprintf(stderr, "llmq: note: LLMQ_CUDA_TRACE: built without CUPTI's header; nothing is traced\n"); }
 void trace_report() {}
 
 #else
@@ -37,6 +38,27 @@ std::mutex mu;
 std::vector<Rec> recs;
 bool started = false;
 
+// CUPTI is loaded when tracing starts, not linked: llmq runs where the CUDA runtime is and CUPTI (a part of
+// the toolkit, not of the runtime) is not.
+struct Cupti {
+  CUptiResult (*register_callbacks)(CUpti_BuffersCallbackRequestFunc, CUpti_BuffersCallbackCompleteFunc) = nullptr;
+  CUptiResult (*enable)(CUpti_ActivityKind) = nullptr;
+  CUptiResult (*next_record)(uint8_t*, size_t, CUpti_Activity**) = nullptr;
+  CUptiResult (*flush_all)(uint32_t) = nullptr;
+  bool load() {
+    void* h = nullptr;
+    for (const char* name : {"libcupti.so", "libcupti.so.13", "libcupti.so.12", LLMQ_CUPTI_PATH})
+      if (*name && (h = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
+    if (!h) return false;
+    register_callbacks = reinterpret_cast<decltype(register_callbacks)>(dlsym(h, "cuptiActivityRegisterCallbacks"));
+    enable = reinterpret_cast<decltype(enable)>(dlsym(h, "cuptiActivityEnable"));
+    next_record = reinterpret_cast<decltype(next_record)>(dlsym(h, "cuptiActivityGetNextRecord"));
+    flush_all = reinterpret_cast<decltype(flush_all)>(dlsym(h, "cuptiActivityFlushAll"));
+    return register_callbacks && enable && next_record && flush_all;
+  }
+};
+Cupti cupti;
+
 constexpr size_t kBufferBytes = size_t(8) << 20;
 
 void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
@@ -48,7 +70,7 @@ void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_recor
 void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
   CUpti_Activity* r = nullptr;
   std::vector<Rec> got;
-  while (cuptiActivityGetNextRecord(buffer, valid, &r) == CUPTI_SUCCESS) {
+  while (cupti.next_record(buffer, valid, &r) == CUPTI_SUCCESS) {
     if (r->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL && r->kind != CUPTI_ACTIVITY_KIND_KERNEL) continue;
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(r);
     got.push_back({k->name, k->start, k->end, k->graphId, k->graphNodeId});
@@ -157,8 +179,13 @@ void report_graph(uint32_t graph, std::vector<Rec>& rs) {
 void trace_start() {
   std::lock_guard<std::mutex> lock(mu);
   if (started) return;
-  if (cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed) != CUPTI_SUCCESS ||
-      cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS) {
+  if (!cupti.load()) {
+    std::fprintf(stderr, "llmq: note: LLMQ_CUDA_TRACE: libcupti.so (CUDA toolkit) not found on the library path; "
+                         "nothing is traced\n");
+    return;
+  }
+  if (cupti.register_callbacks(buffer_requested, buffer_completed) != CUPTI_SUCCESS ||
+      cupti.enable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS) {
     std::fprintf(stderr, "llmq: note: LLMQ_CUDA_TRACE: CUPTI refused to record kernels; nothing is traced\n");
     return;
   }
@@ -167,7 +194,7 @@ void trace_start() {
 
 void trace_report() {
   if (!started) return;
-  cuptiActivityFlushAll(1);
+  cupti.flush_all(1);
   std::vector<Rec> all;
   {
     std::lock_guard<std::mutex> lock(mu);

@@ -9,8 +9,8 @@
 
 namespace llmq::cuda {
 
-// Starts recording (once per process). Without CUPTI (not found at build time, or refusing at run time) says
-// so on stderr and records nothing.
+// Starts recording (once per process; libcupti.so is loaded then). Without CUPTI (its header missing at build
+// time, the library not found or refusing at run time) says so on stderr and records nothing.
 void trace_start();
 
 // Flushes the records and prints the report to stderr: every graph replayed at least 8 times (its kernels by
