@@ -74,20 +74,15 @@ __device__ __forceinline__ KT kv_code(const KvCacheView& kv, int64_t h, float v,
 }
 
 // Element i of this layer's K and V pages (kv head h) from their float values, quantized per the cache type.
+template <typename KT>
+__device__ __forceinline__ void kv_store_as(const KvCacheView& kv, int64_t i, int64_t h, float kval, float vval) {
+  static_cast<KT*>(kv.k)[i] = kv_code<KT>(kv, h, kval, true);
+  static_cast<KT*>(kv.v)[i] = kv_code<KT>(kv, h, vval, false);
+}
 __device__ __forceinline__ void kv_store(const KvCacheView& kv, int64_t i, int64_t h, float kval, float vval) {
-  if (kv.type == KvType::BF16) {
-    static_cast<__nv_bfloat16*>(kv.k)[i] = __float2bfloat16(kval);
-    static_cast<__nv_bfloat16*>(kv.v)[i] = __float2bfloat16(vval);
-  } else {
-    const float ik = 1.0f / kv.k_scale[h], iv = 1.0f / kv.v_scale[h];
-    if (kv.type == KvType::FP8) {
-      static_cast<uint8_t*>(kv.k)[i] = float_to_fp8(kval * ik);
-      static_cast<uint8_t*>(kv.v)[i] = float_to_fp8(vval * iv);
-    } else {
-      static_cast<int8_t*>(kv.k)[i] = float_to_int8(kval * ik);
-      static_cast<int8_t*>(kv.v)[i] = float_to_int8(vval * iv);
-    }
-  }
+  if (kv.type == KvType::BF16) kv_store_as<uint16_t>(kv, i, h, kval, vval);
+  else if (kv.type == KvType::FP8) kv_store_as<uint8_t>(kv, i, h, kval, vval);
+  else kv_store_as<int8_t>(kv, i, h, kval, vval);
 }
 
 // Rotate-half RoPE of the pair (a, b) = (x[j], x[j + half]) with c, s = cos, sin of the position's angle j:
@@ -160,76 +155,38 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
   if (a.splits == 1) return;
   // Split launch: the last block of this (token, head group) merges every split's partial result.
   if (!last_block(a.counters + t * gridDim.y + blockIdx.y, int(a.splits))) return;
-  // Every load of the merge is issued at once where it can be: the partial outputs of this thread's (head, dim)
-  // items for the first SC splits together with every split's max and sum, so that the merge costs one trip to
-  // the L2 for up to SC splits rather than one per split and item (a batch-1 step of llama-3-8b, 8 splits:
-  // 13.8 us of the step a layer before, H200). Each output still adds its splits in order, as before.
-  constexpr int kThreads = kWarps * 32;
-  constexpr int ITEMS = (NG * D + kThreads - 1) / kThreads;  // (head, dim) items per thread
-  constexpr int SC = ITEMS >= 16 ? 1 : 16 / ITEMS;            // splits per chunk: at most 16 loads in flight
-  __shared__ float sm_f[NG][kMaxSplits];  // each split's weight exp(M_s - M) per head
+  // Each head's split maxima, then per split the weight exp(M_s - M) (0 for a split with no position) and the
+  // weighted sum of L, in shared memory; then every (head, dim) adds its weighted partial outputs, the loads of
+  // all splits independent of each other.
+  __shared__ float sm_f[NG][kMaxSplits];
   __shared__ float sm_ltot[NG];
   const int S = int(a.splits);
   const float* part = a.partial + (t * a.heads + kvh * G + g0) * S * (hd + 2);  // head g's split s: (g * S + s)
-  float v[ITEMS][SC];
-  auto load_chunk = [&](int s0) {
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int64_t idx = threadIdx.x + it * kThreads;
-      const int64_t g = idx / hd, d = idx % hd;
-#pragma unroll
-      for (int j = 0; j < SC; ++j)
-        v[it][j] = idx < ng * hd && s0 + j < S ? __ldcg(part + (g * S + s0 + j) * (hd + 2) + d) : 0.f;
-    }
-  };
-  load_chunk(0);
-  // Each head's split maxima (lane: splits lane, lane + 32, ...), then per split the weight exp(M_s - M) (0 for
-  // a split with no position) and the weighted sum of L.
-  constexpr int SPL = kMaxSplits / 32;
+  for (int i = threadIdx.x; i < ng * S; i += blockDim.x) sm_f[i / S][i % S] = __ldcg(part + int64_t(i) * (hd + 2) + hd);
+  __syncthreads();
   for (int g = warp; g < ng; g += kWarps) {
-    float ms[SPL], ls[SPL];
-#pragma unroll
-    for (int i = 0; i < SPL; ++i) {
-      const int s = lane + 32 * i;
-      ms[i] = s < S ? __ldcg(part + int64_t(g * S + s) * (hd + 2) + hd) : -INFINITY;
-      ls[i] = s < S ? __ldcg(part + int64_t(g * S + s) * (hd + 2) + hd + 1) : 0.f;
-    }
     float M = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < SPL; ++i) M = fmaxf(M, ms[i]);
+    for (int s = lane; s < S; s += 32) M = fmaxf(M, sm_f[g][s]);
     M = warp_max(M);
     float L = 0.f;
-#pragma unroll
-    for (int i = 0; i < SPL; ++i) {
-      const int s = lane + 32 * i;
-      if (s >= S) break;
-      const float f = ms[i] == -INFINITY ? 0.f : expf(ms[i] - M);
-      L = fmaf(f, ls[i], L);
+    for (int s = lane; s < S; s += 32) {
+      const float ms = sm_f[g][s];
+      const float f = ms == -INFINITY ? 0.f : expf(ms - M);
+      L = fmaf(f, __ldcg(part + int64_t(g * S + s) * (hd + 2) + hd + 1), L);
       sm_f[g][s] = f;
     }
     L = warp_sum(L);
     if (lane == 0) sm_ltot[g] = L;
   }
   __syncthreads();
-  float O[ITEMS];
-#pragma unroll
-  for (int it = 0; it < ITEMS; ++it) O[it] = 0.f;
-  for (int s0 = 0; s0 < S; s0 += SC) {
-    if (s0 > 0) load_chunk(s0);
-#pragma unroll
-    for (int it = 0; it < ITEMS; ++it) {
-      const int64_t g = (threadIdx.x + it * kThreads) / hd;
-#pragma unroll
-      for (int j = 0; j < SC; ++j)
-        if (g < ng && s0 + j < S) O[it] = fmaf(sm_f[g][s0 + j], v[it][j], O[it]);
-    }
-  }
-#pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
-    const int64_t idx = threadIdx.x + it * kThreads;
-    if (idx >= ng * hd) break;
-    const int64_t g = idx / hd, d = idx % hd;
-    store_out(a, t, (kvh * G + g0 + g) * hd + d, a.heads * hd, O[it] / sm_ltot[g]);
+  for (int64_t idx = threadIdx.x; idx < int64_t(ng) * hd; idx += blockDim.x) {
+    const int g = int(idx / hd);
+    const int64_t d = idx % hd;
+    const float* base = part + int64_t(g) * S * (hd + 2) + d;
+    float O = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < S; ++s) O = fmaf(sm_f[g][s], __ldcg(base + int64_t(s) * (hd + 2)), O);
+    store_out(a, t, (kvh * G + g0 + g) * hd + d, a.heads * hd, O / sm_ltot[g]);
   }
 }
 
