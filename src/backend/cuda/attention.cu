@@ -333,10 +333,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
   // Fused RoPE (AttentionArgs::rope_cos): the position's table rows.
   constexpr int64_t half = HD / 2;
   const bool rope = a.rope_cos != nullptr;
-  // Only where every block of the launch is resident at once (U > 1, see decode_kernel_for): a 64-sequence
-  // step (512 blocks, one position at a time) was 2.5% slower with it (H200, 4-layer llama-3-8b, bf16 1.111
-  // against 1.084 ms, w4a16 1.678 against 1.658), a one-sequence step 1.2-2.5% faster.
-  const bool early = U > 1 && rope && a.prewait;
+  const bool early = rope && a.prewait;
   const int64_t p = a.pos[t];
   const float* cs = rope ? a.rope_cos + p * half : nullptr;
   const float* sn = rope ? a.rope_sin + p * half : nullptr;
@@ -696,7 +693,7 @@ void launch_blocks(const char* name, DecodeKernel bf16, DecodeKernel fp8, Decode
 // 15.0 / 15.7; 16 sequences (3 splits, 384 blocks) 20.2 / 23.5; 64 sequences (1 split, 512 blocks, more than
 // the 3 x 132 resident unrolled) 42.3 / 34.1 (bench/results/2026-12-02-nvidia-h200-session9.txt).
 template <int HD, typename KT, int NG>
-DecodeKernel decode_kernel_for(int64_t blocks) {
+bool decode_one_wave(int64_t blocks) {
   static const int64_t resident = [] {
     int per_sm = 0, dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
@@ -704,13 +701,25 @@ DecodeKernel decode_kernel_for(int64_t blocks) {
     LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_decode_kernel<HD, KT, NG>, kWarps * 32, 0));
     return int64_t(per_sm) * sms;
   }();
-  return blocks <= resident ? attention_decode_kernel<HD, KT, NG> : attention_decode_kernel<HD, KT, NG, 1>;
+  return blocks <= resident;
+}
+template <int HD, typename KT, int NG>
+DecodeKernel decode_kernel_for(int64_t blocks) {
+  return decode_one_wave<HD, KT, NG>(blocks) ? attention_decode_kernel<HD, KT, NG> : attention_decode_kernel<HD, KT, NG, 1>;
 }
 template <int HD, int NG>
 void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   const int64_t blocks = a.T * kv.kv_heads * ((a.heads / kv.kv_heads + kMaxGroup - 1) / kMaxGroup) * a.splits;
+  // Pre-wait cache loads (AttentionArgs::prewait) only where every block of the launch is resident at once (the
+  // unrolled kernel): a 64-sequence step (512 blocks, one position at a time) was 2.5% slower with them (H200,
+  // 4-layer llama-3-8b, bf16 1.111 against 1.084 ms, w4a16 1.678 against 1.658), a one-sequence step 0-2.5% faster.
+  const bool one_wave = kv.type == KvType::BF16 ? decode_one_wave<HD, uint16_t, NG>(blocks)
+                        : kv.type == KvType::FP8 ? decode_one_wave<HD, uint8_t, NG>(blocks)
+                                                 : decode_one_wave<HD, int8_t, NG>(blocks);
+  AttentionArgs b = a;
+  b.prewait = a.prewait && one_wave;
   launch_blocks("attention_decode_kernel", decode_kernel_for<HD, uint16_t, NG>(blocks), decode_kernel_for<HD, uint8_t, NG>(blocks),
-                decode_kernel_for<HD, int8_t, NG>(blocks), a, kv, s);
+                decode_kernel_for<HD, int8_t, NG>(blocks), b, kv, s);
 }
 // The block's query heads (G, at most kMaxGroup) rounded up to a power of two: registers for no more heads
 // than a block has (llama-3-8b: 4, llama-2-7b: 1).
