@@ -45,11 +45,19 @@ struct Cupti {
   CUptiResult (*enable)(CUpti_ActivityKind) = nullptr;
   CUptiResult (*next_record)(uint8_t*, size_t, CUpti_Activity**) = nullptr;
   CUptiResult (*flush_all)(uint32_t) = nullptr;
+  // The records are read as this header's CUpti_ActivityKernel10: a CUPTI of another major version lays them
+  // out differently, and its numbers would be wrong, so such a library is refused.
   bool load() {
     void* h = nullptr;
-    for (const char* name : {"libcupti.so", "libcupti.so.13", "libcupti.so.12", LLMQ_CUPTI_PATH})
+    for (const char* name : {"libcupti.so", LLMQ_CUPTI_PATH})
       if (*name && (h = dlopen(name, RTLD_NOW | RTLD_LOCAL))) break;
     if (!h) return false;
+    auto version = reinterpret_cast<CUptiResult (*)(uint32_t*)>(dlsym(h, "cuptiGetVersion"));
+    uint32_t v = 0;
+    if (!version || version(&v) != CUPTI_SUCCESS || v / 10000 != CUPTI_API_VERSION / 10000) {
+      std::fprintf(stderr, "llmq: note: LLMQ_CUDA_TRACE: CUPTI API version %u, built for %u\n", v, unsigned(CUPTI_API_VERSION));
+      return false;
+    }
     register_callbacks = reinterpret_cast<decltype(register_callbacks)>(dlsym(h, "cuptiActivityRegisterCallbacks"));
     enable = reinterpret_cast<decltype(enable)>(dlsym(h, "cuptiActivityEnable"));
     next_record = reinterpret_cast<decltype(next_record)>(dlsym(h, "cuptiActivityGetNextRecord"));
@@ -180,7 +188,7 @@ void trace_start() {
   std::lock_guard<std::mutex> lock(mu);
   if (started) return;
   if (!cupti.load()) {
-    std::fprintf(stderr, "llmq: note: LLMQ_CUDA_TRACE: libcupti.so (CUDA toolkit) not found on the library path; "
+    std::fprintf(stderr, "llmq: note: LLMQ_CUDA_TRACE: no usable libcupti.so (CUDA toolkit) on the library path; "
                          "nothing is traced\n");
     return;
   }
