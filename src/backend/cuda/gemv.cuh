@@ -71,8 +71,6 @@ struct GemvArgs {
   int ksplit = 0;                 // GEMV: warps that share a row pair, splitting K (1, 2 or 4); 0 = the launcher's
                                   // choice (enough warps to fill the GPU). wgemm ignores it.
   bool evict_first = false;       // GEMV: weights read with an evict-first L2 hint (the launcher sets it)
-  int i4_prefetch = 0;            // wgemm, INT4 tiles: scales and zero points prefetched a set ahead (0 none, 1 into
-                                  // the L1, 2 into the L2; the launcher sets it)
   int i4_row_blocks = 0;          // wgemm, INT4 tiles: row blocks of 16 rows a CTA sums at once (1 or 2); 0 = the
                                   // launcher's choice. The GEMV ignores it.
   // wgemm, INT4 tiles and INT8 weight-only: 1 = the tiled kernel (128 rows a CTA sharing the activations in shared

@@ -461,35 +461,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   int ir = 0, ib = 0, slot_in = 0;
   const uint4* w4 = static_cast<const uint4*>(a.w);
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-  // Scales and zero points (mode a.i4_prefetch: 1 into the L1, 2 into the L2, 0 none): when the stream reaches a
-  // new set, this lane asks for the lines its rows will read there (lane & 3: the scale or zero-point row g or g
-  // + 8; the first and last value of the warp's groups). A warp takes only 2 batches of a set at llama-3-8b
-  // shapes (K split 8 ways): their first loads, issued just before the mma that needs them, otherwise wait on
-  // the memory once a set (ncu, gate_up at T = 1: the largest stall, 10% of the samples, on the zero point).
-  const int ng = int(a.K / G);
-  const int gfirst = u0 * 64 / G, glast = max(gfirst, (u1 * 64 - 1) / G);
-  auto prefetch_sz = [&](int set) {
-#pragma unroll
-    for (int i = 0; i < RB; ++i) {
-      const int rb = min(set * RB + i, rbs - 1), t4 = lane & 3;
-      const int64_t row = min(rb * 16 + (lane >> 2) + (t4 & 1) * 8, N - 1);
-      const char* p0 = t4 < 2 ? reinterpret_cast<const char*>(a.w_scale + row * ng + gfirst)
-                              : reinterpret_cast<const char*>(a.w_zero + row * ng + gfirst);
-      const char* p1 = t4 < 2 ? reinterpret_cast<const char*>(a.w_scale + row * ng + glast)
-                              : reinterpret_cast<const char*>(a.w_zero + row * ng + glast);
-      if (a.i4_prefetch == 1) {
-        asm volatile("prefetch.global.L1 [%0];" ::"l"(p0));
-        asm volatile("prefetch.global.L1 [%0];" ::"l"(p1));
-      } else {
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p0));
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(p1));
-      }
-    }
-  };
   auto issue = [&]() {  // the next batch into its ring slot; always one commit group
     if (ir < nr) {
       const int set = int(blockIdx.y) + ir * int(gridDim.y);
-      if (ib == 0 && a.i4_prefetch && nu > 0) prefetch_sz(set);
       const uint32_t dst = ring_s + uint32_t(slot_in) * (D * RB * 32 * 16);
 #pragma unroll
       for (int i = 0; i < RB; ++i) {
@@ -509,6 +483,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   pdl_trigger();
   pdl_wait();
   const int M = min(a.M - tok0, 8 * NT);
+  const int ng = int(a.K / G);
   // Activations: this lane's token of each n-tile (B column g), from k = 4t; uint2 = 4 bf16.
   const uint2* xp[NT];
 #pragma unroll
@@ -631,14 +606,7 @@ int env_i4_rb() {
 }
 
 template <int G>
-void launch_i4(const GemvArgs& args, cudaStream_t s) {
-  // LLMQ_I4_PREFETCH=0|1|2: wgemm_i4_kernel's scale and zero-point prefetch (none, L1, L2; comparisons).
-  static const int prefetch = [] {
-    const char* e = std::getenv("LLMQ_I4_PREFETCH");
-    return e && *e ? std::clamp(std::atoi(e), 0, 2) : 1;
-  }();
-  GemvArgs a = args;
-  a.i4_prefetch = prefetch;
+void launch_i4(const GemvArgs& a, cudaStream_t s) {
   // Past 16 tokens, CTAs of 16 tokens each (the token groups of a row block run side by side and share its
   // weights through the L2): the 32- and 64-token instances need ~160 registers, one CTA per SM, and measured
   // 11x the 16-token time for 4x the tokens (H200, llama-3-8b gate_up: 654 vs 59 us).
