@@ -169,7 +169,7 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
   const float* part = a.partial + (t * a.heads + kvh * G + g0) * S * (hd + 2);  // head g's split s: (g * S + s)
   for (int i = threadIdx.x; i < ng * S; i += blockDim.x) sm_f[i / S][i % S] = __ldcg(part + int64_t(i) * (hd + 2) + hd);
   __syncthreads();
-  for (int g = warp; g < ng; g += kWarps) {
+  for (int g = warp; g < ng; g += int(blockDim.x / 32)) {
     float M = -INFINITY;
     for (int s = lane; s < S; s += 32) M = fmaxf(M, sm_f[g][s]);
     M = warp_max(M);
@@ -317,13 +317,20 @@ __device__ __forceinline__ void kv_cvt8(const uint4 u, float scale, float (&f)[8
 // of a head share one max update (U + 1 exponentials instead of 2 U). Each position slot keeps its own online
 // softmax until the end, where the slots are merged with shuffles. U = kUnroll needs more registers than U = 1;
 // decode_kernel_for picks between them.
+//
+// HS > 1 (head split): the block has kWarps * HS warps, HS of them on each position range, each of those taking
+// NG / HS of the heads (the K/V loads repeated, from the L1). A warp's work is a chain of dependent instructions
+// (shuffle reductions, exponentials, the merge), and with one warp per scheduler nothing hides its latencies:
+// at batch 1 (40 blocks of 4 warps on 132 SMs, llama-3-8b) the kernel ran ~2,300 instructions a warp at one per
+// 6 cycles (ncu on the H200). Launched where the whole grid is resident at once (decode_kernel_for).
 constexpr int kUnroll = 4;
 
-template <int HD, typename KT, int NG, int U = kUnroll>
-__global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
+template <int HD, typename KT, int NG, int U = kUnroll, int HS = 1>
+__global__ void __launch_bounds__(kWarps * HS * 32) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
   pdl_trigger();
-  constexpr int L = HD / 8, P = 32 / L;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  static_assert(NG % HS == 0, "the head slices split the block's heads evenly");
+  constexpr int L = HD / 8, P = 32 / L, NW = NG / HS;  // NW: heads per warp
+  const int lane = threadIdx.x % 32, pw = int(threadIdx.x / 32) % kWarps, hs = int(threadIdx.x / 32) / kWarps;
   const int slot = lane / L, sub = lane % L;  // this lane's position slot and its 8 dims sub*8 .. sub*8+7
   const int64_t kvd = kv.kv_heads * HD;
   // Before pdl_wait() a block reads only what was written before this step began: the batch's pos, seq and
@@ -359,7 +366,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
       }
     }
   };
-  const int64_t first = begin + warp * P * U;
+  const int64_t first = begin + pw * P * U;
   if (early) load_round(first, true);
   const float ks = kv.k_scale ? kv.k_scale[kvh] : 1.f, vs = kv.v_scale ? kv.v_scale[kvh] : 1.f;  // fixed per model
   pdl_wait();
@@ -368,7 +375,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
   // j + HD / 2) by one thread, all its loads issued before any is used. (Each lane computing its own 8 dims of
   // every head, as before, issued ~32 dependent round trips to the L2 one after another: 10 of the kernel's
   // 15 us at batch 1, ncu on the H200.)
-  constexpr int kPairs = NG * int(half), kThreads = kWarps * 32, kIters = (kPairs + kThreads - 1) / kThreads;
+  constexpr int kPairs = NG * int(half), kThreads = kWarps * HS * 32, kIters = (kPairs + kThreads - 1) / kThreads;
   __shared__ __align__(16) float sm_q[NG][HD];
   {
     float x0[kIters], x1[kIters], c[kIters], sv[kIters];
@@ -411,13 +418,13 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
     }
   }
   __syncthreads();
-  float q[NG][8], acc[NG][8], m[NG], l[NG];
+  float q[NW][8], acc[NW][8], m[NW], l[NW];  // this warp's heads hs * NW + g
 #pragma unroll
-  for (int g = 0; g < NG; ++g) {
+  for (int g = 0; g < NW; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
-    const float4 lo = *reinterpret_cast<const float4*>(&sm_q[g][sub * 8]);
-    const float4 hi = *reinterpret_cast<const float4*>(&sm_q[g][sub * 8 + 4]);
+    const float4 lo = *reinterpret_cast<const float4*>(&sm_q[hs * NW + g][sub * 8]);
+    const float4 hi = *reinterpret_cast<const float4*>(&sm_q[hs * NW + g][sub * 8 + 4]);
     q[g][0] = lo.x, q[g][1] = lo.y, q[g][2] = lo.z, q[g][3] = lo.w;
     q[g][4] = hi.x, q[g][5] = hi.y, q[g][6] = hi.z, q[g][7] = hi.w;
 #pragma unroll
@@ -435,13 +442,13 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
         }
     }
     // Scores (every lane runs the shuffles; a slot past the range scores -inf and adds nothing).
-    float s[U][NG];
+    float s[U][NW];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[8];
       kv_cvt8<KT>(kr[u], ks, kf);
 #pragma unroll
-      for (int g = 0; g < NG; ++g) {
+      for (int g = 0; g < NW; ++g) {
         float d = 0.f;
 #pragma unroll
         for (int i = 0; i < 8; ++i) d = fmaf(q[g][i], kf[i], d);
@@ -451,7 +458,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
       }
     }
 #pragma unroll
-    for (int g = 0; g < NG; ++g) {
+    for (int g = 0; g < NW; ++g) {
       float mn = m[g];
 #pragma unroll
       for (int u = 0; u < U; ++u) mn = fmaxf(mn, s[u][g]);
@@ -472,14 +479,14 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
       float vf[8];
       kv_cvt8<KT>(vr[u], vs, vf);
 #pragma unroll
-      for (int g = 0; g < NG; ++g)
+      for (int g = 0; g < NW; ++g)
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(s[u][g], vf[i], acc[g][i]);
     }
   }
   // Merge the warp's P slots (lanes sub, sub + L, ...): max, rescale, sum; every lane ends with the warp's state.
 #pragma unroll
-  for (int g = 0; g < NG; ++g) {
+  for (int g = 0; g < NW; ++g) {
     float M = m[g];
 #pragma unroll
     for (int o = L; o < 32; o <<= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
@@ -498,12 +505,12 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_kernel(const Att
   __shared__ float sm_m[kWarps][NG], sm_l[kWarps][NG];
   __shared__ float sm_acc[kWarps][NG][HD];
   if (lane == 0)
-    for (int g = 0; g < NG; ++g) sm_m[warp][g] = m[g], sm_l[warp][g] = l[g];
+    for (int g = 0; g < NW; ++g) sm_m[pw][hs * NW + g] = m[g], sm_l[pw][hs * NW + g] = l[g];
   if (slot == 0)
 #pragma unroll
-    for (int g = 0; g < NG; ++g)
+    for (int g = 0; g < NW; ++g)
 #pragma unroll
-      for (int i = 0; i < 8; ++i) sm_acc[warp][g][sub * 8 + i] = acc[g][i];
+      for (int i = 0; i < 8; ++i) sm_acc[pw][hs * NW + g][sub * 8 + i] = acc[g][i];
   attention_tail<HD, NG>(a, HD, t, kvh, G, g0, ng, split, sm_m, sm_l, sm_acc);
 }
 
@@ -712,46 +719,70 @@ void launch_flash(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s)
 
 // A decode kernel (one block per token, head group and split; see DecodeBlock), instantiated for the cache type.
 using DecodeKernel = void (*)(AttentionArgs, KvCacheView);
+dim3 decode_grid(const AttentionArgs& a, const KvCacheView& kv) {
+  const int64_t G = a.heads / kv.kv_heads;
+  return dim3(unsigned(a.T), unsigned(kv.kv_heads * ((G + kMaxGroup - 1) / kMaxGroup)), unsigned(a.splits));
+}
 void launch_blocks(const char* name, DecodeKernel bf16, DecodeKernel fp8, DecodeKernel i8, const AttentionArgs& a,
                    const KvCacheView& kv, cudaStream_t s) {
-  const int64_t G = a.heads / kv.kv_heads;
-  const dim3 grid(unsigned(a.T), unsigned(kv.kv_heads * ((G + kMaxGroup - 1) / kMaxGroup)), unsigned(a.splits));
-  launch(name, kv.type == KvType::BF16 ? bf16 : kv.type == KvType::FP8 ? fp8 : i8, grid, kWarps * 32, 0, s, a, kv);
+  launch(name, kv.type == KvType::BF16 ? bf16 : kv.type == KvType::FP8 ? fp8 : i8, decode_grid(a, kv), kWarps * 32, 0, s, a, kv);
 }
 
-// kUnroll steps at once where every block of the launch is resident at once with it; else one step at a time,
-// which needs fewer registers and so keeps more blocks resident. H200, llmq-kbench --only decode, 32 heads / 8 KV
-// heads / hd 128, ctx 160, BF16 cache, us unrolled / one step: 1 sequence (16 splits) 17.4 / 16.5, 8 splits
-// 15.0 / 15.7; 16 sequences (3 splits, 384 blocks) 20.2 / 23.5; 64 sequences (1 split, 512 blocks, more than
-// the 3 x 132 resident unrolled) 42.3 / 34.1 (bench/results/2026-12-02-nvidia-h200-session9.txt).
-template <int HD, typename KT, int NG>
-bool decode_one_wave(int64_t blocks) {
+// Blocks of one attention_decode_kernel instance resident on the card at once.
+template <int HD, typename KT, int NG, int U, int HS>
+int64_t decode_resident() {
   static const int64_t resident = [] {
     int per_sm = 0, dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_decode_kernel<HD, KT, NG>, kWarps * 32, 0));
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_decode_kernel<HD, KT, NG, U, HS>,
+                                                                  kWarps * HS * 32, 0));
     return int64_t(per_sm) * sms;
   }();
-  return blocks <= resident;
+  return resident;
 }
+
+// LLMQ_ATTN_NO_HEADSPLIT=1: never the head-split instances (comparisons).
+bool no_head_split() {
+  static const bool off = [] {
+    const char* e = std::getenv("LLMQ_ATTN_NO_HEADSPLIT");
+    return e && *e && *e != '0';
+  }();
+  return off;
+}
+
+// The instance for a launch of `blocks` blocks: where they are all resident at once, the head-split kernel (HS
+// = NG up to 4 warps per position range) or else the unrolled one; past that one step at a time, which needs
+// fewer registers and so keeps more blocks resident. H200, llmq-kbench --only decode, 32 heads / 8 KV heads / hd
+// 128, ctx 160, BF16 cache, us unrolled / one step: 1 sequence (16 splits) 17.4 / 16.5, 8 splits 15.0 / 15.7; 16
+// sequences (3 splits, 384 blocks) 20.2 / 23.5; 64 sequences (1 split, 512 blocks, more than the 3 x 132
+// resident unrolled) 42.3 / 34.1 (bench/results/2026-12-02-nvidia-h200-session9.txt).
+struct DecodeChoice {
+  DecodeKernel kernel;
+  int warps;
+  bool one_wave;  // every block resident at once
+};
 template <int HD, typename KT, int NG>
-DecodeKernel decode_kernel_for(int64_t blocks) {
-  return decode_one_wave<HD, KT, NG>(blocks) ? attention_decode_kernel<HD, KT, NG> : attention_decode_kernel<HD, KT, NG, 1>;
+DecodeChoice decode_kernel_for(int64_t blocks) {
+  constexpr int HS = NG < 4 ? NG : 4;
+  if constexpr (HS > 1)
+    if (!no_head_split() && blocks <= decode_resident<HD, KT, NG, kUnroll, HS>())
+      return {attention_decode_kernel<HD, KT, NG, kUnroll, HS>, kWarps * HS, true};
+  if (blocks <= decode_resident<HD, KT, NG, kUnroll, 1>()) return {attention_decode_kernel<HD, KT, NG>, kWarps, true};
+  return {attention_decode_kernel<HD, KT, NG, 1>, kWarps, false};
 }
 template <int HD, int NG>
 void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   const int64_t blocks = a.T * kv.kv_heads * ((a.heads / kv.kv_heads + kMaxGroup - 1) / kMaxGroup) * a.splits;
-  // Pre-wait cache loads (AttentionArgs::prewait) only where every block of the launch is resident at once (the
-  // unrolled kernel): a 64-sequence step (512 blocks, one position at a time) was 2.5% slower with them (H200,
-  // 4-layer llama-3-8b, bf16 1.111 against 1.084 ms, w4a16 1.678 against 1.658), a one-sequence step 0-2.5% faster.
-  const bool one_wave = kv.type == KvType::BF16 ? decode_one_wave<HD, uint16_t, NG>(blocks)
-                        : kv.type == KvType::FP8 ? decode_one_wave<HD, uint8_t, NG>(blocks)
-                                                 : decode_one_wave<HD, int8_t, NG>(blocks);
+  const DecodeChoice c = kv.type == KvType::BF16 ? decode_kernel_for<HD, uint16_t, NG>(blocks)
+                         : kv.type == KvType::FP8 ? decode_kernel_for<HD, uint8_t, NG>(blocks)
+                                                  : decode_kernel_for<HD, int8_t, NG>(blocks);
+  // Pre-wait cache loads (AttentionArgs::prewait) only where every block of the launch is resident at once: a
+  // 64-sequence step (512 blocks, one position at a time) was 2.5% slower with them (H200, 4-layer llama-3-8b,
+  // bf16 1.111 against 1.084 ms, w4a16 1.678 against 1.658), a one-sequence step 0-2.5% faster.
   AttentionArgs b = a;
-  b.prewait = a.prewait && one_wave;
-  launch_blocks("attention_decode_kernel", decode_kernel_for<HD, uint16_t, NG>(blocks), decode_kernel_for<HD, uint8_t, NG>(blocks),
-                decode_kernel_for<HD, int8_t, NG>(blocks), b, kv, s);
+  b.prewait = a.prewait && c.one_wave;
+  launch("attention_decode_kernel", c.kernel, decode_grid(a, kv), dim3(unsigned(c.warps * 32)), 0, s, b, kv);
 }
 // The block's query heads (G, at most kMaxGroup) rounded up to a power of two: registers for no more heads
 // than a block has (llama-3-8b: 4, llama-2-7b: 1).
