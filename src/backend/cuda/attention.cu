@@ -756,7 +756,9 @@ bool no_head_split() {
 // fewer registers and so keeps more blocks resident. H200, llmq-kbench --only decode, 32 heads / 8 KV heads / hd
 // 128, ctx 160, BF16 cache, us unrolled / one step: 1 sequence (16 splits) 17.4 / 16.5, 8 splits 15.0 / 15.7; 16
 // sequences (3 splits, 384 blocks) 20.2 / 23.5; 64 sequences (1 split, 512 blocks, more than the 3 x 132
-// resident unrolled) 42.3 / 34.1 (bench/results/2026-12-02-nvidia-h200-session9.txt).
+// resident unrolled) 42.3 / 34.1 (bench/results/2026-12-02-nvidia-h200-session9.txt). Head split against the
+// unrolled kernel (both with the query in shared memory): 1 sequence, 8 splits 7.43 / 12.25; 16 sequences, 1
+// split (128 blocks) 11.24 / 17.18 (bench/results/2026-12-04-nvidia-h200-session13.txt).
 struct DecodeChoice {
   DecodeKernel kernel;
   int warps;
