@@ -10,7 +10,8 @@
 #   SHAPES   [llama-3-8b llama-2-7b] (empty: none)  METHODS [bf16 fp8 int8-sq w8a16 w4a16-awq]
 #   BATCHES  [1 16 64]                          PREFILL [2048] (0: no prefill run)
 #   RUN_TESTS [1]   WORK [/tmp/llmq-gpu-check] (synthetic models, up to ~50 GB; deleted as it goes)
-#   COMMIT   (recorded; default: git rev-parse HEAD, which on a copied checkout can be stale: pass it there)
+#   COMMIT   (recorded; default: git rev-parse HEAD, with "-dirty" where the tracked files differ from it: on a
+#            copied checkout HEAD can be stale, which then shows as dirty; pass the commit there)
 #   OUT      (if set, results and logs are copied there)
 #   DEVICE   [cuda]; cpu runs the same plumbing on the CPU (with SHAPES=tiny) to check the script itself
 #   RESULT   [bench/results/<date>-<card>.json]
@@ -31,7 +32,7 @@ BATCHES=${BATCHES-"1 16 64"}
 PREFILL=${PREFILL:-2048}
 RUN_TESTS=${RUN_TESTS:-1}
 WORK=${WORK:-/tmp/llmq-gpu-check}
-COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+COMMIT=${COMMIT:-$(c=$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEAD && echo "$c" || echo "$c-dirty"; } || echo unknown)}
 DEVICE=${DEVICE:-cuda}
 JOBS=$(nproc)
 . scripts/gpu-env.sh  # sets SHARED
