@@ -57,7 +57,7 @@ struct Buf {
   template <typename T>
   std::vector<T> get() const {
     std::vector<T> v(n / sizeof(T));
-    cudaMemcpy(v.data(), p, n, cudaMemcpyDeviceToHost);
+    cudaMemcpy(v.data(), p, v.size() * sizeof(T), cudaMemcpyDeviceToHost);  // whole elements only
     return v;
   }
   template <typename T>
@@ -88,6 +88,7 @@ struct GemvCase {
   ActKind swiglu_kind = ActKind::None;  // with swiglu: or FP8 / INT8 codes of a static scale (no rms_in, accumulate)
   int tiled = 0;        // GemvArgs::tiled (1: the tiled weight-only kernel)
   bool tiled_ws = false;// with tiled: a split-K workspace (the launcher then splits K where N is small)
+  bool rms_f32 = false; // with rms_out: FP32 y * w (GemvArgs::rms_out_f32)
 };
 
 // Every weight x input format pair the GEMV runs.
@@ -209,7 +210,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   std::vector<float> rw(static_cast<size_t>(N));
   for (auto& v : rw) v = 0.5f + std::fabs(nd(rng));
   const int64_t ld_r = N + 5;
-  Buf dxsq(xsq), dsq(sq0), drw(rw), dro(static_cast<size_t>(M * ld_r) * 2);
+  Buf dxsq(xsq), dsq(sq0), drw(rw), dro(static_cast<size_t>(M * ld_r) * (c.rms_f32 ? 4 : 2));
   GemvArgs a;
   a.wf = c.wf;
   a.xf = c.xf;
@@ -236,6 +237,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   if (c.tiled_ws) a.tiled_ws = dws.as<float>(), a.tiled_ws_floats = ws_floats;
   if (c.rms_in) a.x_sumsq = dxsq.as<double>(), a.x_inv_n = float(inv_h), a.norm_eps = float(rms_eps);
   if (c.rms_out) a.rms_w = drw.as<float>(), a.rms_out = dro.p, a.rms_ld = ld_r, a.rms_sumsq = dsq.as<double>();
+  a.rms_out_f32 = c.rms_f32;
   if (c.swiglu) a.swiglu_out = dsw.p, a.swiglu_ld = ld_sw, a.y = nullptr;
   Buf dswrs(std::vector<float>(static_cast<size_t>(M), -1.f));  // the codes' row scales
   // SwiGLU codes: the static scale is the largest |silu(gate) * up| of the exact result over 200 (FP8) or 100
@@ -277,7 +279,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
                            std::to_string(c.group) + (tc ? " (wgemm)" : gemv_vectorized(a) ? " (vector)" : " (scalar)") +
                            (c.swiglu ? " swiglu" : "") + (c.norm >= 0 ? " norm " + std::to_string(c.norm) : "") +
                            (c.ksplit ? " ksplit " + std::to_string(c.ksplit) : "") + (c.i4_rb ? " i4_rb " + std::to_string(c.i4_rb) : "") + (c.rms_in ? " rms_in" : "") +
-                           (c.rms_out ? " rms_out" : "");
+                           (c.rms_out ? (c.rms_f32 ? " rms_out f32" : " rms_out") : "");
   if (tc) {
     EXPECT_TRUE(wgemm_supports(a, device_sm())) << what;
     if (!wgemm_supports(a, device_sm())) return 0;
@@ -291,6 +293,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   std::vector<float> y = dy.get<float>();
   const std::vector<uint16_t> sw = dsw.get<uint16_t>();
   const std::vector<uint16_t> ro = dro.get<uint16_t>();
+  const std::vector<float> rof = c.rms_f32 ? dro.get<float>() : std::vector<float>();
   const std::vector<double> sq = dsq.get<double>();
   std::vector<double> want_row(static_cast<size_t>(N)), tol_row(static_cast<size_t>(N));
   double worst = 0;
@@ -321,20 +324,23 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
       if (std::fabs(got - want) > tol) return worst;
     }
     if (c.rms_out) {
-      // bf16(y * w) within 2^-8 plus what the row's error moves; the sum of squares added, within twice the
-      // error of every value.
+      // bf16(y * w) within 2^-8 (FP32: 2^-23) plus what the row's error moves; the sum of squares added, within
+      // twice the error of every value.
       double ss = 0, sst = 0;
       for (int64_t n = 0; n < N; ++n) {
         const double v = want_row[size_t(n)], t = tol_row[size_t(n)];
         ss += v * v, sst += 2 * std::fabs(v) * t + t * t;
-        const double got = bf16_to_f32(ro[size_t(m * ld_r + n)]), w = double(rw[size_t(n)]);
-        const double tl = std::ldexp(std::fabs(v * w), -8) + w * t + 1e-6;
+        const size_t at = size_t(m * ld_r + n);
+        const double got = c.rms_f32 ? double(rof[at]) : double(bf16_to_f32(ro[at])), w = double(rw[size_t(n)]);
+        const double tl = std::ldexp(std::fabs(v * w), c.rms_f32 ? -23 : -8) + w * t + 1e-6;
         EXPECT_NEAR(got, v * w, tl) << what << " rms_out at m " << m << " n " << n;
         if (!(std::fabs(got - v * w) <= tl)) return worst;
       }
       for (int64_t n = N; n < ld_r; ++n) {
-        EXPECT_EQ(ro[size_t(m * ld_r + n)], 0xFFFF) << what << ": rms_out written past N";
-        if (ro[size_t(m * ld_r + n)] != 0xFFFF) return worst;
+        const size_t at = size_t(m * ld_r + n);
+        const bool poisoned = c.rms_f32 ? std::isnan(rof[at]) : ro[at] == 0xFFFF;
+        EXPECT_TRUE(poisoned) << what << ": rms_out written past N";
+        if (!poisoned) return worst;
       }
       EXPECT_NEAR(sq[size_t(m)], sq0[size_t(m)] + ss, sst + 1e-6 * ss + 1e-9) << what << " rms_sumsq at m " << m;
     }
@@ -653,7 +659,7 @@ TEST(CudaMatmul, DistributedRmsNormMatchesReference) {
   for (auto [wf, xf] : std::vector<std::pair<WFmt, XFmt>>{{WFmt::I8, XFmt::I8}, {WFmt::FP8, XFmt::FP8}}) {
     for (int M : {1, 6}) {
       GemvCase c{wf, xf, 45, 1024, 0, M, true, true};
-      c.rms_out = true;
+      c.rms_out = true, c.rms_f32 = M == 1;  // FP32 x o w: what a W8A8 consumer quantizes itself (x_prep)
       if (!run(c, false)) return;
       if (wf == WFmt::FP8 && device_sm() < 89) continue;
       c.M = M * 5;
@@ -666,6 +672,7 @@ TEST(CudaMatmul, DistributedRmsNormMatchesReference) {
   for (int M : {1, 16}) {
     GemvCase c{WFmt::I4, XFmt::BF16, 16 * 4 * int64_t(p.multiProcessorCount) + 9, 1024, 128, M, true, true};
     c.rms_in = c.rms_out = true;
+    c.rms_f32 = M == 16;
     if (!run(c, true)) return;
   }
   // Refused: the consumer half with 8-bit inputs, the producer half with the SwiGLU output or without its sums.
@@ -683,6 +690,117 @@ TEST(CudaMatmul, DistributedRmsNormMatchesReference) {
   a.rms_w = a.w_scale, a.rms_out = a.y, a.rms_ld = 16;
   EXPECT_FALSE(gemv_supports(a)) << "rms_out without rms_sumsq";
   EXPECT_FALSE(wgemm_supports(a, device_sm())) << "rms_out without rms_sumsq";
+}
+
+// The W8A8 GEMV quantizing its own input (GemvArgs::x_prep): x is FP32 x o w with the sums of squares a
+// producer left, the kernel forms v = x * rsqrt(sumsq / H + eps) and the codes of v / s (FP8 or INT8, static s,
+// or per-token absmax / 127) in shared memory, then multiplies. Checked against codes computed here in double
+// precision: exact, except for values within 1e-5 of a rounding boundary (either neighbour is accepted: the
+// kernel rounds in FP32), so a wrong factor, scale, code or row shows.
+void check_gemv_prep(ActKind kind, int64_t N, int64_t K, int M, int ks, uint64_t seed) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::uniform_int_distribution<int> i8(-127, 127);
+  const bool fp8 = kind == ActKind::Fp8Tensor;
+  const WFmt wf = fp8 ? WFmt::FP8 : WFmt::I8;
+  std::vector<uint8_t> wbytes(static_cast<size_t>(N * K));
+  std::vector<double> wv(wbytes.size());
+  std::vector<float> wscale(static_cast<size_t>(N)), bias(static_cast<size_t>(N));
+  for (auto& v : wscale) v = 0.01f + std::fabs(nd(rng)) * 0.02f;
+  for (auto& v : bias) v = nd(rng);
+  for (size_t i = 0; i < wbytes.size(); ++i) {
+    if (fp8) {
+      wbytes[i] = random_fp8(rng);
+      wv[i] = quant::fp8_to_f32(wbytes[i]);
+    } else {
+      const int8_t q = int8_t(i8(rng));
+      std::memcpy(&wbytes[i], &q, 1);
+      wv[i] = q;
+    }
+  }
+  // x o w rows (ld K + 4, FP32) with a few outlier channels; sums of squares of a hidden size 2K.
+  const int64_t ldx = K + 4;
+  std::vector<float> x(static_cast<size_t>(M * ldx), std::nanf(""));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) x[size_t(m * ldx + k)] = nd(rng) * (k % 97 == 5 ? 30.f : 1.f);
+  const double inv_n = 1.0 / double(2 * K);
+  const float eps = 1e-5f;
+  std::vector<double> sumsq(static_cast<size_t>(M));
+  for (auto& v : sumsq) v = 2.0 * double(K) * (0.5 + std::fabs(nd(rng)));
+  const float stat = fp8 ? 0.02f : 0.05f;  // static scales: FP8 saturates the outliers, INT8 clamps a few
+  const int64_t ldy = N + 3;
+  std::vector<float> y0(static_cast<size_t>(M * ldy));
+  for (auto& v : y0) v = nd(rng);
+  Buf dw(wbytes), ds(wscale), db(bias), dx(x), dsq(sumsq), dy(y0);
+  GemvArgs a;
+  a.wf = wf, a.xf = fp8 ? XFmt::FP8 : XFmt::I8;
+  a.w = dw.p, a.w_scale = ds.as<float>(), a.N = N, a.K = K, a.bias = db.as<float>();
+  a.x = dx.p, a.ldx = ldx, a.M = M, a.y = dy.as<float>(), a.ldy = ldy, a.accumulate = true, a.ksplit = ks;
+  a.x_sumsq = dsq.as<double>(), a.x_inv_n = float(inv_n), a.norm_eps = eps;
+  a.x_prep = kind, a.x_prep_scale = stat;
+  const std::string what = std::string("x_prep ") + (fp8 ? "fp8" : kind == ActKind::I8Token ? "int8 token" : "int8 static") +
+                           " N " + std::to_string(N) + " K " + std::to_string(K) + " M " + std::to_string(M) + " ks " + std::to_string(ks);
+  ASSERT_TRUE(gemv_supports(a)) << what;
+  EXPECT_FALSE(wgemm_supports(a, device_sm())) << what << ": wgemm has no x_prep";
+  gemv(a, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << what;
+  const std::vector<float> y = dy.get<float>();
+  auto code_value = [&](double q) { return fp8 ? double(quant::fp8_to_f32(quant::f32_to_fp8(float(q)))) : std::clamp(std::nearbyint(q), -127.0, 127.0); };
+  for (int64_t m = 0; m < M; ++m) {
+    const double r = 1.0 / std::sqrt(sumsq[size_t(m)] * inv_n + eps);
+    double amax = 0;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[size_t(m * ldx + k)] * r));
+    const double s = kind == ActKind::I8Token ? amax / 127 : stat;
+    std::vector<double> c(static_cast<size_t>(K)), flip(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) {
+      const double q = x[size_t(m * ldx + k)] * r / s;
+      c[size_t(k)] = code_value(q);
+      flip[size_t(k)] = std::fabs(code_value(q * (1 + 1e-5)) - code_value(q * (1 - 1e-5)));  // near a boundary
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      double d = 0, mag = 0, amb = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double w = wv[size_t(n * K + k)];
+        d += c[size_t(k)] * w, mag += std::fabs(c[size_t(k)] * w), amb += flip[size_t(k)] * std::fabs(w);
+      }
+      const double post = s * wscale[size_t(n)];
+      const double want = d * post + bias[size_t(n)] + y0[size_t(m * ldy + n)];
+      const double tol = (amb + 1e-5 * mag) * post + 1e-5 * std::fabs(want) + 1e-5;
+      const float got = y[size_t(m * ldy + n)];
+      EXPECT_NEAR(got, want, tol) << what << " at m " << m << " n " << n;
+      if (!(std::fabs(got - want) <= tol)) return;
+    }
+  }
+}
+
+TEST(CudaGemv, InputPrepMatchesReference) {
+  REQUIRE_GPU();
+  uint64_t seed = 9000;
+  for (ActKind kind : {ActKind::Fp8Tensor, ActKind::I8Tensor, ActKind::I8Token})
+    for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{1, 16}, {37, 272}, {70, 4096}, {9, 6000}})
+      for (int M : {1, 2, 3, 8})
+        for (int ks : {1, 4}) {
+          check_gemv_prep(kind, N, K, M, ks, seed++);
+          if (HasFailure()) return;
+        }
+  // Refused: BF16 inputs, a kind the input format cannot take, no sums of squares, more codes than shared memory.
+  GemvArgs a;
+  a.wf = WFmt::FP8, a.xf = XFmt::FP8, a.N = 16, a.K = 64, a.M = 1, a.ldx = 64, a.ldy = 16;
+  a.w = a.x = a.w_scale = reinterpret_cast<const float*>(256);
+  a.y = reinterpret_cast<float*>(256);
+  const double one = 1;
+  a.x_sumsq = &one, a.x_inv_n = 1.f / 64, a.x_prep = ActKind::Fp8Tensor, a.x_prep_scale = 0.1f;
+  ASSERT_TRUE(gemv_supports(a));
+  a.x_prep = ActKind::I8Tensor;
+  EXPECT_FALSE(gemv_supports(a)) << "INT8 codes into FP8 inputs";
+  a.x_prep = ActKind::Fp8Tensor, a.x_sumsq = nullptr;
+  EXPECT_FALSE(gemv_supports(a)) << "no sums of squares";
+  a.x_sumsq = &one, a.K = 8192, a.ldx = 8192, a.M = 8;
+  EXPECT_FALSE(gemv_supports(a)) << "64 KB of codes";
+  a.M = 1;
+  EXPECT_TRUE(gemv_supports(a));
+  a.wf = WFmt::BF16, a.xf = XFmt::BF16;
+  EXPECT_FALSE(gemv_supports(a)) << "BF16 inputs";
 }
 
 // The SwiGLU epilogue (gate/up rows paired) of the GEMV and wgemm kernels, for every weight format with BF16

@@ -786,6 +786,24 @@ void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
   b.prewait = a.prewait && c.one_wave;
   launch("attention_decode_kernel", c.kernel, decode_grid(a, kv), dim3(unsigned(c.warps * 32)), 0, s, b, kv);
 }
+template <int HD, int NG>
+int64_t decode_wave_ng(KvType t) {
+  constexpr int HS = NG < 4 ? NG : 4;
+  if constexpr (HS > 1) {
+    if (no_head_split()) return 0;
+    return t == KvType::BF16 ? decode_resident<HD, uint16_t, NG, kUnroll, HS>()
+           : t == KvType::FP8 ? decode_resident<HD, uint8_t, NG, kUnroll, HS>()
+                              : decode_resident<HD, int8_t, NG, kUnroll, HS>();
+  }
+  return 0;
+}
+template <int HD>
+int64_t decode_wave(const KvCacheView& kv, int64_t heads) {
+  const int64_t G = std::min<int64_t>(heads / kv.kv_heads, kMaxGroup);
+  return G <= 1 ? decode_wave_ng<HD, 1>(kv.type) : G <= 2 ? decode_wave_ng<HD, 2>(kv.type)
+         : G <= 4 ? decode_wave_ng<HD, 4>(kv.type) : decode_wave_ng<HD, 8>(kv.type);
+}
+
 // The block's query heads (G, at most kMaxGroup) rounded up to a power of two: registers for no more heads
 // than a block has (llama-3-8b: 4, llama-2-7b: 1).
 template <int HD>
@@ -848,6 +866,13 @@ bool attention_rope_supports(const KvCacheView& kv, int64_t heads) {
 
 bool attention_supports(const KvCacheView& kv, int64_t heads) {
   return kv.head_dim >= 2 && kv.head_dim <= 256 && kv.head_dim % 2 == 0 && kv.kv_heads > 0 && heads % kv.kv_heads == 0;
+}
+
+int64_t attention_decode_wave(const KvCacheView& kv, int64_t heads) {
+  if (attention_v1() || kv.kv_heads < 1 || heads % kv.kv_heads) return 0;
+  if (kv.head_dim == 128) return decode_wave<128>(kv, heads);
+  if (kv.head_dim == 64) return decode_wave<64>(kv, heads);
+  return 0;
 }
 
 void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {

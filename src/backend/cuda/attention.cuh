@@ -90,5 +90,10 @@ bool attention_rope_supports(const KvCacheView& kv, int64_t heads);
 // Whether the attention kernels run this shape (head_dim <= 256).
 bool attention_supports(const KvCacheView& kv, int64_t heads);
 void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s);
+// Blocks of the head-split decode kernel (several warps per position range, for 2 or more query heads per KV
+// head) resident on the card at once for this cache's type and shape: a decode launch of at most this many
+// blocks (tokens x KV heads x splits) takes it. 0 where it does not apply (head dims other than 64 and 128,
+// one query head per KV head, LLMQ_ATTN_V1, LLMQ_ATTN_NO_HEADSPLIT).
+int64_t attention_decode_wave(const KvCacheView& kv, int64_t heads);
 
 }  // namespace llmq::cuda

@@ -149,12 +149,18 @@ struct Epilogue {
   const float* x_scale = nullptr;  // if set: the input's row scales (instead of row_scale_)
   const float* norm_w = nullptr;
   PrepOut norm_out;
-  // The distributed RMSNorm (GemvArgs::rms_*): the producer writes bf16(x * rms_w) to nrm_ and adds the sums
-  // of squares to rms_sumsq; the consumer reads nrm_ and x_sumsq.
+  // The distributed RMSNorm (GemvArgs::rms_*): the producer writes x * rms_w to nrm_ (BF16, or FP32 with
+  // rms_f32 for a consumer that quantizes its input itself: GemvArgs::x_prep) and adds the sums of squares to
+  // rms_sumsq; the consumer reads nrm_ and x_sumsq.
   const float* rms_w = nullptr;
   double* rms_sumsq = nullptr;
+  bool rms_f32 = false;
   const double* x_sumsq = nullptr;
 };
+
+// Whether a matmul's epilogue hands the next one its RMSNorm in halves (CudaEngine::rms_split): not, as BF16
+// x o w for a BF16-input consumer, or as FP32 x o w for a W8A8 GEMV that quantizes it itself.
+enum class Split { None, Bf16, Prep };
 
 // How one matmul runs for a batch of T tokens: wgemm, the GEMV, cuBLAS on BF16 (dequantized weights, or W8A8
 // codes as exact BF16 values), or cuBLASLt on the 8-bit codes (W8A8 prefill and large batches).
@@ -251,7 +257,7 @@ class CudaEngine final : public Engine {
   // Whether the RMSNorm between `producer` and `consumer` is distributed over their epilogues at T tokens
   // (Epilogue::rms_w, x_sumsq): every part of the consumer reads BF16 through the GEMV or wgemm, and so does
   // the producer (one part). LLMQ_NO_RMS_SPLIT=1 turns it off for comparisons.
-  bool rms_split(const DevSite& producer, const DevSite& consumer, int64_t T) const;
+  Split rms_split(const DevSite& producer, const DevSite& consumer, int64_t T) const;
   // Whether this layer's SwiGLU runs in the gate_up matmul's epilogue at T tokens (paired rows, a BF16 down_proj
   // input, GEMV or wgemm for both matmuls; LLMQ_NO_FUSE=1 turns it off for comparisons).
   bool swiglu_fused(const DevLayer& L, int64_t T) const;
@@ -297,7 +303,7 @@ class CudaEngine final : public Engine {
   // Workspace, sized for t_cap_ tokens and out_cap_ logit rows.
   int64_t t_cap_ = 0, out_cap_ = 0;
   DevMem x_, qkv_, att_, gu_, act_, act2_, row_scale_, row_scale2_, gemm_out_, wscratch_, logits_, partial_, ints_;
-  DevMem nrm_;    // bf16 [min(t_cap, 64), H]: x o w of the distributed RMSNorm (the next matmul's input)
+  DevMem nrm_;    // bf16 or fp32 [min(t_cap, 64), H]: x o w of the distributed RMSNorm (the next matmul's input)
   DevMem sumsq_;  // double [2 * layers, min(t_cap, 64)]: its sums of squares per token, zeroed every step
   PinnedMem h_ints_, h_logits_;
   DevMem cublas_ws_;  // cuBLAS's workspace, set explicitly so that its GEMMs can be captured into graphs
@@ -652,7 +658,7 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   gu_ = DevMem(size_t(Tn * 2 * c.intermediate) * 4);
   act_ = DevMem(size_t(Tn * widest_in) * 2);
   act2_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.intermediate) * 2);  // fused SwiGLU output [T, I]
-  nrm_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.hidden) * 2);
+  nrm_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.hidden) * 4);
   sumsq_ = DevMem(size_t(2 * int64_t(layers_.size()) * std::min<int64_t>(Tn, kWgemmMaxT)) * 8);
   row_scale_ = DevMem(size_t(Tn) * 4);
   row_scale2_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT)) * 4);  // the fused SwiGLU codes' row scales
@@ -790,28 +796,36 @@ bool CudaEngine::norm_fused(const DevSite& producer, const DevSite& consumer, in
   return pp == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_);
 }
 
-bool CudaEngine::rms_split(const DevSite& producer, const DevSite& consumer, int64_t T) const {
+Split CudaEngine::rms_split(const DevSite& producer, const DevSite& consumer, int64_t T) const {
   static const bool off = env_flag("LLMQ_NO_RMS_SPLIT") || env_flag("LLMQ_NO_FUSE");
-  if (off || T > kWgemmMaxT || producer.parts.size() != 1) return false;
+  // LLMQ_NO_PREP_SPLIT=1: W8A8 consumers take the RMSNorm kernel (comparisons).
+  static const bool no_prep = env_flag("LLMQ_NO_PREP_SPLIT");
+  if (off || T > kWgemmMaxT || producer.parts.size() != 1 || consumer.parts.empty()) return Split::None;
   const DevLinear& pl = producer.parts[0];
   const Path pp = path(pl, T);
-  if (pp != Path::Gemv && pp != Path::Wgemm) return false;
+  if (pp != Path::Gemv && pp != Path::Wgemm) return Split::None;
+  // A W8A8 consumer (all parts) quantizes FP32 x o w itself in the GEMV; a BF16 one reads BF16 x o w.
+  const bool prep = consumer.parts[0].act != ActKind::None;
+  if (prep && no_prep) return Split::None;
   GemvArgs a = probe_args(pl, T);
   a.accumulate = true;
   a.rms_w = reinterpret_cast<const float*>(16);
   a.rms_out = reinterpret_cast<void*>(16);
   a.rms_ld = pl.N;
   a.rms_sumsq = reinterpret_cast<double*>(16);
-  if (!(pp == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_))) return false;
+  a.rms_out_f32 = prep;
+  if (!(pp == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_))) return Split::None;
   for (const DevLinear& l : consumer.parts) {
     const Path p = path(l, T);
-    if (l.act != ActKind::None || l.K != pl.N || (p != Path::Gemv && p != Path::Wgemm)) return false;
+    if ((l.act != ActKind::None) != prep || l.K != pl.N) return Split::None;
+    if (prep ? p != Path::Gemv : p != Path::Gemv && p != Path::Wgemm) return Split::None;
     GemvArgs b = probe_args(l, T);
     b.x_sumsq = reinterpret_cast<const double*>(16);
     b.x_inv_n = 1.f;
-    if (!(p == Path::Gemv ? gemv_supports(b) : wgemm_supports(b, sm_))) return false;
+    if (prep) b.x_prep = l.act, b.x_prep_scale = l.act_scale, b.x_scale = nullptr;
+    if (!(p == Path::Gemv ? gemv_supports(b) : wgemm_supports(b, sm_))) return Split::None;
   }
-  return true;
+  return prep ? Split::Prep : Split::Bf16;
 }
 
 void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t ldy, bool accumulate, const void* x,
@@ -827,8 +841,14 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
       a.swiglu_row_scale = ep.swiglu_row_scale;
     }
     if (ep.x_scale) a.x_scale = ep.x_scale;
-    if (ep.rms_w) a.rms_w = ep.rms_w, a.rms_out = nrm_.p, a.rms_ld = config().hidden, a.rms_sumsq = ep.rms_sumsq;
-    if (ep.x_sumsq) a.x_sumsq = ep.x_sumsq, a.x_inv_n = float(1.0 / double(config().hidden)), a.norm_eps = float(config().rms_eps);
+    if (ep.rms_w) {
+      a.rms_w = ep.rms_w, a.rms_out = nrm_.p, a.rms_ld = config().hidden, a.rms_sumsq = ep.rms_sumsq;
+      a.rms_out_f32 = ep.rms_f32;
+    }
+    if (ep.x_sumsq) {
+      a.x_sumsq = ep.x_sumsq, a.x_inv_n = float(1.0 / double(config().hidden)), a.norm_eps = float(config().rms_eps);
+      if (quant_act) a.x_prep = l.act, a.x_prep_scale = l.act_scale, a.x_scale = nullptr;  // Split::Prep
+    }
     if (ep.norm_w) {
       a.norm_counter = norm_counters_.as<int32_t>();
       a.norm_w = ep.norm_w;
@@ -935,17 +955,33 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   // batch-1 count at every batch (16 splits of 16 positions for a 256-position cache), a 64-token step ran 8,192
   // blocks and wrote 17 MB of partial results a layer (llama-3-8b).
   const int64_t waves2 = 2 * int64_t(prop_.multiProcessorCount), per_split = T * attention_blocks_;
-  const int64_t att_splits = small ? std::clamp<int64_t>((waves2 + per_split - 1) / per_split, 1, splits_) : 1;
+  int64_t att_splits = small ? std::clamp<int64_t>((waves2 + per_split - 1) / per_split, 1, splits_) : 1;
+  // No more splits than keep the launch inside one resident wave of the head-split kernel (several warps per
+  // position range), where that still leaves a split per token and at most 256 positions a split. H200, 4-layer
+  // llama-3-8b bf16, tpot with / without: 16 sequences at ~160 positions (1 split, 128 blocks, instead of 3 and
+  // 384 blocks of the one-warp-per-range kernel) 0.915 / 0.926 ms, fp8 0.717 / 0.727; one sequence at ~2,080
+  // positions (16 splits instead of 33) 0.815 / 0.841; but 16 sequences at ~2,080 positions in one split each
+  // 1.469 / 1.234 (hence the bound). LLMQ_ATTN_NO_WAVE_SPLITS=1: the two-waves rule alone (comparisons).
+  static const bool no_wave_splits = env_flag("LLMQ_ATTN_NO_WAVE_SPLITS");
+  if (small && !no_wave_splits) {
+    KvCacheView q;
+    q.type = kv_type_, q.kv_heads = c.kv_heads, q.head_dim = c.head_dim;
+    const int64_t wave = attention_decode_wave(q, c.heads);
+    if (wave >= per_split) {
+      const int64_t s1 = std::min(att_splits, wave / per_split);
+      if ((capacity_ + s1 - 1) / s1 <= 256) att_splits = s1;
+    }
+  }
   // The distributed RMSNorms' sums of squares: slot 2l for layer l's gate_up, 2l + 1 for layer l + 1's qkv.
   const int64_t ts = std::min<int64_t>(T, kWgemmMaxT);
   double* sumsq = sumsq_.as<double>();
   // Per layer: o_proj -> gate_up, and down_proj -> the next layer's qkv (decided once per step).
-  std::vector<char> split_o(layers_.size()), split_d(layers_.size());
+  std::vector<Split> split_o(layers_.size()), split_d(layers_.size());
   bool any_split = false;
   for (size_t li = 0; li < layers_.size(); ++li) {
     split_o[li] = rms_split(layers_[li].o, layers_[li].gate_up, T);
-    split_d[li] = li + 1 < layers_.size() && rms_split(layers_[li].down, layers_[li + 1].qkv, T);
-    any_split = any_split || split_o[li] || split_d[li];
+    split_d[li] = li + 1 < layers_.size() ? rms_split(layers_[li].down, layers_[li + 1].qkv, T) : Split::None;
+    any_split = any_split || split_o[li] != Split::None || split_d[li] != Split::None;
   }
   if (any_split)
     op("rms_zero", [&] { LLMQ_CUDA_CHECK(cudaMemsetAsync(sumsq, 0, size_t(2 * layers_.size() * ts) * 8, stream_)); });
@@ -1013,7 +1049,8 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // The MLP's RMSNorm in o_proj's epilogue, or as a kernel of its own.
     Epilogue eo;
     if (norm_fused(L.o, L.gate_up, T, eo.norm_out)) eo.norm_w = L.mlp_norm;
-    else if (split_o[li]) eo.rms_w = L.mlp_norm, eo.rms_sumsq = sumsq + int64_t(2 * li) * ts;
+    else if (split_o[li] != Split::None)
+      eo.rms_w = L.mlp_norm, eo.rms_sumsq = sumsq + int64_t(2 * li) * ts, eo.rms_f32 = split_o[li] == Split::Prep;
     site("o", L.o, T, [&](const PrepOut& o) {
       if (!direct) act_prep(att_.as<float>(), qd, T, qd, o, stream_);
     }, x, H, true, nullptr, eo);
@@ -1041,8 +1078,9 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     if (fused && dl.act != ActKind::None) ed.x_scale = row_scale2_.as<float>();  // the SwiGLU codes' scales
     if (li + 1 < layers_.size()) {
       if (norm_fused(L.down, layers_[li + 1].qkv, T, ed.norm_out)) ed.norm_w = layers_[li + 1].attn_norm;
-      else if (split_d[li])
-        ed.rms_w = layers_[li + 1].attn_norm, ed.rms_sumsq = sumsq + int64_t(2 * li + 1) * ts;
+      else if (split_d[li] != Split::None)
+        ed.rms_w = layers_[li + 1].attn_norm, ed.rms_sumsq = sumsq + int64_t(2 * li + 1) * ts,
+        ed.rms_f32 = split_d[li] == Split::Prep;
     }
     site("down", L.down, T, [&](const PrepOut& o) {
       if (!fused) swiglu_prep(gu, L.gate_up.N, T, I, o, stream_, paired);

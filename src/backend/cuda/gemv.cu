@@ -21,11 +21,11 @@ template <WFmt WF>
 __host__ __device__ constexpr int64_t row_bytes(int64_t K) { return WF == WFmt::BF16 ? K * 2 : WF == WFmt::I4 ? K / 2 : K; }
 __host__ __device__ constexpr int x_bytes(XFmt xf) { return xf == XFmt::BF16 ? 2 : 1; }
 
-// The epilogue's arithmetic: scales and bias (matmul_store.cuh stores the result).
+// The epilogue's arithmetic: scales and bias (matmul_store.cuh stores the result). xs: input row m's factor
+// (x_scale[m], the RMSNorm's rms_factor for BF16 inputs, or the scale the block chose with x_prep).
 template <WFmt WF, XFmt XF>
-__device__ __forceinline__ float finish(const GemvArgs& a, int64_t row, int m, float v) {
-  if constexpr (XF != XFmt::BF16) v *= a.x_scale[m];
-  else v *= rms_factor(a, m);
+__device__ __forceinline__ float finish(const GemvArgs& a, int64_t row, float xs, float v) {
+  v *= xs;
   if constexpr (WF == WFmt::I8 || WF == WFmt::FP8) v *= a.w_scale[row];
   if (a.bias) v += a.bias[row];
   return v;
@@ -134,23 +134,64 @@ __device__ __forceinline__ uint4 ld_weights(bool evict_first, const uint4* p) {
   return v;
 }
 
+// GemvArgs::x_prep: the whole block turns the M FP32 rows of x (x o w) into codes in q[M][K] (shared memory),
+// each row's scale into qs[m]: the arithmetic of rmsnorm_prep (prep.cuh, elementwise.cu) with its row factor
+// from x_sumsq. Every thread of the block calls it; q is complete when it returns.
+template <XFmt XF, int MT>
+__device__ __forceinline__ void prep_rows_shared(const GemvArgs& a, uint8_t* q, float* qs) {
+  const int64_t K4 = a.K / 4;  // K % 16 == 0 (gemv_supports)
+  for (int m = 0; m < MT && m < a.M; ++m) {
+    const float4* xr = reinterpret_cast<const float4*>(static_cast<const float*>(a.x) + int64_t(m) * a.ldx);
+    const float r = rms_factor(a, m);
+    float amax = 0.f;
+    if (a.x_prep == ActKind::I8Token) {
+      for (int64_t i = threadIdx.x; i < K4; i += blockDim.x) {
+        const float4 v = xr[i];
+        amax = fmaxf(fmaxf(fmaxf(amax, fabsf(v.x * r)), fabsf(v.y * r)), fmaxf(fabsf(v.z * r), fabsf(v.w * r)));
+      }
+      amax = block_reduce<true>(amax);
+    }
+    PrepOut o;
+    o.kind = a.x_prep;
+    o.static_scale = a.x_prep_scale;
+    const float s = prep_scale(o, amax);
+    const float is = 1.0f / s;
+    uint32_t* qr = reinterpret_cast<uint32_t*>(q + int64_t(m) * a.K);
+    for (int64_t i = threadIdx.x; i < K4; i += blockDim.x) {
+      const float4 v = xr[i];
+      const float e[4] = {(v.x * r) * is, (v.y * r) * is, (v.z * r) * is, (v.w * r) * is};
+      uint32_t w = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        w |= uint32_t(XF == XFmt::FP8 ? float_to_fp8(e[j]) : uint8_t(float_to_int8(e[j]))) << (8 * j);
+      qr[i] = w;
+    }
+    if (threadIdx.x == 0) qs[m] = s;
+  }
+  __syncthreads();
+}
+
 // One warp, or ks warps of a block that split K between them, own two output rows (the SwiGLU epilogue pairs
 // them). Each lane keeps kBatch 16-byte chunks of each row in flight: the loads of a batch are all issued
 // before any of them is used, since a loop that loads and multiplies one chunk at a time keeps only 32 bytes a
 // lane in flight and leaves the smaller matrices latency-bound (H200, llama-3-8b o_proj BF16: 58% of the copy
 // bandwidth, gate_up with 7x more warps 98%).
-template <WFmt WF, XFmt XF, int MT>
+//
+// XP (GemvArgs::x_prep): the inputs are made in shared memory by the block first (prep_rows_shared).
+template <WFmt WF, XFmt XF, int MT, bool XP>
 __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a) {
+  extern __shared__ uint4 xq[];  // XP: [MT][K] input codes
+  __shared__ float xqs[MT];      // XP: their row scales
   constexpr int E = values_per_load<WF>();
   constexpr bool kInt = XF == XFmt::I8;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int ks = a.ksplit;  // 1, 2 or 4 (the launcher's choice)
   const int kw = warp % ks; // this warp's share of K: chunks kw * 32 + lane + i * 32 * ks
   const int64_t row0 = (int64_t(blockIdx.x) * (kWarps / ks) + warp / ks) * kRows;
-  // Warps past N do nothing, but they still take part in the block-wide steps of the K-split sum and the
-  // fused norm.
+  // Warps past N do nothing, but they still take part in the block-wide steps of the K-split sum, the
+  // input prep and the fused norm.
   const bool active = row0 < a.N;
-  if (!active && !a.norm_counter && ks == 1) return;
+  if (!active && !a.norm_counter && ks == 1 && !XP) return;
   const int64_t chunks = active ? a.K / E : 0;
   const int64_t rb = row_bytes<WF>(a.K);
   int64_t rows[kRows];
@@ -165,11 +206,24 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
   // 24 MB a matrix, whole rows of qkv and o, made the step 2% slower: H200, 4-layer llama-3-8b, bf16 batch 1
   // 0.820 against 0.803 ms, fp8 0.680 against 0.666).
   if (active && kw == 0 && lane < kRows) prefetch_l2(lane == 0 ? wr[0] : wr[kRows - 1], uint32_t(rb < 1024 ? rb : 1024));
+  // GemvArgs::preload: this lane's first batch of weights into registers before the wait (and, with XP, before
+  // the input prep), so that it streams in while they run.
+  const int64_t step = 32 * int64_t(ks);
+  const bool ef = a.evict_first;
+  int64_t c = lane + 32 * int64_t(kw);
+  uint4 pre[kBatch][kRows];
+  const bool preloaded = a.preload && c + (kBatch - 1) * step < chunks;
+  if (preloaded)
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) pre[u][r] = ld_weights(ef, wr[r] + c + u * step);
   pdl_trigger();
   pdl_wait();
+  if constexpr (XP) prep_rows_shared<XF, MT>(a, reinterpret_cast<uint8_t*>(xq), xqs);
   const int64_t ngroups = WF == WFmt::I4 ? a.K / a.group : 1;
-  const int64_t xrow = a.ldx * x_bytes(XF) / 16;  // 16-byte units per input row
-  const uint4* xb = static_cast<const uint4*>(a.x);
+  const int64_t xrow = XP ? a.K / 16 : a.ldx * x_bytes(XF) / 16;  // 16-byte units per input row
+  const uint4* xb = XP ? xq : static_cast<const uint4*>(a.x);
   constexpr int XU = E * (XF == XFmt::BF16 ? 2 : 1) / 16;  // 16-byte input loads per chunk
 
   float acc[kRows][MT];
@@ -205,9 +259,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
       }
     }
   };
-  const int64_t step = 32 * int64_t(ks);
-  const bool ef = a.evict_first;
-  int64_t c = lane + 32 * int64_t(kw);
+  if (preloaded) {
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) multiply(c + u * step, pre[u]);
+    c += kBatch * step;
+  }
   for (; c + (kBatch - 1) * step < chunks; c += kBatch * step) {
     uint4 wv[kBatch][kRows];
 #pragma unroll
@@ -267,14 +323,15 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (m >= a.M) break;
+      const float xs = XP ? xqs[m] : XF != XFmt::BF16 ? a.x_scale[m] : rms_factor(a, m);
       if (a.swiglu_out) {  // row0 is even: rows row0, row0 + 1 are gate and up of activation row0 / 2
-        store_swiglu(a, row0 / 2, m, finish<WF, XF>(a, row0, m, v[0][m]), finish<WF, XF>(a, row0 + 1, m, v[1][m]));
+        store_swiglu(a, row0 / 2, m, finish<WF, XF>(a, row0, xs, v[0][m]), finish<WF, XF>(a, row0 + 1, xs, v[1][m]));
         continue;
       }
       float sq = 0.f;
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
-        if (row0 + r < a.N) sq += store_y(a, row0 + r, m, finish<WF, XF>(a, row0 + r, m, v[r][m]));
+        if (row0 + r < a.N) sq += store_y(a, row0 + r, m, finish<WF, XF>(a, row0 + r, xs, v[r][m]));
       add_sumsq(a, m, sq);
     }
   }
@@ -317,7 +374,8 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_scalar_kernel(const GemvArgs
   }
   for (int m = 0; m < a.M; ++m) {
     const float v = XF == XFmt::I8 ? float(warp_sum(iacc[m])) : warp_sum(acc[m]);
-    if (lane == 0) add_sumsq(a, m, store_y(a, row, m, finish<WF, XF>(a, row, m, v)));
+    const float xs = XF != XFmt::BF16 ? a.x_scale[m] : rms_factor(a, m);
+    if (lane == 0) add_sumsq(a, m, store_y(a, row, m, finish<WF, XF>(a, row, xs, v)));
   }
 }
 
@@ -341,39 +399,68 @@ int choose_ksplit(const GemvArgs& a, int64_t rb, int64_t resident) {
   return ks;
 }
 
-// Resident warps of one vector-kernel instance on the current device (computed once per instance).
-template <WFmt WF, XFmt XF, int MT>
+// Resident warps of one vector-kernel instance on the current device (computed once per instance; XP: for
+// inputs of 4096 values, the hidden size of the 7-8B models, on which the choice of ksplit was measured).
+template <WFmt WF, XFmt XF, int MT, bool XP>
 int64_t resident_warps() {
   static const int64_t n = [] {
     int dev = 0, sms = 0, blocks = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_vec_kernel<WF, XF, MT>, kWarps * 32, 0) != cudaSuccess)
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_vec_kernel<WF, XF, MT, XP>, kWarps * 32,
+                                                      XP ? size_t(MT) * 4096 : 0) != cudaSuccess)
       return int64_t(kWarps);
     return int64_t(sms) * blocks * kWarps;
   }();
   return n;
 }
 
-template <WFmt WF, XFmt XF, int MT>
+// The inputs' shared memory of the XP instance for M rows (MT of them) of K codes.
+constexpr int64_t kMaxPrepBytes = 48 * 1024;
+int64_t tile_m(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
+
+template <WFmt WF, XFmt XF, int MT, bool XP>
 void launch_vec(const GemvArgs& args, cudaStream_t s) {
   static const bool evict_normal = [] {
     const char* e = std::getenv("LLMQ_GEMV_EVICT_NORMAL");
     return e && *e && *e != '0';
   }();
   GemvArgs a = args;
-  a.ksplit = choose_ksplit(args, row_bytes<WF>(args.K), resident_warps<WF, XF, MT>());
+  a.ksplit = choose_ksplit(args, row_bytes<WF>(args.K), resident_warps<WF, XF, MT, XP>());
   a.evict_first = !evict_normal;
+  // The first batch of weights loaded before the wait: where the block preps its inputs first (XP), or
+  // everywhere with LLMQ_GEMV_PRELOAD=1 (comparisons).
+  static const bool preload_all = [] {
+    const char* e = std::getenv("LLMQ_GEMV_PRELOAD");
+    return e && *e && *e != '0';
+  }();
+  static const bool preload_off = [] {
+    const char* e = std::getenv("LLMQ_GEMV_NO_PRELOAD");
+    return e && *e && *e != '0';
+  }();
+  a.preload = !preload_off && (XP || preload_all);
   const int64_t rows = int64_t(kWarps / a.ksplit) * kRows;  // per block
-  launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, MT>, dim3(unsigned((a.N + rows - 1) / rows)), dim3(kWarps * 32), 0, s, a);
+  const size_t smem = XP ? size_t(MT * a.K) : 0;
+  launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, MT, XP>, dim3(unsigned((a.N + rows - 1) / rows)), dim3(kWarps * 32),
+         smem, s, a);
+}
+
+template <WFmt WF, XFmt XF, bool XP>
+void launch_vec_m(const GemvArgs& a, cudaStream_t s) {
+  switch (tile_m(a.M)) {
+    case 1: return launch_vec<WF, XF, 1, XP>(a, s);
+    case 2: return launch_vec<WF, XF, 2, XP>(a, s);
+    case 4: return launch_vec<WF, XF, 4, XP>(a, s);
+    default: return launch_vec<WF, XF, 8, XP>(a, s);
+  }
 }
 
 template <WFmt WF, XFmt XF>
 void launch(const GemvArgs& a, cudaStream_t s) {
   if (gemv_vectorized(a)) {
-    if (a.M <= 1) launch_vec<WF, XF, 1>(a, s);
-    else if (a.M <= 2) launch_vec<WF, XF, 2>(a, s);
-    else if (a.M <= 4) launch_vec<WF, XF, 4>(a, s);
-    else launch_vec<WF, XF, 8>(a, s);
+    if constexpr (XF != XFmt::BF16) {
+      if (a.x_prep != ActKind::None) return launch_vec_m<WF, XF, true>(a, s);
+    }
+    launch_vec_m<WF, XF, false>(a, s);
   } else {
     const dim3 grid(unsigned((a.N + kWarps - 1) / kWarps));
     launch("gemv_scalar_kernel", gemv_scalar_kernel<WF, XF>, grid, dim3(kWarps * 32), 0, s, a);
@@ -389,12 +476,18 @@ bool gemv_supports(const GemvArgs& a) {
   if (a.ldx < a.K || (!a.swiglu_out && a.ldy < a.N)) return false;
   if (a.xf == XFmt::I8 && a.wf != WFmt::I8) return false;
   if (a.xf == XFmt::FP8 && a.wf != WFmt::FP8) return false;
-  if (a.xf != XFmt::BF16 && !a.x_scale) return false;
+  if (a.xf != XFmt::BF16 && !a.x_scale && a.x_prep == ActKind::None) return false;
   if ((a.wf == WFmt::I8 || a.wf == WFmt::FP8 || a.wf == WFmt::I4) && !a.w_scale) return false;
   if (a.wf == WFmt::I4 && (!a.w_zero || a.group < 2 || a.group % 2 || a.K % a.group)) return false;
   if (!epilogue_args_ok(a)) return false;
   if ((a.swiglu_out || a.norm_counter) && !gemv_vectorized(a)) return false;  // the vector kernel's epilogues
   if (a.ksplit != 0 && a.ksplit != 1 && a.ksplit != 2 && a.ksplit != 4) return false;
+  if (a.x_prep != ActKind::None) {  // the vector kernel's input prep (its x checks: gemv_vectorized)
+    const bool kinds = a.xf == XFmt::FP8 ? a.x_prep == ActKind::Fp8Tensor
+                                         : a.xf == XFmt::I8 && (a.x_prep == ActKind::I8Tensor || a.x_prep == ActKind::I8Token);
+    if (!kinds || !gemv_vectorized(a) || !a.x_sumsq || a.K % 16 || tile_m(a.M) * a.K > kMaxPrepBytes) return false;
+    if (a.x_prep != ActKind::I8Token && !(a.x_prep_scale > 0.f)) return false;
+  }
   return true;
 }
 
@@ -405,7 +498,8 @@ bool epilogue_args_ok(const GemvArgs& a) {
     return false;
   if (a.norm_counter && (!a.y || a.swiglu_out || !a.norm_w || !a.norm_out.out || a.norm_out.ld < a.N)) return false;
   if (a.rms_out && (!a.y || a.swiglu_out || !a.rms_w || !a.rms_sumsq || a.rms_ld < a.N)) return false;
-  if (a.x_sumsq && (a.xf != XFmt::BF16 || !(a.x_inv_n > 0.f))) return false;
+  if (a.x_sumsq && ((a.xf != XFmt::BF16 && a.x_prep == ActKind::None) || !(a.x_inv_n > 0.f))) return false;
+  if (a.x_prep != ActKind::None && (!a.x_sumsq || a.xf == XFmt::BF16)) return false;
   return true;
 }
 
@@ -413,7 +507,8 @@ bool gemv_vectorized(const GemvArgs& a) {
   const int E = a.wf == WFmt::BF16 ? 8 : a.wf == WFmt::I4 ? 32 : 16;
   if (a.K % E) return false;
   if (a.wf == WFmt::I4 && a.group % 32) return false;
-  if (!aligned16(a.w) || !aligned16(a.x) || (a.ldx * x_bytes(a.xf)) % 16) return false;
+  const int64_t xb = a.x_prep != ActKind::None ? 4 : x_bytes(a.xf);  // x_prep: FP32 rows
+  if (!aligned16(a.w) || !aligned16(a.x) || (a.ldx * xb) % 16) return false;
   return true;
 }
 

@@ -68,9 +68,20 @@ struct GemvArgs {
   // rsqrt(x_sumsq[m] * x_inv_n + norm_eps) before the bias.
   const double* x_sumsq = nullptr;// [M]
   float x_inv_n = 0.f;            // 1 / hidden size
+  // Producer half: rms_out holds FP32 values instead of BF16 (for a consumer with x_prep).
+  bool rms_out_f32 = false;
+  // Consumer half for W8A8 inputs (GEMV only, with x_sumsq): x is FP32 [M, ldx] holding x o w (an rms_out_f32
+  // row), and each block turns every row into the codes of xf itself, as rmsnorm_prep would have written them
+  // (v = x[m, k] * rsqrt(x_sumsq[m] * x_inv_n + norm_eps), code = v / s; x_prep names the kind: Fp8Tensor
+  // with FP8, I8Tensor or I8Token with I8; s = x_prep_scale, or absmax(v) / 127 per row for I8Token), into
+  // shared memory: the RMSNorm and its quantization without a kernel of their own. x_scale is not read.
+  ActKind x_prep = ActKind::None;
+  float x_prep_scale = 1.f;
   int ksplit = 0;                 // GEMV: warps that share a row pair, splitting K (1, 2 or 4); 0 = the launcher's
                                   // choice (enough warps to fill the GPU). wgemm ignores it.
   bool evict_first = false;       // GEMV: weights read with an evict-first L2 hint (the launcher sets it)
+  bool preload = false;           // GEMV: each lane's first batch of weights loaded before the grid-dependency
+                                  // wait (the launcher sets it)
   int i4_row_blocks = 0;          // wgemm, INT4 tiles: row blocks of 16 rows a CTA sums at once (1 or 2); 0 = the
                                   // launcher's choice. The GEMV ignores it.
   // wgemm, INT4 tiles and INT8 weight-only: 1 = the tiled kernel (128 rows a CTA sharing the activations in shared

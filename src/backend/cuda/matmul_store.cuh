@@ -9,13 +9,16 @@
 namespace llmq::cuda {
 
 // Stores y[m, row] (or adds v to it). With rms_out (the distributed RMSNorm's producer half) also writes
-// bf16(y * rms_w[row]) and returns y^2, the caller's share of rms_sumsq[m]; else returns 0.
+// y * rms_w[row] (BF16, or FP32 with rms_out_f32) and returns y^2, the caller's share of rms_sumsq[m]; else
+// returns 0.
 __device__ __forceinline__ float store_y(const GemvArgs& a, int64_t row, int64_t m, float v) {
   float* y = a.y + m * a.ldy + row;
   const float nv = a.accumulate ? *y + v : v;
   *y = nv;
   if (!a.rms_out) return 0.f;
-  static_cast<__nv_bfloat16*>(a.rms_out)[m * a.rms_ld + row] = __float2bfloat16(nv * a.rms_w[row]);
+  const int64_t at = m * a.rms_ld + row;
+  if (a.rms_out_f32) static_cast<float*>(a.rms_out)[at] = nv * a.rms_w[row];
+  else static_cast<__nv_bfloat16*>(a.rms_out)[at] = __float2bfloat16(nv * a.rms_w[row]);
   return nv * nv;
 }
 

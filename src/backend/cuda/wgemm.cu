@@ -1080,7 +1080,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   const int kind = kind_of(a);
   if (kind < 0 || a.M < 1 || a.M > kWgemmMaxT || a.N < 1 || a.K < 1 || !a.w || !a.x || (!a.y && !a.swiglu_out)) return false;
   if (a.ldx < a.K || (!a.swiglu_out && a.ldy < a.N)) return false;
-  if (!epilogue_args_ok(a)) return false;
+  if (!epilogue_args_ok(a) || a.x_prep != ActKind::None) return false;  // x_prep: the GEMV's alone
   if (kind == kFp8Fp8 && sm < 89) return false;
   if (kind >= kI8I8 && !a.x_scale) return false;
   if (kind != kBf16 && !a.w_scale) return false;
