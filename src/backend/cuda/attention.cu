@@ -744,10 +744,7 @@ int64_t decode_resident() {
 
 // LLMQ_ATTN_NO_HEADSPLIT=1: never the head-split instances (comparisons).
 bool no_head_split() {
-  static const bool off = [] {
-    const char* e = std::getenv("LLMQ_ATTN_NO_HEADSPLIT");
-    return e && *e && *e != '0';
-  }();
+  static const bool off = env_flag("LLMQ_ATTN_NO_HEADSPLIT");
   return off;
 }
 
@@ -764,9 +761,12 @@ struct DecodeChoice {
   int warps;
   bool one_wave;  // every block resident at once
 };
+// Warps per position range of the head-split instance for NG heads a block (1: none).
+template <int NG>
+constexpr int kHeadSplit = NG < 4 ? NG : 4;
 template <int HD, typename KT, int NG>
 DecodeChoice decode_kernel_for(int64_t blocks) {
-  constexpr int HS = NG < 4 ? NG : 4;
+  constexpr int HS = kHeadSplit<NG>;
   if constexpr (HS > 1)
     if (!no_head_split() && blocks <= decode_resident<HD, KT, NG, kUnroll, HS>())
       return {attention_decode_kernel<HD, KT, NG, kUnroll, HS>, kWarps * HS, true};
@@ -788,7 +788,7 @@ void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
 }
 template <int HD, int NG>
 int64_t decode_wave_ng(KvType t) {
-  constexpr int HS = NG < 4 ? NG : 4;
+  constexpr int HS = kHeadSplit<NG>;
   if constexpr (HS > 1) {
     if (no_head_split()) return 0;
     return t == KvType::BF16 ? decode_resident<HD, uint16_t, NG, kUnroll, HS>()

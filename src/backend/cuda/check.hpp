@@ -24,6 +24,9 @@ namespace llmq::cuda {
 // reported with the name of the kernel that caused it, at the cost of speed.
 bool sync_each_launch();
 
+// An environment switch (the LLMQ_* comparison switches): set and not "0". Defined in engine.cpp.
+bool env_flag(const char* name);
+
 // Whether kernels are launched with programmatic dependent launch (launch.cuh): on sm_90+ unless LLMQ_NO_PDL=1.
 bool pdl_enabled();
 

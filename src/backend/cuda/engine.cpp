@@ -23,13 +23,12 @@
 
 namespace llmq::cuda {
 
-namespace {
-
-// An environment switch: set and not "0".
 bool env_flag(const char* name) {
   const char* v = std::getenv(name);
   return v && *v && std::strcmp(v, "0") != 0;
 }
+
+namespace {
 
 std::string summary(const cudaDeviceProp& p) {
   return std::string(p.name) + ", sm_" + std::to_string(p.major) + std::to_string(p.minor) + ", " +
@@ -255,8 +254,10 @@ class CudaEngine final : public Engine {
   // Off unless LLMQ_FUSE_NORM=1 (measured slower; see the definition).
   bool norm_fused(const DevSite& producer, const DevSite& consumer, int64_t T, PrepOut& o) const;
   // Whether the RMSNorm between `producer` and `consumer` is distributed over their epilogues at T tokens
-  // (Epilogue::rms_w, x_sumsq): every part of the consumer reads BF16 through the GEMV or wgemm, and so does
-  // the producer (one part). LLMQ_NO_RMS_SPLIT=1 turns it off for comparisons.
+  // (Epilogue::rms_w, x_sumsq), and how: every part of the consumer reads BF16 through the GEMV or wgemm
+  // (Split::Bf16), or every part is a W8A8 GEMV that quantizes FP32 x o w itself (Split::Prep, GemvArgs::x_prep);
+  // the producer (one part) runs the GEMV or wgemm. LLMQ_NO_RMS_SPLIT=1 turns it off, LLMQ_NO_PREP_SPLIT=1 the
+  // W8A8 kind alone, for comparisons.
   Split rms_split(const DevSite& producer, const DevSite& consumer, int64_t T) const;
   // Whether this layer's SwiGLU runs in the gate_up matmul's epilogue at T tokens (paired rows, a BF16 down_proj
   // input, GEMV or wgemm for both matmuls; LLMQ_NO_FUSE=1 turns it off for comparisons).

@@ -420,23 +420,13 @@ int64_t tile_m(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
 
 template <WFmt WF, XFmt XF, int MT, bool XP>
 void launch_vec(const GemvArgs& args, cudaStream_t s) {
-  static const bool evict_normal = [] {
-    const char* e = std::getenv("LLMQ_GEMV_EVICT_NORMAL");
-    return e && *e && *e != '0';
-  }();
+  static const bool evict_normal = env_flag("LLMQ_GEMV_EVICT_NORMAL");
   GemvArgs a = args;
   a.ksplit = choose_ksplit(args, row_bytes<WF>(args.K), resident_warps<WF, XF, MT, XP>());
   a.evict_first = !evict_normal;
   // The first batch of weights loaded before the wait: where the block preps its inputs first (XP), or
   // everywhere with LLMQ_GEMV_PRELOAD=1 (comparisons).
-  static const bool preload_all = [] {
-    const char* e = std::getenv("LLMQ_GEMV_PRELOAD");
-    return e && *e && *e != '0';
-  }();
-  static const bool preload_off = [] {
-    const char* e = std::getenv("LLMQ_GEMV_NO_PRELOAD");
-    return e && *e && *e != '0';
-  }();
+  static const bool preload_all = env_flag("LLMQ_GEMV_PRELOAD"), preload_off = env_flag("LLMQ_GEMV_NO_PRELOAD");
   a.preload = !preload_off && (XP || preload_all);
   const int64_t rows = int64_t(kWarps / a.ksplit) * kRows;  // per block
   const size_t smem = XP ? size_t(MT * a.K) : 0;
