@@ -89,6 +89,7 @@ struct GemvCase {
   int tiled = 0;        // GemvArgs::tiled (1: the tiled weight-only kernel)
   bool tiled_ws = false;// with tiled: a split-K workspace (the launcher then splits K where N is small)
   bool rms_f32 = false; // with rms_out: FP32 y * w (GemvArgs::rms_out_f32)
+  bool i4_ldg = false;  // with tc, INT4: no GemvArgs::i4_sz records (the one-token kernel loads w_scale / w_zero)
 };
 
 // Every weight x input format pair the GEMV runs.
@@ -190,6 +191,8 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   Buf dw(wbytes), dx(xbytes), dy(y0.size() * 4);
   Buf ds(wscale.empty() ? std::vector<float>{1.f} : wscale), dz(wzero.empty() ? std::vector<uint8_t>{0} : wzero);
   Buf db(bias), dxs(xscale);
+  const bool sz = tc && c.wf == WFmt::I4 && !c.i4_ldg;
+  Buf dsz(sz ? pack::int4_sz_pack(wscale.data(), wzero.data(), N, ng) : std::vector<uint8_t>{0});
   if (c.accumulate) cudaMemcpy(dy.p, y0.data(), dy.n, cudaMemcpyHostToDevice);
   const int64_t ld_sw = N / 2 + 5;
   Buf dsw(static_cast<size_t>(M * ld_sw) * 2);  // poisoned: 0xFFFF is a bf16 NaN
@@ -217,6 +220,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   a.w = dw.p;
   a.w_scale = wscale.empty() ? nullptr : ds.as<float>();
   a.w_zero = wzero.empty() ? nullptr : dz.as<uint8_t>();
+  a.i4_sz = sz ? dsz.p : nullptr;
   a.group = c.group;
   a.N = N;
   a.K = K;
@@ -516,7 +520,9 @@ TEST(CudaWgemm, EveryFormatAtAwkwardShapes) {
 // none of which the shapes above reach (at most a few dozen row blocks). Uneven row blocks per CTA (N not a
 // multiple of 16 * resident CTAs), a partial last batch (K = 384: two units a warp) and full ones (K = 1024),
 // one and three token groups, and the SwiGLU epilogue across the loop; each with one and with two row blocks
-// summed at once (GemvArgs::i4_row_blocks; an odd number of row blocks leaves the last set half empty).
+// summed at once (GemvArgs::i4_row_blocks; an odd number of row blocks leaves the last set half empty); each with
+// the scale/zero-point records (GemvArgs::i4_sz, copied through the ring, as every other INT4 tile case here) and
+// without (loaded from w_scale / w_zero).
 TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
   REQUIRE_GPU();
   cudaDeviceProp p{};
@@ -525,12 +531,14 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
   uint64_t seed = 3000;
   for (auto [K, g] : std::vector<std::pair<int64_t, int64_t>>{{384, 128}, {1024, 64}})
     for (int M : {1, 16, 40})
-      for (int rb : {1, 2}) {
-        GemvCase c{WFmt::I4, XFmt::BF16, N, K, g, M, M != 16, M != 1};
-        c.i4_rb = rb;
-        check_gemv(c, seed++, true);
-        if (HasFailure()) return;
-      }
+      for (int rb : {1, 2})
+        for (bool ldg : {false, true}) {
+          GemvCase c{WFmt::I4, XFmt::BF16, N, K, g, M, M != 16, M != 1};
+          c.i4_rb = rb;
+          c.i4_ldg = ldg;
+          check_gemv(c, seed++, true);
+          if (HasFailure()) return;
+        }
   for (int rb : {1, 2}) {
     GemvCase sw{WFmt::I4, XFmt::BF16, N + 1 + 16 * rb, 1024, 128, 3 + 10 * (rb - 1), false, true};
     sw.swiglu = true;

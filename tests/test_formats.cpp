@@ -182,3 +182,36 @@ TEST(Formats, Int4MmaLayout) {
     }
   }
 }
+
+// The INT4 scale/zero-point records (pack::int4_sz_pack), read the way wgemm_i4_kernel reads them: lane 4g + t
+// takes the float2 at byte 8g of record (b, q) as the scales of rows 16b + g and 16b + g + 8, and the uint16 at
+// byte 64 + 2g as their zero points (low byte row g). Rows past N read as zero.
+TEST(Formats, Int4ScaleZeroRecords) {
+  std::mt19937 rng(5);
+  for (auto [N, G] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {16, 3}, {37, 2}, {64, 5}}) {
+    std::vector<float> scale(static_cast<size_t>(N * G));
+    std::vector<uint8_t> zero(scale.size());
+    for (auto& v : scale) v = float(rng() % 1000) / 7.f;
+    for (auto& z : zero) z = uint8_t(rng() % 16);
+    const std::vector<uint8_t> rec = pack::int4_sz_pack(scale.data(), zero.data(), N, G);
+    ASSERT_EQ(int64_t(rec.size()), pack::int4_sz_bytes(N, G));
+    ASSERT_EQ(int64_t(rec.size()), (N + 15) / 16 * G * 80);
+    for (int64_t b = 0; b < (N + 15) / 16; ++b)
+      for (int64_t q = 0; q < G; ++q)
+        for (int g = 0; g < 8; ++g) {
+          const uint8_t* r = rec.data() + (b * G + q) * pack::kInt4SzRecord;
+          float s2[2];
+          uint16_t z2;
+          std::memcpy(s2, r + 8 * g, 8);
+          std::memcpy(&z2, r + 64 + 2 * g, 2);
+          for (int h = 0; h < 2; ++h) {
+            const int64_t n = b * 16 + g + 8 * h;
+            const float ws = n < N ? scale[size_t(n * G + q)] : 0.f;
+            const int wz = n < N ? zero[size_t(n * G + q)] : 0;
+            EXPECT_EQ(s2[h], ws) << "row " << n << " group " << q;
+            EXPECT_EQ((z2 >> (8 * h)) & 0xFF, wz) << "row " << n << " group " << q;
+          }
+        }
+  }
+  EXPECT_THROW(pack::int4_sz_pack(nullptr, nullptr, 0, 1), Error);
+}

@@ -117,6 +117,7 @@ struct Fmt {
 // One weight matrix in a format, `copies` times (rotated so that the L2 never holds it), with inputs.
 struct Weights {
   std::vector<void*> w, w_rowmajor;  // I4: tiles for wgemm, row-major for the GEMV
+  std::vector<void*> sz;             // I4: the scale/zero-point records (GemvArgs::i4_sz)
   std::vector<float*> scale;
   std::vector<uint8_t*> zero;
   size_t bytes = 0;  // one copy, with scales
@@ -148,6 +149,15 @@ Weights make_weights(const Fmt& f, const Mat& m, int copies, uint64_t seed) {
       W.w_rowmajor.push_back(pr);
       W.scale.push_back(static_cast<float*>(device_random(size_t(m.N * ng), "scale", s + 1)));
       W.zero.push_back(static_cast<uint8_t*>(device_random(size_t(m.N * ng), "zero", s + 2)));
+      std::vector<float> hs(size_t(m.N * ng));
+      std::vector<uint8_t> hz(hs.size());
+      LLMQ_CUDA_CHECK(cudaMemcpy(hs.data(), W.scale.back(), hs.size() * 4, cudaMemcpyDeviceToHost));
+      LLMQ_CUDA_CHECK(cudaMemcpy(hz.data(), W.zero.back(), hz.size(), cudaMemcpyDeviceToHost));
+      const std::vector<uint8_t> rec = pack::int4_sz_pack(hs.data(), hz.data(), m.N, ng);
+      void* pz = nullptr;
+      LLMQ_CUDA_CHECK(cudaMalloc(&pz, rec.size()));
+      LLMQ_CUDA_CHECK(cudaMemcpy(pz, rec.data(), rec.size(), cudaMemcpyHostToDevice));
+      W.sz.push_back(pz);
       W.bytes = nk / 2 + size_t(m.N * ng) * 5;
     }
   }
@@ -157,6 +167,7 @@ Weights make_weights(const Fmt& f, const Mat& m, int copies, uint64_t seed) {
 void free_weights(Weights& W) {
   for (void* p : W.w) cudaFree(p);
   for (void* p : W.w_rowmajor) cudaFree(p);
+  for (void* p : W.sz) cudaFree(p);
   for (float* p : W.scale) cudaFree(p);
   for (uint8_t* p : W.zero) cudaFree(p);
 }
@@ -204,11 +215,13 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
         a.M = T;
         a.y = y;
         a.ldy = m.N;
+        bool no_sz = false;  // INT4: the one-token kernel without its scale/zero-point records (the "i4-ldg" row)
         auto set = [&](int c, bool rowmajor) {
           const int i = c % copies;
           a.w = rowmajor ? W.w_rowmajor[size_t(i)] : W.w[size_t(i)];
           a.w_scale = W.scale.empty() ? nullptr : W.scale[size_t(i)];
           a.w_zero = W.zero.empty() ? nullptr : W.zero[size_t(i)];
+          a.i4_sz = W.sz.empty() || rowmajor || no_sz ? nullptr : W.sz[size_t(i)];
         };
         auto row = [&](const char* kernel, double us) {
           const double gbps = double(W.bytes) / (us * 1e-6) / 1e9;
@@ -216,6 +229,11 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
         };
         set(0, false);
         if (wgemm_supports(a, sm)) row("wgemm", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
+        if (f.wf == WFmt::I4 && T <= 16 && wgemm_supports(a, sm)) {
+          no_sz = true;
+          row("i4-ldg", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
+          no_sz = false;
+        }
         if (f.xf == XFmt::BF16 && (f.wf == WFmt::I4 || f.wf == WFmt::I8)) {  // the tiled kernel (GemvArgs::tiled):
           a.tiled = 1;                                                      // K unsplit, then split through ws
           if (wgemm_supports(a, sm)) {

@@ -129,6 +129,7 @@ struct DevLinear {
   float* scale = nullptr;
   float* alpha = nullptr;  // LLMQ_LT_ALPHA, FP8 weights with a static FP8 input scale: scale[n] * act_scale
   uint8_t* zero = nullptr;
+  void* sz = nullptr;  // tiles: scale and zero as pack::int4_sz_pack records (the one-token kernel's copy)
   int64_t group = 0, N = 0, K = 0;
   float* bias = nullptr;
   int64_t col = 0;     // first output column in the site's output
@@ -439,6 +440,8 @@ DevSite CudaEngine::upload_site(const std::vector<const Linear*>& ls, bool pair_
       d.alpha = upload(alpha);
     }
     if (!zero.empty()) d.zero = upload(zero);
+    if (d.tiles && !zero.empty() && scale.size() == zero.size())
+      d.sz = upload(pack::int4_sz_pack(scale.data(), zero.data(), d.N, int64_t(zero.size()) / d.N));
     if (!bias.empty()) d.bias = upload(bias);
     if (d.wf != WFmt::BF16) max_wscratch_ = std::max(max_wscratch_, d.N * d.K);
     col += d.N;
@@ -478,11 +481,12 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
                  "(exact, slower)\n", prop_.name, prop_.major, prop_.minor);
 
   // Check the weights fit before allocating anything (their size on the device is their size on disk, with
-  // dense F32/F16 halved or kept as BF16).
+  // dense F32/F16 halved or kept as BF16, and INT4's scales and zero points held twice).
   uint64_t need = 0;
   {
     auto lin = [&](const Linear& l) {
       need += l.fmt == WeightFormat::Dense ? uint64_t(l.in * l.out) * 2 : l.weight_bytes();
+      need += uint64_t(l.w_zero.size()) * 5;  // INT4: the scale/zero-point records beside the checkpoint's arrays
     };
     need += uint64_t(c.vocab * c.hidden) * 2;
     if (!c.tie_embeddings) lin(m.lm_head());
@@ -687,6 +691,7 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   a.w = l.w;
   a.w_scale = l.scale;
   a.w_zero = l.zero;
+  a.i4_sz = l.sz;
   a.group = l.group;
   a.N = l.N;
   a.K = l.K;

@@ -349,7 +349,11 @@ __device__ __forceinline__ void cp_async_wait() {
 // with the zero point taken out once per group, sum (128 + c) x - (128 + z) sum x, sum x from a second mma on
 // an all-ones A operand (one mma per step instead of four HSUB2): the same time at T = 1, 5-13% slower at T = 16
 // (the 2-tile instance spilled), and 10x the rounding error (cancellation in FP32).
-template <int ND, int NT, int G, int RB>
+//
+// SZ: the scales and zero points come from pack::int4_sz_pack records in shared memory instead (sp[i][0] is then
+// the lane's float2 of row block i's first record, as bytes, and zp[i][0] its uint16 of zero points; sp[i][1] and
+// zp[i][1] are unused); records are kInt4SzRecord bytes apart, one per group.
+template <int ND, int NT, int G, int RB, bool SZ>
 __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const float* const (&sp)[RB][2],
                                          const uint8_t* const (&zp)[RB][2], const uint2* const (&xp)[NT], int M,
                                          float (&acc)[RB * NT][4]) {
@@ -361,13 +365,22 @@ __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const
 #pragma unroll
     for (int d = 0; d < ND; ++d)
 #pragma unroll
-      for (int q = 0; q < GPU; ++q)
+      for (int q = 0; q < GPU; ++q) {
+        const int off = (d * 64 + q * 32) / G;
+        if constexpr (SZ) {
+          const float2 s2 = *reinterpret_cast<const float2*>(reinterpret_cast<const uint8_t*>(sp[i][0]) + off * pack::kInt4SzRecord);
+          const uint32_t z2 = *reinterpret_cast<const uint16_t*>(zp[i][0] + off * pack::kInt4SzRecord);
+          sc[i][0][d][q] = s2.x, sc[i][1][d][q] = s2.y;
+          zb[i][0][d][q] = __byte_perm(z2, 0x43u, 0x4040u);  // 0x43 z 0x43 z: bf16 128 + z twice
+          zb[i][1][d][q] = __byte_perm(z2, 0x43u, 0x4141u);
+        } else {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int off = (d * 64 + q * 32) / G;
-          sc[i][h][d][q] = __ldg(sp[i][h] + off);
-          zb[i][h][d][q] = 0x43004300u | uint32_t(__ldg(zp[i][h] + off)) * 0x10001u;
+          for (int h = 0; h < 2; ++h) {
+            sc[i][h][d][q] = __ldg(sp[i][h] + off);
+            zb[i][h][d][q] = 0x43004300u | uint32_t(__ldg(zp[i][h] + off)) * 0x10001u;
+          }
         }
+      }
   const uint2* xb[NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) xb[n] = xp[n] + u * 16;  // uint2 index of k = 64 u
@@ -416,7 +429,13 @@ __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const
 // per warp (three in flight while one is summed).
 constexpr int kI4Batch = 4;
 constexpr int kI4Stages = 4;
-constexpr int kI4RingBytesPerWarp = kI4Stages * kI4Batch * 32 * 16;  // 8 KB
+constexpr int kI4WBytes = kI4Batch * 32 * 16;  // a batch's weights, per warp: 2 KB
+// A batch's scale/zero-point records per warp (SZ): kI4Batch units of 64 k span 256 / G groups of every row
+// block it covers, RB row blocks of kI4Batch / RB units each.
+__host__ __device__ constexpr int i4_sz_batch_bytes(int G) { return 256 / G * int(pack::kInt4SzRecord); }
+__host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz) {
+  return kI4Stages * (kI4WBytes + (sz ? i4_sz_batch_bytes(G) : 0));
+}
 
 // INT4 with K a multiple of 64 (every unit full): the same product as wgemm_kernel<kI4>, with the per-value
 // work cut to what the tensor cores need and the weights streamed through shared memory.
@@ -439,11 +458,17 @@ constexpr int kI4RingBytesPerWarp = kI4Stages * kI4Batch * 32 * 16;  // 8 KB
 // fragment a lane loads serves two row blocks' mma (half the activation loads per weight byte, which at 16
 // tokens are 8 bytes a lane per mma pair from 8 token rows). The first batches are requested before
 // pdl_wait(): the weights do not depend on the previous kernel.
-template <int NT, int G, int RB>
+template <int NT, int G, int RB, bool SZ>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
-  constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block
+  constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block; ring stages
   static_assert(D * RB == kI4Batch, "a batch is kI4Batch units");
-  extern __shared__ uint4 i4_ring[];  // [warps][S][D][RB][32 lanes]
+  constexpr int GB = D * 64 / G;                   // SZ: groups per batch and row block (records)
+  constexpr int SZB = SZ ? i4_sz_batch_bytes(G) : 0;
+  static_assert(!SZ || RB * GB * int(pack::kInt4SzRecord) == SZB, "a batch's records");
+  constexpr int CH = SZ ? RB * GB * 5 : 0;          // SZ: 16-byte record copies a batch
+  constexpr int CPL = (CH + 31) / 32;               // ... a lane at most
+  // [warps][S][D][RB][32 lanes] weights, then (SZ) [warps][S][RB][GB] records
+  extern __shared__ uint4 i4_ring[];
   __shared__ float red[2][kMaxWarps - 1][RB * NT * 4][32];  // the K-split partial sums, by set parity
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -456,24 +481,54 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   const int u0 = min(units, warp * per), u1 = min(units, u0 + per);
   const int nu = u1 - u0, nb = (nu + D - 1) / D;  // units and batches per row block
   uint4* ring = i4_ring + warp * (S * D * RB * 32) + lane;
+  const uint8_t* sz_ring = reinterpret_cast<const uint8_t*>(i4_ring + nw * (S * D * RB * 32)) + warp * (S * SZB);
+  const uint32_t sz_s = static_cast<uint32_t>(__cvta_generic_to_shared(sz_ring));
+  const uint8_t* szg = static_cast<const uint8_t*>(a.i4_sz);
+  const int ng = int(a.K / G);
   // The stream of batches this warp asks for: set (blockIdx.y + ir * gridDim.y), batch ib of it. A set's row
-  // blocks past the last are clamped to it (loaded and summed, never stored).
+  // blocks past the last are clamped to it (loaded and summed, never stored). The lane's sources of the next
+  // batch advance by a batch at a time and are recomputed at each new set (start_set).
   int ir = 0, ib = 0, slot_in = 0;
   const uint4* w4 = static_cast<const uint4*>(a.w);
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  const uint4* wsrc[RB];
+  const uint8_t* zsrc[CPL > 0 ? CPL : 1];
+  int zq[CPL > 0 ? CPL : 1];  // the group (in the batch) of the lane's record copy; >= GB: no copy
+  auto start_set = [&]() {
+    const int set = int(blockIdx.y) + ir * int(gridDim.y);
+#pragma unroll
+    for (int i = 0; i < RB; ++i) wsrc[i] = w4 + (int64_t(min(set * RB + i, rbs - 1)) * units + u0) * 32 + lane;
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int c = min(lane + 32 * k, CH - 1), i = c / (GB * 5), rem = c - i * (GB * 5), qq = rem / 5;
+      zq[k] = lane + 32 * k < CH ? qq : GB;
+      zsrc[k] = szg + (int64_t(min(set * RB + i, rbs - 1)) * ng + u0 * 64 / G + qq) * pack::kInt4SzRecord + (rem - qq * 5) * 16;
+    }
+  };
+  start_set();
   auto issue = [&]() {  // the next batch into its ring slot; always one commit group
     if (ir < nr) {
-      const int set = int(blockIdx.y) + ir * int(gridDim.y);
       const uint32_t dst = ring_s + uint32_t(slot_in) * (D * RB * 32 * 16);
+      const bool full = ib * D + D <= nu;
 #pragma unroll
       for (int i = 0; i < RB; ++i) {
-        const int rb = min(set * RB + i, rbs - 1);
-        const uint4* from = w4 + (int64_t(rb) * units + u0 + ib * D) * 32 + lane;
 #pragma unroll
         for (int d = 0; d < D; ++d)
-          if (ib * D + d < nu) cp_async16(dst + (d * RB + i) * 32 * 16, from + d * 32);
+          if (full || ib * D + d < nu) cp_async16(dst + (d * RB + i) * 32 * 16, wsrc[i] + d * 32);
+        wsrc[i] += D * 32;
       }
-      if (++ib == nb) ib = 0, ++ir;
+      if constexpr (SZ) {  // the records of the batch's groups, 16 bytes a lane (the lanes of a row share them)
+        const int gcount = full ? GB : ((nu - ib * D) * 64 + G - 1) / G;  // groups of a partial batch
+#pragma unroll
+        for (int k = 0; k < CPL; ++k) {
+          if (zq[k] < gcount) cp_async16(sz_s + uint32_t(slot_in * SZB + (lane + 32 * k) * 16), zsrc[k]);
+          zsrc[k] += GB * pack::kInt4SzRecord;
+        }
+      }
+      if (++ib == nb) {
+        ib = 0;
+        if (++ir < nr) start_set();
+      }
       slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
     }
     cp_async_commit();
@@ -483,7 +538,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   pdl_trigger();
   pdl_wait();
   const int M = min(a.M - tok0, 8 * NT);
-  const int ng = int(a.K / G);
   // Activations: this lane's token of each n-tile (B column g), from k = 4t; uint2 = 4 bf16.
   const uint2* xp[NT];
 #pragma unroll
@@ -507,18 +561,28 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
     for (int bb = 0; bb < nb; ++bb) {
+      if constexpr (SZ) __syncwarp();  // every lane has read the records of the slot issue() refills
       issue();
       cp_async_wait<S - 1>();  // the batch S - 1 before the one just asked for has landed: this one
+      if constexpr (SZ) __syncwarp();  // ... for every lane (the records were copied by other lanes)
       const uint4* slot = ring + slot_out * (D * RB * 32);
+      const uint8_t* rec = sz_ring + slot_out * SZB;
       slot_out = slot_out + 1 == S ? 0 : slot_out + 1;
       const int u = u0 + bb * D;
       const int goff = u * 64 / G;  // u is a multiple of the units per group
+      // Where group goff's scales and zero points are (SZ: this lane's entries of the batch's first records).
       const float* sp[RB][2];
       const uint8_t* zp[RB][2];
 #pragma unroll
       for (int i = 0; i < RB; ++i) {
-        sp[i][0] = a.w_scale + int64_t(r0[i]) * ng + goff, sp[i][1] = a.w_scale + int64_t(r1[i]) * ng + goff;
-        zp[i][0] = a.w_zero + int64_t(r0[i]) * ng + goff, zp[i][1] = a.w_zero + int64_t(r1[i]) * ng + goff;
+        if constexpr (SZ) {
+          const uint8_t* r = rec + i * GB * pack::kInt4SzRecord;
+          sp[i][0] = sp[i][1] = reinterpret_cast<const float*>(r + 8 * g);
+          zp[i][0] = zp[i][1] = r + 64 + 2 * g;
+        } else {
+          sp[i][0] = a.w_scale + int64_t(r0[i]) * ng + goff, sp[i][1] = a.w_scale + int64_t(r1[i]) * ng + goff;
+          zp[i][0] = a.w_zero + int64_t(r0[i]) * ng + goff, zp[i][1] = a.w_zero + int64_t(r1[i]) * ng + goff;
+        }
       }
       if (bb * D + D <= nu) {
         uint4 wv[RB][D];
@@ -526,20 +590,25 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
         for (int d = 0; d < D; ++d)
 #pragma unroll
           for (int i = 0; i < RB; ++i) wv[i][d] = slot[(d * RB + i) * 32];
-        i4_units<D, NT, G, RB>(u, wv, sp, zp, xp, M, acc);
+        i4_units<D, NT, G, RB, SZ>(u, wv, sp, zp, xp, M, acc);
       } else {
         for (int d = 0; bb * D + d < nu; ++d) {  // the last, partial batch: one unit at a time
           const int ud = u + d, go = ud * 64 / G - goff;
+          const int step = SZ ? int(pack::kInt4SzRecord) : 1;  // bytes (SZ records) or elements a group on
           const float* spd[RB][2];
           const uint8_t* zpd[RB][2];
           uint4 wv[RB][1];
 #pragma unroll
           for (int i = 0; i < RB; ++i) {
-            spd[i][0] = sp[i][0] + go, spd[i][1] = sp[i][1] + go;
-            zpd[i][0] = zp[i][0] + go, zpd[i][1] = zp[i][1] + go;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              spd[i][h] = SZ ? reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(sp[i][h]) + go * step)
+                             : sp[i][h] + go;
+              zpd[i][h] = zp[i][h] + go * step;
+            }
             wv[i][0] = slot[(d * RB + i) * 32];
           }
-          i4_units<1, NT, G, RB>(ud, wv, spd, zpd, xp, M, acc);
+          i4_units<1, NT, G, RB, SZ>(ud, wv, spd, zpd, xp, M, acc);
         }
       }
     }
@@ -558,15 +627,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   norm_tail(a);  // every thread of the CTA, once
 }
 
-template <int NT, int G, int RB>
+template <int NT, int G, int RB, bool SZ>
 void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
-  constexpr int kMaxBytes = kMaxWarps * kI4RingBytesPerWarp;
+  constexpr int kRingBytes = i4_ring_bytes_per_warp(G, SZ);
+  constexpr int kMaxBytes = kMaxWarps * kRingBytes;
   static const int resident = [] {  // CTAs of this instance resident on the whole card
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB>, kMaxWarps * 32, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ>, kMaxWarps * 32, kMaxBytes));
     // LLMQ_WGEMM_I4_ONE_CTA=1 (an experiment, not measured yet): one CTA an SM, with the shared-memory carve-out
     // cut to what one CTA needs so that the rest of the SM's 256 KB is L1. The suspicion it tests: past 8
     // tokens the activations a CTA's warps read (16 tokens x K x 2 bytes, 128 KB at K = 4096) no longer fit
@@ -576,10 +646,10 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
     const char* e = std::getenv("LLMQ_WGEMM_I4_ONE_CTA");
     if (NT > 1 && e && *e == '1') {
       cudaFuncAttributes fa{};
-      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB>));
+      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ>));
       const double need = double(kMaxBytes + fa.sharedSizeBytes) / double(228 * 1024);
       const int pct = std::min(100, int(need * 100.0) + 1);
-      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
+      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
       per_sm = 1;
     }
     return std::max(1, sms * std::max(1, per_sm));
@@ -590,8 +660,8 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
   const int sets = int(((a.N + 15) / 16 + RB - 1) / RB);
   const int rows = std::min(sets, std::max(1, resident / int(token_groups)));
-  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
-         size_t(nw) * kI4RingBytesPerWarp, s, a, units, per);
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
+         size_t(nw) * kRingBytes, s, a, units, per);
 }
 
 // LLMQ_WGEMM_I4_RB=1|2: row blocks per set of wgemm_i4_kernel wherever GemvArgs::i4_row_blocks leaves it open
@@ -624,9 +694,16 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   int rb = a.M > 16 || (a.M > 8 && rbs * 10 >= int64_t(sms) * 2 * 14) ? 2 : 1;
   if (env_i4_rb()) rb = env_i4_rb();
   if (a.i4_row_blocks) rb = a.i4_row_blocks;
-  if (a.M <= 8) return rb == 2 ? launch_i4_nt<1, G, 2>(a, 1, s) : launch_i4_nt<1, G, 1>(a, 1, s);
-  const unsigned tg = unsigned((a.M + 15) / 16);
-  return rb == 2 ? launch_i4_nt<2, G, 2>(a, tg, s) : launch_i4_nt<2, G, 1>(a, tg, s);
+  // The scale/zero-point records up to 8 tokens (at 9-16 they measured slower: down 36.6 against 32.5 us);
+  // LLMQ_WGEMM_I4_NO_SZ=1 loads w_scale / w_zero where they are needed instead (comparisons).
+  static const bool no_sz = env_flag("LLMQ_WGEMM_I4_NO_SZ");
+  const bool sz = a.i4_sz && !no_sz && a.M <= 8;
+  const unsigned tg = a.M <= 8 ? 1u : unsigned((a.M + 15) / 16);
+  if (a.M <= 8) {
+    if (sz) return rb == 2 ? launch_i4_nt<1, G, 2, true>(a, tg, s) : launch_i4_nt<1, G, 1, true>(a, tg, s);
+    return rb == 2 ? launch_i4_nt<1, G, 2, false>(a, tg, s) : launch_i4_nt<1, G, 1, false>(a, tg, s);
+  }
+  return rb == 2 ? launch_i4_nt<2, G, 2, false>(a, tg, s) : launch_i4_nt<2, G, 1, false>(a, tg, s);
 }
 
 // ---- Weight-only (INT4 tiles, INT8 rows) at 9..64 tokens: the tiled kernel (GemvArgs::tiled) ----
@@ -1086,7 +1163,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   if (kind != kBf16 && !a.w_scale) return false;
   if (kind == kBf16 && a.K % 32) return false;
   if ((kind == kI8W || kind >= kI8I8) && a.K % 64) return false;
-  if (kind == kI4 && (!a.w_zero || !wgemm_int4_shape(a.K, a.group))) return false;
+  if (kind == kI4 && (!a.w_zero || !wgemm_int4_shape(a.K, a.group) || !aligned(a.i4_sz, 16))) return false;
   if (a.i4_row_blocks != 0 && a.i4_row_blocks != 1 && a.i4_row_blocks != 2) return false;
   if (a.tiled < -1 || a.tiled > 1 || (a.tiled == 1 && !tiled_ok(a, kind))) return false;
   const int xb = kind >= kI8I8 ? 1 : 2;

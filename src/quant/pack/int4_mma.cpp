@@ -1,6 +1,7 @@
 #include "quant/pack/int4_mma.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include "common.hpp"
 
@@ -30,6 +31,22 @@ std::vector<uint8_t> int4_mma_unpack(const uint8_t* packed, int64_t N, int64_t K
       codes[size_t(n * (K / 2) + k / 2)] |= uint8_t(c << ((k & 1) * 4));
     }
   return codes;
+}
+
+std::vector<uint8_t> int4_sz_pack(const float* scale, const uint8_t* zero, int64_t N, int64_t groups) {
+  if (N < 1 || groups < 1) throw Error("int4_sz_pack: bad shape [" + std::to_string(N) + ", " + std::to_string(groups) + "]");
+  std::vector<uint8_t> out(size_t(int4_sz_bytes(N, groups)), 0);
+  for (int64_t b = 0; b < int4_mma_row_blocks(N); ++b)
+    for (int64_t q = 0; q < groups; ++q) {
+      uint8_t* rec = out.data() + (b * groups + q) * kInt4SzRecord;
+      for (int e = 0; e < 16; ++e) {
+        const int64_t n = b * 16 + e / 2 + 8 * (e % 2);
+        if (n >= N) continue;
+        std::memcpy(rec + 4 * e, &scale[n * groups + q], 4);
+        rec[64 + e] = zero[n * groups + q];
+      }
+    }
+  return out;
 }
 
 }  // namespace llmq::pack

@@ -48,6 +48,20 @@ inline Int4Slot int4_mma_slot(int64_t n, int64_t k, int64_t K) {
   return {word * 4, reg + 4 * (within % 2)};
 }
 
+// Scales and zero points of INT4 tiles for the one-token GEMM (wgemm_i4_kernel), which copies them into shared
+// memory with the weights instead of loading them when it needs them: one 80-byte record per row block b and
+// group q, records ordered [N/16 row blocks][groups]:
+//
+//   bytes 0..63:  16 FP32 scales, entry 2g + h = row 16b + g + 8h   (lane 4g + t reads one float2: rows g, g + 8)
+//   bytes 64..79: 16 zero points (uint8), the same order             (one uint16 per lane)
+//
+// Rows past N get scale 0 and zero point 0. The same values as the checkpoint's [N, groups] arrays, reordered.
+constexpr int64_t kInt4SzRecord = 80;
+static_assert(kInt4SzRecord == 16 * 4 + 16 && kInt4SzRecord % 16 == 0, "a record is 16-byte copies");
+inline int64_t int4_sz_bytes(int64_t N, int64_t groups) { return int4_mma_row_blocks(N) * groups * kInt4SzRecord; }
+// scale, zero: [N, groups] row-major.
+std::vector<uint8_t> int4_sz_pack(const float* scale, const uint8_t* zero, int64_t N, int64_t groups);
+
 // codes: the checkpoint's INT4 weight [N, K/2] bytes (element 2i in the low nibble). K must be even.
 std::vector<uint8_t> int4_mma_pack(const uint8_t* codes, int64_t N, int64_t K);
 // The inverse (tests; the GEMM's BF16 expansion does the same on the device): codes [N, K/2].
