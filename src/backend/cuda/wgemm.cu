@@ -348,7 +348,10 @@ __device__ __forceinline__ void cp_async_wait() {
 // Measured and not kept (H200, this kernel at llama-3-8b shapes): pairs of 128 + code straight from the LOP3
 // with the zero point taken out once per group, sum (128 + c) x - (128 + z) sum x, sum x from a second mma on
 // an all-ones A operand (one mma per step instead of four HSUB2): the same time at T = 1, 5-13% slower at T = 16
-// (the 2-tile instance spilled), and 10x the rounding error (cancellation in FP32).
+// (the 2-tile instance spilled), and 10x the rounding error (cancellation in FP32). The same fold with sum x of
+// every group computed once per launch (an all-ones mma over the warp's K range into shared memory), so that no
+// mma is added per step: slower again (session 15, H200, T = 1 with records: qkv 10.6 against 9.5 us, down 17.4
+// against 14.9; its results were also wrong in that build, which was not chased).
 //
 // SZ: the scales and zero points come from pack::int4_sz_pack records in shared memory instead (sp[i][0] is then
 // the lane's float2 of row block i's first record, as bytes, and zp[i][0] its uint16 of zero points; sp[i][1] and
@@ -458,6 +461,14 @@ __host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz) {
 // fragment a lane loads serves two row blocks' mma (half the activation loads per weight byte, which at 16
 // tokens are 8 bytes a lane per mma pair from 8 token rows). The first batches are requested before
 // pdl_wait(): the weights do not depend on the previous kernel.
+//
+// SZ (up to 8 tokens, GemvArgs::i4_sz set): the scales and zero points come through the ring too, as the batch's
+// pack::int4_sz_pack records (16 bytes a lane, lanes 0..RB * GB * 5 - 1; every lane then reads its rows' entries,
+// so the warp syncs after the wait and before a slot is refilled). Loaded where they are used (__ldg after the
+// ring wait), the zero-point byte was the kernel's largest single stall (ncu, session 13: 10.5% of the cycles on
+// the IMAD that waits for it). H200, llama-3-8b shapes, us with / without (llmq-kbench, i4-ldg row): T = 1 qkv
+// 9.5 / 9.9, o 6.7 / 7.3, gate_up 27.1 / 27.5, down 14.9 / 15.1; T = 8 gate_up 34.4 / 38.5, down 19.4 / 20.7;
+// T = 16 slower (down 36.6 / 32.5), so not there.
 template <int NT, int G, int RB, bool SZ>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
   constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block; ring stages
