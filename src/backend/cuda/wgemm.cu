@@ -1,6 +1,7 @@
 #include "backend/cuda/wgemm.cuh"
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <type_traits>
 
@@ -642,12 +643,18 @@ template <int NT, int G, int RB, bool SZ>
 void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int kRingBytes = i4_ring_bytes_per_warp(G, SZ);
   constexpr int kMaxBytes = kMaxWarps * kRingBytes;
-  static const int resident = [] {  // CTAs of this instance resident on the whole card
+  // CTAs of this instance resident on the whole card, by warps per CTA (index nw - 1).
+  static const std::array<int, kMaxWarps> resident_by_nw = [] {
     LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
-    int dev = 0, sms = 0, per_sm = 0;
+    int dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ>, kMaxWarps * 32, kMaxBytes));
+    std::array<int, kMaxWarps> r{};
+    for (int w = 1; w <= kMaxWarps; ++w) {
+      int per_sm = 0;
+      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ>, w * 32, size_t(w) * kRingBytes));
+      r[size_t(w - 1)] = std::max(1, sms * std::max(1, per_sm));
+    }
     // LLMQ_WGEMM_I4_ONE_CTA=1 (an experiment, not measured yet): one CTA an SM, with the shared-memory carve-out
     // cut to what one CTA needs so that the rest of the SM's 256 KB is L1. The suspicion it tests: past 8
     // tokens the activations a CTA's warps read (16 tokens x K x 2 bytes, 128 KB at K = 4096) no longer fit
@@ -661,12 +668,27 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
       const double need = double(kMaxBytes + fa.sharedSizeBytes) / double(228 * 1024);
       const int pct = std::min(100, int(need * 100.0) + 1);
       LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
-      per_sm = 1;
+      r.fill(sms);
     }
-    return std::max(1, sms * std::max(1, per_sm));
+    return r;
+  }();
+  // K-splitting warps a CTA: up to 8 (two units each at least). Up to 8 tokens, 4 where the matrix has more
+  // row-block sets than 8-warp CTAs fit on the card at once: each warp then takes twice the batches between
+  // K-split reductions and twice the CTAs share an SM. H200, llama-3-8b shapes, us at 8 / 4 warps (llmq-kbench,
+  // bench/results/2026-12-04-nvidia-h200-session15.txt): T = 1 qkv 9.66 / 8.84, gate_up 27.29 / 25.05, but o
+  // 6.81 / 7.87 and down 14.94 / 18.54 (256 sets: one wave of 8-warp CTAs, half the warps with 4); T = 8 the
+  // same way. LLMQ_WGEMM_I4_WARPS=N (1-8) caps the warps instead (comparisons).
+  static const int env_warps = [] {
+    const char* e = std::getenv("LLMQ_WGEMM_I4_WARPS");
+    const int v = e && *e ? std::atoi(e) : 0;
+    return v >= 1 && v <= kMaxWarps ? v : 0;
   }();
   const int units = int(a.K / 64);
-  const int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
+  const int64_t all_sets = ((a.N + 15) / 16 + RB - 1) / RB;
+  int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
+  if (env_warps) nw = std::min(nw, env_warps);
+  else if (NT == 1 && nw == kMaxWarps && all_sets * int64_t(token_groups) > resident_by_nw[kMaxWarps - 1]) nw = 4;
+  const int resident = resident_by_nw[size_t(nw - 1)];
   constexpr int upg = G > 64 ? G / 64 : 1;  // units per group: every warp's range starts on a group
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
   const int sets = int(((a.N + 15) / 16 + RB - 1) / RB);
