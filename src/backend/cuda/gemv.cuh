@@ -83,7 +83,7 @@ struct GemvArgs {
   bool preload = false;           // GEMV: each lane's first batch of weights loaded before the grid-dependency
                                   // wait (the launcher sets it)
   const void* i4_sz = nullptr;    // wgemm, INT4 tiles: w_scale and w_zero as pack::int4_sz_pack records, which the
-                                  // one-token kernel (T <= 16) copies into shared memory with the weights; null: it
+                                  // one-token kernel (T <= 8) copies into shared memory with the weights; null: it
                                   // loads w_scale / w_zero where it needs them (LLMQ_WGEMM_I4_NO_SZ=1 ignores it)
   int i4_row_blocks = 0;          // wgemm, INT4 tiles: row blocks of 16 rows a CTA sums at once (1 or 2); 0 = the
                                   // launcher's choice. The GEMV ignores it.
