@@ -717,14 +717,17 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   // resident CTA (two a SM). H200, llama-3-8b shapes, us at 1 / 2 row blocks (llmq-kbench,
   // bench/results/2026-12-02-nvidia-h200-session8.txt): T = 16 qkv 19.4 / 15.6, gate_up 61.7 / 49.0, but o 12.5 /
   // 14.1 and down 32.4 / 34.7 (256 row blocks: half the CTAs idle with two); T = 32 and 64 two everywhere (gate_up
-  // 116 / 80, 232 / 155); T = 1 one (gate_up 28.4 / 29.5, down 15.5 / 22.0).
+  // 116 / 80, 232 / 155); T = 1 one (gate_up 28.4 / 29.5, down 15.5 / 22.0). From 6 to 8 tokens the same test (the
+  // one-token kernel with records): H200, us at 1 / 2 row blocks (bench/results/2026-12-04-nvidia-h200-session16.txt)
+  // T = 8 qkv 11.16 / 10.42, gate_up 33.40 / 29.13; T = 6 qkv 10.06 / 10.03, gate_up 30.20 / 29.10; but T = 5 gate_up
+  // 27.91 / 28.83, T = 4 27.33 / 28.53; o and down one at every T (T = 8 8.08 / 9.47, 19.04 / 22.62).
   static const int sms = [] {
     int dev = 0, n = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 132;
     return n;
   }();
   const int64_t rbs = (a.N + 15) / 16;
-  int rb = a.M > 16 || (a.M > 8 && rbs * 10 >= int64_t(sms) * 2 * 14) ? 2 : 1;
+  int rb = a.M > 16 || (a.M >= 6 && rbs * 10 >= int64_t(sms) * 2 * 14) ? 2 : 1;
   if (env_i4_rb()) rb = env_i4_rb();
   if (a.i4_row_blocks) rb = a.i4_row_blocks;
   // The scale/zero-point records up to 8 tokens (at 9-16 they measured slower: down 36.6 against 32.5 us);
