@@ -275,6 +275,12 @@ class CudaEngine final : public Engine {
   cudaStream_t stream_ = nullptr;
   const bool profile_ = env_flag("LLMQ_CUDA_PROFILE");
   const bool lt_alpha_ = env_flag("LLMQ_LT_ALPHA");  // FP8 linears get an alpha vector (DevLinear::alpha)
+  // LLMQ_GEMV_PREFER_T=N (0..kGemvMaxM): the GEMV serves up to N tokens in every format (path(); -1: the rule).
+  // Read per engine, so that a test can make an engine with and one without.
+  const int64_t forced_prefer_t_ = [] {
+    const char* e = std::getenv("LLMQ_GEMV_PREFER_T");
+    return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kGemvMaxM) : int64_t(-1);
+  }();
   std::vector<std::pair<std::string, std::pair<cudaEvent_t, cudaEvent_t>>> pending_;
   std::map<std::string, std::pair<double, int64_t>> prof_;  // name -> (total ms, calls)
   bool small_ = false;  // the batch being run is a decode step or small batch (profile names)
@@ -723,11 +729,21 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   static const bool no_wgemm = env_flag("LLMQ_NO_WGEMM"), wgemm_all = env_flag("LLMQ_WGEMM_ALL");
   // Row-major formats at T = 1: the GEMV reads more of the bandwidth than wgemm (H200, llama-3-8b shapes,
   // llmq-kbench: gate_up bf16 56.7 vs 69.5 us, fp8 33.1 vs 38.9, int8 30.1 vs 36.8, w8a16 36.9 vs 40.7;
-  // bench/results/2026-12-01-nvidia-h200-kbench.txt). At T = 4 wgemm wins in every format and matrix (bf16
-  // gate_up 75.6 vs 77.7 us at the GEMV's best K split, down 42.8 vs 66.4, fp8 gate_up 38.6 vs 64.8;
-  // bench/results/2026-12-02-nvidia-h200-session7.txt), but the GEMV still serves T <= kGemvPreferT (see
-  // there why). INT4 tiles always take wgemm.
-  if (!wgemm_all && T <= kGemvPreferT && !l.tiles && gemv_supports(a)) return Path::Gemv;
+  // bench/results/2026-12-01-nvidia-h200-kbench.txt). Past that the GEMV runs out of issue slots: it spends an
+  // FFMA a weight and token, where wgemm's mma spends one instruction on 16 x 8 x 16 products. BF16 and INT8
+  // weight-only rows keep the GEMV up to kGemvPreferT = 2 tokens; W8A8 codes only at one (wgemm wins there from two
+  // tokens: the GEMV's 8-bit products take more instructions a weight, and each of its blocks also makes the
+  // step's input codes itself, x_prep). H200,
+  // llama-3-8b cut to 4 layers, ms a decode step with the GEMV up to 8 tokens against this rule
+  // (bench/results/2026-12-04-nvidia-h200-session16.txt): bf16 batch 3 1.084 / 1.031, 4 1.213 / 1.045, 8 2.019 /
+  // 1.083 (batch 2: the GEMV 0.883 against wgemm 1.006 for the graph's span); w8a16 8 1.765 / 0.839; fp8 batch 2
+  // 0.808 / 0.715, 8 2.867 / 0.787; int8-sq 8 2.480 / 0.946; full-size llama-3-8b fp8 batch 8: 460 against 1,986
+  // tok/s. With wgemm at 3 tokens and the GEMV at one, a sequence's logits decoded in a batch are no longer the
+  // same to the last bit as decoded alone (CudaModel.SmallBatchDecodeEqualsOneAtATime bounds the difference).
+  // LLMQ_GEMV_PREFER_T=N (0-8) sets the limit for every format (comparisons; 8 is the rule before session 16).
+  // INT4 tiles always take wgemm.
+  const int64_t prefer_t = forced_prefer_t_ >= 0 ? forced_prefer_t_ : l.act != ActKind::None ? 1 : kGemvPreferT;
+  if (!wgemm_all && T <= prefer_t && !l.tiles && gemv_supports(a)) return Path::Gemv;
   // Past the GEMV's batches, wgemm serves only the formats cuBLAS cannot read as they are: BF16 and W8A8 go to
   // cuBLAS / cuBLASLt, which at 16-64 tokens read 60-87% of the copy bandwidth where wgemm read 11-59% (H200,
   // llama-3-8b shapes, bf16 gate_up at 16 tokens 63.5 vs 95.1 us, at 64 tokens 69.7 vs 265; fp8 35.3 vs 51.0 and
@@ -740,7 +756,7 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
     return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kWgemmMaxT) : int64_t(-1);
   }();
   const bool own_format = l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None);
-  const int64_t max_t = forced_max_t >= 0 ? forced_max_t : own_format ? kWgemmMaxT : kGemvPreferT;
+  const int64_t max_t = forced_max_t >= 0 ? forced_max_t : own_format ? kWgemmMaxT : kWgemmDenseMaxT;
   if (T <= max_t && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;
   // W8A8 codes on the 8-bit tensor cores (LLMQ_NO_LT: through the BF16 GEMM instead, for comparisons).

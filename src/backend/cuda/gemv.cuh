@@ -96,12 +96,9 @@ struct GemvArgs {
 };
 
 constexpr int kGemvMaxM = 8;
-// Up to this many tokens the engine prefers the GEMV to wgemm (engine.cpp, CudaEngine::path). llmq-kbench
-// has wgemm faster from T = 2 on (bench/results/2026-12-02-nvidia-h200-session7.txt), but with it a batch of
-// 3 and the same tokens one at a time gave logits up to 0.019 apart on llama-27m (H200), against < 1e-3 with
-// the GEMV at both (the same sums per token): kept at 8 until CudaModel.BatchedDecodeEqualsOneAtATime
-// compares against a bound derived for two kernels (not measured yet).
-constexpr int kGemvPreferT = kGemvMaxM;
+// Up to this many tokens the engine prefers the GEMV to wgemm for BF16 and INT8 weight-only rows; W8A8 codes
+// only at one token (engine.cpp, CudaEngine::path says why).
+constexpr int kGemvPreferT = 2;
 
 // Whether gemv() runs these arguments (M in 1..8, a known format pair, sizes and pointers non-null).
 // Shapes whose rows are not 16-byte aligned or whose groups are not multiples of 32 take a slower

@@ -30,6 +30,8 @@
 namespace llmq::cuda {
 
 constexpr int kWgemmMaxT = 64;
+// BF16 and W8A8 take wgemm up to this many tokens and cuBLAS / cuBLASLt past it (CudaEngine::path).
+constexpr int kWgemmDenseMaxT = 8;
 
 // Whether wgemm() runs these arguments (GemvArgs with M = T tokens, 1..64) on a card of compute capability
 // sm (e.g. 90). Needs K % 32 == 0 (BF16), K % 64 == 0 (I8, FP8), or K % 16 == 0 and groups of 32, 64 or 128
