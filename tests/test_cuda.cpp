@@ -83,6 +83,7 @@ struct GemvCase {
   int norm = -1;        // >= 0: the fused RMSNorm of y into an activation of this ActKind (GemvArgs::norm_out)
   int ksplit = 0;       // GemvArgs::ksplit (0: the launcher's choice)
   int i4_rb = 0;        // GemvArgs::i4_row_blocks (0: the launcher's choice)
+  int i4_rotate = 0;    // GemvArgs::i4_rotate (0: the launcher's choice)
   bool rms_in = false;  // distributed RMSNorm, consumer half: results times rsqrt(x_sumsq[m] / H + eps)
   bool rms_out = false; // producer half: bf16(y * w) to rms_out and sum y^2 added to rms_sumsq
   ActKind swiglu_kind = ActKind::None;  // with swiglu: or FP8 / INT8 codes of a static scale (no rms_in, accumulate)
@@ -234,6 +235,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   a.accumulate = c.accumulate;
   a.ksplit = c.ksplit;
   a.i4_row_blocks = c.i4_rb;
+  a.i4_rotate = c.i4_rotate;
   a.tiled = c.tiled;
   // Room for as many splits as the launcher may take (K / 256), poisoned (NaN): every partial is written first.
   const int64_t ws_floats = c.tiled_ws ? (K / 256 + 1) * ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8) : 1;
@@ -282,7 +284,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
                            std::to_string(N) + " K " + std::to_string(K) + " M " + std::to_string(M) + " g " +
                            std::to_string(c.group) + (tc ? " (wgemm)" : gemv_vectorized(a) ? " (vector)" : " (scalar)") +
                            (c.swiglu ? " swiglu" : "") + (c.norm >= 0 ? " norm " + std::to_string(c.norm) : "") +
-                           (c.ksplit ? " ksplit " + std::to_string(c.ksplit) : "") + (c.i4_rb ? " i4_rb " + std::to_string(c.i4_rb) : "") + (c.rms_in ? " rms_in" : "") +
+                           (c.ksplit ? " ksplit " + std::to_string(c.ksplit) : "") + (c.i4_rb ? " i4_rb " + std::to_string(c.i4_rb) : "") + (c.i4_rotate > 0 ? " i4_rotate" : "") + (c.rms_in ? " rms_in" : "") +
                            (c.rms_out ? (c.rms_f32 ? " rms_out f32" : " rms_out") : "");
   if (tc) {
     EXPECT_TRUE(wgemm_supports(a, device_sm())) << what;
@@ -523,7 +525,9 @@ TEST(CudaWgemm, EveryFormatAtAwkwardShapes) {
 // at once), and the SwiGLU epilogue across the loop; each with one and with two row blocks
 // summed at once (GemvArgs::i4_row_blocks; an odd number of row blocks leaves the last set half empty); each with
 // the scale/zero-point records (GemvArgs::i4_sz, copied through the ring, as every other INT4 tile case here) and
-// without (loaded from w_scale / w_zero).
+// without (loaded from w_scale / w_zero); each with the K-split sums through warp 0 after a CTA barrier and
+// through a rotating warp and mbarriers (GemvArgs::i4_rotate: more sets a CTA than warps, so every warp sums some,
+// and both buffer parities reused many times).
 TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
   REQUIRE_GPU();
   cudaDeviceProp p{};
@@ -533,19 +537,23 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
   for (auto [K, g] : std::vector<std::pair<int64_t, int64_t>>{{384, 128}, {1024, 64}})
     for (int M : {1, 7, 16, 40})
       for (int rb : {1, 2})
-        for (bool ldg : {false, true}) {
-          GemvCase c{WFmt::I4, XFmt::BF16, N, K, g, M, M != 16, M != 1};
-          c.i4_rb = rb;
-          c.i4_ldg = ldg;
-          check_gemv(c, seed++, true);
-          if (HasFailure()) return;
-        }
-  for (int rb : {1, 2}) {
-    GemvCase sw{WFmt::I4, XFmt::BF16, N + 1 + 16 * rb, 1024, 128, 3 + 10 * (rb - 1), false, true};
-    sw.swiglu = true;
-    sw.i4_rb = rb;
-    check_gemv(sw, seed++, true);
-  }
+        for (bool ldg : {false, true})
+          for (int rot : {-1, 1}) {
+            GemvCase c{WFmt::I4, XFmt::BF16, N, K, g, M, M != 16, M != 1};
+            c.i4_rb = rb;
+            c.i4_ldg = ldg;
+            c.i4_rotate = rot;
+            check_gemv(c, seed++, true);
+            if (HasFailure()) return;
+          }
+  for (int rb : {1, 2})
+    for (int rot : {-1, 1}) {
+      GemvCase sw{WFmt::I4, XFmt::BF16, N + 1 + 16 * rb, 1024, 128, 3 + 10 * (rb - 1), false, true};
+      sw.swiglu = true;
+      sw.i4_rb = rb;
+      sw.i4_rotate = rot;
+      check_gemv(sw, seed++, true);
+    }
 }
 
 // The tiled weight-only kernel (GemvArgs::tiled = 1), INT4 tiles and INT8 rows: 128 rows a CTA sharing the

@@ -87,6 +87,10 @@ struct GemvArgs {
                                   // loads w_scale / w_zero where it needs them (LLMQ_WGEMM_I4_NO_SZ=1 ignores it)
   int i4_row_blocks = 0;          // wgemm, INT4 tiles: row blocks of 16 rows a CTA sums at once (1 or 2); 0 = the
                                   // launcher's choice. The GEMV ignores it.
+  int i4_rotate = 0;              // wgemm, INT4 tiles up to 8 tokens with i4_sz: 1 = the K-split partial sums of each set go to
+                                  // a rotating warp through mbarriers, no CTA barrier (sum_rotating in wgemm.cu); -1 =
+                                  // to warp 0 after __syncthreads; 0 = the launcher's choice (-1 unless
+                                  // LLMQ_WGEMM_I4_ROTATE=1). The GEMV ignores it.
   // wgemm, INT4 tiles and INT8 weight-only: 1 = the tiled kernel (128 rows a CTA sharing the activations in shared
   // memory; INT4 groups of 64/128 with K / group % 4 == 0; K % 64 == 0, no norm_counter, 16-byte aligned x rows),
   // -1 = never, 0 = the launcher's choice (the tiled kernel past 8 tokens where it serves and wins: tiled_default in wgemm.cu).

@@ -152,6 +152,67 @@ __device__ __forceinline__ bool sum_warps(Acc (&acc)[NT][4], int warp, int nw, i
   return true;
 }
 
+// mbarrier helpers (sm_80+): a barrier object in shared memory that completes a phase when `count` arrivals have
+// been made, whichever threads make them; arrive has release and the wait acquire semantics (CTA scope).
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared.b64 _, [%0];" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))) : "memory");
+}
+// Waits until the phase of the given parity (0 for the barrier's first phase, 1 for its second, 0 again for the
+// third, ...) has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// The K-split partial sums of set r without a CTA-wide barrier (GemvArgs::i4_rotate). Sets take the kRotBufs
+// buffers of red[] in turn, and buffer b always goes to warp b % nw, which sums it and runs the set's epilogue: the
+// summing rotates over up to kRotBufs warps. The other warps store their sums into the set's buffer (a float4 of a
+// lane's four accumulators a fragment, one 16-byte store each) and go on at once: full[b] counts their arrivals
+// (every thread arrives, releasing its own stores) and the summing warp waits for it; empty[b] completes when the
+// summing warp has read the buffer, and the writers of the buffer's next set wait for that. Since a buffer's
+// summing warp never changes, neither barrier can be more than one phase from the one a warp waits for, so the
+// parity of the use (k) names it. With __syncthreads (sum_warps) every warp waits at every set for warp 0, which
+// also sums and stores (8 units of work a warp between barriers at llama-3-8b's o and down). one_col (a single
+// token): only the accumulators of column 0 (c0, c2) are summed; the others are never stored. Returns true in
+// the summing warp.
+constexpr int kRotBufs = 4;
+template <int NV>
+__device__ __forceinline__ bool sum_rotating(float (&acc)[NV][4], int warp, int nw, int lane, int r, float4 (*red)[NV][32],
+                                             uint64_t* full, uint64_t* empty, bool one_col) {
+  if (nw == 1) return true;
+  const int b = r % kRotBufs, owner = b % nw, k = r / kRotBufs;  // k: this buffer's use
+  if (warp != owner) {
+    if (k > 0) mbar_wait(&empty[b], uint32_t(k - 1) & 1u);
+    const int slot = (warp - owner - 1 + nw) % nw;
+#pragma unroll
+    for (int n = 0; n < NV; ++n) red[slot][n][lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+    mbar_arrive(&full[b]);
+    return false;
+  }
+  mbar_wait(&full[b], uint32_t(k) & 1u);
+  for (int s = 0; s < nw - 1; ++s)
+#pragma unroll
+    for (int n = 0; n < NV; ++n) {
+      const float4 v = red[s][n][lane];
+      acc[n][0] += v.x, acc[n][2] += v.z;
+      if (!one_col) acc[n][1] += v.y, acc[n][3] += v.w;
+    }
+  __syncwarp();
+  mbar_arrive(&empty[b]);
+  return true;
+}
+
 template <int KIND>
 struct KindTraits {
   static constexpr int kXBytes = KIND >= kI8I8 ? 1 : 2;
@@ -470,7 +531,7 @@ __host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz) {
 // the IMAD that waits for it). H200, llama-3-8b shapes, us with / without (llmq-kbench, i4-ldg row): T = 1 qkv
 // 9.5 / 9.9, o 6.7 / 7.3, gate_up 27.1 / 27.5, down 14.9 / 15.1; T = 8 gate_up 34.4 / 38.5, down 19.4 / 20.7;
 // T = 16 slower (down 36.6 / 32.5), so not there.
-template <int NT, int G, int RB, bool SZ>
+template <int NT, int G, int RB, bool SZ, bool ROT = false>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
   constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block; ring stages
   static_assert(D * RB == kI4Batch, "a batch is kI4Batch units");
@@ -481,7 +542,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   constexpr int CPL = (CH + 31) / 32;               // ... a lane at most
   // [warps][S][D][RB][32 lanes] weights, then (SZ) [warps][S][RB][GB] records
   extern __shared__ uint4 i4_ring[];
-  __shared__ float red[2][kMaxWarps - 1][RB * NT * 4][32];  // the K-split partial sums, by set parity
+  // The K-split partial sums, by set parity (ROT: kRotBufs buffers, see sum_rotating), and ROT's barriers (full[],
+  // then empty[]).
+  __shared__ __align__(16) float red[ROT ? kRotBufs : 2][kMaxWarps - 1][RB * NT * 4][32];
+  __shared__ uint64_t red_bar[ROT ? 2 * kRotBufs : 1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   // blockIdx.x: group of 8 * NT tokens (more than one only past 16 tokens, see launch_i4).
@@ -547,6 +611,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   };
 #pragma unroll
   for (int B = 0; B < S - 1; ++B) issue();
+  const bool rot = ROT && nw > 1;
+  if (rot) {
+    if (threadIdx.x < 2 * kRotBufs) mbar_init(&red_bar[threadIdx.x], threadIdx.x < kRotBufs ? uint32_t(nw - 1) * 32 : 32u);
+    __syncthreads();
+  }
   pdl_trigger();
   pdl_wait();
   const int M = min(a.M - tok0, 8 * NT);
@@ -624,9 +693,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
         }
       }
     }
-    // The K-splitting warps' partial sums into warp 0 (red[] alternates by set: a warp may start writing the
-    // next set's sums while warp 0 still reads these).
-    if (sum_warps<float, RB * NT>(acc, warp, nw, lane, red[r & 1])) {
+    // The K-splitting warps' partial sums into one warp (red[] alternates by set: a warp may start writing the
+    // next set's sums while the summing warp still reads these): warp 0 after a CTA barrier, or (ROT) a rotating
+    // warp, the others not waiting (sum_rotating).
+    bool mine;
+    if constexpr (ROT)
+      mine = rot ? sum_rotating<RB * NT>(acc, warp, nw, lane, r, reinterpret_cast<float4 (*)[RB * NT][32]>(red[r % kRotBufs]),
+                                         red_bar, red_bar + kRotBufs, M == 1)
+                 : sum_warps<float, RB * NT>(acc, warp, nw, lane, red[r & 1]);
+    else
+      mine = sum_warps<float, RB * NT>(acc, warp, nw, lane, red[r & 1]);
+    if (mine) {
 #pragma unroll
       for (int i = 0; i < RB; ++i) {
         const int rb = set * RB + i;
@@ -639,20 +716,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   norm_tail(a);  // every thread of the CTA, once
 }
 
-template <int NT, int G, int RB, bool SZ>
+template <int NT, int G, int RB, bool SZ, bool ROT = false>
 void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int kRingBytes = i4_ring_bytes_per_warp(G, SZ);
   constexpr int kMaxBytes = kMaxWarps * kRingBytes;
   // CTAs of this instance resident on the whole card, by warps per CTA (index nw - 1).
   static const std::array<int, kMaxWarps> resident_by_nw = [] {
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
     int dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     std::array<int, kMaxWarps> r{};
     for (int w = 1; w <= kMaxWarps; ++w) {
       int per_sm = 0;
-      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ>, w * 32, size_t(w) * kRingBytes));
+      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ, ROT>, w * 32, size_t(w) * kRingBytes));
       r[size_t(w - 1)] = std::max(1, sms * std::max(1, per_sm));
     }
     // LLMQ_WGEMM_I4_ONE_CTA=1 (an experiment, not measured yet): one CTA an SM, with the shared-memory carve-out
@@ -664,10 +741,10 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
     const char* e = std::getenv("LLMQ_WGEMM_I4_ONE_CTA");
     if (NT > 1 && e && *e == '1') {
       cudaFuncAttributes fa{};
-      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ>));
+      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ, ROT>));
       const double need = double(kMaxBytes + fa.sharedSizeBytes) / double(228 * 1024);
       const int pct = std::min(100, int(need * 100.0) + 1);
-      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
+      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
       r.fill(sms);
     }
     return r;
@@ -693,7 +770,7 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
   const int sets = int(((a.N + 15) / 16 + RB - 1) / RB);
   const int rows = std::min(sets, std::max(1, resident / int(token_groups)));
-  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ, ROT>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
          size_t(nw) * kRingBytes, s, a, units, per);
 }
 
@@ -734,8 +811,13 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   // LLMQ_WGEMM_I4_NO_SZ=1 loads w_scale / w_zero where they are needed instead (comparisons).
   static const bool no_sz = env_flag("LLMQ_WGEMM_I4_NO_SZ");
   const bool sz = a.i4_sz && !no_sz && a.M <= 8;
+  // The K-split sums without a CTA barrier a set (sum_rotating), with the records only: opt-in with
+  // LLMQ_WGEMM_I4_ROTATE=1 (or GemvArgs::i4_rotate) until measured.
+  static const bool rotate_env = env_flag("LLMQ_WGEMM_I4_ROTATE");
+  const bool rot = sz && (a.i4_rotate > 0 || (a.i4_rotate == 0 && rotate_env));
   const unsigned tg = a.M <= 8 ? 1u : unsigned((a.M + 15) / 16);
   if (a.M <= 8) {
+    if (rot) return rb == 2 ? launch_i4_nt<1, G, 2, true, true>(a, tg, s) : launch_i4_nt<1, G, 1, true, true>(a, tg, s);
     if (sz) return rb == 2 ? launch_i4_nt<1, G, 2, true>(a, tg, s) : launch_i4_nt<1, G, 1, true>(a, tg, s);
     return rb == 2 ? launch_i4_nt<1, G, 2, false>(a, tg, s) : launch_i4_nt<1, G, 1, false>(a, tg, s);
   }
@@ -1201,6 +1283,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   if ((kind == kI8W || kind >= kI8I8) && a.K % 64) return false;
   if (kind == kI4 && (!a.w_zero || !wgemm_int4_shape(a.K, a.group) || !aligned(a.i4_sz, 16))) return false;
   if (a.i4_row_blocks != 0 && a.i4_row_blocks != 1 && a.i4_row_blocks != 2) return false;
+  if (a.i4_rotate < -1 || a.i4_rotate > 1) return false;
   if (a.tiled < -1 || a.tiled > 1 || (a.tiled == 1 && !tiled_ok(a, kind))) return false;
   const int xb = kind >= kI8I8 ? 1 : 2;
   if (!aligned(a.w, 16) || !aligned(a.x, 8) || (a.ldx * xb) % 8) return false;
