@@ -1607,6 +1607,19 @@ TEST_P(WideDecode, StepEqualsOneAtATime) {
 }
 INSTANTIATE_TEST_SUITE_P(CudaModel, WideDecode, ::testing::Values(0, 1));
 
+// llama-27m quantized by `method` (4 calibration samples of 128 tokens from C4) into tmp / method; returns the
+// directory.
+std::string quantized_27m(const fs::path& tmp, const std::string& method) {
+  const std::string dir = (tmp / method).string();
+  quant::QuantizeOptions o;
+  o.method = method;
+  o.calib = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
+  o.calib_samples = 4;
+  o.calib_seq_len = 128;
+  quant::quantize_model(model_27m(), dir, o, [](const std::string&) {});
+  return dir;
+}
+
 // The same for the weight-only formats, whose 12-token matmuls take the general wgemm kernels with
 // LLMQ_WGEMM_TILED=0 and the tiled kernel for every matrix with =1 (the default rule picks one of the two per
 // matrix): the wide step against the GEMV of one sequence at a time.
@@ -1615,14 +1628,7 @@ TEST(CudaModel, WeightOnlyWideDecodeEqualsOneAtATime) {
   const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-wide-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
   for (const std::string method : {"w8a16", "w4a16-rtn"}) {
-    const std::string dir = (tmp / method).string();
-    quant::QuantizeOptions o;
-    o.method = method;
-    o.calib = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
-    o.calib_samples = 4;
-    o.calib_seq_len = 128;
-    quant::quantize_model(model_27m(), dir, o, [](const std::string&) {});
-    Model m(dir);
+    Model m(quantized_27m(tmp, method));
     for (const char* tiled : {"0", "1"}) {
       setenv("LLMQ_WGEMM_TILED", tiled, 1);
       const float worst = wide_decode_check(m, method + (*tiled == '1' ? " tiled" : ""));
@@ -1649,17 +1655,7 @@ TEST(CudaModel, SmallBatchDecodeEqualsOneAtATime) {
   const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-small-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
   for (const std::string method : {"bf16", "w8a16", "fp8", "int8-sq"}) {
-    std::string dir = model_27m();
-    if (method != "bf16") {
-      dir = (tmp / method).string();
-      quant::QuantizeOptions o;
-      o.method = method;
-      o.calib = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
-      o.calib_samples = 4;
-      o.calib_seq_len = 128;
-      quant::quantize_model(model_27m(), dir, o, [](const std::string&) {});
-    }
-    Model m(dir);
+    Model m(method == "bf16" ? model_27m() : quantized_27m(tmp, method));
     for (int S : {3, 8}) {
       const bool w8a8 = method == "fp8" || method == "int8-sq";
       const float worst = wide_decode_check(m, method + " " + std::to_string(S) + " sequences", S, w8a8 ? 1.f : 0.25f);
