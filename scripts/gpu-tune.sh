@@ -90,4 +90,5 @@ if [ -n "$METHODS" ]; then
     [ "$m" != bf16 ] && rm -rf "$dir"
   done
 fi
-[ "$RUN_TESTS" = 1 ] && gpu_tests 'CudaModel*' model-tests
+if [ "$RUN_TESTS" = 1 ]; then gpu_tests 'CudaModel*' model-tests; fi
+exit 0
