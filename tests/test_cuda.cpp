@@ -525,9 +525,9 @@ TEST(CudaWgemm, EveryFormatAtAwkwardShapes) {
 // at once), and the SwiGLU epilogue across the loop; each with one and with two row blocks
 // summed at once (GemvArgs::i4_row_blocks; an odd number of row blocks leaves the last set half empty); each with
 // the scale/zero-point records (GemvArgs::i4_sz, copied through the ring, as every other INT4 tile case here) and
-// without (loaded from w_scale / w_zero); each with the K-split sums through warp 0 after a CTA barrier and
-// through a rotating warp and mbarriers (GemvArgs::i4_rotate: more sets a CTA than warps, so every warp sums some,
-// and both buffer parities reused many times).
+// without (loaded from w_scale / w_zero); with records up to 8 tokens, also with the K-split sums through a
+// rotating warp and mbarriers instead of warp 0 after a CTA barrier (GemvArgs::i4_rotate, which serves only
+// there: more sets a CTA than warps, so every warp sums some and every buffer is reused many times).
 TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
   REQUIRE_GPU();
   cudaDeviceProp p{};
@@ -539,6 +539,7 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
       for (int rb : {1, 2})
         for (bool ldg : {false, true})
           for (int rot : {-1, 1}) {
+            if (rot > 0 && (ldg || M > 8)) continue;  // the launcher would run the same kernel as rot = -1
             GemvCase c{WFmt::I4, XFmt::BF16, N, K, g, M, M != 16, M != 1};
             c.i4_rb = rb;
             c.i4_ldg = ldg;
@@ -548,6 +549,7 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
           }
   for (int rb : {1, 2})
     for (int rot : {-1, 1}) {
+      if (rot > 0 && rb == 2) continue;  // 13 tokens: no rotation there
       GemvCase sw{WFmt::I4, XFmt::BF16, N + 1 + 16 * rb, 1024, 128, 3 + 10 * (rb - 1), false, true};
       sw.swiglu = true;
       sw.i4_rb = rb;

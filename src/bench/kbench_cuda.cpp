@@ -31,9 +31,9 @@ using namespace llmq::cuda;
 
 namespace {
 
-// Host-generated random bytes of the given kind, uploaded: "bf16" small normal-ish values, "code" any byte,
-// "fp8" E4M3 codes of moderate magnitude (no NaN), "scale" positive floats, "zero" 0..15.
-void* device_random(size_t n, const char* kind, uint64_t seed) {
+// n random values of the given kind, as bytes: "bf16" small normal-ish values, "code" any byte, "fp8" E4M3 codes
+// of moderate magnitude (no NaN), "scale" positive floats, "zero" 0..15.
+std::vector<uint8_t> host_random(size_t n, const char* kind, uint64_t seed) {
   std::vector<uint8_t> h;
   const std::string k = kind;
   if (k == "bf16") {
@@ -63,11 +63,18 @@ void* device_random(size_t n, const char* kind, uint64_t seed) {
       }
     }
   }
+  return h;
+}
+
+// A device copy of h.
+void* upload(const std::vector<uint8_t>& h) {
   void* p = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&p, h.size()));
   LLMQ_CUDA_CHECK(cudaMemcpy(p, h.data(), h.size(), cudaMemcpyHostToDevice));
   return p;
 }
+
+void* device_random(size_t n, const char* kind, uint64_t seed) { return upload(host_random(n, kind, seed)); }
 
 // Median time of one call of f in microseconds: 3 warm-up calls, then 7 samples of `reps` calls.
 double time_us(const std::function<void(int)>& f, int reps) {
@@ -139,25 +146,13 @@ Weights make_weights(const Fmt& f, const Mat& m, int copies, uint64_t seed) {
       const int64_t ng = m.K / 128;
       std::vector<uint8_t> codes(nk / 2);
       for (size_t i = 0; i < codes.size(); ++i) codes[i] = uint8_t(splitmix64(s + i));
-      const std::vector<uint8_t> tiles = pack::int4_mma_pack(codes.data(), m.N, m.K);
-      void *pt = nullptr, *pr = nullptr;
-      LLMQ_CUDA_CHECK(cudaMalloc(&pt, tiles.size()));
-      LLMQ_CUDA_CHECK(cudaMemcpy(pt, tiles.data(), tiles.size(), cudaMemcpyHostToDevice));
-      LLMQ_CUDA_CHECK(cudaMalloc(&pr, codes.size()));
-      LLMQ_CUDA_CHECK(cudaMemcpy(pr, codes.data(), codes.size(), cudaMemcpyHostToDevice));
-      W.w.push_back(pt);
-      W.w_rowmajor.push_back(pr);
-      W.scale.push_back(static_cast<float*>(device_random(size_t(m.N * ng), "scale", s + 1)));
-      W.zero.push_back(static_cast<uint8_t*>(device_random(size_t(m.N * ng), "zero", s + 2)));
-      std::vector<float> hs(size_t(m.N * ng));
-      std::vector<uint8_t> hz(hs.size());
-      LLMQ_CUDA_CHECK(cudaMemcpy(hs.data(), W.scale.back(), hs.size() * 4, cudaMemcpyDeviceToHost));
-      LLMQ_CUDA_CHECK(cudaMemcpy(hz.data(), W.zero.back(), hz.size(), cudaMemcpyDeviceToHost));
-      const std::vector<uint8_t> rec = pack::int4_sz_pack(hs.data(), hz.data(), m.N, ng);
-      void* pz = nullptr;
-      LLMQ_CUDA_CHECK(cudaMalloc(&pz, rec.size()));
-      LLMQ_CUDA_CHECK(cudaMemcpy(pz, rec.data(), rec.size(), cudaMemcpyHostToDevice));
-      W.sz.push_back(pz);
+      W.w.push_back(upload(pack::int4_mma_pack(codes.data(), m.N, m.K)));
+      W.w_rowmajor.push_back(upload(codes));
+      const std::vector<uint8_t> hs = host_random(size_t(m.N * ng), "scale", s + 1);
+      const std::vector<uint8_t> hz = host_random(size_t(m.N * ng), "zero", s + 2);
+      W.scale.push_back(static_cast<float*>(upload(hs)));
+      W.zero.push_back(static_cast<uint8_t*>(upload(hz)));
+      W.sz.push_back(upload(pack::int4_sz_pack(reinterpret_cast<const float*>(hs.data()), hz.data(), m.N, ng)));
       W.bytes = nk / 2 + size_t(m.N * ng) * 5;
     }
   }

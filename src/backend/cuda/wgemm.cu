@@ -611,8 +611,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   };
 #pragma unroll
   for (int B = 0; B < S - 1; ++B) issue();
-  const bool rot = ROT && nw > 1;
-  if (rot) {
+  if (ROT && nw > 1) {  // sum_rotating's barriers (one warp: no sums to hand over)
     if (threadIdx.x < 2 * kRotBufs) mbar_init(&red_bar[threadIdx.x], threadIdx.x < kRotBufs ? uint32_t(nw - 1) * 32 : 32u);
     __syncthreads();
   }
@@ -698,9 +697,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
     // warp, the others not waiting (sum_rotating).
     bool mine;
     if constexpr (ROT)
-      mine = rot ? sum_rotating<RB * NT>(acc, warp, nw, lane, r, reinterpret_cast<float4 (*)[RB * NT][32]>(red[r % kRotBufs]),
-                                         red_bar, red_bar + kRotBufs, M == 1)
-                 : sum_warps<float, RB * NT>(acc, warp, nw, lane, red[r & 1]);
+      mine = sum_rotating<RB * NT>(acc, warp, nw, lane, r, reinterpret_cast<float4 (*)[RB * NT][32]>(red[r % kRotBufs]),
+                                   red_bar, red_bar + kRotBufs, M == 1);
     else
       mine = sum_warps<float, RB * NT>(acc, warp, nw, lane, red[r & 1]);
     if (mine) {
@@ -761,14 +759,13 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
     return v >= 1 && v <= kMaxWarps ? v : 0;
   }();
   const int units = int(a.K / 64);
-  const int64_t all_sets = ((a.N + 15) / 16 + RB - 1) / RB;
+  const int sets = int(((a.N + 15) / 16 + RB - 1) / RB);
   int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
   if (env_warps) nw = std::min(nw, env_warps);
-  else if (NT == 1 && nw == kMaxWarps && all_sets * int64_t(token_groups) > resident_by_nw[kMaxWarps - 1]) nw = 4;
+  else if (NT == 1 && nw == kMaxWarps && int64_t(sets) * token_groups > resident_by_nw[kMaxWarps - 1]) nw = 4;
   const int resident = resident_by_nw[size_t(nw - 1)];
   constexpr int upg = G > 64 ? G / 64 : 1;  // units per group: every warp's range starts on a group
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
-  const int sets = int(((a.N + 15) / 16 + RB - 1) / RB);
   const int rows = std::min(sets, std::max(1, resident / int(token_groups)));
   launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ, ROT>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
          size_t(nw) * kRingBytes, s, a, units, per);
