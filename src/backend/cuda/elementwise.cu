@@ -47,6 +47,80 @@ __device__ void prep_row(const PrepOut& o, int64_t r, int64_t D, F value) {
   for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) prep_store(o, r, i, value(i) * inv);
 }
 
+// Per-token INT8 codes need the whole row's absmax before any code is written: the sliced launch above computes
+// the whole row in each of its blocks (14 times over for a SwiGLU row of 14,336). Rows of at most kRowMaxD values
+// take one block of kRowThreads each instead, every thread keeping its kRowVpt values in registers, so each value
+// is computed once; the codes are the same as prep_row's (the same values, the same absmax). H200, llama-3-8b cut
+// to 4 layers, int8-sq at batch 64: 0.972 ms a step against 1.104 with the sliced kernels (LLMQ_ROW_SLICED=1;
+// bench/results/2026-12-04-nvidia-h200-session17.txt), where SwiGLU alone took 28.7 us a layer.
+constexpr int kRowThreads = 1024, kRowVpt = 24;
+constexpr int64_t kRowMaxD = int64_t(kRowThreads) * kRowVpt;
+// LLMQ_ROW_SLICED=1: per-token INT8 rows take the sliced kernels too (comparisons).
+bool whole_rows(const PrepOut& o, int64_t D) {
+  static const bool sliced = [] {
+    const char* e = std::getenv("LLMQ_ROW_SLICED");
+    return e && *e && *e != '0';
+  }();
+  return !sliced && o.kind == ActKind::I8Token && D <= kRowMaxD;
+}
+
+// Row `r` of `out` (D <= kRowMaxD) from the values the block's threads hold: v[j] is element threadIdx.x + j *
+// kRowThreads (0 past D). The whole block (kRowThreads threads) calls it.
+__device__ void prep_row_regs(const PrepOut& o, int64_t r, int64_t D, const float (&v)[kRowVpt]) {
+  if (o.kind == ActKind::None) {
+#pragma unroll
+    for (int j = 0; j < kRowVpt; ++j) {
+      const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+      if (i < D) prep_store(o, r, i, v[j]);
+    }
+    return;
+  }
+  float amax = 0.f;
+  if (o.kind == ActKind::I8Token) {
+#pragma unroll
+    for (int j = 0; j < kRowVpt; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    amax = block_reduce<true>(amax);
+  }
+  const float s = prep_scale(o, amax);
+  if (threadIdx.x == 0 && o.row_scale) o.row_scale[r] = s;
+  const float inv = 1.0f / s;
+#pragma unroll
+  for (int j = 0; j < kRowVpt; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+    if (i < D) prep_store(o, r, i, v[j] * inv);
+  }
+}
+
+// Row `r` of `out` (D <= kRowMaxD) from value(i), by the whole block.
+template <typename F>
+__device__ void prep_row_whole(const PrepOut& o, int64_t r, int64_t D, F value) {
+  float v[kRowVpt];
+#pragma unroll
+  for (int j = 0; j < kRowVpt; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+    v[j] = i < D ? value(i) : 0.f;
+  }
+  prep_row_regs(o, r, D, v);
+}
+
+// Element (t, n) of raw accumulators as gemm_epilogue computes it before storing (the same operations, in order).
+__device__ __forceinline__ float raw_value(const RawAcc& in, int64_t t, int64_t n) {
+  const int64_t k = t * in.ld + n;
+  float v = in.acc_int32 ? float(static_cast<const int32_t*>(in.acc)[k]) : static_cast<const float*>(in.acc)[k];
+  if (in.x_scale) v = __fmul_rn(v, in.x_scale[t]);
+  if (in.w_scale) v = __fmul_rn(v, in.w_scale[n]);
+  return v;
+}
+
+// The row of this block and its prep: kWhole (prep_row_whole, one block a row) or sliced (prep_row).
+template <bool kWhole>
+__device__ __forceinline__ int64_t this_row(int64_t D) { return kWhole ? int64_t(blockIdx.x) : block_row(D); }
+template <bool kWhole, typename F>
+__device__ __forceinline__ void prep_this_row(const PrepOut& o, int64_t r, int64_t D, F value) {
+  if constexpr (kWhole) prep_row_whole(o, r, D, value);
+  else prep_row(o, r, D, value);
+}
+
 __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* tokens, int64_t H, float* x) {
   pdl_trigger();
   pdl_wait();
@@ -55,34 +129,68 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* tokens, 
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[t * H + i] = __bfloat162float(src[i]);
 }
 
-__global__ void rmsnorm_kernel(const float* x, const int32_t* src_rows, int64_t H, const float* w, float eps,
+template <bool kWhole>
+__global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(const float* x, const int32_t* src_rows, int64_t H, const float* w, float eps,
                                const PrepOut o) {
   pdl_trigger();
   pdl_wait();
-  const int64_t r = block_row(H);
+  const int64_t r = this_row<kWhole>(H);
   const float* xr = x + (src_rows ? int64_t(src_rows[r]) : r) * H;
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
   ss = block_reduce<false>(ss);
   const float inv = 1.0f / sqrtf(ss / float(H) + eps);
-  prep_row(o, r, H, [&](int64_t i) { return w[i] * (xr[i] * inv); });
+  prep_this_row<kWhole>(o, r, H, [&](int64_t i) { return w[i] * (xr[i] * inv); });
 }
 
-__global__ void swiglu_kernel(const float* gu, int64_t ld, int64_t I, bool paired, const PrepOut o) {
+// in: gate/up values as FP32, or as raw GEMM accumulators with the scales gemm_epilogue would apply.
+template <bool kWhole>
+__global__ void __launch_bounds__(kRowThreads) swiglu_kernel(const RawAcc in, int64_t I, bool paired, const PrepOut o) {
   pdl_trigger();
   pdl_wait();
-  const int64_t t = block_row(I);
-  const float* row = gu + t * ld;
-  const int64_t gs = paired ? 2 : 1, uo = paired ? 1 : I;  // gate i at row[gs * i], up i at row[gs * i + uo]
-  prep_row(o, t, I, [&](int64_t i) { return silu_mul(row[gs * i], row[gs * i + uo]); });
+  const int64_t t = this_row<kWhole>(I);
+  const int64_t gs = paired ? 2 : 1, uo = paired ? 1 : I;  // gate i at column gs * i, up i at gs * i + uo
+  prep_this_row<kWhole>(o, t, I, [&](int64_t i) { return silu_mul(raw_value(in, t, gs * i), raw_value(in, t, gs * i + uo)); });
 }
 
-__global__ void act_prep_kernel(const float* x, int64_t ld, int64_t D, const PrepOut o) {
+// One block a row: x[t] += the raw accumulators' row t (as gemm_epilogue would add it), then RMSNorm into o. Every
+// thread reads in.x_scale[t] before the block's first barrier and thread 0 writes o.row_scale[t] after it, so the
+// two may be the same buffer.
+__global__ void __launch_bounds__(kRowThreads) residual_rmsnorm_kernel(const RawAcc in, float* x, int64_t H, const float* w,
+                                                                       float eps, const PrepOut o) {
   pdl_trigger();
   pdl_wait();
-  const int64_t t = block_row(D);
+  const int64_t t = blockIdx.x;
+  float* xr = x + t * H;
+  float v[kRowVpt];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kRowVpt; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+    v[j] = 0.f;
+    if (i < H) {
+      v[j] = __fadd_rn(xr[i], raw_value(in, t, i));
+      xr[i] = v[j];
+    }
+    ss = fmaf(v[j], v[j], ss);
+  }
+  ss = block_reduce<false>(ss);
+  const float inv = 1.0f / sqrtf(ss / float(H) + eps);
+#pragma unroll
+  for (int j = 0; j < kRowVpt; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+    if (i < H) v[j] = w[i] * (v[j] * inv);
+  }
+  prep_row_regs(o, t, H, v);
+}
+
+template <bool kWhole>
+__global__ void __launch_bounds__(kRowThreads) act_prep_kernel(const float* x, int64_t ld, int64_t D, const PrepOut o) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t t = this_row<kWhole>(D);
   const float* xr = x + t * ld;
-  prep_row(o, t, D, [&](int64_t i) { return xr[i]; });
+  prep_this_row<kWhole>(o, t, D, [&](int64_t i) { return xr[i]; });
 }
 
 __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const float* xs, const float* ws,
@@ -92,12 +200,13 @@ __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const flo
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
   const int64_t m = i / N, n = i % N;
+  // Rounded operations (no FMA contraction), so raw_value and residual_rmsnorm_kernel compute the same bits.
   float v = acc_int32 ? float(static_cast<const int32_t*>(acc)[i]) : static_cast<const float*>(acc)[i];
-  if (xs) v *= xs[m];
-  if (ws) v *= ws[n];
-  if (bias) v += bias[n];
+  if (xs) v = __fmul_rn(v, xs[m]);
+  if (ws) v = __fmul_rn(v, ws[n]);
+  if (bias) v = __fadd_rn(v, bias[n]);
   float* d = y + m * ldy + n;
-  *d = accumulate ? *d + v : v;
+  *d = accumulate ? __fadd_rn(*d, v) : v;
 }
 
 __global__ void weight_to_bf16_kernel(WFmt fmt, const void* w, const float* scale, const uint8_t* zero, int64_t group,
@@ -205,17 +314,39 @@ void embed_gather(const void* table, const int32_t* tokens, int64_t T, int64_t H
 void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H, const float* w, float eps,
                   const PrepOut& out, cudaStream_t s) {
   if (R == 0) return;
-  launch("rmsnorm_kernel", rmsnorm_kernel, row_slice_blocks(R, H), kThreads, 0, s, x, src_rows, H, w, eps, out);
+  if (whole_rows(out, H))
+    return launch("rmsnorm_kernel", rmsnorm_kernel<true>, unsigned(R), kRowThreads, 0, s, x, src_rows, H, w, eps, out);
+  launch("rmsnorm_kernel", rmsnorm_kernel<false>, row_slice_blocks(R, H), kThreads, 0, s, x, src_rows, H, w, eps, out);
+}
+
+void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
+  if (T == 0) return;
+  if (whole_rows(out, I))
+    return launch("swiglu_kernel", swiglu_kernel<true>, unsigned(T), kRowThreads, 0, s, in, I, paired, out);
+  launch("swiglu_kernel", swiglu_kernel<false>, row_slice_blocks(T, I), kThreads, 0, s, in, I, paired, out);
 }
 
 void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
+  RawAcc in;
+  in.acc = gu;
+  in.ld = ld_gu;
+  swiglu_prep(in, T, I, out, s, paired);
+}
+
+bool residual_rmsnorm_supported(int64_t H) { return H <= kRowMaxD; }
+
+void residual_rmsnorm_prep(const RawAcc& in, float* x, int64_t T, int64_t H, const float* w, float eps,
+                           const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
-  launch("swiglu_kernel", swiglu_kernel, row_slice_blocks(T, I), kThreads, 0, s, gu, ld_gu, I, paired, out);
+  if (!residual_rmsnorm_supported(H)) throw Error("residual_rmsnorm_prep: rows of more than " + std::to_string(kRowMaxD));
+  launch("residual_rmsnorm_kernel", residual_rmsnorm_kernel, unsigned(T), kRowThreads, 0, s, in, x, H, w, eps, out);
 }
 
 void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
-  launch("act_prep_kernel", act_prep_kernel, row_slice_blocks(T, D), kThreads, 0, s, x, ldx, D, out);
+  if (whole_rows(out, D))
+    return launch("act_prep_kernel", act_prep_kernel<true>, unsigned(T), kRowThreads, 0, s, x, ldx, D, out);
+  launch("act_prep_kernel", act_prep_kernel<false>, row_slice_blocks(T, D), kThreads, 0, s, x, ldx, D, out);
 }
 
 void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,

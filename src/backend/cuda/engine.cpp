@@ -147,6 +147,9 @@ struct Epilogue {
   float swiglu_scale = 1.f;
   float* swiglu_row_scale = nullptr;
   const float* x_scale = nullptr;  // if set: the input's row scales (instead of row_scale_)
+  // W8A8 through cuBLASLt / cuBLAS: leave the raw accumulators in gemm_out_ (no gemm_epilogue pass); the consumer
+  // applies the scales (gate_up_raw: SwiGLU reads them).
+  bool raw_acc = false;
   const float* norm_w = nullptr;
   PrepOut norm_out;
   // The distributed RMSNorm (GemvArgs::rms_*): the producer writes x * rms_w to nrm_ (BF16, or FP32 with
@@ -263,6 +266,9 @@ class CudaEngine final : public Engine {
   // Whether this layer's SwiGLU runs in the gate_up matmul's epilogue at T tokens (paired rows, a BF16 down_proj
   // input, GEMV or wgemm for both matmuls; LLMQ_NO_FUSE=1 turns it off for comparisons).
   bool swiglu_fused(const DevLayer& L, int64_t T) const;
+  bool gate_up_raw(const DevLayer& L, int64_t T) const;
+  bool residual_raw(const DevSite& s, int64_t T) const;
+  RawAcc raw_acc(const DevLinear& l, int64_t T, const float* x_scale) const;
   void clear_graphs();
   // LLMQ_CUDA_PROFILE=1: every op runs eagerly between two events; the totals per op name are printed to
   // stderr when the engine ends (where the time of a decode step goes).
@@ -277,6 +283,7 @@ class CudaEngine final : public Engine {
   const bool lt_alpha_ = env_flag("LLMQ_LT_ALPHA");  // FP8 linears get an alpha vector (DevLinear::alpha)
   // LLMQ_GEMV_PREFER_T=N (0..kGemvMaxM): the GEMV serves up to N tokens in every format (path(); -1: the rule).
   // Read per engine, so that a test can make an engine with and one without.
+  const bool no_raw_acc_ = env_flag("LLMQ_NO_RAW_ACC");  // gate_up_raw, residual_raw
   const int64_t forced_prefer_t_ = [] {
     const char* e = std::getenv("LLMQ_GEMV_PREFER_T");
     return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kGemvMaxM) : int64_t(-1);
@@ -672,7 +679,7 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   nrm_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.hidden) * 4);
   sumsq_ = DevMem(size_t(2 * int64_t(layers_.size()) * std::min<int64_t>(Tn, kWgemmMaxT)) * 8);
   row_scale_ = DevMem(size_t(Tn) * 4);
-  row_scale2_ = DevMem(size_t(std::min<int64_t>(Tn, kWgemmMaxT)) * 4);  // the fused SwiGLU codes' row scales
+  row_scale2_ = DevMem(size_t(Tn) * 4);  // the row scales of the SwiGLU codes (fused, or from gate_up's accumulators)
   gemm_out_ = DevMem(size_t(Tn * max_gemm_n_) * 4);
   if (max_wscratch_ && !wscratch_.p) wscratch_ = DevMem(size_t(max_wscratch_) * 2);
   logits_ = DevMem(size_t(On * c.vocab) * 4);
@@ -788,6 +795,42 @@ bool CudaEngine::swiglu_fused(const DevLayer& L, int64_t T) const {
   return pg == Path::Gemv ? gemv_supports(a) : wgemm_supports(a, sm_);
 }
 
+// W8A8 matmuls through cuBLASLt (or cuBLAS) whose output only the next row kernel reads leave their raw
+// accumulators (Epilogue::raw_acc) and that kernel applies the scales itself: SwiGLU after gate_up (gate_up_raw),
+// and the residual add before the next RMSNorm after o_proj and down_proj (residual_raw). The passes that wrote
+// FP32 outputs only for the next kernel to read them back go; the values are the same to the bit (RawAcc). H200,
+// llama-3-8b cut to 4 layers, batch 64, per layer: the epilogue passes took 9.2 us (gate_up) + 2.6 + 2.1 + 1.8 of a
+// ~142 us fp8 layer, 9.5 + 2.3 + 1.8 + 2.1 of int8-sq's; ms a step with / without (LLMQ_NO_RAW_ACC=1): fp8 batch
+// 64 0.869, 0.866 / 0.923, 0.925, batch 16 0.699, 0.713 / 0.722, 0.714; int8-sq batch 64 0.972 / 1.005
+// (bench/results/2026-12-04-nvidia-h200-session17.txt).
+// LLMQ_NO_RAW_ACC=1 (read when an engine is made): the epilogue passes (comparisons).
+bool CudaEngine::gate_up_raw(const DevLayer& L, int64_t T) const {
+  if (no_raw_acc_ || swiglu_fused(L, T) || L.gate_up.parts.size() != 1) return false;
+  const DevLinear& gl = L.gate_up.parts[0];
+  if (gl.act == ActKind::None || gl.bias) return false;
+  const Path p = path(gl, T);
+  return p == Path::Lt || p == Path::Cublas;
+}
+
+// The producer adds into the residual stream x (o_proj, down_proj) and the next kernel is a plain RMSNorm.
+bool CudaEngine::residual_raw(const DevSite& s, int64_t T) const {
+  if (no_raw_acc_ || s.parts.size() != 1 || !residual_rmsnorm_supported(config().hidden)) return false;
+  const DevLinear& l = s.parts[0];
+  if (l.act == ActKind::None || l.bias || l.col != 0) return false;
+  const Path p = path(l, T);
+  return p == Path::Lt || p == Path::Cublas;
+}
+
+RawAcc CudaEngine::raw_acc(const DevLinear& l, int64_t T, const float* x_scale) const {
+  RawAcc in;
+  in.acc = gemm_out_.p;
+  in.acc_int32 = path(l, T) == Path::Lt && l.wf != WFmt::FP8;  // the INT8 GEMM's INT32 sums
+  in.ld = l.N;
+  in.x_scale = x_scale ? x_scale : row_scale_.as<float>();
+  in.w_scale = l.scale;
+  return in;
+}
+
 bool CudaEngine::norm_fused(const DevSite& producer, const DevSite& consumer, int64_t T, PrepOut& o) const {
   // Opt-in (LLMQ_FUSE_NORM=1): measured slower than the separate rmsnorm kernel. H200, llama-3-8b cut to 4
   // layers, batch 1, tpot with / without: bf16 1.008 / 0.910 ms, w4a16 0.705 / 0.672, fp8 0.825 / 0.725
@@ -879,10 +922,17 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     }
     return p == Path::Wgemm ? wgemm(a, stream_) : gemv(a, stream_);
   }
-  if (ep.swiglu_out || ep.norm_w || ep.rms_w || ep.x_sumsq || ep.x_scale)
+  if (ep.swiglu_out || ep.norm_w || ep.rms_w || ep.x_sumsq)
     throw Error("engine: fused epilogues run only in the GEMV and wgemm kernels");
+  const float* xs = ep.x_scale ? ep.x_scale : row_scale_.as<float>();
+  if (ep.raw_acc && (!quant_act || l.bias || (p != Path::Lt && p != Path::Cublas)))
+    throw Error("engine: raw accumulators only from W8A8 without bias through cuBLASLt or cuBLAS");
   if (p == Path::Lt) {
     const bool fp8 = l.wf == WFmt::FP8;
+    if (ep.raw_acc) {
+      lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_);
+      return;
+    }
     // LLMQ_LT_SCALED=1: FP8 with cuBLASLt's outer-vector scaling straight into y (no FP32 round trip through
     // gemm_epilogue); opt-in until measured on a GPU (written without one).
     static const bool lt_scaled = env_flag("LLMQ_LT_SCALED");
@@ -906,14 +956,14 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     }
     if (fp8 && lt_scaled) {
       if (direct_ok && lt_->supports_fp8_scaled(l.N, T, l.K, ldy, accumulate, sm_)) {
-        lt_->run_fp8_scaled(l.w, x, l.scale, row_scale_.as<float>(), y, ldy, accumulate, l.N, T, l.K, stream_);
+        lt_->run_fp8_scaled(l.w, x, l.scale, xs, y, ldy, accumulate, l.N, T, l.K, stream_);
         return;
       }
       static bool told = false;
       unmet(told, "LLMQ_LT_SCALED (outer-vector scaling)");
     }
     lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_);
-    gemm_epilogue(gemm_out_.p, T, l.N, row_scale_.as<float>(), l.scale, l.bias, y, ldy, accumulate, stream_, !fp8);
+    gemm_epilogue(gemm_out_.p, T, l.N, xs, l.scale, l.bias, y, ldy, accumulate, stream_, !fp8);
     return;
   }
   // cuBLAS: y[T, N] = x[T, K] . W[N, K]^T in column-major terms C[N, T] = W^T[N, K] x[K, T].
@@ -926,15 +976,14 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     W = wscratch_.p;
   }
   const bool direct = !quant_act && !l.bias;
-  const float alpha = 1.f, beta = direct && accumulate ? 1.f : 0.f;
+  const float alpha = 1.f, beta = direct && accumulate ? 1.f : 0.f;  // (raw_acc: quant_act, so not direct)
   float* C = direct ? y : gemm_out_.as<float>();
   const int64_t ldc = direct ? ldy : l.N;
   LLMQ_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, int(l.N), int(T), int(l.K), &alpha, W, CUDA_R_16BF,
                                  int(l.K), x, CUDA_R_16BF, int(l.K), &beta, C, CUDA_R_32F, int(ldc),
                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  if (!direct)
-    gemm_epilogue(C, T, l.N, quant_act ? row_scale_.as<float>() : nullptr, quant_act ? l.scale : nullptr, l.bias, y, ldy,
-                  accumulate, stream_);
+  if (!direct && !ep.raw_acc)
+    gemm_epilogue(C, T, l.N, quant_act ? xs : nullptr, quant_act ? l.scale : nullptr, l.bias, y, ldy, accumulate, stream_);
 }
 
 template <typename P>
@@ -1009,6 +1058,8 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     op("rms_zero", [&] { LLMQ_CUDA_CHECK(cudaMemsetAsync(sumsq, 0, size_t(2 * layers_.size() * ts) * 8, stream_)); });
   op("embed", [&] { embed_gather(embed_, tok, T, H, x, stream_); });
   bool normed = false;  // the previous matmul's epilogue wrote the RMSNorm of x into act_ (the next input)
+  bool pending = false;  // the previous matmul left raw accumulators (pending_in) for the next RMSNorm to add to x
+  RawAcc pending_in;
   const double* split = nullptr;  // the previous matmul's epilogue wrote x o w into nrm_ and these sums of squares
   for (size_t li = 0; li < layers_.size(); ++li) {
     DevLayer& L = layers_[li];
@@ -1017,8 +1068,12 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     Epilogue eq;
     eq.x_sumsq = split;
     site("qkv", L.qkv, T, [&](const PrepOut& o) {
-      if (!normed && !split) rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_);
+      if (normed || split) return;
+      if (pending) residual_rmsnorm_prep(pending_in, x, T, H, L.attn_norm, float(c.rms_eps), o, stream_);
+      else rmsnorm_prep(x, nullptr, T, H, L.attn_norm, float(c.rms_eps), o, stream_);
+      pending = false;
     }, qkv, qkv_n, false, split ? nrm_.p : nullptr, eq);
+    if (pending) throw Error("engine: the previous down_proj's accumulators were not added");
     KvCacheView kv;
     kv.type = kv_type_;
     kv.page_size = kPage;
@@ -1073,9 +1128,11 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     if (norm_fused(L.o, L.gate_up, T, eo.norm_out)) eo.norm_w = L.mlp_norm;
     else if (split_o[li] != Split::None)
       eo.rms_w = L.mlp_norm, eo.rms_sumsq = sumsq + int64_t(2 * li) * ts, eo.rms_f32 = split_o[li] == Split::Prep;
+    eo.raw_acc = !eo.norm_w && !eo.rms_w && residual_raw(L.o, T);
     site("o", L.o, T, [&](const PrepOut& o) {
       if (!direct) act_prep(att_.as<float>(), qd, T, qd, o, stream_);
     }, x, H, true, nullptr, eo);
+    if (eo.raw_acc) pending = true, pending_in = raw_acc(L.o.parts[0], T, eo.x_scale);
     normed = eo.norm_w != nullptr;
     split = eo.rms_sumsq;
     float* gu = gu_.as<float>();
@@ -1090,23 +1147,39 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
       if (dl.act != ActKind::None) eg.swiglu_row_scale = row_scale2_.as<float>();
     }
     eg.x_sumsq = split;
+    const bool raw = gate_up_raw(L, T);
+    eg.raw_acc = raw;
     const bool paired = L.gate_up.parts.size() == 1 && L.gate_up.parts[0].paired;
     site("gate_up", L.gate_up, T, [&](const PrepOut& o) {
-      if (!normed && !split) rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_);
+      if (normed || split) return;
+      if (pending) residual_rmsnorm_prep(pending_in, x, T, H, L.mlp_norm, float(c.rms_eps), o, stream_);
+      else rmsnorm_prep(x, nullptr, T, H, L.mlp_norm, float(c.rms_eps), o, stream_);
+      pending = false;
     }, gu, L.gate_up.N, false, split ? nrm_.p : nullptr, eg);
+    if (pending) throw Error("engine: o_proj's accumulators were not added");
     // The next layer's attention RMSNorm in down_proj's epilogue (the last layer's final norm stays a kernel:
     // it reads only the rows that want logits).
     Epilogue ed;
-    if (fused && dl.act != ActKind::None) ed.x_scale = row_scale2_.as<float>();  // the SwiGLU codes' scales
+    // The SwiGLU codes' scales: row_scale2_ where SwiGLU is fused or reads gate_up's accumulators (whose input
+    // row scales are still in row_scale_).
+    if ((fused || raw) && dl.act != ActKind::None) ed.x_scale = row_scale2_.as<float>();
     if (li + 1 < layers_.size()) {
       if (norm_fused(L.down, layers_[li + 1].qkv, T, ed.norm_out)) ed.norm_w = layers_[li + 1].attn_norm;
       else if (split_d[li] != Split::None)
         ed.rms_w = layers_[li + 1].attn_norm, ed.rms_sumsq = sumsq + int64_t(2 * li + 1) * ts,
         ed.rms_f32 = split_d[li] == Split::Prep;
     }
+    ed.raw_acc = li + 1 < layers_.size() && !ed.norm_w && !ed.rms_w && residual_raw(L.down, T);
     site("down", L.down, T, [&](const PrepOut& o) {
-      if (!fused) swiglu_prep(gu, L.gate_up.N, T, I, o, stream_, paired);
+      if (raw) {
+        PrepOut od = o;
+        if (od.kind != ActKind::None) od.row_scale = row_scale2_.as<float>();
+        swiglu_prep(raw_acc(L.gate_up.parts[0], T, nullptr), T, I, od, stream_, paired);
+      } else if (!fused) {
+        swiglu_prep(gu, L.gate_up.N, T, I, o, stream_, paired);
+      }
     }, x, H, true, eg.swiglu_out, ed);
+    if (ed.raw_acc) pending = true, pending_in = raw_acc(dl, T, ed.x_scale);
     normed = ed.norm_w != nullptr;
     split = ed.rms_sumsq;
   }

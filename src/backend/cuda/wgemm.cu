@@ -809,7 +809,10 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   static const bool no_sz = env_flag("LLMQ_WGEMM_I4_NO_SZ");
   const bool sz = a.i4_sz && !no_sz && a.M <= 8;
   // The K-split sums without a CTA barrier a set (sum_rotating), with the records only: opt-in with
-  // LLMQ_WGEMM_I4_ROTATE=1 (or GemvArgs::i4_rotate) until measured.
+  // LLMQ_WGEMM_I4_ROTATE=1 (or GemvArgs::i4_rotate). Measured slower where it was meant to help: H200, llmq-kbench
+  // us default / rotating, T = 1: qkv 8.82 / 9.48, o 6.68 / 7.14, gate_up 24.86 / 26.66, down 14.88 / 15.79; T = 8
+  // slower for every matrix too (gate_up 29.35 / 34.90); 4-layer llama-3-8b w4a16 ms a step, batch 1 0.531, 0.528 /
+  // 0.561, 0.559, but batch 8 0.864, 0.862 / 0.828, 0.829 (unexplained; bench/results/2026-12-04-nvidia-h200-session17.txt).
   static const bool rotate_env = env_flag("LLMQ_WGEMM_I4_ROTATE");
   const bool rot = sz && (a.i4_rotate > 0 || (a.i4_rotate == 0 && rotate_env));
   const unsigned tg = a.M <= 8 ? 1u : unsigned((a.M + 15) / 16);
