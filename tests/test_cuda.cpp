@@ -1028,6 +1028,25 @@ TEST(CudaElementwise, WeightExpansionMatchesCpu) {
 }
 
 // rmsnorm fused with each activation format, against the CPU formulas and formats.
+// The value a prep kernel wrote for element idx (code x 1 for quantized kinds, the BF16 value for kind None or
+// codes stored as BF16) against the CPU's want_v / s: BF16 within 2^-7 relative, an FP8 code within one E4M3
+// step, an INT8 code within 1 (a rounding of the FP32 inputs may cross a code boundary).
+void expect_prep_value(const std::vector<uint8_t>& bytes, size_t idx, ActKind kind, bool as_bf16, float want_v, float s,
+                       const std::string& where) {
+  float got;
+  if (kind == ActKind::None || as_bf16) got = load_as_f32(bytes.data(), DType::BF16, idx);
+  else if (kind == ActKind::Fp8Tensor) got = quant::fp8_to_f32(bytes[idx]);
+  else got = float(int8_t(bytes[idx]));
+  if (kind == ActKind::None) {
+    ASSERT_NEAR(got, want_v, std::fabs(want_v) * 0.0079f + 1e-6f) << where;
+  } else if (kind == ActKind::Fp8Tensor) {
+    const float want_code = quant::fp8_to_f32(quant::f32_to_fp8(want_v * (1.0f / s)));
+    ASSERT_NEAR(got, want_code, std::fabs(want_code) * 0.126f + 0.002f) << where;
+  } else {
+    ASSERT_LE(std::fabs(got - float(quant::quant_int8(want_v, 1.0f / s))), 1.0f) << where;
+  }
+}
+
 TEST(CudaElementwise, RmsNormPrepMatchesCpu) {
   REQUIRE_GPU();
   std::mt19937 rng(7);
@@ -1069,49 +1088,12 @@ TEST(CudaElementwise, RmsNormPrepMatchesCpu) {
             ASSERT_NEAR(scales[size_t(r)], s, 1e-5f * s) << "row scale";
           }
           for (int64_t i = 0; i < H; ++i) {
-            const size_t idx = size_t(r * H + i);
-            const float want_v = ref[idx];
-            float got;  // the value the next matmul sees (code x scale for quantized kinds)
-            if (kind == ActKind::None || as_bf16) {
-              got = load_as_f32(bytes.data(), DType::BF16, idx);
-            } else if (kind == ActKind::Fp8Tensor) {
-              got = quant::fp8_to_f32(bytes[idx]);
-            } else {
-              got = float(int8_t(bytes[idx]));
-            }
-            if (kind == ActKind::None) {
-              ASSERT_NEAR(got, want_v, std::fabs(want_v) * 0.0079f + 1e-6f) << "H " << H;  // BF16 step: 2^-7
-            } else if (kind == ActKind::Fp8Tensor) {
-              const float want_code = quant::fp8_to_f32(quant::f32_to_fp8(want_v * (1.0f / s)));
-              // Within one E4M3 step of the CPU's code (the norm's rounding can cross a boundary).
-              ASSERT_NEAR(got, want_code, std::fabs(want_code) * 0.126f + 0.002f) << "H " << H << " i " << i;
-            } else {
-              const float want_code = float(quant::quant_int8(want_v, 1.0f / s));
-              ASSERT_LE(std::fabs(got - want_code), 1.0f) << "H " << H << " i " << i;
-            }
+            ASSERT_NO_FATAL_FAILURE(expect_prep_value(bytes, size_t(r * H + i), kind, as_bf16, ref[size_t(r * H + i)], s,
+                                                      "H " + std::to_string(H) + " i " + std::to_string(i)));
           }
         }
       }
     }
-  }
-}
-
-// The value a prep kernel wrote for element idx (code x 1 for quantized kinds, the BF16 value for kind None or
-// codes stored as BF16) against the CPU's want_v / s: BF16 within 2^-7 relative, an FP8 code within one E4M3
-// step, an INT8 code within 1 (a rounding of the FP32 inputs may cross a code boundary).
-void expect_prep_value(const std::vector<uint8_t>& bytes, size_t idx, ActKind kind, bool as_bf16, float want_v, float s,
-                       const std::string& where) {
-  float got;
-  if (kind == ActKind::None || as_bf16) got = load_as_f32(bytes.data(), DType::BF16, idx);
-  else if (kind == ActKind::Fp8Tensor) got = quant::fp8_to_f32(bytes[idx]);
-  else got = float(int8_t(bytes[idx]));
-  if (kind == ActKind::None) {
-    ASSERT_NEAR(got, want_v, std::fabs(want_v) * 0.0079f + 1e-6f) << where;
-  } else if (kind == ActKind::Fp8Tensor) {
-    const float want_code = quant::fp8_to_f32(quant::f32_to_fp8(want_v * (1.0f / s)));
-    ASSERT_NEAR(got, want_code, std::fabs(want_code) * 0.126f + 0.002f) << where;
-  } else {
-    ASSERT_LE(std::fabs(got - float(quant::quant_int8(want_v, 1.0f / s))), 1.0f) << where;
   }
 }
 
