@@ -57,10 +57,7 @@ constexpr int kRowThreads = 1024, kRowVpt = 24;
 constexpr int64_t kRowMaxD = int64_t(kRowThreads) * kRowVpt;
 // LLMQ_ROW_SLICED=1: per-token INT8 rows take the sliced kernels too (comparisons).
 bool whole_rows(const PrepOut& o, int64_t D) {
-  static const bool sliced = [] {
-    const char* e = std::getenv("LLMQ_ROW_SLICED");
-    return e && *e && *e != '0';
-  }();
+  static const bool sliced = env_flag("LLMQ_ROW_SLICED");
   return !sliced && o.kind == ActKind::I8Token && D <= kRowMaxD;
 }
 
@@ -103,7 +100,8 @@ __device__ void prep_row_whole(const PrepOut& o, int64_t r, int64_t D, F value) 
   prep_row_regs(o, r, D, v);
 }
 
-// Element (t, n) of raw accumulators as gemm_epilogue computes it before storing (the same operations, in order).
+// Element (t, n) of raw accumulators with their scales applied: what gemm_epilogue computes (it calls this) before
+// adding a bias or storing. Rounded operations (no FMA contraction), so every reader gets the same bits.
 __device__ __forceinline__ float raw_value(const RawAcc& in, int64_t t, int64_t n) {
   const int64_t k = t * in.ld + n;
   float v = in.acc_int32 ? float(static_cast<const int32_t*>(in.acc)[k]) : static_cast<const float*>(in.acc)[k];
@@ -200,10 +198,9 @@ __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const flo
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= M * N) return;
   const int64_t m = i / N, n = i % N;
-  // Rounded operations (no FMA contraction), so raw_value and residual_rmsnorm_kernel compute the same bits.
-  float v = acc_int32 ? float(static_cast<const int32_t*>(acc)[i]) : static_cast<const float*>(acc)[i];
-  if (xs) v = __fmul_rn(v, xs[m]);
-  if (ws) v = __fmul_rn(v, ws[n]);
+  RawAcc in;
+  in.acc = acc, in.acc_int32 = acc_int32, in.ld = N, in.x_scale = xs, in.w_scale = ws;
+  float v = raw_value(in, m, n);
   if (bias) v = __fadd_rn(v, bias[n]);
   float* d = y + m * ldy + n;
   *d = accumulate ? __fadd_rn(*d, v) : v;

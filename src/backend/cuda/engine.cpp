@@ -147,8 +147,8 @@ struct Epilogue {
   float swiglu_scale = 1.f;
   float* swiglu_row_scale = nullptr;
   const float* x_scale = nullptr;  // if set: the input's row scales (instead of row_scale_)
-  // W8A8 through cuBLASLt / cuBLAS: leave the raw accumulators in gemm_out_ (no gemm_epilogue pass); the consumer
-  // applies the scales (gate_up_raw: SwiGLU reads them).
+  // W8A8 through cuBLASLt / cuBLAS: leave the raw accumulators in gemm_out_ (no gemm_epilogue pass); the next
+  // row kernel applies the scales (gate_up_raw: SwiGLU; residual_raw: the residual add and RMSNorm).
   bool raw_acc = false;
   const float* norm_w = nullptr;
   PrepOut norm_out;
@@ -266,6 +266,7 @@ class CudaEngine final : public Engine {
   // Whether this layer's SwiGLU runs in the gate_up matmul's epilogue at T tokens (paired rows, a BF16 down_proj
   // input, GEMV or wgemm for both matmuls; LLMQ_NO_FUSE=1 turns it off for comparisons).
   bool swiglu_fused(const DevLayer& L, int64_t T) const;
+  bool raw_capable(const DevSite& s, int64_t T) const;
   bool gate_up_raw(const DevLayer& L, int64_t T) const;
   bool residual_raw(const DevSite& s, int64_t T) const;
   RawAcc raw_acc(const DevLinear& l, int64_t T, const float* x_scale) const;
@@ -281,9 +282,9 @@ class CudaEngine final : public Engine {
   cudaStream_t stream_ = nullptr;
   const bool profile_ = env_flag("LLMQ_CUDA_PROFILE");
   const bool lt_alpha_ = env_flag("LLMQ_LT_ALPHA");  // FP8 linears get an alpha vector (DevLinear::alpha)
+  const bool no_raw_acc_ = env_flag("LLMQ_NO_RAW_ACC");  // raw_capable (read per engine, like the next)
   // LLMQ_GEMV_PREFER_T=N (0..kGemvMaxM): the GEMV serves up to N tokens in every format (path(); -1: the rule).
   // Read per engine, so that a test can make an engine with and one without.
-  const bool no_raw_acc_ = env_flag("LLMQ_NO_RAW_ACC");  // gate_up_raw, residual_raw
   const int64_t forced_prefer_t_ = [] {
     const char* e = std::getenv("LLMQ_GEMV_PREFER_T");
     return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kGemvMaxM) : int64_t(-1);
@@ -804,21 +805,21 @@ bool CudaEngine::swiglu_fused(const DevLayer& L, int64_t T) const {
 // 64 0.869, 0.866 / 0.923, 0.925, batch 16 0.699, 0.713 / 0.722, 0.714; int8-sq batch 64 0.972 / 1.005
 // (bench/results/2026-12-04-nvidia-h200-session17.txt).
 // LLMQ_NO_RAW_ACC=1 (read when an engine is made): the epilogue passes (comparisons).
-bool CudaEngine::gate_up_raw(const DevLayer& L, int64_t T) const {
-  if (no_raw_acc_ || swiglu_fused(L, T) || L.gate_up.parts.size() != 1) return false;
-  const DevLinear& gl = L.gate_up.parts[0];
-  if (gl.act == ActKind::None || gl.bias) return false;
-  const Path p = path(gl, T);
+// A site whose one W8A8 linear without bias goes through cuBLASLt or cuBLAS at T tokens (what Epilogue::raw_acc
+// asks of matmul()).
+bool CudaEngine::raw_capable(const DevSite& s, int64_t T) const {
+  if (no_raw_acc_ || s.parts.size() != 1) return false;
+  const DevLinear& l = s.parts[0];
+  if (l.act == ActKind::None || l.bias) return false;
+  const Path p = path(l, T);
   return p == Path::Lt || p == Path::Cublas;
 }
 
+bool CudaEngine::gate_up_raw(const DevLayer& L, int64_t T) const { return !swiglu_fused(L, T) && raw_capable(L.gate_up, T); }
+
 // The producer adds into the residual stream x (o_proj, down_proj) and the next kernel is a plain RMSNorm.
 bool CudaEngine::residual_raw(const DevSite& s, int64_t T) const {
-  if (no_raw_acc_ || s.parts.size() != 1 || !residual_rmsnorm_supported(config().hidden)) return false;
-  const DevLinear& l = s.parts[0];
-  if (l.act == ActKind::None || l.bias || l.col != 0) return false;
-  const Path p = path(l, T);
-  return p == Path::Lt || p == Path::Cublas;
+  return raw_capable(s, T) && s.parts[0].col == 0 && residual_rmsnorm_supported(config().hidden);
 }
 
 RawAcc CudaEngine::raw_acc(const DevLinear& l, int64_t T, const float* x_scale) const {
