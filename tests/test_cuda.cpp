@@ -1354,6 +1354,70 @@ TEST(CudaLt, Fp8ScaledMatchesReference) {
   if (ran == 0) GTEST_SKIP() << "cuBLASLt has neither an outer-vector-scaled nor an alpha-vector FP8 GEMM here";
 }
 
+// The unscaled 8-bit GEMMs the engine runs past 8 tokens (LtGemm::run, the accumulators its epilogues and
+// raw-sum readers take) against a scalar reference: INT8 sums exact, FP8 within FP32 summation error. (A
+// plan tuned by timing cuBLASLt's candidates failed this in session 18: at N 200, T 17, K 336 the fastest
+// FP8 candidate was off by 7e-4 relative, an accumulation coarser than FP32.)
+TEST(CudaLt, UnscaledMatchesReference) {
+  REQUIRE_GPU();
+  const int sm = device_sm();
+  LtGemm lt;
+  std::mt19937 rng(91);
+  struct Case {
+    int64_t N, T, K;
+  };
+  int ran = 0;
+  for (const LtKind kind : {LtKind::Fp8, LtKind::Int8}) {
+    const bool fp8 = kind == LtKind::Fp8;
+    for (Case c : {Case{4096, 64, 4096}, Case{200, 17, 336}, Case{1024, 9, 2048}, Case{512, 300, 512}}) {
+      std::vector<uint8_t> w(size_t(c.N * c.K)), x(size_t(c.T * c.K));
+      for (auto& b : w) b = fp8 ? uint8_t(random_fp8(rng) & 0xBF) : uint8_t(rng() & 0xFF);
+      for (auto& b : x) b = fp8 ? uint8_t(random_fp8(rng) & 0xBF) : uint8_t(rng() & 0xFF);
+      Buf dw(w), dx(x);
+      // The reference once per case: FP8 sums and magnitudes in FP64, INT8 sums in INT32 (exact).
+      auto val = [&](uint8_t b) { return fp8 ? double(quant::fp8_to_f32(b)) : double(int8_t(b)); };
+      std::vector<double> wf(w.size()), xf(x.size()), ref(size_t(c.T * c.N)), mag(ref.size());
+      for (size_t i = 0; i < w.size(); ++i) wf[i] = val(w[i]);
+      for (size_t i = 0; i < x.size(); ++i) xf[i] = val(x[i]);
+      for (int64_t t = 0; t < c.T; ++t)
+        for (int64_t j = 0; j < c.N; ++j) {
+          double sum = 0, m = 0;
+          for (int64_t k = 0; k < c.K; ++k) {
+            const double term = xf[size_t(t * c.K + k)] * wf[size_t(j * c.K + k)];
+            sum += term;
+            m += std::fabs(term);
+          }
+          ref[size_t(t * c.N + j)] = sum, mag[size_t(t * c.N + j)] = m;
+        }
+      {
+        if (!lt.supports(kind, c.N, c.T, c.K, sm)) {
+          std::printf("  cuBLASLt offers no %s GEMM for N %lld T %lld K %lld on sm_%d\n", fp8 ? "FP8" : "INT8",
+                      (long long)c.N, (long long)c.T, (long long)c.K, sm);
+          continue;
+        }
+        Buf acc(std::vector<float>(size_t(c.T * c.N), std::nanf("")));  // poisoned (INT32 reads it as 0x7fc00000)
+        lt.run(kind, dw.p, dx.p, acc.p, c.N, c.T, c.K, nullptr);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> gf = acc.get<float>();
+        for (int64_t t = 0; t < c.T; ++t)
+          for (int64_t j = 0; j < c.N; ++j) {
+            const size_t i = size_t(t * c.N + j);
+            if (fp8) {
+              ASSERT_NEAR(gf[i], ref[i], double(c.K) * 6e-8 * mag[i] + 1e-30)
+                  << "FP8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
+            } else {
+              int32_t got = 0;
+              std::memcpy(&got, &gf[i], 4);
+              ASSERT_EQ(got, int32_t(ref[i])) << "INT8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
+            }
+          }
+        ++ran;
+      }
+    }
+  }
+  if (ran == 0) GTEST_SKIP() << "cuBLASLt has no 8-bit GEMM here";
+}
+
 // RoPE + paged KV write + attention (prefill and split decode) against a CPU computation, for each KV type.
 TEST(CudaAttention, PagedCacheMatchesCpu) {
   REQUIRE_GPU();
