@@ -1052,7 +1052,7 @@ TEST(CudaElementwise, RmsNormPrepMatchesCpu) {
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.f, 2.f);
   for (int64_t H : {1, 31, 256, 1000, 3000, 30000}) {  // per-token INT8: one block a row up to 24,576
-    const int64_t R = 5;
+    const int64_t R = H <= 6144 ? 67 : 5;  // past 64 rows, rows up to 6,144 take the prefill blocks (LLMQ_ROW_THREADS=256)
     std::vector<float> x(static_cast<size_t>(R * H)), w(static_cast<size_t>(H));
     for (auto& v : x) v = nd(rng);
     for (auto& v : w) v = 1.f + 0.1f * nd(rng);
@@ -1107,9 +1107,9 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
   std::normal_distribution<float> nd(0.f, 1.5f);
   std::uniform_real_distribution<float> us(0.5f, 2.f);
   std::uniform_int_distribution<int> ui(-3000, 3000);
-  const int64_t T = 3;
   enum Src { kSplit, kPaired, kAccF32, kAccI32 };
   for (int64_t I : {1, 37, 3000, 14336, 25001}) {
+    const int64_t T = I <= 6144 ? 67 : 3;  // past 64 rows, rows up to 6,144 take the prefill blocks (LLMQ_ROW_THREADS=256)
     for (Src src : {kSplit, kPaired, kAccF32, kAccI32}) {
       const int64_t ld = 2 * I + (src == kSplit ? 5 : 0);
       const bool paired = src != kSplit, raw = src == kAccF32 || src == kAccI32;
@@ -1217,8 +1217,8 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_real_distribution<float> us(0.5f, 2.f);
   std::uniform_int_distribution<int> ui(-5000, 5000);
-  const int64_t T = 4;
   for (int64_t H : {1, 37, 4096, 5003, 24576}) {
+    const int64_t T = H <= 6144 ? 67 : 4;  // past 64 rows, rows up to 6,144 take the prefill blocks (LLMQ_ROW_THREADS=256)
     for (bool i32 : {false, true}) {
       const int64_t ld = H + 7;  // the accumulators' row stride (N of the producing matmul)
       std::vector<float> x(static_cast<size_t>(T * H)), accf(static_cast<size_t>(T * ld)), xs(static_cast<size_t>(T)),

@@ -60,14 +60,30 @@ bool whole_rows(const PrepOut& o, int64_t D) {
   static const bool sliced = env_flag("LLMQ_ROW_SLICED");
   return !sliced && o.kind == ActKind::I8Token && D <= kRowMaxD;
 }
+// LLMQ_ROW_THREADS=256 (opt-in, not yet measured): the one-block-a-row kernels run blocks of kRowThreadsSmall
+// threads where a launch has more than kDecodeRows rows (prefill) and a row fits (D <= kRowThreadsSmall *
+// kRowVpt): at 1024 threads (62 registers each) one block is resident an SM, and a 2048-row prefill walks its rows
+// one block at a time (residual_rmsnorm_kernel at hidden 4096: 108 us a call, ~1 TB/s; H200,
+// bench/results/2026-12-04-nvidia-h200-session18.txt); at 256 (59-76 registers, no spills), three or four. Decode steps
+// (<= 64 rows) keep 1024.
+constexpr int kRowThreadsSmall = 256;
+constexpr int64_t kDecodeRows = 64;  // the most tokens a decode step (wgemm's kWgemmMaxT) has
+bool small_row_blocks(int64_t rows, int64_t D) {
+  static const bool on = [] {
+    const char* e = std::getenv("LLMQ_ROW_THREADS");
+    return e && std::atoi(e) == kRowThreadsSmall;
+  }();
+  return on && rows > kDecodeRows && D <= int64_t(kRowThreadsSmall) * kRowVpt;
+}
 
-// Row `r` of `out` (D <= kRowMaxD) from the values the block's threads hold: v[j] is element threadIdx.x + j *
-// kRowThreads (0 past D). The whole block (kRowThreads threads) calls it.
+// Row `r` of `out` (D <= kT * kRowVpt) from the values the block's threads hold: v[j] is element threadIdx.x + j *
+// kT (0 past D). The whole block (kT threads) calls it.
+template <int kT>
 __device__ void prep_row_regs(const PrepOut& o, int64_t r, int64_t D, const float (&v)[kRowVpt]) {
   if (o.kind == ActKind::None) {
 #pragma unroll
     for (int j = 0; j < kRowVpt; ++j) {
-      const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+      const int64_t i = threadIdx.x + int64_t(j) * kT;
       if (i < D) prep_store(o, r, i, v[j]);
     }
     return;
@@ -83,21 +99,21 @@ __device__ void prep_row_regs(const PrepOut& o, int64_t r, int64_t D, const floa
   const float inv = 1.0f / s;
 #pragma unroll
   for (int j = 0; j < kRowVpt; ++j) {
-    const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+    const int64_t i = threadIdx.x + int64_t(j) * kT;
     if (i < D) prep_store(o, r, i, v[j] * inv);
   }
 }
 
-// Row `r` of `out` (D <= kRowMaxD) from value(i), by the whole block.
-template <typename F>
+// Row `r` of `out` (D <= kT * kRowVpt) from value(i), by the whole block of kT threads.
+template <int kT, typename F>
 __device__ void prep_row_whole(const PrepOut& o, int64_t r, int64_t D, F value) {
   float v[kRowVpt];
 #pragma unroll
   for (int j = 0; j < kRowVpt; ++j) {
-    const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+    const int64_t i = threadIdx.x + int64_t(j) * kT;
     v[j] = i < D ? value(i) : 0.f;
   }
-  prep_row_regs(o, r, D, v);
+  prep_row_regs<kT>(o, r, D, v);
 }
 
 // Element (t, n) of raw accumulators with their scales applied: what gemm_epilogue computes (it calls this) before
@@ -110,12 +126,13 @@ __device__ __forceinline__ float raw_value(const RawAcc& in, int64_t t, int64_t 
   return v;
 }
 
-// The row of this block and its prep: kWhole (prep_row_whole, one block a row) or sliced (prep_row).
+// The row of this block and its prep: kWhole (prep_row_whole, one block of kT threads a row) or sliced
+// (prep_row, any block size).
 template <bool kWhole>
 __device__ __forceinline__ int64_t this_row(int64_t D) { return kWhole ? int64_t(blockIdx.x) : block_row(D); }
-template <bool kWhole, typename F>
+template <bool kWhole, int kT, typename F>
 __device__ __forceinline__ void prep_this_row(const PrepOut& o, int64_t r, int64_t D, F value) {
-  if constexpr (kWhole) prep_row_whole(o, r, D, value);
+  if constexpr (kWhole) prep_row_whole<kT>(o, r, D, value);
   else prep_row(o, r, D, value);
 }
 
@@ -127,8 +144,8 @@ __global__ void embed_kernel(const __nv_bfloat16* table, const int32_t* tokens, 
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) x[t * H + i] = __bfloat162float(src[i]);
 }
 
-template <bool kWhole>
-__global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(const float* x, const int32_t* src_rows, int64_t H, const float* w, float eps,
+template <bool kWhole, int kT = kRowThreads>
+__global__ void __launch_bounds__(kT) rmsnorm_kernel(const float* x, const int32_t* src_rows, int64_t H, const float* w, float eps,
                                const PrepOut o) {
   pdl_trigger();
   pdl_wait();
@@ -138,24 +155,25 @@ __global__ void __launch_bounds__(kRowThreads) rmsnorm_kernel(const float* x, co
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
   ss = block_reduce<false>(ss);
   const float inv = 1.0f / sqrtf(ss / float(H) + eps);
-  prep_this_row<kWhole>(o, r, H, [&](int64_t i) { return w[i] * (xr[i] * inv); });
+  prep_this_row<kWhole, kT>(o, r, H, [&](int64_t i) { return w[i] * (xr[i] * inv); });
 }
 
 // in: gate/up values as FP32, or as raw GEMM accumulators with the scales gemm_epilogue would apply.
-template <bool kWhole>
-__global__ void __launch_bounds__(kRowThreads) swiglu_kernel(const RawAcc in, int64_t I, bool paired, const PrepOut o) {
+template <bool kWhole, int kT = kRowThreads>
+__global__ void __launch_bounds__(kT) swiglu_kernel(const RawAcc in, int64_t I, bool paired, const PrepOut o) {
   pdl_trigger();
   pdl_wait();
   const int64_t t = this_row<kWhole>(I);
   const int64_t gs = paired ? 2 : 1, uo = paired ? 1 : I;  // gate i at column gs * i, up i at gs * i + uo
-  prep_this_row<kWhole>(o, t, I, [&](int64_t i) { return silu_mul(raw_value(in, t, gs * i), raw_value(in, t, gs * i + uo)); });
+  prep_this_row<kWhole, kT>(o, t, I, [&](int64_t i) { return silu_mul(raw_value(in, t, gs * i), raw_value(in, t, gs * i + uo)); });
 }
 
 // One block a row: x[t] += the raw accumulators' row t (as gemm_epilogue would add it), then RMSNorm into o. Every
 // thread reads in.x_scale[t] before the block's first barrier and thread 0 writes o.row_scale[t] after it, so the
 // two may be the same buffer.
-__global__ void __launch_bounds__(kRowThreads) residual_rmsnorm_kernel(const RawAcc in, float* x, int64_t H, const float* w,
-                                                                       float eps, const PrepOut o) {
+template <int kT>
+__global__ void __launch_bounds__(kT) residual_rmsnorm_kernel(const RawAcc in, float* x, int64_t H, const float* w, float eps,
+                                                              const PrepOut o) {
   pdl_trigger();
   pdl_wait();
   const int64_t t = blockIdx.x;
@@ -164,7 +182,7 @@ __global__ void __launch_bounds__(kRowThreads) residual_rmsnorm_kernel(const Raw
   float ss = 0.f;
 #pragma unroll
   for (int j = 0; j < kRowVpt; ++j) {
-    const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+    const int64_t i = threadIdx.x + int64_t(j) * kT;
     v[j] = 0.f;
     if (i < H) {
       v[j] = __fadd_rn(xr[i], raw_value(in, t, i));
@@ -176,19 +194,19 @@ __global__ void __launch_bounds__(kRowThreads) residual_rmsnorm_kernel(const Raw
   const float inv = 1.0f / sqrtf(ss / float(H) + eps);
 #pragma unroll
   for (int j = 0; j < kRowVpt; ++j) {
-    const int64_t i = threadIdx.x + int64_t(j) * kRowThreads;
+    const int64_t i = threadIdx.x + int64_t(j) * kT;
     if (i < H) v[j] = w[i] * (v[j] * inv);
   }
-  prep_row_regs(o, t, H, v);
+  prep_row_regs<kT>(o, t, H, v);
 }
 
-template <bool kWhole>
-__global__ void __launch_bounds__(kRowThreads) act_prep_kernel(const float* x, int64_t ld, int64_t D, const PrepOut o) {
+template <bool kWhole, int kT = kRowThreads>
+__global__ void __launch_bounds__(kT) act_prep_kernel(const float* x, int64_t ld, int64_t D, const PrepOut o) {
   pdl_trigger();
   pdl_wait();
   const int64_t t = this_row<kWhole>(D);
   const float* xr = x + t * ld;
-  prep_this_row<kWhole>(o, t, D, [&](int64_t i) { return xr[i]; });
+  prep_this_row<kWhole, kT>(o, t, D, [&](int64_t i) { return xr[i]; });
 }
 
 __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const float* xs, const float* ws,
@@ -311,6 +329,9 @@ void embed_gather(const void* table, const int32_t* tokens, int64_t T, int64_t H
 void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H, const float* w, float eps,
                   const PrepOut& out, cudaStream_t s) {
   if (R == 0) return;
+  if (whole_rows(out, H) && small_row_blocks(R, H))
+    return launch("rmsnorm_kernel", rmsnorm_kernel<true, kRowThreadsSmall>, unsigned(R), kRowThreadsSmall, 0, s, x, src_rows,
+                  H, w, eps, out);
   if (whole_rows(out, H))
     return launch("rmsnorm_kernel", rmsnorm_kernel<true>, unsigned(R), kRowThreads, 0, s, x, src_rows, H, w, eps, out);
   launch("rmsnorm_kernel", rmsnorm_kernel<false>, row_slice_blocks(R, H), kThreads, 0, s, x, src_rows, H, w, eps, out);
@@ -318,6 +339,8 @@ void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H,
 
 void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
   if (T == 0) return;
+  if (whole_rows(out, I) && small_row_blocks(T, I))
+    return launch("swiglu_kernel", swiglu_kernel<true, kRowThreadsSmall>, unsigned(T), kRowThreadsSmall, 0, s, in, I, paired, out);
   if (whole_rows(out, I))
     return launch("swiglu_kernel", swiglu_kernel<true>, unsigned(T), kRowThreads, 0, s, in, I, paired, out);
   launch("swiglu_kernel", swiglu_kernel<false>, row_slice_blocks(T, I), kThreads, 0, s, in, I, paired, out);
@@ -336,11 +359,16 @@ void residual_rmsnorm_prep(const RawAcc& in, float* x, int64_t T, int64_t H, con
                            const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
   if (!residual_rmsnorm_supported(H)) throw Error("residual_rmsnorm_prep: rows of more than " + std::to_string(kRowMaxD));
-  launch("residual_rmsnorm_kernel", residual_rmsnorm_kernel, unsigned(T), kRowThreads, 0, s, in, x, H, w, eps, out);
+  if (small_row_blocks(T, H))
+    return launch("residual_rmsnorm_kernel", residual_rmsnorm_kernel<kRowThreadsSmall>, unsigned(T), kRowThreadsSmall, 0, s, in,
+                  x, H, w, eps, out);
+  launch("residual_rmsnorm_kernel", residual_rmsnorm_kernel<kRowThreads>, unsigned(T), kRowThreads, 0, s, in, x, H, w, eps, out);
 }
 
 void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
+  if (whole_rows(out, D) && small_row_blocks(T, D))
+    return launch("act_prep_kernel", act_prep_kernel<true, kRowThreadsSmall>, unsigned(T), kRowThreadsSmall, 0, s, x, ldx, D, out);
   if (whole_rows(out, D))
     return launch("act_prep_kernel", act_prep_kernel<true>, unsigned(T), kRowThreads, 0, s, x, ldx, D, out);
   launch("act_prep_kernel", act_prep_kernel<false>, row_slice_blocks(T, D), kThreads, 0, s, x, ldx, D, out);
