@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cfloat>
+#include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 
@@ -554,11 +555,44 @@ __device__ __forceinline__ void stage8(const KvCacheView& kv, const void* base, 
   *reinterpret_cast<uint4*>(dst) = o;
 }
 
+// kPipe (LLMQ_FLASH_PIPE=1; opt-in, not yet measured): the K/V tiles come through a two-stage cp.async ring of
+// the cache's raw codes in dynamic shared memory (flash_pipe_smem bytes): tile kt + 1's copies are in flight
+// while tile kt is converted and multiplied. Without it each tile's loads (a block-table entry, then K and V,
+// eight dependent rounds a thread) and the tensor-core work take turns: the 2048-token prefill spent ~740 us a
+// layer in this kernel, ~60 TFLOP/s (H200, bench/results/2026-12-04-nvidia-h200-session18.txt).
+constexpr int kFlashBN = 64;  // positions per K/V tile
 template <int HD>
+constexpr size_t flash_pipe_smem() { return size_t(2) * 2 * kFlashBN * HD * 2; }  // 2 stages x K, V x BF16 size
+
+// Copies tile kt's K and V codes (positions kt .. min(kt + BN - 1, kend)) of KV head kvh into raw (K: [BN][HD]
+// codes, V after it), as cp.async by all the block's threads. Positions past kend are not copied.
+template <int HD>
+__device__ __forceinline__ void flash_issue(const KvCacheView& kv, int64_t sq, int64_t kvh, int kt, int kend, uint8_t* raw) {
+  const int esz = kv.type == KvType::BF16 ? 2 : 1;
+  const int64_t kvd = kv.kv_heads * HD;
+  uint8_t* rv = raw + kFlashBN * HD * esz;
+  for (int i = threadIdx.x; i < kFlashBN * (HD / 8); i += kFlashWarps * 32) {
+    const int key = i / (HD / 8), d0 = (i % (HD / 8)) * 8, j = kt + key;
+    if (j > kend) continue;
+    const int64_t at = (slot_of<uint32_t>(kv, sq, j) * kvd + kvh * HD + d0) * esz;
+    const int64_t to = int64_t(key * HD + d0) * esz;
+    const uint32_t dk = static_cast<uint32_t>(__cvta_generic_to_shared(raw + to));
+    const uint32_t dv = static_cast<uint32_t>(__cvta_generic_to_shared(rv + to));
+    if (esz == 2) {
+      cp_async16(dk, static_cast<const uint8_t*>(kv.k) + at);
+      cp_async16(dv, static_cast<const uint8_t*>(kv.v) + at);
+    } else {
+      cp_async8(dk, static_cast<const uint8_t*>(kv.k) + at);
+      cp_async8(dv, static_cast<const uint8_t*>(kv.v) + at);
+    }
+  }
+}
+
+template <int HD, bool kPipe = false>
 __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const AttentionArgs a, const KvCacheView kv) {
   pdl_trigger();
   pdl_wait();
-  constexpr int BN = 64;        // positions per K/V tile
+  constexpr int BN = kFlashBN;  // positions per K/V tile
   constexpr int KS = HD / 16;   // k-steps of S = Q K^T
   constexpr int NT = HD / 8;    // n-tiles of O
   constexpr int LDS = HD + 8;   // shared row stride in halves: 16 bytes of padding keep the reads conflict-free
@@ -613,17 +647,36 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
   const float ksc = kv.k_scale ? kv.k_scale[kvh] : 1.f, vsc = kv.v_scale ? kv.v_scale[kvh] : 1.f;
   __syncthreads();
   const int kbeg = (s_lo / BN) * BN, kend = s_hi;
+  extern __shared__ __align__(16) uint8_t flash_raw[];  // kPipe: two stages of K and V codes
+  constexpr int kStage = 2 * BN * HD * 2;
+  if constexpr (kPipe) {
+    flash_issue<HD>(kv, sq, kvh, kbeg, kend, flash_raw);
+    cp_async_commit();
+  }
 
-  for (int kt = kbeg; kt <= kend; kt += BN) {
-    __syncthreads();  // the previous tile has been read
+  for (int kt = kbeg, it = 0; kt <= kend; kt += BN, ++it) {
+    if constexpr (kPipe) {
+      // The next tile's copies into the other stage (converted out of it two barriers ago), then this tile's.
+      if (kt + BN <= kend) flash_issue<HD>(kv, sq, kvh, kt + BN, kend, flash_raw + ((it + 1) & 1) * kStage);
+      cp_async_commit();
+      cp_async_wait<1>();
+    }
+    __syncthreads();  // the previous tile has been read (kPipe: and every thread's copies of this one landed)
+    const uint8_t* rk = flash_raw + (it & 1) * kStage;
+    const uint8_t* rv = rk + BN * HD * (kv.type == KvType::BF16 ? 2 : 1);
     for (int i = threadIdx.x; i < BN * (HD / 8); i += kFlashWarps * 32) {
       const int key = i / (HD / 8), d0 = (i % (HD / 8)) * 8, j = kt + key;
       __half* kd = ks + key * LDS + d0;
       __half* vd = vs + key * LDS + d0;
       if (j <= kend) {
-        const int64_t at = slot_of(kv, sq, j) * kvd + kvh * HD + d0;
-        stage8(kv, kv.k, at, ksc, kd);
-        stage8(kv, kv.v, at, vsc, vd);
+        if constexpr (kPipe) {
+          stage8(kv, rk, key * HD + d0, ksc, kd);
+          stage8(kv, rv, key * HD + d0, vsc, vd);
+        } else {
+          const int64_t at = slot_of(kv, sq, j) * kvd + kvh * HD + d0;
+          stage8(kv, kv.k, at, ksc, kd);
+          stage8(kv, kv.v, at, vsc, vd);
+        }
       } else {
         *reinterpret_cast<uint4*>(kd) = make_uint4(0u, 0u, 0u, 0u);
         *reinterpret_cast<uint4*>(vd) = make_uint4(0u, 0u, 0u, 0u);
@@ -711,10 +764,29 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
   }
 }
 
+// LLMQ_FLASH_PIPE=1: the cp.async instance (kPipe), where the card grants its dynamic shared memory.
+template <int HD>
+bool flash_pipe() {
+  static const bool ok = [] {
+    if (!env_flag("LLMQ_FLASH_PIPE")) return false;
+    const bool granted = cudaFuncSetAttribute(flash_prefill_kernel<HD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              int(flash_pipe_smem<HD>())) == cudaSuccess;
+    if (!granted) {
+      cudaGetLastError();
+      std::fprintf(stderr, "llmq: note: LLMQ_FLASH_PIPE: the card grants no %zu bytes of dynamic shared memory; "
+                   "prefill attention stays on the plain kernel\n", flash_pipe_smem<HD>());
+    }
+    return granted;
+  }();
+  return ok;
+}
+
 template <int HD>
 void launch_flash(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
-  launch("flash_prefill_kernel", flash_prefill_kernel<HD>, dim3(unsigned(a.n_tiles), unsigned(a.heads)), kFlashWarps * 32, 0,
-         s, a, kv);
+  const dim3 grid(unsigned(a.n_tiles), unsigned(a.heads));
+  if (flash_pipe<HD>())
+    return launch("flash_prefill_kernel", flash_prefill_kernel<HD, true>, grid, kFlashWarps * 32, flash_pipe_smem<HD>(), s, a, kv);
+  launch("flash_prefill_kernel", flash_prefill_kernel<HD>, grid, kFlashWarps * 32, 0, s, a, kv);
 }
 
 // A decode kernel (one block per token, head group and split; see DecodeBlock), instantiated for the cache type.

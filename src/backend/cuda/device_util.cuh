@@ -35,6 +35,23 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #endif
 }
 
+// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, bypassing L1
+// (cp_async8: 8 bytes, through L1). smem: a shared-memory address (__cvta_generic_to_shared); both addresses
+// aligned to the size.
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem) : "memory");
+}
+// Closes this thread's group of cp.async copies issued since the last commit (an empty group if none).
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // The threadFenceReduction pattern: every thread of every block of a launch calls it once, after its last
 // global write that the reduction reads. Returns true (in all threads) only in the last of `total` blocks to
 // arrive at *counter, which then sees every other block's writes when it reads them through the L2 (__ldcg);

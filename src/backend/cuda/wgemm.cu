@@ -387,18 +387,6 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   return d;
 }
 
-// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers, bypassing L1.
-// smem: a shared-memory address (__cvta_generic_to_shared).
-__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // ND consecutive units (from unit u, a multiple of the units per group) of RB row blocks of one lane of
 // wgemm_i4_kernel, whose weight words wv[i] (row block i) the caller has loaded; sp[i]/zp[i]: the scales and zero
 // points of row block i's rows g and g + 8 (sp[i][0], sp[i][1]), advanced to unit u's group, so that every group
