@@ -557,9 +557,9 @@ __device__ __forceinline__ void stage8(const KvCacheView& kv, const void* base, 
 
 // kPipe (LLMQ_FLASH_PIPE=1; opt-in, not yet measured): the K/V tiles come through a two-stage cp.async ring of
 // the cache's raw codes in dynamic shared memory (flash_pipe_smem bytes): tile kt + 1's copies are in flight
-// while tile kt is converted and multiplied. Without it each tile's loads (a block-table entry, then K and V,
-// eight dependent rounds a thread) and the tensor-core work take turns: the 2048-token prefill spent ~740 us a
-// layer in this kernel, ~60 TFLOP/s (H200, bench/results/2026-12-04-nvidia-h200-session18.txt).
+// while tile kt is converted and multiplied. Without it each tile's loads (a block-table entry, then K and V;
+// eight of each a thread) and the tensor-core work take turns between barriers: the 2048-token prefill spent
+// ~740 us a layer in this kernel, ~60 TFLOP/s (H200, bench/results/2026-12-04-nvidia-h200-session18.txt).
 constexpr int kFlashBN = 64;  // positions per K/V tile
 template <int HD>
 constexpr size_t flash_pipe_smem() { return size_t(2) * 2 * kFlashBN * HD * 2; }  // 2 stages x K, V x BF16 size
