@@ -326,8 +326,10 @@ __device__ __forceinline__ void kv_cvt8(const uint4 u, float scale, float (&f)[8
 // 6 cycles (ncu on the H200). Launched where the whole grid is resident at once (decode_kernel_for).
 constexpr int kUnroll = 4;
 
-template <int HD, typename KT, int NG, int U = kUnroll, int HS = 1>
-__global__ void __launch_bounds__(kWarps * HS * 32) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
+// MinB: the blocks an SM that __launch_bounds__ must leave room for (0: no minimum, the code of the instances
+// without it).
+template <int HD, typename KT, int NG, int U = kUnroll, int HS = 1, int MinB = 0>
+__global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
   pdl_trigger();
   static_assert(NG % HS == 0, "the head slices split the block's heads evenly");
   constexpr int L = HD / 8, P = 32 / L, NW = NG / HS;  // NW: heads per warp
@@ -801,17 +803,32 @@ void launch_blocks(const char* name, DecodeKernel bf16, DecodeKernel fp8, Decode
 }
 
 // Blocks of one attention_decode_kernel instance resident on the card at once.
-template <int HD, typename KT, int NG, int U, int HS>
+template <int HD, typename KT, int NG, int U, int HS, int MinB = 0>
 int64_t decode_resident() {
   static const int64_t resident = [] {
     int per_sm = 0, dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_decode_kernel<HD, KT, NG, U, HS>,
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_decode_kernel<HD, KT, NG, U, HS, MinB>,
                                                                   kWarps * HS * 32, 0));
     return int64_t(per_sm) * sms;
   }();
   return resident;
+}
+
+// LLMQ_ATTN_U2=1 (opt-in, not yet measured): where the one-step kernel would run (batch 64 of llama-3-8b: 512
+// blocks) and a block has at most 4 query heads, the instance with two positions a warp in flight, held to 128
+// registers (8 bytes of spill at sm_90a) so that as many blocks stay resident as with one step (four an SM). At
+// batch 64 each block walks its ~160-position range in 20 steps, each a load round trip and then the arithmetic
+// on it: 34 us a layer, ~1.2 TB/s (H200, bench/results/2026-12-02-nvidia-h200-session9.txt); this halves the
+// steps. LLMQ_ATTN_U2=2: that instance wherever the unrolled and head-split ones are not taken (for tests; with
+// LLMQ_ATTN_NO_HEADSPLIT=1 every launch of at most 4 heads a block).
+int attn_u2() {
+  static const int v = [] {
+    const char* e = std::getenv("LLMQ_ATTN_U2");
+    return e && *e ? std::atoi(e) : 0;
+  }();
+  return v;
 }
 
 // LLMQ_ATTN_NO_HEADSPLIT=1: never the head-split instances (comparisons).
@@ -842,7 +859,11 @@ DecodeChoice decode_kernel_for(int64_t blocks) {
   if constexpr (HS > 1)
     if (!no_head_split() && blocks <= decode_resident<HD, KT, NG, kUnroll, HS>())
       return {attention_decode_kernel<HD, KT, NG, kUnroll, HS>, kWarps * HS, true};
-  if (blocks <= decode_resident<HD, KT, NG, kUnroll, 1>()) return {attention_decode_kernel<HD, KT, NG>, kWarps, true};
+  if (attn_u2() != 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1>())
+    return {attention_decode_kernel<HD, KT, NG>, kWarps, true};
+  if constexpr (NG <= 4)  // (eight heads a block spill ~1 KB a thread at 128 registers)
+    if (attn_u2() == 2 || (attn_u2() == 1 && blocks <= decode_resident<HD, KT, NG, 2, 1, 4>()))
+      return {attention_decode_kernel<HD, KT, NG, 2, 1, 4>, kWarps, false};
   return {attention_decode_kernel<HD, KT, NG, 1>, kWarps, false};
 }
 template <int HD, int NG>
