@@ -1047,6 +1047,26 @@ void expect_prep_value(const std::vector<uint8_t>& bytes, size_t idx, ActKind ki
   }
 }
 
+// Every row of a prep output [rows, D] (bytes; scales: the row scales it wrote) against the CPU's values ref (row
+// stride ld_ref): the row scale (per-token INT8: the row's absmax / 127, else static_scale) within scale_tol of
+// it relative, every value through expect_prep_value.
+void expect_prep_rows(const std::vector<uint8_t>& bytes, const std::vector<float>& scales, int64_t rows, int64_t D,
+                      ActKind kind, bool as_bf16, const float* ref, int64_t ld_ref, float static_scale, float scale_tol,
+                      const std::string& where) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float amax = 0;
+    for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(ref[r * ld_ref + i]));
+    const float s = kind == ActKind::I8Token ? amax / 127.f : static_scale;
+    if (kind != ActKind::None) {
+      ASSERT_NEAR(scales[size_t(r)], s, scale_tol * s) << where << " row scale " << r;
+    }
+    for (int64_t i = 0; i < D; ++i) {
+      ASSERT_NO_FATAL_FAILURE(expect_prep_value(bytes, size_t(r * D + i), kind, as_bf16, ref[r * ld_ref + i], s,
+                                                where + " t " + std::to_string(r) + " i " + std::to_string(i)));
+    }
+  }
+}
+
 TEST(CudaElementwise, RmsNormPrepMatchesCpu) {
   REQUIRE_GPU();
   std::mt19937 rng(7);
@@ -1080,18 +1100,8 @@ TEST(CudaElementwise, RmsNormPrepMatchesCpu) {
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<uint8_t> bytes = out.get<uint8_t>();
         const std::vector<float> scales = rs.get<float>();
-        for (int64_t r = 0; r < R; ++r) {
-          float amax = 0;
-          for (int64_t i = 0; i < H; ++i) amax = std::max(amax, std::fabs(ref[size_t(r * H + i)]));
-          const float s = kind == ActKind::I8Token ? amax / 127.f : 0.05f;
-          if (kind != ActKind::None) {
-            ASSERT_NEAR(scales[size_t(r)], s, 1e-5f * s) << "row scale";
-          }
-          for (int64_t i = 0; i < H; ++i) {
-            ASSERT_NO_FATAL_FAILURE(expect_prep_value(bytes, size_t(r * H + i), kind, as_bf16, ref[size_t(r * H + i)], s,
-                                                      "H " + std::to_string(H) + " i " + std::to_string(i)));
-          }
-        }
+        ASSERT_NO_FATAL_FAILURE(expect_prep_rows(bytes, scales, R, H, kind, as_bf16, ref.data(), H, 0.05f, 1e-5f,
+                                                 "H " + std::to_string(H)));
       }
     }
   }
@@ -1157,20 +1167,9 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<uint8_t> bytes = out.get<uint8_t>();
         const std::vector<float> scales = rs.get<float>();
-        for (int64_t t = 0; t < T; ++t) {
-          float amax = 0;
-          for (int64_t i = 0; i < I; ++i) amax = std::max(amax, std::fabs(ref[size_t(t * I + i)]));
-          const float s = kind == ActKind::I8Token ? amax / 127.f : 0.03f;
-          if (kind != ActKind::None) {
-            ASSERT_NEAR(scales[size_t(t)], s, 1e-5f * s) << "I " << I << " src " << src;
-          }
-          for (int64_t i = 0; i < I; ++i) {
-            ASSERT_NO_FATAL_FAILURE(expect_prep_value(bytes, size_t(t * I + i), kind, false, ref[size_t(t * I + i)], s,
-                                                      "I " + std::to_string(I) + " src " + std::to_string(src) + " kind " +
-                                                          std::to_string(int(kind)) + " t " + std::to_string(t) +
-                                                          " i " + std::to_string(i)));
-          }
-        }
+        ASSERT_NO_FATAL_FAILURE(expect_prep_rows(bytes, scales, T, I, kind, false, ref.data(), I, 0.03f, 1e-5f,
+                                                 "I " + std::to_string(I) + " src " + std::to_string(src) + " kind " +
+                                                     std::to_string(int(kind))));
       }
     }
     // act_prep: row t of x [T, ld] with ld > D.
@@ -1191,18 +1190,8 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       const std::vector<uint8_t> bytes = out.get<uint8_t>();
       const std::vector<float> scales = rs.get<float>();
-      for (int64_t t = 0; t < T; ++t) {
-        float amax = 0;
-        for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(x[size_t(t * ldx + i)]));
-        const float s = kind == ActKind::I8Token ? amax / 127.f : 0.05f;
-        if (kind != ActKind::None) {
-          ASSERT_NEAR(scales[size_t(t)], s, 1e-6f * s) << "act_prep D " << D;
-        }
-        for (int64_t i = 0; i < D; ++i) {
-          ASSERT_NO_FATAL_FAILURE(expect_prep_value(bytes, size_t(t * D + i), kind, false, x[size_t(t * ldx + i)], s,
-                                                    "act_prep D " + std::to_string(D) + " i " + std::to_string(i)));
-        }
-      }
+      ASSERT_NO_FATAL_FAILURE(expect_prep_rows(bytes, scales, T, D, kind, false, x.data(), ldx, 0.05f, 1e-6f,
+                                               "act_prep D " + std::to_string(D)));
     }
   }
 }
@@ -1267,19 +1256,8 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
         for (size_t i = 0; i < got_x.size(); ++i) ASSERT_EQ(got_x[i], want_x[i]) << "H " << H << " x " << i;
         const std::vector<uint8_t> bytes = out.get<uint8_t>();
         const std::vector<float> scales = dxs.get<float>();
-        for (int64_t t = 0; t < T; ++t) {
-          float amax = 0;
-          for (int64_t i = 0; i < H; ++i) amax = std::max(amax, std::fabs(ref[size_t(t * H + i)]));
-          const float s = kind == ActKind::I8Token ? amax / 127.f : 0.04f;
-          if (kind != ActKind::None) {
-            ASSERT_NEAR(scales[size_t(t)], s, 1e-5f * s) << "H " << H;
-          }
-          for (int64_t i = 0; i < H; ++i) {
-            ASSERT_NO_FATAL_FAILURE(expect_prep_value(bytes, size_t(t * H + i), kind, false, ref[size_t(t * H + i)], s,
-                                                      "H " + std::to_string(H) + " i32 " + std::to_string(i32) + " t " +
-                                                          std::to_string(t) + " i " + std::to_string(i)));
-          }
-        }
+        ASSERT_NO_FATAL_FAILURE(expect_prep_rows(bytes, scales, T, H, kind, false, ref.data(), H, 0.04f, 1e-5f,
+                                                 "H " + std::to_string(H) + " i32 " + std::to_string(i32)));
       }
     }
   }

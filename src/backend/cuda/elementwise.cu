@@ -319,6 +319,17 @@ __global__ void argmax_kernel(const float* x, int64_t n, int32_t* ids, float* pa
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
+// A row kernel over `rows` rows of D values: one block a row where `whole` (kRowThreadsSmall threads where
+// small_row_blocks says so, else kRowThreads), else the sliced launch. The three instances of its template.
+template <typename... P, typename... A>
+void launch_rows(const char* name, bool whole, int64_t rows, int64_t D, void (*whole_small)(P...), void (*whole_big)(P...),
+                 void (*sliced)(P...), cudaStream_t s, A&&... args) {
+  if (whole && small_row_blocks(rows, D))
+    return launch(name, whole_small, unsigned(rows), kRowThreadsSmall, 0, s, std::forward<A>(args)...);
+  if (whole) return launch(name, whole_big, unsigned(rows), kRowThreads, 0, s, std::forward<A>(args)...);
+  launch(name, sliced, row_slice_blocks(rows, D), kThreads, 0, s, std::forward<A>(args)...);
+}
+
 }  // namespace
 
 void embed_gather(const void* table, const int32_t* tokens, int64_t T, int64_t H, float* x, cudaStream_t s) {
@@ -329,21 +340,14 @@ void embed_gather(const void* table, const int32_t* tokens, int64_t T, int64_t H
 void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H, const float* w, float eps,
                   const PrepOut& out, cudaStream_t s) {
   if (R == 0) return;
-  if (whole_rows(out, H) && small_row_blocks(R, H))
-    return launch("rmsnorm_kernel", rmsnorm_kernel<true, kRowThreadsSmall>, unsigned(R), kRowThreadsSmall, 0, s, x, src_rows,
-                  H, w, eps, out);
-  if (whole_rows(out, H))
-    return launch("rmsnorm_kernel", rmsnorm_kernel<true>, unsigned(R), kRowThreads, 0, s, x, src_rows, H, w, eps, out);
-  launch("rmsnorm_kernel", rmsnorm_kernel<false>, row_slice_blocks(R, H), kThreads, 0, s, x, src_rows, H, w, eps, out);
+  launch_rows("rmsnorm_kernel", whole_rows(out, H), R, H, rmsnorm_kernel<true, kRowThreadsSmall>, rmsnorm_kernel<true>,
+              rmsnorm_kernel<false>, s, x, src_rows, H, w, eps, out);
 }
 
 void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
   if (T == 0) return;
-  if (whole_rows(out, I) && small_row_blocks(T, I))
-    return launch("swiglu_kernel", swiglu_kernel<true, kRowThreadsSmall>, unsigned(T), kRowThreadsSmall, 0, s, in, I, paired, out);
-  if (whole_rows(out, I))
-    return launch("swiglu_kernel", swiglu_kernel<true>, unsigned(T), kRowThreads, 0, s, in, I, paired, out);
-  launch("swiglu_kernel", swiglu_kernel<false>, row_slice_blocks(T, I), kThreads, 0, s, in, I, paired, out);
+  launch_rows("swiglu_kernel", whole_rows(out, I), T, I, swiglu_kernel<true, kRowThreadsSmall>, swiglu_kernel<true>,
+              swiglu_kernel<false>, s, in, I, paired, out);
 }
 
 void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
@@ -367,11 +371,8 @@ void residual_rmsnorm_prep(const RawAcc& in, float* x, int64_t T, int64_t H, con
 
 void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
-  if (whole_rows(out, D) && small_row_blocks(T, D))
-    return launch("act_prep_kernel", act_prep_kernel<true, kRowThreadsSmall>, unsigned(T), kRowThreadsSmall, 0, s, x, ldx, D, out);
-  if (whole_rows(out, D))
-    return launch("act_prep_kernel", act_prep_kernel<true>, unsigned(T), kRowThreads, 0, s, x, ldx, D, out);
-  launch("act_prep_kernel", act_prep_kernel<false>, row_slice_blocks(T, D), kThreads, 0, s, x, ldx, D, out);
+  launch_rows("act_prep_kernel", whole_rows(out, D), T, D, act_prep_kernel<true, kRowThreadsSmall>, act_prep_kernel<true>,
+              act_prep_kernel<false>, s, x, ldx, D, out);
 }
 
 void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
