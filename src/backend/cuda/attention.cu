@@ -2,6 +2,7 @@
 #include <cfloat>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "backend/cuda/attention.cuh"
@@ -557,11 +558,12 @@ __device__ __forceinline__ void stage8(const KvCacheView& kv, const void* base, 
   *reinterpret_cast<uint4*>(dst) = o;
 }
 
-// kPipe (LLMQ_FLASH_PIPE=1; opt-in, not yet measured): the K/V tiles come through a two-stage cp.async ring of
-// the cache's raw codes in dynamic shared memory (flash_pipe_smem bytes): tile kt + 1's copies are in flight
-// while tile kt is converted and multiplied. Without it each tile's loads (a block-table entry, then K and V;
-// eight of each a thread) and the tensor-core work take turns between barriers: the 2048-token prefill spent
-// ~740 us a layer in this kernel, ~60 TFLOP/s (H200, bench/results/2026-12-04-nvidia-h200-session18.txt).
+// kPipe (the default; LLMQ_FLASH_PIPE=0 for the plain instance): the K/V tiles come through a two-stage cp.async
+// ring of the cache's raw codes in dynamic shared memory (flash_pipe_smem bytes): tile kt + 1's copies are in
+// flight while tile kt is converted and multiplied. Without it each tile's loads (a block-table entry, then K and
+// V; eight of each a thread) and the tensor-core work take turns between barriers. H200, llama-3-8b cut to 4
+// layers, 2048-token prefill, this kernel's CUPTI total over 16 calls: 498-520 us with the ring, 722-734 without
+// (bf16, fp8, int8-sq; bench/results/2026-12-04-nvidia-h200-session19.txt).
 constexpr int kFlashBN = 64;  // positions per K/V tile
 template <int HD>
 constexpr size_t flash_pipe_smem() { return size_t(2) * 2 * kFlashBN * HD * 2; }  // 2 stages x K, V x BF16 size
@@ -766,16 +768,17 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
   }
 }
 
-// LLMQ_FLASH_PIPE=1: the cp.async instance (kPipe), where the card grants its dynamic shared memory.
+// The cp.async instance (kPipe), where the card grants its dynamic shared memory and LLMQ_FLASH_PIPE is not 0.
 template <int HD>
 bool flash_pipe() {
   static const bool ok = [] {
-    if (!env_flag("LLMQ_FLASH_PIPE")) return false;
+    const char* e = std::getenv("LLMQ_FLASH_PIPE");
+    if (e && std::strcmp(e, "0") == 0) return false;
     const bool granted = cudaFuncSetAttribute(flash_prefill_kernel<HD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               int(flash_pipe_smem<HD>())) == cudaSuccess;
     if (!granted) {
       cudaGetLastError();
-      std::fprintf(stderr, "llmq: note: LLMQ_FLASH_PIPE: the card grants no %zu bytes of dynamic shared memory; "
+      std::fprintf(stderr, "llmq: note: the card grants no %zu bytes of dynamic shared memory; "
                    "prefill attention stays on the plain kernel\n", flash_pipe_smem<HD>());
     }
     return granted;
@@ -816,17 +819,18 @@ int64_t decode_resident() {
   return resident;
 }
 
-// LLMQ_ATTN_U2=1 (opt-in, not yet measured): where the one-step kernel would run (batch 64 of llama-3-8b: 512
-// blocks) and a block has at most 4 query heads, the instance with two positions a warp in flight, held to 128
-// registers (8 bytes of spill at sm_90a) so that as many blocks stay resident as with one step (four an SM). At
-// batch 64 each block walks its ~160-position range in 20 steps, each a load round trip and then the arithmetic
-// on it: 34 us a layer, ~1.2 TB/s (H200, bench/results/2026-12-02-nvidia-h200-session9.txt); this halves the
-// steps. LLMQ_ATTN_U2=2: that instance wherever the unrolled and head-split ones are not taken (for tests; with
-// LLMQ_ATTN_NO_HEADSPLIT=1 every launch of at most 4 heads a block).
+// Where the one-step kernel would run (batch 64 of llama-3-8b: 512 blocks) and a block has at most 4 query heads,
+// the instance with two positions a warp in flight, held to 128 registers (8 bytes of spill at sm_90a) so that as
+// many blocks stay resident as with one step (four an SM). At batch 64 each block walks its ~160-position range in
+// 20 steps, each a load round trip and then the arithmetic on it; two in flight halve the round trips. H200,
+// llmq-kbench --only decode, 64 sequences, ctx 160, BF16 cache: 31.5 us one step / 25.4 two; llama-3-8b cut to 4
+// layers, batch 64, tpot bf16 1.084 / 1.053 ms, fp8 0.888 / 0.858 (bench/results/2026-12-04-nvidia-h200-session19.txt).
+// LLMQ_ATTN_U2=0: one step (comparisons). LLMQ_ATTN_U2=2: the two-step instance wherever the unrolled and
+// head-split ones are not taken (for tests; with LLMQ_ATTN_NO_HEADSPLIT=1 every launch of at most 4 heads a block).
 int attn_u2() {
   static const int v = [] {
     const char* e = std::getenv("LLMQ_ATTN_U2");
-    return e && *e ? std::atoi(e) : 0;
+    return e && *e ? std::atoi(e) : 1;
   }();
   return v;
 }
