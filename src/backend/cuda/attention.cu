@@ -562,8 +562,8 @@ __device__ __forceinline__ void stage8(const KvCacheView& kv, const void* base, 
 // ring of the cache's raw codes in dynamic shared memory (flash_pipe_smem bytes): tile kt + 1's copies are in
 // flight while tile kt is converted and multiplied. Without it each tile's loads (a block-table entry, then K and
 // V; eight of each a thread) and the tensor-core work take turns between barriers. H200, llama-3-8b cut to 4
-// layers, 2048-token prefill, this kernel's CUPTI total over 16 calls: 498-520 us with the ring, 722-734 without
-// (bf16, fp8, int8-sq; bench/results/2026-12-04-nvidia-h200-session19.txt).
+// layers, 2048-token prefill, this kernel's median CUPTI duration (one layer's attention): 498-520 us with the ring,
+// 722-734 without (bf16, fp8, int8-sq; bench/results/2026-12-04-nvidia-h200-session19.txt).
 constexpr int kFlashBN = 64;  // positions per K/V tile
 template <int HD>
 constexpr size_t flash_pipe_smem() { return size_t(2) * 2 * kFlashBN * HD * 2; }  // 2 stages x K, V x BF16 size

@@ -63,8 +63,8 @@ bool whole_rows(const PrepOut& o, int64_t D) {
 // The one-block-a-row kernels run blocks of kRowThreadsSmall threads where a launch has more than kDecodeRows rows
 // (prefill) and a row fits (D <= kRowThreadsSmall * kRowVpt): at 1024 threads (62 registers each) one block is
 // resident an SM and a 2048-token prefill walks its rows one block at a time; at 256 (59-76 registers, no spills),
-// three or four. H200, llama-3-8b cut to 4 layers, 2048-token prefill, CUPTI totals: fp8's residual_rmsnorm_kernel
-// 107 us (1024) / 70 (256) over 28 calls, int8-sq's act_prep_kernel 296 / 262 and residual_rmsnorm 132 / 88
+// three or four. H200, llama-3-8b cut to 4 layers, 2048-token prefill, median CUPTI duration a call: fp8's
+// residual_rmsnorm_kernel 107 us (1024 threads) / 70 (256), int8-sq's 132 / 88
 // (bench/results/2026-12-04-nvidia-h200-session19.txt). Decode steps (<= 64 rows) keep 1024.
 // LLMQ_ROW_THREADS=1024: 1024-thread blocks for every launch (comparisons).
 constexpr int kRowThreadsSmall = 256;
