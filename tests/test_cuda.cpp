@@ -1366,16 +1366,36 @@ TEST(CudaLt, UnscaledMatchesReference) {
           }
           ref[size_t(t * c.N + j)] = sum, mag[size_t(t * c.N + j)] = m;
         }
-      {
-        if (!lt.supports(kind, c.N, c.T, c.K, sm)) {
-          std::printf("  cuBLASLt offers no %s GEMM for N %lld T %lld K %lld on sm_%d\n", fp8 ? "FP8" : "INT8",
-                      (long long)c.N, (long long)c.T, (long long)c.K, sm);
+      // Whole K, then split K (LtGemm::run's parts: the partial sums of each slice, added here in order as
+      // RawAcc adds them) where K divides.
+      for (int parts : {1, 2, 4}) {
+        if (c.K % (16 * parts)) continue;
+        if (!lt.supports(kind, c.N, c.T, c.K, sm, parts)) {
+          std::printf("  cuBLASLt offers no %s GEMM for N %lld T %lld K %lld in %d part(s) on sm_%d\n", fp8 ? "FP8" : "INT8",
+                      (long long)c.N, (long long)c.T, (long long)c.K, parts, sm);
           continue;
         }
-        Buf acc(std::vector<float>(size_t(c.T * c.N), std::nanf("")));  // poisoned (INT32 reads it as 0x7fc00000)
-        lt.run(kind, dw.p, dx.p, acc.p, c.N, c.T, c.K, nullptr);
+        const size_t one = size_t(c.T * c.N);
+        Buf acc(std::vector<float>(one * size_t(parts), std::nanf("")));  // poisoned (INT32 reads it as 0x7fc00000)
+        lt.run(kind, dw.p, dx.p, acc.p, c.N, c.T, c.K, nullptr, parts);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const std::vector<float> gf = acc.get<float>();
+        const std::vector<float> raw = acc.get<float>();
+        std::vector<float> gf(one);
+        for (size_t i = 0; i < one; ++i) {
+          if (fp8) {
+            float v = raw[i];
+            for (int p = 1; p < parts; ++p) v += raw[size_t(p) * one + i];
+            gf[i] = v;
+          } else {
+            int32_t sum = 0;
+            for (int p = 0; p < parts; ++p) {
+              int32_t part = 0;
+              std::memcpy(&part, &raw[size_t(p) * one + i], 4);
+              sum += part;
+            }
+            std::memcpy(&gf[i], &sum, 4);
+          }
+        }
         double worst = 0;  // FP8: the largest error relative to the sum of the magnitudes of the products
         for (int64_t t = 0; t < c.T; ++t)
           for (int64_t j = 0; j < c.N; ++j) {
@@ -1387,16 +1407,17 @@ TEST(CudaLt, UnscaledMatchesReference) {
               // 2^-14.2 at K 4096; a bound of FP32 summation error, K * 6e-8 of them, failed at K 336.
               worst = std::max(worst, std::fabs(double(gf[i]) - ref[i]) / (mag[i] + 1e-30));
               ASSERT_NEAR(gf[i], ref[i], std::ldexp(mag[i], -11) + 1e-30)
-                  << "FP8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
+                  << "FP8 N " << c.N << " T " << c.T << " K " << c.K << " parts " << parts << " t " << t << " n " << j;
             } else {
               int32_t got = 0;
               std::memcpy(&got, &gf[i], 4);
-              ASSERT_EQ(got, int32_t(ref[i])) << "INT8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
+              ASSERT_EQ(got, int32_t(ref[i])) << "INT8 N " << c.N << " T " << c.T << " K " << c.K << " parts " << parts
+                                              << " t " << t << " n " << j;
             }
           }
         if (fp8)
-          std::printf("  FP8 N %lld T %lld K %lld: largest error / sum of |products| %.3g (2^%.1f)\n", (long long)c.N,
-                      (long long)c.T, (long long)c.K, worst, worst > 0 ? std::log2(worst) : -99.0);
+          std::printf("  FP8 N %lld T %lld K %lld, %d part(s): largest error / sum of |products| %.3g (2^%.1f)\n",
+                      (long long)c.N, (long long)c.T, (long long)c.K, parts, worst, worst > 0 ? std::log2(worst) : -99.0);
         ++ran;
       }
     }
@@ -1908,20 +1929,30 @@ TEST(CudaModel, SmallBatchDecodeEqualsOneAtATime) {
 
 // W8A8 decode steps of 12 sequences (cuBLASLt inside the step's graph; SwiGLU and the next RMSNorm reading the raw
 // accumulators of gate_up, o_proj and down_proj) against one sequence at a time (the GEMV), to the W8A8 bound of
-// SmallBatchDecodeEqualsOneAtATime; and the same with the epilogue passes (LLMQ_NO_RAW_ACC=1). A wrong scale, a
-// stale accumulator or a residual added twice moves logits by whole units.
+// SmallBatchDecodeEqualsOneAtATime; and the same with the epilogue passes (LLMQ_NO_RAW_ACC=1), and with the
+// GEMMs split K in 2 and 4 parts (LLMQ_LT_SPLIT, both readers of the partials: the raw-accumulator kernels and,
+// with LLMQ_NO_RAW_ACC=1, gemm_epilogue). A wrong scale, a stale accumulator, a residual added twice or a partial
+// sum left out moves logits by whole units.
 TEST(CudaModel, W8A8WideDecodeEqualsOneAtATime) {
   REQUIRE_GPU();
   const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-w8a8wide-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
   for (const std::string method : {"fp8", "int8-sq"}) {
     Model m(quantized_27m(tmp, method));
-    for (const char* raw : {"1", "0"}) {
-      if (*raw == '0') setenv("LLMQ_NO_RAW_ACC", "1", 1);
-      const float worst = wide_decode_check(m, method + (*raw == '1' ? "" : " epilogue passes"), 12, 1.f);
+    struct Variant {
+      const char* raw;    // "0": LLMQ_NO_RAW_ACC=1
+      const char* split;  // LLMQ_LT_SPLIT
+    };
+    for (const Variant v : {Variant{"1", "1"}, Variant{"0", "1"}, Variant{"1", "2"}, Variant{"0", "4"}}) {
+      if (*v.raw == '0') setenv("LLMQ_NO_RAW_ACC", "1", 1);
+      setenv("LLMQ_LT_SPLIT", v.split, 1);
+      const std::string what = std::string(*v.raw == '1' ? "" : " (LLMQ_NO_RAW_ACC=1)") +
+                               (*v.split == '1' ? "" : std::string(" (LLMQ_LT_SPLIT=") + v.split + ")");
+      const float worst = wide_decode_check(m, method + what, 12, 1.f);
       unsetenv("LLMQ_NO_RAW_ACC");
+      unsetenv("LLMQ_LT_SPLIT");
       std::printf("  %-8s 12-sequence step%s vs one at a time: largest logit difference %.4f\n", method.c_str(),
-                  *raw == '1' ? "" : " (LLMQ_NO_RAW_ACC=1)", double(worst));
+                  what.c_str(), double(worst));
     }
   }
   fs::remove_all(tmp);

@@ -121,7 +121,17 @@ __device__ void prep_row_whole(const PrepOut& o, int64_t r, int64_t D, F value) 
 // adding a bias or storing. Rounded operations (no FMA contraction), so every reader gets the same bits.
 __device__ __forceinline__ float raw_value(const RawAcc& in, int64_t t, int64_t n) {
   const int64_t k = t * in.ld + n;
-  float v = in.acc_int32 ? float(static_cast<const int32_t*>(in.acc)[k]) : static_cast<const float*>(in.acc)[k];
+  float v;
+  if (in.acc_int32) {
+    const int32_t* a = static_cast<const int32_t*>(in.acc) + k;
+    int32_t sum = a[0];
+    for (int i = 1; i < in.parts; ++i) sum += a[i * in.part_stride];
+    v = float(sum);
+  } else {
+    const float* a = static_cast<const float*>(in.acc) + k;
+    v = a[0];
+    for (int i = 1; i < in.parts; ++i) v = __fadd_rn(v, a[i * in.part_stride]);
+  }
   if (in.x_scale) v = __fmul_rn(v, in.x_scale[t]);
   if (in.w_scale) v = __fmul_rn(v, in.w_scale[n]);
   return v;
@@ -211,7 +221,7 @@ __global__ void __launch_bounds__(kT) act_prep_kernel(const float* x, int64_t ld
 }
 
 __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const float* xs, const float* ws,
-                                const float* bias, float* y, int64_t ldy, bool accumulate, bool acc_int32) {
+                                const float* bias, float* y, int64_t ldy, bool accumulate, bool acc_int32, int parts) {
   pdl_trigger();
   pdl_wait();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -219,6 +229,7 @@ __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const flo
   const int64_t m = i / N, n = i % N;
   RawAcc in;
   in.acc = acc, in.acc_int32 = acc_int32, in.ld = N, in.x_scale = xs, in.w_scale = ws;
+  in.parts = parts, in.part_stride = M * N;
   float v = raw_value(in, m, n);
   if (bias) v = __fadd_rn(v, bias[n]);
   float* d = y + m * ldy + n;
@@ -377,10 +388,12 @@ void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& 
 }
 
 void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
-                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32) {
+                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32,
+                   int parts) {
   if (M * N == 0) return;
+  if (parts < 1) throw Error("gemm_epilogue: " + std::to_string(parts) + " parts");
   launch("epilogue_kernel", epilogue_kernel, blocks_for(M * N, kThreads), kThreads, 0, s, acc, M, N, x_scale, w_scale, bias,
-         y, ldy, accumulate, acc_int32);
+         y, ldy, accumulate, acc_int32, parts);
 }
 
 void argmax_rows(const float* x, int64_t R, int64_t n, int32_t* ids, float* part_v, int32_t* part_i, int32_t* counters,

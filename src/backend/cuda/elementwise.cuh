@@ -25,11 +25,14 @@ void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const Pre
 // A GEMM's raw accumulators and the scales gemm_epilogue would apply: element (t, n) is float(acc[t * ld + n]) *
 // x_scale[t] * w_scale[n] (either scale skipped where null), computed with the same operations in the same order as
 // gemm_epilogue, so a W8A8 matmul through cuBLASLt needs no epilogue pass of its own when the next kernel reads these.
-// acc FP32, or INT32 with acc_int32.
+// acc FP32, or INT32 with acc_int32. parts > 1 (a split-K GEMM, LtGemm::run): acc holds that many partial sums,
+// part_stride elements apart, added first (INT32 exactly; FP32 in order, before the scales).
 struct RawAcc {
   const void* acc = nullptr;
   bool acc_int32 = false;
   int64_t ld = 0;
+  int parts = 1;
+  int64_t part_stride = 0;
   const float* x_scale = nullptr;
   const float* w_scale = nullptr;
 };
@@ -44,9 +47,11 @@ void residual_rmsnorm_prep(const RawAcc& in, float* x, int64_t T, int64_t H, con
 void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s);
 
 // y[m, n] (+)= acc[m, n] * (x_scale ? x_scale[m] : 1) * (w_scale ? w_scale[n] : 1) + (bias ? bias[n] : 0);
-// acc FP32 (or INT32 with acc_int32) [M, N] contiguous, y [M, ldy].
+// acc FP32 (or INT32 with acc_int32) [M, N] contiguous, y [M, ldy]; with parts > 1, acc is [parts][M][N] partial
+// sums of a split-K GEMM, added first (RawAcc::parts).
 void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
-                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32 = false);
+                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32 = false,
+                   int parts = 1);
 
 // ids[r] = the first index of the largest value of row r of x (FP32 [R, n]; NaN never wins, a row of NaN
 // gives 0), r < R: greedy sampling on the device. Each row is cut into kArgmaxParts slices, one block each;
