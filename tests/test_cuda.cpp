@@ -1199,7 +1199,8 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
 // The residual add of a W8A8 matmul's raw accumulators fused with the next RMSNorm: x must become exactly what
 // gemm_epilogue would have made it (x + float(acc) * xs[t] * ws[n], in that order), and the prep output the CPU's
 // RMSNorm of it. The row scales of the input (xs) live in the buffer the kernel writes the output's row scales to,
-// as in the engine (o_proj's input scales, then gate_up's).
+// as in the engine (o_proj's input scales, then gate_up's). Also from 3 partial sums of a split-K GEMM
+// (RawAcc::parts), added in order before the scales (INT32: exactly).
 TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
   REQUIRE_GPU();
   std::mt19937 rng(13);
@@ -1208,9 +1209,11 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
   std::uniform_int_distribution<int> ui(-5000, 5000);
   for (int64_t H : {1, 37, 4096, 5003, 24576}) {
     const int64_t T = H <= 6144 ? 67 : 4;  // past 64 rows, rows up to 6,144 take the prefill blocks (LLMQ_ROW_THREADS=256)
+    for (int parts : {1, 3})
     for (bool i32 : {false, true}) {
       const int64_t ld = H + 7;  // the accumulators' row stride (N of the producing matmul)
-      std::vector<float> x(static_cast<size_t>(T * H)), accf(static_cast<size_t>(T * ld)), xs(static_cast<size_t>(T)),
+      const size_t stride = size_t(T * ld);  // between partial sums
+      std::vector<float> x(static_cast<size_t>(T * H)), accf(stride * size_t(parts)), xs(static_cast<size_t>(T)),
           ws(static_cast<size_t>(ld)), w(static_cast<size_t>(H));
       std::vector<int32_t> acci(accf.size());
       for (auto& v : x) v = nd(rng);
@@ -1222,7 +1225,15 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
       for (int64_t t = 0; t < T; ++t) {
         double ss = 0;
         for (int64_t i = 0; i < H; ++i) {
-          volatile float a = accf[size_t(t * ld + i)];  // volatile: rounded after each operation, no FMA
+          const size_t at = size_t(t * ld + i);
+          volatile float a = accf[at];  // volatile: rounded after each operation, no FMA
+          if (i32) {
+            int32_t sum = 0;
+            for (int p = 0; p < parts; ++p) sum += acci[size_t(p) * stride + at];
+            a = float(sum);
+          } else {
+            for (int p = 1; p < parts; ++p) a = a + accf[size_t(p) * stride + at];
+          }
           a = a * xs[size_t(t)];
           a = a * ws[size_t(i)];
           const float v = x[size_t(t * H + i)] + a;
@@ -1242,6 +1253,8 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
         in.acc = dacc.p;
         in.acc_int32 = i32;
         in.ld = ld;
+        in.parts = parts;
+        in.part_stride = int64_t(stride);
         in.x_scale = dxs.as<float>();
         in.w_scale = dws.as<float>();
         PrepOut o;
@@ -1253,11 +1266,12 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
         residual_rmsnorm_prep(in, dx.as<float>(), T, H, dw.as<float>(), 1e-5f, o, nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<float> got_x = dx.get<float>();
-        for (size_t i = 0; i < got_x.size(); ++i) ASSERT_EQ(got_x[i], want_x[i]) << "H " << H << " x " << i;
+        for (size_t i = 0; i < got_x.size(); ++i) ASSERT_EQ(got_x[i], want_x[i]) << "H " << H << " parts " << parts << " x " << i;
         const std::vector<uint8_t> bytes = out.get<uint8_t>();
         const std::vector<float> scales = dxs.get<float>();
         ASSERT_NO_FATAL_FAILURE(expect_prep_rows(bytes, scales, T, H, kind, false, ref.data(), H, 0.04f, 1e-5f,
-                                                 "H " + std::to_string(H) + " i32 " + std::to_string(i32)));
+                                                 "H " + std::to_string(H) + " i32 " + std::to_string(i32) +
+                                                     " parts " + std::to_string(parts)));
       }
     }
   }
