@@ -569,13 +569,13 @@ template <int HD>
 constexpr size_t flash_pipe_smem() { return size_t(2) * 2 * kFlashBN * HD * 2; }  // 2 stages x K, V x BF16 size
 
 // Copies tile kt's K and V codes (positions kt .. min(kt + BN - 1, kend)) of KV head kvh into raw (K: [BN][HD]
-// codes, V after it), as cp.async by all the block's threads. Positions past kend are not copied.
-template <int HD>
+// codes, V after it), as cp.async by all the block's NW warps. Positions past kend are not copied.
+template <int HD, int NW>
 __device__ __forceinline__ void flash_issue(const KvCacheView& kv, int64_t sq, int64_t kvh, int kt, int kend, uint8_t* raw) {
   const int esz = kv.type == KvType::BF16 ? 2 : 1;
   const int64_t kvd = kv.kv_heads * HD;
   uint8_t* rv = raw + kFlashBN * HD * esz;
-  for (int i = threadIdx.x; i < kFlashBN * (HD / 8); i += kFlashWarps * 32) {
+  for (int i = threadIdx.x; i < kFlashBN * (HD / 8); i += NW * 32) {
     const int key = i / (HD / 8), d0 = (i % (HD / 8)) * 8, j = kt + key;
     if (j > kend) continue;
     const int64_t at = (slot_of<uint32_t>(kv, sq, j) * kvd + kvh * HD + d0) * esz;
@@ -592,8 +592,13 @@ __device__ __forceinline__ void flash_issue(const KvCacheView& kv, int64_t sq, i
   }
 }
 
-template <int HD, bool kPipe = false>
-__global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const AttentionArgs a, const KvCacheView kv) {
+// HPB (heads a block; LLMQ_FLASH_GQA=2, opt-in, not yet measured): query heads of one KV head that share the
+// block's K/V tiles, four warps each (HPB x 4 warps), so that each tile is loaded and converted once for HPB heads.
+// kQLo (default; LLMQ_FLASH_Q1=1 drops it, opt-in, not yet measured): Q's second FP16 part and its mma (a third of
+// the tensor-core work and 32 registers a thread), for scores as exact as FP16 Q gives.
+template <int HD, bool kPipe = false, int HPB = 1, bool kQLo = true>
+__global__ void __launch_bounds__(HPB * kFlashWarps * 32) flash_prefill_kernel(const AttentionArgs a, const KvCacheView kv) {
+  constexpr int NW = HPB * kFlashWarps;
   pdl_trigger();
   pdl_wait();
   constexpr int BN = kFlashBN;  // positions per K/V tile
@@ -604,11 +609,11 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
   __shared__ __align__(16) __half vs[BN * LDS];
   __shared__ int s_lo, s_hi;
   const int64_t tile = a.n_tiles - 1 - blockIdx.x;  // the last tiles of a sequence have the most positions: first
-  const int h = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) % kFlashWarps, g = lane >> 2, tq = lane & 3;
+  const int h = blockIdx.y * HPB + int(threadIdx.x >> 5) / kFlashWarps;  // (HPB divides heads / kv_heads)
   const int t0 = a.tiles[2 * tile], n = a.tiles[2 * tile + 1];
   const int64_t sq = a.seq[t0], kvd = kv.kv_heads * HD;
   const int64_t kvh = h / (a.heads / kv.kv_heads);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
 
   if (threadIdx.x == 0) s_lo = 0x7fffffff, s_hi = -1;
   __syncthreads();
@@ -626,7 +631,7 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
   const float qs = rsqrtf(float(HD)) * 1.4426950408889634f;
   // Q as two FP16 parts, q = hi + lo (22 significant bits): S = hi K + lo K keeps the scores as exact as FP32
   // products of the cached K, so W8A8 models see the same o_proj inputs as with FP32 attention.
-  uint32_t qf[KS][4], ql[KS][4];
+  uint32_t qf[KS][4], ql[kQLo ? KS : 1][4];
   {
     const float* q0 = a.q + q0t * a.ldq + int64_t(h) * HD;
     const float* q1 = a.q + q1t * a.ldq + int64_t(h) * HD;
@@ -637,11 +642,11 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
     };
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-      const int c = kk * 16 + 2 * tq;
-      split(q0[c] * qs, q0[c + 1] * qs, qf[kk][0], ql[kk][0]);
-      split(q1[c] * qs, q1[c + 1] * qs, qf[kk][1], ql[kk][1]);
-      split(q0[c + 8] * qs, q0[c + 9] * qs, qf[kk][2], ql[kk][2]);
-      split(q1[c + 8] * qs, q1[c + 9] * qs, qf[kk][3], ql[kk][3]);
+      const int c = kk * 16 + 2 * tq, kl = kQLo ? kk : 0;  // (without kQLo, ql is scratch)
+      split(q0[c] * qs, q0[c + 1] * qs, qf[kk][0], ql[kl][0]);
+      split(q1[c] * qs, q1[c + 1] * qs, qf[kk][1], ql[kl][1]);
+      split(q0[c + 8] * qs, q0[c + 9] * qs, qf[kk][2], ql[kl][2]);
+      split(q1[c + 8] * qs, q1[c + 9] * qs, qf[kk][3], ql[kl][3]);
     }
   }
   float o[NT][4];
@@ -654,21 +659,21 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
   extern __shared__ __align__(16) uint8_t flash_raw[];  // kPipe: two stages of K and V codes
   constexpr int kStage = 2 * BN * HD * 2;
   if constexpr (kPipe) {
-    flash_issue<HD>(kv, sq, kvh, kbeg, kend, flash_raw);
+    flash_issue<HD, NW>(kv, sq, kvh, kbeg, kend, flash_raw);
     cp_async_commit();
   }
 
   for (int kt = kbeg, it = 0; kt <= kend; kt += BN, ++it) {
     if constexpr (kPipe) {
       // The next tile's copies into the other stage (converted out of it two barriers ago), then this tile's.
-      if (kt + BN <= kend) flash_issue<HD>(kv, sq, kvh, kt + BN, kend, flash_raw + ((it + 1) & 1) * kStage);
+      if (kt + BN <= kend) flash_issue<HD, NW>(kv, sq, kvh, kt + BN, kend, flash_raw + ((it + 1) & 1) * kStage);
       cp_async_commit();
       cp_async_wait<1>();
     }
     __syncthreads();  // the previous tile has been read (kPipe: and every thread's copies of this one landed)
     const uint8_t* rk = flash_raw + (it & 1) * kStage;
     const uint8_t* rv = rk + BN * HD * (kv.type == KvType::BF16 ? 2 : 1);
-    for (int i = threadIdx.x; i < BN * (HD / 8); i += kFlashWarps * 32) {
+    for (int i = threadIdx.x; i < BN * (HD / 8); i += NW * 32) {
       const int key = i / (HD / 8), d0 = (i % (HD / 8)) * 8, j = kt + key;
       __half* kd = ks + key * LDS + d0;
       __half* vd = vs + key * LDS + d0;
@@ -698,7 +703,7 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
         const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kk * 16);
         const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8);
         mma_f16(sc[jn], qf[kk], b0, b1);
-        mma_f16(sc[jn], ql[kk], b0, b1);
+        if constexpr (kQLo) mma_f16(sc[jn], ql[kk], b0, b1);
       }
     }
     // Causal (and sliding-window) mask, then the online softmax of rows r0 (c0, c1) and r1 (c2, c3).
@@ -768,27 +773,60 @@ __global__ void __launch_bounds__(kFlashWarps * 32) flash_prefill_kernel(const A
   }
 }
 
+// Whether the card grants `kernel` the cp.async ring's dynamic shared memory (asked once per instance).
+template <int HD>
+bool flash_grant(void (*kernel)(AttentionArgs, KvCacheView)) {
+  const bool granted = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(flash_pipe_smem<HD>())) ==
+                       cudaSuccess;
+  if (!granted) {
+    cudaGetLastError();
+    std::fprintf(stderr, "llmq: note: the card grants no %zu bytes of dynamic shared memory; "
+                 "prefill attention stays on the plain kernel\n", flash_pipe_smem<HD>());
+  }
+  return granted;
+}
+
 // The cp.async instance (kPipe), where the card grants its dynamic shared memory and LLMQ_FLASH_PIPE is not 0.
 template <int HD>
 bool flash_pipe() {
   static const bool ok = [] {
     const char* e = std::getenv("LLMQ_FLASH_PIPE");
-    if (e && std::strcmp(e, "0") == 0) return false;
-    const bool granted = cudaFuncSetAttribute(flash_prefill_kernel<HD, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              int(flash_pipe_smem<HD>())) == cudaSuccess;
-    if (!granted) {
-      cudaGetLastError();
-      std::fprintf(stderr, "llmq: note: the card grants no %zu bytes of dynamic shared memory; "
-                   "prefill attention stays on the plain kernel\n", flash_pipe_smem<HD>());
-    }
-    return granted;
+    return !(e && std::strcmp(e, "0") == 0) && flash_grant<HD>(flash_prefill_kernel<HD, true>);
   }();
   return ok;
+}
+
+// Head dim 128 with the ring: the opt-in instances (not yet measured; comparisons). LLMQ_FLASH_GQA=2: two query
+// heads of a KV head a block (where heads / kv_heads is even); LLMQ_FLASH_Q1=1: Q as one FP16 part.
+struct FlashVariant {
+  void (*kernel)(AttentionArgs, KvCacheView) = nullptr;  // null: the default instance
+  int hpb = 1;                                            // query heads a block
+};
+FlashVariant flash_variant_128(int64_t group) {
+  using K = void (*)(AttentionArgs, KvCacheView);
+  static const int gqa = [] {
+    const char* e = std::getenv("LLMQ_FLASH_GQA");
+    return e && std::atoi(e) == 2 ? 2 : 1;
+  }();
+  static const bool q1 = env_flag("LLMQ_FLASH_Q1");
+  const int hpb = gqa == 2 && group % 2 == 0 ? 2 : 1;
+  if (hpb == 1 && !q1) return {};
+  auto granted = [](K k) { return flash_grant<128>(k) ? k : nullptr; };
+  static const K k21 = granted(flash_prefill_kernel<128, true, 2, true>);
+  static const K k12 = granted(flash_prefill_kernel<128, true, 1, false>);
+  static const K k22 = granted(flash_prefill_kernel<128, true, 2, false>);
+  return {hpb == 2 ? (q1 ? k22 : k21) : k12, hpb};
 }
 
 template <int HD>
 void launch_flash(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   const dim3 grid(unsigned(a.n_tiles), unsigned(a.heads));
+  if constexpr (HD == 128) {
+    if (flash_pipe<HD>())
+      if (const FlashVariant v = flash_variant_128(a.heads / kv.kv_heads); v.kernel)
+        return launch("flash_prefill_kernel", v.kernel, dim3(grid.x, unsigned(a.heads / v.hpb)), v.hpb * kFlashWarps * 32,
+                      flash_pipe_smem<HD>(), s, a, kv);
+  }
   if (flash_pipe<HD>())
     return launch("flash_prefill_kernel", flash_prefill_kernel<HD, true>, grid, kFlashWarps * 32, flash_pipe_smem<HD>(), s, a, kv);
   launch("flash_prefill_kernel", flash_prefill_kernel<HD>, grid, kFlashWarps * 32, 0, s, a, kv);
