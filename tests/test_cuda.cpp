@@ -2011,6 +2011,52 @@ TEST(CudaModel, FusedRopeMatchesRopeKernel) {
   for (int64_t v = 0; v < 3 * V; ++v) ASSERT_NEAR(a[size_t(v)], b[size_t(v)], 1e-4f) << "batched step, " << v;
 }
 
+// The rope_kv kernel reading a W8A8 qkv GEMM's raw accumulators (LLMQ_QKV_RAW=1, read when an engine is made)
+// gives the same logits to the bit as the gemm_epilogue pass it replaces: the same operations on the same values.
+// Prefill chunks of two sequences (27 and then 12 tokens a step: cuBLASLt, the rope_kv kernel), then a decode step
+// reading the cache they wrote; with whole and split-K GEMMs (LLMQ_LT_SPLIT=2 on both engines).
+TEST(CudaModel, QkvRawMatchesEpilogue) {
+  REQUIRE_GPU();
+  const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-qkvraw-" + std::to_string(::getpid()));
+  fs::create_directories(tmp);
+  for (const std::string method : {"fp8", "int8-sq"}) {
+    Model m(quantized_27m(tmp, method));
+    const int64_t V = m.config().vocab;
+    const std::vector<int32_t> ids = eval_tokens(model_27m(), 64);
+    for (const char* split : {"1", "2"}) {
+      setenv("LLMQ_LT_SPLIT", split, 1);
+      auto plain = make_engine(m, "cuda");
+      setenv("LLMQ_QKV_RAW", "1", 1);
+      auto raw = make_engine(m, "cuda");
+      unsetenv("LLMQ_QKV_RAW");
+      unsetenv("LLMQ_LT_SPLIT");
+      std::vector<float> a(static_cast<size_t>(2 * V)), b(a.size());
+      auto same = [&](const std::string& what) {
+        for (size_t i = 0; i < a.size(); ++i)
+          ASSERT_EQ(a[i], b[i]) << method << " split " << split << ", " << what << ", logit " << i;
+      };
+      std::vector<BatchToken> pre;  // sequence 0: 9 tokens, sequence 1: 18; logits of each one's last
+      for (int i = 0; i < 9; ++i) pre.push_back({ids[size_t(i)], 0, i, i == 8});
+      for (int i = 0; i < 18; ++i) pre.push_back({ids[size_t(20 + i)], 1, i, i == 17});
+      std::vector<BatchToken> more;  // 12 more of sequence 0
+      for (int i = 9; i < 21; ++i) more.push_back({ids[size_t(i)], 0, i, i == 20});
+      const std::vector<BatchToken> step = {{ids[21], 0, 21, true}, {ids[38], 1, 18, true}};
+      for (Engine* e : {plain.get(), raw.get()}) e->reset(2, 64);
+      plain->forward(pre, a.data());
+      raw->forward(pre, b.data());
+      ASSERT_NO_FATAL_FAILURE(same("first prefill step"));
+      plain->forward(more, a.data());
+      raw->forward(more, b.data());
+      for (size_t i = size_t(V); i < a.size(); ++i) a[i] = b[i] = 0.f;  // one row of logits
+      ASSERT_NO_FATAL_FAILURE(same("second prefill step"));
+      plain->forward(step, a.data());
+      raw->forward(step, b.data());
+      ASSERT_NO_FATAL_FAILURE(same("decode step"));
+    }
+  }
+  fs::remove_all(tmp);
+}
+
 // Perplexity on the GPU within 0.1% of the CPU engine, dense and every format: 32 windows of 512 tokens through
 // the prefill (GEMM) path; and teacher-forced one-token decode steps (GEMV path, CUDA graphs) over 1,023
 // tokens. W8A8 formats round every activation to a code, so a last-bit difference (BF16 KV cache, another

@@ -105,8 +105,10 @@ __device__ __forceinline__ float rope_at(const float* x, int64_t d, int64_t half
   return d < half ? rope_lo(x[j], x[j + half], cs[j], sn[j]) : rope_hi(x[j], x[j + half], cs[j], sn[j]);
 }
 
+// kRaw: the values come from raw accumulators (RawAcc; raw.acc set) instead of qkv, which gets q and k rotated.
+template <bool kRaw>
 __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const int32_t* seq, const float* cos_tab,
-                               const float* sin_tab, int64_t heads, const KvCacheView kv) {
+                               const float* sin_tab, int64_t heads, const KvCacheView kv, const RawAcc raw) {
   pdl_trigger();
   pdl_wait();
   const int64_t t = blockIdx.x;
@@ -116,15 +118,16 @@ __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const
   const float* cs = cos_tab + p * half;
   const float* sn = sin_tab + p * half;
   for (int64_t i = threadIdx.x; i < (heads + kv.kv_heads) * half; i += blockDim.x) {
-    float* vec = row + (i / half) * hd;
-    const int64_t j = i % half;
-    const float a = vec[j], b = vec[j + half];
+    const int64_t col = (i / half) * hd, j = i % half;
+    float* vec = row + col;
+    const float a = kRaw ? raw_value(raw, t, col + j) : vec[j], b = kRaw ? raw_value(raw, t, col + j + half) : vec[j + half];
     vec[j] = rope_lo(a, b, cs[j], sn[j]);
     vec[j + half] = rope_hi(a, b, cs[j], sn[j]);
   }
   __syncthreads();
   const int64_t slot = slot_of(kv, seq[t], p);
-  for (int64_t j = threadIdx.x; j < kvd; j += blockDim.x) kv_store(kv, slot * kvd + j, j / hd, row[qd + j], row[qd + kvd + j]);
+  for (int64_t j = threadIdx.x; j < kvd; j += blockDim.x)
+    kv_store(kv, slot * kvd + j, j / hd, row[qd + j], kRaw ? raw_value(raw, t, qd + kvd + j) : row[qd + kvd + j]);
 }
 
 // The end of both decode kernels: every warp has left its softmax state in shared memory (sm_m, sm_l: its
@@ -959,9 +962,13 @@ void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
 }  // namespace
 
 void rope_kv(float* qkv, int64_t ld, int64_t T, const int32_t* pos, const int32_t* seq, const float* cos_tab,
-             const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s) {
+             const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s, const RawAcc* raw) {
   if (T == 0) return;
-  launch("rope_kv_kernel", rope_kv_kernel, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab, sin_tab, heads, kv);
+  if (raw && raw->acc)
+    return launch("rope_kv_kernel", rope_kv_kernel<true>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab, sin_tab, heads,
+                  kv, *raw);
+  launch("rope_kv_kernel", rope_kv_kernel<false>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab, sin_tab, heads, kv,
+         RawAcc{});
 }
 
 int64_t attention_tiles(const int32_t* seq, int64_t T, int32_t* tiles) {

@@ -34,8 +34,10 @@ struct KvCacheView {
 
 // qkv: FP32 [T, ld] with q at columns [0, heads*hd), k next, v after. Rotates q and k in place (rotate-half
 // convention, cos/sin tables FP32 [positions, hd/2]) and stores k, v of every token into the cache.
+// With raw (a W8A8 qkv GEMM's raw accumulators, RawAcc): the values are read from raw instead, as gemm_epilogue
+// would have written them (the same bits), and rotated q and k are written into qkv (v is not).
 void rope_kv(float* qkv, int64_t ld, int64_t T, const int32_t* pos, const int32_t* seq, const float* cos_tab,
-             const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s);
+             const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s, const RawAcc* raw = nullptr);
 
 struct AttentionArgs {
   const float* q = nullptr;  // [T, ldq], heads * head_dim used, already rotated

@@ -117,25 +117,6 @@ __device__ void prep_row_whole(const PrepOut& o, int64_t r, int64_t D, F value) 
   prep_row_regs<kT>(o, r, D, v);
 }
 
-// Element (t, n) of raw accumulators with their scales applied: what gemm_epilogue computes (it calls this) before
-// adding a bias or storing. Rounded operations (no FMA contraction), so every reader gets the same bits.
-__device__ __forceinline__ float raw_value(const RawAcc& in, int64_t t, int64_t n) {
-  const int64_t k = t * in.ld + n;
-  float v;
-  if (in.acc_int32) {
-    const int32_t* a = static_cast<const int32_t*>(in.acc) + k;
-    int32_t sum = a[0];
-    for (int i = 1; i < in.parts; ++i) sum += a[i * in.part_stride];
-    v = float(sum);
-  } else {
-    const float* a = static_cast<const float*>(in.acc) + k;
-    v = a[0];
-    for (int i = 1; i < in.parts; ++i) v = __fadd_rn(v, a[i * in.part_stride]);
-  }
-  if (in.x_scale) v = __fmul_rn(v, in.x_scale[t]);
-  if (in.w_scale) v = __fmul_rn(v, in.w_scale[n]);
-  return v;
-}
 
 // The row of this block and its prep: kWhole (prep_row_whole, one block of kT threads a row) or sliced
 // (prep_row, any block size).

@@ -22,20 +22,6 @@ void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H,
 // instead: out row t, i = prep(silu(gu[t, 2i]) * gu[t, 2i + 1]) (the paired gate/up rows of the engine).
 void swiglu_prep(const float* gu, int64_t ld_gu, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s,
                  bool paired = false);
-// A GEMM's raw accumulators and the scales gemm_epilogue would apply: element (t, n) is float(acc[t * ld + n]) *
-// x_scale[t] * w_scale[n] (either scale skipped where null), computed with the same operations in the same order as
-// gemm_epilogue, so a W8A8 matmul through cuBLASLt needs no epilogue pass of its own when the next kernel reads these.
-// acc FP32, or INT32 with acc_int32. parts > 1 (a split-K GEMM, LtGemm::run): acc holds that many partial sums,
-// part_stride elements apart, added first (INT32 exactly; FP32 in order, before the scales).
-struct RawAcc {
-  const void* acc = nullptr;
-  bool acc_int32 = false;
-  int64_t ld = 0;
-  int parts = 1;
-  int64_t part_stride = 0;
-  const float* x_scale = nullptr;
-  const float* w_scale = nullptr;
-};
 // swiglu_prep from raw accumulators (gate_up's).
 void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired = false);
 // x[t, :] += in's row t (the residual add of gemm_epilogue with accumulate), then out row t = prep(w * x[t] / rms),

@@ -284,6 +284,7 @@ class CudaEngine final : public Engine {
   const bool profile_ = env_flag("LLMQ_CUDA_PROFILE");
   const bool lt_alpha_ = env_flag("LLMQ_LT_ALPHA");  // FP8 linears get an alpha vector (DevLinear::alpha)
   const bool no_raw_acc_ = env_flag("LLMQ_NO_RAW_ACC");  // raw_capable (read per engine, like the next)
+  const bool qkv_raw_ = env_flag("LLMQ_QKV_RAW");
   // LLMQ_LT_SPLIT=2|4 (lt_parts; opt-in, not yet measured): split-K cuBLASLt GEMMs for skinny decode steps.
   const int lt_split_ = [] {
     const char* e = std::getenv("LLMQ_LT_SPLIT");
@@ -1091,8 +1092,17 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     DevLayer& L = layers_[li];
     const int64_t qkv_n = L.qkv.N;
     float* qkv = qkv_.as<float>();
+    // RoPE and the KV write inside decode attention when every sequence has one token in this step, else a
+    // kernel of their own (H200, 4-layer llama-3-8b at batch 1: bf16 0.858 against 0.874 ms a step, fp8 0.716
+    // against 0.733; bench/results/2026-12-02-nvidia-h200-session8.txt). LLMQ_NO_FUSE_ROPE=1: always the kernel.
+    const bool rope_in_attention = small && one_per_seq_ && fuse_rope_;
+    // The rope_kv kernel reads a W8A8 qkv GEMM's raw accumulators itself (no gemm_epilogue pass): opt-in
+    // (LLMQ_QKV_RAW=1, read per engine), not yet measured. The epilogue took 72 us a layer of fp8's 2048-token
+    // prefill (H200, llama-3-8b, bench/results/2026-12-04-nvidia-h200-session18.txt).
+    const bool qkv_raw = qkv_raw_ && !rope_in_attention && raw_capable(L.qkv, T);
     Epilogue eq;
     eq.x_sumsq = split;
+    eq.raw_acc = qkv_raw;
     site("qkv", L.qkv, T, [&](const PrepOut& o) {
       if (normed || split) return;
       if (pending) residual_rmsnorm_prep(pending_in, x, T, H, L.attn_norm, float(c.rms_eps), o, stream_);
@@ -1111,12 +1121,10 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     kv.v = L.v_cache.p;
     kv.k_scale = L.k_scale;
     kv.v_scale = L.v_scale;
-    // RoPE and the KV write inside decode attention when every sequence has one token in this step, else a
-    // kernel of their own (H200, 4-layer llama-3-8b at batch 1: bf16 0.858 against 0.874 ms a step, fp8 0.716
-    // against 0.733; bench/results/2026-12-02-nvidia-h200-session8.txt). LLMQ_NO_FUSE_ROPE=1: always the kernel.
-    const bool rope_in_attention = small && one_per_seq_ && fuse_rope_;
-    if (!rope_in_attention)
-      op("rope_kv", [&] { rope_kv(qkv, qkv_n, T, pos, seq, cos_.as<float>(), sin_.as<float>(), c.heads, kv, stream_); });
+    if (!rope_in_attention) {
+      const RawAcc qin = qkv_raw ? raw_acc(L.qkv.parts[0], T, nullptr) : RawAcc{};
+      op("rope_kv", [&] { rope_kv(qkv, qkv_n, T, pos, seq, cos_.as<float>(), sin_.as<float>(), c.heads, kv, stream_, &qin); });
+    }
     AttentionArgs aa;
     aa.q = qkv;
     aa.ldq = qkv_n;
