@@ -281,7 +281,7 @@ void bench_gemm(int64_t T, double peak_tflops, double bw, int sm) {
     for (int i = 0; i < copies; ++i) w.push_back(device_random(size_t(m.N * m.K), "bf16", 3 + uint64_t(i)));
     void* x = device_random(size_t(T * m.K), "bf16", 4);
     void* c = nullptr;
-    LLMQ_CUDA_CHECK(cudaMalloc(&c, size_t(4 * T * m.N) * 4));  // up to 4 split-K partials
+    LLMQ_CUDA_CHECK(cudaMalloc(&c, size_t((T <= 64 ? 4 : 1) * T * m.N) * 4));  // up to 4 split-K partials
     for (int out_bf16 = 0; out_bf16 < 2; ++out_bf16) {
       const float alpha = 1.f, beta = 0.f;
       const double us = time_us([&](int i) {
