@@ -1098,7 +1098,9 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     const bool rope_in_attention = small && one_per_seq_ && fuse_rope_;
     // The rope_kv kernel reads a W8A8 qkv GEMM's raw accumulators itself (no gemm_epilogue pass): opt-in
     // (LLMQ_QKV_RAW=1, read per engine), not yet measured. The epilogue took 72 us a layer of fp8's 2048-token
-    // prefill (H200, llama-3-8b, bench/results/2026-12-04-nvidia-h200-session18.txt).
+    // prefill (H200, llama-3-8b, bench/results/2026-12-04-nvidia-h200-session18.txt). Not with RoPE fused into
+    // decode attention: reading raw sums there (a run-time choice in every instance) changed the registers of
+    // the tuned decode kernels (48 -> 56 .. 77 -> 121, 28 bytes of spill in some) for ~2.6 us a batch-64 step.
     const bool qkv_raw = qkv_raw_ && !rope_in_attention && raw_capable(L.qkv, T);
     Epilogue eq;
     eq.x_sumsq = split;
