@@ -824,13 +824,14 @@ FlashVariant flash_variant_128(int64_t group) {
 template <int HD>
 void launch_flash(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   const dim3 grid(unsigned(a.n_tiles), unsigned(a.heads));
+  const bool pipe = flash_pipe<HD>();
   if constexpr (HD == 128) {
-    if (flash_pipe<HD>())
+    if (pipe)
       if (const FlashVariant v = flash_variant_128(a.heads / kv.kv_heads); v.kernel)
         return launch("flash_prefill_kernel", v.kernel, dim3(grid.x, unsigned(a.heads / v.hpb)), v.hpb * kFlashWarps * 32,
                       flash_pipe_smem<HD>(), s, a, kv);
   }
-  if (flash_pipe<HD>())
+  if (pipe)
     return launch("flash_prefill_kernel", flash_prefill_kernel<HD, true>, grid, kFlashWarps * 32, flash_pipe_smem<HD>(), s, a, kv);
   launch("flash_prefill_kernel", flash_prefill_kernel<HD>, grid, kFlashWarps * 32, 0, s, a, kv);
 }

@@ -117,7 +117,6 @@ __device__ void prep_row_whole(const PrepOut& o, int64_t r, int64_t D, F value) 
   prep_row_regs<kT>(o, r, D, v);
 }
 
-
 // The row of this block and its prep: kWhole (prep_row_whole, one block of kT threads a row) or sliced
 // (prep_row, any block size).
 template <bool kWhole>
