@@ -1199,8 +1199,7 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
 // The residual add of a W8A8 matmul's raw accumulators fused with the next RMSNorm: x must become exactly what
 // gemm_epilogue would have made it (x + float(acc) * xs[t] * ws[n], in that order), and the prep output the CPU's
 // RMSNorm of it. The row scales of the input (xs) live in the buffer the kernel writes the output's row scales to,
-// as in the engine (o_proj's input scales, then gate_up's). Also from 3 partial sums of a split-K GEMM
-// (RawAcc::parts), added in order before the scales (INT32: exactly).
+// as in the engine (o_proj's input scales, then gate_up's).
 TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
   REQUIRE_GPU();
   std::mt19937 rng(13);
@@ -1209,11 +1208,9 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
   std::uniform_int_distribution<int> ui(-5000, 5000);
   for (int64_t H : {1, 37, 4096, 5003, 24576}) {
     const int64_t T = H <= 6144 ? 67 : 4;  // past 64 rows, rows up to 6,144 take the prefill blocks (LLMQ_ROW_THREADS=256)
-    for (int parts : {1, 3})
     for (bool i32 : {false, true}) {
       const int64_t ld = H + 7;  // the accumulators' row stride (N of the producing matmul)
-      const size_t stride = size_t(T * ld);  // between partial sums
-      std::vector<float> x(static_cast<size_t>(T * H)), accf(stride * size_t(parts)), xs(static_cast<size_t>(T)),
+      std::vector<float> x(static_cast<size_t>(T * H)), accf(static_cast<size_t>(T * ld)), xs(static_cast<size_t>(T)),
           ws(static_cast<size_t>(ld)), w(static_cast<size_t>(H));
       std::vector<int32_t> acci(accf.size());
       for (auto& v : x) v = nd(rng);
@@ -1225,15 +1222,7 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
       for (int64_t t = 0; t < T; ++t) {
         double ss = 0;
         for (int64_t i = 0; i < H; ++i) {
-          const size_t at = size_t(t * ld + i);
-          volatile float a = accf[at];  // volatile: rounded after each operation, no FMA
-          if (i32) {
-            int32_t sum = 0;
-            for (int p = 0; p < parts; ++p) sum += acci[size_t(p) * stride + at];
-            a = float(sum);
-          } else {
-            for (int p = 1; p < parts; ++p) a = a + accf[size_t(p) * stride + at];
-          }
+          volatile float a = accf[size_t(t * ld + i)];  // volatile: rounded after each operation, no FMA
           a = a * xs[size_t(t)];
           a = a * ws[size_t(i)];
           const float v = x[size_t(t * H + i)] + a;
@@ -1253,8 +1242,6 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
         in.acc = dacc.p;
         in.acc_int32 = i32;
         in.ld = ld;
-        in.parts = parts;
-        in.part_stride = int64_t(stride);
         in.x_scale = dxs.as<float>();
         in.w_scale = dws.as<float>();
         PrepOut o;
@@ -1266,12 +1253,11 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
         residual_rmsnorm_prep(in, dx.as<float>(), T, H, dw.as<float>(), 1e-5f, o, nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<float> got_x = dx.get<float>();
-        for (size_t i = 0; i < got_x.size(); ++i) ASSERT_EQ(got_x[i], want_x[i]) << "H " << H << " parts " << parts << " x " << i;
+        for (size_t i = 0; i < got_x.size(); ++i) ASSERT_EQ(got_x[i], want_x[i]) << "H " << H << " x " << i;
         const std::vector<uint8_t> bytes = out.get<uint8_t>();
         const std::vector<float> scales = dxs.get<float>();
         ASSERT_NO_FATAL_FAILURE(expect_prep_rows(bytes, scales, T, H, kind, false, ref.data(), H, 0.04f, 1e-5f,
-                                                 "H " + std::to_string(H) + " i32 " + std::to_string(i32) +
-                                                     " parts " + std::to_string(parts)));
+                                                 "H " + std::to_string(H) + " i32 " + std::to_string(i32)));
       }
     }
   }
@@ -1380,36 +1366,16 @@ TEST(CudaLt, UnscaledMatchesReference) {
           }
           ref[size_t(t * c.N + j)] = sum, mag[size_t(t * c.N + j)] = m;
         }
-      // Whole K, then split K (LtGemm::run's parts: the partial sums of each slice, added here in order as
-      // RawAcc adds them) where K divides.
-      for (int parts : {1, 2, 4}) {
-        if (c.K % (16 * parts)) continue;
-        if (!lt.supports(kind, c.N, c.T, c.K, sm, parts)) {
-          std::printf("  cuBLASLt offers no %s GEMM for N %lld T %lld K %lld in %d part(s) on sm_%d\n", fp8 ? "FP8" : "INT8",
-                      (long long)c.N, (long long)c.T, (long long)c.K, parts, sm);
+      {
+        if (!lt.supports(kind, c.N, c.T, c.K, sm)) {
+          std::printf("  cuBLASLt offers no %s GEMM for N %lld T %lld K %lld on sm_%d\n", fp8 ? "FP8" : "INT8",
+                      (long long)c.N, (long long)c.T, (long long)c.K, sm);
           continue;
         }
-        const size_t one = size_t(c.T * c.N);
-        Buf acc(std::vector<float>(one * size_t(parts), std::nanf("")));  // poisoned (INT32 reads it as 0x7fc00000)
-        lt.run(kind, dw.p, dx.p, acc.p, c.N, c.T, c.K, nullptr, parts);
+        Buf acc(std::vector<float>(size_t(c.T * c.N), std::nanf("")));  // poisoned (INT32 reads it as 0x7fc00000)
+        lt.run(kind, dw.p, dx.p, acc.p, c.N, c.T, c.K, nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const std::vector<float> raw = acc.get<float>();
-        std::vector<float> gf(one);
-        for (size_t i = 0; i < one; ++i) {
-          if (fp8) {
-            float v = raw[i];
-            for (int p = 1; p < parts; ++p) v += raw[size_t(p) * one + i];
-            gf[i] = v;
-          } else {
-            int32_t sum = 0;
-            for (int p = 0; p < parts; ++p) {
-              int32_t part = 0;
-              std::memcpy(&part, &raw[size_t(p) * one + i], 4);
-              sum += part;
-            }
-            std::memcpy(&gf[i], &sum, 4);
-          }
-        }
+        const std::vector<float> gf = acc.get<float>();
         double worst = 0;  // FP8: the largest error relative to the sum of the magnitudes of the products
         for (int64_t t = 0; t < c.T; ++t)
           for (int64_t j = 0; j < c.N; ++j) {
@@ -1421,17 +1387,16 @@ TEST(CudaLt, UnscaledMatchesReference) {
               // 2^-14.2 at K 4096; a bound of FP32 summation error, K * 6e-8 of them, failed at K 336.
               worst = std::max(worst, std::fabs(double(gf[i]) - ref[i]) / (mag[i] + 1e-30));
               ASSERT_NEAR(gf[i], ref[i], std::ldexp(mag[i], -11) + 1e-30)
-                  << "FP8 N " << c.N << " T " << c.T << " K " << c.K << " parts " << parts << " t " << t << " n " << j;
+                  << "FP8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
             } else {
               int32_t got = 0;
               std::memcpy(&got, &gf[i], 4);
-              ASSERT_EQ(got, int32_t(ref[i])) << "INT8 N " << c.N << " T " << c.T << " K " << c.K << " parts " << parts
-                                              << " t " << t << " n " << j;
+              ASSERT_EQ(got, int32_t(ref[i])) << "INT8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
             }
           }
         if (fp8)
-          std::printf("  FP8 N %lld T %lld K %lld, %d part(s): largest error / sum of |products| %.3g (2^%.1f)\n",
-                      (long long)c.N, (long long)c.T, (long long)c.K, parts, worst, worst > 0 ? std::log2(worst) : -99.0);
+          std::printf("  FP8 N %lld T %lld K %lld: largest error / sum of |products| %.3g (2^%.1f)\n", (long long)c.N,
+                      (long long)c.T, (long long)c.K, worst, worst > 0 ? std::log2(worst) : -99.0);
         ++ran;
       }
     }
@@ -1448,7 +1413,8 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
     int64_t heads, kv_heads, hd;
   };
   // Query heads per KV head 1, 2, 3 (a group below its power of two), 4 and 8; head dims of both decode kernels
-  // (and 128 with an even group: the flash kernel's two-heads-a-block instance, LLMQ_FLASH_GQA=2).
+  // (and 128 with an even group: the flash kernel's two-heads-a-block instance, the default there; odd groups
+  // take the one-head instance).
   // LLMQ_FLASH_Q1=1 (Q as one FP16 part in the flash kernel at head dim 128) widens the flash bound by Q's rounding.
   const bool flash_q1 = [] {
     const char* e = std::getenv("LLMQ_FLASH_Q1");
@@ -1950,30 +1916,20 @@ TEST(CudaModel, SmallBatchDecodeEqualsOneAtATime) {
 
 // W8A8 decode steps of 12 sequences (cuBLASLt inside the step's graph; SwiGLU and the next RMSNorm reading the raw
 // accumulators of gate_up, o_proj and down_proj) against one sequence at a time (the GEMV), to the W8A8 bound of
-// SmallBatchDecodeEqualsOneAtATime; and the same with the epilogue passes (LLMQ_NO_RAW_ACC=1), and with the
-// GEMMs split K in 2 and 4 parts (LLMQ_LT_SPLIT, both readers of the partials: the raw-accumulator kernels and,
-// with LLMQ_NO_RAW_ACC=1, gemm_epilogue). A wrong scale, a stale accumulator, a residual added twice or a partial
-// sum left out moves logits by whole units.
+// SmallBatchDecodeEqualsOneAtATime; and the same with the epilogue passes (LLMQ_NO_RAW_ACC=1). A wrong scale, a
+// stale accumulator or a residual added twice moves logits by whole units.
 TEST(CudaModel, W8A8WideDecodeEqualsOneAtATime) {
   REQUIRE_GPU();
   const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-w8a8wide-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
   for (const std::string method : {"fp8", "int8-sq"}) {
     Model m(quantized_27m(tmp, method));
-    struct Variant {
-      const char* raw;    // "0": LLMQ_NO_RAW_ACC=1
-      const char* split;  // LLMQ_LT_SPLIT
-    };
-    for (const Variant v : {Variant{"1", "1"}, Variant{"0", "1"}, Variant{"1", "2"}, Variant{"0", "4"}}) {
-      if (*v.raw == '0') setenv("LLMQ_NO_RAW_ACC", "1", 1);
-      setenv("LLMQ_LT_SPLIT", v.split, 1);
-      const std::string what = std::string(*v.raw == '1' ? "" : " (LLMQ_NO_RAW_ACC=1)") +
-                               (*v.split == '1' ? "" : std::string(" (LLMQ_LT_SPLIT=") + v.split + ")");
-      const float worst = wide_decode_check(m, method + what, 12, 1.f);
+    for (const char* raw : {"1", "0"}) {
+      if (*raw == '0') setenv("LLMQ_NO_RAW_ACC", "1", 1);
+      const float worst = wide_decode_check(m, method + (*raw == '1' ? "" : " epilogue passes"), 12, 1.f);
       unsetenv("LLMQ_NO_RAW_ACC");
-      unsetenv("LLMQ_LT_SPLIT");
       std::printf("  %-8s 12-sequence step%s vs one at a time: largest logit difference %.4f\n", method.c_str(),
-                  what.c_str(), double(worst));
+                  *raw == '1' ? "" : " (LLMQ_NO_RAW_ACC=1)", double(worst));
     }
   }
   fs::remove_all(tmp);
@@ -2011,10 +1967,10 @@ TEST(CudaModel, FusedRopeMatchesRopeKernel) {
   for (int64_t v = 0; v < 3 * V; ++v) ASSERT_NEAR(a[size_t(v)], b[size_t(v)], 1e-4f) << "batched step, " << v;
 }
 
-// The rope_kv kernel reading a W8A8 qkv GEMM's raw accumulators (LLMQ_QKV_RAW=1, read when an engine is made)
-// gives the same logits to the bit as the gemm_epilogue pass it replaces: the same operations on the same values.
-// Prefill chunks of two sequences (27 and then 12 tokens a step: cuBLASLt, the rope_kv kernel), then a decode step
-// reading the cache they wrote; with whole and split-K GEMMs (LLMQ_LT_SPLIT=2 on both engines).
+// The rope_kv kernel reading a W8A8 qkv GEMM's raw accumulators (the default) gives the same logits to the bit as
+// the gemm_epilogue pass it replaced (LLMQ_QKV_RAW=0, read when an engine is made): the same operations on the same
+// values. Prefill chunks of two sequences (27 and then 12 tokens a step: cuBLASLt, the rope_kv kernel), then a
+// decode step reading the cache they wrote.
 TEST(CudaModel, QkvRawMatchesEpilogue) {
   REQUIRE_GPU();
   const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-qkvraw-" + std::to_string(::getpid()));
@@ -2023,17 +1979,15 @@ TEST(CudaModel, QkvRawMatchesEpilogue) {
     Model m(quantized_27m(tmp, method));
     const int64_t V = m.config().vocab;
     const std::vector<int32_t> ids = eval_tokens(model_27m(), 64);
-    for (const char* split : {"1", "2"}) {
-      setenv("LLMQ_LT_SPLIT", split, 1);
+    {
+      setenv("LLMQ_QKV_RAW", "0", 1);
       auto plain = make_engine(m, "cuda");
-      setenv("LLMQ_QKV_RAW", "1", 1);
-      auto raw = make_engine(m, "cuda");
       unsetenv("LLMQ_QKV_RAW");
-      unsetenv("LLMQ_LT_SPLIT");
+      auto raw = make_engine(m, "cuda");
       std::vector<float> a(static_cast<size_t>(2 * V)), b(a.size());
       auto same = [&](const std::string& what) {
         for (size_t i = 0; i < a.size(); ++i)
-          ASSERT_EQ(a[i], b[i]) << method << " split " << split << ", " << what << ", logit " << i;
+          ASSERT_EQ(a[i], b[i]) << method << ", " << what << ", logit " << i;
       };
       std::vector<BatchToken> pre;  // sequence 0: 9 tokens, sequence 1: 18; logits of each one's last
       for (int i = 0; i < 9; ++i) pre.push_back({ids[size_t(i)], 0, i, i == 8});

@@ -281,7 +281,7 @@ void bench_gemm(int64_t T, double peak_tflops, double bw, int sm) {
     for (int i = 0; i < copies; ++i) w.push_back(device_random(size_t(m.N * m.K), "bf16", 3 + uint64_t(i)));
     void* x = device_random(size_t(T * m.K), "bf16", 4);
     void* c = nullptr;
-    LLMQ_CUDA_CHECK(cudaMalloc(&c, size_t((T <= 64 ? 4 : 1) * T * m.N) * 4));  // up to 4 split-K partials
+    LLMQ_CUDA_CHECK(cudaMalloc(&c, size_t(T * m.N) * 4));
     for (int out_bf16 = 0; out_bf16 < 2; ++out_bf16) {
       const float alpha = 1.f, beta = 0.f;
       const double us = time_us([&](int i) {
@@ -293,22 +293,16 @@ void bench_gemm(int64_t T, double peak_tflops, double bw, int sm) {
     }
     for (void* p : w) cudaFree(p);
     cudaFree(x);
-    // 8-bit operands through cuBLASLt (FP32 / INT32 accumulators out; scales go to the epilogue); for decode
-    // batches (T <= 64) also split K in 2 and 4 parts (LLMQ_LT_SPLIT; the partials' extra bytes not counted).
+    // 8-bit operands through cuBLASLt (FP32 / INT32 accumulators out; scales go to the epilogue).
     for (LtKind k : {LtKind::Fp8, LtKind::Int8}) {
+      const char* name = k == LtKind::Fp8 ? "lt fp8 -> f32" : "lt int8 -> i32";
       std::vector<void*> w8;
       for (int i = 0; i < copies; ++i) w8.push_back(device_random(size_t(m.N * m.K), "fp8", 13 + uint64_t(i)));
       void* x8 = device_random(size_t(T * m.K), "fp8", 14);
-      for (int parts : {1, 2, 4}) {
-        if (parts > 1 && T > 64) break;
-        char name[32];
-        std::snprintf(name, sizeof name, "lt %s%s", k == LtKind::Fp8 ? "fp8" : "int8",
-                      parts == 1 ? (k == LtKind::Fp8 ? " -> f32" : " -> i32") : parts == 2 ? " split 2" : " split 4");
-        if (!lt.supports(k, m.N, T, m.K, sm, parts)) {
-          std::printf("%-8s %5lld %-16s   not supported\n", m.name, (long long)T, name);
-          continue;
-        }
-        const double us = time_us([&](int i) { lt.run(k, w8[size_t(i % copies)], x8, c, m.N, T, m.K, nullptr, parts); }, 5);
+      if (!lt.supports(k, m.N, T, m.K, sm)) {
+        std::printf("%-8s %5lld %-16s   not supported\n", m.name, (long long)T, name);
+      } else {
+        const double us = time_us([&](int i) { lt.run(k, w8[size_t(i % copies)], x8, c, m.N, T, m.K, nullptr); }, 5);
         row(name, us, double(m.N * m.K));
       }
       for (void* p : w8) cudaFree(p);

@@ -595,10 +595,11 @@ __device__ __forceinline__ void flash_issue(const KvCacheView& kv, int64_t sq, i
   }
 }
 
-// HPB (heads a block; LLMQ_FLASH_GQA=2, opt-in, not yet measured): query heads of one KV head that share the
-// block's K/V tiles, four warps each (HPB x 4 warps), so that each tile is loaded and converted once for HPB heads.
-// kQLo (default; LLMQ_FLASH_Q1=1 drops it, opt-in, not yet measured): Q's second FP16 part and its mma (a third of
-// the tensor-core work and 32 registers a thread), for scores as exact as FP16 Q gives.
+// HPB (heads a block; 2 is the default at head dim 128 where the group is even, LLMQ_FLASH_GQA=1 gives 1): query
+// heads of one KV head that share the block's K/V tiles, four warps each (HPB x 4 warps), so that each tile is
+// loaded and converted once for HPB heads.
+// kQLo (default; LLMQ_FLASH_Q1=1 drops it, opt-in): Q's second FP16 part and its mma (a third of the tensor-core
+// work and 32 registers a thread): Q keeps 22 significant bits (hi + lo) in the scores instead of FP16's 11.
 template <int HD, bool kPipe = false, int HPB = 1, bool kQLo = true>
 __global__ void __launch_bounds__(HPB * kFlashWarps * 32) flash_prefill_kernel(const AttentionArgs a, const KvCacheView kv) {
   constexpr int NW = HPB * kFlashWarps;
@@ -799,8 +800,10 @@ bool flash_pipe() {
   return ok;
 }
 
-// Head dim 128 with the ring: the opt-in instances (not yet measured; comparisons). LLMQ_FLASH_GQA=2: two query
-// heads of a KV head a block (where heads / kv_heads is even); LLMQ_FLASH_Q1=1: Q as one FP16 part.
+// Head dim 128 with the ring: the instance by head group and switches. H200, llama-3-8b (32 heads, 8 KV heads),
+// 2048-token prefill, CUPTI median a layer (bench/results/2026-12-04-nvidia-h200-session20.txt): one head a block
+// 493 us, two (the default; LLMQ_FLASH_GQA=1 for one) 400 us, two with LLMQ_FLASH_Q1=1 (Q as one FP16 part,
+// opt-in: scores rounded as FP16 Q gives, for 4% more) 384 us.
 struct FlashVariant {
   void (*kernel)(AttentionArgs, KvCacheView) = nullptr;  // null: the default instance
   int hpb = 1;                                            // query heads a block
@@ -809,7 +812,7 @@ FlashVariant flash_variant_128(int64_t group) {
   using K = void (*)(AttentionArgs, KvCacheView);
   static const int gqa = [] {
     const char* e = std::getenv("LLMQ_FLASH_GQA");
-    return e && std::atoi(e) == 2 ? 2 : 1;
+    return e && std::atoi(e) == 1 ? 1 : 2;
   }();
   static const bool q1 = env_flag("LLMQ_FLASH_Q1");
   const int hpb = gqa == 2 && group % 2 == 0 ? 2 : 1;

@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kT) act_prep_kernel(const float* x, int64_t ld
 }
 
 __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const float* xs, const float* ws,
-                                const float* bias, float* y, int64_t ldy, bool accumulate, bool acc_int32, int parts) {
+                                const float* bias, float* y, int64_t ldy, bool accumulate, bool acc_int32) {
   pdl_trigger();
   pdl_wait();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -209,7 +209,6 @@ __global__ void epilogue_kernel(const void* acc, int64_t M, int64_t N, const flo
   const int64_t m = i / N, n = i % N;
   RawAcc in;
   in.acc = acc, in.acc_int32 = acc_int32, in.ld = N, in.x_scale = xs, in.w_scale = ws;
-  in.parts = parts, in.part_stride = M * N;
   float v = raw_value(in, m, n);
   if (bias) v = __fadd_rn(v, bias[n]);
   float* d = y + m * ldy + n;
@@ -368,12 +367,10 @@ void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& 
 }
 
 void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
-                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32,
-                   int parts) {
+                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32) {
   if (M * N == 0) return;
-  if (parts < 1) throw Error("gemm_epilogue: " + std::to_string(parts) + " parts");
   launch("epilogue_kernel", epilogue_kernel, blocks_for(M * N, kThreads), kThreads, 0, s, acc, M, N, x_scale, w_scale, bias,
-         y, ldy, accumulate, acc_int32, parts);
+         y, ldy, accumulate, acc_int32);
 }
 
 void argmax_rows(const float* x, int64_t R, int64_t n, int32_t* ids, float* part_v, int32_t* part_i, int32_t* counters,

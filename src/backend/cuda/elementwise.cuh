@@ -33,11 +33,9 @@ void residual_rmsnorm_prep(const RawAcc& in, float* x, int64_t T, int64_t H, con
 void act_prep(const float* x, int64_t ldx, int64_t T, int64_t D, const PrepOut& out, cudaStream_t s);
 
 // y[m, n] (+)= acc[m, n] * (x_scale ? x_scale[m] : 1) * (w_scale ? w_scale[n] : 1) + (bias ? bias[n] : 0);
-// acc FP32 (or INT32 with acc_int32) [M, N] contiguous, y [M, ldy]; with parts > 1, acc is [parts][M][N] partial
-// sums of a split-K GEMM, added first (RawAcc::parts).
+// acc FP32 (or INT32 with acc_int32) [M, N] contiguous, y [M, ldy].
 void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, const float* w_scale,
-                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32 = false,
-                   int parts = 1);
+                   const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32 = false);
 
 // ids[r] = the first index of the largest value of row r of x (FP32 [R, n]; NaN never wins, a row of NaN
 // gives 0), r < R: greedy sampling on the device. Each row is cut into kArgmaxParts slices, one block each;

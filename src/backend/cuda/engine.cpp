@@ -270,7 +270,6 @@ class CudaEngine final : public Engine {
   bool gate_up_raw(const DevLayer& L, int64_t T) const;
   bool residual_raw(const DevSite& s, int64_t T) const;
   RawAcc raw_acc(const DevLinear& l, int64_t T, const float* x_scale) const;
-  int lt_parts(const DevLinear& l, int64_t T) const;
   void clear_graphs();
   // LLMQ_CUDA_PROFILE=1: every op runs eagerly between two events; the totals per op name are printed to
   // stderr when the engine ends (where the time of a decode step goes).
@@ -284,12 +283,9 @@ class CudaEngine final : public Engine {
   const bool profile_ = env_flag("LLMQ_CUDA_PROFILE");
   const bool lt_alpha_ = env_flag("LLMQ_LT_ALPHA");  // FP8 linears get an alpha vector (DevLinear::alpha)
   const bool no_raw_acc_ = env_flag("LLMQ_NO_RAW_ACC");  // raw_capable (read per engine, like the next)
-  const bool qkv_raw_ = env_flag("LLMQ_QKV_RAW");
-  // LLMQ_LT_SPLIT=2|4 (lt_parts; opt-in, not yet measured): split-K cuBLASLt GEMMs for skinny decode steps.
-  const int lt_split_ = [] {
-    const char* e = std::getenv("LLMQ_LT_SPLIT");
-    const int v = e && *e ? std::atoi(e) : 1;
-    return v == 2 || v == 4 ? v : 1;
+  const bool qkv_raw_ = [] {  // LLMQ_QKV_RAW=0: the gemm_epilogue pass before rope_kv (comparisons, tests)
+    const char* e = std::getenv("LLMQ_QKV_RAW");
+    return !(e && std::strcmp(e, "0") == 0);
   }();
   // LLMQ_GEMV_PREFER_T=N (0..kGemvMaxM): the GEMV serves up to N tokens in every format (path(); -1: the rule).
   // Read per engine, so that a test can make an engine with and one without.
@@ -835,26 +831,9 @@ RawAcc CudaEngine::raw_acc(const DevLinear& l, int64_t T, const float* x_scale) 
   in.acc = gemm_out_.p;
   in.acc_int32 = path(l, T) == Path::Lt && l.wf != WFmt::FP8;  // the INT8 GEMM's INT32 sums
   in.ld = l.N;
-  in.parts = lt_parts(l, T);
-  in.part_stride = T * l.N;
   in.x_scale = x_scale ? x_scale : row_scale_.as<float>();
   in.w_scale = l.scale;
   return in;
-}
-
-// LLMQ_LT_SPLIT=P (2 or 4; opt-in, not yet measured): a cuBLASLt W8A8 GEMM of a decode step (T <= kWgemmMaxT) with
-// at most kLtSplitMaxN output channels runs split K in P parts (LtGemm::run) and its reader adds the partial sums
-// (RawAcc::parts, gemm_epilogue). At 16-64 tokens cuBLASLt's own choices read qkv and o_proj of llama-3-8b at
-// only 26-46% of the copy bandwidth (few output tiles for 132 SMs; H200, bench/results/2026-12-04-nvidia-h200-
-// session18.txt), gate_up (28,672 channels) at 66-80%; P times the tiles might fill the card, for P partials of
-// T x N FP32 more traffic (qkv at 64 tokens, P = 2: 3 MB beside 25 MB of weights). INT8 partials add up exactly
-// to the unsplit sums; FP8 partials are FP32 sums of their own slice (the same bound as the unsplit GEMM).
-constexpr int64_t kLtSplitMaxN = 8192;
-int CudaEngine::lt_parts(const DevLinear& l, int64_t T) const {
-  const int P = lt_split_;
-  if (P <= 1 || T > kWgemmMaxT || l.N > kLtSplitMaxN || l.K % (16 * P) || path(l, T) != Path::Lt) return 1;
-  if (size_t(P) * size_t(T * l.N) * 4 > gemm_out_.n) return 1;
-  return lt_->supports(l.wf == WFmt::FP8 ? LtKind::Fp8 : LtKind::Int8, l.N, T, l.K, sm_, P) ? P : 1;
 }
 
 bool CudaEngine::norm_fused(const DevSite& producer, const DevSite& consumer, int64_t T, PrepOut& o) const {
@@ -955,9 +934,8 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
     throw Error("engine: raw accumulators only from W8A8 without bias through cuBLASLt or cuBLAS");
   if (p == Path::Lt) {
     const bool fp8 = l.wf == WFmt::FP8;
-    const int parts = lt_parts(l, T);
     if (ep.raw_acc) {
-      lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_, parts);
+      lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_);
       return;
     }
     // LLMQ_LT_SCALED=1: FP8 with cuBLASLt's outer-vector scaling straight into y (no FP32 round trip through
@@ -989,8 +967,8 @@ void CudaEngine::matmul(const DevLinear& l, Path p, int64_t T, float* y, int64_t
       static bool told = false;
       unmet(told, "LLMQ_LT_SCALED (outer-vector scaling)");
     }
-    lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_, parts);
-    gemm_epilogue(gemm_out_.p, T, l.N, xs, l.scale, l.bias, y, ldy, accumulate, stream_, !fp8, parts);
+    lt_->run(fp8 ? LtKind::Fp8 : LtKind::Int8, l.w, x, gemm_out_.p, l.N, T, l.K, stream_);
+    gemm_epilogue(gemm_out_.p, T, l.N, xs, l.scale, l.bias, y, ldy, accumulate, stream_, !fp8);
     return;
   }
   // cuBLAS: y[T, N] = x[T, K] . W[N, K]^T in column-major terms C[N, T] = W^T[N, K] x[K, T].
@@ -1096,9 +1074,10 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // kernel of their own (H200, 4-layer llama-3-8b at batch 1: bf16 0.858 against 0.874 ms a step, fp8 0.716
     // against 0.733; bench/results/2026-12-02-nvidia-h200-session8.txt). LLMQ_NO_FUSE_ROPE=1: always the kernel.
     const bool rope_in_attention = small && one_per_seq_ && fuse_rope_;
-    // The rope_kv kernel reads a W8A8 qkv GEMM's raw accumulators itself (no gemm_epilogue pass): opt-in
-    // (LLMQ_QKV_RAW=1, read per engine), not yet measured. The epilogue took 72 us a layer of fp8's 2048-token
-    // prefill (H200, llama-3-8b, bench/results/2026-12-04-nvidia-h200-session18.txt). Not with RoPE fused into
+    // The rope_kv kernel reads a W8A8 qkv GEMM's raw accumulators itself (no gemm_epilogue pass; LLMQ_QKV_RAW=0
+    // brings the pass back). H200, 4-layer llama-3-8b, 2048-token prefill: fp8 297.4k -> 302.6k tok/s, int8-sq
+    // 299.4k -> 305.0k (epilogue 61.5 + rope_kv 32.8 us a layer -> rope_kv 60.2 for fp8;
+    // bench/results/2026-12-04-nvidia-h200-session20.txt). Not with RoPE fused into
     // decode attention: reading raw sums there (a run-time choice in every instance) changed the registers of
     // the tuned decode kernels (48 -> 56 .. 77 -> 121, 28 bytes of spill in some) for ~2.6 us a batch-64 step.
     const bool qkv_raw = qkv_raw_ && !rope_in_attention && raw_capable(L.qkv, T);

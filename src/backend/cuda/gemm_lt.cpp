@@ -35,10 +35,9 @@ LtGemm::~LtGemm() {
   if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
 }
 
-LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, Scaling scaling, int64_t ldc, bool accumulate,
-                           int parts) {
+LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, Scaling scaling, int64_t ldc, bool accumulate) {
   const bool scaled = scaling != Scaling::None;
-  const auto key = std::make_tuple(int(kind), N, T, K, int(scaling), ldc, accumulate, parts);
+  const auto key = std::make_tuple(int(kind), N, T, K, int(scaling), ldc, accumulate);
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   Plan* p = new Plan;
@@ -73,24 +72,10 @@ LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, Scaling
         cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mode, sizeof(mode)) != CUBLAS_STATUS_SUCCESS)
       return p;
   }
-  // Split K: batch i multiplies columns [i K/parts, (i + 1) K/parts) of W and x (a batch offset of K/parts codes
-  // within the same rows, ld K) into its own [T, N] block of acc.
-  const int64_t Kp = K / parts;
-  if (cublasLtMatrixLayoutCreate(&p->a, in, uint64_t(Kp), uint64_t(N), K) != CUBLAS_STATUS_SUCCESS ||
-      cublasLtMatrixLayoutCreate(&p->b, in, uint64_t(Kp), uint64_t(T), K) != CUBLAS_STATUS_SUCCESS ||
+  if (cublasLtMatrixLayoutCreate(&p->a, in, uint64_t(K), uint64_t(N), K) != CUBLAS_STATUS_SUCCESS ||
+      cublasLtMatrixLayoutCreate(&p->b, in, uint64_t(K), uint64_t(T), K) != CUBLAS_STATUS_SUCCESS ||
       cublasLtMatrixLayoutCreate(&p->c, out, uint64_t(N), uint64_t(T), scaled ? ldc : N) != CUBLAS_STATUS_SUCCESS)
     return p;
-  if (parts > 1) {
-    const int32_t count = parts;
-    const int64_t ab_stride = Kp, c_stride = N * T;
-    for (cublasLtMatrixLayout_t l : {p->a, p->b, p->c})
-      if (cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)) != CUBLAS_STATUS_SUCCESS)
-        return p;
-    if (cublasLtMatrixLayoutSetAttribute(p->a, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &ab_stride, sizeof(ab_stride)) != CUBLAS_STATUS_SUCCESS ||
-        cublasLtMatrixLayoutSetAttribute(p->b, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &ab_stride, sizeof(ab_stride)) != CUBLAS_STATUS_SUCCESS ||
-        cublasLtMatrixLayoutSetAttribute(p->c, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &c_stride, sizeof(c_stride)) != CUBLAS_STATUS_SUCCESS)
-      return p;
-  }
   p->beta = scaled && accumulate ? 1.f : 0.f;
   cublasLtMatmulPreference_t pref = nullptr;
   if (cublasLtMatmulPreferenceCreate(&pref) != CUBLAS_STATUS_SUCCESS) return p;
@@ -113,19 +98,15 @@ LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, Scaling
   return p;
 }
 
-bool LtGemm::supports(LtKind kind, int64_t N, int64_t T, int64_t K, int sm, int parts) {
+bool LtGemm::supports(LtKind kind, int64_t N, int64_t T, int64_t K, int sm) {
   if (kind == LtKind::Fp8 && sm < 89) return false;
-  if (parts < 1 || N < 1 || T < 1 || K < 16 * parts || K % (16 * parts) || N % 4) return false;
-  return plan(kind, N, T, K, Scaling::None, 0, false, parts)->ok;
+  if (N < 1 || T < 1 || K < 16 || K % 16 || N % 4) return false;
+  return plan(kind, N, T, K)->ok;
 }
 
-void LtGemm::run(LtKind kind, const void* w, const void* x, void* acc, int64_t N, int64_t T, int64_t K, cudaStream_t s,
-                 int parts) {
-  if (parts < 1 || K % (16 * parts)) throw Error("cuBLASLt split K: " + std::to_string(parts) + " parts of K " + std::to_string(K));
-  Plan* p = plan(kind, N, T, K, Scaling::None, 0, false, parts);
-  if (!p->ok)
-    throw Error("cuBLASLt has no 8-bit GEMM for N " + std::to_string(N) + ", T " + std::to_string(T) + ", K " + std::to_string(K) +
-                (parts > 1 ? " in " + std::to_string(parts) + " parts" : std::string()));
+void LtGemm::run(LtKind kind, const void* w, const void* x, void* acc, int64_t N, int64_t T, int64_t K, cudaStream_t s) {
+  Plan* p = plan(kind, N, T, K);
+  if (!p->ok) throw Error("cuBLASLt has no 8-bit GEMM for N " + std::to_string(N) + ", T " + std::to_string(T) + ", K " + std::to_string(K));
   const float alpha_f = 1.f, beta_f = 0.f;
   const int32_t alpha_i = 1, beta_i = 0;
   const void* alpha = kind == LtKind::Fp8 ? static_cast<const void*>(&alpha_f) : static_cast<const void*>(&alpha_i);

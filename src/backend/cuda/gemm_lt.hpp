@@ -23,14 +23,10 @@ class LtGemm {
   LtGemm& operator=(const LtGemm&) = delete;
   // Whether run() takes this kind and shape on a card of compute capability sm (K % 16, N % 4, 16-byte
   // aligned rows); the plan is built and checked on first use, so false also covers "cuBLASLt found no
-  // algorithm". parts > 1: split K (K % (16 * parts) == 0), see run().
-  bool supports(LtKind kind, int64_t N, int64_t T, int64_t K, int sm, int parts = 1);
-  // acc: FP32 (Fp8) or INT32 (Int8) [T, N] row-major, contiguous. parts > 1 (split K): K is cut into `parts`
-  // equal slices multiplied in one strided-batched launch (parts times the tiles of a skinny T, so that more
-  // of the card reads the weights), and acc holds `parts` partial sums [parts][T][N] that the reader adds
-  // (RawAcc::parts): INT32 partials add up exactly to the unsplit sums.
-  void run(LtKind kind, const void* w, const void* x, void* acc, int64_t N, int64_t T, int64_t K, cudaStream_t s,
-           int parts = 1);
+  // algorithm".
+  bool supports(LtKind kind, int64_t N, int64_t T, int64_t K, int sm);
+  // acc: FP32 (Fp8) or INT32 (Int8) [T, N] row-major, contiguous.
+  void run(LtKind kind, const void* w, const void* x, void* acc, int64_t N, int64_t T, int64_t K, cudaStream_t s);
 
   // FP8 with the scales applied inside cuBLASLt (outer-vector scaling, CUDA 12.9+): y[t, n] = x_scale[t] *
   // w_scale[n] * sum_k x[t, k] W[n, k], plus y[t, n] when accumulate, written straight into y (FP32, row stride
@@ -54,12 +50,12 @@ class LtGemm {
   enum class Scaling : int { None, OuterVec, AlphaVec };
   // Scaled plans write FP32 with row stride ldc (beta 1 when accumulate).
   Plan* plan(LtKind kind, int64_t N, int64_t T, int64_t K, Scaling scaling = Scaling::None, int64_t ldc = 0,
-             bool accumulate = false, int parts = 1);
+             bool accumulate = false);
   void* handle_ = nullptr;     // cublasLtHandle_t
   void* workspace_ = nullptr;  // device
   size_t workspace_bytes_ = 0;
-  // (kind, N, T, K, scaling, ldc, accumulate, parts)
-  std::map<std::tuple<int, int64_t, int64_t, int64_t, int, int64_t, bool, int>, Plan*> plans_;
+  // (kind, N, T, K, scaling, ldc, accumulate)
+  std::map<std::tuple<int, int64_t, int64_t, int64_t, int, int64_t, bool>, Plan*> plans_;
 };
 
 }  // namespace llmq::cuda

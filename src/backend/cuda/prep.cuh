@@ -29,14 +29,11 @@ struct PrepOut {
 // A GEMM's raw accumulators and the scales gemm_epilogue would apply: element (t, n) is float(acc[t * ld + n]) *
 // x_scale[t] * w_scale[n] (either scale skipped where null), computed with the same operations in the same order as
 // gemm_epilogue, so a W8A8 matmul through cuBLASLt needs no epilogue pass of its own when the next kernel reads these.
-// acc FP32, or INT32 with acc_int32. parts > 1 (a split-K GEMM, LtGemm::run): acc holds that many partial sums,
-// part_stride elements apart, added first (INT32 exactly; FP32 in order, before the scales).
+// acc FP32, or INT32 with acc_int32.
 struct RawAcc {
   const void* acc = nullptr;
   bool acc_int32 = false;
   int64_t ld = 0;
-  int parts = 1;
-  int64_t part_stride = 0;
   const float* x_scale = nullptr;
   const float* w_scale = nullptr;
 };
@@ -52,17 +49,7 @@ namespace llmq::cuda {
 // adding a bias or storing. Rounded operations (no FMA contraction), so every reader gets the same bits.
 __device__ __forceinline__ float raw_value(const RawAcc& in, int64_t t, int64_t n) {
   const int64_t k = t * in.ld + n;
-  float v;
-  if (in.acc_int32) {
-    const int32_t* a = static_cast<const int32_t*>(in.acc) + k;
-    int32_t sum = a[0];
-    for (int i = 1; i < in.parts; ++i) sum += a[i * in.part_stride];
-    v = float(sum);
-  } else {
-    const float* a = static_cast<const float*>(in.acc) + k;
-    v = a[0];
-    for (int i = 1; i < in.parts; ++i) v = __fadd_rn(v, a[i * in.part_stride]);
-  }
+  float v = in.acc_int32 ? float(static_cast<const int32_t*>(in.acc)[k]) : static_cast<const float*>(in.acc)[k];
   if (in.x_scale) v = __fmul_rn(v, in.x_scale[t]);
   if (in.w_scale) v = __fmul_rn(v, in.w_scale[n]);
   return v;
