@@ -1118,8 +1118,10 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
   std::uniform_real_distribution<float> us(0.5f, 2.f);
   std::uniform_int_distribution<int> ui(-3000, 3000);
   enum Src { kSplit, kPaired, kAccF32, kAccI32 };
-  for (int64_t I : {1, 37, 3000, 14336, 25001}) {
-    const int64_t T = I <= 6144 ? 67 : 3;  // past 64 rows, rows up to 6,144 take the prefill blocks (LLMQ_ROW_THREADS=256)
+  for (int64_t I : {1, 37, 3000, 9001, 14336, 25001}) {
+    // Past 64 rows, per-token INT8 rows up to 6,144 take the 256-thread prefill blocks and 14,336 the 512-thread
+    // ones (LLMQ_ROW_MID); 9,001 at 3 rows takes the 1024-thread blocks, 25,001 the sliced kernel.
+    const int64_t T = I <= 6144 || I == 14336 ? 67 : 3;
     for (Src src : {kSplit, kPaired, kAccF32, kAccI32}) {
       const int64_t ld = 2 * I + (src == kSplit ? 5 : 0);
       const bool paired = src != kSplit, raw = src == kAccF32 || src == kAccI32;

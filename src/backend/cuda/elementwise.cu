@@ -1,5 +1,6 @@
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/device_util.cuh"
@@ -69,21 +70,39 @@ bool whole_rows(const PrepOut& o, int64_t D) {
 // LLMQ_ROW_THREADS=1024: 1024-thread blocks for every launch (comparisons).
 constexpr int kRowThreadsSmall = 256;
 constexpr int64_t kDecodeRows = 64;  // the most tokens a decode step (wgemm's kWgemmMaxT) has
-bool small_row_blocks(int64_t rows, int64_t D) {
+bool row_threads_1024() {
   static const bool on = [] {
     const char* e = std::getenv("LLMQ_ROW_THREADS");
-    return !(e && std::atoi(e) == kRowThreads);
+    return e && std::atoi(e) == kRowThreads;
   }();
-  return on && rows > kDecodeRows && D <= int64_t(kRowThreadsSmall) * kRowVpt;
+  return on;
+}
+bool small_row_blocks(int64_t rows, int64_t D) {
+  return !row_threads_1024() && rows > kDecodeRows && D <= int64_t(kRowThreadsSmall) * kRowVpt;
+}
+// Per-token INT8 SwiGLU rows past the small blocks' reach (llama-3-8b's 14,336) in a prefill: 512-thread blocks
+// of 32 values a thread (rows up to 16,384) instead of 1024 threads of 24. int8-sq's swiglu_kernel<true, 1024>
+// took 195 us a layer of a 2048-token llama-3-8b prefill against fp8's 119 (whose static-scale rows need no
+// absmax and take the sliced kernel; H200, bench/results/2026-12-04-nvidia-h200-session18.txt): at 1024 threads
+// an SM holds one block, which loads its row, waits at the block's barrier and stores, one row at a time.
+// LLMQ_ROW_MID=0: the 1024-thread blocks (comparisons).
+constexpr int kRowThreadsMid = 512, kRowVptMid = 32;
+bool mid_row_blocks(int64_t rows, int64_t D) {
+  static const bool off = [] {
+    const char* e = std::getenv("LLMQ_ROW_MID");
+    return e && std::strcmp(e, "0") == 0;
+  }();
+  return !off && !row_threads_1024() && rows > kDecodeRows && D > int64_t(kRowThreadsSmall) * kRowVpt &&
+         D <= int64_t(kRowThreadsMid) * kRowVptMid;
 }
 
-// Row `r` of `out` (D <= kT * kRowVpt) from the values the block's threads hold: v[j] is element threadIdx.x + j *
+// Row `r` of `out` (D <= kT * kVpt) from the values the block's threads hold: v[j] is element threadIdx.x + j *
 // kT (0 past D). The whole block (kT threads) calls it.
-template <int kT>
-__device__ void prep_row_regs(const PrepOut& o, int64_t r, int64_t D, const float (&v)[kRowVpt]) {
+template <int kT, int kVpt = kRowVpt>
+__device__ void prep_row_regs(const PrepOut& o, int64_t r, int64_t D, const float (&v)[kVpt]) {
   if (o.kind == ActKind::None) {
 #pragma unroll
-    for (int j = 0; j < kRowVpt; ++j) {
+    for (int j = 0; j < kVpt; ++j) {
       const int64_t i = threadIdx.x + int64_t(j) * kT;
       if (i < D) prep_store(o, r, i, v[j]);
     }
@@ -92,38 +111,38 @@ __device__ void prep_row_regs(const PrepOut& o, int64_t r, int64_t D, const floa
   float amax = 0.f;
   if (o.kind == ActKind::I8Token) {
 #pragma unroll
-    for (int j = 0; j < kRowVpt; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    for (int j = 0; j < kVpt; ++j) amax = fmaxf(amax, fabsf(v[j]));
     amax = block_reduce<true>(amax);
   }
   const float s = prep_scale(o, amax);
   if (threadIdx.x == 0 && o.row_scale) o.row_scale[r] = s;
   const float inv = 1.0f / s;
 #pragma unroll
-  for (int j = 0; j < kRowVpt; ++j) {
+  for (int j = 0; j < kVpt; ++j) {
     const int64_t i = threadIdx.x + int64_t(j) * kT;
     if (i < D) prep_store(o, r, i, v[j] * inv);
   }
 }
 
-// Row `r` of `out` (D <= kT * kRowVpt) from value(i), by the whole block of kT threads.
-template <int kT, typename F>
+// Row `r` of `out` (D <= kT * kVpt) from value(i), by the whole block of kT threads.
+template <int kT, int kVpt = kRowVpt, typename F>
 __device__ void prep_row_whole(const PrepOut& o, int64_t r, int64_t D, F value) {
-  float v[kRowVpt];
+  float v[kVpt];
 #pragma unroll
-  for (int j = 0; j < kRowVpt; ++j) {
+  for (int j = 0; j < kVpt; ++j) {
     const int64_t i = threadIdx.x + int64_t(j) * kT;
     v[j] = i < D ? value(i) : 0.f;
   }
-  prep_row_regs<kT>(o, r, D, v);
+  prep_row_regs<kT, kVpt>(o, r, D, v);
 }
 
 // The row of this block and its prep: kWhole (prep_row_whole, one block of kT threads a row) or sliced
 // (prep_row, any block size).
 template <bool kWhole>
 __device__ __forceinline__ int64_t this_row(int64_t D) { return kWhole ? int64_t(blockIdx.x) : block_row(D); }
-template <bool kWhole, int kT, typename F>
+template <bool kWhole, int kT, int kVpt = kRowVpt, typename F>
 __device__ __forceinline__ void prep_this_row(const PrepOut& o, int64_t r, int64_t D, F value) {
-  if constexpr (kWhole) prep_row_whole<kT>(o, r, D, value);
+  if constexpr (kWhole) prep_row_whole<kT, kVpt>(o, r, D, value);
   else prep_row(o, r, D, value);
 }
 
@@ -150,13 +169,13 @@ __global__ void __launch_bounds__(kT) rmsnorm_kernel(const float* x, const int32
 }
 
 // in: gate/up values as FP32, or as raw GEMM accumulators with the scales gemm_epilogue would apply.
-template <bool kWhole, int kT = kRowThreads>
+template <bool kWhole, int kT = kRowThreads, int kVpt = kRowVpt>
 __global__ void __launch_bounds__(kT) swiglu_kernel(const RawAcc in, int64_t I, bool paired, const PrepOut o) {
   pdl_trigger();
   pdl_wait();
   const int64_t t = this_row<kWhole>(I);
   const int64_t gs = paired ? 2 : 1, uo = paired ? 1 : I;  // gate i at column gs * i, up i at gs * i + uo
-  prep_this_row<kWhole, kT>(o, t, I, [&](int64_t i) { return silu_mul(raw_value(in, t, gs * i), raw_value(in, t, gs * i + uo)); });
+  prep_this_row<kWhole, kT, kVpt>(o, t, I, [&](int64_t i) { return silu_mul(raw_value(in, t, gs * i), raw_value(in, t, gs * i + uo)); });
 }
 
 // One block a row: x[t] += the raw accumulators' row t (as gemm_epilogue would add it), then RMSNorm into o. Every
@@ -337,6 +356,9 @@ void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H,
 
 void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
   if (T == 0) return;
+  if (whole_rows(out, I) && mid_row_blocks(T, I))
+    return launch("swiglu_kernel", swiglu_kernel<true, kRowThreadsMid, kRowVptMid>, unsigned(T), kRowThreadsMid, 0, s, in, I,
+                  paired, out);
   launch_rows("swiglu_kernel", whole_rows(out, I), T, I, swiglu_kernel<true, kRowThreadsSmall>, swiglu_kernel<true>,
               swiglu_kernel<false>, s, in, I, paired, out);
 }
