@@ -85,7 +85,8 @@ bool small_row_blocks(int64_t rows, int64_t D) {
 // took 195 us a layer of a 2048-token llama-3-8b prefill against fp8's 119 (whose static-scale rows need no
 // absmax and take the sliced kernel; H200, bench/results/2026-12-04-nvidia-h200-session18.txt): at 1024 threads
 // an SM holds one block, which loads its row, waits at the block's barrier and stores, one row at a time.
-// LLMQ_ROW_MID=0: the 1024-thread blocks (comparisons).
+// With 512 (58 registers) two blocks are resident an SM: 193 -> 166 us a layer, 4-layer int8-sq prefill +2.1%
+// (bench/results/2026-12-04-nvidia-h200-session20.txt). LLMQ_ROW_MID=0: the 1024-thread blocks (comparisons).
 constexpr int kRowThreadsMid = 512, kRowVptMid = 32;
 bool mid_row_blocks(int64_t rows, int64_t D) {
   static const bool off = [] {
