@@ -1120,7 +1120,8 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
   enum Src { kSplit, kPaired, kAccF32, kAccI32 };
   for (int64_t I : {1, 37, 3000, 9001, 14336, 25001}) {
     // Past 64 rows, per-token INT8 rows up to 6,144 take the 256-thread prefill blocks and 14,336 the 512-thread
-    // ones (LLMQ_ROW_MID); 9,001 at 3 rows takes the 1024-thread blocks, 25,001 the sliced kernel.
+    // ones (LLMQ_ROW_MID); 9,001 at 3 rows takes the 1024-thread blocks, 25,001 the sliced kernel. With
+    // LLMQ_SWIGLU_QUADS=1, the paired sources of even I (3,000 and 14,336) take swiglu_quads_kernel instead.
     const int64_t T = I <= 6144 || I == 14336 ? 67 : 3;
     for (Src src : {kSplit, kPaired, kAccF32, kAccI32}) {
       const int64_t ld = 2 * I + (src == kSplit ? 5 : 0);

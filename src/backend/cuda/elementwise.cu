@@ -97,6 +97,21 @@ bool mid_row_blocks(int64_t rows, int64_t D) {
          D <= int64_t(kRowThreadsMid) * kRowVptMid;
 }
 
+// swiglu_quads_kernel: 2 quads (8 outputs) a thread in flight; static kinds in blocks of kQuadStep quads of a row,
+// per-token INT8 rows of a prefill (more than kDecodeRows rows; decode steps keep the tuned kernels above) of up to
+// kQuadsRowMaxI outputs in one kRowThreadsMid-thread block with the row in shared memory (64 KB: three blocks an
+// SM). Needs paired accumulators with 16-byte aligned rows and scales. Opt-in (LLMQ_SWIGLU_QUADS=1), not yet run
+// on a GPU: compiled (32 / 40 registers at sm_90a), to be tested and measured before it becomes the default.
+constexpr int kQuadsStatic = 2, kQuadsRow = 2;
+constexpr int64_t kQuadStep = int64_t(kThreads) * kQuadsStatic;
+constexpr int64_t kQuadsRowMaxI = 16384;
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool swiglu_quads_ok(const RawAcc& in, int64_t rows, int64_t I, const PrepOut& out, bool paired) {
+  static const bool on = env_flag("LLMQ_SWIGLU_QUADS");
+  if (!on || !paired || I % 2 || in.ld % 4 || !aligned16(in.acc) || (in.w_scale && !aligned16(in.w_scale))) return false;
+  return out.kind != ActKind::I8Token || (rows > kDecodeRows && I <= kQuadsRowMaxI);
+}
+
 // Row `r` of `out` (D <= kT * kVpt) from the values the block's threads hold: v[j] is element threadIdx.x + j *
 // kT (0 past D). The whole block (kT threads) calls it.
 template <int kT, int kVpt = kRowVpt>
@@ -177,6 +192,86 @@ __global__ void __launch_bounds__(kT) swiglu_kernel(const RawAcc in, int64_t I, 
   const int64_t t = this_row<kWhole>(I);
   const int64_t gs = paired ? 2 : 1, uo = paired ? 1 : I;  // gate i at column gs * i, up i at gs * i + uo
   prep_this_row<kWhole, kT, kVpt>(o, t, I, [&](int64_t i) { return silu_mul(raw_value(in, t, gs * i), raw_value(in, t, gs * i + uo)); });
+}
+
+// Element (t, n) of raw accumulators from its loaded value a (the FP32 or INT32 bits) and w_scale[n] (ws; 1 where
+// in.w_scale is null): the same operations as raw_value.
+__device__ __forceinline__ float raw_scaled(const RawAcc& in, uint32_t a, float xs, float ws) {
+  float v = in.acc_int32 ? float(int32_t(a)) : __uint_as_float(a);
+  if (in.x_scale) v = __fmul_rn(v, xs);
+  if (in.w_scale) v = __fmul_rn(v, ws);
+  return v;
+}
+
+// SwiGLU of paired gate/up accumulators (gate i at column 2i, up at 2i + 1) through 16-byte loads: quad q of row t
+// is columns 4q .. 4q + 3 of the accumulators (and of w_scale, where there is one): outputs 2q and 2q + 1. Each
+// thread loads its kQ quads of a step before it computes any, so that 2 kQ 16-byte loads are in flight. The same
+// values, scales and codes as swiglu_kernel (the same operations on the same elements); swiglu_quads_ok says
+// where it applies.
+// Static kinds and BF16 (kRow false): blocks of kT x kQ quads, a row's blocks next to each other, each storing
+// what it computed. Per-token INT8 (kRow): one block a row, which steps over it, keeping the outputs in shared
+// memory (dynamic, I floats) until the row's absmax is known, then stores the codes: the row is read from memory
+// once and the block holds few registers, so that several blocks share an SM.
+//
+// swiglu_kernel loads each accumulator and its weight scale with a 4-byte load of its own: fp8's SwiGLU of a
+// 2048-token llama-3-8b prefill took 119 us a layer for ~265 MB (FP32 accumulators in, FP8 codes out), ~55% of the
+// copy bandwidth, and int8-sq's 166 us in 512-thread rows (H200; bench/results/2026-12-04-nvidia-h200-session18.txt,
+// ...-session20.txt).
+template <int kT, int kQ, bool kRow>
+__global__ void __launch_bounds__(kT) swiglu_quads_kernel(const RawAcc in, int64_t I, const PrepOut o) {
+  extern __shared__ float2 row_out[];  // kRow: outputs 2q, 2q + 1 at q
+  pdl_trigger();
+  pdl_wait();
+  const int64_t nq = I / 2;  // quads a row
+  constexpr int64_t kStepQ = int64_t(kT) * kQ;
+  const int64_t per_row = kRow ? 1 : (nq + kStepQ - 1) / kStepQ;
+  const int64_t t = int64_t(blockIdx.x) / per_row, q0 = (int64_t(blockIdx.x) % per_row) * kStepQ;
+  const int64_t q1 = kRow ? nq : q0 + kStepQ;
+  const uint4* acc = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(in.acc) + t * in.ld * 4);
+  const float4* ws = reinterpret_cast<const float4*>(in.w_scale);
+  const float xs = in.x_scale ? in.x_scale[t] : 1.f;
+  // Static kinds: the scale is known before any value (prep_row's store; BF16 stores the values as they are).
+  const float inv = kRow || o.kind == ActKind::None ? 1.f : 1.0f / prep_scale(o, 0.f);
+  if (!kRow && o.kind != ActKind::None && threadIdx.x == 0 && q0 == 0 && o.row_scale) o.row_scale[t] = prep_scale(o, 0.f);
+  float amax = 0.f;
+  for (int64_t qs = q0; qs < q1; qs += kStepQ) {
+    uint4 a[kQ];
+    float4 w[kQ];
+#pragma unroll
+    for (int j = 0; j < kQ; ++j) {
+      const int64_t q = qs + threadIdx.x + int64_t(j) * kT;
+      a[j] = q < nq ? __ldcs(acc + q) : make_uint4(0, 0, 0, 0);  // streamed: read once
+      w[j] = ws && q < nq ? __ldg(ws + q) : make_float4(1.f, 1.f, 1.f, 1.f);
+    }
+#pragma unroll
+    for (int j = 0; j < kQ; ++j) {
+      const int64_t q = qs + threadIdx.x + int64_t(j) * kT;
+      if (q >= nq) continue;
+      const float v0 = silu_mul(raw_scaled(in, a[j].x, xs, w[j].x), raw_scaled(in, a[j].y, xs, w[j].y));
+      const float v1 = silu_mul(raw_scaled(in, a[j].z, xs, w[j].z), raw_scaled(in, a[j].w, xs, w[j].w));
+      if constexpr (kRow) {
+        row_out[q] = make_float2(v0, v1);
+        amax = fmaxf(amax, fmaxf(fabsf(v0), fabsf(v1)));
+      } else if (o.kind == ActKind::None) {
+        prep_store(o, t, 2 * q, v0);
+        prep_store(o, t, 2 * q + 1, v1);
+      } else {
+        prep_store(o, t, 2 * q, v0 * inv);
+        prep_store(o, t, 2 * q + 1, v1 * inv);
+      }
+    }
+  }
+  if constexpr (kRow) {  // per-token INT8: the row's absmax (its barriers also publish row_out), then the codes
+    amax = block_reduce<true>(amax);
+    const float s = prep_scale(o, amax);
+    if (threadIdx.x == 0 && o.row_scale) o.row_scale[t] = s;
+    const float is = 1.0f / s;
+    for (int64_t q = threadIdx.x; q < nq; q += kT) {
+      const float2 v = row_out[q];
+      prep_store(o, t, 2 * q, v.x * is);
+      prep_store(o, t, 2 * q + 1, v.y * is);
+    }
+  }
 }
 
 // One block a row: x[t] += the raw accumulators' row t (as gemm_epilogue would add it), then RMSNorm into o. Every
@@ -357,6 +452,19 @@ void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H,
 
 void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
   if (T == 0) return;
+  if (swiglu_quads_ok(in, T, I, out, paired)) {
+    if (out.kind != ActKind::I8Token)
+      return launch("swiglu_quads_kernel", swiglu_quads_kernel<kThreads, kQuadsStatic, false>,
+                    unsigned(T * ((I / 2 + kQuadStep - 1) / kQuadStep)), kThreads, 0, s, in, I, out);
+    static const bool smem_ok = [] {  // past the 48 KB a launch gets without asking
+      return cudaFuncSetAttribute(swiglu_quads_kernel<kRowThreadsMid, kQuadsRow, true>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(kQuadsRowMaxI * 4)) == cudaSuccess;
+    }();
+    if (smem_ok)
+      return launch("swiglu_quads_kernel", swiglu_quads_kernel<kRowThreadsMid, kQuadsRow, true>, unsigned(T),
+                    kRowThreadsMid, size_t(I) * 4, s, in, I, out);
+    (void)cudaGetLastError();
+  }
   if (whole_rows(out, I) && mid_row_blocks(T, I))
     return launch("swiglu_kernel", swiglu_kernel<true, kRowThreadsMid, kRowVptMid>, unsigned(T), kRowThreadsMid, 0, s, in, I,
                   paired, out);
