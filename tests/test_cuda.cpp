@@ -1212,7 +1212,9 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
   for (int64_t H : {1, 37, 4096, 5003, 24576}) {
     const int64_t T = H <= 6144 ? 67 : 4;  // past 64 rows, rows up to 6,144 take the prefill blocks (LLMQ_ROW_THREADS=256)
     for (bool i32 : {false, true}) {
-      const int64_t ld = H + 7;  // the accumulators' row stride (N of the producing matmul)
+      // The accumulators' row stride (N of the producing matmul): a multiple of 4 at 4,096, so that with
+      // LLMQ_RESIDUAL_QUADS=1 those rows take the 16-byte kernel.
+      const int64_t ld = H + (H == 4096 ? 8 : 7);
       std::vector<float> x(static_cast<size_t>(T * H)), accf(static_cast<size_t>(T * ld)), xs(static_cast<size_t>(T)),
           ws(static_cast<size_t>(ld)), w(static_cast<size_t>(H));
       std::vector<int32_t> acci(accf.size());

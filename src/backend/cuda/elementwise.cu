@@ -112,6 +112,16 @@ bool swiglu_quads_ok(const RawAcc& in, int64_t rows, int64_t I, const PrepOut& o
   return out.kind != ActKind::I8Token || (rows > kDecodeRows && I <= kQuadsRowMaxI);
 }
 
+// residual_rmsnorm_quads_kernel for prefill rows (more than kDecodeRows; decode steps keep the tuned kernel) of up to
+// kRowThreadsSmall x kResidualQuads x 4 = 4,096 values (llama-3-8b, llama-2-7b, mistral-7b, qwen2-7b). Opt-in
+// (LLMQ_RESIDUAL_QUADS=1), not yet run on a GPU.
+constexpr int kResidualQuads = 4;
+bool residual_quads_ok(const RawAcc& in, const float* x, int64_t rows, int64_t H, const float* w) {
+  static const bool on = env_flag("LLMQ_RESIDUAL_QUADS");
+  return on && !row_threads_1024() && rows > kDecodeRows && H % 4 == 0 && H <= int64_t(kRowThreadsSmall) * kResidualQuads * 4 &&
+         in.ld % 4 == 0 && aligned16(in.acc) && (!in.w_scale || aligned16(in.w_scale)) && aligned16(x) && aligned16(w);
+}
+
 // Row `r` of `out` (D <= kT * kVpt) from the values the block's threads hold: v[j] is element threadIdx.x + j *
 // kT (0 past D). The whole block (kT threads) calls it.
 template <int kT, int kVpt = kRowVpt>
@@ -306,6 +316,82 @@ __global__ void __launch_bounds__(kT) residual_rmsnorm_kernel(const RawAcc in, f
   prep_row_regs<kT>(o, t, H, v);
 }
 
+// residual_rmsnorm_kernel through 16-byte loads and stores (rows of up to kT x kQ x 4 values, H % 4 == 0, 16-byte
+// aligned rows; residual_quads_ok): thread j-th quad q = threadIdx.x + j kT holds values 4q .. 4q + 3, loaded as one
+// uint4 of accumulators, one float4 of w_scale and one of x each. The same operations on every element as
+// residual_rmsnorm_kernel; only the order of the sum of squares differs (a thread adds its quads' squares in
+// order, then the block adds the threads'), so the norm's last bit can. residual_rmsnorm_kernel makes four 4-byte
+// loads an element: at a 2048-token llama-3-8b prefill it took 70 us a call (fp8) for ~104 MB, ~1.5 TB/s (H200,
+// bench/results/2026-12-04-nvidia-h200-session19.txt).
+template <int kT, int kQ>
+__global__ void __launch_bounds__(kT) residual_rmsnorm_quads_kernel(const RawAcc in, float* x, int64_t H, const float* w,
+                                                                    float eps, const PrepOut o) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t t = blockIdx.x, nq = H / 4;
+  float4* xr = reinterpret_cast<float4*>(x + t * H);
+  const uint4* acc = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(in.acc) + t * in.ld * 4);
+  const float4* ws = reinterpret_cast<const float4*>(in.w_scale);
+  const float xs = in.x_scale ? in.x_scale[t] : 1.f;  // before the first barrier (row_scale may be the same buffer)
+  uint4 a[kQ];
+  float4 wv[kQ], v[kQ];
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    const int64_t q = threadIdx.x + int64_t(j) * kT;
+    const bool ok = q < nq;
+    a[j] = ok ? __ldcs(acc + q) : make_uint4(0, 0, 0, 0);
+    wv[j] = ws && ok ? __ldg(ws + q) : make_float4(1.f, 1.f, 1.f, 1.f);
+    v[j] = ok ? xr[q] : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    const int64_t q = threadIdx.x + int64_t(j) * kT;
+    if (q >= nq) continue;
+    v[j].x = __fadd_rn(v[j].x, raw_scaled(in, a[j].x, xs, wv[j].x));
+    v[j].y = __fadd_rn(v[j].y, raw_scaled(in, a[j].y, xs, wv[j].y));
+    v[j].z = __fadd_rn(v[j].z, raw_scaled(in, a[j].z, xs, wv[j].z));
+    v[j].w = __fadd_rn(v[j].w, raw_scaled(in, a[j].w, xs, wv[j].w));
+    xr[q] = v[j];
+    ss = fmaf(v[j].x, v[j].x, ss);
+    ss = fmaf(v[j].y, v[j].y, ss);
+    ss = fmaf(v[j].z, v[j].z, ss);
+    ss = fmaf(v[j].w, v[j].w, ss);
+  }
+  ss = block_reduce<false>(ss);
+  const float inv = 1.0f / sqrtf(ss / float(H) + eps);
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    const int64_t q = threadIdx.x + int64_t(j) * kT;
+    if (q >= nq) continue;
+    const float4 g = __ldg(w4 + q);
+    v[j].x = g.x * (v[j].x * inv);
+    v[j].y = g.y * (v[j].y * inv);
+    v[j].z = g.z * (v[j].z * inv);
+    v[j].w = g.w * (v[j].w * inv);
+    amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
+  }
+  float is = 1.f;
+  if (o.kind != ActKind::None) {
+    if (o.kind == ActKind::I8Token) amax = block_reduce<true>(amax);
+    const float sc = prep_scale(o, amax);
+    if (threadIdx.x == 0 && o.row_scale) o.row_scale[t] = sc;
+    is = 1.0f / sc;
+  }
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    const int64_t q = threadIdx.x + int64_t(j) * kT;
+    if (q >= nq) continue;
+    const bool none = o.kind == ActKind::None;
+    prep_store(o, t, 4 * q, none ? v[j].x : v[j].x * is);
+    prep_store(o, t, 4 * q + 1, none ? v[j].y : v[j].y * is);
+    prep_store(o, t, 4 * q + 2, none ? v[j].z : v[j].z * is);
+    prep_store(o, t, 4 * q + 3, none ? v[j].w : v[j].w * is);
+  }
+}
+
 template <bool kWhole, int kT = kRowThreads>
 __global__ void __launch_bounds__(kT) act_prep_kernel(const float* x, int64_t ld, int64_t D, const PrepOut o) {
   pdl_trigger();
@@ -485,6 +571,9 @@ void residual_rmsnorm_prep(const RawAcc& in, float* x, int64_t T, int64_t H, con
                            const PrepOut& out, cudaStream_t s) {
   if (T == 0) return;
   if (!residual_rmsnorm_supported(H)) throw Error("residual_rmsnorm_prep: rows of more than " + std::to_string(kRowMaxD));
+  if (residual_quads_ok(in, x, T, H, w))
+    return launch("residual_rmsnorm_quads_kernel", residual_rmsnorm_quads_kernel<kRowThreadsSmall, kResidualQuads>, unsigned(T),
+                  kRowThreadsSmall, 0, s, in, x, H, w, eps, out);
   if (small_row_blocks(T, H))
     return launch("residual_rmsnorm_kernel", residual_rmsnorm_kernel<kRowThreadsSmall>, unsigned(T), kRowThreadsSmall, 0, s, in,
                   x, H, w, eps, out);
