@@ -130,6 +130,67 @@ __global__ void rope_kv_kernel(float* qkv, int64_t ld, const int32_t* pos, const
     kv_store(kv, slot * kvd + j, j / hd, row[qd + j], kRaw ? raw_value(raw, t, qd + kvd + j) : row[qd + kvd + j]);
 }
 
+// Four K and V values (elements i .. i + 3 of this layer's pages, one KV head h; i a multiple of 4) as the cache
+// type's codes, in one 8-byte (BF16) or 4-byte (FP8, INT8) store each: kv_store four times.
+template <typename KT>
+__device__ __forceinline__ void kv_store4_as(const KvCacheView& kv, int64_t i, int64_t h, const float4& k, const float4& v) {
+  auto codes = [&](const float4& x, bool is_k) {
+    const KT c[4] = {kv_code<KT>(kv, h, x.x, is_k), kv_code<KT>(kv, h, x.y, is_k), kv_code<KT>(kv, h, x.z, is_k),
+                     kv_code<KT>(kv, h, x.w, is_k)};
+    if constexpr (sizeof(KT) == 2) {
+      return make_uint2(uint32_t(uint16_t(c[0])) | uint32_t(uint16_t(c[1])) << 16,
+                        uint32_t(uint16_t(c[2])) | uint32_t(uint16_t(c[3])) << 16);
+    } else {
+      return uint32_t(uint8_t(c[0])) | uint32_t(uint8_t(c[1])) << 8 | uint32_t(uint8_t(c[2])) << 16 |
+             uint32_t(uint8_t(c[3])) << 24;
+    }
+  };
+  using W = std::conditional_t<sizeof(KT) == 2, uint2, uint32_t>;
+  *reinterpret_cast<W*>(static_cast<KT*>(kv.k) + i) = codes(k, true);
+  *reinterpret_cast<W*>(static_cast<KT*>(kv.v) + i) = codes(v, false);
+}
+__device__ __forceinline__ void kv_store4(const KvCacheView& kv, int64_t i, int64_t h, const float4& k, const float4& v) {
+  if (kv.type == KvType::BF16) kv_store4_as<uint16_t>(kv, i, h, k, v);
+  else if (kv.type == KvType::FP8) kv_store4_as<uint8_t>(kv, i, h, k, v);
+  else kv_store4_as<int8_t>(kv, i, h, k, v);
+}
+
+// rope_kv_kernel through 16-byte loads and stores (rope_quads_ok): four consecutive dimensions j .. j + 3 of a half
+// head a thread, and four cache values a store. The same operations on every element, so the same bits. The
+// 4-byte kernel took 30-33 us a layer of a 2048-token llama-3-8b prefill reading FP32 qkv (bf16) and 60 (fp8) /
+// 78 (int8-sq) reading the raw sums with their scales, ~2-5x the ~115 MB it moves at the copy bandwidth (H200,
+// bench/results/2026-12-04-nvidia-h200-session18.txt, ...-session20.txt).
+template <bool kRaw>
+__global__ void rope_kv_quads_kernel(float* qkv, int64_t ld, const int32_t* pos, const int32_t* seq, const float* cos_tab,
+                                     const float* sin_tab, int64_t heads, const KvCacheView kv, const RawAcc raw) {
+  pdl_trigger();
+  pdl_wait();
+  const int64_t t = blockIdx.x;
+  const int64_t hd = kv.head_dim, half = hd / 2, hq = half / 4, kvd = kv.kv_heads * hd, qd = heads * hd;
+  const int64_t p = pos[t];
+  float* row = qkv + t * ld;
+  const float* cs = cos_tab + p * half;
+  const float* sn = sin_tab + p * half;
+  for (int64_t i = threadIdx.x; i < (heads + kv.kv_heads) * hq; i += blockDim.x) {
+    const int64_t col = (i / hq) * hd, j = (i % hq) * 4;
+    float4* lo = reinterpret_cast<float4*>(row + col + j);
+    float4* hi = reinterpret_cast<float4*>(row + col + j + half);
+    const float4 a = kRaw ? raw_value4(raw, t, col + j) : *lo, b = kRaw ? raw_value4(raw, t, col + j + half) : *hi;
+    const float4 c = *reinterpret_cast<const float4*>(cs + j), s = *reinterpret_cast<const float4*>(sn + j);
+    *lo = make_float4(rope_lo(a.x, b.x, c.x, s.x), rope_lo(a.y, b.y, c.y, s.y), rope_lo(a.z, b.z, c.z, s.z),
+                      rope_lo(a.w, b.w, c.w, s.w));
+    *hi = make_float4(rope_hi(a.x, b.x, c.x, s.x), rope_hi(a.y, b.y, c.y, s.y), rope_hi(a.z, b.z, c.z, s.z),
+                      rope_hi(a.w, b.w, c.w, s.w));
+  }
+  __syncthreads();
+  const int64_t slot = slot_of(kv, seq[t], p);
+  for (int64_t j = int64_t(threadIdx.x) * 4; j < kvd; j += int64_t(blockDim.x) * 4) {
+    const float4 k = *reinterpret_cast<const float4*>(row + qd + j);
+    const float4 v = kRaw ? raw_value4(raw, t, qd + kvd + j) : *reinterpret_cast<const float4*>(row + qd + kvd + j);
+    kv_store4(kv, slot * kvd + j, j / hd, k, v);
+  }
+}
+
 // The end of both decode kernels: every warp has left its softmax state in shared memory (sm_m, sm_l: its
 // running max and sum per head of the group; sm_acc: its unnormalized output per head and dimension). Merges
 // the warps and writes the output, or for a split launch this split's partial result, after which the last
@@ -963,11 +1024,30 @@ void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
                 attention_kernel<DPL, int8_t>, a, kv, s);
 }
 
+// rope_kv_quads_kernel for prefill steps (more than 64 tokens; decode steps keep the 4-byte kernel) where every row,
+// table row and cache element it touches 16 at a time is aligned. Opt-in (LLMQ_ROPE_QUADS=1), not yet run on a GPU.
+bool rope_quads_ok(const float* qkv, int64_t ld, int64_t T, const float* cos_tab, const float* sin_tab,
+                   const KvCacheView& kv, const RawAcc* raw) {
+  static const bool on = env_flag("LLMQ_ROPE_QUADS");
+  auto a16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!on || T <= 64 || kv.head_dim % 8 || ld % 4 || !a16(qkv) || !a16(cos_tab) || !a16(sin_tab)) return false;
+  const size_t esz = kv.type == KvType::BF16 ? 8 : 4;  // four cache elements
+  if (reinterpret_cast<uintptr_t>(kv.k) % esz || reinterpret_cast<uintptr_t>(kv.v) % esz) return false;
+  return !(raw && raw->acc) || (raw->ld % 4 == 0 && a16(raw->acc) && (!raw->w_scale || a16(raw->w_scale)));
+}
+
 }  // namespace
 
 void rope_kv(float* qkv, int64_t ld, int64_t T, const int32_t* pos, const int32_t* seq, const float* cos_tab,
              const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s, const RawAcc* raw) {
   if (T == 0) return;
+  if (rope_quads_ok(qkv, ld, T, cos_tab, sin_tab, kv, raw)) {
+    if (raw && raw->acc)
+      return launch("rope_kv_quads_kernel", rope_kv_quads_kernel<true>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab,
+                    sin_tab, heads, kv, *raw);
+    return launch("rope_kv_quads_kernel", rope_kv_quads_kernel<false>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab,
+                  sin_tab, heads, kv, RawAcc{});
+  }
   if (raw && raw->acc)
     return launch("rope_kv_kernel", rope_kv_kernel<true>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab, sin_tab, heads,
                   kv, *raw);

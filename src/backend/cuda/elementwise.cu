@@ -204,15 +204,6 @@ __global__ void __launch_bounds__(kT) swiglu_kernel(const RawAcc in, int64_t I, 
   prep_this_row<kWhole, kT, kVpt>(o, t, I, [&](int64_t i) { return silu_mul(raw_value(in, t, gs * i), raw_value(in, t, gs * i + uo)); });
 }
 
-// Element (t, n) of raw accumulators from its loaded value a (the FP32 or INT32 bits) and w_scale[n] (ws; 1 where
-// in.w_scale is null): the same operations as raw_value.
-__device__ __forceinline__ float raw_scaled(const RawAcc& in, uint32_t a, float xs, float ws) {
-  float v = in.acc_int32 ? float(int32_t(a)) : __uint_as_float(a);
-  if (in.x_scale) v = __fmul_rn(v, xs);
-  if (in.w_scale) v = __fmul_rn(v, ws);
-  return v;
-}
-
 // SwiGLU of paired gate/up accumulators (gate i at column 2i, up at 2i + 1) through 16-byte loads: quad q of row t
 // is columns 4q .. 4q + 3 of the accumulators (and of w_scale, where there is one): outputs 2q and 2q + 1. Each
 // thread loads its kQ quads of a step before it computes any, so that 2 kQ 16-byte loads are in flight. The same
