@@ -1986,34 +1986,32 @@ TEST(CudaModel, QkvRawMatchesEpilogue) {
     Model m(quantized_27m(tmp, method));
     const int64_t V = m.config().vocab;
     const std::vector<int32_t> ids = eval_tokens(model_27m(), 64);
-    {
-      setenv("LLMQ_QKV_RAW", "0", 1);
-      auto plain = make_engine(m, "cuda");
-      unsetenv("LLMQ_QKV_RAW");
-      auto raw = make_engine(m, "cuda");
-      std::vector<float> a(static_cast<size_t>(2 * V)), b(a.size());
-      auto same = [&](const std::string& what) {
-        for (size_t i = 0; i < a.size(); ++i)
-          ASSERT_EQ(a[i], b[i]) << method << ", " << what << ", logit " << i;
-      };
-      std::vector<BatchToken> pre;  // sequence 0: 9 tokens, sequence 1: 18; logits of each one's last
-      for (int i = 0; i < 9; ++i) pre.push_back({ids[size_t(i)], 0, i, i == 8});
-      for (int i = 0; i < 18; ++i) pre.push_back({ids[size_t(20 + i)], 1, i, i == 17});
-      std::vector<BatchToken> more;  // 12 more of sequence 0
-      for (int i = 9; i < 21; ++i) more.push_back({ids[size_t(i)], 0, i, i == 20});
-      const std::vector<BatchToken> step = {{ids[21], 0, 21, true}, {ids[38], 1, 18, true}};
-      for (Engine* e : {plain.get(), raw.get()}) e->reset(2, 64);
-      plain->forward(pre, a.data());
-      raw->forward(pre, b.data());
-      ASSERT_NO_FATAL_FAILURE(same("first prefill step"));
-      plain->forward(more, a.data());
-      raw->forward(more, b.data());
-      for (size_t i = size_t(V); i < a.size(); ++i) a[i] = b[i] = 0.f;  // one row of logits
-      ASSERT_NO_FATAL_FAILURE(same("second prefill step"));
-      plain->forward(step, a.data());
-      raw->forward(step, b.data());
-      ASSERT_NO_FATAL_FAILURE(same("decode step"));
-    }
+    setenv("LLMQ_QKV_RAW", "0", 1);
+    auto plain = make_engine(m, "cuda");
+    unsetenv("LLMQ_QKV_RAW");
+    auto raw = make_engine(m, "cuda");
+    std::vector<float> a(static_cast<size_t>(2 * V)), b(a.size());
+    auto same = [&](const std::string& what) {
+      for (size_t i = 0; i < a.size(); ++i)
+        ASSERT_EQ(a[i], b[i]) << method << ", " << what << ", logit " << i;
+    };
+    std::vector<BatchToken> pre;  // sequence 0: 9 tokens, sequence 1: 18; logits of each one's last
+    for (int i = 0; i < 9; ++i) pre.push_back({ids[size_t(i)], 0, i, i == 8});
+    for (int i = 0; i < 18; ++i) pre.push_back({ids[size_t(20 + i)], 1, i, i == 17});
+    std::vector<BatchToken> more;  // 12 more of sequence 0
+    for (int i = 9; i < 21; ++i) more.push_back({ids[size_t(i)], 0, i, i == 20});
+    const std::vector<BatchToken> step = {{ids[21], 0, 21, true}, {ids[38], 1, 18, true}};
+    for (Engine* e : {plain.get(), raw.get()}) e->reset(2, 64);
+    plain->forward(pre, a.data());
+    raw->forward(pre, b.data());
+    ASSERT_NO_FATAL_FAILURE(same("first prefill step"));
+    plain->forward(more, a.data());
+    raw->forward(more, b.data());
+    for (size_t i = size_t(V); i < a.size(); ++i) a[i] = b[i] = 0.f;  // one row of logits
+    ASSERT_NO_FATAL_FAILURE(same("second prefill step"));
+    plain->forward(step, a.data());
+    raw->forward(step, b.data());
+    ASSERT_NO_FATAL_FAILURE(same("decode step"));
   }
   fs::remove_all(tmp);
 }

@@ -1029,11 +1029,10 @@ void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
 bool rope_quads_ok(const float* qkv, int64_t ld, int64_t T, const float* cos_tab, const float* sin_tab,
                    const KvCacheView& kv, const RawAcc* raw) {
   static const bool on = env_flag("LLMQ_ROPE_QUADS");
-  auto a16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (!on || T <= 64 || kv.head_dim % 8 || ld % 4 || !a16(qkv) || !a16(cos_tab) || !a16(sin_tab)) return false;
+  if (!on || T <= 64 || kv.head_dim % 8 || ld % 4 || !aligned16(qkv) || !aligned16(cos_tab) || !aligned16(sin_tab)) return false;
   const size_t esz = kv.type == KvType::BF16 ? 8 : 4;  // four cache elements
   if (reinterpret_cast<uintptr_t>(kv.k) % esz || reinterpret_cast<uintptr_t>(kv.v) % esz) return false;
-  return !(raw && raw->acc) || (raw->ld % 4 == 0 && a16(raw->acc) && (!raw->w_scale || a16(raw->w_scale)));
+  return !(raw && raw->acc) || (raw->ld % 4 == 0 && aligned16(raw->acc) && (!raw->w_scale || aligned16(raw->w_scale)));
 }
 
 }  // namespace
@@ -1041,18 +1040,13 @@ bool rope_quads_ok(const float* qkv, int64_t ld, int64_t T, const float* cos_tab
 void rope_kv(float* qkv, int64_t ld, int64_t T, const int32_t* pos, const int32_t* seq, const float* cos_tab,
              const float* sin_tab, int64_t heads, const KvCacheView& kv, cudaStream_t s, const RawAcc* raw) {
   if (T == 0) return;
-  if (rope_quads_ok(qkv, ld, T, cos_tab, sin_tab, kv, raw)) {
-    if (raw && raw->acc)
-      return launch("rope_kv_quads_kernel", rope_kv_quads_kernel<true>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab,
-                    sin_tab, heads, kv, *raw);
-    return launch("rope_kv_quads_kernel", rope_kv_quads_kernel<false>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab,
-                  sin_tab, heads, kv, RawAcc{});
-  }
-  if (raw && raw->acc)
-    return launch("rope_kv_kernel", rope_kv_kernel<true>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab, sin_tab, heads,
-                  kv, *raw);
-  launch("rope_kv_kernel", rope_kv_kernel<false>, unsigned(T), 256, 0, s, qkv, ld, pos, seq, cos_tab, sin_tab, heads, kv,
-         RawAcc{});
+  const bool from_raw = raw && raw->acc;
+  const RawAcc in = from_raw ? *raw : RawAcc{};
+  if (rope_quads_ok(qkv, ld, T, cos_tab, sin_tab, kv, raw))
+    return launch("rope_kv_quads_kernel", from_raw ? rope_kv_quads_kernel<true> : rope_kv_quads_kernel<false>, unsigned(T),
+                  256, 0, s, qkv, ld, pos, seq, cos_tab, sin_tab, heads, kv, in);
+  launch("rope_kv_kernel", from_raw ? rope_kv_kernel<true> : rope_kv_kernel<false>, unsigned(T), 256, 0, s, qkv, ld, pos, seq,
+         cos_tab, sin_tab, heads, kv, in);
 }
 
 int64_t attention_tiles(const int32_t* seq, int64_t T, int32_t* tiles) {

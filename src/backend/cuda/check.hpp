@@ -5,6 +5,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "common.hpp"
@@ -26,6 +27,9 @@ bool sync_each_launch();
 
 // An environment switch (the LLMQ_* comparison switches): set and not "0". Defined in engine.cpp.
 bool env_flag(const char* name);
+
+// Whether p may be read or written 16 bytes at a time (the 16-byte kernels' precondition).
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Whether kernels are launched with programmatic dependent launch (launch.cuh): on sm_90+ unless LLMQ_NO_PDL=1.
 bool pdl_enabled();

@@ -105,7 +105,6 @@ bool mid_row_blocks(int64_t rows, int64_t D) {
 constexpr int kQuadsStatic = 2, kQuadsRow = 2;
 constexpr int64_t kQuadStep = int64_t(kThreads) * kQuadsStatic;
 constexpr int64_t kQuadsRowMaxI = 16384;
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 bool swiglu_quads_ok(const RawAcc& in, int64_t rows, int64_t I, const PrepOut& out, bool paired) {
   static const bool on = env_flag("LLMQ_SWIGLU_QUADS");
   if (!on || !paired || I % 2 || in.ld % 4 || !aligned16(in.acc) || (in.w_scale && !aligned16(in.w_scale))) return false;
@@ -534,13 +533,14 @@ void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cud
       return launch("swiglu_quads_kernel", swiglu_quads_kernel<kThreads, kQuadsStatic, false>,
                     unsigned(T * ((I / 2 + kQuadStep - 1) / kQuadStep)), kThreads, 0, s, in, I, out);
     static const bool smem_ok = [] {  // past the 48 KB a launch gets without asking
-      return cudaFuncSetAttribute(swiglu_quads_kernel<kRowThreadsMid, kQuadsRow, true>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(kQuadsRowMaxI * 4)) == cudaSuccess;
+      const bool ok = cudaFuncSetAttribute(swiglu_quads_kernel<kRowThreadsMid, kQuadsRow, true>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(kQuadsRowMaxI * 4)) == cudaSuccess;
+      if (!ok) (void)cudaGetLastError();  // refused: the kernels below serve
+      return ok;
     }();
     if (smem_ok)
       return launch("swiglu_quads_kernel", swiglu_quads_kernel<kRowThreadsMid, kQuadsRow, true>, unsigned(T),
                     kRowThreadsMid, size_t(I) * 4, s, in, I, out);
-    (void)cudaGetLastError();
   }
   if (whole_rows(out, I) && mid_row_blocks(T, I))
     return launch("swiglu_kernel", swiglu_kernel<true, kRowThreadsMid, kRowVptMid>, unsigned(T), kRowThreadsMid, 0, s, in, I,

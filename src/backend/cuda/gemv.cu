@@ -457,8 +457,6 @@ void launch(const GemvArgs& a, cudaStream_t s) {
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 }  // namespace
 
 bool gemv_supports(const GemvArgs& a) {
