@@ -1120,8 +1120,8 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
   enum Src { kSplit, kPaired, kAccF32, kAccI32 };
   for (int64_t I : {1, 37, 3000, 9001, 14336, 25001}) {
     // Past 64 rows, per-token INT8 rows up to 6,144 take the 256-thread prefill blocks and 14,336 the 512-thread
-    // ones (LLMQ_ROW_MID); 9,001 at 3 rows takes the 1024-thread blocks, 25,001 the sliced kernel. With
-    // LLMQ_SWIGLU_QUADS=1, the paired sources of even I (3,000 and 14,336) take swiglu_quads_kernel instead.
+    // ones (LLMQ_ROW_MID); 9,001 at 3 rows takes the 1024-thread blocks, 25,001 the sliced kernel. The paired
+    // sources of even I (3,000 and 14,336) take swiglu_quads_kernel instead (LLMQ_SWIGLU_QUADS=0: the others).
     const int64_t T = I <= 6144 || I == 14336 ? 67 : 3;
     for (Src src : {kSplit, kPaired, kAccF32, kAccI32}) {
       const int64_t ld = 2 * I + (src == kSplit ? 5 : 0);
@@ -1212,8 +1212,8 @@ TEST(CudaElementwise, ResidualRmsNormMatchesCpu) {
   for (int64_t H : {1, 37, 4096, 5003, 24576}) {
     const int64_t T = H <= 6144 ? 67 : 4;  // past 64 rows, rows up to 6,144 take the prefill blocks (LLMQ_ROW_THREADS=256)
     for (bool i32 : {false, true}) {
-      // The accumulators' row stride (N of the producing matmul): a multiple of 4 at 4,096, so that with
-      // LLMQ_RESIDUAL_QUADS=1 those rows take the 16-byte kernel.
+      // The accumulators' row stride (N of the producing matmul): a multiple of 4 at 4,096, so that those
+      // rows take the 16-byte kernel (unless LLMQ_RESIDUAL_QUADS=0); 37 and 5,003 the others.
       const int64_t ld = H + (H == 4096 ? 8 : 7);
       std::vector<float> x(static_cast<size_t>(T * H)), accf(static_cast<size_t>(T * ld)), xs(static_cast<size_t>(T)),
           ws(static_cast<size_t>(ld)), w(static_cast<size_t>(H));
@@ -1430,7 +1430,7 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
     for (KvType kt : {KvType::BF16, KvType::FP8, KvType::I8}) {
       const int64_t heads = sh.heads, nkv = sh.kv_heads, hd = sh.hd, half = hd / 2;
       // A row stride of a multiple of 4 at head dim 128 (its prefill steps of more than 64 tokens take the
-      // 16-byte RoPE kernel with LLMQ_ROPE_QUADS=1), odd elsewhere.
+      // 16-byte RoPE kernel unless LLMQ_ROPE_QUADS=0), odd elsewhere (the 4-byte kernel).
       const int64_t qd = heads * hd, kvd = nkv * hd, ld = qd + 2 * kvd + (hd == 128 ? 4 : 5), page = 16, cap = 200;
       const int64_t pps = (cap + page - 1) / page, n_seq = 2;
       // A scrambled page table: sequence pages are not contiguous.

@@ -855,8 +855,7 @@ bool flash_grant(void (*kernel)(AttentionArgs, KvCacheView)) {
 template <int HD>
 bool flash_pipe() {
   static const bool ok = [] {
-    const char* e = std::getenv("LLMQ_FLASH_PIPE");
-    return !(e && std::strcmp(e, "0") == 0) && flash_grant<HD>(flash_prefill_kernel<HD, true>);
+    return !env_off("LLMQ_FLASH_PIPE") && flash_grant<HD>(flash_prefill_kernel<HD, true>);
   }();
   return ok;
 }
@@ -1025,10 +1024,11 @@ void launch_attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
 }
 
 // rope_kv_quads_kernel for prefill steps (more than 64 tokens; decode steps keep the 4-byte kernel) where every row,
-// table row and cache element it touches 16 at a time is aligned. Opt-in (LLMQ_ROPE_QUADS=1), not yet run on a GPU.
+// table row and cache element it touches 16 at a time is aligned. The default since session 21 (LLMQ_ROPE_QUADS=0: the
+// 4-byte kernel): a llama-3-8b layer at 2048 tokens on an H200, bf16 29.5 -> 24.9 us, fp8 45 -> 35, int8-sq 58 -> 51.
 bool rope_quads_ok(const float* qkv, int64_t ld, int64_t T, const float* cos_tab, const float* sin_tab,
                    const KvCacheView& kv, const RawAcc* raw) {
-  static const bool on = env_flag("LLMQ_ROPE_QUADS");
+  static const bool on = !env_off("LLMQ_ROPE_QUADS");
   if (!on || T <= 64 || kv.head_dim % 8 || ld % 4 || !aligned16(qkv) || !aligned16(cos_tab) || !aligned16(sin_tab)) return false;
   const size_t esz = kv.type == KvType::BF16 ? 8 : 4;  // four cache elements
   if (reinterpret_cast<uintptr_t>(kv.k) % esz || reinterpret_cast<uintptr_t>(kv.v) % esz) return false;

@@ -27,6 +27,8 @@ bool sync_each_launch();
 
 // An environment switch (the LLMQ_* comparison switches): set and not "0". Defined in engine.cpp.
 bool env_flag(const char* name);
+// A default-on switch turned off: set to exactly "0" (LLMQ_FLASH_PIPE=0 and the like). Defined in engine.cpp.
+bool env_off(const char* name);
 
 // Whether p may be read or written 16 bytes at a time (the 16-byte kernels' precondition).
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

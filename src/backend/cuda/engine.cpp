@@ -28,6 +28,11 @@ bool env_flag(const char* name) {
   return v && *v && std::strcmp(v, "0") != 0;
 }
 
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, "0") == 0;
+}
+
 namespace {
 
 std::string summary(const cudaDeviceProp& p) {
@@ -283,10 +288,8 @@ class CudaEngine final : public Engine {
   const bool profile_ = env_flag("LLMQ_CUDA_PROFILE");
   const bool lt_alpha_ = env_flag("LLMQ_LT_ALPHA");  // FP8 linears get an alpha vector (DevLinear::alpha)
   const bool no_raw_acc_ = env_flag("LLMQ_NO_RAW_ACC");  // raw_capable (read per engine, like the next)
-  const bool qkv_raw_ = [] {  // LLMQ_QKV_RAW=0: the gemm_epilogue pass before rope_kv (comparisons, tests)
-    const char* e = std::getenv("LLMQ_QKV_RAW");
-    return !(e && std::strcmp(e, "0") == 0);
-  }();
+  // LLMQ_QKV_RAW=0: the gemm_epilogue pass before rope_kv (comparisons, tests)
+  const bool qkv_raw_ = !env_off("LLMQ_QKV_RAW");
   // LLMQ_GEMV_PREFER_T=N (0..kGemvMaxM): the GEMV serves up to N tokens in every format (path(); -1: the rule).
   // Read per engine, so that a test can make an engine with and one without.
   const int64_t forced_prefer_t_ = [] {
