@@ -579,14 +579,23 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
     worst[wf == WFmt::I8] = std::max(worst[wf == WFmt::I8], check_gemv(c, seed++, true));
     return !HasFailure();
   };
-  for (WFmt wf : {WFmt::I4, WFmt::I8})
-    for (auto [N, K, g] : shapes)
-      for (int M : {1, 9, 16, 23, 40, 64})
-        for (bool ws : {false, true}) {
-          if (wf == WFmt::I4 && (K / g) % 4) continue;  // refused (checked below); INT8 covers K = 320
-          if (!tiled_case(wf, N, K, g, M, ws)) return;
-        }
-  std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
+  // Both copy paths of the default ring depth (LLMQ_WGEMM_TILED_LEAN: the per-thread copy plan).
+  for (const char* lean : {"0", "1"}) {
+    setenv("LLMQ_WGEMM_TILED_LEAN", lean, 1);
+    for (WFmt wf : {WFmt::I4, WFmt::I8})
+      for (auto [N, K, g] : shapes)
+        for (int M : {1, 9, 16, 23, 40, 64})
+          for (bool ws : {false, true}) {
+            if (wf == WFmt::I4 && (K / g) % 4) continue;  // refused (checked below); INT8 covers K = 320
+            if (!tiled_case(wf, N, K, g, M, ws)) {
+              ADD_FAILURE() << "LLMQ_WGEMM_TILED_LEAN=" << lean;
+              unsetenv("LLMQ_WGEMM_TILED_LEAN");
+              return;
+            }
+          }
+    std::printf("LLMQ_WGEMM_TILED_LEAN=%s: tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", lean, worst[0], worst[1]);
+  }
+  unsetenv("LLMQ_WGEMM_TILED_LEAN");
   // The other ring depths (LLMQ_WGEMM_TILED_STAGES: 3 at every token count, 8 up to 16 tokens), split and not.
   for (const char* stages : {"3", "8"}) {
     setenv("LLMQ_WGEMM_TILED_STAGES", stages, 1);

@@ -864,8 +864,9 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem) : "memory");
 }
 
-// KIND kI4 (G = 64 or 128) or kI8W (G unused); S ring stages.
-template <int KIND, int NT, int G, int S>
+// KIND kI4 (G = 64 or 128) or kI8W (G unused); S ring stages. LEAN: the copies of a stage from a per-thread plan
+// made once (lean_plan below) instead of index arithmetic for every copy of every stage (see launch_tiled_s).
+template <int KIND, int NT, int G, int S, bool LEAN = false>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
   constexpr bool I4 = KIND == kI4;
@@ -945,14 +946,94 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
       }
     }
   };
+  // LEAN: the same copies as issue_w / issue_x, planned once. Sources are element offsets from the stage-0
+  // position (32-bit: tokens x ldx stays far below 2^31) and ring offsets within a stage; stage stg adds
+  // stg x kTUnits units to every source, and a copy of unit cu of the stage is made where cu < u_end - u0.
+  constexpr int kXCopies = I4 ? NT * 8 * kTUnits * 8 : NT * 8 * kTUnits * 16;  // 16-byte pieces / 8-byte chunks
+  constexpr int kXPer = (kXCopies + kTWarps * 32 - 1) / (kTWarps * 32);
+  int x_src[kXPer];       // elements from x + u_begin x 64
+  uint32_t x_dst[kXPer];  // bytes from the stage's start
+  int x_cu[kXPer];        // unit of the stage it belongs to (kTUnits: none, past the copies)
+  int64_t w_src[I4 ? 1 : 2] = {};  // INT4: uint4s from w (this lane's record of unit u_begin); INT8: bytes, rows g, g + 8
+  const char* sz_src = nullptr;  // INT4: this lane's row of scales (lanes 0-15: floats) or zero points (16-31: bytes)
+  if constexpr (LEAN) {
+#pragma unroll
+    for (int i = 0; i < kXPer; ++i) {
+      const int p = int(threadIdx.x) + i * kTWarps * 32;
+      x_cu[i] = kTUnits, x_src[i] = 0, x_dst[i] = 0;
+      if (p >= kXCopies) continue;
+      if constexpr (I4) {
+        const int r = p / (kTUnits * 8), c = p % (kTUnits * 8);
+        x_cu[i] = c / 8;
+        x_src[i] = min(r, M - 1) * int(a.ldx) + c * 8;
+        x_dst[i] = uint32_t((r * Lay::kRow + c * 8) * 2);
+      } else {
+        const int r = p / (kTUnits * 16), c = p % (kTUnits * 16), cu = c / 16, i4 = (c % 16) / 4, j = c % 4;
+        x_cu[i] = cu;
+        x_src[i] = min(r, M - 1) * int(a.ldx) + cu * 64 + 16 * i4 + 4 * j;
+        x_dst[i] = uint32_t((r * Lay::kRow + cu * 64 + 16 * j + 4 * i4) * 2);
+      }
+    }
+    if constexpr (I4) {
+      w_src[0] = (int64_t(rb) * units + u_begin) * 32 + lane;
+      const int row = min(rb * 16 + (lane & 15), N - 1);
+      sz_src = lane < 16 ? reinterpret_cast<const char*>(a.w_scale + int64_t(row) * ng)
+                         : reinterpret_cast<const char*>(a.w_zero + int64_t(row) * ng);
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) w_src[h] = int64_t(min(rb * 16 + g + 8 * h, N - 1)) * a.K + int64_t(u_begin) * 64 + 16 * t;
+    }
+  }
+  auto lean_w = [&](int stg) {
+    if (stg >= nst) return;
+    const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage) + Lay::kAct;
+    const int left = u_end - (u_begin + stg * kTUnits);
+    if constexpr (I4) {
+      const uint4* w4 = static_cast<const uint4*>(a.w) + w_src[0] + int64_t(stg) * (kTUnits * 32);
+#pragma unroll
+      for (int cu = 0; cu < kTUnits; ++cu)
+        if (cu < left) cp_async16(base + uint32_t(((warp * kTUnits + cu) * 32 + lane) * 16), w4 + cu * 32);
+      const int g0 = u_begin / UPG + stg * GPS;  // the stage's first group
+#pragma unroll
+      for (int q = 0; q < GPS; ++q) {
+        const int grp = g0 + q;
+        if (grp >= ng || q * UPG >= left) continue;
+        const uint32_t slot = uint32_t(((warp * kTGroups + q) * 16 + (lane & 15)) * 4) + (lane < 16 ? 0u : uint32_t(Lay::kSc));
+        cp_async4(base + Lay::kW + slot, sz_src + (lane < 16 ? 4 * grp : grp & ~3));  // a scale or a word of 4 zeros
+      }
+    } else {
+      const uint8_t* w8 = static_cast<const uint8_t*>(a.w) + int64_t(stg) * (kTUnits * 64);
+#pragma unroll
+      for (int cu = 0; cu < kTUnits; ++cu)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (cu < left) cp_async16(base + uint32_t((((warp * kTUnits + cu) * 2 + h) * 32 + lane) * 16), w8 + w_src[h] + cu * 64);
+    }
+  };
+  auto lean_x = [&](int stg) {
+    if (stg >= nst) return;
+    const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
+    const int left = u_end - (u_begin + stg * kTUnits);
+    const __nv_bfloat16* xs = x + int64_t(u_begin + stg * kTUnits) * 64;
+#pragma unroll
+    for (int i = 0; i < kXPer; ++i)
+      if (x_cu[i] < left) {
+        if constexpr (I4) cp_async16(base + x_dst[i], xs + x_src[i]);
+        else cp_async8(base + x_dst[i], xs + x_src[i]);
+      }
+  };
   // The first stages' weights before the wait, then their activations: commit group st holds stage st's
   // activations (group 0 also every prologue weight), so waiting for group st still covers all of stage st.
 #pragma unroll
-  for (int st = 0; st < S - 1; ++st) issue_w(st);
+  for (int st = 0; st < S - 1; ++st) {
+    if constexpr (LEAN) lean_w(st);
+    else issue_w(st);
+  }
   pdl_wait();
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
-    issue_x(st);
+    if constexpr (LEAN) lean_x(st);
+    else issue_x(st);
     cp_async_commit();
   }
 
@@ -964,8 +1045,13 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   for (int stg = 0; stg < nst; ++stg) {
     cp_async_wait<S - 2>();         // this thread's copies of stage stg have landed ...
     __syncthreads();                // ... and everyone's; every warp is done with stage stg - 1's slot
-    issue_w(stg + S - 1);           // into that slot (always one commit group)
-    issue_x(stg + S - 1);
+    if constexpr (LEAN) {           // into that slot (always one commit group)
+      lean_w(stg + S - 1);
+      lean_x(stg + S - 1);
+    } else {
+      issue_w(stg + S - 1);
+      issue_x(stg + S - 1);
+    }
     cp_async_commit();
     const char* st = reinterpret_cast<const char*>(t_ring) + (stg % S) * Lay::kStage;
     const __nv_bfloat16* act = reinterpret_cast<const __nv_bfloat16*>(st);
@@ -978,10 +1064,11 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
       if constexpr (I4) {
         const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * kTGroups * 16;
         const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
-        const int q = cu / UPG, grp = u / UPG, zsh = 8 * (grp & 3);
+        const int q = cu / UPG, grp = u / UPG;
         const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
-        const uint32_t z0 = 0x43004300u | ((szw[q * 16 + g] >> zsh) & 0xFFu) * 0x10001u;
-        const uint32_t z1 = 0x43004300u | ((szw[q * 16 + g + 8] >> zsh) & 0xFFu) * 0x10001u;
+        // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 in one PRMT.
+        const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
+        const uint32_t z0 = __byte_perm(szw[q * 16 + g], 0x43u, zsel), z1 = __byte_perm(szw[q * 16 + g + 8], 0x43u, zsel);
         const uint4 wv = wsm[cu * 32];
         const uint32_t wd[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
@@ -1098,12 +1185,12 @@ bool tiled_default(const GemvArgs& a, int kind) {
   return kind == kI8W || (a.M > 16 && a.N * a.K >= (int64_t(1) << 25));
 }
 
-template <int KIND, int NT, int G, int S>
+template <int KIND, int NT, int G, int S, bool LEAN = false>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   using Lay = TiledLayout<KIND, NT, S>;
   // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
   static const int slots = [] {
-    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S>;
+    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S, LEAN>;
     LLMQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1123,7 +1210,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
   if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
-  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S>, dim3(unsigned(tiles), unsigned(splits)),
+  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, LEAN>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
   if (splits > 1)
     launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
@@ -1133,10 +1220,15 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 // The ring's depth: kTStages (4), or LLMQ_WGEMM_TILED_STAGES=3 (any tokens: at 64 tokens two CTAs an SM fit
 // instead of one) or =8 (up to 16 tokens: twice the weights in flight), where that ring fits the device's shared
 // memory. An experiment, read at every call so that a test can set it; not measured yet.
+// LLMQ_WGEMM_TILED_LEAN=1 (at the default depth; read at every call): the instance whose copies come from a
+// per-thread plan made once. ncu of the other at 16 tokens (H200, gate_up, bench/results/2026-12-04-nvidia-h200-
+// session21.txt): 193 warp instructions for each 1,024 INT4 weights, of which ~100 are the dequantization and MMA
+// and most of the rest the copies' index arithmetic; issue-bound at ~3.3 warps a scheduler. Not yet run on a GPU.
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
   const int want = e && *e ? std::atoi(e) : kTStages;
+  if (want == kTStages && env_flag("LLMQ_WGEMM_TILED_LEAN")) return launch_tiled_s<KIND, NT, G, kTStages, true>(a, s);
   if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
   if constexpr (NT <= 2)
     if (want == 8 && tiled_bytes(KIND == kI4, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
