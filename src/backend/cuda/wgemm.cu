@@ -1066,9 +1066,17 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
         const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
         const int q = cu / UPG, grp = u / UPG;
         const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
-        // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 in one PRMT.
-        const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
-        const uint32_t z0 = __byte_perm(szw[q * 16 + g], 0x43u, zsel), z1 = __byte_perm(szw[q * 16 + g + 8], 0x43u, zsel);
+        // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 (LEAN: one PRMT).
+        uint32_t z0, z1;
+        if constexpr (LEAN) {
+          const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
+          z0 = __byte_perm(szw[q * 16 + g], 0x43u, zsel);
+          z1 = __byte_perm(szw[q * 16 + g + 8], 0x43u, zsel);
+        } else {
+          const int zsh = 8 * (grp & 3);
+          z0 = 0x43004300u | ((szw[q * 16 + g] >> zsh) & 0xFFu) * 0x10001u;
+          z1 = 0x43004300u | ((szw[q * 16 + g + 8] >> zsh) & 0xFFu) * 0x10001u;
+        }
         const uint4 wv = wsm[cu * 32];
         const uint32_t wd[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
