@@ -946,34 +946,35 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
       }
     }
   };
-  // LEAN: the same copies as issue_w / issue_x, planned once. Sources are element offsets from the stage-0
-  // position (32-bit: tokens x ldx stays far below 2^31) and ring offsets within a stage; stage stg adds
-  // stg x kTUnits units to every source, and a copy of unit cu of the stage is made where cu < u_end - u0.
-  constexpr int kXCopies = I4 ? NT * 8 * kTUnits * 8 : NT * 8 * kTUnits * 16;  // 16-byte pieces / 8-byte chunks
-  constexpr int kXPer = (kXCopies + kTWarps * 32 - 1) / (kTWarps * 32);
-  int x_src[kXPer];       // elements from x + u_begin x 64
-  uint32_t x_dst[kXPer];  // bytes from the stage's start
-  int x_cu[kXPer];        // unit of the stage it belongs to (kTUnits: none, past the copies)
+  // LEAN: the same copies as issue_w / issue_x, planned once. A thread's activation copies are one column c of the
+  // stage (16-byte pieces or 8-byte chunks; kCols of them a token row) in token rows x_r0, x_r0 + kRowsPer, ...: the
+  // sources are element offsets from the stage's first column of x (32-bit: tokens x ldx stays far below 2^31),
+  // the ring offsets one base plus whole rows. Stage stg adds stg x kTUnits units to every source, and a copy of
+  // unit cu of the stage is made where cu < u_end - u0.
+  constexpr int kCols = I4 ? kTUnits * 8 : kTUnits * 16;
+  constexpr int kRowsPer = kTWarps * 32 / kCols;  // token rows one pass of the block's threads covers
+  static_assert(kTWarps * 32 % kCols == 0, "whole rows a pass");
+  constexpr int kXPer = (NT * 8 + kRowsPer - 1) / kRowsPer;
+  const int x_c = int(threadIdx.x) % kCols, x_r0 = int(threadIdx.x) / kCols;
+  int x_src[kXPer] = {};  // elements from x + (u_begin + stg x kTUnits) x 64
+  uint32_t x_dst = 0;     // bytes from the stage's start, row x_r0
+  int x_cu = kTUnits;     // the unit of the stage the column belongs to (kTUnits: this thread copies nothing)
   int64_t w_src[I4 ? 1 : 2] = {};  // INT4: uint4s from w (this lane's record of unit u_begin); INT8: bytes, rows g, g + 8
   const char* sz_src = nullptr;  // INT4: this lane's row of scales (lanes 0-15: floats) or zero points (16-31: bytes)
   if constexpr (LEAN) {
-#pragma unroll
-    for (int i = 0; i < kXPer; ++i) {
-      const int p = int(threadIdx.x) + i * kTWarps * 32;
-      x_cu[i] = kTUnits, x_src[i] = 0, x_dst[i] = 0;
-      if (p >= kXCopies) continue;
+    if (x_r0 < NT * 8) {
       if constexpr (I4) {
-        const int r = p / (kTUnits * 8), c = p % (kTUnits * 8);
-        x_cu[i] = c / 8;
-        x_src[i] = min(r, M - 1) * int(a.ldx) + c * 8;
-        x_dst[i] = uint32_t((r * Lay::kRow + c * 8) * 2);
+        x_cu = x_c / 8;
+        x_dst = uint32_t((x_r0 * Lay::kRow + x_c * 8) * 2);
       } else {
-        const int r = p / (kTUnits * 16), c = p % (kTUnits * 16), cu = c / 16, i4 = (c % 16) / 4, j = c % 4;
-        x_cu[i] = cu;
-        x_src[i] = min(r, M - 1) * int(a.ldx) + cu * 64 + 16 * i4 + 4 * j;
-        x_dst[i] = uint32_t((r * Lay::kRow + cu * 64 + 16 * j + 4 * i4) * 2);
+        const int cu = x_c / 16, i4 = (x_c % 16) / 4, j = x_c % 4;
+        x_cu = cu;
+        x_dst = uint32_t((x_r0 * Lay::kRow + cu * 64 + 16 * j + 4 * i4) * 2);
       }
     }
+    const int col = I4 ? x_c * 8 : (x_c / 16) * 64 + 16 * ((x_c % 16) / 4) + 4 * (x_c % 4);
+#pragma unroll
+    for (int i = 0; i < kXPer; ++i) x_src[i] = min(x_r0 + i * kRowsPer, M - 1) * int(a.ldx) + col;
     if constexpr (I4) {
       w_src[0] = (int64_t(rb) * units + u_begin) * 32 + lane;
       const int row = min(rb * 16 + (lane & 15), N - 1);
@@ -1015,12 +1016,14 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
     const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
     const int left = u_end - (u_begin + stg * kTUnits);
     const __nv_bfloat16* xs = x + int64_t(u_begin + stg * kTUnits) * 64;
+    if (x_cu >= left) return;
 #pragma unroll
-    for (int i = 0; i < kXPer; ++i)
-      if (x_cu[i] < left) {
-        if constexpr (I4) cp_async16(base + x_dst[i], xs + x_src[i]);
-        else cp_async8(base + x_dst[i], xs + x_src[i]);
-      }
+    for (int i = 0; i < kXPer; ++i) {
+      if (x_r0 + i * kRowsPer >= NT * 8) break;  // past the ring's rows (only where NT * 8 < kRowsPer)
+      const uint32_t dst = base + x_dst + uint32_t(i * kRowsPer * Lay::kRow * 2);
+      if constexpr (I4) cp_async16(dst, xs + x_src[i]);
+      else cp_async8(dst, xs + x_src[i]);
+    }
   };
   // The first stages' weights before the wait, then their activations: commit group st holds stage st's
   // activations (group 0 also every prologue weight), so waiting for group st still covers all of stage st.
