@@ -1380,39 +1380,37 @@ TEST(CudaLt, UnscaledMatchesReference) {
           }
           ref[size_t(t * c.N + j)] = sum, mag[size_t(t * c.N + j)] = m;
         }
-      {
-        if (!lt.supports(kind, c.N, c.T, c.K, sm)) {
-          std::printf("  cuBLASLt offers no %s GEMM for N %lld T %lld K %lld on sm_%d\n", fp8 ? "FP8" : "INT8",
-                      (long long)c.N, (long long)c.T, (long long)c.K, sm);
-          continue;
-        }
-        Buf acc(std::vector<float>(size_t(c.T * c.N), std::nanf("")));  // poisoned (INT32 reads it as 0x7fc00000)
-        lt.run(kind, dw.p, dx.p, acc.p, c.N, c.T, c.K, nullptr);
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const std::vector<float> gf = acc.get<float>();
-        double worst = 0;  // FP8: the largest error relative to the sum of the magnitudes of the products
-        for (int64_t t = 0; t < c.T; ++t)
-          for (int64_t j = 0; j < c.N; ++j) {
-            const size_t i = size_t(t * c.N + j);
-            if (fp8) {
-              // Hopper's FP8 tensor cores add their products with ~14 significant bits before cuBLASLt promotes
-              // the partial sums to FP32 (DeepSeek-V3 report, 3.3.2), so the bound is relative to the products'
-              // magnitudes: 2^-11 of them. Measured on the H200 (session 18): at most 2^-12.3 (K 336, 512),
-              // 2^-14.2 at K 4096; a bound of FP32 summation error, K * 6e-8 of them, failed at K 336.
-              worst = std::max(worst, std::fabs(double(gf[i]) - ref[i]) / (mag[i] + 1e-30));
-              ASSERT_NEAR(gf[i], ref[i], std::ldexp(mag[i], -11) + 1e-30)
-                  << "FP8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
-            } else {
-              int32_t got = 0;
-              std::memcpy(&got, &gf[i], 4);
-              ASSERT_EQ(got, int32_t(ref[i])) << "INT8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
-            }
-          }
-        if (fp8)
-          std::printf("  FP8 N %lld T %lld K %lld: largest error / sum of |products| %.3g (2^%.1f)\n", (long long)c.N,
-                      (long long)c.T, (long long)c.K, worst, worst > 0 ? std::log2(worst) : -99.0);
-        ++ran;
+      if (!lt.supports(kind, c.N, c.T, c.K, sm)) {
+        std::printf("  cuBLASLt offers no %s GEMM for N %lld T %lld K %lld on sm_%d\n", fp8 ? "FP8" : "INT8",
+                    (long long)c.N, (long long)c.T, (long long)c.K, sm);
+        continue;
       }
+      Buf acc(std::vector<float>(size_t(c.T * c.N), std::nanf("")));  // poisoned (INT32 reads it as 0x7fc00000)
+      lt.run(kind, dw.p, dx.p, acc.p, c.N, c.T, c.K, nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> gf = acc.get<float>();
+      double worst = 0;  // FP8: the largest error relative to the sum of the magnitudes of the products
+      for (int64_t t = 0; t < c.T; ++t)
+        for (int64_t j = 0; j < c.N; ++j) {
+          const size_t i = size_t(t * c.N + j);
+          if (fp8) {
+            // Hopper's FP8 tensor cores add their products with ~14 significant bits before cuBLASLt promotes
+            // the partial sums to FP32 (DeepSeek-V3 report, 3.3.2), so the bound is relative to the products'
+            // magnitudes: 2^-11 of them. Measured on the H200 (session 18): at most 2^-12.3 (K 336, 512),
+            // 2^-14.2 at K 4096; a bound of FP32 summation error, K * 6e-8 of them, failed at K 336.
+            worst = std::max(worst, std::fabs(double(gf[i]) - ref[i]) / (mag[i] + 1e-30));
+            ASSERT_NEAR(gf[i], ref[i], std::ldexp(mag[i], -11) + 1e-30)
+                << "FP8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
+          } else {
+            int32_t got = 0;
+            std::memcpy(&got, &gf[i], 4);
+            ASSERT_EQ(got, int32_t(ref[i])) << "INT8 N " << c.N << " T " << c.T << " K " << c.K << " t " << t << " n " << j;
+          }
+        }
+      if (fp8)
+        std::printf("  FP8 N %lld T %lld K %lld: largest error / sum of |products| %.3g (2^%.1f)\n", (long long)c.N,
+                    (long long)c.T, (long long)c.K, worst, worst > 0 ? std::log2(worst) : -99.0);
+      ++ran;
     }
   }
   if (ran == 0) GTEST_SKIP() << "cuBLASLt has no 8-bit GEMM here";

@@ -2,7 +2,6 @@
 #include <cfloat>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include "backend/cuda/attention.cuh"

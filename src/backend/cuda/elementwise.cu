@@ -1,6 +1,5 @@
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 
 #include "backend/cuda/check.hpp"
 #include "backend/cuda/device_util.cuh"
@@ -229,7 +228,8 @@ __global__ void __launch_bounds__(kT) swiglu_quads_kernel(const RawAcc in, int64
   const uint4* acc = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(in.acc) + t * in.ld * 4);
   const float4* ws = reinterpret_cast<const float4*>(in.w_scale);
   const float xs = in.x_scale ? in.x_scale[t] : 1.f;
-  // Static kinds: the scale is known before any value (prep_row's store; BF16 stores the values as they are).
+  // Static kinds: the scale is known before any value (prep_row's store; BF16 stores the values as they are:
+  // times 1, exactly).
   const float inv = kRow || o.kind == ActKind::None ? 1.f : 1.0f / prep_scale(o, 0.f);
   if (!kRow && o.kind != ActKind::None && threadIdx.x == 0 && q0 == 0 && o.row_scale) o.row_scale[t] = prep_scale(o, 0.f);
   float amax = 0.f;
@@ -251,9 +251,6 @@ __global__ void __launch_bounds__(kT) swiglu_quads_kernel(const RawAcc in, int64
       if constexpr (kRow) {
         row_out[q] = make_float2(v0, v1);
         amax = fmaxf(amax, fmaxf(fabsf(v0), fabsf(v1)));
-      } else if (o.kind == ActKind::None) {
-        prep_store(o, t, 2 * q, v0);
-        prep_store(o, t, 2 * q + 1, v1);
       } else {
         prep_store(o, t, 2 * q, v0 * inv);
         prep_store(o, t, 2 * q + 1, v1 * inv);
@@ -362,7 +359,7 @@ __global__ void __launch_bounds__(kT) residual_rmsnorm_quads_kernel(const RawAcc
     v[j].w = g.w * (v[j].w * inv);
     amax = fmaxf(amax, fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w))));
   }
-  float is = 1.f;
+  float is = 1.f;  // BF16 (kind None): the values as they are (times 1, exactly)
   if (o.kind != ActKind::None) {
     if (o.kind == ActKind::I8Token) amax = block_reduce<true>(amax);
     const float sc = prep_scale(o, amax);
@@ -373,11 +370,10 @@ __global__ void __launch_bounds__(kT) residual_rmsnorm_quads_kernel(const RawAcc
   for (int j = 0; j < kQ; ++j) {
     const int64_t q = threadIdx.x + int64_t(j) * kT;
     if (q >= nq) continue;
-    const bool none = o.kind == ActKind::None;
-    prep_store(o, t, 4 * q, none ? v[j].x : v[j].x * is);
-    prep_store(o, t, 4 * q + 1, none ? v[j].y : v[j].y * is);
-    prep_store(o, t, 4 * q + 2, none ? v[j].z : v[j].z * is);
-    prep_store(o, t, 4 * q + 3, none ? v[j].w : v[j].w * is);
+    prep_store(o, t, 4 * q, v[j].x * is);
+    prep_store(o, t, 4 * q + 1, v[j].y * is);
+    prep_store(o, t, 4 * q + 2, v[j].z * is);
+    prep_store(o, t, 4 * q + 3, v[j].w * is);
   }
 }
 

@@ -45,23 +45,21 @@ struct RawAcc {
 
 namespace llmq::cuda {
 
-// Element (t, n) of raw accumulators with their scales applied: what gemm_epilogue computes (it calls this) before
-// adding a bias or storing. Rounded operations (no FMA contraction), so every reader gets the same bits.
-__device__ __forceinline__ float raw_value(const RawAcc& in, int64_t t, int64_t n) {
-  const int64_t k = t * in.ld + n;
-  float v = in.acc_int32 ? float(static_cast<const int32_t*>(in.acc)[k]) : static_cast<const float*>(in.acc)[k];
-  if (in.x_scale) v = __fmul_rn(v, in.x_scale[t]);
-  if (in.w_scale) v = __fmul_rn(v, in.w_scale[n]);
-  return v;
-}
-
 // Element (t, n) of raw accumulators from its loaded bits a (FP32 or INT32), x_scale[t] (xs) and w_scale[n] (ws),
-// each scale used only where in has it: the operations of raw_value, for readers that load 16 bytes at a time.
+// each scale used only where in has it. raw_value and the 16-byte readers (raw_value4, the quads kernels) all
+// compute through it, so that they give the same bits.
 __device__ __forceinline__ float raw_scaled(const RawAcc& in, uint32_t a, float xs, float ws) {
   float v = in.acc_int32 ? float(int32_t(a)) : __uint_as_float(a);
   if (in.x_scale) v = __fmul_rn(v, xs);
   if (in.w_scale) v = __fmul_rn(v, ws);
   return v;
+}
+
+// Element (t, n) of raw accumulators with their scales applied: what gemm_epilogue computes (it calls this) before
+// adding a bias or storing. Rounded operations (no FMA contraction), so every reader gets the same bits.
+__device__ __forceinline__ float raw_value(const RawAcc& in, int64_t t, int64_t n) {
+  const uint32_t a = static_cast<const uint32_t*>(in.acc)[t * in.ld + n];
+  return raw_scaled(in, a, in.x_scale ? in.x_scale[t] : 1.f, in.w_scale ? in.w_scale[n] : 1.f);
 }
 
 // Elements (t, n .. n + 3) of raw accumulators with their scales applied (n and in.ld multiples of 4, acc and
