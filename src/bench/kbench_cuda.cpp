@@ -229,8 +229,8 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
           row("i4-ldg", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
           no_sz = false;
         }
-        if (f.xf == XFmt::BF16 && (f.wf == WFmt::I4 || f.wf == WFmt::I8)) {  // the tiled kernel (GemvArgs::tiled):
-          a.tiled = 1;                                                      // K unsplit, then split through ws
+        if (f.wf != WFmt::BF16) {  // the tiled kernel (GemvArgs::tiled; W8A8 too): K unsplit, then split through ws
+          a.tiled = 1;
           if (wgemm_supports(a, sm)) {
             row("tiled", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
             a.tiled_ws = ws, a.tiled_ws_floats = ws_floats;

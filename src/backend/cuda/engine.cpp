@@ -724,9 +724,9 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   a.y = y;
   a.ldy = ldy;
   a.accumulate = accumulate;
-  // The tiled weight-only kernel's split-K partial sums (wgemm.cu, tiled_default): gemm_out_, which only the cuBLAS
-  // and cuBLASLt paths use.
-  if (l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None))
+  // The tiled kernel's split-K partial sums (wgemm.cu, tiled_default): gemm_out_, which otherwise only the cuBLAS
+  // and cuBLASLt paths use (their raw accumulators are read by the next row kernel, before any other matmul).
+  if (l.tiles || l.wf == WFmt::I8 || (l.wf == WFmt::FP8 && l.act != ActKind::None))
     a.tiled_ws = static_cast<float*>(gemm_out_.p), a.tiled_ws_floats = t_cap_ * max_gemm_n_;
   return a;
 }
@@ -770,7 +770,10 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
     const char* e = std::getenv("LLMQ_WGEMM_MAX_T");
     return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kWgemmMaxT) : int64_t(-1);
   }();
-  const bool own_format = l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None);
+  // W8A8 codes at 9-64 tokens: wgemm too where its tiled kernel takes them (opt-in, LLMQ_WGEMM_TILED_W8A8=1;
+  // written without a GPU: cuBLASLt read qkv and o at 26-46% of the copy bandwidth there, session 18).
+  const bool w8a8_tiled = l.act != ActKind::None && T > kWgemmDenseMaxT && wgemm_tiled_w8a8(a, sm_);
+  const bool own_format = l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None) || w8a8_tiled;
   const int64_t max_t = forced_max_t >= 0 ? forced_max_t : own_format ? kWgemmMaxT : kWgemmDenseMaxT;
   if (T <= max_t && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;

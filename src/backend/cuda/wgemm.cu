@@ -830,31 +830,46 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
 constexpr int kTWarps = 8, kTStages = 4, kTUnits = 2;  // row blocks (warps) a CTA, ring stages (default), units a stage
 constexpr int kTPad = 16;  // bf16 padding per activation row: a 288-byte stride, 32 mod 128 (no bank conflicts)
 
-// One ring stage: activations [NT * 8][kRow] bf16; weights [warp][unit][lane] 16 B (INT4) or
-// [warp][unit][row half][lane] 16 B (INT8); INT4 only: scales [warp][group][16 rows] float and zero-point words
-// [warp][group][16 rows] uint32.
+// One ring stage: activations [NT * 8][kRow] bf16 (W8A8: [NT * 8][kTRow8] bytes of codes); weights
+// [warp][unit][lane] 16 B (INT4) or [warp][unit][row half][lane] 16 B (8-bit rows); INT4 only: scales
+// [warp][group][16 rows] float and zero-point words [warp][group][16 rows] uint32.
 constexpr int kTRow = kTUnits * 64 + kTPad;
+// W8A8 codes: a row's 128 bytes and 64 of padding, a stride of 64 mod 128 bytes: a lane (g, t) reads 16 bytes
+// at k = 16 t of row g, so the 8 lanes of each quarter-warp (rows g, g + 1) cover all 32 banks once.
+constexpr int kTRow8 = kTUnits * 64 + 64;
 constexpr int kTGroups = kTUnits;  // INT4 groups a stage holds at most (groups of 64)
-constexpr int tiled_act_bytes(int nt) { return nt * 8 * kTRow * 2; }
-constexpr int tiled_w_bytes(bool i4) { return kTWarps * kTUnits * 32 * 16 * (i4 ? 1 : 2); }
-constexpr int tiled_sc_bytes(bool i4) { return i4 ? kTWarps * kTGroups * 16 * 4 : 0; }
-// The whole ring's shared memory for INT4 (i4) or INT8 rows at nt n-tiles and the given ring stages.
-constexpr int tiled_bytes(bool i4, int nt, int stages = kTStages) {
-  return stages * (tiled_act_bytes(nt) + tiled_w_bytes(i4) + 2 * tiled_sc_bytes(i4));
+__host__ __device__ constexpr bool tiled_w8a8(int kind) { return kind == kI8I8 || kind == kFp8Fp8; }
+constexpr int tiled_act_bytes(int kind, int nt) { return tiled_w8a8(kind) ? nt * 8 * kTRow8 : nt * 8 * kTRow * 2; }
+constexpr int tiled_w_bytes(int kind) { return kTWarps * kTUnits * 32 * 16 * (kind == kI4 ? 1 : 2); }
+constexpr int tiled_sc_bytes(int kind) { return kind == kI4 ? kTWarps * kTGroups * 16 * 4 : 0; }
+// The whole ring's shared memory for a kind at nt n-tiles and the given ring stages.
+constexpr int tiled_bytes(int kind, int nt, int stages = kTStages) {
+  return stages * (tiled_act_bytes(kind, nt) + tiled_w_bytes(kind) + 2 * tiled_sc_bytes(kind));
 }
 template <int KIND, int NT, int S>
 struct TiledLayout {
-  static constexpr int kRow = kTRow;
-  static constexpr int kAct = tiled_act_bytes(NT);
-  static constexpr int kW = tiled_w_bytes(KIND == kI4);
-  static constexpr int kSc = tiled_sc_bytes(KIND == kI4);
+  static constexpr int kRow = tiled_w8a8(KIND) ? kTRow8 : kTRow;  // elements (bf16 or bytes)
+  static constexpr int kAct = tiled_act_bytes(KIND, NT);
+  static constexpr int kW = tiled_w_bytes(KIND);
+  static constexpr int kSc = tiled_sc_bytes(KIND);
   static constexpr int kStage = kAct + kW + 2 * kSc;
-  static constexpr int kBytes = tiled_bytes(KIND == kI4, NT, S);
+  static constexpr int kBytes = tiled_bytes(KIND, NT, S);
   static_assert(kAct % 16 == 0 && kW % 16 == 0 && kSc % 16 == 0, "16-byte aligned regions");
 };
 
 // n-tiles of 8 tokens the tiled kernel's instance for M tokens has.
 constexpr int tiled_nt(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
+
+// The tiled kernel's output value of sum acc (row rc, token tc) before the bias: W8A8 sums times both scales, in
+// wgemm_kernel's order; weight-only sums times the distributed RMSNorm's factor, and INT8 rows' scale.
+template <int KIND, typename Acc>
+__device__ __forceinline__ float tiled_value(const GemvArgs& a, Acc acc, int64_t rc, int64_t tc) {
+  float v = float(acc);
+  if constexpr (tiled_w8a8(KIND)) return v * a.x_scale[tc] * a.w_scale[rc];
+  v *= rms_factor(a, tc);
+  if constexpr (KIND != kI4) v *= a.w_scale[rc];
+  return v;
+}
 
 // cp.async of 4 or 8 bytes (through L1: the sizes below 16 have no .cg form).
 __device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem) {
@@ -864,12 +879,18 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem) : "memory");
 }
 
-// KIND kI4 (G = 64 or 128) or kI8W (G unused); S ring stages. LEAN: the copies of a stage from a per-thread plan
-// made once (lean_plan below) instead of index arithmetic for every copy of every stage (see launch_tiled_s).
+// KIND kI4 (G = 64 or 128), kI8W, or W8A8 codes kI8I8 / kFp8Fp8 (G unused); S ring stages. LEAN: the copies of
+// a stage from a per-thread plan made once (lean_plan below) instead of index arithmetic for every copy of every
+// stage (see launch_tiled_s).
+// W8A8: the weights as kI8W's (rows g and g + 8, 16 bytes at k = 64 u + 16 t), the activation codes in k order;
+// a lane's 16 bytes of token row g at k = 64 u + 16 t are the B operands of the unit's two m16n8k32 steps (step j:
+// k = 16 t + 8 j .., wgemm_kernel's order), which take the 8-bit codes as they are: no conversion instructions.
 template <int KIND, int NT, int G, int S, bool LEAN = false>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
+  using Acc = typename KindTraits<KIND>::Acc;  // INT32 for INT8 x INT8, else FP32
   constexpr bool I4 = KIND == kI4;
+  constexpr bool W8 = tiled_w8a8(KIND);
   constexpr int UPG = I4 ? G / 64 : 1;  // units per group
   constexpr int GPS = kTUnits / UPG;    // groups per stage (1 or 2)
   extern __shared__ uint4 t_ring[];
@@ -882,6 +903,7 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   const int nst = (u_end - u_begin + kTUnits - 1) / kTUnits;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(t_ring));
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
+  const uint8_t* x8 = static_cast<const uint8_t*>(a.x);  // W8A8 codes
   pdl_trigger();
   // A stage's copies in two halves: the weights (with INT4 scales and zero points), which no kernel writes and
   // so may be fetched before pdl_wait(), and the activations, which the previous kernel writes.
@@ -923,7 +945,15 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
     if (stg < nst) {
       const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
       const int u0 = u_begin + stg * kTUnits;
-      if constexpr (I4) {  // 16-byte pieces of activations: rows x (128 k / 8), in k order
+      if constexpr (W8) {  // 16-byte pieces of codes: rows x (128 k / 16), in k order
+        constexpr int kPieces = NT * 8 * kTUnits * 4;
+        for (int p = int(threadIdx.x); p < kPieces; p += kTWarps * 32) {
+          const int r = p / (kTUnits * 4), c = p % (kTUnits * 4);
+          if (u0 + c / 4 >= u_end) continue;
+          const int tok = min(r, M - 1);  // rows past T: computed, never stored
+          cp_async16(base + uint32_t(r * Lay::kRow + c * 16), x8 + int64_t(tok) * a.ldx + int64_t(u0) * 64 + c * 16);
+        }
+      } else if constexpr (I4) {  // 16-byte pieces of activations: rows x (128 k / 8), in k order
         constexpr int kPieces = NT * 8 * kTUnits * 8;
         for (int p = int(threadIdx.x); p < kPieces; p += kTWarps * 32) {
           const int r = p / (kTUnits * 8), c = p % (kTUnits * 8);
@@ -951,7 +981,7 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   // sources are element offsets from the stage's first column of x (32-bit: tokens x ldx stays far below 2^31),
   // the ring offsets one base plus whole rows. Stage stg adds stg x kTUnits units to every source, and a copy of
   // unit cu of the stage is made where cu < u_end - u0.
-  constexpr int kCols = I4 ? kTUnits * 8 : kTUnits * 16;
+  constexpr int kCols = W8 ? kTUnits * 4 : I4 ? kTUnits * 8 : kTUnits * 16;
   constexpr int kRowsPer = kTWarps * 32 / kCols;  // token rows one pass of the block's threads covers
   static_assert(kTWarps * 32 % kCols == 0, "whole rows a pass");
   constexpr int kXPer = (NT * 8 + kRowsPer - 1) / kRowsPer;
@@ -963,7 +993,10 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   const char* sz_src = nullptr;  // INT4: this lane's row of scales (lanes 0-15: floats) or zero points (16-31: bytes)
   if constexpr (LEAN) {
     if (x_r0 < NT * 8) {
-      if constexpr (I4) {
+      if constexpr (W8) {
+        x_cu = x_c / 4;
+        x_dst = uint32_t(x_r0 * Lay::kRow + x_c * 16);
+      } else if constexpr (I4) {
         x_cu = x_c / 8;
         x_dst = uint32_t((x_r0 * Lay::kRow + x_c * 8) * 2);
       } else {
@@ -972,7 +1005,7 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
         x_dst = uint32_t((x_r0 * Lay::kRow + cu * 64 + 16 * j + 4 * i4) * 2);
       }
     }
-    const int col = I4 ? x_c * 8 : (x_c / 16) * 64 + 16 * ((x_c % 16) / 4) + 4 * (x_c % 4);
+    const int col = W8 ? x_c * 16 : I4 ? x_c * 8 : (x_c / 16) * 64 + 16 * ((x_c % 16) / 4) + 4 * (x_c % 4);
 #pragma unroll
     for (int i = 0; i < kXPer; ++i) x_src[i] = min(x_r0 + i * kRowsPer, M - 1) * int(a.ldx) + col;
     if constexpr (I4) {
@@ -1015,14 +1048,15 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
     if (stg >= nst) return;
     const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
     const int left = u_end - (u_begin + stg * kTUnits);
-    const __nv_bfloat16* xs = x + int64_t(u_begin + stg * kTUnits) * 64;
+    const int64_t x0 = int64_t(u_begin + stg * kTUnits) * 64;  // the stage's first column
     if (x_cu >= left) return;
 #pragma unroll
     for (int i = 0; i < kXPer; ++i) {
       if (x_r0 + i * kRowsPer >= NT * 8) break;  // past the ring's rows (only where NT * 8 < kRowsPer)
-      const uint32_t dst = base + x_dst + uint32_t(i * kRowsPer * Lay::kRow * 2);
-      if constexpr (I4) cp_async16(dst, xs + x_src[i]);
-      else cp_async8(dst, xs + x_src[i]);
+      const uint32_t dst = base + x_dst + uint32_t(i * kRowsPer * Lay::kRow * (W8 ? 1 : 2));
+      if constexpr (W8) cp_async16(dst, x8 + x0 + x_src[i]);
+      else if constexpr (I4) cp_async16(dst, x + x0 + x_src[i]);
+      else cp_async8(dst, x + x0 + x_src[i]);
     }
   };
   // The first stages' weights before the wait, then their activations: commit group st holds stage st's
@@ -1040,11 +1074,12 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
     cp_async_commit();
   }
 
-  float acc[NT][4], cg[NT][4];
+  Acc acc[NT][4];
+  float cg[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = cg[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc[n][e] = Acc(0), cg[n][e] = 0.f;
   for (int stg = 0; stg < nst; ++stg) {
     cp_async_wait<S - 2>();         // this thread's copies of stage stg have landed ...
     __syncthreads();                // ... and everyone's; every warp is done with stage stg - 1's slot
@@ -1104,6 +1139,21 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
               cg[n][e] = 0.f;
             }
         }
+      } else if constexpr (W8) {
+        const uint4 wa = wsm[(cu * 2) * 32], wb = wsm[(cu * 2 + 1) * 32];
+        const uint32_t A0[4] = {wa.x, wb.x, wa.y, wb.y}, A1[4] = {wa.z, wb.z, wa.w, wb.w};  // steps 0, 1
+        const uint8_t* act8 = reinterpret_cast<const uint8_t*>(st) + g * Lay::kRow + cu * 64 + 16 * t;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const uint4 bx = *reinterpret_cast<const uint4*>(act8 + n * 8 * Lay::kRow);
+          if constexpr (KIND == kI8I8) {
+            mma_s8(acc[n], A0, make_uint2(bx.x, bx.y));
+            mma_s8(acc[n], A1, make_uint2(bx.z, bx.w));
+          } else {
+            mma_e4m3(acc[n], A0, make_uint2(bx.x, bx.y));
+            mma_e4m3(acc[n], A1, make_uint2(bx.z, bx.w));
+          }
+        }
       } else {
         const uint4 wa = wsm[(cu * 2) * 32], wb = wsm[(cu * 2 + 1) * 32];
         const uint32_t ra[4] = {wa.x, wa.y, wa.z, wa.w}, rbw[4] = {wb.x, wb.y, wb.z, wb.w};
@@ -1123,17 +1173,13 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   cp_async_wait<0>();
   if (rb_raw >= rbs) return;  // the whole warp
   if (gridDim.y == 1) {
-    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) {
-      float v = acc[n][e] * rms_factor(a, tc);
-      if constexpr (!I4) v *= a.w_scale[rc];
-      return v;
-    });
-  } else {
+    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
+  } else {  // INT32 sums as their bits (added as integers by the split epilogue: exact)
     float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = acc[n][e];
+      for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = KIND == kI8I8 ? __int_as_float(int(acc[n][e])) : float(acc[n][e]);
   }
 }
 
@@ -1143,23 +1189,24 @@ template <int KIND, int NT>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(const GemvArgs a, const int splits) {
   pdl_trigger();
   pdl_wait();
+  using Acc = typename KindTraits<KIND>::Acc;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rbs = int((a.N + 15) / 16), rb = int(blockIdx.x) * kTWarps + warp;
   if (rb >= rbs) return;
-  float acc[NT][4];
+  Acc acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float v = 0.f;
-      for (int sp = 0; sp < splits; ++sp) v += a.tiled_ws[(int64_t(sp) * rbs + rb) * (NT * 4 * 32) + (n * 4 + e) * 32 + lane];
+      Acc v = Acc(0);
+      for (int sp = 0; sp < splits; ++sp) {
+        const float p = a.tiled_ws[(int64_t(sp) * rbs + rb) * (NT * 4 * 32) + (n * 4 + e) * 32 + lane];
+        if constexpr (KIND == kI8I8) v += __float_as_int(p);
+        else v += p;
+      }
       acc[n][e] = v;
     }
-  store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t rc, int64_t tc) {
-    float v = acc[n][e] * rms_factor(a, tc);
-    if constexpr (KIND != kI4) v *= a.w_scale[rc];
-    return v;
-  });
+  store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
 }
 
 // The shared memory a block may opt in to on this device (0 if unknown).
@@ -1174,12 +1221,13 @@ int tiled_max_smem() {
 }
 
 // Whether wgemm_tiled_kernel serves these arguments (kind: kind_of(a)) on this device (its shared memory at the
-// default 4 stages: up to 139 KB for INT8 at 64 tokens, more than sm_89 gives a block).
+// default 4 stages: up to 139 KB for INT8 at 64 tokens, more than sm_89 gives a block; W8A8 112 KB). Input rows
+// 16-byte aligned (8 BF16 values or 16 codes).
 bool tiled_ok(const GemvArgs& a, int kind) {
-  if (kind != kI4 && kind != kI8W) return false;
-  if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % 8) return false;
-  if (tiled_bytes(kind == kI4, tiled_nt(a.M)) > tiled_max_smem()) return false;
-  if (kind == kI8W) return true;
+  if (kind != kI4 && kind != kI8W && !tiled_w8a8(kind)) return false;
+  if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % (tiled_w8a8(kind) ? 16 : 8)) return false;
+  if (tiled_bytes(kind, tiled_nt(a.M)) > tiled_max_smem()) return false;
+  if (kind != kI4) return true;
   return (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 && reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
 }
 
@@ -1189,10 +1237,13 @@ bool tiled_ok(const GemvArgs& a, int kind) {
 // session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against the general kernel's 88); INT4
 // faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38 against 53 us), slower for qkv and o (6-25
 // M weights: the split-K pass and the per-stage barrier cost more than the activations' L2 reads save) and for
-// gate_up at 9-16. Read at every call, so that a test can set it.
+// gate_up at 9-16. W8A8 codes: only with LLMQ_WGEMM_TILED_W8A8=1 (or LLMQ_WGEMM_TILED=1), which also sends them
+// to wgemm rather than cuBLASLt at 9-64 tokens (CudaEngine::path); not yet run on a GPU. Read at every call, so that
+// a test can set it.
 bool tiled_default(const GemvArgs& a, int kind) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED");
   if (e && *e) return *e != '0';
+  if (tiled_w8a8(kind)) return env_flag("LLMQ_WGEMM_TILED_W8A8");
   return kind == kI8W || (a.M > 16 && a.N * a.K >= (int64_t(1) << 25));
 }
 
@@ -1242,7 +1293,7 @@ void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   if (want == kTStages && env_flag("LLMQ_WGEMM_TILED_LEAN")) return launch_tiled_s<KIND, NT, G, kTStages, true>(a, s);
   if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
   if constexpr (NT <= 2)
-    if (want == 8 && tiled_bytes(KIND == kI4, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
+    if (want == 8 && tiled_bytes(KIND, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
   return launch_tiled_s<KIND, NT, G, kTStages>(a, s);
 }
 
@@ -1258,6 +1309,8 @@ void launch_tiled_g(const GemvArgs& a, cudaStream_t s) {
 
 void launch_tiled(const GemvArgs& a, int kind, cudaStream_t s) {
   if (kind == kI8W) return launch_tiled_g<kI8W, 0>(a, s);
+  if (kind == kI8I8) return launch_tiled_g<kI8I8, 0>(a, s);
+  if (kind == kFp8Fp8) return launch_tiled_g<kFp8Fp8, 0>(a, s);
   return a.group == 64 ? launch_tiled_g<kI4, 64>(a, s) : launch_tiled_g<kI4, 128>(a, s);
 }
 
@@ -1381,10 +1434,20 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   return true;
 }
 
+// Whether wgemm() takes the tiled kernel for these (supported) arguments.
+static bool takes_tiled(const GemvArgs& a, int kind) {
+  return (kind == kI4 || kind == kI8W || tiled_w8a8(kind)) &&
+         (a.tiled == 1 || (a.tiled == 0 && a.M > 8 && tiled_default(a, kind) && tiled_ok(a, kind)));
+}
+
+bool wgemm_tiled_w8a8(const GemvArgs& a, int sm) {
+  const int kind = kind_of(a);
+  return tiled_w8a8(kind) && wgemm_supports(a, sm) && takes_tiled(a, kind);
+}
+
 void wgemm(const GemvArgs& a, cudaStream_t s) {
   const int kind = kind_of(a);
-  if ((kind == kI4 || kind == kI8W) && (a.tiled == 1 || (a.tiled == 0 && a.M > 8 && tiled_default(a, kind) && tiled_ok(a, kind))))
-    return launch_tiled(a, kind, s);
+  if (takes_tiled(a, kind)) return launch_tiled(a, kind, s);
   switch (kind) {
     case kBf16: return launch_nt<kBf16, 0>(a, s);
     case kI8W: return launch_nt<kI8W, 0>(a, s);

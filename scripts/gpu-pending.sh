@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The measurements owed by kernels written without a GPU (opt-in until measured; README marks them "not yet run on
+# a GPU"), for the first device calls of the next session that has one. Each part fits one 10-minute call:
+#   PART=a  builds (scripts/gpu-tune.sh), runs their tests, and llmq-kbench's rows for them at 16/32/64 tokens
+#           against the defaults and cuBLASLt (~6 minutes on an H200);
+#   PART=b  4-layer llama-3-8b decode at batch 16 and 64, default against each switch (llmq bench);
+#   PART=c  where a batch-64 and a batch-1 decode step goes, kernel by kernel (LLMQ_CUDA_TRACE), bf16 / fp8 /
+#           int8-sq / w4a16 (the W8A8 batch-64 and the batch-1 targets of issue 4 are the ones still open).
+# Opt-ins covered:
+#   LLMQ_WGEMM_TILED_LEAN=1  (session 21) the tiled kernel's copies from a per-thread plan made once
+#   LLMQ_WGEMM_TILED_W8A8=1  (session 22) W8A8 codes at 9-64 tokens through the tiled kernel instead of cuBLASLt
+# When a switch is measured and made the default or dropped, take it out of this script.
+# Usage on the device: OUT=$OUT PART=a scripts/gpu-pending.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART=${PART:-a}
+export OUT=${OUT:-/tmp}
+RUN_TESTS=0 KBENCH=0 METHODS="" scripts/gpu-tune.sh || exit 1
+case "$PART" in
+  a)
+    echo "== tests"
+    t0=$(date +%s)
+    build/gpu/tests/test_cuda --gtest_filter='CudaWgemm.*:CudaElementwise.*:CudaModel.QkvRaw*:CudaModel.W8A8Wide*' \
+      > "$OUT/pending-tests.log" 2>&1
+    grep -E "^\[ +(OK|FAILED) +\]|Failure|Expected|Which is|worst|largest" "$OUT/pending-tests.log" | head -60
+    LLMQ_WGEMM_TILED_LEAN=1 build/gpu/tests/test_cuda --gtest_filter='CudaModel.WeightOnlyWide*' > "$OUT/pending-lean.log" 2>&1
+    grep -E "^\[ +(OK|FAILED) +\]|Failure|largest" "$OUT/pending-lean.log" | sed 's/^/LEAN=1 /' | head -20
+    echo "== tests in $(( $(date +%s) - t0 )) s"
+    echo "== llmq-kbench (us, GB/s, % of copy bandwidth): wgemm / tiled / tiled with split K, LEAN 0 and 1"
+    for lean in 0 1; do
+      for f in fp8 int8 w4a16 w8a16; do
+        LLMQ_WGEMM_TILED_LEAN=$lean build/gpu/llmq-kbench --only matmul --t 16,32,64 --format "$f" 2>&1 |
+          grep -E "^(qkv|o|gate_up|down) " | sed "s/^/lean=$lean /"
+      done
+    done
+    echo "== cuBLASLt at 16 and 64 tokens (what W8A8 takes by default there)"
+    build/gpu/llmq-kbench --only gemm --t 16,64 2>&1 | grep -E " lt "
+    ;;
+  b)
+    RUN_TESTS=0 KBENCH=0 METHODS="fp8 int8-sq" BATCHES="16 64" PREFILL=0 PROFILE=none AB="LLMQ_WGEMM_TILED_W8A8=1" \
+      scripts/gpu-tune.sh | grep -v "^== built\|building for"
+    RUN_TESTS=0 KBENCH=0 METHODS="w4a16-rtn w8a16" BATCHES="16 64" PREFILL=0 PROFILE=none \
+      AB="LLMQ_WGEMM_TILED_LEAN=1 LLMQ_WGEMM_TILED=1" scripts/gpu-tune.sh | grep -v "^== built\|building for"
+    ;;
+  c)
+    RUN_TESTS=0 KBENCH=0 METHODS="bf16 fp8 int8-sq w4a16-rtn" BATCHES="64 1" PREFILL=0 PROFILE=trace \
+      scripts/gpu-tune.sh | grep -v "^== built\|building for"
+    ;;
+  *) echo "PART is a, b or c" >&2; exit 2 ;;
+esac
