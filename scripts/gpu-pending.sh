@@ -29,10 +29,8 @@ case "$PART" in
     echo "== llmq-kbench (us, GB/s, % of copy bandwidth): wgemm / tiled / tiled with split K, LEAN 0 and 1"
     for lean in 0 1; do
       for f in fp8 int8 w4a16 w8a16; do
-        # 8-bit rows at 1 and 8 tokens too: the tiled kernel's 8-bit products against the GEMV's per-value ones
-        ts=1,8,16,32,64
-        [ "$f" = w4a16 ] && ts=16,32,64
-        LLMQ_WGEMM_TILED_LEAN=$lean build/gpu/llmq-kbench --only matmul --t "$ts" --format "$f" 2>&1 |
+        # 1 and 8 tokens too: the tiled kernel (forced) against the GEMV and the one-token INT4 kernel there
+        LLMQ_WGEMM_TILED_LEAN=$lean build/gpu/llmq-kbench --only matmul --t 1,8,16,32,64 --format "$f" 2>&1 |
           grep -E "^(qkv|o|gate_up|down) " | sed "s/^/lean=$lean /"
       done
     done
