@@ -1281,7 +1281,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 
 // The ring's depth: kTStages (4), or LLMQ_WGEMM_TILED_STAGES=3 (any tokens: at 64 tokens two CTAs an SM fit
 // instead of one) or =8 (up to 16 tokens: twice the weights in flight), where that ring fits the device's shared
-// memory. An experiment, read at every call so that a test can set it; not measured yet.
+// memory (not for W8A8). An experiment, read at every call so that a test can set it; not measured yet.
 // LLMQ_WGEMM_TILED_LEAN=1 (at the default depth; read at every call): the instance whose copies come from a
 // per-thread plan made once. ncu of the other at 16 tokens (H200, gate_up, bench/results/2026-12-04-nvidia-h200-
 // session21.txt): 193 warp instructions for each 1,024 INT4 weights, of which ~100 are the dequantization and MMA
@@ -1291,9 +1291,11 @@ void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
   const int want = e && *e ? std::atoi(e) : kTStages;
   if (want == kTStages && env_flag("LLMQ_WGEMM_TILED_LEAN")) return launch_tiled_s<KIND, NT, G, kTStages, true>(a, s);
-  if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
-  if constexpr (NT <= 2)
-    if (want == 8 && tiled_bytes(KIND, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
+  if constexpr (!tiled_w8a8(KIND)) {  // (W8A8: the default depth only, until either copy path is measured)
+    if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
+    if constexpr (NT <= 2)
+      if (want == 8 && tiled_bytes(KIND, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
+  }
   return launch_tiled_s<KIND, NT, G, kTStages>(a, s);
 }
 
