@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The measurements owed by kernels written without a GPU (opt-in until measured; README marks them "not yet run on
 # a GPU"), for the first device calls of the next session that has one. Each part fits one 10-minute call:
-#   PART=a  builds (scripts/gpu-tune.sh), runs their tests, and llmq-kbench's rows for them at 16/32/64 tokens
+#   PART=a  builds (scripts/gpu-tune.sh), runs their tests, and llmq-kbench's rows for them at 1-64 tokens
 #           against the defaults and cuBLASLt (~6 minutes on an H200);
-#   PART=b  4-layer llama-3-8b decode at batch 16 and 64, default against each switch (llmq bench);
+#   PART=b  4-layer llama-3-8b W8A8 decode (fp8, int8-sq) at batch 1, 16 and 64, default against each switch;
+#   PART=d  the same for weight-only (w4a16-rtn, w8a16);
 #   PART=c  where a batch-64 and a batch-1 decode step goes, kernel by kernel (LLMQ_CUDA_TRACE), bf16 / fp8 /
 #           int8-sq / w4a16 (the W8A8 batch-64 and the batch-1 targets of issue 4 are the ones still open).
 # Opt-ins covered:
 #   LLMQ_WGEMM_TILED_LEAN=1  (session 21) the tiled kernel's copies from a per-thread plan made once
 #   LLMQ_WGEMM_TILED_W8A8=1  (session 22) W8A8 codes at 9-64 tokens through the tiled kernel instead of cuBLASLt
+#   LLMQ_WGEMM_TILED_MIN_T=N (session 22) the tiled kernel from N tokens (batch 1 with LLMQ_GEMV_PREFER_T=0)
 # When a switch is measured and made the default or dropped, take it out of this script.
-# Usage on the device: OUT=$OUT PART=a scripts/gpu-pending.sh
+# Usage on the device: OUT=$OUT PART=a scripts/gpu-pending.sh (then b, d, c)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${PART:-a}
@@ -37,15 +39,19 @@ case "$PART" in
     echo "== cuBLASLt at 16 and 64 tokens (what W8A8 takes by default there)"
     build/gpu/llmq-kbench --only gemm --t 16,64 2>&1 | grep -E " lt "
     ;;
-  b)
-    RUN_TESTS=0 KBENCH=0 METHODS="fp8 int8-sq" BATCHES="16 64" PREFILL=0 PROFILE=none AB="LLMQ_WGEMM_TILED_W8A8=1" \
+  b)  # (at batch 1 the second switch set runs the tiled kernel instead of the GEMV)
+    RUN_TESTS=0 KBENCH=0 METHODS="fp8 int8-sq" BATCHES="1 16 64" PREFILL=0 PROFILE=none \
+      AB="LLMQ_WGEMM_TILED_W8A8=1 LLMQ_WGEMM_TILED_W8A8=1,LLMQ_WGEMM_TILED_MIN_T=1,LLMQ_GEMV_PREFER_T=0" \
       scripts/gpu-tune.sh | grep -v "^== built\|building for"
-    RUN_TESTS=0 KBENCH=0 METHODS="w4a16-rtn w8a16" BATCHES="16 64" PREFILL=0 PROFILE=none \
-      AB="LLMQ_WGEMM_TILED_LEAN=1 LLMQ_WGEMM_TILED=1" scripts/gpu-tune.sh | grep -v "^== built\|building for"
+    ;;
+  d)
+    RUN_TESTS=0 KBENCH=0 METHODS="w4a16-rtn w8a16" BATCHES="1 16 64" PREFILL=0 PROFILE=none \
+      AB="LLMQ_WGEMM_TILED_LEAN=1 LLMQ_WGEMM_TILED=1 LLMQ_WGEMM_TILED=1,LLMQ_WGEMM_TILED_LEAN=1 LLMQ_WGEMM_TILED=1,LLMQ_WGEMM_TILED_MIN_T=1,LLMQ_WGEMM_TILED_LEAN=1,LLMQ_GEMV_PREFER_T=0" \
+      scripts/gpu-tune.sh | grep -v "^== built\|building for"
     ;;
   c)
     RUN_TESTS=0 KBENCH=0 METHODS="bf16 fp8 int8-sq w4a16-rtn" BATCHES="64 1" PREFILL=0 PROFILE=trace \
       scripts/gpu-tune.sh | grep -v "^== built\|building for"
     ;;
-  *) echo "PART is a, b or c" >&2; exit 2 ;;
+  *) echo "PART is a, b, c or d" >&2; exit 2 ;;
 esac

@@ -10,7 +10,8 @@
 #              PROFILE [trace] (trace: LLMQ_CUDA_TRACE, every kernel of the decode graphs in order; events:
 #              LLMQ_CUDA_PROFILE, eager launches timed per op; none),
 #              AB [] (space-separated engine switches, e.g. "LLMQ_NO_FUSE_ROPE=1 LLMQ_WGEMM_MAX_T=16": each batch's
-#              bench and the prefill also run once with each, tpot printed next to the default's; no profile for them)
+#              bench and the prefill also run once with each, tpot printed next to the default's; no profile for them;
+#              several switches at once joined by commas, e.g. "LLMQ_WGEMM_TILED=1,LLMQ_WGEMM_TILED_MIN_T=1")
 # On a machine without package access or ../shared, run scripts/gpu-pack.sh beforehand and carry .gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +70,7 @@ if [ -n "$METHODS" ]; then
       echo "--- $m, $LAYERS layers, batch $b, prompt 128, gen 32: graphed, then per op"
       for sw in default $AB; do
         printf '%-26s ' "$sw"
-        ( [ "$sw" = default ] || export "${sw?}"
+        ( [ "$sw" = default ] || export ${sw//,/ }
           "$LLMQ" bench "$dir" --device cuda --batch "$b" --prompt-len 128 --gen-len 32 --repeats 2 --json 2>/dev/null ) |
           python3 -c 'import json,sys; r=json.load(sys.stdin); print("decode %.1f tok/s, tpot %.3f ms, %.0f GB/s (%.1f%%)" % (r["decode_tokens_per_s"], r["tpot_ms"], r["achieved_gbps"], r["roofline_pct"]))' ||
           echo "failed"
@@ -80,7 +81,7 @@ if [ -n "$METHODS" ]; then
       echo "--- $m, $LAYERS layers, prefill $PREFILL"
       for sw in default $AB; do
         printf '%-26s ' "$sw"
-        ( [ "$sw" = default ] || export "${sw?}"
+        ( [ "$sw" = default ] || export ${sw//,/ }
           "$LLMQ" bench "$dir" --device cuda --prompt-len "$PREFILL" --gen-len 1 --repeats 2 --json 2>/dev/null ) |
           python3 -c 'import json,sys; r=json.load(sys.stdin); print("prefill %.0f tok/s, ttft %.1f ms, %.1f TFLOP/s (%.1f%%)" % (r["prefill_tokens_per_s"], r["ttft_ms"], r["prefill_gflops"]/1e3, r["prefill_pct_of_peak_flops"] if "prefill_pct_of_peak_flops" in r else 0))' ||
           echo "failed"

@@ -662,8 +662,8 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
 // The tiled kernel with W8A8 codes (INT8 x INT8 -> INT32, FP8 x FP8 products in FP32 on sm_89+): the shapes and
 // token counts of TiledWeightOnlyMatchesReference, split and not (INT32 partial sums through the workspace as
 // their bits), both copy paths; the SwiGLU epilogue into FP8 codes; and the engine's switch: with
-// LLMQ_WGEMM_TILED_W8A8=1 a W8A8 matmul of 9-64 tokens that wgemm() is left to choose for (tiled = 0) runs tiled,
-// and wgemm_tiled_w8a8 says so; without it, not past what the switch covers.
+// LLMQ_WGEMM_TILED_W8A8=1 a W8A8 matmul of 9-64 tokens (from LLMQ_WGEMM_TILED_MIN_T) that wgemm() is left to
+// choose for (tiled = 0) runs tiled, and wgemm_tiled_w8a8 says so; without it, not past what the switch covers.
 TEST(CudaWgemm, TiledW8A8MatchesReference) {
   REQUIRE_GPU();
   uint64_t seed = 7500;
@@ -715,6 +715,9 @@ TEST(CudaWgemm, TiledW8A8MatchesReference) {
   EXPECT_TRUE(wgemm_tiled_w8a8(a, device_sm())) << "LLMQ_WGEMM_TILED_W8A8=1";
   a.M = 8;
   EXPECT_FALSE(wgemm_tiled_w8a8(a, device_sm())) << "8 tokens: the general kernel";
+  setenv("LLMQ_WGEMM_TILED_MIN_T", "1", 1);
+  EXPECT_TRUE(wgemm_tiled_w8a8(a, device_sm())) << "8 tokens with LLMQ_WGEMM_TILED_MIN_T=1";
+  unsetenv("LLMQ_WGEMM_TILED_MIN_T");
   a.M = 16, a.ldx = 4096 + 8;
   EXPECT_FALSE(wgemm_tiled_w8a8(a, device_sm())) << "rows the tiled kernel does not serve";
   for (auto [wf, xf] : pairs)

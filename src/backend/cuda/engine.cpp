@@ -772,7 +772,7 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
   }();
   // W8A8 codes at 9-64 tokens: wgemm too where its tiled kernel takes them (opt-in, LLMQ_WGEMM_TILED_W8A8=1;
   // written without a GPU: cuBLASLt read qkv and o at 26-46% of the copy bandwidth there, session 18).
-  const bool w8a8_tiled = l.act != ActKind::None && T > kWgemmDenseMaxT && wgemm_tiled_w8a8(a, sm_);
+  const bool w8a8_tiled = l.act != ActKind::None && wgemm_tiled_w8a8(a, sm_);
   const bool own_format = l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None) || w8a8_tiled;
   const int64_t max_t = forced_max_t >= 0 ? forced_max_t : own_format ? kWgemmMaxT : kWgemmDenseMaxT;
   if (T <= max_t && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;

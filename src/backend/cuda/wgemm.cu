@@ -1436,10 +1436,19 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   return true;
 }
 
+// The fewest tokens for which tiled_default is asked (default 9: up to 8 the one-token INT4 kernel, the general
+// kernel or the GEMV serve). LLMQ_WGEMM_TILED_MIN_T=N (1-64; an experiment, read at every call): from N tokens, e.g.
+// with LLMQ_WGEMM_TILED=1 to compare the tiled kernel at batch 1 (W8A8 and INT8 rows there also need
+// LLMQ_GEMV_PREFER_T=0, or the GEMV keeps them).
+static int tiled_min_t() {
+  const char* e = std::getenv("LLMQ_WGEMM_TILED_MIN_T");
+  return e && *e ? std::clamp(std::atoi(e), 1, kWgemmMaxT) : 9;
+}
+
 // Whether wgemm() takes the tiled kernel for these (supported) arguments.
 static bool takes_tiled(const GemvArgs& a, int kind) {
   return (kind == kI4 || kind == kI8W || tiled_w8a8(kind)) &&
-         (a.tiled == 1 || (a.tiled == 0 && a.M > 8 && tiled_default(a, kind) && tiled_ok(a, kind)));
+         (a.tiled == 1 || (a.tiled == 0 && a.M >= tiled_min_t() && tiled_default(a, kind) && tiled_ok(a, kind)));
 }
 
 bool wgemm_tiled_w8a8(const GemvArgs& a, int sm) {

@@ -44,8 +44,8 @@ inline bool wgemm_int4_shape(int64_t K, int64_t group) {
 }
 void wgemm(const GemvArgs& a, cudaStream_t stream);
 // Whether wgemm() runs these W8A8 arguments (INT8 or FP8 codes in) through the tiled kernel: GemvArgs::tiled = 1,
-// or past 8 tokens with LLMQ_WGEMM_TILED_W8A8=1 (opt-in: not yet run on a GPU) where the kernel serves them.
-// CudaEngine::path sends W8A8 matmuls of 9-64 tokens to wgemm instead of cuBLASLt where this holds.
+// or past 8 tokens (LLMQ_WGEMM_TILED_MIN_T) with LLMQ_WGEMM_TILED_W8A8=1 (opt-in: not yet run on a GPU) where the
+// kernel serves them. CudaEngine::path sends W8A8 matmuls to wgemm instead of cuBLASLt where this holds.
 bool wgemm_tiled_w8a8(const GemvArgs& a, int sm);
 
 // INT4 weights in the int4_mma layout to dequantized BF16 row-major [N, K] (the cuBLAS path for large batches).
