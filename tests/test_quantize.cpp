@@ -256,7 +256,10 @@ TEST(Quantize, SmoothQuantRecoversAnOutlierStressedModel) {
   {
     CompareResult same = eval_dir(st);
     EXPECT_LT(same.mean_kld, 1e-6) << "the stressed model must compute the same function";
-    EXPECT_EQ(same.top1_agreement, 1.0);
+    // The same function up to FP32 rounding (columns divided by 20-80, norm weights multiplied), which the SIMD
+    // kernels sum in another order than the scalar ones: a token whose two top logits are that close may swap.
+    // Measured 0 of 2048 with LLMQ_ISA=scalar, 1 with avx2 (AVX2-only AMD EPYC, 2026-12-04); at most 0.1% here.
+    EXPECT_GE(same.top1_agreement, 0.999) << same.predicted << " tokens predicted";
   }
   QuantizeOptions plain = opts("int8-sq");
   plain.sq_alpha = 0.f;  // no smoothing
