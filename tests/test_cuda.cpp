@@ -558,6 +558,21 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
     }
 }
 
+// Runs body once with each copy path of the tiled kernel's default ring depth (LLMQ_WGEMM_TILED_LEAN=0 and =1: the
+// per-thread copy plan), the switch unset afterwards; stops (and names the path) at the first run that returns false.
+bool with_each_tiled_copy_path(const std::function<bool(const char* lean)>& body) {
+  for (const char* lean : {"0", "1"}) {
+    setenv("LLMQ_WGEMM_TILED_LEAN", lean, 1);
+    const bool ok = body(lean);
+    unsetenv("LLMQ_WGEMM_TILED_LEAN");
+    if (!ok) {
+      ADD_FAILURE() << "LLMQ_WGEMM_TILED_LEAN=" << lean;
+      return false;
+    }
+  }
+  return true;
+}
+
 // The tiled weight-only kernel (GemvArgs::tiled = 1), INT4 tiles and INT8 rows: 128 rows a CTA sharing the
 // activations in shared memory, K split over CTAs through a workspace where the matrix has few row tiles (with
 // and without one). Token counts in every n-tile instance (1..64, not multiples of 8), N not a multiple of 16 or
@@ -579,23 +594,18 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
     worst[wf == WFmt::I8] = std::max(worst[wf == WFmt::I8], check_gemv(c, seed++, true));
     return !HasFailure();
   };
-  // Both copy paths of the default ring depth (LLMQ_WGEMM_TILED_LEAN: the per-thread copy plan).
-  for (const char* lean : {"0", "1"}) {
-    setenv("LLMQ_WGEMM_TILED_LEAN", lean, 1);
+  const bool ok = with_each_tiled_copy_path([&](const char* lean) {
     for (WFmt wf : {WFmt::I4, WFmt::I8})
       for (auto [N, K, g] : shapes)
         for (int M : {1, 9, 16, 23, 40, 64})
           for (bool ws : {false, true}) {
             if (wf == WFmt::I4 && (K / g) % 4) continue;  // refused (checked below); INT8 covers K = 320
-            if (!tiled_case(wf, N, K, g, M, ws)) {
-              ADD_FAILURE() << "LLMQ_WGEMM_TILED_LEAN=" << lean;
-              unsetenv("LLMQ_WGEMM_TILED_LEAN");
-              return;
-            }
+            if (!tiled_case(wf, N, K, g, M, ws)) return false;
           }
     std::printf("LLMQ_WGEMM_TILED_LEAN=%s: tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", lean, worst[0], worst[1]);
-  }
-  unsetenv("LLMQ_WGEMM_TILED_LEAN");
+    return true;
+  });
+  if (!ok) return;
   // The other ring depths (LLMQ_WGEMM_TILED_STAGES: 3 at every token count, 8 up to 16 tokens), split and not.
   for (const char* stages : {"3", "8"}) {
     setenv("LLMQ_WGEMM_TILED_STAGES", stages, 1);
@@ -672,8 +682,7 @@ TEST(CudaWgemm, TiledW8A8MatchesReference) {
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 256}, {17, 320}, {129, 512}, {300, 1024}, {4096 + 40, 512},
                                                            {45, 4096}, {21, 14336}};
   double worst[2] = {};
-  for (const char* lean : {"0", "1"}) {
-    setenv("LLMQ_WGEMM_TILED_LEAN", lean, 1);
+  const bool ok = with_each_tiled_copy_path([&](const char* lean) {
     for (auto [wf, xf] : pairs)
       for (auto [N, K] : shapes)
         for (int M : {1, 9, 16, 23, 40, 64})
@@ -683,16 +692,13 @@ TEST(CudaWgemm, TiledW8A8MatchesReference) {
             c.tiled_ws = ws;
             const int i = wf == WFmt::FP8;
             worst[i] = std::max(worst[i], check_gemv(c, seed++, true));
-            if (HasFailure()) {
-              ADD_FAILURE() << "LLMQ_WGEMM_TILED_LEAN=" << lean;
-              unsetenv("LLMQ_WGEMM_TILED_LEAN");
-              return;
-            }
+            if (HasFailure()) return false;
           }
     std::printf("LLMQ_WGEMM_TILED_LEAN=%s: tiled worst |error| / sum|products|: i8xi8 %.2e, fp8xfp8 %.2e\n", lean, worst[0],
                 worst[1]);
-  }
-  unsetenv("LLMQ_WGEMM_TILED_LEAN");
+    return true;
+  });
+  if (!ok) return;
   for (auto [wf, xf] : pairs) {
     GemvCase sw{wf, xf, 2 * 700, 1024, 0, 16, false, true};
     sw.swiglu = true;

@@ -839,6 +839,8 @@ constexpr int kTRow = kTUnits * 64 + kTPad;
 constexpr int kTRow8 = kTUnits * 64 + 64;
 constexpr int kTGroups = kTUnits;  // INT4 groups a stage holds at most (groups of 64)
 __host__ __device__ constexpr bool tiled_w8a8(int kind) { return kind == kI8I8 || kind == kFp8Fp8; }
+// The kinds the tiled kernel has instances for: every one but BF16 (cuBLAS's, past the one-token batches).
+constexpr bool tiled_kind(int kind) { return kind == kI4 || kind == kI8W || tiled_w8a8(kind); }
 constexpr int tiled_act_bytes(int kind, int nt) { return tiled_w8a8(kind) ? nt * 8 * kTRow8 : nt * 8 * kTRow * 2; }
 constexpr int tiled_w_bytes(int kind) { return kTWarps * kTUnits * 32 * 16 * (kind == kI4 ? 1 : 2); }
 constexpr int tiled_sc_bytes(int kind) { return kind == kI4 ? kTWarps * kTGroups * 16 * 4 : 0; }
@@ -1224,7 +1226,7 @@ int tiled_max_smem() {
 // default 4 stages: up to 139 KB for INT8 at 64 tokens, more than sm_89 gives a block; W8A8 112 KB). Input rows
 // 16-byte aligned (8 BF16 values or 16 codes).
 bool tiled_ok(const GemvArgs& a, int kind) {
-  if (kind != kI4 && kind != kI8W && !tiled_w8a8(kind)) return false;
+  if (!tiled_kind(kind)) return false;
   if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % (tiled_w8a8(kind) ? 16 : 8)) return false;
   if (tiled_bytes(kind, tiled_nt(a.M)) > tiled_max_smem()) return false;
   if (kind != kI4) return true;
@@ -1447,8 +1449,7 @@ static int tiled_min_t() {
 
 // Whether wgemm() takes the tiled kernel for these (supported) arguments.
 static bool takes_tiled(const GemvArgs& a, int kind) {
-  return (kind == kI4 || kind == kI8W || tiled_w8a8(kind)) &&
-         (a.tiled == 1 || (a.tiled == 0 && a.M >= tiled_min_t() && tiled_default(a, kind) && tiled_ok(a, kind)));
+  return tiled_kind(kind) && (a.tiled == 1 || (a.tiled == 0 && a.M >= tiled_min_t() && tiled_default(a, kind) && tiled_ok(a, kind)));
 }
 
 bool wgemm_tiled_w8a8(const GemvArgs& a, int sm) {
