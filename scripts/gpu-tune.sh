@@ -11,7 +11,7 @@
 #              LLMQ_CUDA_PROFILE, eager launches timed per op; none),
 #              AB [] (space-separated engine switches, e.g. "LLMQ_NO_FUSE_ROPE=1 LLMQ_WGEMM_MAX_T=16": each batch's
 #              bench and the prefill also run once with each, tpot printed next to the default's; no profile for them;
-#              several switches at once joined by commas, e.g. "LLMQ_WGEMM_TILED=1,LLMQ_WGEMM_TILED_MIN_T=1")
+#              several switches at once joined by commas, e.g. "LLMQ_WGEMM_TILED=1,LLMQ_WGEMM_TILED_STAGES=3")
 # On a machine without package access or ../shared, run scripts/gpu-pack.sh beforehand and carry .gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -558,21 +558,6 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
     }
 }
 
-// Runs body once with each copy path of the tiled kernel's default ring depth (LLMQ_WGEMM_TILED_LEAN=0 and =1: the
-// per-thread copy plan), the switch unset afterwards; stops (and names the path) at the first run that returns false.
-bool with_each_tiled_copy_path(const std::function<bool(const char* lean)>& body) {
-  for (const char* lean : {"0", "1"}) {
-    setenv("LLMQ_WGEMM_TILED_LEAN", lean, 1);
-    const bool ok = body(lean);
-    unsetenv("LLMQ_WGEMM_TILED_LEAN");
-    if (!ok) {
-      ADD_FAILURE() << "LLMQ_WGEMM_TILED_LEAN=" << lean;
-      return false;
-    }
-  }
-  return true;
-}
-
 // The tiled weight-only kernel (GemvArgs::tiled = 1), INT4 tiles and INT8 rows: 128 rows a CTA sharing the
 // activations in shared memory, K split over CTAs through a workspace where the matrix has few row tiles (with
 // and without one). Token counts in every n-tile instance (1..64, not multiples of 8), N not a multiple of 16 or
@@ -594,18 +579,14 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
     worst[wf == WFmt::I8] = std::max(worst[wf == WFmt::I8], check_gemv(c, seed++, true));
     return !HasFailure();
   };
-  const bool ok = with_each_tiled_copy_path([&](const char* lean) {
-    for (WFmt wf : {WFmt::I4, WFmt::I8})
-      for (auto [N, K, g] : shapes)
-        for (int M : {1, 9, 16, 23, 40, 64})
-          for (bool ws : {false, true}) {
-            if (wf == WFmt::I4 && (K / g) % 4) continue;  // refused (checked below); INT8 covers K = 320
-            if (!tiled_case(wf, N, K, g, M, ws)) return false;
-          }
-    std::printf("LLMQ_WGEMM_TILED_LEAN=%s: tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", lean, worst[0], worst[1]);
-    return true;
-  });
-  if (!ok) return;
+  for (WFmt wf : {WFmt::I4, WFmt::I8})
+    for (auto [N, K, g] : shapes)
+      for (int M : {1, 9, 16, 23, 40, 64})
+        for (bool ws : {false, true}) {
+          if (wf == WFmt::I4 && (K / g) % 4) continue;  // refused (checked below); INT8 covers K = 320
+          if (!tiled_case(wf, N, K, g, M, ws)) return;
+        }
+  std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
   // The other ring depths (LLMQ_WGEMM_TILED_STAGES: 3 at every token count, 8 up to 16 tokens), split and not.
   for (const char* stages : {"3", "8"}) {
     setenv("LLMQ_WGEMM_TILED_STAGES", stages, 1);
@@ -659,79 +640,17 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
   EXPECT_FALSE(wgemm_supports(a, device_sm())) << "tiled = 2";
   a.tiled = 1;
   a.wf = WFmt::I8, a.xf = XFmt::I8;
-  EXPECT_TRUE(wgemm_supports(a, device_sm())) << "W8A8";
-  a.ldx = 1024 + 8;  // 8-byte aligned code rows: the general kernel's, not the tiled one's
-  EXPECT_FALSE(wgemm_supports(a, device_sm())) << "W8A8 rows of 1032 codes";
+  EXPECT_FALSE(wgemm_supports(a, device_sm())) << "W8A8 codes (the tiled kernel is weight-only)";
   a.tiled = 0;
-  EXPECT_TRUE(wgemm_supports(a, device_sm())) << "W8A8 rows of 1032 codes, general kernel";
+  EXPECT_TRUE(wgemm_supports(a, device_sm())) << "W8A8 codes, general kernel";
   a.tiled = 1;
-  a.xf = XFmt::BF16;  // 1032 BF16 values: 16-byte rows
-  EXPECT_TRUE(wgemm_supports(a, device_sm())) << "W8A16";
-}
-
-// The tiled kernel with W8A8 codes (INT8 x INT8 -> INT32, FP8 x FP8 products in FP32 on sm_89+): the shapes and
-// token counts of TiledWeightOnlyMatchesReference, split and not (INT32 partial sums through the workspace as
-// their bits), both copy paths; the SwiGLU epilogue into FP8 codes; and the engine's switch: with
-// LLMQ_WGEMM_TILED_W8A8=1 a W8A8 matmul of 9-64 tokens (from LLMQ_WGEMM_TILED_MIN_T) that wgemm() is left to
-// choose for (tiled = 0) runs tiled, and wgemm_tiled_w8a8 says so; without it, not past what the switch covers.
-TEST(CudaWgemm, TiledW8A8MatchesReference) {
-  REQUIRE_GPU();
-  uint64_t seed = 7500;
-  std::vector<std::pair<WFmt, XFmt>> pairs = {{WFmt::I8, XFmt::I8}};
-  if (device_sm() >= 89) pairs.push_back({WFmt::FP8, XFmt::FP8});
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 256}, {17, 320}, {129, 512}, {300, 1024}, {4096 + 40, 512},
-                                                           {45, 4096}, {21, 14336}};
-  double worst[2] = {};
-  const bool ok = with_each_tiled_copy_path([&](const char* lean) {
-    for (auto [wf, xf] : pairs)
-      for (auto [N, K] : shapes)
-        for (int M : {1, 9, 16, 23, 40, 64})
-          for (bool ws : {false, true}) {
-            GemvCase c{wf, xf, N, K, 0, M, (seed % 2) == 0, (seed % 3) != 0};
-            c.tiled = 1;
-            c.tiled_ws = ws;
-            const int i = wf == WFmt::FP8;
-            worst[i] = std::max(worst[i], check_gemv(c, seed++, true));
-            if (HasFailure()) return false;
-          }
-    std::printf("LLMQ_WGEMM_TILED_LEAN=%s: tiled worst |error| / sum|products|: i8xi8 %.2e, fp8xfp8 %.2e\n", lean, worst[0],
-                worst[1]);
-    return true;
-  });
-  if (!ok) return;
-  for (auto [wf, xf] : pairs) {
-    GemvCase sw{wf, xf, 2 * 700, 1024, 0, 16, false, true};
-    sw.swiglu = true;
-    sw.swiglu_kind = ActKind::Fp8Tensor;
-    sw.tiled = 1;
-    sw.tiled_ws = true;
-    check_gemv(sw, seed++, true);
-  }
-  // The switch, read at every call: the general kernel's result and the tiled one's differ only in rounding
-  // (FP8), so what is checked is the decision and that the launcher's choice computes the right numbers.
-  GemvArgs a;
-  a.wf = WFmt::I8, a.xf = XFmt::I8;
-  a.w = a.x = reinterpret_cast<void*>(256);
-  a.y = reinterpret_cast<float*>(256);
-  a.w_scale = a.x_scale = reinterpret_cast<const float*>(256);
-  a.N = 4096, a.K = 4096, a.M = 16, a.ldx = 4096, a.ldy = 4096;
-  unsetenv("LLMQ_WGEMM_TILED_W8A8");
-  EXPECT_FALSE(wgemm_tiled_w8a8(a, device_sm())) << "off by default";
-  setenv("LLMQ_WGEMM_TILED_W8A8", "1", 1);
-  EXPECT_TRUE(wgemm_tiled_w8a8(a, device_sm())) << "LLMQ_WGEMM_TILED_W8A8=1";
-  a.M = 8;
-  EXPECT_FALSE(wgemm_tiled_w8a8(a, device_sm())) << "8 tokens: the general kernel";
-  setenv("LLMQ_WGEMM_TILED_MIN_T", "1", 1);
-  EXPECT_TRUE(wgemm_tiled_w8a8(a, device_sm())) << "8 tokens with LLMQ_WGEMM_TILED_MIN_T=1";
-  unsetenv("LLMQ_WGEMM_TILED_MIN_T");
-  a.M = 16, a.ldx = 4096 + 8;
-  EXPECT_FALSE(wgemm_tiled_w8a8(a, device_sm())) << "rows the tiled kernel does not serve";
-  for (auto [wf, xf] : pairs)
-    for (int M : {12, 64}) {
-      GemvCase c{wf, xf, 333, 2048, 0, M, true, true};
-      check_gemv(c, seed++, true);  // tiled = 0: the launcher's choice, tiled under the switch
-    }
-  unsetenv("LLMQ_WGEMM_TILED_W8A8");
+  a.xf = XFmt::BF16;
+  a.ldx = 1024 + 8;  // 1032 BF16 values: 16-byte rows
+  EXPECT_TRUE(wgemm_supports(a, device_sm())) << "W8A16 rows of 1032 values";
+  a.ldx = 1024 + 4;  // 8-byte aligned rows: the general kernel's, not the tiled one's (16-byte copies)
+  EXPECT_FALSE(wgemm_supports(a, device_sm())) << "W8A16 rows of 1028 values";
+  a.tiled = 0;
+  EXPECT_TRUE(wgemm_supports(a, device_sm())) << "W8A16 rows of 1028 values, general kernel";
 }
 
 // The distributed RMSNorm's two halves in the GEMV and wgemm kernels: the consumer's factor per token before
@@ -2010,15 +1929,13 @@ TEST(CudaModel, SmallBatchDecodeEqualsOneAtATime) {
 
 // W8A8 decode steps of 12 sequences (cuBLASLt inside the step's graph; SwiGLU and the next RMSNorm reading the raw
 // accumulators of gate_up, o_proj and down_proj) against one sequence at a time (the GEMV), to the W8A8 bound of
-// SmallBatchDecodeEqualsOneAtATime; the same with the epilogue passes (LLMQ_NO_RAW_ACC=1), and with the tiled
-// wgemm kernel instead of cuBLASLt (LLMQ_WGEMM_TILED_W8A8=1: its fused SwiGLU and residual epilogues). A wrong
-// scale, a stale accumulator or a residual added twice moves logits by whole units.
+// SmallBatchDecodeEqualsOneAtATime, and the same with the epilogue passes (LLMQ_NO_RAW_ACC=1). A wrong scale, a
+// stale accumulator or a residual added twice moves logits by whole units.
 TEST(CudaModel, W8A8WideDecodeEqualsOneAtATime) {
   REQUIRE_GPU();
   const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-w8a8wide-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
-  const std::pair<const char*, const char*> variants[] = {{nullptr, ""}, {"LLMQ_NO_RAW_ACC", " epilogue passes"},
-                                                          {"LLMQ_WGEMM_TILED_W8A8", " tiled wgemm"}};
+  const std::pair<const char*, const char*> variants[] = {{nullptr, ""}, {"LLMQ_NO_RAW_ACC", " epilogue passes"}};
   for (const std::string method : {"fp8", "int8-sq"}) {
     Model m(quantized_27m(tmp, method));
     for (auto [env, what] : variants) {

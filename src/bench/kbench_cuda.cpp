@@ -229,7 +229,7 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
           row("i4-ldg", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
           no_sz = false;
         }
-        if (f.wf != WFmt::BF16) {  // the tiled kernel (GemvArgs::tiled; W8A8 too): K unsplit, then split through ws
+        if (f.wf != WFmt::BF16) {  // the tiled kernel (GemvArgs::tiled; weight-only): K unsplit, then split through ws
           a.tiled = 1;
           if (wgemm_supports(a, sm)) {
             row("tiled", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));

@@ -771,10 +771,9 @@ Path CudaEngine::path(const DevLinear& l, int64_t T) const {
     const char* e = std::getenv("LLMQ_WGEMM_MAX_T");
     return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kWgemmMaxT) : int64_t(-1);
   }();
-  // W8A8 codes at 9-64 tokens: wgemm too where its tiled kernel takes them (opt-in, LLMQ_WGEMM_TILED_W8A8=1;
-  // written without a GPU: cuBLASLt read qkv and o at 26-46% of the copy bandwidth there, session 18).
-  const bool w8a8_tiled = l.act != ActKind::None && wgemm_tiled_w8a8(a, sm_);
-  const bool own_format = l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None) || w8a8_tiled;
+  // (W8A8 codes through wgemm's tiled kernel at 9-64 tokens lost to cuBLASLt: decode TPOT 2.09x at batch 64, H200,
+  // bench/results/2026-12-05-nvidia-h200-session23.txt; removed.)
+  const bool own_format = l.tiles || (l.wf == WFmt::I8 && l.act == ActKind::None);
   const int64_t max_t = forced_max_t >= 0 ? forced_max_t : own_format ? kWgemmMaxT : kWgemmDenseMaxT;
   if (T <= max_t && !no_wgemm && wgemm_supports(a, sm_)) return Path::Wgemm;
   if (T <= kGemvMaxM && !l.tiles && gemv_supports(a)) return Path::Gemv;

@@ -830,28 +830,26 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
 constexpr int kTWarps = 8, kTStages = 4, kTUnits = 2;  // row blocks (warps) a CTA, ring stages (default), units a stage
 constexpr int kTPad = 16;  // bf16 padding per activation row: a 288-byte stride, 32 mod 128 (no bank conflicts)
 
-// One ring stage: activations [NT * 8][kRow] bf16 (W8A8: [NT * 8][kTRow8] bytes of codes); weights
-// [warp][unit][lane] 16 B (INT4) or [warp][unit][row half][lane] 16 B (8-bit rows); INT4 only: scales
+// One ring stage: activations [NT * 8][kTRow] bf16; weights
+// [warp][unit][lane] 16 B (INT4) or [warp][unit][row half][lane] 16 B (INT8 rows); INT4 only: scales
 // [warp][group][16 rows] float and zero-point words [warp][group][16 rows] uint32.
 constexpr int kTRow = kTUnits * 64 + kTPad;
-// W8A8 codes: a row's 128 bytes and 64 of padding, a stride of 64 mod 128 bytes: a lane (g, t) reads 16 bytes
-// at k = 16 t of row g, so the 8 lanes of each quarter-warp (rows g, g + 1) cover all 32 banks once.
-constexpr int kTRow8 = kTUnits * 64 + 64;
 constexpr int kTGroups = kTUnits;  // INT4 groups a stage holds at most (groups of 64)
-__host__ __device__ constexpr bool tiled_w8a8(int kind) { return kind == kI8I8 || kind == kFp8Fp8; }
-// The kinds the tiled kernel has instances for: every one but BF16 (cuBLAS's, past the one-token batches).
-constexpr bool tiled_kind(int kind) { return kind == kI4 || kind == kI8W || tiled_w8a8(kind); }
-constexpr int tiled_act_bytes(int kind, int nt) { return tiled_w8a8(kind) ? nt * 8 * kTRow8 : nt * 8 * kTRow * 2; }
+// The kinds the tiled kernel has instances for: the weight-only ones. (W8A8 codes through it, with m16n8k32
+// steps on the 8-bit codes, lost to cuBLASLt at 16-64 tokens: 1.1-4.2x its time for FP8, decode TPOT 2.09x at
+// batch 64; H200, bench/results/2026-12-05-nvidia-h200-session23.txt. Removed.)
+constexpr bool tiled_kind(int kind) { return kind == kI4 || kind == kI8W; }
+constexpr int tiled_act_bytes(int nt) { return nt * 8 * kTRow * 2; }
 constexpr int tiled_w_bytes(int kind) { return kTWarps * kTUnits * 32 * 16 * (kind == kI4 ? 1 : 2); }
 constexpr int tiled_sc_bytes(int kind) { return kind == kI4 ? kTWarps * kTGroups * 16 * 4 : 0; }
 // The whole ring's shared memory for a kind at nt n-tiles and the given ring stages.
 constexpr int tiled_bytes(int kind, int nt, int stages = kTStages) {
-  return stages * (tiled_act_bytes(kind, nt) + tiled_w_bytes(kind) + 2 * tiled_sc_bytes(kind));
+  return stages * (tiled_act_bytes(nt) + tiled_w_bytes(kind) + 2 * tiled_sc_bytes(kind));
 }
 template <int KIND, int NT, int S>
 struct TiledLayout {
-  static constexpr int kRow = tiled_w8a8(KIND) ? kTRow8 : kTRow;  // elements (bf16 or bytes)
-  static constexpr int kAct = tiled_act_bytes(KIND, NT);
+  static constexpr int kRow = kTRow;  // bf16 elements
+  static constexpr int kAct = tiled_act_bytes(NT);
   static constexpr int kW = tiled_w_bytes(KIND);
   static constexpr int kSc = tiled_sc_bytes(KIND);
   static constexpr int kStage = kAct + kW + 2 * kSc;
@@ -862,13 +860,11 @@ struct TiledLayout {
 // n-tiles of 8 tokens the tiled kernel's instance for M tokens has.
 constexpr int tiled_nt(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 
-// The tiled kernel's output value of sum acc (row rc, token tc) before the bias: W8A8 sums times both scales, in
-// wgemm_kernel's order; weight-only sums times the distributed RMSNorm's factor, and INT8 rows' scale.
-template <int KIND, typename Acc>
-__device__ __forceinline__ float tiled_value(const GemvArgs& a, Acc acc, int64_t rc, int64_t tc) {
-  float v = float(acc);
-  if constexpr (tiled_w8a8(KIND)) return v * a.x_scale[tc] * a.w_scale[rc];
-  v *= rms_factor(a, tc);
+// The tiled kernel's output value of sum acc (row rc, token tc) before the bias: the sum times the distributed
+// RMSNorm's factor, and INT8 rows' scale.
+template <int KIND>
+__device__ __forceinline__ float tiled_value(const GemvArgs& a, float acc, int64_t rc, int64_t tc) {
+  float v = acc * rms_factor(a, tc);
   if constexpr (KIND != kI4) v *= a.w_scale[rc];
   return v;
 }
@@ -881,18 +877,11 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem) : "memory");
 }
 
-// KIND kI4 (G = 64 or 128), kI8W, or W8A8 codes kI8I8 / kFp8Fp8 (G unused); S ring stages. LEAN: the copies of
-// a stage from a per-thread plan made once (lean_plan below) instead of index arithmetic for every copy of every
-// stage (see launch_tiled_s).
-// W8A8: the weights as kI8W's (rows g and g + 8, 16 bytes at k = 64 u + 16 t), the activation codes in k order;
-// a lane's 16 bytes of token row g at k = 64 u + 16 t are the B operands of the unit's two m16n8k32 steps (step j:
-// k = 16 t + 8 j .., wgemm_kernel's order), which take the 8-bit codes as they are: no conversion instructions.
-template <int KIND, int NT, int G, int S, bool LEAN = false>
+// KIND kI4 (G = 64 or 128) or kI8W (G unused); S ring stages.
+template <int KIND, int NT, int G, int S>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
-  using Acc = typename KindTraits<KIND>::Acc;  // INT32 for INT8 x INT8, else FP32
   constexpr bool I4 = KIND == kI4;
-  constexpr bool W8 = tiled_w8a8(KIND);
   constexpr int UPG = I4 ? G / 64 : 1;  // units per group
   constexpr int GPS = kTUnits / UPG;    // groups per stage (1 or 2)
   extern __shared__ uint4 t_ring[];
@@ -905,85 +894,24 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   const int nst = (u_end - u_begin + kTUnits - 1) / kTUnits;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(t_ring));
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
-  const uint8_t* x8 = static_cast<const uint8_t*>(a.x);  // W8A8 codes
   pdl_trigger();
   // A stage's copies in two halves: the weights (with INT4 scales and zero points), which no kernel writes and
   // so may be fetched before pdl_wait(), and the activations, which the previous kernel writes.
-  auto issue_w = [&](int stg) {  // stage stg's weights into ring slot stg % S
-    if (stg < nst) {
-      const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
-      const int u0 = u_begin + stg * kTUnits;
-      if constexpr (I4) {
-        const uint4* w4 = static_cast<const uint4*>(a.w);
-#pragma unroll
-        for (int cu = 0; cu < kTUnits; ++cu)
-          if (u0 + cu < u_end)
-            cp_async16(base + Lay::kAct + ((warp * kTUnits + cu) * 32 + lane) * 16, w4 + (int64_t(rb) * units + u0 + cu) * 32 + lane);
-        // Scales (lanes 0-15, rows rb * 16 + lane) and zero-point words (lanes 16-31) of the stage's groups.
-        const int row = min(rb * 16 + (lane & 15), N - 1);
-#pragma unroll
-        for (int q = 0; q < GPS; ++q) {
-          const int grp = (u0 + q * UPG) / UPG;
-          if (grp >= ng || u0 + q * UPG >= u_end) continue;
-          const uint32_t slot = uint32_t(((warp * kTGroups + q) * 16 + (lane & 15)) * 4);
-          if (lane < 16) cp_async4(base + Lay::kAct + Lay::kW + slot, a.w_scale + int64_t(row) * ng + grp);
-          else cp_async4(base + Lay::kAct + Lay::kW + Lay::kSc + slot, a.w_zero + int64_t(row) * ng + (grp & ~3));
-        }
-      } else {  // rows g and g + 8, k = 64 u + 16 t .. + 15 of each unit (the general kernel's A order)
-        const uint8_t* w8 = static_cast<const uint8_t*>(a.w);
-#pragma unroll
-        for (int cu = 0; cu < kTUnits; ++cu)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            if (u0 + cu < u_end) {
-              const int64_t row = min(rb * 16 + g + 8 * h, N - 1);
-              cp_async16(base + Lay::kAct + (((warp * kTUnits + cu) * 2 + h) * 32 + lane) * 16,
-                         w8 + row * a.K + int64_t(u0 + cu) * 64 + 16 * t);
-            }
-      }
-    }
-  };
-  auto issue_x = [&](int stg) {  // stage stg's activations
-    if (stg < nst) {
-      const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
-      const int u0 = u_begin + stg * kTUnits;
-      if constexpr (W8) {  // 16-byte pieces of codes: rows x (128 k / 16), in k order
-        constexpr int kPieces = NT * 8 * kTUnits * 4;
-        for (int p = int(threadIdx.x); p < kPieces; p += kTWarps * 32) {
-          const int r = p / (kTUnits * 4), c = p % (kTUnits * 4);
-          if (u0 + c / 4 >= u_end) continue;
-          const int tok = min(r, M - 1);  // rows past T: computed, never stored
-          cp_async16(base + uint32_t(r * Lay::kRow + c * 16), x8 + int64_t(tok) * a.ldx + int64_t(u0) * 64 + c * 16);
-        }
-      } else if constexpr (I4) {  // 16-byte pieces of activations: rows x (128 k / 8), in k order
-        constexpr int kPieces = NT * 8 * kTUnits * 8;
-        for (int p = int(threadIdx.x); p < kPieces; p += kTWarps * 32) {
-          const int r = p / (kTUnits * 8), c = p % (kTUnits * 8);
-          if (u0 + c / 8 >= u_end) continue;
-          const int tok = min(r, M - 1);  // rows past T: computed, never stored
-          cp_async16(base + uint32_t((r * Lay::kRow + c * 8) * 2), x + int64_t(tok) * a.ldx + int64_t(u0) * 64 + c * 8);
-        }
-      } else {
-        // 8-byte chunks, transposed within each unit: the 4 values at k = 16 i + 4 j go to position 16 j + 4 i,
-        // so that a lane (g, t) reads step j's B fragment (k = 16 t + 4 j, the INT8 rows' order) from position
-        // 16 j + 4 t: the INT4 reads' pattern, free of bank conflicts.
-        constexpr int kChunks = NT * 8 * kTUnits * 16;
-        for (int p = int(threadIdx.x); p < kChunks; p += kTWarps * 32) {
-          const int r = p / (kTUnits * 16), c = p % (kTUnits * 16), cu = c / 16, i = (c % 16) / 4, j = c % 4;
-          if (u0 + cu >= u_end) continue;
-          const int tok = min(r, M - 1);
-          cp_async8(base + uint32_t((r * Lay::kRow + cu * 64 + 16 * j + 4 * i) * 2),
-                    x + int64_t(tok) * a.ldx + int64_t(u0 + cu) * 64 + 16 * i + 4 * j);
-        }
-      }
-    }
-  };
-  // LEAN: the same copies as issue_w / issue_x, planned once. A thread's activation copies are one column c of the
-  // stage (16-byte pieces or 8-byte chunks; kCols of them a token row) in token rows x_r0, x_r0 + kRowsPer, ...: the
-  // sources are element offsets from the stage's first column of x (32-bit: tokens x ldx stays far below 2^31),
-  // the ring offsets one base plus whole rows. Stage stg adds stg x kTUnits units to every source, and a copy of
-  // unit cu of the stage is made where cu < u_end - u0.
-  constexpr int kCols = W8 ? kTUnits * 4 : I4 ? kTUnits * 8 : kTUnits * 16;
+  // Each thread's copies come from a plan made here once: index arithmetic for every copy of every stage made the
+  // kernel issue-bound (ncu at 16 tokens, H200, gate_up: 193 warp instructions for each 1,024 INT4 weights, ~100
+  // of them the dequantization and MMA; bench/results/2026-12-04-nvidia-h200-session21.txt). The plan took 0.67-
+  // 0.99x the time at 1-64 tokens and decode TPOT -7.6% (w8a16, batch 16) and -9.6% (batch 64) (H200,
+  // bench/results/2026-12-05-nvidia-h200-session23.txt).
+  //
+  // Activations: a thread copies one column c of the stage (INT4: 16-byte pieces in k order; INT8 rows: 8-byte
+  // chunks transposed within each unit, the 4 values at k = 16 i + 4 j to position 16 j + 4 i, so that a lane
+  // (g, t) reads step j's B fragment (k = 16 t + 4 j, the INT8 rows' order) from position 16 j + 4 t: the INT4
+  // reads' pattern, free of bank conflicts), kCols columns a token row, in token rows x_r0, x_r0 + kRowsPer, ...
+  // The sources are element offsets from the stage's first column of x (32-bit: tokens x ldx stays far below
+  // 2^31), the ring offsets one base plus whole rows. Stage stg adds stg x kTUnits units to every source, and a
+  // copy of unit cu of the stage is made where cu < u_end - u0. Rows past M copy row M - 1 (computed, never
+  // stored).
+  constexpr int kCols = I4 ? kTUnits * 8 : kTUnits * 16;
   constexpr int kRowsPer = kTWarps * 32 / kCols;  // token rows one pass of the block's threads covers
   static_assert(kTWarps * 32 % kCols == 0, "whole rows a pass");
   constexpr int kXPer = (NT * 8 + kRowsPer - 1) / kRowsPer;
@@ -991,36 +919,33 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   int x_src[kXPer] = {};  // elements from x + (u_begin + stg x kTUnits) x 64
   uint32_t x_dst = 0;     // bytes from the stage's start, row x_r0
   int x_cu = kTUnits;     // the unit of the stage the column belongs to (kTUnits: this thread copies nothing)
-  int64_t w_src[I4 ? 1 : 2] = {};  // INT4: uint4s from w (this lane's record of unit u_begin); INT8: bytes, rows g, g + 8
+  // Weights: INT4, this lane's 16-byte record of unit u_begin (uint4s from w); INT8 rows, bytes from w of rows
+  // g and g + 8 at k = 64 u_begin + 16 t (the general kernel's A order).
+  int64_t w_src[I4 ? 1 : 2] = {};
   const char* sz_src = nullptr;  // INT4: this lane's row of scales (lanes 0-15: floats) or zero points (16-31: bytes)
-  if constexpr (LEAN) {
-    if (x_r0 < NT * 8) {
-      if constexpr (W8) {
-        x_cu = x_c / 4;
-        x_dst = uint32_t(x_r0 * Lay::kRow + x_c * 16);
-      } else if constexpr (I4) {
-        x_cu = x_c / 8;
-        x_dst = uint32_t((x_r0 * Lay::kRow + x_c * 8) * 2);
-      } else {
-        const int cu = x_c / 16, i4 = (x_c % 16) / 4, j = x_c % 4;
-        x_cu = cu;
-        x_dst = uint32_t((x_r0 * Lay::kRow + cu * 64 + 16 * j + 4 * i4) * 2);
-      }
-    }
-    const int col = W8 ? x_c * 16 : I4 ? x_c * 8 : (x_c / 16) * 64 + 16 * ((x_c % 16) / 4) + 4 * (x_c % 4);
-#pragma unroll
-    for (int i = 0; i < kXPer; ++i) x_src[i] = min(x_r0 + i * kRowsPer, M - 1) * int(a.ldx) + col;
+  if (x_r0 < NT * 8) {
     if constexpr (I4) {
-      w_src[0] = (int64_t(rb) * units + u_begin) * 32 + lane;
-      const int row = min(rb * 16 + (lane & 15), N - 1);
-      sz_src = lane < 16 ? reinterpret_cast<const char*>(a.w_scale + int64_t(row) * ng)
-                         : reinterpret_cast<const char*>(a.w_zero + int64_t(row) * ng);
+      x_cu = x_c / 8;
+      x_dst = uint32_t((x_r0 * Lay::kRow + x_c * 8) * 2);
     } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) w_src[h] = int64_t(min(rb * 16 + g + 8 * h, N - 1)) * a.K + int64_t(u_begin) * 64 + 16 * t;
+      const int cu = x_c / 16, i4 = (x_c % 16) / 4, j = x_c % 4;
+      x_cu = cu;
+      x_dst = uint32_t((x_r0 * Lay::kRow + cu * 64 + 16 * j + 4 * i4) * 2);
     }
   }
-  auto lean_w = [&](int stg) {
+  const int col = I4 ? x_c * 8 : (x_c / 16) * 64 + 16 * ((x_c % 16) / 4) + 4 * (x_c % 4);
+#pragma unroll
+  for (int i = 0; i < kXPer; ++i) x_src[i] = min(x_r0 + i * kRowsPer, M - 1) * int(a.ldx) + col;
+  if constexpr (I4) {
+    w_src[0] = (int64_t(rb) * units + u_begin) * 32 + lane;
+    const int row = min(rb * 16 + (lane & 15), N - 1);
+    sz_src = lane < 16 ? reinterpret_cast<const char*>(a.w_scale + int64_t(row) * ng)
+                       : reinterpret_cast<const char*>(a.w_zero + int64_t(row) * ng);
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) w_src[h] = int64_t(min(rb * 16 + g + 8 * h, N - 1)) * a.K + int64_t(u_begin) * 64 + 16 * t;
+  }
+  auto copy_w = [&](int stg) {  // stage stg's weights into ring slot stg % S
     if (stg >= nst) return;
     const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage) + Lay::kAct;
     const int left = u_end - (u_begin + stg * kTUnits);
@@ -1029,6 +954,7 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
 #pragma unroll
       for (int cu = 0; cu < kTUnits; ++cu)
         if (cu < left) cp_async16(base + uint32_t(((warp * kTUnits + cu) * 32 + lane) * 16), w4 + cu * 32);
+      // Scales (lanes 0-15, rows rb * 16 + lane) and zero-point words (lanes 16-31) of the stage's groups.
       const int g0 = u_begin / UPG + stg * GPS;  // the stage's first group
 #pragma unroll
       for (int q = 0; q < GPS; ++q) {
@@ -1046,7 +972,7 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
           if (cu < left) cp_async16(base + uint32_t((((warp * kTUnits + cu) * 2 + h) * 32 + lane) * 16), w8 + w_src[h] + cu * 64);
     }
   };
-  auto lean_x = [&](int stg) {
+  auto copy_x = [&](int stg) {  // stage stg's activations
     if (stg >= nst) return;
     const uint32_t base = ring_s + uint32_t((stg % S) * Lay::kStage);
     const int left = u_end - (u_begin + stg * kTUnits);
@@ -1055,43 +981,33 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
 #pragma unroll
     for (int i = 0; i < kXPer; ++i) {
       if (x_r0 + i * kRowsPer >= NT * 8) break;  // past the ring's rows (only where NT * 8 < kRowsPer)
-      const uint32_t dst = base + x_dst + uint32_t(i * kRowsPer * Lay::kRow * (W8 ? 1 : 2));
-      if constexpr (W8) cp_async16(dst, x8 + x0 + x_src[i]);
-      else if constexpr (I4) cp_async16(dst, x + x0 + x_src[i]);
+      const uint32_t dst = base + x_dst + uint32_t(i * kRowsPer * Lay::kRow * 2);
+      if constexpr (I4) cp_async16(dst, x + x0 + x_src[i]);
       else cp_async8(dst, x + x0 + x_src[i]);
     }
   };
   // The first stages' weights before the wait, then their activations: commit group st holds stage st's
   // activations (group 0 also every prologue weight), so waiting for group st still covers all of stage st.
 #pragma unroll
-  for (int st = 0; st < S - 1; ++st) {
-    if constexpr (LEAN) lean_w(st);
-    else issue_w(st);
-  }
+  for (int st = 0; st < S - 1; ++st) copy_w(st);
   pdl_wait();
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
-    if constexpr (LEAN) lean_x(st);
-    else issue_x(st);
+    copy_x(st);
     cp_async_commit();
   }
 
-  Acc acc[NT][4];
+  float acc[NT][4];
   float cg[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = Acc(0), cg[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f, cg[n][e] = 0.f;
   for (int stg = 0; stg < nst; ++stg) {
     cp_async_wait<S - 2>();         // this thread's copies of stage stg have landed ...
     __syncthreads();                // ... and everyone's; every warp is done with stage stg - 1's slot
-    if constexpr (LEAN) {           // into that slot (always one commit group)
-      lean_w(stg + S - 1);
-      lean_x(stg + S - 1);
-    } else {
-      issue_w(stg + S - 1);
-      issue_x(stg + S - 1);
-    }
+    copy_w(stg + S - 1);            // into that slot (always one commit group)
+    copy_x(stg + S - 1);
     cp_async_commit();
     const char* st = reinterpret_cast<const char*>(t_ring) + (stg % S) * Lay::kStage;
     const __nv_bfloat16* act = reinterpret_cast<const __nv_bfloat16*>(st);
@@ -1106,17 +1022,9 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
         const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
         const int q = cu / UPG, grp = u / UPG;
         const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
-        // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 (LEAN: one PRMT).
-        uint32_t z0, z1;
-        if constexpr (LEAN) {
-          const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
-          z0 = __byte_perm(szw[q * 16 + g], 0x43u, zsel);
-          z1 = __byte_perm(szw[q * 16 + g + 8], 0x43u, zsel);
-        } else {
-          const int zsh = 8 * (grp & 3);
-          z0 = 0x43004300u | ((szw[q * 16 + g] >> zsh) & 0xFFu) * 0x10001u;
-          z1 = 0x43004300u | ((szw[q * 16 + g + 8] >> zsh) & 0xFFu) * 0x10001u;
-        }
+        // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 (one PRMT).
+        const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
+        const uint32_t z0 = __byte_perm(szw[q * 16 + g], 0x43u, zsel), z1 = __byte_perm(szw[q * 16 + g + 8], 0x43u, zsel);
         const uint4 wv = wsm[cu * 32];
         const uint32_t wd[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
@@ -1141,21 +1049,6 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
               cg[n][e] = 0.f;
             }
         }
-      } else if constexpr (W8) {
-        const uint4 wa = wsm[(cu * 2) * 32], wb = wsm[(cu * 2 + 1) * 32];
-        const uint32_t A0[4] = {wa.x, wb.x, wa.y, wb.y}, A1[4] = {wa.z, wb.z, wa.w, wb.w};  // steps 0, 1
-        const uint8_t* act8 = reinterpret_cast<const uint8_t*>(st) + g * Lay::kRow + cu * 64 + 16 * t;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const uint4 bx = *reinterpret_cast<const uint4*>(act8 + n * 8 * Lay::kRow);
-          if constexpr (KIND == kI8I8) {
-            mma_s8(acc[n], A0, make_uint2(bx.x, bx.y));
-            mma_s8(acc[n], A1, make_uint2(bx.z, bx.w));
-          } else {
-            mma_e4m3(acc[n], A0, make_uint2(bx.x, bx.y));
-            mma_e4m3(acc[n], A1, make_uint2(bx.z, bx.w));
-          }
-        }
       } else {
         const uint4 wa = wsm[(cu * 2) * 32], wb = wsm[(cu * 2 + 1) * 32];
         const uint32_t ra[4] = {wa.x, wa.y, wa.z, wa.w}, rbw[4] = {wb.x, wb.y, wb.z, wb.w};
@@ -1176,12 +1069,12 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   if (rb_raw >= rbs) return;  // the whole warp
   if (gridDim.y == 1) {
     store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
-  } else {  // INT32 sums as their bits (added as integers by the split epilogue: exact)
+  } else {
     float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = KIND == kI8I8 ? __int_as_float(int(acc[n][e])) : float(acc[n][e]);
+      for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = acc[n][e];
   }
 }
 
@@ -1191,21 +1084,16 @@ template <int KIND, int NT>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(const GemvArgs a, const int splits) {
   pdl_trigger();
   pdl_wait();
-  using Acc = typename KindTraits<KIND>::Acc;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int rbs = int((a.N + 15) / 16), rb = int(blockIdx.x) * kTWarps + warp;
   if (rb >= rbs) return;
-  Acc acc[NT][4];
+  float acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      Acc v = Acc(0);
-      for (int sp = 0; sp < splits; ++sp) {
-        const float p = a.tiled_ws[(int64_t(sp) * rbs + rb) * (NT * 4 * 32) + (n * 4 + e) * 32 + lane];
-        if constexpr (KIND == kI8I8) v += __float_as_int(p);
-        else v += p;
-      }
+      float v = 0.f;
+      for (int sp = 0; sp < splits; ++sp) v += a.tiled_ws[(int64_t(sp) * rbs + rb) * (NT * 4 * 32) + (n * 4 + e) * 32 + lane];
       acc[n][e] = v;
     }
   store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
@@ -1223,11 +1111,11 @@ int tiled_max_smem() {
 }
 
 // Whether wgemm_tiled_kernel serves these arguments (kind: kind_of(a)) on this device (its shared memory at the
-// default 4 stages: up to 139 KB for INT8 at 64 tokens, more than sm_89 gives a block; W8A8 112 KB). Input rows
-// 16-byte aligned (8 BF16 values or 16 codes).
+// default 4 stages: up to 139 KB for INT8 at 64 tokens, more than sm_89 gives a block). Input rows 16-byte
+// aligned (8 BF16 values).
 bool tiled_ok(const GemvArgs& a, int kind) {
   if (!tiled_kind(kind)) return false;
-  if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % (tiled_w8a8(kind) ? 16 : 8)) return false;
+  if (a.K % 64 || a.norm_counter || reinterpret_cast<uintptr_t>(a.x) % 16 || a.ldx % 8) return false;
   if (tiled_bytes(kind, tiled_nt(a.M)) > tiled_max_smem()) return false;
   if (kind != kI4) return true;
   return (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 && reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
@@ -1239,22 +1127,19 @@ bool tiled_ok(const GemvArgs& a, int kind) {
 // session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against the general kernel's 88); INT4
 // faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38 against 53 us), slower for qkv and o (6-25
 // M weights: the split-K pass and the per-stage barrier cost more than the activations' L2 reads save) and for
-// gate_up at 9-16. W8A8 codes: only with LLMQ_WGEMM_TILED_W8A8=1 (or LLMQ_WGEMM_TILED=1), which also sends them
-// to wgemm rather than cuBLASLt at 9-64 tokens (CudaEngine::path); not yet run on a GPU. Read at every call, so that
-// a test can set it.
+// gate_up at 9-16. Read at every call, so that a test can set it.
 bool tiled_default(const GemvArgs& a, int kind) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED");
   if (e && *e) return *e != '0';
-  if (tiled_w8a8(kind)) return env_flag("LLMQ_WGEMM_TILED_W8A8");
   return kind == kI8W || (a.M > 16 && a.N * a.K >= (int64_t(1) << 25));
 }
 
-template <int KIND, int NT, int G, int S, bool LEAN = false>
+template <int KIND, int NT, int G, int S>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   using Lay = TiledLayout<KIND, NT, S>;
   // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
   static const int slots = [] {
-    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S, LEAN>;
+    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S>;
     LLMQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1274,7 +1159,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
   if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
-  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, LEAN>, dim3(unsigned(tiles), unsigned(splits)),
+  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
   if (splits > 1)
     launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
@@ -1283,21 +1168,14 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 
 // The ring's depth: kTStages (4), or LLMQ_WGEMM_TILED_STAGES=3 (any tokens: at 64 tokens two CTAs an SM fit
 // instead of one) or =8 (up to 16 tokens: twice the weights in flight), where that ring fits the device's shared
-// memory (not for W8A8). An experiment, read at every call so that a test can set it; not measured yet.
-// LLMQ_WGEMM_TILED_LEAN=1 (at the default depth; read at every call): the instance whose copies come from a
-// per-thread plan made once. ncu of the other at 16 tokens (H200, gate_up, bench/results/2026-12-04-nvidia-h200-
-// session21.txt): 193 warp instructions for each 1,024 INT4 weights, of which ~100 are the dequantization and MMA
-// and most of the rest the copies' index arithmetic; issue-bound at ~3.3 warps a scheduler. Not yet run on a GPU.
+// memory. An experiment, read at every call so that a test can set it; not measured yet.
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
   const int want = e && *e ? std::atoi(e) : kTStages;
-  if (want == kTStages && env_flag("LLMQ_WGEMM_TILED_LEAN")) return launch_tiled_s<KIND, NT, G, kTStages, true>(a, s);
-  if constexpr (!tiled_w8a8(KIND)) {  // (W8A8: the default depth only, until either copy path is measured)
-    if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
-    if constexpr (NT <= 2)
-      if (want == 8 && tiled_bytes(KIND, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
-  }
+  if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
+  if constexpr (NT <= 2)
+    if (want == 8 && tiled_bytes(KIND, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
   return launch_tiled_s<KIND, NT, G, kTStages>(a, s);
 }
 
@@ -1313,8 +1191,6 @@ void launch_tiled_g(const GemvArgs& a, cudaStream_t s) {
 
 void launch_tiled(const GemvArgs& a, int kind, cudaStream_t s) {
   if (kind == kI8W) return launch_tiled_g<kI8W, 0>(a, s);
-  if (kind == kI8I8) return launch_tiled_g<kI8I8, 0>(a, s);
-  if (kind == kFp8Fp8) return launch_tiled_g<kFp8Fp8, 0>(a, s);
   return a.group == 64 ? launch_tiled_g<kI4, 64>(a, s) : launch_tiled_g<kI4, 128>(a, s);
 }
 
@@ -1438,23 +1314,11 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   return true;
 }
 
-// The fewest tokens for which tiled_default is asked (default 9: up to 8 the one-token INT4 kernel, the general
-// kernel or the GEMV serve). LLMQ_WGEMM_TILED_MIN_T=N (1-64; an experiment, read at every call): from N tokens, e.g.
-// with LLMQ_WGEMM_TILED=1 to compare the tiled kernel at batch 1 (W8A8 and INT8 rows there also need
-// LLMQ_GEMV_PREFER_T=0, or the GEMV keeps them).
-static int tiled_min_t() {
-  const char* e = std::getenv("LLMQ_WGEMM_TILED_MIN_T");
-  return e && *e ? std::clamp(std::atoi(e), 1, kWgemmMaxT) : 9;
-}
-
-// Whether wgemm() takes the tiled kernel for these (supported) arguments.
+// Whether wgemm() takes the tiled kernel for these (supported) arguments: from 9 tokens (up to 8 the one-token
+// INT4 kernel, the general kernel or the GEMV serve: at 1 token the tiled kernel took 1.6x the one-token INT4 kernel's
+// time on gate_up, and fp8 through it 1.42x the decode step's; H200, bench/results/2026-12-05-nvidia-h200-session23.txt).
 static bool takes_tiled(const GemvArgs& a, int kind) {
-  return tiled_kind(kind) && (a.tiled == 1 || (a.tiled == 0 && a.M >= tiled_min_t() && tiled_default(a, kind) && tiled_ok(a, kind)));
-}
-
-bool wgemm_tiled_w8a8(const GemvArgs& a, int sm) {
-  const int kind = kind_of(a);
-  return tiled_w8a8(kind) && wgemm_supports(a, sm) && takes_tiled(a, kind);
+  return tiled_kind(kind) && (a.tiled == 1 || (a.tiled == 0 && a.M > 8 && tiled_default(a, kind) && tiled_ok(a, kind)));
 }
 
 void wgemm(const GemvArgs& a, cudaStream_t s) {

@@ -18,8 +18,7 @@
 // 4096-row matrix keeps thousands of 16-byte loads in flight. Bias, residual add and the SwiGLU and RMSNorm
 // epilogues (GemvArgs::swiglu_out, norm_counter) are fused as in gemv().
 // INT4 and INT8 weight-only at 9-64 tokens can instead take the tiled kernel (GemvArgs::tiled; by default
-// INT8 always, INT4 on large matrices past 16 tokens, W8A8 codes only when asked, see tiled_default in
-// wgemm.cu): 128 rows a CTA whose
+// INT8 always, INT4 on large matrices past 16 tokens, see tiled_default in wgemm.cu): 128 rows a CTA whose
 // warps share the activations through shared memory, K split over CTAs into a workspace where rows are few
 // (wgemm.cu says why: the kernels above re-read activations from the L2).
 #pragma once
@@ -43,10 +42,6 @@ inline bool wgemm_int4_shape(int64_t K, int64_t group) {
   return K % 16 == 0 && (group == 32 || group == 64 || group == 128) && K % group == 0;
 }
 void wgemm(const GemvArgs& a, cudaStream_t stream);
-// Whether wgemm() runs these W8A8 arguments (INT8 or FP8 codes in) through the tiled kernel: GemvArgs::tiled = 1,
-// or past 8 tokens (LLMQ_WGEMM_TILED_MIN_T) with LLMQ_WGEMM_TILED_W8A8=1 (opt-in: not yet run on a GPU) where the
-// kernel serves them. CudaEngine::path sends W8A8 matmuls to wgemm instead of cuBLASLt where this holds.
-bool wgemm_tiled_w8a8(const GemvArgs& a, int sm);
 
 // INT4 weights in the int4_mma layout to dequantized BF16 row-major [N, K] (the cuBLAS path for large batches).
 void int4_mma_to_bf16(const void* packed, const float* scale, const uint8_t* zero, int64_t group, int64_t N, int64_t K,
