@@ -1122,16 +1122,18 @@ bool tiled_ok(const GemvArgs& a, int kind) {
 }
 
 // Whether a weight-only matmul of 9..64 tokens (a.tiled == 0) takes the tiled kernel. LLMQ_WGEMM_TILED=0:
-// never; =1: wherever it serves; unset: INT8 rows always, INT4 past 16 tokens on matrices of 2^25 weights or
+// never; =1: wherever it serves; unset: INT8 rows always, INT4 from 16 tokens on matrices of 2^25 weights or
 // more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens (bench/results/2026-12-02-nvidia-h200-
 // session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against the general kernel's 88); INT4
 // faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38 against 53 us), slower for qkv and o (6-25
 // M weights: the split-K pass and the per-stage barrier cost more than the activations' L2 reads save) and for
-// gate_up at 9-16. Read at every call, so that a test can set it.
+// gate_up at 9-16. With the copy plan (session 23, bench/results/2026-12-05-nvidia-h200-session23.txt) INT4 at 16
+// tokens is faster for gate_up too (45.7 against the INT4 kernel's 48.8 us; down 26.4 against 31.6); 9-15 tokens
+// not measured, so they stay on the INT4 kernel. Read at every call, so that a test can set it.
 bool tiled_default(const GemvArgs& a, int kind) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED");
   if (e && *e) return *e != '0';
-  return kind == kI8W || (a.M > 16 && a.N * a.K >= (int64_t(1) << 25));
+  return kind == kI8W || (a.M >= 16 && a.N * a.K >= (int64_t(1) << 25));
 }
 
 template <int KIND, int NT, int G, int S>

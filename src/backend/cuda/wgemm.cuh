@@ -18,7 +18,7 @@
 // 4096-row matrix keeps thousands of 16-byte loads in flight. Bias, residual add and the SwiGLU and RMSNorm
 // epilogues (GemvArgs::swiglu_out, norm_counter) are fused as in gemv().
 // INT4 and INT8 weight-only at 9-64 tokens can instead take the tiled kernel (GemvArgs::tiled; by default
-// INT8 always, INT4 on large matrices past 16 tokens, see tiled_default in wgemm.cu): 128 rows a CTA whose
+// INT8 always, INT4 on large matrices from 16 tokens, see tiled_default in wgemm.cu): 128 rows a CTA whose
 // warps share the activations through shared memory, K split over CTAs into a workspace where rows are few
 // (wgemm.cu says why: the kernels above re-read activations from the L2).
 #pragma once
