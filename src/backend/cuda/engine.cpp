@@ -724,10 +724,10 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   a.y = y;
   a.ldy = ldy;
   a.accumulate = accumulate;
-  // The tiled kernel's split-K partial sums (wgemm.cu, tiled_default; every weight format but BF16): gemm_out_, which
+  // The tiled kernel's split-K partial sums (wgemm.cu, tiled_default; weight-only formats): gemm_out_, which
   // otherwise only the cuBLAS and cuBLASLt paths use (their raw accumulators are read by the next row kernel, before
   // any other matmul).
-  if (l.wf != WFmt::BF16)
+  if (l.wf != WFmt::BF16 && l.act == ActKind::None)
     a.tiled_ws = static_cast<float*>(gemm_out_.p), a.tiled_ws_floats = t_cap_ * max_gemm_n_;
   return a;
 }
