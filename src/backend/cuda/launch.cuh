@@ -29,8 +29,12 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
   cfg.attrs = &attr;
   cfg.numAttrs = pdl_enabled() ? 1 : 0;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
-  if (e != cudaSuccess)
+  if (e != cudaSuccess) {
+    // Clear the error this launch left behind, or the next launch's check_launch reports it under its own name
+    // (seen: a refused gemv launch failed the next test's wgemm_kernel).
+    cudaGetLastError();
     throw Error(std::string("CUDA kernel ") + name + " failed to launch: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+  }
   check_launch(name, s);
 }
 
