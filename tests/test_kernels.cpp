@@ -91,6 +91,56 @@ TEST(Kernels, GemmMatchesReferenceAtAwkwardShapes) {
   EXPECT_GT(cases, 0);
 }
 
+// The prefill path (kGemmPackMinM rows of x and more: weights widened into FP32 panels): rows past the register
+// tile, K across packed blocks (256) and not a multiple of the vector width, N cut inside a panel (16 or 32 rows)
+// and past a packed block (12 panels), strided rows, bias on and off, every weight type.
+TEST(Kernels, PackedGemmMatchesReferenceAtAwkwardShapes) {
+  if (simd_isas().empty()) GTEST_SKIP() << "no SIMD instruction set on this processor";
+  IsaGuard guard;
+  std::mt19937 rng(43);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  int cases = 0;
+  for (Isa isa : simd_isas())
+    for (DType wt : {DType::F32, DType::F16, DType::BF16, DType::I8, DType::F8E4M3})
+      for (int64_t M : {kGemmPackMinM, kGemmPackMinM + 1, int64_t(41)})
+        for (int64_t K : {1, 9, 256, 300, 520})
+          for (int64_t N : {1, 15, 17, 33, 200, 420}) {
+            if (M > kGemmPackMinM + 1 && N > 33 && K > 256) continue;  // keep the sweep short
+            const int64_t ldx = K + 3, ldw = K + 1, ldy = N + 2;
+            std::vector<float> x(static_cast<size_t>(M * ldx)), wv, bias(static_cast<size_t>(N));
+            for (auto& v : x) v = nd(rng);
+            for (auto& v : bias) v = nd(rng);
+            auto w = make_weights(wt, size_t(N * ldw), rng, wv);
+            const float* b = (N + K) % 2 ? bias.data() : nullptr;
+            std::vector<float> ref(static_cast<size_t>(M * ldy), NAN), got(static_cast<size_t>(M * ldy), NAN);
+            gemm_ref(x.data(), ldx, M, K, w.data(), wt, ldw, 0, N, ref.data(), ldy, b);
+            set_isa(isa);
+            gemm_single(x.data(), ldx, M, K, w.data(), wt, ldw, N, got.data(), ldy);  // no bias: single-threaded
+            std::vector<float> got_b(static_cast<size_t>(M * ldy), NAN);
+            matmul(x.data(), ldx, M, K, w.data(), wt, ldw, N, got_b.data(), ldy, b);  // threaded, with bias
+            set_isa(Isa::Scalar);
+            for (int64_t m = 0; m < M; ++m) {
+              for (int64_t n = 0; n < N; ++n) {
+                double mag = std::abs(b ? b[n] : 0.f), dot = 0;
+                for (int64_t k = 0; k < K; ++k) {
+                  const double p = double(x[size_t(m * ldx + k)]) * wv[size_t(n * ldw + k)];
+                  mag += std::abs(p), dot += p;
+                }
+                const double tol = double(K + 2) * 0x1p-23 * mag + 1e-30;
+                const std::string at = std::string(isa_name(isa)) + " " + dtype_name(wt) + " M" + std::to_string(M) +
+                                       " K" + std::to_string(K) + " N" + std::to_string(N) + " at " + std::to_string(m) +
+                                       "," + std::to_string(n);
+                ASSERT_LE(std::abs(got[size_t(m * ldy + n)] - dot), tol) << at << " (no bias)";
+                ASSERT_LE(std::abs(got_b[size_t(m * ldy + n)] - ref[size_t(m * ldy + n)]), tol) << at;
+              }
+              for (int64_t n = N; n < ldy; ++n)
+                ASSERT_TRUE(std::isnan(got[size_t(m * ldy + n)]) && std::isnan(got_b[size_t(m * ldy + n)])) << "wrote past N";
+            }
+            ++cases;
+          }
+  EXPECT_GT(cases, 100);
+}
+
 TEST(Kernels, LargeThreadedMatmulMatchesReference) {
   IsaGuard guard;
   std::mt19937 rng(7);
@@ -105,6 +155,35 @@ TEST(Kernels, LargeThreadedMatmulMatchesReference) {
     matmul(x.data(), K, M, K, w.data(), DType::BF16, K, N, got.data(), N, nullptr);
     for (size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], 1e-3) << "M" << M << " K" << K << " N" << N << " i" << i;
   }
+}
+
+// Attention's weighted sum of V rows: the same FMA chain per output as the reference, so equal to the bit; R past
+// the 4-row pass, D past and not a multiple of the 2-vector columns, strided rows, poisoned output padding.
+TEST(Kernels, WeightedSumEqualsReference) {
+  if (simd_isas().empty()) GTEST_SKIP() << "no SIMD instruction set on this processor";
+  IsaGuard guard;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (Isa isa : simd_isas())
+    for (int64_t R : {1, 2, 3, 5, 8})
+      for (int64_t n : {1, 7, 130})
+        for (int64_t D : {1, 15, 16, 17, 33, 128, 130}) {
+          const int64_t ldp = n + 1, ldv = D + 3, ldo = D + 2;
+          std::vector<float> p(static_cast<size_t>(R * ldp)), v(static_cast<size_t>(n * ldv));
+          for (auto& x : p) x = nd(rng);
+          for (auto& x : v) x = nd(rng);
+          std::vector<float> ref(static_cast<size_t>(R * ldo), NAN), got(ref);
+          wsum_ref(p.data(), ldp, R, n, v.data(), ldv, D, ref.data(), ldo);
+          set_isa(isa);
+          wsum(p.data(), ldp, R, n, v.data(), ldv, D, got.data(), ldo);
+          set_isa(Isa::Scalar);
+          for (int64_t r = 0; r < R; ++r) {
+            for (int64_t d = 0; d < D; ++d)
+              ASSERT_EQ(got[size_t(r * ldo + d)], ref[size_t(r * ldo + d)])
+                  << isa_name(isa) << " R" << R << " n" << n << " D" << D << " at " << r << "," << d;
+            for (int64_t d = D; d < ldo; ++d) ASSERT_TRUE(std::isnan(got[size_t(r * ldo + d)])) << "wrote past D";
+          }
+        }
 }
 
 TEST(Kernels, DotAndAxpyMatchReference) {

@@ -327,7 +327,7 @@ void Model::forward_layer(int64_t l, const std::vector<BatchToken>& batch, KVCac
   if (hooks) hooks->kv(l, k.data(), v.data(), T);
   // Attention: each (token, kv head) pair handles the `group` query heads that share that kv head, so each
   // cached K/V row is read once per group. Scores for all positions come from the matmul kernel (q rows
-  // against K rows at the cache's stride); the weighted sum of V rows is a sequence of axpys.
+  // against K rows at the cache's stride); the weighted sum of V rows comes from cpu::wsum.
 #pragma omp parallel
   {
     std::vector<float> sc(static_cast<size_t>(group * (max_pos + 1)));  // [group][positions]
@@ -349,11 +349,7 @@ void Model::forward_layer(int64_t l, const std::vector<BatchToken>& batch, KVCac
         for (int64_t j = 0; j < n; ++j) s_h[j] *= inv;
       }
       float* out = &att[size_t(t * qd + g_kv * group * hd)];  // [group, hd]
-      std::fill_n(out, group * hd, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* vr = cache.v_at(l, b.seq, lo + j) + g_kv * hd;
-        for (int64_t hh = 0; hh < group; ++hh) cpu::axpy(sc[size_t(hh * n + j)], vr, out + hh * hd, hd);
-      }
+      cpu::wsum(sc.data(), n, group, n, cache.v_at(l, b.seq, lo) + g_kv * hd, kvd, hd, out, hd);
     }
   }
   if (hooks) hooks->linear_input(l, Site::AttnOut, att.data(), T, qd);

@@ -137,6 +137,15 @@ void gemm_single(const float* x, int64_t ldx, int64_t M, int64_t K, const void* 
   gemm_fn()(x, ldx, M, K, w, wt, ldw, 0, N, y, ldy, nullptr);
 }
 
+void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
+          int64_t ldo) {
+  switch (active_isa()) {
+    case Isa::AVX512: avx512::wsum(p, ldp, R, n, v, ldv, D, out, ldo); break;
+    case Isa::AVX2: avx2::wsum(p, ldp, R, n, v, ldv, D, out, ldo); break;
+    default: wsum_ref(p, ldp, R, n, v, ldv, D, out, ldo);
+  }
+}
+
 float dot(const float* a, const float* b, int64_t n) {
   switch (active_isa()) {
     case Isa::AVX512: return avx512::dot(a, b, n);

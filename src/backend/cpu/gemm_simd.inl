@@ -6,6 +6,9 @@
 // horizontally. Both operands are K-contiguous, so weights are read in their checkpoint layout (no repacking)
 // and decode (M = 1) streams each weight row exactly once.
 
+#include <cmath>
+#include <vector>
+
 namespace llmq::cpu::LLMQ_ISA_NS {
 namespace {
 
@@ -61,9 +64,109 @@ inline void row_block(const float* x, int64_t ldx, int64_t K, const void* w, int
   for (; n < n1; ++n) tile<MR_, 1, WT>(x, ldx, K, w, ldw, n, y, ldy, bias);
 }
 
+// ---- Many rows of x (prefill): weights widened once into FP32 panels ----
+// The tile above widens every weight vector again for each MR rows of x and ends with horizontal sums: fine for
+// decode, where each weight is used once, but at prefill it ran at ~1/3 of the FMA peak (BF16 weights, 2 Zen 3
+// cores). Here a block of up to NCP weight rows by KCP values of k is widened once into panels of NP = 2W rows
+// stored k-major ([k][NP]); MP rows of x then multiply each panel with broadcasts, MP x 2 vector accumulators
+// (one FMA per weight vector and x row, no horizontal sum: each output lane is one sequential FMA chain over k,
+// as in gemm_ref).
+constexpr int NP = 2 * V::W;       // weight rows per panel
+constexpr int MP = 6;              // x rows per register tile: 12 accumulators + 2 weight vectors + 1 broadcast
+constexpr int64_t KCP = 256;       // k per packed block
+constexpr int64_t NCP = 12 * NP;   // weight rows per packed block (AVX2: 192 x 256 floats = 192 KB, in L2)
+
+template <DType WT>
+inline float widen1(const void* w, int64_t i) {
+  if constexpr (WT == DType::F32) return static_cast<const float*>(w)[i];
+  else if constexpr (WT == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
+  else return load_as_f32(w, WT, size_t(i));
+}
+
+// Panels of rows [nb, nb + panels * NP) (rows from n1 on as zeros), k in [k0, k0 + kc): dst[p][k][j].
+template <DType WT>
+void pack_panels(const void* w, int64_t ldw, int64_t nb, int64_t n1, int64_t k0, int64_t kc, int64_t panels, float* dst) {
+  for (int64_t p = 0; p < panels; ++p)
+    for (int j = 0; j < NP; ++j) {
+      const int64_t row = nb + p * NP + j;
+      float* d = dst + p * kc * NP + j;
+      if (row < n1) {
+        const int64_t off = row * ldw + k0;
+        for (int64_t k = 0; k < kc; ++k) d[k * NP] = widen1<WT>(w, off + k);
+      } else {
+        for (int64_t k = 0; k < kc; ++k) d[k * NP] = 0.f;
+      }
+    }
+}
+
+// y[r, 0..nv) for r < R from one panel over kc values of k: y = acc (+ bias), or y += acc with `add`.
+template <int R>
+inline void panel_tile(const float* x, int64_t ldx, const float* p, int64_t kc, float* y, int64_t ldy, int nv, bool add,
+                       const float* bias) {
+  typename V::T acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V::zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    const typename V::T w0 = V::load(p + k * NP), w1 = V::load(p + k * NP + V::W);
+    for (int r = 0; r < R; ++r) {
+      const typename V::T xv = V::set1(x[r * ldx + k]);
+      acc[r][0] = V::fma(xv, w0, acc[r][0]);
+      acc[r][1] = V::fma(xv, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) {
+      float* yr = y + r * ldy + h * V::W;
+      const int cnt = std::clamp(nv - h * V::W, 0, V::W);
+      if (cnt == V::W) {
+        typename V::T v = acc[r][h];
+        if (add) v = V::add(v, V::load(yr));
+        else if (bias) v = V::add(v, V::load(bias + h * V::W));
+        V::store(yr, v);
+      } else if (cnt > 0) {
+        alignas(64) float t[V::W];
+        V::store(t, acc[r][h]);
+        for (int j = 0; j < cnt; ++j) yr[j] = (add ? yr[j] : bias ? bias[h * V::W + j] : 0.f) + t[j];
+      }
+    }
+}
+
+template <DType WT>
+void gemm_packed(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, int64_t ldw, int64_t n0, int64_t n1,
+                 float* y, int64_t ldy, const float* bias) {
+  thread_local std::vector<float> buf;
+  buf.resize(size_t(NCP * KCP));
+  for (int64_t nb = n0; nb < n1; nb += NCP) {
+    const int64_t panels = (std::min(NCP, n1 - nb) + NP - 1) / NP;
+    for (int64_t k0 = 0; k0 < K; k0 += KCP) {
+      const int64_t kc = std::min(KCP, K - k0);
+      pack_panels<WT>(w, ldw, nb, n1, k0, kc, panels, buf.data());
+      const bool add = k0 > 0;
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t n = nb + p * NP;
+        const int nv = int(std::min<int64_t>(NP, n1 - n));
+        const float* pp = buf.data() + p * kc * NP;
+        const float* b = add || !bias ? nullptr : bias + n;
+        int64_t m = 0;
+        for (; m + MP <= M; m += MP) panel_tile<MP>(x + m * ldx + k0, ldx, pp, kc, y + m * ldy + n, ldy, nv, add, b);
+        const float* xm = x + m * ldx + k0;
+        float* ym = y + m * ldy + n;
+        switch (M - m) {
+          case 1: panel_tile<1>(xm, ldx, pp, kc, ym, ldy, nv, add, b); break;
+          case 2: panel_tile<2>(xm, ldx, pp, kc, ym, ldy, nv, add, b); break;
+          case 3: panel_tile<3>(xm, ldx, pp, kc, ym, ldy, nv, add, b); break;
+          case 4: panel_tile<4>(xm, ldx, pp, kc, ym, ldy, nv, add, b); break;
+          case 5: panel_tile<5>(xm, ldx, pp, kc, ym, ldy, nv, add, b); break;
+          default: break;
+        }
+      }
+    }
+  }
+}
+
 template <DType WT>
 void gemm_t(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, int64_t ldw, int64_t n0, int64_t n1,
             float* y, int64_t ldy, const float* bias) {
+  if (M >= kGemmPackMinM && K > 0) return gemm_packed<WT>(x, ldx, M, K, w, ldw, n0, n1, y, ldy, bias);
   // Block N so that a chunk of weight rows (NC x K) stays in L2 while every tile of x passes over it.
   const int64_t row_bytes = K * int64_t(dtype_size(WT));
   const int64_t NC = std::max<int64_t>(4, ((256 * 1024) / std::max<int64_t>(row_bytes, 1)) / 4 * 4);
@@ -120,6 +223,37 @@ void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w
       }
     }
   }
+}
+
+void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
+          int64_t ldo) {
+  constexpr int RB = 4;  // rows of p a pass: RB x 2 vector sums, 2 loads of v and RB broadcasts per j
+  int64_t d = 0;
+  for (; d + 2 * V::W <= D; d += 2 * V::W)
+    for (int64_t r0 = 0; r0 < R; r0 += RB) {
+      const int rb = int(std::min<int64_t>(RB, R - r0));
+      typename V::T acc[RB][2];
+      for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = V::zero();
+      for (int64_t j = 0; j < n; ++j) {
+        const typename V::T v0 = V::load(v + j * ldv + d), v1 = V::load(v + j * ldv + d + V::W);
+        for (int r = 0; r < RB; ++r)
+          if (r < rb) {
+            const typename V::T b = V::set1(p[(r0 + r) * ldp + j]);
+            acc[r][0] = V::fma(b, v0, acc[r][0]);
+            acc[r][1] = V::fma(b, v1, acc[r][1]);
+          }
+      }
+      for (int r = 0; r < rb; ++r) {
+        V::store(out + (r0 + r) * ldo + d, acc[r][0]);
+        V::store(out + (r0 + r) * ldo + d + V::W, acc[r][1]);
+      }
+    }
+  for (; d < D; ++d)  // a D that is not a multiple of 2W: the last columns one at a time
+    for (int64_t r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < n; ++j) acc = std::fma(p[r * ldp + j], v[j * ldv + d], acc);
+      out[r * ldo + d] = acc;
+    }
 }
 
 float dot(const float* a, const float* b, int64_t n) {

@@ -18,7 +18,9 @@ void set_isa(Isa isa);   // for tests and benchmarks; throws llmq::Error if the 
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for m < M, n < N.
 //   x: [M, K] floats, row stride ldx;  w: [N, K] of type wt (F32, F16, BF16, I8 or F8E4M3), row stride ldw;
 //   y: [M, N] floats, row stride ldy;  bias: [N] floats or null.
-// Multi-threaded (OpenMP) over N, and over M when N is small.
+// Multi-threaded (OpenMP) over N, and over M when N is small. From kGemmPackMinM rows of x on, the SIMD versions
+// widen blocks of w once into FP32 panels (prefill); below, they stream each weight row once (decode).
+constexpr int64_t kGemmPackMinM = 16;
 void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t N,
             float* y, int64_t ldy, const float* bias);
 
@@ -50,6 +52,14 @@ void matmul_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t*
 void gemm_i8_ref(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0,
                  int64_t n1, int32_t* y, int64_t ldy);
 
+// out[r, d] = sum_{j < n} p[r, j] * v[j, d] for r < R, d < D (out overwritten): attention's weighted sum of V
+// rows. p: [R, n] (row stride ldp), v: [n, D] (row stride ldv), out: [R, D] (row stride ldo). Each output is
+// one FMA chain in j order, as a sequence of axpys would compute it, with the sums kept in registers.
+void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
+          int64_t ldo);
+void wsum_ref(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
+              int64_t ldo);
+
 // sum_i a[i] * b[i]
 float dot(const float* a, const float* b, int64_t n);
 float dot_ref(const float* a, const float* b, int64_t n);
@@ -62,6 +72,8 @@ double measure_peak_gflops();
 double measure_peak_read_gbps();
 
 namespace avx2 {
+void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
+          int64_t ldo);
 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
           int64_t n1, float* y, int64_t ldy, const float* bias);
 float dot(const float* a, const float* b, int64_t n);
@@ -72,6 +84,8 @@ void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w
              int32_t* y, int64_t ldy);
 }  // namespace avx2
 namespace avx512 {
+void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
+          int64_t ldo);
 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
           int64_t n1, float* y, int64_t ldy, const float* bias);
 float dot(const float* a, const float* b, int64_t n);

@@ -1,6 +1,8 @@
 // Scalar references: the definition every SIMD path is tested against.
 #include "backend/cpu/kernels.hpp"
 
+#include <cmath>
+
 namespace llmq::cpu {
 
 void gemm_ref(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
@@ -21,6 +23,16 @@ void gemm_i8_ref(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_
       int32_t acc = 0;
       for (int64_t k = 0; k < K; ++k) acc += int32_t(x[m * ldx + k]) * int32_t(w[n * ldw + k]);
       y[m * ldy + n] = acc;
+    }
+}
+
+void wsum_ref(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
+              int64_t ldo) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < n; ++j) acc = std::fma(p[r * ldp + j], v[j * ldv + d], acc);
+      out[r * ldo + d] = acc;
     }
 }
 
