@@ -18,15 +18,6 @@ const char* dtype_name(DType t) {
   return "?";
 }
 
-size_t dtype_size(DType t) {
-  switch (t) {
-    case DType::F32: return 4;
-    case DType::F16:
-    case DType::BF16: return 2;
-    default: return 1;
-  }
-}
-
 float fp8_e4m3_to_f32(uint8_t b) { return quant::fp8_to_f32(b); }
 
 uint16_t f32_to_f16(float f) {

@@ -21,7 +21,15 @@ class Error : public std::runtime_error {
 enum class DType : uint8_t { F32, F16, BF16, I8, U8, F8E4M3 };
 
 const char* dtype_name(DType t);
-size_t dtype_size(DType t);
+// Bytes per value (constexpr: the CPU kernels' inner loops use it).
+constexpr size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::F16:
+    case DType::BF16: return 2;
+    default: return 1;
+  }
+}
 
 // BF16 -> F32 is exact (the upper 16 bits of an IEEE single).
 inline float bf16_to_f32(uint16_t h) {
