@@ -186,7 +186,7 @@ TEST(Kernels, WeightedSumEqualsReference) {
         }
 }
 
-TEST(Kernels, DotAndAxpyMatchReference) {
+TEST(Kernels, DotMatchesReference) {
   IsaGuard guard;
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.f, 1.f);
@@ -199,12 +199,8 @@ TEST(Kernels, DotAndAxpyMatchReference) {
       for (int64_t i = 0; i < n; ++i) mag += std::abs(double(a[size_t(i)]) * b[size_t(i)]);
       set_isa(isa);
       const float d = dot(a.data(), b.data(), n);
-      std::vector<float> y = b, y_ref = b;
-      axpy(0.37f, a.data(), y.data(), n);
       set_isa(Isa::Scalar);
       EXPECT_LE(std::abs(d - dot_ref(a.data(), b.data(), n)), double(n) * 0x1p-23 * mag) << isa_name(isa) << " n" << n;
-      axpy_ref(0.37f, a.data(), y_ref.data(), n);
-      for (int64_t i = 0; i < n; ++i) EXPECT_NEAR(y[size_t(i)], y_ref[size_t(i)], 1e-6f * (1 + std::abs(y_ref[size_t(i)])));
     }
   }
 }

@@ -154,13 +154,6 @@ float dot(const float* a, const float* b, int64_t n) {
   }
 }
 
-void axpy(float alpha, const float* x, float* y, int64_t n) {
-  switch (active_isa()) {
-    case Isa::AVX512: avx512::axpy(alpha, x, y, n); break;
-    case Isa::AVX2: avx2::axpy(alpha, x, y, n); break;
-    default: axpy_ref(alpha, x, y, n);
-  }
-}
 
 }  // namespace llmq::cpu
 

@@ -6,7 +6,6 @@
 // horizontally. Both operands are K-contiguous, so weights are read in their checkpoint layout (no repacking)
 // and decode (M = 1) streams each weight row exactly once.
 
-#include <cmath>
 #include <vector>
 
 namespace llmq::cpu::LLMQ_ISA_NS {
@@ -76,13 +75,6 @@ constexpr int MP = 6;              // x rows per register tile: 12 accumulators 
 constexpr int64_t KCP = 256;       // k per packed block
 constexpr int64_t NCP = 12 * NP;   // weight rows per packed block (AVX2: 192 x 256 floats = 192 KB, in L2)
 
-template <DType WT>
-inline float widen1(const void* w, int64_t i) {
-  if constexpr (WT == DType::F32) return static_cast<const float*>(w)[i];
-  else if constexpr (WT == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
-  else return load_as_f32(w, WT, size_t(i));
-}
-
 // Panels of rows [nb, nb + panels * NP) (rows from n1 on as zeros), k in [k0, k0 + kc): dst[p][k][j].
 template <DType WT>
 void pack_panels(const void* w, int64_t ldw, int64_t nb, int64_t n1, int64_t k0, int64_t kc, int64_t panels, float* dst) {
@@ -92,7 +84,7 @@ void pack_panels(const void* w, int64_t ldw, int64_t nb, int64_t n1, int64_t k0,
       float* d = dst + p * kc * NP + j;
       if (row < n1) {
         const int64_t off = row * ldw + k0;
-        for (int64_t k = 0; k < kc; ++k) d[k * NP] = widen1<WT>(w, off + k);
+        for (int64_t k = 0; k < kc; ++k) d[k * NP] = load_as_f32(w, WT, size_t(off + k));
       } else {
         for (int64_t k = 0; k < kc; ++k) d[k * NP] = 0.f;
       }
@@ -248,12 +240,7 @@ void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int
         V::store(out + (r0 + r) * ldo + d + V::W, acc[r][1]);
       }
     }
-  for (; d < D; ++d)  // a D that is not a multiple of 2W: the last columns one at a time
-    for (int64_t r = 0; r < R; ++r) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < n; ++j) acc = std::fma(p[r * ldp + j], v[j * ldv + d], acc);
-      out[r * ldo + d] = acc;
-    }
+  if (d < D) wsum_ref(p, ldp, R, n, v + d, ldv, D - d, out + d, ldo);  // the columns past the last 2W
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -268,12 +255,6 @@ float dot(const float* a, const float* b, int64_t n) {
   return V::reduce(V::add(acc0, acc1));
 }
 
-void axpy(float alpha, const float* x, float* y, int64_t n) {
-  const typename V::T av = V::set1(alpha);
-  int64_t i = 0;
-  for (; i + V::W <= n; i += V::W) V::store(y + i, V::fma(av, V::load(x + i), V::load(y + i)));
-  for (; i < n; ++i) y[i] += alpha * x[i];
-}
 
 }  // namespace llmq::cpu::LLMQ_ISA_NS
 

@@ -54,7 +54,7 @@ void gemm_i8_ref(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_
 
 // out[r, d] = sum_{j < n} p[r, j] * v[j, d] for r < R, d < D (out overwritten): attention's weighted sum of V
 // rows. p: [R, n] (row stride ldp), v: [n, D] (row stride ldv), out: [R, D] (row stride ldo). Each output is
-// one FMA chain in j order, as a sequence of axpys would compute it, with the sums kept in registers.
+// one FMA chain in j order (y += p * v, one rounding a step), with the sums kept in registers.
 void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
           int64_t ldo);
 void wsum_ref(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
@@ -63,9 +63,6 @@ void wsum_ref(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v,
 // sum_i a[i] * b[i]
 float dot(const float* a, const float* b, int64_t n);
 float dot_ref(const float* a, const float* b, int64_t n);
-// y[i] += alpha * x[i]
-void axpy(float alpha, const float* x, float* y, int64_t n);
-void axpy_ref(float alpha, const float* x, float* y, int64_t n);
 
 // Measured peak of this machine: FP32 FMA GFLOP/s over all threads, and read bandwidth in GB/s.
 double measure_peak_gflops();
@@ -77,7 +74,6 @@ void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int
 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
           int64_t n1, float* y, int64_t ldy, const float* bias);
 float dot(const float* a, const float* b, int64_t n);
-void axpy(float alpha, const float* x, float* y, int64_t n);
 float fma_loop(int64_t iters);  // 10 * iters vector FMAs
 int fma_loop_lanes();
 void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0, int64_t n1,
@@ -89,7 +85,6 @@ void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int
 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
           int64_t n1, float* y, int64_t ldy, const float* bias);
 float dot(const float* a, const float* b, int64_t n);
-void axpy(float alpha, const float* x, float* y, int64_t n);
 float fma_loop(int64_t iters);  // 10 * iters vector FMAs
 int fma_loop_lanes();
 void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0, int64_t n1,

@@ -42,8 +42,5 @@ float dot_ref(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-void axpy_ref(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
 
 }  // namespace llmq::cpu
