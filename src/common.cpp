@@ -2,8 +2,6 @@
 
 #include <omp.h>
 
-#include "quant/formats/formats.hpp"
-
 namespace llmq {
 
 const char* dtype_name(DType t) {
@@ -17,8 +15,6 @@ const char* dtype_name(DType t) {
   }
   return "?";
 }
-
-float fp8_e4m3_to_f32(uint8_t b) { return quant::fp8_to_f32(b); }
 
 uint16_t f32_to_f16(float f) {
   uint32_t u;

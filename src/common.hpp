@@ -1,8 +1,10 @@
 // Shared basics: the error type, element types and their scalar conversions.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -78,7 +80,25 @@ inline float f16_to_f32(uint16_t h) {
 // F32 -> IEEE binary16, round to nearest even, overflow to infinity.
 uint16_t f32_to_f16(float f);
 
-float fp8_e4m3_to_f32(uint8_t b);
+// The 256 FP8 E4M3FN values by code (0x7F and 0xFF are NaN), built at compile time from the format's definition
+// (quant/formats/formats.hpp keeps the scalar reference; a test checks every code against it).
+constexpr std::array<float, 256> make_fp8_e4m3_table() {
+  std::array<float, 256> t{};
+  for (int b = 0; b < 256; ++b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    float mag = std::numeric_limits<float>::quiet_NaN();
+    if (!(e == 15 && m == 7)) {
+      float p = 1.f;  // 2^(e - 10) for normals (with the implicit 8 in the mantissa), 2^-9 for subnormals
+      for (int x = e == 0 ? -9 : e - 10; x > 0; --x) p *= 2.f;
+      for (int x = e == 0 ? -9 : e - 10; x < 0; ++x) p *= 0.5f;
+      mag = float(e == 0 ? m : 8 + m) * p;
+    }
+    t[size_t(b)] = (b & 0x80) ? -mag : mag;
+  }
+  return t;
+}
+inline constexpr std::array<float, 256> kFp8E4M3Values = make_fp8_e4m3_table();
+inline float fp8_e4m3_to_f32(uint8_t b) { return kFp8E4M3Values[b]; }
 
 // Reads element i of a buffer of type t as float (I8/U8: the integer value).
 // A stateless 64-bit mix (splitmix64's output function of x + golden ratio): deterministic pseudo-random values

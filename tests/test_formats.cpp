@@ -108,6 +108,55 @@ TEST(Formats, Fp8E4M3HandCases) {
   }
 }
 
+// The compile-time table behind load_as_f32 against the reference decode, every code.
+TEST(Formats, Fp8E4M3TableMatchesReference) {
+  for (int b = 0; b < 256; ++b) {
+    const float ref = fp8_to_f32(uint8_t(b)), got = llmq::fp8_e4m3_to_f32(uint8_t(b));
+    if (std::isnan(ref)) {
+      EXPECT_TRUE(std::isnan(got)) << b;
+    } else {
+      uint32_t a, c;
+      std::memcpy(&a, &ref, 4);
+      std::memcpy(&c, &got, 4);
+      EXPECT_EQ(a, c) << b;  // bits, so -0 is told from +0
+    }
+  }
+}
+
+// fp8_round against the round trip through the code: every sign, exponent and 3-bit mantissa with the dropped
+// 20 bits at and around the tie, the subnormal grid's ties, out-of-range values, and random floats.
+TEST(Formats, Fp8RoundMatchesRoundTrip) {
+  auto same = [](float x) {
+    const float ref = fp8_to_f32(f32_to_fp8(x)), got = fp8_round(x);
+    if (std::isnan(ref)) return std::isnan(got);
+    uint32_t a, c;
+    std::memcpy(&a, &ref, 4);
+    std::memcpy(&c, &got, 4);
+    return a == c;
+  };
+  int checked = 0;
+  for (uint32_t hi = 0; hi < 4096; ++hi)
+    for (uint32_t lo : {0u, 1u, 0x7FFFFu, 0x80000u, 0x80001u, 0xFFFFFu}) {
+      const float x = bits((hi << 20) | lo);
+      ASSERT_TRUE(same(x)) << std::hexfloat << x;
+      ++checked;
+    }
+  for (int k = 0; k < 16; ++k)
+    for (float d : {-1e-3f, 0.f, 1e-3f}) {
+      const float x = (float(k) + 0.5f + d) * 0x1p-9f;
+      ASSERT_TRUE(same(x) && same(-x)) << std::hexfloat << x;
+    }
+  for (float x : {448.f, 449.f, 463.99f, 464.f, 464.01f, 480.f, 1e30f, INFINITY, NAN, 0.f, -0.f})
+    ASSERT_TRUE(same(x) && same(-x)) << x;
+  std::mt19937 rng(7);
+  for (int i = 0; i < 200000; ++i) {
+    const float x = bits(uint32_t(rng()));
+    ASSERT_TRUE(same(x)) << std::hexfloat << x;
+    ++checked;
+  }
+  EXPECT_GT(checked, 200000);
+}
+
 TEST(Formats, Int8AndInt4) {
   EXPECT_EQ(quant_int8(1.0f, 127.0f), 127);
   EXPECT_EQ(quant_int8(-2.0f, 127.0f), -127);  // clamps symmetric

@@ -3,6 +3,7 @@
 #include <random>
 
 #include "backend/cpu/kernels.hpp"
+#include "quant/formats/formats.hpp"
 #include "test_util.hpp"
 
 using namespace llmq;
@@ -155,6 +156,62 @@ TEST(Kernels, LargeThreadedMatmulMatchesReference) {
     matmul(x.data(), K, M, K, w.data(), DType::BF16, K, N, got.data(), N, nullptr);
     for (size_t i = 0; i < ref.size(); ++i) ASSERT_NEAR(got[i], ref[i], 1e-3) << "M" << M << " K" << K << " N" << N << " i" << i;
   }
+}
+
+// Fused INT4 group GEMM (decode tiles at M = 1, dequantized blocks into the FP32 GEMM above) against the scalar
+// reference and a double-precision product of the dequantized weights: group sizes the SIMD paths take (32, 128;
+// 16 and 48 only on AVX2, to which AVX-512 hands them) and one they leave to the reference (6), N past and inside
+// the 4-row tiles, M across the packing threshold, strided x and y, bias on and off, poisoned output padding;
+// threaded through matmul_q4 over N and over M.
+TEST(Kernels, Int4GroupGemmMatchesReference) {
+  IsaGuard guard;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<Isa> isas = simd_isas();
+  isas.push_back(Isa::Scalar);
+  int cases = 0;
+  struct Shape { int64_t K, group; };
+  for (Isa isa : isas)
+    for (Shape sh : {Shape{16, 16}, Shape{96, 32}, Shape{96, 48}, Shape{256, 128}, Shape{48, 6}, Shape{384, 128}})
+      for (int64_t M : {int64_t(1), int64_t(2), int64_t(5), kGemmPackMinM, int64_t(23)})
+        for (int64_t N : {1, 3, 4, 5, 9, 33, 130}) {
+          const int64_t K = sh.K, ng = K / sh.group, ldx = K + 3, ldy = N + 2;
+          std::vector<uint8_t> q(static_cast<size_t>(N * K / 2)), zero(static_cast<size_t>(N * ng));
+          std::vector<float> scale(static_cast<size_t>(N * ng)), x(static_cast<size_t>(M * ldx)), bias(static_cast<size_t>(N));
+          for (auto& b : q) b = uint8_t(rng());
+          for (auto& z : zero) z = uint8_t(rng() % 16);
+          for (auto& v : scale) v = std::ldexp(0.5f + float(rng() % 1000) / 1000.f, -int(rng() % 6));
+          for (auto& v : x) v = nd(rng);
+          for (auto& v : bias) v = nd(rng);
+          const Q4Matrix w{q.data(), scale.data(), zero.data(), K, sh.group};
+          const float* b = (N + M) % 2 ? bias.data() : nullptr;
+          std::vector<float> ref(static_cast<size_t>(M * ldy), NAN), got(static_cast<size_t>(M * ldy), NAN);
+          gemm_q4_ref(x.data(), ldx, M, w, 0, N, ref.data(), ldy, b);
+          set_isa(isa);
+          matmul_q4(x.data(), ldx, M, w, N, got.data(), ldy, b);
+          set_isa(Isa::Scalar);
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t n = 0; n < N; ++n) {
+              double mag = std::abs(b ? b[n] : 0.f), dot = b ? b[n] : 0.f;
+              for (int64_t k = 0; k < K; ++k) {
+                const size_t gi = size_t(n * ng + k / sh.group);
+                const float wk = quant::dequant_int4(quant::unpack_int4(q.data() + n * (K / 2), k),
+                                                     quant::Int4Params{scale[gi], zero[gi]});
+                const double p = double(x[size_t(m * ldx + k)]) * wk;
+                mag += std::abs(p), dot += p;
+              }
+              const double tol = double(K + 2) * 0x1p-23 * mag + 1e-30;
+              const std::string at = std::string(isa_name(isa)) + " K" + std::to_string(K) + " g" +
+                                     std::to_string(sh.group) + " M" + std::to_string(M) + " N" + std::to_string(N) +
+                                     " at " + std::to_string(m) + "," + std::to_string(n);
+              ASSERT_LE(std::abs(ref[size_t(m * ldy + n)] - dot), tol) << at << " (reference)";
+              ASSERT_LE(std::abs(got[size_t(m * ldy + n)] - dot), tol) << at;
+            }
+            for (int64_t n = N; n < ldy; ++n) ASSERT_TRUE(std::isnan(got[size_t(m * ldy + n)])) << "wrote past N";
+          }
+          ++cases;
+        }
+  EXPECT_GT(cases, 150);
 }
 
 // Attention's weighted sum of V rows: the same FMA chain per output as the reference, so equal to the bit; R past

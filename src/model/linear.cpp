@@ -12,7 +12,7 @@ namespace llmq {
 
 void fake_quant_fp8(const float* x, int64_t n, float scale, float* out) {
   const float inv = 1.0f / scale;
-  for (int64_t i = 0; i < n; ++i) out[i] = quant::fp8_to_f32(quant::f32_to_fp8(x[i] * inv)) * scale;
+  for (int64_t i = 0; i < n; ++i) out[i] = quant::fp8_round(x[i] * inv) * scale;
 }
 
 void Linear::dequantize_rows(int64_t r0, int64_t r1, float* outp) const {
@@ -54,22 +54,9 @@ void Linear::forward(const float* x, int64_t M, float* y) const {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < out; ++n) y[m * out + n] = value_of(m, n) * w_scale[size_t(n)] + (b ? b[n] : 0.f);
   };
-  if (fmt == WeightFormat::Int4Group) {
-    // Dequantize blocks of rows per thread and multiply them; the weight never exists whole in float.
-    constexpr int64_t RB = 16;
-#pragma omp parallel if (M * out * in > (int64_t(1) << 16))
-    {
-      std::vector<float> buf(static_cast<size_t>(RB * in));
-#pragma omp for schedule(static)
-      for (int64_t r0 = 0; r0 < out; r0 += RB) {
-        const int64_t r1 = std::min(out, r0 + RB);
-        dequantize_rows(r0, r1, buf.data());
-        cpu::gemm_single(x, in, M, in, buf.data(), DType::F32, in, r1 - r0, y + r0, out);
-        if (b)
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t r = r0; r < r1; ++r) y[m * out + r] += b[r];
-      }
-    }
+  if (fmt == WeightFormat::Int4Group) {  // fused: codes dequantized per group inside the GEMM
+    const cpu::Q4Matrix q{static_cast<const uint8_t*>(w->data), w_scale.data(), w_zero.data(), in, group};
+    cpu::matmul_q4(x, in, M, q, out, y, out, b);
     return;
   }
   if (act == ActQuant::Int8Token || act == ActQuant::Int8Tensor) {

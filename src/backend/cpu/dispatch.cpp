@@ -109,6 +109,34 @@ void matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DT
   }
 }
 
+void matmul_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t N, float* y, int64_t ldy,
+               const float* bias) {
+  if (w.K % 2 || w.group <= 0 || w.group % 2 || w.K % w.group)
+    throw Error("matmul_q4: K = " + std::to_string(w.K) + " and group = " + std::to_string(w.group) +
+                " must be even and the group must divide K");
+  GemmQ4Fn fn = active_isa() == Isa::AVX512 ? avx512::gemm_q4 : active_isa() == Isa::AVX2 ? avx2::gemm_q4 : gemm_q4_ref;
+  const int nt = (M * N * w.K < (int64_t(1) << 16) || omp_in_parallel()) ? 1 : omp_get_max_threads();
+  if (nt == 1) {
+    fn(x, ldx, M, w, 0, N, y, ldy, bias);
+    return;
+  }
+  // As matmul: one contiguous range of weight rows per thread, or of x rows when N is small.
+  const bool split_n = N >= int64_t(nt) * 16;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    if (split_n) {
+      const int64_t per = ((N + nt - 1) / nt + 3) / 4 * 4;
+      const int64_t n0 = std::min(N, t * per), n1 = std::min(N, n0 + per);
+      if (n0 < n1) fn(x, ldx, M, w, n0, n1, y, ldy, bias);
+    } else {
+      const int64_t per = (M + nt - 1) / nt;
+      const int64_t m0 = std::min(M, t * per), m1 = std::min(M, m0 + per);
+      if (m0 < m1) fn(x + m0 * ldx, ldx, m1 - m0, w, 0, N, y + m0 * ldy, ldy, bias);
+    }
+  }
+}
+
 void matmul_multi(const float* x, int64_t M, int64_t K, const MatmulJob* jobs, int n_jobs) {
   GemmFn fn = gemm_fn();
   int64_t total_n = 0;

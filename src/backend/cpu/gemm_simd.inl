@@ -1,6 +1,6 @@
 // The SIMD GEMM body shared by the AVX2 and AVX-512 translation units. Each includes this file after
 // defining `struct V` (vector traits: W lanes, load/fma/reduce, exact widening of F16/BF16 weights), MR (rows
-// of x per tile) and LLMQ_ISA_NS.
+// of x per tile), LLMQ_Q4_FALLBACK (gemm_q4 for INT4 groups its chunk does not divide) and LLMQ_ISA_NS.
 //
 // Tile: MR rows of x times NR (4 or 1) rows of w, accumulated along K in MR*NR vector registers, then reduced
 // horizontally. Both operands are K-contiguous, so weights are read in their checkpoint layout (no repacking)
@@ -180,6 +180,73 @@ void gemm_t(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, in
   }
 }
 
+// ---- INT4 group weights (Q4Matrix) ----
+// Codes are taken a chunk of QC = 2W columns (W bytes) at a time: one widening load gives the even columns (low
+// nibbles) in one vector and the odd columns (high nibbles) in another. x is permuted to match once per call (each
+// chunk as its even columns, then its odd ones), so both operands see the same permutation of k and the dot
+// products are unchanged up to FP32 summation order. Dequantization is the reference's: (q - z) * s, one rounding.
+constexpr int64_t QC = 2 * V::W;
+
+// dst[m, :] = x[m, :] with every QC-chunk of columns reordered as (even columns, odd columns); K % QC == 0.
+inline void q4_permute_x(const float* x, int64_t ldx, int64_t M, int64_t K, float* dst) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += QC)
+      for (int i = 0; i < V::W; ++i) {
+        dst[m * K + c + i] = x[m * ldx + c + 2 * i];
+        dst[m * K + c + V::W + i] = x[m * ldx + c + 2 * i + 1];
+      }
+}
+
+// One token (decode): NR weight rows at a time, dequantized in registers and multiplied into one accumulator per
+// row; the codes stream once. xp is x permuted by q4_permute_x.
+template <int NR>
+inline void q4_tile(const float* xp, const Q4Matrix& w, int64_t n, float* y, const float* bias) {
+  const int64_t ng = w.K / w.group, ldq = w.K / 2;
+  typename V::T acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = V::zero();
+  for (int64_t g = 0; g < ng; ++g) {
+    typename V::T s[NR], z[NR];
+    for (int r = 0; r < NR; ++r) {
+      s[r] = V::set1(w.scale[(n + r) * ng + g]);
+      z[r] = V::set1(float(w.zero[(n + r) * ng + g]));
+    }
+    for (int64_t k = g * w.group; k < (g + 1) * w.group; k += QC) {
+      if (k % 128 == 0)  // one cache line of codes a row: fetch the next tile's
+        for (int r = 0; r < NR; ++r) __builtin_prefetch(w.q + (n + NR + r) * ldq + k / 2);
+      const typename V::T x0 = V::load(xp + k), x1 = V::load(xp + k + V::W);
+      for (int r = 0; r < NR; ++r) {
+        typename V::T ce, co;
+        V::q4(w.q + (n + r) * ldq + k / 2, &ce, &co);
+        acc[r] = V::fma(x0, V::mul(V::sub(ce, z[r]), s[r]), acc[r]);
+        acc[r] = V::fma(x1, V::mul(V::sub(co, z[r]), s[r]), acc[r]);
+      }
+    }
+  }
+  float out[NR];
+  if constexpr (NR % 4 == 0) {
+    for (int r = 0; r < NR; r += 4) V::reduce4(acc[r], acc[r + 1], acc[r + 2], acc[r + 3], out + r);
+  } else {
+    for (int r = 0; r < NR; ++r) out[r] = V::reduce(acc[r]);
+  }
+  for (int r = 0; r < NR; ++r) y[n + r] = out[r] + (bias ? bias[n + r] : 0.f);
+}
+
+// Rows [r0, r1) of w dequantized into dst ([r1 - r0, K], FP32), columns in q4_permute_x's order.
+inline void q4_dequant_rows(const Q4Matrix& w, int64_t r0, int64_t r1, float* dst) {
+  const int64_t ng = w.K / w.group, ldq = w.K / 2;
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < ng; ++g) {
+      const typename V::T s = V::set1(w.scale[r * ng + g]), z = V::set1(float(w.zero[r * ng + g]));
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += QC) {
+        typename V::T ce, co;
+        V::q4(w.q + r * ldq + k / 2, &ce, &co);
+        float* d = dst + (r - r0) * w.K + k;
+        V::store(d, V::mul(V::sub(ce, z), s));
+        V::store(d + V::W, V::mul(V::sub(co, z), s));
+      }
+    }
+}
+
 }  // namespace
 
 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
@@ -191,6 +258,29 @@ void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DTyp
     case DType::I8: gemm_t<DType::I8>(x, ldx, M, K, w, ldw, n0, n1, y, ldy, bias); break;
     case DType::F8E4M3: gemm_t<DType::F8E4M3>(x, ldx, M, K, w, ldw, n0, n1, y, ldy, bias); break;
     case DType::U8: break;  // not a weight type: matmul() rejects it
+  }
+}
+
+void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
+             const float* bias) {
+  if (w.group % QC != 0) return LLMQ_Q4_FALLBACK(x, ldx, M, w, n0, n1, y, ldy, bias);
+  thread_local std::vector<float> xp, buf;
+  xp.resize(size_t(M * w.K));
+  q4_permute_x(x, ldx, M, w.K, xp.data());
+  if (M == 1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) q4_tile<4>(xp.data(), w, n, y, bias);
+    for (; n < n1; ++n) q4_tile<1>(xp.data(), w, n, y, bias);
+    return;
+  }
+  // Several rows of x: each weight is used M times, so dequantize a block of rows (~512 KB, in L2) once and run
+  // the FP32 GEMM on it (which packs panels from kGemmPackMinM rows on).
+  const int64_t rb = std::max<int64_t>(NP, (int64_t(512 * 1024) / (w.K * 4)) / NP * NP);
+  buf.resize(size_t(rb * w.K));
+  for (int64_t r0 = n0; r0 < n1; r0 += rb) {
+    const int64_t r1 = std::min(n1, r0 + rb);
+    q4_dequant_rows(w, r0, r1, buf.data());
+    gemm_t<DType::F32>(xp.data(), w.K, M, w.K, buf.data(), w.K, 0, r1 - r0, y + r0, ldy, bias ? bias + r0 : nullptr);
   }
 }
 

@@ -52,6 +52,25 @@ void matmul_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t*
 void gemm_i8_ref(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0,
                  int64_t n1, int32_t* y, int64_t ldy);
 
+// INT4 group weights (quant/formats/formats.hpp): row n holds K / 2 bytes, two 4-bit codes a byte, the low nibble
+// first; the code q at column k stands for (q - zero[n, k / group]) * scale[n, k / group] (one rounding, as
+// quant::dequant_int4). K and group even, group divides K.
+struct Q4Matrix {
+  const uint8_t* q;      // [N, K / 2]
+  const float* scale;    // [N, K / group]
+  const uint8_t* zero;   // [N, K / group]
+  int64_t K, group;
+};
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) with w dequantized as above, fused: the weights are read as
+// codes and never exist whole in FP32. Multi-threaded over N like matmul. The SIMD versions take groups that
+// are multiples of 16; other group sizes run the reference.
+void matmul_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t N, float* y, int64_t ldy,
+               const float* bias);
+using GemmQ4Fn = void (*)(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y,
+                          int64_t ldy, const float* bias);
+void gemm_q4_ref(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy, const float* bias);
+
 // out[r, d] = sum_{j < n} p[r, j] * v[j, d] for r < R, d < D (out overwritten): attention's weighted sum of V
 // rows. p: [R, n] (row stride ldp), v: [n, D] (row stride ldv), out: [R, D] (row stride ldo). Each output is
 // one FMA chain in j order (y += p * v, one rounding a step), with the sums kept in registers.
@@ -69,6 +88,8 @@ double measure_peak_gflops();
 double measure_peak_read_gbps();
 
 namespace avx2 {
+void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
+             const float* bias);
 void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
           int64_t ldo);
 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
@@ -80,6 +101,8 @@ void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w
              int32_t* y, int64_t ldy);
 }  // namespace avx2
 namespace avx512 {
+void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
+             const float* bias);
 void wsum(const float* p, int64_t ldp, int64_t R, int64_t n, const float* v, int64_t ldv, int64_t D, float* out,
           int64_t ldo);
 void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,

@@ -17,6 +17,8 @@ struct V {
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T load_partial(const float* p, int n) {
     alignas(32) float buf[8] = {};
@@ -31,9 +33,10 @@ struct V {
   // value * 2^-8, subnormals included; the multiply by 256 is exact).
   static T widen8(__m128i b, DType wt) {
     if (wt == DType::I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-    const __m128i h = _mm_cvtepu8_epi16(b);
-    const __m128i f16 = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8),
-                                     _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7f)), 7));
+    // Each byte into the high half of a 16-bit lane (s eeee mmm, then zeros), shifted right arithmetically by
+    // one (the sign lands in bit 15 and bit 14), bit 14 cleared: s 0eeee mmm0000000, the F16 of value * 2^-8.
+    const __m128i h = _mm_unpacklo_epi8(_mm_setzero_si128(), b);
+    const __m128i f16 = _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(int16_t(0xBFFF)));
     return _mm256_mul_ps(_mm256_cvtph_ps(f16), _mm256_set1_ps(256.0f));
   }
   template <DType WT>
@@ -51,6 +54,13 @@ struct V {
     if constexpr (WT == DType::I8 || WT == DType::F8E4M3)
       return widen8(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)), WT);
     else return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(buf)), WT);
+  }
+  // W bytes of INT4 codes (2W codes, low nibble first) as two vectors: the even codes (low nibbles) and the
+  // odd codes (high nibbles), values 0..15. One widening load, no shuffle.
+  static void q4(const uint8_t* p, T* even, T* odd) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    *even = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0f)));
+    *odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
   }
   // Integer dot products: 16 int8 pairs per step, widened to int16 and multiplied-added into int32 lanes.
   using I = __m256i;
@@ -83,5 +93,7 @@ constexpr int MR = 2;  // 2x4 accumulators + 4 weight vectors + 1 x vector = 13 
 }  // namespace
 }  // namespace llmq::cpu::avx2
 
+// INT4 groups that are not a multiple of the 2W-code chunk go to:
+#define LLMQ_Q4_FALLBACK gemm_q4_ref
 #define LLMQ_ISA_NS avx2
 #include "backend/cpu/gemm_simd.inl"

@@ -16,6 +16,8 @@ struct V {
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static __mmask16 mask(int n) { return __mmask16((1u << n) - 1u); }
   static T load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
@@ -27,9 +29,10 @@ struct V {
   // value * 2^-8, subnormals included; the multiply by 256 is exact).
   static T widen8(__m128i b, DType wt) {
     if (wt == DType::I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-    const __m256i h = _mm256_cvtepu8_epi16(b);
-    const __m256i f16 = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8),
-                                        _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7f)), 7));
+    // Each byte into the high half of a 16-bit lane, shifted right arithmetically by one, bit 14 (a copy of
+    // the sign) cleared: s 0eeee mmm0000000, the F16 of value * 2^-8.
+    const __m256i h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8);
+    const __m256i f16 = _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(int16_t(0xBFFF)));
     return _mm512_mul_ps(_mm512_cvtph_ps(f16), _mm512_set1_ps(256.0f));
   }
   template <DType WT>
@@ -45,6 +48,13 @@ struct V {
     else if constexpr (WT == DType::I8 || WT == DType::F8E4M3)
       return widen8(_mm_maskz_loadu_epi8(mask(n), static_cast<const uint8_t*>(w) + off), WT);
     else return widen(_mm256_maskz_loadu_epi16(mask(n), static_cast<const uint16_t*>(w) + off), WT);
+  }
+  // W bytes of INT4 codes (2W codes, low nibble first) as two vectors: the even codes (low nibbles) and the
+  // odd codes (high nibbles), values 0..15. One widening load, no shuffle.
+  static void q4(const uint8_t* p, T* even, T* odd) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    *even = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)));
+    *odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
   }
   // Integer dot products: 32 int8 pairs per step, widened to int16 and multiplied-added into int32 lanes.
   using I = __m512i;
@@ -73,5 +83,7 @@ constexpr int MR = 6;  // 6x4 accumulators + 4 weight vectors + 1 x vector = 29 
 }  // namespace
 }  // namespace llmq::cpu::avx512
 
+// INT4 groups that are not a multiple of the 2W-code chunk go to:
+#define LLMQ_Q4_FALLBACK llmq::cpu::avx2::gemm_q4
 #define LLMQ_ISA_NS avx512
 #include "backend/cpu/gemm_simd.inl"

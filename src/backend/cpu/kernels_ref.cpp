@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include "quant/formats/formats.hpp"
+
 namespace llmq::cpu {
 
 void gemm_ref(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DType wt, int64_t ldw, int64_t n0,
@@ -23,6 +25,21 @@ void gemm_i8_ref(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_
       int32_t acc = 0;
       for (int64_t k = 0; k < K; ++k) acc += int32_t(x[m * ldx + k]) * int32_t(w[n * ldw + k]);
       y[m * ldy + n] = acc;
+    }
+}
+
+void gemm_q4_ref(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y,
+                 int64_t ldy, const float* bias) {
+  const int64_t ng = w.K / w.group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = w.q + n * (w.K / 2);
+      float acc = 0.f;
+      for (int64_t k = 0; k < w.K; ++k) {
+        const quant::Int4Params p{w.scale[n * ng + k / w.group], w.zero[n * ng + k / w.group]};
+        acc += x[m * ldx + k] * quant::dequant_int4(quant::unpack_int4(row, k), p);
+      }
+      y[m * ldy + n] = acc + (bias ? bias[n] : 0.f);
     }
 }
 

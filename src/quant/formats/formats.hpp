@@ -44,6 +44,27 @@ inline uint8_t f32_to_fp8(float x) {
   return sign | uint8_t(exp << 3) | uint8_t(m);
 }
 
+// fp8_to_f32(f32_to_fp8(x)) without the detour through the code: the nearest E4M3 value (ties to even),
+// saturated to ±448, NaN kept. Normals keep 3 of float's 23 mantissa bits (round to nearest even on the bits);
+// below 2^-6 the grid is multiples of 2^-9. For fake-quantizing activations; a test compares it with the round trip.
+inline float fp8_round(float x) {
+  if (std::isnan(x)) return x;
+  const float a = std::fabs(x);
+  float r;
+  if (a >= kFp8Max) {
+    r = kFp8Max;
+  } else if (a < 0x1p-6f) {
+    r = std::nearbyint(a * 512.0f) * 0x1p-9f;
+  } else {
+    uint32_t u;
+    std::memcpy(&u, &a, 4);
+    u = (u + 0x7FFFFu + ((u >> 20) & 1u)) & 0xFFF00000u;
+    std::memcpy(&r, &u, 4);
+    r = std::fmin(r, kFp8Max);  // 464 and up round to 480: saturate
+  }
+  return std::copysign(r, x);
+}
+
 // ---- INT8 symmetric ----------------------------------------------------------------------------------
 // q in [-127, 127], x ≈ q * scale, scale = absmax / 127. Round half away from zero (as torch.round is not:
 // it rounds half to even; we use nearbyint, half to even, to match).
