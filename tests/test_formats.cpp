@@ -162,6 +162,15 @@ TEST(Formats, Int8AndInt4) {
   EXPECT_EQ(quant_int8(-2.0f, 127.0f), -127);  // clamps symmetric
   EXPECT_EQ(quant_int8(0.5f, 1.0f), 0);        // half to even
   EXPECT_EQ(quant_int8(1.5f, 1.0f), 2);
+  EXPECT_EQ(quant_int8(-2.5f, 1.0f), -2);
+  EXPECT_EQ(quant_int8(126.5f, 1.0f), 126);
+  EXPECT_EQ(quant_int8(INFINITY, 1.0f), 127);
+  EXPECT_EQ(quant_int8(NAN, 1.0f), -127);
+  // against nearbyint and clamp (the definition) on a dense sweep through the range and past it
+  for (float v = -140.f; v <= 140.f; v += 1.0f / 64) {
+    const float want = std::fmin(127.f, std::fmax(-127.f, std::nearbyint(v)));
+    ASSERT_EQ(quant_int8(v, 1.0f), int8_t(want)) << v;
+  }
   uint8_t packed[2] = {pack_int4(3, 12), pack_int4(15, 0)};
   EXPECT_EQ(unpack_int4(packed, 0), 3);
   EXPECT_EQ(unpack_int4(packed, 1), 12);

@@ -262,27 +262,35 @@ TEST(Kernels, DotMatchesReference) {
   }
 }
 
+// x in [-127, 127] (the symmetric activation quantizer's range), w any int8 (-128 included): the SIMD paths feed
+// |w| and x with w's sign into a u8 x s8 multiply, which a wrong sign or a saturating int16 pair would break.
 TEST(Kernels, Int8GemmIsExact) {
   IsaGuard guard;
   std::mt19937 rng(5);
-  auto r8 = [&] { return int8_t(int(rng() % 255) - 127); };
+  auto x8 = [&] { return int8_t(int(rng() % 255) - 127); };
+  auto w8 = [&] { return int8_t(int(rng() % 256) - 128); };
   for (Isa isa : simd_isas()) {
-    for (int64_t M : {1, 2, 5})
-      for (int64_t K : {1, 15, 16, 31, 32, 33, 100, 1031})
+    for (int64_t M : {1, 2, 3, 5, 9})
+      for (int64_t K : {1, 15, 16, 31, 32, 33, 64, 100, 1031})
         for (int64_t N : {1, 3, 4, 7, 70}) {
-          std::vector<int8_t> x(static_cast<size_t>(M * K)), w(static_cast<size_t>(N * K));
-          for (auto& v : x) v = r8();
-          for (auto& v : w) v = r8();
-          if (K == 1031) std::fill(x.begin(), x.end(), int8_t(-127));  // large sums: beyond float's 2^24
-          if (K == 1031) std::fill(w.begin(), w.end(), int8_t(-127));
-          std::vector<int32_t> ref(static_cast<size_t>(M * N), -1), got(static_cast<size_t>(M * N), -1);
-          gemm_i8_ref(x.data(), K, M, K, w.data(), K, 0, N, ref.data(), N);
+          const int64_t ldx = K + 1, ldy = N + 3;
+          std::vector<int8_t> x(static_cast<size_t>(M * ldx)), w(static_cast<size_t>(N * K));
+          for (auto& v : x) v = x8();
+          for (auto& v : w) v = w8();
+          if (K == 1031) {  // large sums (beyond float's 2^24) at the extremes of both ranges
+            for (int64_t i = 0; i < M * ldx; ++i) x[size_t(i)] = i % 3 ? int8_t(-127) : int8_t(127);
+            std::fill(w.begin(), w.end(), int8_t(-128));
+          }
+          std::vector<int32_t> ref(static_cast<size_t>(M * ldy), -1), got(static_cast<size_t>(M * ldy), -1);
+          gemm_i8_ref(x.data(), ldx, M, K, w.data(), K, 0, N, ref.data(), ldy);
           set_isa(isa);
-          matmul_i8(x.data(), K, M, K, w.data(), K, N, got.data(), N);
+          matmul_i8(x.data(), ldx, M, K, w.data(), K, N, got.data(), ldy);
           set_isa(Isa::Scalar);
           ASSERT_EQ(got, ref) << isa_name(isa) << " M" << M << " K" << K << " N" << N;
           if (K == 1031) {
-            EXPECT_EQ(ref[0], 1031 * 127 * 127);
+            int64_t sum = 0;
+            for (int64_t k = 0; k < K; ++k) sum += int64_t(x[size_t(k)]) * -128;
+            EXPECT_EQ(ref[0], sum);
           }
         }
   }

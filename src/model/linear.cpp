@@ -12,6 +12,7 @@ namespace llmq {
 
 void fake_quant_fp8(const float* x, int64_t n, float scale, float* out) {
   const float inv = 1.0f / scale;
+#pragma omp parallel for schedule(static) if (n > 65536)
   for (int64_t i = 0; i < n; ++i) out[i] = quant::fp8_round(x[i] * inv) * scale;
 }
 
@@ -63,6 +64,7 @@ void Linear::forward(const float* x, int64_t M, float* y) const {
     // Per-token (or static per-tensor) symmetric INT8 activations, INT8 x INT8 -> INT32, scales after.
     std::vector<int8_t> xq(static_cast<size_t>(M * in));
     std::vector<float> sx(static_cast<size_t>(M));
+#pragma omp parallel for schedule(static) if (M * in > 65536)
     for (int64_t m = 0; m < M; ++m) {
       const float* xr = x + m * in;
       float s = act_scale;

@@ -11,6 +11,11 @@
 namespace llmq::cpu::LLMQ_ISA_NS {
 namespace {
 
+// V::loadw<F8E4M3> gives the weights times 2^-8; the tile scales its sums back. Scaling by a power of two
+// commutes with every rounding of the FMA chain, so this is exact (unless a partial sum falls below 2^-118).
+template <DType WT>
+constexpr float kWidenScale = WT == DType::F8E4M3 ? 256.0f : 1.0f;
+
 template <int MR_, int NR, DType WT>
 inline void tile(const float* x, int64_t ldx, int64_t K, const void* w, int64_t ldw, int64_t n, float* y,
                  int64_t ldy, const float* bias) {
@@ -48,7 +53,7 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const void* w, int64_t 
     } else {
       for (int r = 0; r < NR; ++r) s[r] = V::reduce(acc[m][r]);
     }
-    for (int r = 0; r < NR; ++r) y[m * ldy + n + r] = s[r] + (bias ? bias[n + r] : 0.f);
+    for (int r = 0; r < NR; ++r) y[m * ldy + n + r] = s[r] * kWidenScale<WT> + (bias ? bias[n + r] : 0.f);
   }
 }
 
@@ -285,25 +290,52 @@ void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t 
 }
 
 // Exact integer GEMM: y[m, n] = sum_k x[m, k] * w[n, k] in int32, rows [n0, n1). Both int8, K-contiguous.
+// MR_ rows of x times NR rows of w per tile; the |w| of a step is shared by the MR_ rows of x.
+template <int MR_, int NR>
+inline void i8_tile(const int8_t* x, int64_t ldx, int64_t K, const int8_t* w, int64_t ldw, int64_t n, int32_t* y,
+                    int64_t ldy) {
+  typename V::I acc[MR_][NR];
+  for (int m = 0; m < MR_; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = V::izero();
+  int64_t k = 0;
+  for (; k + V::KI <= K; k += V::KI) {
+    typename V::I wv[NR], wa[NR];
+    for (int r = 0; r < NR; ++r) {
+      wv[r] = V::iload(w + (n + r) * ldw + k);
+      wa[r] = V::iabs(wv[r]);
+    }
+    for (int m = 0; m < MR_; ++m) {
+      const typename V::I xv = V::iload(x + m * ldx + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = V::idot(wa[r], wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR_; ++m)
+    for (int r = 0; r < NR; ++r) {
+      int32_t s = V::ireduce(acc[m][r]);
+      for (int64_t kk = k; kk < K; ++kk) s += int32_t(x[m * ldx + kk]) * int32_t(w[(n + r) * ldw + kk]);
+      y[m * ldy + n + r] = s;
+    }
+}
+
+template <int MR_>
+inline void i8_rows(const int8_t* x, int64_t ldx, int64_t K, const int8_t* w, int64_t ldw, int64_t n0, int64_t n1,
+                    int32_t* y, int64_t ldy) {
+  constexpr int NR = MR_ == 1 ? 4 : V::INR;  // one token: more weight rows in flight
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) i8_tile<MR_, NR>(x, ldx, K, w, ldw, n, y, ldy);
+  for (; n < n1; ++n) i8_tile<MR_, 1>(x, ldx, K, w, ldw, n, y, ldy);
+}
+
 void gemm_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0, int64_t n1,
              int32_t* y, int64_t ldy) {
-  constexpr int NR = 4;
-  for (int64_t m = 0; m < M; ++m) {
-    const int8_t* xm = x + m * ldx;
-    int64_t n = n0;
-    for (; n < n1; n += NR) {
-      const int nr = int(std::min<int64_t>(NR, n1 - n));
-      typename V::I acc[NR];
-      for (int r = 0; r < NR; ++r) acc[r] = V::izero();
-      int64_t k = 0;
-      for (; k + V::KI <= K; k += V::KI)
-        for (int r = 0; r < nr; ++r) acc[r] = V::i8_madd(xm + k, w + (n + r) * ldw + k, acc[r]);
-      for (int r = 0; r < nr; ++r) {
-        int32_t s = V::ireduce(acc[r]);
-        for (int64_t kk = k; kk < K; ++kk) s += int32_t(xm[kk]) * int32_t(w[(n + r) * ldw + kk]);
-        y[m * ldy + n + r] = s;
-      }
-    }
+  // Block N so that a chunk of weight rows (NC x K bytes) stays in L2 while every tile of x passes over it.
+  const int64_t NC = std::max<int64_t>(4, ((256 * 1024) / std::max<int64_t>(K, 1)) / 4 * 4);
+  for (int64_t nc = n0; nc < n1; nc += NC) {
+    const int64_t ne = std::min(n1, nc + NC);
+    int64_t m = 0;
+    if (M > 1)
+      for (; m + V::IMR <= M; m += V::IMR) i8_rows<V::IMR>(x + m * ldx, ldx, K, w, ldw, nc, ne, y + m * ldy, ldy);
+    for (; m < M; ++m) i8_rows<1>(x + m * ldx, ldx, K, w, ldw, nc, ne, y + m * ldy, ldy);
   }
 }
 

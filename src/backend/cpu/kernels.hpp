@@ -46,7 +46,8 @@ void gemm_ref(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, 
               int64_t n1, float* y, int64_t ldy, const float* bias);
 
 // y[m, n] = sum_k x[m, k] * w[n, k], exactly, in int32 (INT8 x INT8 -> INT32, as the W8A8 tensor-core
-// path computes). x: [M, K] int8 (stride ldx), w: [N, K] int8 (stride ldw), y: [M, N] int32 (stride ldy).
+// path computes). x: [M, K] int8 in [-127, 127] (symmetric activations: the SIMD paths need -128 absent from x),
+// stride ldx; w: [N, K] int8, any value, stride ldw; y: [M, N] int32, stride ldy.
 void matmul_i8(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t N,
                int32_t* y, int64_t ldy);
 void gemm_i8_ref(const int8_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* w, int64_t ldw, int64_t n0,

@@ -29,15 +29,15 @@ struct V {
     return wt == DType::BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
                              : _mm256_cvtph_ps(h);
   }
-  // 8 bytes: I8 -> exact integers; F8E4M3 -> exact values (E4M3 bits shifted into F16 position give
-  // value * 2^-8, subnormals included; the multiply by 256 is exact).
+  // 8 bytes: I8 -> exact integers; F8E4M3 -> exact values times 2^-8 (the E4M3 bits shifted into F16 position,
+  // subnormals included; the tile multiplies its sums by kWidenScale = 256, exactly).
   static T widen8(__m128i b, DType wt) {
     if (wt == DType::I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
     // Each byte into the high half of a 16-bit lane (s eeee mmm, then zeros), shifted right arithmetically by
     // one (the sign lands in bit 15 and bit 14), bit 14 cleared: s 0eeee mmm0000000, the F16 of value * 2^-8.
     const __m128i h = _mm_unpacklo_epi8(_mm_setzero_si128(), b);
     const __m128i f16 = _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(int16_t(0xBFFF)));
-    return _mm256_mul_ps(_mm256_cvtph_ps(f16), _mm256_set1_ps(256.0f));
+    return _mm256_cvtph_ps(f16);
   }
   template <DType WT>
   static T loadw(const void* w, int64_t off) {
@@ -62,14 +62,18 @@ struct V {
     *even = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(0x0f)));
     *odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
   }
-  // Integer dot products: 16 int8 pairs per step, widened to int16 and multiplied-added into int32 lanes.
+  // Integer dot products, KI int8 pairs a step. maddubs multiplies unsigned by signed bytes, so w goes in as |w|
+  // (unsigned, so -128 is 128) and x takes w's sign (x in [-127, 127]: no overflow); two products add into an
+  // int16 (at most 2 * 128 * 127 = 32512: no saturation), then pairs of those into int32 lanes.
   using I = __m256i;
-  static constexpr int KI = 16;
+  static constexpr int KI = 32;
+  static constexpr int IMR = 2, INR = 2;  // rows of x and of w per tile when M > 1
   static I izero() { return _mm256_setzero_si256(); }
-  static I i8_madd(const int8_t* a, const int8_t* b, I acc) {
-    const I a16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
-    const I b16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(a16, b16));
+  static I iload(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I iabs(I w) { return _mm256_abs_epi8(w); }
+  static I idot(I wabs, I w, I x, I acc) {
+    const I p16 = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
   }
   static int32_t ireduce(I v) {
     __m128i q = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));

@@ -25,15 +25,15 @@ struct V {
     return wt == DType::BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
                              : _mm512_cvtph_ps(h);
   }
-  // 16 bytes: I8 -> exact integers; F8E4M3 -> exact values (the E4M3 bits shifted into F16 position give
-  // value * 2^-8, subnormals included; the multiply by 256 is exact).
+  // 16 bytes: I8 -> exact integers; F8E4M3 -> exact values times 2^-8 (the E4M3 bits shifted into F16
+  // position, subnormals included; the tile multiplies its sums by kWidenScale = 256, exactly).
   static T widen8(__m128i b, DType wt) {
     if (wt == DType::I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
     // Each byte into the high half of a 16-bit lane, shifted right arithmetically by one, bit 14 (a copy of
     // the sign) cleared: s 0eeee mmm0000000, the F16 of value * 2^-8.
     const __m256i h = _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8);
     const __m256i f16 = _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(int16_t(0xBFFF)));
-    return _mm512_mul_ps(_mm512_cvtph_ps(f16), _mm512_set1_ps(256.0f));
+    return _mm512_cvtph_ps(f16);
   }
   template <DType WT>
   static T loadw(const void* w, int64_t off) {
@@ -56,14 +56,20 @@ struct V {
     *even = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0x0f)));
     *odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
   }
-  // Integer dot products: 32 int8 pairs per step, widened to int16 and multiplied-added into int32 lanes.
+  // Integer dot products, KI int8 pairs a step. maddubs multiplies unsigned by signed bytes, so w goes in as |w|
+  // (unsigned, so -128 is 128) and x negated where w < 0 (x in [-127, 127]: no overflow; where w = 0 the product
+  // is 0 either way); two products add into an int16 (at most 2 * 128 * 127 = 32512: no saturation), then pairs
+  // of those into int32 lanes.
   using I = __m512i;
-  static constexpr int KI = 32;
+  static constexpr int KI = 64;
+  static constexpr int IMR = 4, INR = 4;  // rows of x and of w per tile when M > 1
   static I izero() { return _mm512_setzero_si512(); }
-  static I i8_madd(const int8_t* a, const int8_t* b, I acc) {
-    const I a16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-    const I b16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(a16, b16));
+  static I iload(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static I iabs(I w) { return _mm512_abs_epi8(w); }
+  static I idot(I wabs, I w, I x, I acc) {
+    const I sx = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    const I p16 = _mm512_maddubs_epi16(wabs, sx);
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(p16, _mm512_set1_epi16(1)));
   }
   static int32_t ireduce(I v) { return _mm512_reduce_add_epi32(v); }
   static float reduce(T v) { return _mm512_reduce_add_ps(v); }

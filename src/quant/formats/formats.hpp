@@ -2,6 +2,7 @@
 // quantize/dequantize. Shared by host code and (later) device code: plain functions, no allocation.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -60,17 +61,19 @@ inline float fp8_round(float x) {
     std::memcpy(&u, &a, 4);
     u = (u + 0x7FFFFu + ((u >> 20) & 1u)) & 0xFFF00000u;
     std::memcpy(&r, &u, 4);
-    r = std::fmin(r, kFp8Max);  // 464 and up round to 480: saturate
+    r = std::min(r, kFp8Max);  // 464 and up round to 480: saturate
   }
   return std::copysign(r, x);
 }
 
 // ---- INT8 symmetric ----------------------------------------------------------------------------------
-// q in [-127, 127], x ≈ q * scale, scale = absmax / 127. Round half away from zero (as torch.round is not:
-// it rounds half to even; we use nearbyint, half to even, to match).
+// q in [-127, 127], x ≈ q * scale, scale = absmax / 127, rounded half to even (as torch.round). Clamped first
+// (127 is an integer, so clamping before rounding is the same; NaN goes to -127), then rounded by adding and
+// subtracting 1.5 * 2^23, which leaves the nearest integer, ties to even, for |q| < 2^22 (no libm call: this
+// runs once per activation).
 inline int8_t quant_int8(float x, float inv_scale) {
-  float q = std::nearbyint(x * inv_scale);
-  q = std::fmin(127.f, std::fmax(-127.f, q));
+  float q = std::min(127.f, std::max(-127.f, x * inv_scale));
+  q = (q + 12582912.0f) - 12582912.0f;
   return int8_t(q);
 }
 
