@@ -160,9 +160,9 @@ TEST(Kernels, LargeThreadedMatmulMatchesReference) {
 
 // Fused INT4 group GEMM (decode tiles at M = 1, dequantized blocks into the FP32 GEMM above) against the scalar
 // reference and a double-precision product of the dequantized weights: group sizes the SIMD paths take (32, 128;
-// 16 and 48 only on AVX2, to which AVX-512 hands them) and one they leave to the reference (6), N past and inside
-// the 4-row tiles, M across the packing threshold, strided x and y, bias on and off, poisoned output padding;
-// threaded through matmul_q4 over N and over M.
+// 16 and 48 only on AVX2, to which AVX-512 hands them) and one they dequantize by the scalar code (6), N past
+// and inside the 4-row tiles, M across the packing threshold, strided x and y, bias on and off, poisoned output
+// padding; threaded through matmul_q4 over N and over M.
 TEST(Kernels, Int4GroupGemmMatchesReference) {
   IsaGuard guard;
   std::mt19937 rng(11);

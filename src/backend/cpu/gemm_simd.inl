@@ -1,12 +1,14 @@
 // The SIMD GEMM body shared by the AVX2 and AVX-512 translation units. Each includes this file after
 // defining `struct V` (vector traits: W lanes, load/fma/reduce, exact widening of F16/BF16 weights), MR (rows
-// of x per tile), LLMQ_Q4_FALLBACK (gemm_q4 for INT4 groups its chunk does not divide) and LLMQ_ISA_NS.
+// of x per tile) and LLMQ_ISA_NS.
 //
 // Tile: MR rows of x times NR (4 or 1) rows of w, accumulated along K in MR*NR vector registers, then reduced
 // horizontally. Both operands are K-contiguous, so weights are read in their checkpoint layout (no repacking)
 // and decode (M = 1) streams each weight row exactly once.
 
 #include <vector>
+
+#include "quant/formats/formats.hpp"
 
 namespace llmq::cpu::LLMQ_ISA_NS {
 namespace {
@@ -268,8 +270,25 @@ void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DTyp
 
 void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
              const float* bias) {
-  if (w.group % QC != 0) return LLMQ_Q4_FALLBACK(x, ldx, M, w, n0, n1, y, ldy, bias);
   thread_local std::vector<float> xp, buf;
+  if (w.group % QC != 0) {
+    // AVX-512 hands groups of 16, 48, ... to AVX2, whose chunk divides them. Other groups: blocks of rows
+    // dequantized by the scalar definition, in column order, into the FP32 GEMM.
+    if (V::W == 16 && w.group % 16 == 0) return avx2::gemm_q4(x, ldx, M, w, n0, n1, y, ldy, bias);
+    const int64_t rb = std::max<int64_t>(NP, (int64_t(512 * 1024) / (w.K * 4)) / NP * NP);
+    const int64_t ng = w.K / w.group;
+    buf.resize(size_t(rb * w.K));
+    for (int64_t r0 = n0; r0 < n1; r0 += rb) {
+      const int64_t r1 = std::min(n1, r0 + rb);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t k = 0; k < w.K; ++k) {
+          const quant::Int4Params p{w.scale[r * ng + k / w.group], w.zero[r * ng + k / w.group]};
+          buf[size_t((r - r0) * w.K + k)] = quant::dequant_int4(quant::unpack_int4(w.q + r * (w.K / 2), k), p);
+        }
+      gemm_t<DType::F32>(x, ldx, M, w.K, buf.data(), w.K, 0, r1 - r0, y + r0, ldy, bias ? bias + r0 : nullptr);
+    }
+    return;
+  }
   xp.resize(size_t(M * w.K));
   q4_permute_x(x, ldx, M, w.K, xp.data());
   if (M == 1) {

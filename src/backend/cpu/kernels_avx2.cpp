@@ -97,7 +97,5 @@ constexpr int MR = 2;  // 2x4 accumulators + 4 weight vectors + 1 x vector = 13 
 }  // namespace
 }  // namespace llmq::cpu::avx2
 
-// INT4 groups that are not a multiple of the 2W-code chunk go to:
-#define LLMQ_Q4_FALLBACK gemm_q4_ref
 #define LLMQ_ISA_NS avx2
 #include "backend/cpu/gemm_simd.inl"

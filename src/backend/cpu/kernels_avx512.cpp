@@ -89,7 +89,5 @@ constexpr int MR = 6;  // 6x4 accumulators + 4 weight vectors + 1 x vector = 29 
 }  // namespace
 }  // namespace llmq::cpu::avx512
 
-// INT4 groups that are not a multiple of the 2W-code chunk go to:
-#define LLMQ_Q4_FALLBACK llmq::cpu::avx2::gemm_q4
 #define LLMQ_ISA_NS avx512
 #include "backend/cpu/gemm_simd.inl"
