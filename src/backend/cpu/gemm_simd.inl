@@ -204,19 +204,20 @@ inline void q4_permute_x(const float* x, int64_t ldx, int64_t M, int64_t K, floa
       }
 }
 
-// One token (decode): NR weight rows at a time, dequantized in registers and multiplied into one accumulator per
-// row; the codes stream once. xp is x permuted by q4_permute_x.
+// One token (decode): NR weight rows at a time, the codes streamed once. Each group's sum is taken on the codes,
+// sum_k x_k q_k, and the group's zero point and scale are applied to it once: s (sum x q - z sum x), with the
+// group's sum of x (xs, [ng][W] lane by lane, shared by all rows) made once per call. That is the reference's value,
+// sum x (q - z) s, up to FP32 rounding (the bound grows from sum |x| |q - z| s to sum |x| (q + z) s), and it
+// takes per 2W codes one widening load, two integer ops, two conversions and two FMAs: decode at 7B size
+// is compute-bound on two cores with the per-code (q - z) * s. xp is x permuted by q4_permute_x.
 template <int NR>
-inline void q4_tile(const float* xp, const Q4Matrix& w, int64_t n, float* y, const float* bias) {
+inline void q4_tile(const float* xp, const float* xs, const Q4Matrix& w, int64_t n, float* y, const float* bias) {
   const int64_t ng = w.K / w.group, ldq = w.K / 2;
   typename V::T acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = V::zero();
   for (int64_t g = 0; g < ng; ++g) {
-    typename V::T s[NR], z[NR];
-    for (int r = 0; r < NR; ++r) {
-      s[r] = V::set1(w.scale[(n + r) * ng + g]);
-      z[r] = V::set1(float(w.zero[(n + r) * ng + g]));
-    }
+    typename V::T accg[NR];
+    for (int r = 0; r < NR; ++r) accg[r] = V::zero();
     for (int64_t k = g * w.group; k < (g + 1) * w.group; k += QC) {
       if (k % 128 == 0)  // one cache line of codes a row: fetch the next tile's
         for (int r = 0; r < NR; ++r) __builtin_prefetch(w.q + (n + NR + r) * ldq + k / 2);
@@ -224,9 +225,13 @@ inline void q4_tile(const float* xp, const Q4Matrix& w, int64_t n, float* y, con
       for (int r = 0; r < NR; ++r) {
         typename V::T ce, co;
         V::q4(w.q + (n + r) * ldq + k / 2, &ce, &co);
-        acc[r] = V::fma(x0, V::mul(V::sub(ce, z[r]), s[r]), acc[r]);
-        acc[r] = V::fma(x1, V::mul(V::sub(co, z[r]), s[r]), acc[r]);
+        accg[r] = V::fma(x0, ce, accg[r]);
+        accg[r] = V::fma(x1, co, accg[r]);
       }
+    }
+    for (int r = 0; r < NR; ++r) {
+      const typename V::T z = V::set1(float(w.zero[(n + r) * ng + g]));
+      acc[r] = V::fma(V::set1(w.scale[(n + r) * ng + g]), V::fnma(z, V::load(xs + g * V::W), accg[r]), acc[r]);
     }
   }
   float out[NR];
@@ -292,9 +297,18 @@ void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t 
   xp.resize(size_t(M * w.K));
   q4_permute_x(x, ldx, M, w.K, xp.data());
   if (M == 1) {
+    thread_local std::vector<float> xs;  // [ng][W]: per group, the lane-wise sum of x over its chunks
+    const int64_t ng = w.K / w.group;
+    xs.resize(size_t(ng * V::W));
+    for (int64_t g = 0; g < ng; ++g) {
+      typename V::T t = V::zero();
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += QC)
+        t = V::add(t, V::add(V::load(xp.data() + k), V::load(xp.data() + k + V::W)));
+      V::store(xs.data() + g * V::W, t);
+    }
     int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) q4_tile<4>(xp.data(), w, n, y, bias);
-    for (; n < n1; ++n) q4_tile<1>(xp.data(), w, n, y, bias);
+    for (; n + 4 <= n1; n += 4) q4_tile<4>(xp.data(), xs.data(), w, n, y, bias);
+    for (; n < n1; ++n) q4_tile<1>(xp.data(), xs.data(), w, n, y, bias);
     return;
   }
   // Several rows of x: each weight is used M times, so dequantize a block of rows (~512 KB, in L2) once and run

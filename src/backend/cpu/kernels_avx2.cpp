@@ -20,6 +20,7 @@ struct V {
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T fnma(T a, T b, T c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a * b
   static T load_partial(const float* p, int n) {
     alignas(32) float buf[8] = {};
     std::memcpy(buf, p, size_t(n) * 4);

@@ -19,6 +19,7 @@ struct V {
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T fnma(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
   static __mmask16 mask(int n) { return __mmask16((1u << n) - 1u); }
   static T load_partial(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
   static T widen(__m256i h, DType wt) {
