@@ -73,6 +73,59 @@ TEST(Safetensors, WriteThenReadBack) {
   EXPECT_EQ(load_as_f32(bv.data, bv.dtype, 2), 3.25f);
 }
 
+// The streaming writer: with its header written into the reserved space, and with a reserve too small (the
+// header written exactly, the data copied after it: then the same bytes as write_safetensors, in pieces larger
+// than its copy buffer too). Nothing at the path before finish(); its scratch files gone after.
+TEST(Safetensors, StreamingWriterMatchesWholeWriter) {
+  TempDir d;
+  std::vector<TensorData> ts = {f32_tensor("z", {3}, 1.f), f32_tensor("a", {5, 700, 1000}, -2.f),
+                                TensorData{"e", DType::U8, {0}, {}}, f32_tensor("m", {1}, 7.f)};
+  write_safetensors(d.path + "/whole.safetensors", ts, {{"format", "pt"}});
+  auto read = [](const std::string& p) {
+    std::ifstream f(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), {});
+  };
+  const std::string whole = read(d.path + "/whole.safetensors");
+  const uint64_t data = uint64_t(4 * (3 + 5 * 700 * 1000 + 1));
+  for (uint64_t reserve : {uint64_t(4096), uint64_t(16)}) {
+    const std::string p = d.path + "/stream" + std::to_string(reserve) + ".safetensors";
+    {
+      SafetensorsWriter w(p, reserve);
+      for (const TensorData& t : ts) w.add(t);
+      EXPECT_FALSE(file_exists(p));
+      expect_error([&] { w.add(ts[0]); }, {"'z'", "twice"});
+      expect_error([&] { w.add(TensorData{"bad", DType::F32, {2}, {1, 2, 3}}); }, {"'bad'", "bytes for its shape"});
+      w.finish({{"format", "pt"}});
+      EXPECT_EQ(w.data_bytes(), data);
+    }
+    EXPECT_FALSE(file_exists(p + ".tmp"));
+    EXPECT_FALSE(file_exists(p + ".tmp2"));
+    const std::string got = read(p);
+    if (reserve == 16) {
+      EXPECT_TRUE(got == whole) << "sizes " << got.size() << " and " << whole.size();
+    } else {
+      EXPECT_EQ(got.size(), 8 + reserve + data);
+      EXPECT_TRUE(got.compare(8 + reserve, data, whole, whole.size() - data, data) == 0) << "the data differs";
+    }
+    SafetensorsFile f(p);
+    ASSERT_EQ(f.tensors().size(), 4u);
+    EXPECT_EQ(load_as_f32(f.tensors().at("a").data, DType::F32, 3'499'999), -2.f + 3'499'999.f);
+    EXPECT_EQ(load_as_f32(f.tensors().at("m").data, DType::F32, 0), 7.f);
+  }
+}
+
+// A writer dropped before finish() (an error in the middle of a quantization) leaves nothing behind.
+TEST(Safetensors, UnfinishedWriterLeavesNothing) {
+  TempDir d;
+  const std::string p = d.path + "/x.safetensors";
+  {
+    SafetensorsWriter w(p);
+    w.add(f32_tensor("a", {4}, 0.f));
+  }
+  EXPECT_FALSE(file_exists(p));
+  EXPECT_FALSE(file_exists(p + ".tmp"));
+}
+
 TEST(Safetensors, MalformedFilesAreRejectedWithTheirName) {
   TempDir d;
   const std::string p = d.path + "/m.safetensors";

@@ -1,6 +1,7 @@
 #include "io/safetensors.hpp"
 
 #include <nlohmann/json.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -131,33 +132,118 @@ uint64_t Checkpoint::total_bytes() const {
   return n;
 }
 
-void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+namespace {
+
+void check_size(const std::string& path, const TensorData& t) {
+  uint64_t numel = 1;
+  for (int64_t d : t.shape) numel *= uint64_t(d);
+  if (numel * dtype_size(t.dtype) != t.bytes.size())
+    throw Error(path + ": tensor '" + t.name + "' has " + std::to_string(t.bytes.size()) + " bytes for its shape");
+}
+
+// The 8-byte length and the JSON header, padded with spaces so that the data starts 8-byte aligned.
+std::string header_bytes(const json& header) {
+  std::string h = header.dump();
+  while ((h.size() + 8) % 8) h += ' ';  // keep the data 8-byte aligned, as the format recommends
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[size_t(i)] = char(uint8_t(uint64_t(h.size()) >> (8 * i)));
+  return out + h;
+}
+
+json header_json(const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
+  return header;
+}
+
+}  // namespace
+
+void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  json header = header_json(metadata);
   uint64_t off = 0;
   for (const TensorData& t : tensors) {
-    uint64_t numel = 1;
-    for (int64_t d : t.shape) numel *= uint64_t(d);
-    if (numel * dtype_size(t.dtype) != t.bytes.size())
-      throw Error(path + ": tensor '" + t.name + "' has " + std::to_string(t.bytes.size()) + " bytes for its shape");
+    check_size(path, t);
     header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {off, off + t.bytes.size()}}};
     off += t.bytes.size();
   }
-  std::string h = header.dump();
-  while ((h.size() + 8) % 8) h += ' ';  // keep the data 8-byte aligned, as the format recommends
+  const std::string h = header_bytes(header);
   const std::string tmp = path + ".tmp";
   FILE* f = std::fopen(tmp.c_str(), "wb");
   if (!f) throw Error(tmp + ": cannot create: " + std::strerror(errno));
-  uint8_t len[8];
-  for (int i = 0; i < 8; ++i) len[i] = uint8_t(uint64_t(h.size()) >> (8 * i));
-  bool ok = std::fwrite(len, 1, 8, f) == 8 && std::fwrite(h.data(), 1, h.size(), f) == h.size();
+  bool ok = std::fwrite(h.data(), 1, h.size(), f) == h.size();
   for (const TensorData& t : tensors) ok = ok && std::fwrite(t.bytes.data(), 1, t.bytes.size(), f) == t.bytes.size();
   ok = (std::fclose(f) == 0) && ok;
   if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
     std::remove(tmp.c_str());
     throw Error(path + ": write failed: " + std::strerror(errno));
   }
+}
+
+SafetensorsWriter::SafetensorsWriter(std::string path, uint64_t header_reserve)
+    : path_(std::move(path)), reserve_((std::max<uint64_t>(header_reserve, 8) + 7) / 8 * 8) {
+  const std::string tmp = path_ + ".tmp";
+  file_ = std::fopen(tmp.c_str(), "w+b");
+  if (!file_) throw Error(tmp + ": cannot create: " + std::strerror(errno));
+  const std::string blank(size_t(8 + reserve_), ' ');
+  if (std::fwrite(blank.data(), 1, blank.size(), file_) != blank.size())
+    throw Error(tmp + ": write failed: " + std::strerror(errno));
+}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (file_) std::fclose(file_);
+  if (!done_) {
+    std::remove((path_ + ".tmp").c_str());
+    std::remove((path_ + ".tmp2").c_str());
+  }
+}
+
+void SafetensorsWriter::add(const TensorData& t) {
+  if (done_) throw Error(path_ + ": tensor '" + t.name + "' added after the file was finished");
+  check_size(path_, t);
+  if (!names_.insert(t.name).second) throw Error(path_ + ": tensor '" + t.name + "' written twice");
+  if (std::fwrite(t.bytes.data(), 1, t.bytes.size(), file_) != t.bytes.size())
+    throw Error(path_ + ".tmp: write failed: " + std::strerror(errno));
+  entries_.push_back({t.name, t.dtype, t.shape, off_, off_ + t.bytes.size()});
+  off_ += t.bytes.size();
+}
+
+void SafetensorsWriter::finish(const std::map<std::string, std::string>& metadata) {
+  if (done_) throw Error(path_ + ": finished twice");
+  json header = header_json(metadata);
+  for (const Entry& e : entries_)
+    header[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {e.begin, e.end}}};
+  std::string h = header.dump();
+  const std::string tmp = path_ + ".tmp";
+  std::string done_file = tmp;
+  bool ok = std::fflush(file_) == 0;
+  if (h.size() <= reserve_) {  // in place: the header padded to the reserve
+    h.resize(size_t(reserve_), ' ');
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = uint8_t(reserve_ >> (8 * i));
+    ok = ok && std::fseek(file_, 0, SEEK_SET) == 0 && std::fwrite(len, 1, 8, file_) == 8 &&
+         std::fwrite(h.data(), 1, h.size(), file_) == h.size();
+  } else {  // the exact header, then the data copied after it
+    done_file = path_ + ".tmp2";
+    const std::string hb = header_bytes(header);
+    FILE* f = std::fopen(done_file.c_str(), "wb");
+    if (!f) throw Error(done_file + ": cannot create: " + std::strerror(errno));
+    ok = ok && std::fseek(file_, long(8 + reserve_), SEEK_SET) == 0 && std::fwrite(hb.data(), 1, hb.size(), f) == hb.size();
+    std::vector<char> buf(size_t(8) << 20);
+    uint64_t copied = 0;
+    while (ok && copied < off_) {
+      const size_t n = std::fread(buf.data(), 1, size_t(std::min<uint64_t>(buf.size(), off_ - copied)), file_);
+      ok = n > 0 && std::fwrite(buf.data(), 1, n, f) == n;
+      copied += n;
+    }
+    ok = (std::fclose(f) == 0) && ok;
+  }
+  ok = (std::fclose(file_) == 0) && ok;
+  file_ = nullptr;
+  if (!ok || std::rename(done_file.c_str(), path_.c_str()) != 0)
+    throw Error(path_ + ": write failed: " + std::strerror(errno));  // the destructor removes the scratch files
+  done_ = true;
+  std::remove(tmp.c_str());  // the unused one when the header did not fit (else already renamed)
 }
 
 }  // namespace llmq

@@ -5,8 +5,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -75,5 +77,38 @@ struct TensorData {
 // file. Tensors are laid out in the order given; metadata goes into "__metadata__".
 void write_safetensors(const std::string& path, const std::vector<TensorData>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// Writes one safetensors file tensor by tensor for outputs too large to hold (a quantized 7B+ checkpoint): the
+// file `path + ".tmp"` starts with `header_reserve` bytes kept for the header, each add() appends a tensor's
+// bytes and keeps only its name, dtype and shape, and finish() writes the header into the reserved space
+// (padded with spaces, which the format allows) and renames the file over `path`. A header larger than the
+// reserve is written exactly, with the data copied after it into a new file (slower, same tensors). Tensors lie
+// in the order added. Until finish() returns nothing exists at `path`; a writer destroyed unfinished removes
+// its files.
+class SafetensorsWriter {
+ public:
+  explicit SafetensorsWriter(std::string path, uint64_t header_reserve = 64 * 1024);
+  ~SafetensorsWriter();
+  SafetensorsWriter(const SafetensorsWriter&) = delete;
+  SafetensorsWriter& operator=(const SafetensorsWriter&) = delete;
+  void add(const TensorData& t);
+  void finish(const std::map<std::string, std::string>& metadata = {});
+  uint64_t data_bytes() const { return off_; }
+
+ private:
+  struct Entry {
+    std::string name;
+    DType dtype;
+    std::vector<int64_t> shape;
+    uint64_t begin, end;
+  };
+  std::string path_;
+  uint64_t reserve_;
+  std::FILE* file_ = nullptr;
+  std::vector<Entry> entries_;
+  std::set<std::string> names_;
+  uint64_t off_ = 0;
+  bool done_ = false;
+};
 
 }  // namespace llmq

@@ -240,7 +240,31 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   qc.acts = m == "fp8" ? ActQuant::Fp8Tensor : m == "int8-sq" ? (opt.act_static ? ActQuant::Int8Tensor : ActQuant::Int8Token)
                                                                : ActQuant::None;
 
-  std::vector<TensorData> out;
+  // The checkpoint is written into a temporary directory beside the target, tensor by tensor as each layer is
+  // done (memory holds one layer's outputs, not the model's), and renamed into place at the end; on any error
+  // the guard removes it, so an interrupted run never leaves a directory that loads.
+  const std::string tmp = out_dir + ".tmp-" + std::to_string(::getpid());
+  struct TmpDir {
+    std::string dir;
+    bool keep = false;
+    ~TmpDir() {
+      std::error_code ec;
+      if (!keep) fs::remove_all(dir, ec);
+    }
+  } tmp_dir{tmp};
+  {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp, ec);
+    if (ec) throw Error(tmp + ": cannot create: " + ec.message());
+  }
+  // Header space: ~130 bytes a tensor, up to ~30 tensors a layer; a larger header still works (copied once).
+  SafetensorsWriter writer(tmp + "/model.safetensors", 4096 + uint64_t(c.layers) * 4096);
+  std::vector<TensorData> out;  // the current layer's tensors, until flush() hands them to the writer
+  auto flush = [&] {
+    for (const TensorData& t : out) writer.add(t);
+    out.clear();
+  };
   auto copy_tensor = [&](const TensorView& t) {
     out.push_back({t.name, t.dtype, t.shape,
                    std::vector<uint8_t>(static_cast<const uint8_t*>(t.data), static_cast<const uint8_t*>(t.data) + t.nbytes())});
@@ -248,6 +272,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   copy_tensor(model.embed());
   copy_tensor(model.checkpoint().get("model.norm.weight"));
   if (!c.tie_embeddings) copy_tensor(*model.lm_head().w);
+  flush();
 
   uint64_t q_bytes = 0, q_params = 0;
   double max_damp = opt.damp;
@@ -363,41 +388,37 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
       rep.calib_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
       st.sites[size_t(li)] = {};  // free this layer's Hessians
     }
+    flush();
     log("  layer " + std::to_string(li + 1) + "/" + std::to_string(c.layers) + " quantized");
   }
   if (max_damp > opt.damp) rep.notes.push_back("GPTQ raised the dampening to " + std::to_string(max_damp) + " for some layers");
   rep.bits_per_weight = q_params ? double(q_bytes) * 8.0 / double(q_params) : 0;
-  for (auto& t : out) rep.bytes_out += t.bytes.size();
+  rep.bytes_out = writer.data_bytes();
 
-  // Write everything into a temporary directory beside the target, then rename it into place.
-  const std::string tmp = out_dir + ".tmp-" + std::to_string(::getpid());
-  try {
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-    write_safetensors(tmp + "/model.safetensors", out, {{"format", "pt"}});
-    json cfg = json::parse(read_text_file(in_dir + "/config.json"));
-    json qj = json::parse(quant_config_json(qc));
-    if (need_calib)
-      qj["calibration"] = {{"file", fs::path(opt.calib).filename().string()}, {"samples", rep.calib_samples},
-                           {"seq_len", opt.calib_seq_len}, {"tokens", rep.calib_tokens}};
-    if (m == "int8-sq") qj["sq_alpha"] = opt.sq_alpha;
-    if (m == "fp8" || opt.kv == KvFormat::Fp8) qj["fp8_headroom"] = opt.fp8_headroom;
-    if (m == "w4a16-gptq") qj["act_order"] = opt.act_order;
-    cfg["quantization_config"] = qj;
-    {
-      std::ofstream f(tmp + "/config.json");
-      f << cfg.dump(2) << "\n";
-      if (!f) throw Error(tmp + "/config.json: write failed");
-    }
-    for (const char* name : {"tokenizer.json", "tokenizer.json.gz", "tokenizer_config.json", "generation_config.json",
-                             "special_tokens_map.json", "tokenizer.model"})
-      if (file_exists(in_dir + "/" + name)) copy_file(in_dir + "/" + name, tmp + "/" + name);
-    fs::rename(tmp, out_dir);
-  } catch (...) {
-    std::error_code ec;
-    fs::remove_all(tmp, ec);
-    throw;
+  writer.finish({{"format", "pt"}});
+  json cfg = json::parse(read_text_file(in_dir + "/config.json"));
+  json qj = json::parse(quant_config_json(qc));
+  if (need_calib)
+    qj["calibration"] = {{"file", fs::path(opt.calib).filename().string()}, {"samples", rep.calib_samples},
+                         {"seq_len", opt.calib_seq_len}, {"tokens", rep.calib_tokens}};
+  if (m == "int8-sq") qj["sq_alpha"] = opt.sq_alpha;
+  if (m == "fp8" || opt.kv == KvFormat::Fp8) qj["fp8_headroom"] = opt.fp8_headroom;
+  if (m == "w4a16-gptq") qj["act_order"] = opt.act_order;
+  cfg["quantization_config"] = qj;
+  {
+    std::ofstream f(tmp + "/config.json");
+    f << cfg.dump(2) << "\n";
+    if (!f) throw Error(tmp + "/config.json: write failed");
   }
+  for (const char* name : {"tokenizer.json", "tokenizer.json.gz", "tokenizer_config.json", "generation_config.json",
+                           "special_tokens_map.json", "tokenizer.model"})
+    if (file_exists(in_dir + "/" + name)) copy_file(in_dir + "/" + name, tmp + "/" + name);
+  {
+    std::error_code ec;
+    fs::rename(tmp, out_dir, ec);
+    if (ec) throw Error(out_dir + ": cannot move the finished checkpoint into place: " + ec.message());
+  }
+  tmp_dir.keep = true;
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rep;
 }
