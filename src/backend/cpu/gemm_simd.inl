@@ -191,7 +191,8 @@ void gemm_t(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, in
 // Codes are taken a chunk of QC = 2W columns (W bytes) at a time: one widening load gives the even columns (low
 // nibbles) in one vector and the odd columns (high nibbles) in another. x is permuted to match once per call (each
 // chunk as its even columns, then its odd ones), so both operands see the same permutation of k and the dot
-// products are unchanged up to FP32 summation order. Dequantization is the reference's: (q - z) * s, one rounding.
+// products are unchanged up to FP32 summation order. Several rows of x: the weights dequantized as the reference
+// does, (q - z) * s, one rounding; one row: per-group sums on the codes (q4_tile).
 constexpr int64_t QC = 2 * V::W;
 
 // dst[m, :] = x[m, :] with every QC-chunk of columns reordered as (even columns, odd columns); K % QC == 0.
@@ -276,50 +277,44 @@ void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DTyp
 void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
              const float* bias) {
   thread_local std::vector<float> xp, buf;
-  if (w.group % QC != 0) {
-    // AVX-512 hands groups of 16, 48, ... to AVX2, whose chunk divides them. Other groups: blocks of rows
-    // dequantized by the scalar definition, in column order, into the FP32 GEMM.
-    if (V::W == 16 && w.group % 16 == 0) return avx2::gemm_q4(x, ldx, M, w, n0, n1, y, ldy, bias);
-    const int64_t rb = std::max<int64_t>(NP, (int64_t(512 * 1024) / (w.K * 4)) / NP * NP);
-    const int64_t ng = w.K / w.group;
+  // Blocks of rows (~512 KB of FP32, in L2) dequantized by `dequant` into buf, each multiplied by the FP32 GEMM
+  // (which packs panels from kGemmPackMinM rows of x on): each weight is then widened once for all M rows.
+  const int64_t rb = std::max<int64_t>(NP, (int64_t(512 * 1024) / (w.K * 4)) / NP * NP);
+  auto by_blocks = [&](const float* xx, int64_t ldxx, auto&& dequant) {
     buf.resize(size_t(rb * w.K));
     for (int64_t r0 = n0; r0 < n1; r0 += rb) {
       const int64_t r1 = std::min(n1, r0 + rb);
+      dequant(r0, r1);
+      gemm_t<DType::F32>(xx, ldxx, M, w.K, buf.data(), w.K, 0, r1 - r0, y + r0, ldy, bias ? bias + r0 : nullptr);
+    }
+  };
+  const int64_t ng = w.K / w.group;
+  if (w.group % QC != 0) {
+    // AVX-512 hands groups of 16, 48, ... to AVX2, whose chunk divides them. Other groups: the scalar
+    // definition, in column order.
+    if (V::W == 16 && w.group % 16 == 0) return avx2::gemm_q4(x, ldx, M, w, n0, n1, y, ldy, bias);
+    return by_blocks(x, ldx, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t k = 0; k < w.K; ++k) {
           const quant::Int4Params p{w.scale[r * ng + k / w.group], w.zero[r * ng + k / w.group]};
           buf[size_t((r - r0) * w.K + k)] = quant::dequant_int4(quant::unpack_int4(w.q + r * (w.K / 2), k), p);
         }
-      gemm_t<DType::F32>(x, ldx, M, w.K, buf.data(), w.K, 0, r1 - r0, y + r0, ldy, bias ? bias + r0 : nullptr);
-    }
-    return;
+    });
   }
   xp.resize(size_t(M * w.K));
   q4_permute_x(x, ldx, M, w.K, xp.data());
-  if (M == 1) {
-    thread_local std::vector<float> xs;  // [ng][W]: per group, the lane-wise sum of x over its chunks
-    const int64_t ng = w.K / w.group;
-    xs.resize(size_t(ng * V::W));
-    for (int64_t g = 0; g < ng; ++g) {
-      typename V::T t = V::zero();
-      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += QC)
-        t = V::add(t, V::add(V::load(xp.data() + k), V::load(xp.data() + k + V::W)));
-      V::store(xs.data() + g * V::W, t);
-    }
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) q4_tile<4>(xp.data(), xs.data(), w, n, y, bias);
-    for (; n < n1; ++n) q4_tile<1>(xp.data(), xs.data(), w, n, y, bias);
-    return;
+  if (M > 1) return by_blocks(xp.data(), w.K, [&](int64_t r0, int64_t r1) { q4_dequant_rows(w, r0, r1, buf.data()); });
+  thread_local std::vector<float> xs;  // [ng][W]: per group, the lane-wise sum of x over its chunks
+  xs.resize(size_t(ng * V::W));
+  for (int64_t g = 0; g < ng; ++g) {
+    typename V::T t = V::zero();
+    for (int64_t k = g * w.group; k < (g + 1) * w.group; k += QC)
+      t = V::add(t, V::add(V::load(xp.data() + k), V::load(xp.data() + k + V::W)));
+    V::store(xs.data() + g * V::W, t);
   }
-  // Several rows of x: each weight is used M times, so dequantize a block of rows (~512 KB, in L2) once and run
-  // the FP32 GEMM on it (which packs panels from kGemmPackMinM rows on).
-  const int64_t rb = std::max<int64_t>(NP, (int64_t(512 * 1024) / (w.K * 4)) / NP * NP);
-  buf.resize(size_t(rb * w.K));
-  for (int64_t r0 = n0; r0 < n1; r0 += rb) {
-    const int64_t r1 = std::min(n1, r0 + rb);
-    q4_dequant_rows(w, r0, r1, buf.data());
-    gemm_t<DType::F32>(xp.data(), w.K, M, w.K, buf.data(), w.K, 0, r1 - r0, y + r0, ldy, bias ? bias + r0 : nullptr);
-  }
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) q4_tile<4>(xp.data(), xs.data(), w, n, y, bias);
+  for (; n < n1; ++n) q4_tile<1>(xp.data(), xs.data(), w, n, y, bias);
 }
 
 // Exact integer GEMM: y[m, n] = sum_k x[m, k] * w[n, k] in int32, rows [n0, n1). Both int8, K-contiguous.
