@@ -1,7 +1,11 @@
 // The command-line contract (DESIGN.md): exit 0 on success, 2 on a usage error, 1 with exactly one line
 // `llmq: error: <what>` on stderr for anything else; --json prints one JSON object with the documented keys.
+#include <fcntl.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
 
 #include <fstream>
 
@@ -218,6 +222,38 @@ TEST(Cli, QuantizeEvalInspectJson) {
   EXPECT_GE(ji["recommendations"].size(), 4u);
   expect_one_line_error(run("quantize " + demo() + " -o " + d + "/q --method w8a16"), "already exists");
   EXPECT_EQ(run("quantize " + demo() + " -o " + d + "/z --method int3").code, 2);
+  [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
+}
+
+// Ctrl-C in the middle of a quantization: the process dies of SIGINT and leaves neither the target nor its
+// temporary directory (whose safetensors is being written layer by layer at that point).
+TEST(Cli, InterruptedQuantizeLeavesNothing) {
+  char tmpl[] = "/tmp/llmq-cliint-XXXXXX";
+  const std::string d = mkdtemp(tmpl);
+  const std::string out = d + "/q", c4 = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const int devnull = ::open("/dev/null", O_WRONLY);
+    ::dup2(devnull, 1);
+    ::dup2(devnull, 2);
+    ::execl(LLMQ_BINARY, LLMQ_BINARY, "quantize", demo().c_str(), "-o", out.c_str(), "--method", "w4a16-gptq",
+            "--calib", c4.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  const std::string tmp = out + ".tmp-" + std::to_string(pid);
+  bool seen = false;
+  for (int i = 0; i < 6000 && !seen; ++i) {  // up to 60 s for the calibration text to load
+    seen = file_exists(tmp + "/model.safetensors.tmp");
+    if (!seen) ::usleep(10000);
+  }
+  ::kill(pid, SIGINT);
+  int st = 0;
+  ASSERT_EQ(::waitpid(pid, &st, 0), pid);
+  EXPECT_TRUE(seen) << "the temporary checkpoint never appeared";
+  EXPECT_TRUE(WIFSIGNALED(st) && WTERMSIG(st) == SIGINT) << "status " << st;
+  EXPECT_FALSE(std::filesystem::exists(out));
+  EXPECT_FALSE(std::filesystem::exists(tmp)) << "the temporary directory is left";
   [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
 }
 

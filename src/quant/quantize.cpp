@@ -3,6 +3,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <csignal>
+#include <cstdio>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -23,6 +26,59 @@ using json = nlohmann::json;
 const std::vector<std::string> kMethods = {"fp8", "int8-sq", "w8a16", "w4a16-rtn", "w4a16-awq", "w4a16-gptq"};
 
 namespace {
+
+// Files a quantization writes into its temporary directory besides the safetensors.
+constexpr std::array<const char*, 6> kCopiedFiles = {"tokenizer.json",         "tokenizer.json.gz",
+                                                     "tokenizer_config.json",  "generation_config.json",
+                                                     "special_tokens_map.json", "tokenizer.model"};
+
+// Ctrl-C (or SIGTERM, SIGHUP) during a quantization: the handler removes the temporary directory's files and the
+// directory (unlink and rmdir are async-signal-safe; the paths are made before it is armed) and then dies of the
+// same signal, so an interrupted run leaves no multi-GB leftovers beside the target.
+constexpr int kCleanupSlots = int(kCopiedFiles.size()) + 3;
+char g_cleanup_files[kCleanupSlots][4096];
+char g_cleanup_dir[4096];
+volatile std::sig_atomic_t g_cleanup_armed = 0;
+
+extern "C" void remove_tmp_and_die(int sig) {
+  if (g_cleanup_armed) {
+    for (const char* f : g_cleanup_files)
+      if (f[0]) ::unlink(f);
+    ::rmdir(g_cleanup_dir);
+  }
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+class SignalCleanup {
+ public:
+  explicit SignalCleanup(const std::string& dir) {
+    std::vector<std::string> files = {dir + "/model.safetensors.tmp", dir + "/model.safetensors", dir + "/config.json"};
+    for (const char* f : kCopiedFiles) files.push_back(dir + "/" + f);
+    if (dir.size() >= sizeof g_cleanup_dir) return;  // not armed: a path this long is not worth truncating
+    for (size_t i = 0; i < files.size(); ++i)
+      std::snprintf(g_cleanup_files[i], sizeof g_cleanup_files[i], "%s", files[i].size() < 4096 ? files[i].c_str() : "");
+    std::snprintf(g_cleanup_dir, sizeof g_cleanup_dir, "%s", dir.c_str());
+    struct sigaction sa {};
+    sa.sa_handler = remove_tmp_and_die;
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &sa, &old_[i]);
+    g_cleanup_armed = 1;
+    armed_ = true;
+  }
+  ~SignalCleanup() {
+    if (!armed_) return;
+    g_cleanup_armed = 0;
+    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &old_[i], nullptr);
+  }
+  SignalCleanup(const SignalCleanup&) = delete;
+  SignalCleanup& operator=(const SignalCleanup&) = delete;
+
+ private:
+  static constexpr int kSignals[3] = {SIGINT, SIGTERM, SIGHUP};
+  struct sigaction old_[3] {};
+  bool armed_ = false;
+};
 
 // Float working copy of one decoder layer.
 struct FLayer {
@@ -259,6 +315,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
     if (ec) throw Error(tmp + ": cannot create: " + ec.message());
   }
   // Header space: ~130 bytes a tensor, up to ~30 tensors a layer; a larger header still works (copied once).
+  const SignalCleanup on_signal(tmp);
   SafetensorsWriter writer(tmp + "/model.safetensors", 4096 + uint64_t(c.layers) * 4096);
   std::vector<TensorData> out;  // the current layer's tensors, until flush() hands them to the writer
   auto flush = [&] {
@@ -410,8 +467,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
     f << cfg.dump(2) << "\n";
     if (!f) throw Error(tmp + "/config.json: write failed");
   }
-  for (const char* name : {"tokenizer.json", "tokenizer.json.gz", "tokenizer_config.json", "generation_config.json",
-                           "special_tokens_map.json", "tokenizer.model"})
+  for (const char* name : kCopiedFiles)
     if (file_exists(in_dir + "/" + name)) copy_file(in_dir + "/" + name, tmp + "/" + name);
   {
     std::error_code ec;
