@@ -172,7 +172,8 @@ void write_safetensors(const std::string& path, const std::vector<TensorData>& t
   FILE* f = std::fopen(tmp.c_str(), "wb");
   if (!f) throw Error(tmp + ": cannot create: " + std::strerror(errno));
   bool ok = std::fwrite(h.data(), 1, h.size(), f) == h.size();
-  for (const TensorData& t : tensors) ok = ok && std::fwrite(t.bytes.data(), 1, t.bytes.size(), f) == t.bytes.size();
+  for (const TensorData& t : tensors)  // (an empty tensor has no bytes, and maybe no buffer to pass)
+    ok = ok && (t.bytes.empty() || std::fwrite(t.bytes.data(), 1, t.bytes.size(), f) == t.bytes.size());
   ok = (std::fclose(f) == 0) && ok;
   if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
     std::remove(tmp.c_str());
@@ -202,7 +203,7 @@ void SafetensorsWriter::add(const TensorData& t) {
   if (done_) throw Error(path_ + ": tensor '" + t.name + "' added after the file was finished");
   check_size(path_, t);
   if (!names_.insert(t.name).second) throw Error(path_ + ": tensor '" + t.name + "' written twice");
-  if (std::fwrite(t.bytes.data(), 1, t.bytes.size(), file_) != t.bytes.size())
+  if (!t.bytes.empty() && std::fwrite(t.bytes.data(), 1, t.bytes.size(), file_) != t.bytes.size())
     throw Error(path_ + ".tmp: write failed: " + std::strerror(errno));
   entries_.push_back({t.name, t.dtype, t.shape, off_, off_ + t.bytes.size()});
   off_ += t.bytes.size();
