@@ -4,10 +4,10 @@
 
 #include <algorithm>
 #include <array>
-#include <csignal>
-#include <cstdio>
 #include <chrono>
 #include <cmath>
+#include <csignal>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -27,7 +27,7 @@ const std::vector<std::string> kMethods = {"fp8", "int8-sq", "w8a16", "w4a16-rtn
 
 namespace {
 
-// Files a quantization writes into its temporary directory besides the safetensors.
+// Files a quantization copies into its temporary directory beside the safetensors and config.json.
 constexpr std::array<const char*, 6> kCopiedFiles = {"tokenizer.json",         "tokenizer.json.gz",
                                                      "tokenizer_config.json",  "generation_config.json",
                                                      "special_tokens_map.json", "tokenizer.model"};
@@ -314,8 +314,8 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
     fs::create_directories(tmp, ec);
     if (ec) throw Error(tmp + ": cannot create: " + ec.message());
   }
-  // Header space: ~130 bytes a tensor, up to ~30 tensors a layer; a larger header still works (copied once).
   const SignalCleanup on_signal(tmp);
+  // Header space: ~130 bytes a tensor, up to ~30 tensors a layer; a larger header still works (copied once).
   SafetensorsWriter writer(tmp + "/model.safetensors", 4096 + uint64_t(c.layers) * 4096);
   std::vector<TensorData> out;  // the current layer's tensors, until flush() hands them to the writer
   auto flush = [&] {
