@@ -276,7 +276,7 @@ void gemm(const float* x, int64_t ldx, int64_t M, int64_t K, const void* w, DTyp
 
 void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y, int64_t ldy,
              const float* bias) {
-  thread_local std::vector<float> xp, buf;
+  thread_local std::vector<float> xp, buf;  // one token's permuted x (K floats) and a dequantized block (~512 KB)
   // Blocks of rows (~512 KB of FP32, in L2) dequantized by `dequant` into buf, each multiplied by the FP32 GEMM
   // (which packs panels from kGemmPackMinM rows of x on): each weight is then widened once for all M rows.
   const int64_t rb = std::max<int64_t>(NP, (int64_t(512 * 1024) / (w.K * 4)) / NP * NP);
@@ -301,9 +301,13 @@ void gemm_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t 
         }
     });
   }
-  xp.resize(size_t(M * w.K));
-  q4_permute_x(x, ldx, M, w.K, xp.data());
-  if (M > 1) return by_blocks(xp.data(), w.K, [&](int64_t r0, int64_t r1) { q4_dequant_rows(w, r0, r1, buf.data()); });
+  if (M > 1) {  // x permuted into a buffer of this call only: M * K floats, too many to keep for a long prompt
+    std::vector<float> xm(size_t(M * w.K));
+    q4_permute_x(x, ldx, M, w.K, xm.data());
+    return by_blocks(xm.data(), w.K, [&](int64_t r0, int64_t r1) { q4_dequant_rows(w, r0, r1, buf.data()); });
+  }
+  xp.resize(size_t(w.K));
+  q4_permute_x(x, ldx, 1, w.K, xp.data());
   thread_local std::vector<float> xs;  // [ng][W]: per group, the lane-wise sum of x over its chunks
   xs.resize(size_t(ng * V::W));
   for (int64_t g = 0; g < ng; ++g) {
