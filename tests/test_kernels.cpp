@@ -192,8 +192,8 @@ TEST(Kernels, Int4GroupGemmMatchesReference) {
           set_isa(Isa::Scalar);
           for (int64_t m = 0; m < M; ++m) {
             for (int64_t n = 0; n < N; ++n) {
-              // mag bounds the reference's rounding (sum |x w|); mag_codes the fused kernel's, which sums x q and
-              // subtracts z sum x per group (sum |x| (q + z) s)
+              // mag bounds the rounding of a sum of x w (the reference, and the SIMD paths from two rows of x on);
+              // mag_codes that of the one-token SIMD path, which sums x q and subtracts z sum x per group
               double mag = std::abs(b ? b[n] : 0.f), mag_codes = mag, dot = b ? b[n] : 0.f;
               for (int64_t k = 0; k < K; ++k) {
                 const size_t gi = size_t(n * ng + k / sh.group);
@@ -209,7 +209,8 @@ TEST(Kernels, Int4GroupGemmMatchesReference) {
                                      std::to_string(sh.group) + " M" + std::to_string(M) + " N" + std::to_string(N) +
                                      " at " + std::to_string(m) + "," + std::to_string(n);
               ASSERT_LE(std::abs(ref[size_t(m * ldy + n)] - dot), tol) << at << " (reference)";
-              ASSERT_LE(std::abs(got[size_t(m * ldy + n)] - dot), tol_codes) << at;
+              const bool code_sums = M == 1 && isa != Isa::Scalar && sh.group % 16 == 0;  // q4_tile's path
+              ASSERT_LE(std::abs(got[size_t(m * ldy + n)] - dot), code_sums ? tol_codes : tol) << at;
             }
             for (int64_t n = N; n < ldy; ++n) ASSERT_TRUE(std::isnan(got[size_t(m * ldy + n)])) << "wrote past N";
           }

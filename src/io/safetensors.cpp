@@ -141,13 +141,20 @@ void check_size(const std::string& path, const TensorData& t) {
     throw Error(path + ": tensor '" + t.name + "' has " + std::to_string(t.bytes.size()) + " bytes for its shape");
 }
 
-// The 8-byte length and the JSON header, padded with spaces so that the data starts 8-byte aligned.
-std::string header_bytes(const json& header) {
+// The 8-byte length and the JSON header, padded with spaces to `size` bytes when it fits (else to the next
+// multiple of 8 past 8 + its length), so that the data starts 8-byte aligned, as the format recommends.
+std::string header_bytes(const json& header, uint64_t size = 0) {
   std::string h = header.dump();
-  while ((h.size() + 8) % 8) h += ' ';  // keep the data 8-byte aligned, as the format recommends
+  if (h.size() + 8 <= size) h.resize(size_t(size - 8), ' ');
+  while ((h.size() + 8) % 8) h += ' ';
   std::string out(8, '\0');
   for (int i = 0; i < 8; ++i) out[size_t(i)] = char(uint8_t(uint64_t(h.size()) >> (8 * i)));
   return out + h;
+}
+
+void add_entry(json& header, const std::string& name, DType dtype, const std::vector<int64_t>& shape, uint64_t begin,
+               uint64_t end) {
+  header[name] = {{"dtype", dtype_name(dtype)}, {"shape", shape}, {"data_offsets", {begin, end}}};
 }
 
 json header_json(const std::map<std::string, std::string>& metadata) {
@@ -164,7 +171,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorData>& t
   uint64_t off = 0;
   for (const TensorData& t : tensors) {
     check_size(path, t);
-    header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {off, off + t.bytes.size()}}};
+    add_entry(header, t.name, t.dtype, t.shape, off, off + t.bytes.size());
     off += t.bytes.size();
   }
   const std::string h = header_bytes(header);
@@ -212,21 +219,15 @@ void SafetensorsWriter::add(const TensorData& t) {
 void SafetensorsWriter::finish(const std::map<std::string, std::string>& metadata) {
   if (done_) throw Error(path_ + ": finished twice");
   json header = header_json(metadata);
-  for (const Entry& e : entries_)
-    header[e.name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {e.begin, e.end}}};
-  std::string h = header.dump();
+  for (const Entry& e : entries_) add_entry(header, e.name, e.dtype, e.shape, e.begin, e.end);
+  const std::string hb = header_bytes(header, 8 + reserve_);
   const std::string tmp = path_ + ".tmp";
   std::string done_file = tmp;
   bool ok = std::fflush(file_) == 0;
-  if (h.size() <= reserve_) {  // in place: the header padded to the reserve
-    h.resize(size_t(reserve_), ' ');
-    uint8_t len[8];
-    for (int i = 0; i < 8; ++i) len[i] = uint8_t(reserve_ >> (8 * i));
-    ok = ok && std::fseek(file_, 0, SEEK_SET) == 0 && std::fwrite(len, 1, 8, file_) == 8 &&
-         std::fwrite(h.data(), 1, h.size(), file_) == h.size();
-  } else {  // the exact header, then the data copied after it
+  if (hb.size() == 8 + reserve_) {  // in place: the header padded to the reserve
+    ok = ok && std::fseek(file_, 0, SEEK_SET) == 0 && std::fwrite(hb.data(), 1, hb.size(), file_) == hb.size();
+  } else {  // the header past the reserve, then the data copied after it
     done_file = path_ + ".tmp2";
-    const std::string hb = header_bytes(header);
     FILE* f = std::fopen(done_file.c_str(), "wb");
     if (!f) throw Error(done_file + ": cannot create: " + std::strerror(errno));
     ok = ok && std::fseek(file_, long(8 + reserve_), SEEK_SET) == 0 && std::fwrite(hb.data(), 1, hb.size(), f) == hb.size();

@@ -182,7 +182,6 @@ float dot(const float* a, const float* b, int64_t n) {
   }
 }
 
-
 }  // namespace llmq::cpu
 
 namespace llmq::cpu {

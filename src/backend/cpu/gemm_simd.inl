@@ -409,7 +409,6 @@ float dot(const float* a, const float* b, int64_t n) {
   return V::reduce(V::add(acc0, acc1));
 }
 
-
 }  // namespace llmq::cpu::LLMQ_ISA_NS
 
 namespace llmq::cpu::LLMQ_ISA_NS {

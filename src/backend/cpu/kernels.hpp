@@ -63,8 +63,8 @@ struct Q4Matrix {
   int64_t K, group;
 };
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) with w dequantized as above, fused: the weights are read as
-// codes and never exist whole in FP32. Multi-threaded over N like matmul. The SIMD versions take groups that
-// are multiples of 16; other group sizes run the reference.
+// codes and never exist whole in FP32. Multi-threaded over N like matmul. The SIMD versions decode groups that
+// are multiples of 16 in registers; other group sizes are dequantized by the scalar code into their FP32 GEMM.
 void matmul_q4(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t N, float* y, int64_t ldy,
                const float* bias);
 using GemmQ4Fn = void (*)(const float* x, int64_t ldx, int64_t M, const Q4Matrix& w, int64_t n0, int64_t n1, float* y,

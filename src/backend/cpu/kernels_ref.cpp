@@ -59,5 +59,4 @@ float dot_ref(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-
 }  // namespace llmq::cpu
