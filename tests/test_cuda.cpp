@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <functional>
 #include <random>
+#include <tuple>
 
 #include "test_util.hpp"
 
@@ -18,6 +19,7 @@
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/elementwise.cuh"
 #include "backend/cuda/engine.hpp"
+#include "backend/cuda/fp8_sw.hpp"
 #include "backend/cuda/gemm_lt.hpp"
 #include "backend/cuda/gemv.cuh"
 #include "backend/cuda/wgemm.cuh"
@@ -881,6 +883,27 @@ TEST(CudaMatmul, NormEpilogueMatchesReference) {
           if (HasFailure()) return;
         }
       }
+}
+
+// Host code only (runs without a GPU): the FP8 conversion that sm_80 runs (fp8_sw.hpp) gives the CPU reference's
+// value for every code in both halves of a pair, with the other half set to every code too (the halves must
+// not leak into each other); NaN codes stay NaN.
+TEST(CudaHost, SoftwareFp8ConversionMatchesReference) {
+  for (uint32_t a = 0; a < 256; ++a)
+    for (uint32_t b = 0; b < 256; ++b) {
+      const float2 f = fp8x2_to_float2_sw(a | (b << 8));
+      const float ra = quant::fp8_to_f32(uint8_t(a)), rb = quant::fp8_to_f32(uint8_t(b));
+      for (const auto& [got, want, code] : {std::tuple{f.x, ra, a}, std::tuple{f.y, rb, b}}) {
+        if (std::isnan(want)) {
+          ASSERT_TRUE(std::isnan(got)) << "code " << code;
+        } else {
+          uint32_t gb, wb;
+          std::memcpy(&gb, &got, 4);
+          std::memcpy(&wb, &want, 4);
+          ASSERT_EQ(gb, wb) << "code " << code << ": " << got << " != " << want;  // bitwise: -0 stays -0
+        }
+      }
+    }
 }
 
 // Host code only (runs without a GPU): the prefill tiles are runs of one sequence's consecutive batch entries,

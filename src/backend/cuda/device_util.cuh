@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/fp8_sw.hpp"
+
 namespace llmq::cuda {
 
 // Programmatic dependent launch (sm_90+; no-ops below, and when the kernel was launched without it). A kernel
@@ -75,14 +77,24 @@ __device__ __forceinline__ float silu_mul(float gate, float up) { return gate / 
 __device__ __forceinline__ float bf16lo(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf16hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
 
+// E4M3FN codes to floats: in hardware on sm_89+, below it by fp8_sw.hpp (the library's software path took NVVM
+// minutes per file for compute_80).
 __device__ __forceinline__ float fp8_to_float(uint8_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  return fp8x2_to_float2_sw(b).x;
+#else
   __half_raw h = __nv_cvt_fp8_to_halfraw(b, __NV_E4M3);
   return __half2float(__half(h));
+#endif
 }
 // Two E4M3 codes (low byte first) to two floats.
 __device__ __forceinline__ float2 fp8x2_to_float2(uint16_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  return fp8x2_to_float2_sw(b);
+#else
   __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(b, __NV_E4M3);
   return __half22float2(__half2(h));
+#endif
 }
 // Round to nearest even, saturating at +-448 (the CPU reference quant::f32_to_fp8).
 __device__ __forceinline__ uint8_t float_to_fp8(float x) { return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3); }
