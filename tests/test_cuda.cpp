@@ -2090,10 +2090,13 @@ TEST(CudaModel, EveryFormatMatchesCpuEngine) {
     const double pc = perplexity(*cpu, ids, 512, 32, nullptr).ppl, pg = perplexity(*gpu, ids, 512, 32, nullptr).ppl;
     auto [cd, cp] = decode_and_prefill_nll(*cpu, dec_ids);
     auto [gd, gp] = decode_and_prefill_nll(*gpu, dec_ids);
-    EXPECT_NEAR(cd, cp, 1e-4) << v.name << ": the CPU's decode and prefill disagree";
     // Formats that round activations or K/V to codes (W8A8, a quantized KV cache) flip codes on last-bit
-    // differences; weight-only formats with a BF16 cache do not.
+    // differences; weight-only formats with a BF16 cache do not. That holds for the CPU's own two paths too: its
+    // decode tile ends in horizontal sums of SIMD lanes, its prefill panels in one FMA chain per output, so
+    // only the scalar ISA sums both the same way (fp8, CPU mean nll decode minus prefill: AVX2 -6.2e-4 on the
+    // AMD EPYC dev VM, 0 with LLMQ_ISA=scalar; +1.6e-3 on the H100 machine's host, with an FP8 KV cache -4.0e-3).
     const bool codes = m.quant().acts != ActQuant::None || m.quant().kv != KvFormat::None;
+    EXPECT_NEAR(cd, cp, codes ? 1e-2 : 1e-4) << v.name << ": the CPU's decode and prefill disagree";
     EXPECT_LT(std::fabs(pg / pc - 1), 1e-3) << v.name << " perplexity: CPU " << pc << " CUDA " << pg;
     EXPECT_LT(std::fabs(gd - cd), codes ? 1e-2 : 1e-3) << v.name << " decode path: CPU nll " << cd << " CUDA " << gd;
     // gp: the same tokens through the GPU's prefill path, to tell a decode-path bias from this one
