@@ -1,5 +1,6 @@
 // Sampling: greedy is argmax; seeded runs repeat; top-k/top-p cut as defined; frequencies follow softmax.
 #include <cmath>
+#include <set>
 
 #include "runtime/sampler.hpp"
 #include "test_util.hpp"
@@ -62,4 +63,23 @@ TEST(Sampler, InvalidParametersAreErrors) {
   EXPECT_THROW(Sampler({1.0f, 0, 0.f, 0}), Error);
   EXPECT_THROW(Sampler({1.0f, 0, 1.5f, 0}), Error);
   EXPECT_THROW(Sampler({1.0f, -1, 1.f, 0}), Error);
+}
+
+TEST(Sampler, UniformIdIsSampleOverEqualLogits) {
+  // llmq bench draws its prompts with uniform_id: the same ids as sample() over equal logits from the same seed.
+  for (const int64_t n : {int64_t(1), int64_t(7), int64_t(1000), int64_t(128256)}) {
+    const std::vector<float> zero(size_t(n), 0.f);
+    Sampler a({1.0f, 0, 1.f, 11}), b({1.0f, 0, 1.f, 11});
+    std::vector<int32_t> seen;
+    for (int i = 0; i < 300; ++i) {
+      const int32_t u = a.uniform_id(n);
+      ASSERT_EQ(u, b.sample(zero.data(), n)) << "n " << n << " draw " << i;
+      ASSERT_GE(u, 0);
+      ASSERT_LT(u, n);
+      seen.push_back(u);
+    }
+    if (n >= 1000) {
+      EXPECT_GT(std::set<int32_t>(seen.begin(), seen.end()).size(), 250u) << n;  // spread, not stuck
+    }
+  }
 }

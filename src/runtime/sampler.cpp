@@ -29,6 +29,12 @@ uint64_t Sampler::next_u64() {
 
 double Sampler::uniform() { return double(next_u64() >> 11) * 0x1.0p-53; }
 
+int32_t Sampler::uniform_id(int64_t n) {
+  // sample() over n equal probabilities draws r = u * n and subtracts 1.0 per id until r < 0: floor(r), exactly.
+  const int64_t i = int64_t(uniform() * double(n));
+  return int32_t(i < n ? i : n - 1);
+}
+
 int32_t Sampler::sample(const float* logits, int64_t n) {
   if (p_.temperature <= 0.f) return argmax(logits, n);
   idx_.resize(size_t(n));

@@ -18,6 +18,9 @@ class Sampler {
   explicit Sampler(const SamplerParams& p);
   // logits: [n]. Returns the chosen id.
   int32_t sample(const float* logits, int64_t n);
+  // An id drawn uniformly from [0, n): the id sample() returns for n equal logits at temperature > 0 without top-k
+  // or top-p cuts, from the same draw, without its O(n log n) sort (llmq bench's random prompts).
+  int32_t uniform_id(int64_t n);
 
  private:
   uint64_t next_u64();  // splitmix64: fixed, portable sequence
