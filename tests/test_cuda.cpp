@@ -1149,11 +1149,16 @@ TEST(CudaElementwise, SwigluAndActPrepMatchCpu) {
   std::uniform_real_distribution<float> us(0.5f, 2.f);
   std::uniform_int_distribution<int> ui(-3000, 3000);
   enum Src { kSplit, kPaired, kAccF32, kAccI32 };
-  for (int64_t I : {1, 37, 3000, 9001, 14336, 25001}) {
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 67},    {37, 67}, {3000, 67}, {9001, 3}, {14336, 67},
+                                                 {25001, 3}, {14336, 64}, {6002, 9}, {2, 5},   {16386, 7}};
+  for (const auto& shape : shapes) {
+    const int64_t I = shape.first, T = shape.second;
     // Past 64 rows, per-token INT8 rows up to 6,144 take the 256-thread prefill blocks and 14,336 the 512-thread
     // ones (LLMQ_ROW_MID); 9,001 at 3 rows takes the 1024-thread blocks, 25,001 the sliced kernel. The paired
     // sources of even I (3,000 and 14,336) take swiglu_quads_kernel instead (LLMQ_SWIGLU_QUADS=0: the others).
-    const int64_t T = I <= 6144 || I == 14336 ? 67 : 3;
+    // Up to 64 rows on sm_90+, paired per-token INT8 rows of up to 16,384 take swiglu_cluster_kernel (8 blocks a
+    // row: 14,336 and 6,002 split unevenly, 2 leaves seven blocks of each cluster empty); 16,386 is one quad too
+    // many and takes the 1024-thread blocks (LLMQ_SWIGLU_CLUSTER=0: the same for all).
     for (Src src : {kSplit, kPaired, kAccF32, kAccI32}) {
       const int64_t ld = 2 * I + (src == kSplit ? 5 : 0);
       const bool paired = src != kSplit, raw = src == kAccF32 || src == kAccI32;

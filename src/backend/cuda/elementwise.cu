@@ -1,3 +1,5 @@
+#include <cooperative_groups.h>
+
 #include <cstdint>
 #include <cstdlib>
 
@@ -106,6 +108,23 @@ bool swiglu_quads_ok(const RawAcc& in, int64_t rows, int64_t I, const PrepOut& o
   static const bool on = !env_off("LLMQ_SWIGLU_QUADS");
   if (!on || !paired || I % 2 || in.ld % 4 || !aligned16(in.acc) || (in.w_scale && !aligned16(in.w_scale))) return false;
   return out.kind != ActKind::I8Token || (rows > kDecodeRows && I <= kQuadsRowMaxI);
+}
+
+// swiglu_cluster_kernel: per-token INT8 rows of a decode step (up to kDecodeRows) on sm_90+, paired accumulators as
+// swiglu_quads_ok wants them, rows of up to kClusterBlocks x kClusterThreads x kClusterQuads quads (16,384 outputs:
+// llama-3-8b's 14,336, mistral-7b's; not qwen2-7b's 18,944). LLMQ_SWIGLU_CLUSTER=0: the one-block rows
+// (comparisons).
+constexpr int kClusterBlocks = 8, kClusterThreads = 256, kClusterQuads = 4;
+bool swiglu_cluster_ok(const RawAcc& in, int64_t rows, int64_t I, const PrepOut& out, bool paired) {
+  static const bool on = !env_off("LLMQ_SWIGLU_CLUSTER");
+  static const bool sm90 = [] {
+    int dev = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
+  }();
+  if (!on || !sm90 || !paired || out.kind != ActKind::I8Token || rows > kDecodeRows || I % 2) return false;
+  if (I / 2 > int64_t(kClusterBlocks) * kClusterThreads * kClusterQuads) return false;
+  return in.ld % 4 == 0 && aligned16(in.acc) && (!in.w_scale || aligned16(in.w_scale));
 }
 
 // residual_rmsnorm_quads_kernel for prefill rows (more than kDecodeRows; decode steps keep the tuned kernel) of up to
@@ -268,6 +287,71 @@ __global__ void __launch_bounds__(kT) swiglu_quads_kernel(const RawAcc in, int64
       prep_store(o, t, 2 * q + 1, v.y * is);
     }
   }
+}
+
+// Per-token INT8 SwiGLU of a decode step's rows (up to kDecodeRows) on sm_90+: each row is split over a thread-block
+// cluster of kC blocks, which exchange their absmax through distributed shared memory, so that the step's T rows
+// run as T x kC blocks instead of T one-block rows (a 64-token llama-3-8b step: 64 blocks of 1024 threads on 132
+// SMs, each loading 14,336 x 2 accumulators 4 bytes at a time; H100, swiglu_kernel<true, 1024, 24> added 11.0 us a
+// layer against fp8's 5.1 for its static scale, bench/results/2026-12-05-nvidia-h100-session27.txt). Each thread
+// loads its kQ quads (16 bytes of paired gate/up accumulators and their weight scales) before it computes any and
+// keeps the outputs in registers until the scale is known. The same values, scales and codes as
+// swiglu_quads_kernel (the same operations on the same elements; the absmax is order-free). Needs what
+// swiglu_quads_ok checks for paired rows, and I / 2 <= kC x kT x kQ.
+template <int kT, int kQ, int kC>
+__global__ void __launch_bounds__(kT) swiglu_cluster_kernel(const RawAcc in, int64_t I, const PrepOut o) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ float part;  // this block's absmax, read by the cluster's blocks
+  pdl_trigger();
+  pdl_wait();
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int c = int(cluster.block_rank());
+  const int64_t t = int64_t(blockIdx.x) / kC;
+  const int64_t nq = I / 2, per = (nq + kC - 1) / kC;  // quads a row, and a block
+  const int64_t q0 = c * per, q1 = q0 + per < nq ? q0 + per : nq;
+  const uint4* acc = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(in.acc) + t * in.ld * 4);
+  const float4* ws = reinterpret_cast<const float4*>(in.w_scale);
+  const float xs = in.x_scale ? in.x_scale[t] : 1.f;  // read before the cluster barrier: row_scale may alias it
+  uint4 a[kQ];
+  float4 w[kQ];
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    const int64_t q = q0 + threadIdx.x + int64_t(j) * kT;
+    a[j] = q < q1 ? __ldcs(acc + q) : make_uint4(0, 0, 0, 0);  // streamed: read once
+    w[j] = ws && q < q1 ? __ldg(ws + q) : make_float4(1.f, 1.f, 1.f, 1.f);
+  }
+  float v[kQ][2];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    const int64_t q = q0 + threadIdx.x + int64_t(j) * kT;
+    v[j][0] = v[j][1] = 0.f;
+    if (q >= q1) continue;
+    v[j][0] = silu_mul(raw_scaled(in, a[j].x, xs, w[j].x), raw_scaled(in, a[j].y, xs, w[j].y));
+    v[j][1] = silu_mul(raw_scaled(in, a[j].z, xs, w[j].z), raw_scaled(in, a[j].w, xs, w[j].w));
+    amax = fmaxf(amax, fmaxf(fabsf(v[j][0]), fabsf(v[j][1])));
+  }
+  amax = block_reduce<true>(amax);
+  if (threadIdx.x == 0) part = amax;
+  cluster.sync();  // every block's part written (and every block's x_scale read)
+  float m = 0.f;
+#pragma unroll
+  for (int r = 0; r < kC; ++r) m = fmaxf(m, *cluster.map_shared_rank(&part, r));
+  cluster.sync();  // every block has read the others' part: none exits before
+  const float s = prep_scale(o, m);
+  if (c == 0 && threadIdx.x == 0 && o.row_scale) o.row_scale[t] = s;
+  const float is = 1.0f / s;
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    const int64_t q = q0 + threadIdx.x + int64_t(j) * kT;
+    if (q >= q1) continue;
+    prep_store(o, t, 2 * q, v[j][0] * is);
+    prep_store(o, t, 2 * q + 1, v[j][1] * is);
+  }
+#else
+  __trap();  // swiglu_cluster_ok keeps it off cards below sm_90
+#endif
 }
 
 // One block a row: x[t] += the raw accumulators' row t (as gemm_epilogue would add it), then RMSNorm into o. Every
@@ -523,6 +607,9 @@ void rmsnorm_prep(const float* x, const int32_t* src_rows, int64_t R, int64_t H,
 
 void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cudaStream_t s, bool paired) {
   if (T == 0) return;
+  if (swiglu_cluster_ok(in, T, I, out, paired))
+    return launch_clustered("swiglu_cluster_kernel", swiglu_cluster_kernel<kClusterThreads, kClusterQuads, kClusterBlocks>,
+                            unsigned(T * kClusterBlocks), kClusterThreads, 0, s, unsigned(kClusterBlocks), in, I, out);
   if (swiglu_quads_ok(in, T, I, out, paired)) {
     if (out.kind != ActKind::I8Token)
       return launch("swiglu_quads_kernel", swiglu_quads_kernel<kThreads, kQuadsStatic, false>,

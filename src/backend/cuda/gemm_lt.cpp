@@ -3,6 +3,7 @@
 #include <cublasLt.h>
 
 #include <cstdlib>
+#include <cstring>
 
 #include "backend/cuda/check.hpp"
 
@@ -86,13 +87,25 @@ LtGemm::Plan* LtGemm::plan(LtKind kind, int64_t N, int64_t T, int64_t K, Scaling
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align, sizeof(align));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align, sizeof(align));
   }
-  cublasLtMatmulHeuristicResult_t res{};
+  // LLMQ_LT_ALGO=k (comparisons): the k-th of cuBLASLt's heuristic answers instead of its first, where it gives
+  // that many (else the first), and LLMQ_LT_ALGO_KIND=int8|fp8 limits that to one kind.
+  static const int want = [] {
+    const char* e = std::getenv("LLMQ_LT_ALGO");
+    const int k = e && *e ? std::atoi(e) : 0;
+    return k >= 0 && k < 16 ? k : 0;
+  }();
+  static const int want_kind = [] {
+    const char* e = std::getenv("LLMQ_LT_ALGO_KIND");
+    return !e ? -1 : std::strcmp(e, "int8") == 0 ? int(LtKind::Int8) : std::strcmp(e, "fp8") == 0 ? int(LtKind::Fp8) : -1;
+  }();
+  const int k = want_kind < 0 || want_kind == int(kind) ? want : 0;
+  cublasLtMatmulHeuristicResult_t res[16]{};
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->a, p->b,
-                                                           p->c, p->c, pref, 1, &res, &found);
+                                                           p->c, p->c, pref, k + 1, res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-    p->algo = res.algo;
+    p->algo = res[k < found ? k : 0].algo;
     p->ok = true;
   }
   return p;

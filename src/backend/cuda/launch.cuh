@@ -15,19 +15,32 @@
 
 namespace llmq::cuda {
 
-// kernel<<<grid, block, smem, s>>>(args...), with PDL where pdl_enabled(); errors name the kernel.
+// kernel<<<grid, block, smem, s>>>(args...), with PDL where pdl_enabled(); errors name the kernel. cluster_x > 0:
+// thread-block clusters of cluster_x blocks along x (sm_90+; grid.x a multiple of it).
 template <typename... P, typename... A>
-void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
+void launch_clustered(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
+                      unsigned cluster_x, A&&... args) {
+  cudaLaunchAttribute attr[2]{};
+  unsigned n = 0;
+  if (pdl_enabled()) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (cluster_x > 0) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster_x;
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    ++n;
+  }
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cfg.attrs = &attr;
-  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  cfg.attrs = attr;
+  cfg.numAttrs = n;
   const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
   if (e != cudaSuccess) {
     // Clear the error this launch left behind, or the next launch's check_launch reports it under its own name
@@ -36,6 +49,11 @@ void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_
     throw Error(std::string("CUDA kernel ") + name + " failed to launch: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
   }
   check_launch(name, s);
+}
+
+template <typename... P, typename... A>
+void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
+  launch_clustered(name, kernel, grid, block, smem, s, 0u, std::forward<A>(args)...);
 }
 
 }  // namespace llmq::cuda
