@@ -1079,7 +1079,11 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
 }
 
 // The split-K sums of wgemm_tiled_kernel (splits partial tiles per row block in GemvArgs::tiled_ws, fragment
-// order), added in split order, and the epilogue; one warp per row block.
+// order), added in split order, and the epilogue; one warp per row block. Each step loads one split's NT * 4
+// values a lane, all before it adds any (and up to four splits a step, unrolled), so that the loads of a lane are in
+// flight together: with the split loop innermost, each value's loads went one after another (H100, w4a16 batch
+// 16: down_proj's 8 splits of 32 row-block CTAs took 12.8 us a layer; bench/results/2026-12-05-nvidia-h100-session27.txt).
+// The same additions in the same order.
 template <int KIND, int NT>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(const GemvArgs a, const int splits) {
   pdl_trigger();
@@ -1091,11 +1095,19 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(cons
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float v = 0.f;
-      for (int sp = 0; sp < splits; ++sp) v += a.tiled_ws[(int64_t(sp) * rbs + rb) * (NT * 4 * 32) + (n * 4 + e) * 32 + lane];
-      acc[n][e] = v;
-    }
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  const float* ws = a.tiled_ws + int64_t(rb) * (NT * 4 * 32) + lane;
+  const int64_t split_stride = int64_t(rbs) * (NT * 4 * 32);
+#pragma unroll 4
+  for (int sp = 0; sp < splits; ++sp) {
+    float part[NT * 4];
+#pragma unroll
+    for (int i = 0; i < NT * 4; ++i) part[i] = __ldcg(ws + sp * split_stride + i * 32);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] += part[n * 4 + e];
+  }
   store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
 }
 
