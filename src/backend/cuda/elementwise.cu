@@ -234,6 +234,23 @@ __global__ void __launch_bounds__(kT) swiglu_kernel(const RawAcc in, int64_t I, 
 // 2048-token llama-3-8b prefill took 119 us a layer for ~265 MB (FP32 accumulators in, FP8 codes out), ~55% of the
 // copy bandwidth, and int8-sq's 166 us in 512-thread rows (H200; bench/results/2026-12-04-nvidia-h200-session18.txt,
 // ...-session20.txt).
+// The kQ quads qs + threadIdx.x + j * kT (j < kQ) below q_end of a row's paired accumulators and their weight scales,
+// all loads issued before any is used (1s where there is no scale, 0s past q_end); and one quad's two SwiGLU outputs.
+template <int kT, int kQ>
+__device__ __forceinline__ void load_quads(const uint4* acc, const float4* ws, int64_t qs, int64_t q_end, uint4 (&a)[kQ],
+                                           float4 (&w)[kQ]) {
+#pragma unroll
+  for (int j = 0; j < kQ; ++j) {
+    const int64_t q = qs + threadIdx.x + int64_t(j) * kT;
+    a[j] = q < q_end ? __ldcs(acc + q) : make_uint4(0, 0, 0, 0);  // streamed: read once
+    w[j] = ws && q < q_end ? __ldg(ws + q) : make_float4(1.f, 1.f, 1.f, 1.f);
+  }
+}
+__device__ __forceinline__ float2 swiglu_quad(const RawAcc& in, const uint4& a, const float4& w, float xs) {
+  return make_float2(silu_mul(raw_scaled(in, a.x, xs, w.x), raw_scaled(in, a.y, xs, w.y)),
+                     silu_mul(raw_scaled(in, a.z, xs, w.z), raw_scaled(in, a.w, xs, w.w)));
+}
+
 template <int kT, int kQ, bool kRow>
 __global__ void __launch_bounds__(kT) swiglu_quads_kernel(const RawAcc in, int64_t I, const PrepOut o) {
   extern __shared__ float2 row_out[];  // kRow: outputs 2q, 2q + 1 at q
@@ -255,18 +272,13 @@ __global__ void __launch_bounds__(kT) swiglu_quads_kernel(const RawAcc in, int64
   for (int64_t qs = q0; qs < q1; qs += kStepQ) {
     uint4 a[kQ];
     float4 w[kQ];
-#pragma unroll
-    for (int j = 0; j < kQ; ++j) {
-      const int64_t q = qs + threadIdx.x + int64_t(j) * kT;
-      a[j] = q < nq ? __ldcs(acc + q) : make_uint4(0, 0, 0, 0);  // streamed: read once
-      w[j] = ws && q < nq ? __ldg(ws + q) : make_float4(1.f, 1.f, 1.f, 1.f);
-    }
+    load_quads<kT, kQ>(acc, ws, qs, nq, a, w);
 #pragma unroll
     for (int j = 0; j < kQ; ++j) {
       const int64_t q = qs + threadIdx.x + int64_t(j) * kT;
       if (q >= nq) continue;
-      const float v0 = silu_mul(raw_scaled(in, a[j].x, xs, w[j].x), raw_scaled(in, a[j].y, xs, w[j].y));
-      const float v1 = silu_mul(raw_scaled(in, a[j].z, xs, w[j].z), raw_scaled(in, a[j].w, xs, w[j].w));
+      const float2 v2 = swiglu_quad(in, a[j], w[j], xs);
+      const float v0 = v2.x, v1 = v2.y;
       if constexpr (kRow) {
         row_out[q] = make_float2(v0, v1);
         amax = fmaxf(amax, fmaxf(fabsf(v0), fabsf(v1)));
@@ -315,22 +327,16 @@ __global__ void __launch_bounds__(kT) swiglu_cluster_kernel(const RawAcc in, int
   const float xs = in.x_scale ? in.x_scale[t] : 1.f;  // read before the cluster barrier: row_scale may alias it
   uint4 a[kQ];
   float4 w[kQ];
-#pragma unroll
-  for (int j = 0; j < kQ; ++j) {
-    const int64_t q = q0 + threadIdx.x + int64_t(j) * kT;
-    a[j] = q < q1 ? __ldcs(acc + q) : make_uint4(0, 0, 0, 0);  // streamed: read once
-    w[j] = ws && q < q1 ? __ldg(ws + q) : make_float4(1.f, 1.f, 1.f, 1.f);
-  }
-  float v[kQ][2];
+  load_quads<kT, kQ>(acc, ws, q0, q1, a, w);
+  float2 v[kQ];
   float amax = 0.f;
 #pragma unroll
   for (int j = 0; j < kQ; ++j) {
     const int64_t q = q0 + threadIdx.x + int64_t(j) * kT;
-    v[j][0] = v[j][1] = 0.f;
+    v[j] = make_float2(0.f, 0.f);
     if (q >= q1) continue;
-    v[j][0] = silu_mul(raw_scaled(in, a[j].x, xs, w[j].x), raw_scaled(in, a[j].y, xs, w[j].y));
-    v[j][1] = silu_mul(raw_scaled(in, a[j].z, xs, w[j].z), raw_scaled(in, a[j].w, xs, w[j].w));
-    amax = fmaxf(amax, fmaxf(fabsf(v[j][0]), fabsf(v[j][1])));
+    v[j] = swiglu_quad(in, a[j], w[j], xs);
+    amax = fmaxf(amax, fmaxf(fabsf(v[j].x), fabsf(v[j].y)));
   }
   amax = block_reduce<true>(amax);
   if (threadIdx.x == 0) part = amax;
@@ -346,8 +352,8 @@ __global__ void __launch_bounds__(kT) swiglu_cluster_kernel(const RawAcc in, int
   for (int j = 0; j < kQ; ++j) {
     const int64_t q = q0 + threadIdx.x + int64_t(j) * kT;
     if (q >= q1) continue;
-    prep_store(o, t, 2 * q, v[j][0] * is);
-    prep_store(o, t, 2 * q + 1, v[j][1] * is);
+    prep_store(o, t, 2 * q, v[j].x * is);
+    prep_store(o, t, 2 * q + 1, v[j].y * is);
   }
 #else
   __trap();  // swiglu_cluster_ok keeps it off cards below sm_90
