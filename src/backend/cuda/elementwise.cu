@@ -220,20 +220,6 @@ __global__ void __launch_bounds__(kT) swiglu_kernel(const RawAcc in, int64_t I, 
   prep_this_row<kWhole, kT, kVpt>(o, t, I, [&](int64_t i) { return silu_mul(raw_value(in, t, gs * i), raw_value(in, t, gs * i + uo)); });
 }
 
-// SwiGLU of paired gate/up accumulators (gate i at column 2i, up at 2i + 1) through 16-byte loads: quad q of row t
-// is columns 4q .. 4q + 3 of the accumulators (and of w_scale, where there is one): outputs 2q and 2q + 1. Each
-// thread loads its kQ quads of a step before it computes any, so that 2 kQ 16-byte loads are in flight. The same
-// values, scales and codes as swiglu_kernel (the same operations on the same elements); swiglu_quads_ok says
-// where it applies.
-// Static kinds and BF16 (kRow false): blocks of kT x kQ quads, a row's blocks next to each other, each storing
-// what it computed. Per-token INT8 (kRow): one block a row, which steps over it, keeping the outputs in shared
-// memory (dynamic, I floats) until the row's absmax is known, then stores the codes: the row is read from memory
-// once and the block holds few registers, so that several blocks share an SM.
-//
-// swiglu_kernel loads each accumulator and its weight scale with a 4-byte load of its own: fp8's SwiGLU of a
-// 2048-token llama-3-8b prefill took 119 us a layer for ~265 MB (FP32 accumulators in, FP8 codes out), ~55% of the
-// copy bandwidth, and int8-sq's 166 us in 512-thread rows (H200; bench/results/2026-12-04-nvidia-h200-session18.txt,
-// ...-session20.txt).
 // The kQ quads qs + threadIdx.x + j * kT (j < kQ) below q_end of a row's paired accumulators and their weight scales,
 // all loads issued before any is used (1s where there is no scale, 0s past q_end); and one quad's two SwiGLU outputs.
 template <int kT, int kQ>
@@ -251,6 +237,20 @@ __device__ __forceinline__ float2 swiglu_quad(const RawAcc& in, const uint4& a, 
                      silu_mul(raw_scaled(in, a.z, xs, w.z), raw_scaled(in, a.w, xs, w.w)));
 }
 
+// SwiGLU of paired gate/up accumulators (gate i at column 2i, up at 2i + 1) through 16-byte loads: quad q of row t
+// is columns 4q .. 4q + 3 of the accumulators (and of w_scale, where there is one): outputs 2q and 2q + 1. Each
+// thread loads its kQ quads of a step before it computes any, so that 2 kQ 16-byte loads are in flight. The same
+// values, scales and codes as swiglu_kernel (the same operations on the same elements); swiglu_quads_ok says
+// where it applies.
+// Static kinds and BF16 (kRow false): blocks of kT x kQ quads, a row's blocks next to each other, each storing
+// what it computed. Per-token INT8 (kRow): one block a row, which steps over it, keeping the outputs in shared
+// memory (dynamic, I floats) until the row's absmax is known, then stores the codes: the row is read from memory
+// once and the block holds few registers, so that several blocks share an SM.
+//
+// swiglu_kernel loads each accumulator and its weight scale with a 4-byte load of its own: fp8's SwiGLU of a
+// 2048-token llama-3-8b prefill took 119 us a layer for ~265 MB (FP32 accumulators in, FP8 codes out), ~55% of the
+// copy bandwidth, and int8-sq's 166 us in 512-thread rows (H200; bench/results/2026-12-04-nvidia-h200-session18.txt,
+// ...-session20.txt).
 template <int kT, int kQ, bool kRow>
 __global__ void __launch_bounds__(kT) swiglu_quads_kernel(const RawAcc in, int64_t I, const PrepOut o) {
   extern __shared__ float2 row_out[];  // kRow: outputs 2q, 2q + 1 at q
