@@ -189,6 +189,14 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
       ws_floats = std::max<int64_t>(ws_floats, (m.K / 256 + 1) * ((m.N + 15) / 16 * 16) * ((maxT + 7) / 8 * 8));
   float* ws = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&ws, size_t(ws_floats) * 4));
+  // The distributed RMSNorm's producer half (o and down in the engine, up to 64 tokens): rms_w, FP32 x o w and the
+  // sums of squares, 64 doubles (zeroed once: the sums only grow, which the timing ignores).
+  float* rms_w = static_cast<float*>(device_random(4096, "scale", 10));
+  float* rms_out = nullptr;
+  double* sumsq = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&rms_out, size_t(maxT * 4096) * 4));
+  LLMQ_CUDA_CHECK(cudaMalloc(&sumsq, size_t(64) * 8));
+  LLMQ_CUDA_CHECK(cudaMemset(sumsq, 0, size_t(64) * 8));
   std::printf("\n%-8s %-7s %3s %-7s %9s %8s %6s\n", "matrix", "format", "T", "kernel", "us", "GB/s", "%copy");
   for (const Mat& m : mats)
     for (const Fmt& f : fmts) {
@@ -249,6 +257,14 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
             row(name.c_str(), time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
           }
           a.ksplit = 0;
+          // The same with the producer half of the distributed RMSNorm (H100, session 28: fp8 o 9.64 -> 11.27 us,
+          // down 23.33 -> 24.62; sums of squares spread over 8 slots gained 0.8 us in kbench and lost 0.5-1.9% of a
+          // batch-1 step in the graph, so not kept).
+          if (m.N == 4096 && T <= 64) {
+            a.rms_w = rms_w, a.rms_out = rms_out, a.rms_ld = m.N, a.rms_sumsq = sumsq, a.rms_out_f32 = true;
+            if (gemv_supports(a)) row("gemv+rms", time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
+            a.rms_w = nullptr, a.rms_out = nullptr, a.rms_ld = 0, a.rms_sumsq = nullptr, a.rms_out_f32 = false;
+          }
         }
       }
       free_weights(W);
@@ -258,6 +274,9 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
   cudaFree(xs);
   cudaFree(y);
   cudaFree(ws);
+  cudaFree(rms_w);
+  cudaFree(rms_out);
+  cudaFree(sumsq);
 }
 
 // The prefill GEMMs as the engine runs them (cuBLAS, BF16 inputs, FP32 output) for T tokens.
