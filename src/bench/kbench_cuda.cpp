@@ -522,6 +522,8 @@ void bench_batch_decode_attention(const std::vector<int64_t>& batches, int64_t c
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Line-buffered even into a pipe or file: a run killed by a timeout keeps the rows it printed.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::string only, only_mat, only_fmt;
   std::vector<int> Ts = {1, 16, 64};
   for (int i = 1; i < argc; ++i) {
