@@ -83,3 +83,15 @@ TEST(Sampler, UniformIdIsSampleOverEqualLogits) {
     }
   }
 }
+
+TEST(Sampler, NonFiniteLogitsAreAnError) {
+  // NaN breaks the sort's ordering (undefined behaviour) and makes argmax arbitrary: both paths refuse it by name.
+  std::vector<float> l = {0.5f, 1.0f, -INFINITY, 0.25f};
+  Sampler greedy({0.f, 0, 1.f, 1}), hot({1.0f, 0, 1.f, 1});
+  EXPECT_EQ(greedy.sample(l.data(), 4), 1);  // -Inf is a masked id, not an error
+  EXPECT_NO_THROW(hot.sample(l.data(), 4));
+  l[3] = std::nanf("");
+  for (Sampler* s : {&greedy, &hot}) test::expect_error([&] { s->sample(l.data(), 4); }, {"NaN logit (token id 3)"});
+  l[3] = INFINITY;
+  test::expect_error([&] { hot.sample(l.data(), 4); }, {"+Inf logit (token id 3)"});
+}

@@ -15,7 +15,11 @@ void Engine::forward_argmax(const std::vector<BatchToken>& batch, int32_t* ids_o
   for (const BatchToken& b : batch) n += b.logits;
   std::vector<float> logits(static_cast<size_t>(n * config().vocab));
   forward(batch, logits.data());
-  for (int64_t r = 0; r < n; ++r) ids_out[r] = argmax(&logits[static_cast<size_t>(r * config().vocab)], config().vocab);
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = &logits[static_cast<size_t>(r * config().vocab)];
+    check_logits(row, config().vocab);
+    ids_out[r] = argmax(row, config().vocab);
+  }
 }
 
 namespace {

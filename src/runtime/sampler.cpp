@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "common.hpp"
 
@@ -12,6 +13,14 @@ int32_t argmax(const float* logits, int64_t n) {
   for (int64_t i = 1; i < n; ++i)
     if (logits[i] > logits[best]) best = i;
   return int32_t(best);
+}
+
+void check_logits(const float* logits, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (std::isnan(logits[i]) || logits[i] == INFINITY)
+      throw Error("the model produced a " + std::string(std::isnan(logits[i]) ? "NaN" : "+Inf") + " logit (token id " +
+                  std::to_string(i) + "): its weights or a kernel are broken; try `llmq eval` against the unquantized "
+                  "model, or --device cpu");
 }
 
 Sampler::Sampler(const SamplerParams& p) : p_(p), state_(p.seed) {
@@ -36,6 +45,7 @@ int32_t Sampler::uniform_id(int64_t n) {
 }
 
 int32_t Sampler::sample(const float* logits, int64_t n) {
+  check_logits(logits, n);
   if (p_.temperature <= 0.f) return argmax(logits, n);
   idx_.resize(size_t(n));
   for (int64_t i = 0; i < n; ++i) idx_[size_t(i)] = int32_t(i);

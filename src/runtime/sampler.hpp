@@ -33,4 +33,8 @@ class Sampler {
 
 int32_t argmax(const float* logits, int64_t n);
 
+// Throws Error naming the first NaN or +Inf among logits[0, n) (a broken checkpoint or kernel): sampling over it
+// is undefined (the sort's order breaks down) and its argmax an arbitrary id. -Inf (a masked id) is allowed.
+void check_logits(const float* logits, int64_t n);
+
 }  // namespace llmq

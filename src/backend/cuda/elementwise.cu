@@ -562,26 +562,31 @@ __global__ void argmax_kernel(const float* x, int64_t n, int32_t* ids, float* pa
   const float* row = x + r * n;
   float bv = -INFINITY;
   int bi = 0x7fffffff;
-  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x)
-    if (beats(row[i], int(i), bv, bi)) bv = row[i], bi = int(i);
+  bool bad = false;  // a NaN or +Inf seen
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+    const float v = row[i];
+    bad = bad || v != v || v == INFINITY;
+    if (beats(v, int(i), bv, bi)) bv = v, bi = int(i);
+  }
   warp_argmax(bv, bi);
   __shared__ float sv[32];
   __shared__ int si[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) sv[warp] = bv, si[warp] = bi;
-  __syncthreads();
+  const int any_bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
     for (int w = 1; w < int(blockDim.x / 32); ++w)
       if (beats(sv[w], si[w], bv, bi)) bv = sv[w], bi = si[w];
-    part_v[r * kArgmaxParts + s] = bv;
+    part_v[r * kArgmaxParts + s] = any_bad ? NAN : bv;  // NaN marks the slice
     part_i[r * kArgmaxParts + s] = bi;
   }
   // The last slice of the row to finish reduces all of them.
   if (!last_block(counters + r, kArgmaxParts) || warp > 0) return;
   bv = __ldcg(part_v + r * kArgmaxParts + lane);  // kArgmaxParts == 32: one slice a lane
   bi = __ldcg(part_i + r * kArgmaxParts + lane);
+  const bool row_bad = __any_sync(0xffffffffu, bv != bv);
   warp_argmax(bv, bi);
-  if (lane == 0) ids[r] = bi == 0x7fffffff ? 0 : bi;
+  if (lane == 0) ids[r] = row_bad ? -1 : bi == 0x7fffffff ? 0 : bi;
 }
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }

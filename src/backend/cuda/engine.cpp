@@ -1282,6 +1282,12 @@ void CudaEngine::step(const std::vector<BatchToken>& batch, float* logits_out, i
     LLMQ_CUDA_CHECK(cudaMemcpyAsync(host, with_ids ? ids_.p : logits_.p, bytes, cudaMemcpyDeviceToHost, stream_));
     LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
     std::memcpy(with_ids ? static_cast<void*>(ids_out) : static_cast<void*>(logits_out), host, bytes);
+    if (with_ids)  // argmax_rows' -1: a NaN or +Inf logit in the row (the CPU engine's check_logits says the same)
+      for (int64_t row = 0; row < n_out; ++row)
+        if (ids_out[row] < 0)
+          throw Error("the model produced a NaN or +Inf logit on the GPU (output row " + std::to_string(row) +
+                      "): its weights or a kernel are broken; try `llmq eval` against the unquantized model, or "
+                      "--device cpu");
   } else {
     LLMQ_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
