@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script a GPU machine runs: builds llmq with all its cores for the card it has, runs the GPU tests
-# (ctest -L gpu: every CUDA kernel against the CPU reference, llama-27m on CUDA against the CPU engine), then
+# (ctest -L gpu: every CUDA kernel against the CPU reference, llama-27m on CUDA against the CPU engine; in the
+# background while the first checkpoint is synthesized, the benchmarks waiting for them), then
 # the benchmark matrix on synthetic checkpoints (`llmq synth`): METHODS x BATCHES on each of SHAPES, prompt
 # 128 and 128 generated tokens (every batch size of a format in one `llmq bench --batches`: the model is
 # loaded once), plus one batch-1 prefill of PREFILL tokens per (shape, method). Writes
@@ -55,14 +56,25 @@ cmake --build build/gpu -j"$JOBS" 2>&1 | grep -E "error|warning|spill" || true
 echo "== built in $(( $(date +%s) - t0 )) s"
 LLMQ="$ROOT/build/gpu/llmq"
 
+# The GPU tests run in the background while the first shape's checkpoint is synthesized and quantized (host
+# work); the benchmarks wait for them, so that nothing else runs on the GPU while they time it.
 TESTS="not run"
+TPID=""
 if [ "$RUN_TESTS" = 1 ]; then
-  echo "== GPU tests"
-  ctest --test-dir build/gpu -L gpu --output-on-failure -V > /tmp/llmq-gpu-tests.log 2>&1 || true
+  echo "== GPU tests (in the background)"
+  TESTS="cut short"
+  t_tests=$(date +%s)
+  ctest --test-dir build/gpu -L gpu --output-on-failure -V > /tmp/llmq-gpu-tests.log 2>&1 &
+  TPID=$!
+fi
+wait_tests() {
+  [ -n "$TPID" ] || return 0
+  wait "$TPID" || true
+  TPID=""
   grep -E "Test +#|nll cpu|ppl cpu|Failure|Expected|Which is|Value of|tests passed|tests failed" /tmp/llmq-gpu-tests.log | head -120 || true
   if grep -q "100% tests passed" /tmp/llmq-gpu-tests.log; then TESTS="passed"; else TESTS="FAILED"; fi
-  echo "== GPU tests: $TESTS"
-fi
+  echo "== GPU tests: $TESTS ($(( $(date +%s) - t_tests )) s)"
+}
 
 mkdir -p "$WORK"
 REC="$WORK/records.jsonl"
@@ -96,7 +108,7 @@ PY
   if [ -n "${OUT:-}" ]; then cp "$result" /tmp/llmq-gpu-tests.log "$OUT"/ 2>/dev/null || true; fi
 }
 QPID=""
-trap 'finish "cut short by a signal"; [ -n "$QPID" ] && kill "$QPID" 2>/dev/null; exit 143' TERM INT
+trap 'finish "cut short by a signal"; [ -n "$QPID" ] && kill "$QPID" 2>/dev/null; [ -n "$TPID" ] && kill "$TPID" 2>/dev/null; exit 143' TERM INT
 CALIB="$SHARED/data/c4/c4_validation_2k.jsonl"
 run_bench() {  # shape method quantized_with dir batches(comma-separated) prompt gen: one llmq bench, the model loaded once
   local out
@@ -149,6 +161,7 @@ for shape in $SHAPES; do
     done
   ) &
   QPID=$!
+  wait_tests
   for method in $METHODS; do
     qw="$method"
     [ "$method" = w4a16-awq ] && qw=w4a16-rtn
@@ -166,4 +179,5 @@ for shape in $SHAPES; do
   wait "$QPID" || true
   rm -rf "$base" "$WORK/$shape-"*
 done
+wait_tests
 finish complete
