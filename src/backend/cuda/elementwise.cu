@@ -78,8 +78,15 @@ bool row_threads_1024() {
   }();
   return on;
 }
+// LLMQ_ROW_SMALL_DECODE=1 (an experiment, unmeasured): decode steps too take the kRowThreadsSmall blocks, and
+// the residual RMSNorm its 16-byte quads kernel (residual_quads_ok), instead of 1024-thread blocks of 4-byte loads
+// (H100 batch 64, session 27: residual_rmsnorm_kernel added 6-7 us twice a layer for fp8 and int8-sq).
+bool small_decode_rows() {
+  static const bool on = env_flag("LLMQ_ROW_SMALL_DECODE");
+  return on;
+}
 bool small_row_blocks(int64_t rows, int64_t D) {
-  return !row_threads_1024() && rows > kDecodeRows && D <= int64_t(kRowThreadsSmall) * kRowVpt;
+  return !row_threads_1024() && (rows > kDecodeRows || small_decode_rows()) && D <= int64_t(kRowThreadsSmall) * kRowVpt;
 }
 // Per-token INT8 SwiGLU rows past the small blocks' reach (llama-3-8b's 14,336) in a prefill: 512-thread blocks
 // of 32 values a thread (rows up to 16,384) instead of 1024 threads of 24. int8-sq's swiglu_kernel<true, 1024>
@@ -134,7 +141,8 @@ bool swiglu_cluster_ok(const RawAcc& in, int64_t rows, int64_t I, const PrepOut&
 constexpr int kResidualQuads = 4;
 bool residual_quads_ok(const RawAcc& in, const float* x, int64_t rows, int64_t H, const float* w) {
   static const bool on = !env_off("LLMQ_RESIDUAL_QUADS");
-  return on && !row_threads_1024() && rows > kDecodeRows && H % 4 == 0 && H <= int64_t(kRowThreadsSmall) * kResidualQuads * 4 &&
+  return on && !row_threads_1024() && (rows > kDecodeRows || small_decode_rows()) && H % 4 == 0 &&
+         H <= int64_t(kRowThreadsSmall) * kResidualQuads * 4 &&
          in.ld % 4 == 0 && aligned16(in.acc) && (!in.w_scale || aligned16(in.w_scale)) && aligned16(x) && aligned16(w);
 }
 
