@@ -33,6 +33,9 @@ bool env_off(const char* name);
 // Whether p may be read or written 16 bytes at a time (the 16-byte kernels' precondition).
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Whether the current device is sm_90 or newer (Hopper: PDL, thread-block clusters); false where it cannot be told.
+bool device_sm90();
+
 // Whether kernels are launched with programmatic dependent launch (launch.cuh): on sm_90+ unless LLMQ_NO_PDL=1.
 bool pdl_enabled();
 

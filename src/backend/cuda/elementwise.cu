@@ -123,13 +123,8 @@ bool swiglu_quads_ok(const RawAcc& in, int64_t rows, int64_t I, const PrepOut& o
 // (comparisons).
 constexpr int kClusterBlocks = 8, kClusterThreads = 256, kClusterQuads = 4;
 bool swiglu_cluster_ok(const RawAcc& in, int64_t rows, int64_t I, const PrepOut& out, bool paired) {
-  static const bool on = !env_off("LLMQ_SWIGLU_CLUSTER");
-  static const bool sm90 = [] {
-    int dev = 0, major = 0;
-    return cudaGetDevice(&dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
-  }();
-  if (!on || !sm90 || !paired || out.kind != ActKind::I8Token || rows > kDecodeRows || I % 2) return false;
+  static const bool on = !env_off("LLMQ_SWIGLU_CLUSTER") && device_sm90();
+  if (!on || !paired || out.kind != ActKind::I8Token || rows > kDecodeRows || I % 2) return false;
   if (I / 2 > int64_t(kClusterBlocks) * kClusterThreads * kClusterQuads) return false;
   return in.ld % 4 == 0 && aligned16(in.acc) && (!in.w_scale || aligned16(in.w_scale));
 }

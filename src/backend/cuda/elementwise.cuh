@@ -38,9 +38,9 @@ void gemm_epilogue(const void* acc, int64_t M, int64_t N, const float* x_scale, 
                    const float* bias, float* y, int64_t ldy, bool accumulate, cudaStream_t s, bool acc_int32 = false);
 
 // ids[r] = the first index of the largest value of row r of x (FP32 [R, n]), or -1 where the row holds a NaN or
-// +Inf (a broken model: the engine reports it), r < R: greedy sampling on the device. Each row is cut into kArgmaxParts slices, one block each;
-// the last block of a row to finish (counters[r], zeros, left zero) reduces the slices' results, kept in
-// part_v, part_i ([R * kArgmaxParts] each).
+// +Inf (a broken model: the engine reports it), r < R: greedy sampling on the device. Each row is cut into
+// kArgmaxParts slices, one block each; the last block of a row to finish (counters[r], zeros, left zero) reduces
+// the slices' results, kept in part_v, part_i ([R * kArgmaxParts] each).
 constexpr int kArgmaxParts = 32;
 void argmax_rows(const float* x, int64_t R, int64_t n, int32_t* ids, float* part_v, int32_t* part_i, int32_t* counters,
                  cudaStream_t s);

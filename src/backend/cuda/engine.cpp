@@ -47,9 +47,8 @@ bool sync_each_launch() {
   return on;
 }
 
-bool pdl_enabled() {
+bool device_sm90() {
   static const bool on = [] {
-    if (env_flag("LLMQ_NO_PDL")) return false;
     int dev = 0, major = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
       cudaGetLastError();
@@ -57,6 +56,11 @@ bool pdl_enabled() {
     }
     return major >= 9;
   }();
+  return on;
+}
+
+bool pdl_enabled() {
+  static const bool on = !env_flag("LLMQ_NO_PDL") && device_sm90();
   return on;
 }
 
