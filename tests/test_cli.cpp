@@ -171,7 +171,9 @@ TEST(Cli, BadInputIsOneLineErrorExitOne) {
   json cfg = test::load_json(m.dir + "/config.json");
   cfg["max_position_embeddings"] = 8;
   std::ofstream(m.dir + "/config.json") << cfg.dump();
-  expect_one_line_error(run("generate " + m.dir + " -p 'one two three four five six seven eight nine ten'"), "context");
+  CmdResult long_prompt = run("generate " + m.dir + " -p 'one two three four five six seven eight nine ten'");
+  expect_one_line_error(long_prompt, "context");
+  EXPECT_EQ(long_prompt.out, "");  // refused before the prompt is echoed
   // unknown architecture
   cfg["architectures"] = {"BertModel"};
   cfg["model_type"] = "bert";

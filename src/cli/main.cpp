@@ -221,6 +221,7 @@ int main(int argc, char** argv) {
       Tokenizer tok = Tokenizer::load(gen_model);
       auto engine = make_engine(m, device);
       std::vector<int32_t> prompt = tok.encode(gen_prompt, true);
+      check_prompt(m.config(), prompt);  // before the prompt is echoed: an error prints nothing on stdout
       if (!as_json) {
         std::cout << gen_prompt << std::flush;
       }

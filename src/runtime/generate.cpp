@@ -12,14 +12,18 @@ GenerateResult generate(const Model& model, const Tokenizer& tok, const std::vec
   return generate(*engine, tok, prompt, n_new, sp, stop_ids, on_text);
 }
 
-GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<int32_t>& prompt, int64_t n_new,
-                        const SamplerParams& sp, const std::vector<int32_t>& stop_ids,
-                        const std::function<void(const std::string&)>& on_text) {
-  const ModelConfig& c = engine.config();
+void check_prompt(const ModelConfig& c, const std::vector<int32_t>& prompt) {
   if (prompt.empty()) throw Error("the prompt is empty (nothing to condition on)");
   if (int64_t(prompt.size()) > c.max_positions)
     throw Error("the prompt has " + std::to_string(prompt.size()) + " tokens, longer than the model's context of " +
                 std::to_string(c.max_positions));
+}
+
+GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<int32_t>& prompt, int64_t n_new,
+                        const SamplerParams& sp, const std::vector<int32_t>& stop_ids,
+                        const std::function<void(const std::string&)>& on_text) {
+  const ModelConfig& c = engine.config();
+  check_prompt(c, prompt);
   n_new = std::max<int64_t>(0, std::min<int64_t>(n_new, c.max_positions - int64_t(prompt.size())));
   engine.reset(1, int64_t(prompt.size()) + n_new);
   Sampler sampler(sp);

@@ -22,6 +22,10 @@ struct GenerateResult {
   bool stopped_at_eos = false;
 };
 
+// Throws llmq::Error when the prompt is empty or longer than the model's context (generate() checks it too; a
+// caller that prints the prompt first checks before printing).
+void check_prompt(const ModelConfig& c, const std::vector<int32_t>& prompt);
+
 // Generates up to n_new tokens after `prompt` (ids, BOS included if wanted). Stops early at any id in
 // stop_ids. on_text receives text as it becomes complete UTF-8 (may be empty). Throws llmq::Error when the
 // prompt is empty or longer than the model's context.
