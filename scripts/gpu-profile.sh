@@ -5,6 +5,8 @@
 #   wgemm_i4_kernel  INT4 gate_up at 16 tokens (W4A16 at batch 16: 30% of the copy bandwidth)
 #   flash_prefill_kernel  2048-token prefill attention (a third of the BF16 prefill time)
 #   gemv_vec_kernel  FP8 x FP8 qkv at 1 token (the FP8 batch-1 row)
+#   wgemm_tiled_kernel  INT4 gate_up at 16 tokens (the tiled kernel W4A16 batch 16 takes), default and with
+#                    LLMQ_WGEMM_TILED_ILP=1 (set tiled; not in the default set)
 # printing the speed of light, occupancy, launch statistics and warp stall reasons. Logs go to $OUT when set.
 # Environment: KERNELS [i4 flash fp8gemv] (a subset to run), NCU [ncu].
 set -uo pipefail
@@ -38,6 +40,8 @@ for k in $KERNELS; do
         ( export LLMQ_WGEMM_I4_ONE_CTA=1; prof i4-t16-gate_up-one-cta wgemm_i4_kernel 3 --only matmul --format w4a16 --t 16 --matrix gate_up ) ;;
     flash) prof flash-2048 flash_prefill_kernel 1 --only attention ;;
     fp8gemv) prof fp8-gemv-t1-qkv gemv_vec_kernel 3 --only matmul --format fp8 --t 1 --matrix qkv ;;
+    tiled) prof tiled-t16-gate_up wgemm_tiled_kernel 3 --only matmul --format w4a16 --t 16 --matrix gate_up
+           ( export LLMQ_WGEMM_TILED_ILP=1; prof tiled-t16-gate_up-ilp wgemm_tiled_kernel 3 --only matmul --format w4a16 --t 16 --matrix gate_up ) ;;
     *) echo "unknown kernel set $k" ;;
   esac
 done

@@ -603,6 +603,29 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
             }
   }
   unsetenv("LLMQ_WGEMM_TILED_STAGES");
+  // The INT4 instance with a register sum per unit of a stage (LLMQ_WGEMM_TILED_ILP=1: 9-16 tokens, 4 and 3
+  // stages), both group sizes, split and not; and a forced split count (LLMQ_WGEMM_TILED_SPLITS) that leaves a
+  // short last split.
+  setenv("LLMQ_WGEMM_TILED_ILP", "1", 1);
+  for (const char* stages : {"4", "3"}) {
+    setenv("LLMQ_WGEMM_TILED_STAGES", stages, 1);
+    for (auto [N, K, g] : {std::tuple<int64_t, int64_t, int64_t>{300, 1024, 64}, {17, 768, 64}, {45, 4096, 128}, {129, 512, 128}})
+      for (int M : {9, 16})
+        for (bool ws : {false, true})
+          if (!tiled_case(WFmt::I4, N, K, g, M, ws)) {
+            ADD_FAILURE() << "LLMQ_WGEMM_TILED_ILP=1, LLMQ_WGEMM_TILED_STAGES=" << stages;
+            unsetenv("LLMQ_WGEMM_TILED_ILP");
+            unsetenv("LLMQ_WGEMM_TILED_STAGES");
+            return;
+          }
+  }
+  unsetenv("LLMQ_WGEMM_TILED_ILP");
+  unsetenv("LLMQ_WGEMM_TILED_STAGES");
+  setenv("LLMQ_WGEMM_TILED_SPLITS", "3", 1);
+  for (WFmt wf : {WFmt::I4, WFmt::I8})
+    if (!tiled_case(wf, 45, 4096, 128, 16, true)) ADD_FAILURE() << "LLMQ_WGEMM_TILED_SPLITS=3";
+  unsetenv("LLMQ_WGEMM_TILED_SPLITS");
+  if (HasFailure()) return;
   for (WFmt wf : {WFmt::I4, WFmt::I8})
     for (ActKind kind : {ActKind::None, ActKind::Fp8Tensor}) {
       GemvCase sw{wf, XFmt::BF16, 2 * 700, 1024, wf == WFmt::I4 ? 128 : 0, 16, false, true};

@@ -877,13 +877,20 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem) : "memory");
 }
 
-// KIND kI4 (G = 64 or 128) or kI8W (G unused); S ring stages.
-template <int KIND, int NT, int G, int S>
-__global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
+// KIND kI4 (G = 64 or 128) or kI8W (G unused); S ring stages. ILP (INT4 only): each unit of a stage sums its
+// mma into its own registers (cg[cu]), added at the group's end, so that a stage's two units are two independent
+// chains of mma instead of one chain through both (LLMQ_WGEMM_TILED_ILP=1, see launch_tiled_nt). It needs ~73
+// registers (the default instance 58); with 3 stages it is held to 64 (4 CTAs an SM, as the default instance gets
+// there; ptxas spills one register of the G = 128 instance), with 4 the shared memory allows 3 CTAs anyway.
+template <int KIND, int NT, int G, int S, bool ILP = false>
+__global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 1) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
   constexpr bool I4 = KIND == kI4;
   constexpr int UPG = I4 ? G / 64 : 1;  // units per group
   constexpr int GPS = kTUnits / UPG;    // groups per stage (1 or 2)
+  static_assert(!ILP || I4, "ILP: INT4 only");
+  static_assert(kTUnits % UPG == 0, "a stage starts on a group (ups is a multiple of kTUnits)");
+  constexpr int NC = ILP ? kTUnits : 1;  // INT4 group sums: one per unit of a stage (ILP) or one
   extern __shared__ uint4 t_ring[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -998,11 +1005,15 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
   }
 
   float acc[NT][4];
-  float cg[NT][4];
+  float cg[NC][NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f, cg[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) {
+      acc[n][e] = 0.f;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) cg[c][n][e] = 0.f;
+    }
   for (int stg = 0; stg < nst; ++stg) {
     cp_async_wait<S - 2>();         // this thread's copies of stage stg have landed ...
     __syncthreads();                // ... and everyone's; every warp is done with stage stg - 1's slot
@@ -1016,7 +1027,10 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
 #pragma unroll
     for (int cu = 0; cu < kTUnits; ++cu) {
       const int u = u0 + cu;
-      if (u >= u_end) break;  // CTA-uniform
+      // CTA-uniform. ILP leaves the test out: INT4 stages are always whole (tiled_ok: K a multiple of 4 groups of
+      // 64 or more, so units and every split's ups are even), and without the branch the compiler may interleave
+      // the two units' mma.
+      if (!ILP && u >= u_end) break;
       if constexpr (I4) {
         const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * kTGroups * 16;
         const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
@@ -1037,16 +1051,22 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_kernel(const GemvArg
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
             const uint2 bx = *reinterpret_cast<const uint2*>(act + (n * 8 + g) * Lay::kRow + cu * 64 + 16 * j + 4 * t);
-            mma_bf16(cg[n], A, bx);
+            mma_bf16(cg[ILP ? cu : 0][n], A, bx);
           }
         }
-        if ((u + 1) % UPG == 0 || u + 1 == u_end) {  // the end of a group's share: scale it into acc
+        // The end of a group's share: scale it into acc (ILP: at compile time, stages starting on a group).
+        if (ILP ? (cu + 1) % UPG == 0 : ((u + 1) % UPG == 0 || u + 1 == u_end)) {
+          // ILP: the group's units of this stage are cu - cu % UPG .. cu (a stage starts on a group).
+          const int c1 = ILP ? cu : 0, c0 = ILP ? cu - cu % UPG : 0;  // constants once the loop is unrolled
 #pragma unroll
           for (int n = 0; n < NT; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              acc[n][e] = fmaf(e < 2 ? s0 : s1, cg[n][e], acc[n][e]);
-              cg[n][e] = 0.f;
+              float v = cg[c1][n][e];
+#pragma unroll
+              for (int c = c0; c < c1; ++c) v += cg[c][n][e], cg[c][n][e] = 0.f;
+              acc[n][e] = fmaf(e < 2 ? s0 : s1, v, acc[n][e]);
+              cg[c1][n][e] = 0.f;
             }
         }
       } else {
@@ -1148,12 +1168,12 @@ bool tiled_default(const GemvArgs& a, int kind) {
   return kind == kI8W || (a.M >= 16 && a.N * a.K >= (int64_t(1) << 25));
 }
 
-template <int KIND, int NT, int G, int S>
+template <int KIND, int NT, int G, int S, bool ILP = false>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   using Lay = TiledLayout<KIND, NT, S>;
   // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
   static const int slots = [] {
-    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S>;
+    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S, ILP>;
     LLMQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1169,11 +1189,14 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
     return e && *e ? std::clamp(std::atoi(e), 1, 8) : 1;
   }();
   int splits = a.tiled_ws ? std::clamp(waves * slots / tiles, 1, std::max(1, units / (2 * kTUnits))) : 1;
+  // LLMQ_WGEMM_TILED_SPLITS=n forces n splits where a workspace is given (comparisons; read at every call).
+  if (const char* e = std::getenv("LLMQ_WGEMM_TILED_SPLITS"); e && *e && a.tiled_ws)
+    splits = std::clamp(std::atoi(e), 1, std::max(1, units / kTUnits));
   auto per_split = [&](int sp) { return ((units + sp - 1) / sp + kTUnits - 1) / kTUnits * kTUnits; };
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
   if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
-  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S>, dim3(unsigned(tiles), unsigned(splits)),
+  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
   if (splits > 1)
     launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
@@ -1183,10 +1206,20 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 // The ring's depth: kTStages (4), or LLMQ_WGEMM_TILED_STAGES=3 (any tokens: at 64 tokens two CTAs an SM fit
 // instead of one) or =8 (up to 16 tokens: twice the weights in flight), where that ring fits the device's shared
 // memory. An experiment, read at every call so that a test can set it; not measured yet.
+// LLMQ_WGEMM_TILED_ILP=1 (INT4 at 9-16 tokens, 3 or 4 stages): the instance whose stage's units sum into their own
+// registers (wgemm_tiled_kernel's ILP). The suspicion it tests (session 29, from the SASS): at 16 tokens a warp has
+// two chains of 4 dependent HMMA a unit and 3-4 warps a scheduler (224 CTAs for gate_up), too few to hide the
+// mma latency (ncu, session 21: no eligible warp 44% of the cycles). An experiment, read at every call; not GPU-run.
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
   const int want = e && *e ? std::atoi(e) : kTStages;
+  if constexpr (KIND == kI4 && NT == 2) {
+    if (env_flag("LLMQ_WGEMM_TILED_ILP")) {
+      if (want == 3) return launch_tiled_s<KIND, NT, G, 3, true>(a, s);
+      return launch_tiled_s<KIND, NT, G, kTStages, true>(a, s);
+    }
+  }
   if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
   if constexpr (NT <= 2)
     if (want == 8 && tiled_bytes(KIND, NT, 8) <= tiled_max_smem()) return launch_tiled_s<KIND, NT, G, 8>(a, s);
