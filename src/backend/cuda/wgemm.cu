@@ -883,7 +883,7 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // registers (the default instance 58); with 3 stages it is held to 64 (4 CTAs an SM, as the default instance gets
 // there; ptxas spills one register of the G = 128 instance), with 4 the shared memory allows 3 CTAs anyway.
 template <int KIND, int NT, int G, int S, bool ILP = false>
-__global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 1) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
+__global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
   constexpr bool I4 = KIND == kI4;
   constexpr int UPG = I4 ? G / 64 : 1;  // units per group
