@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "model/llama.hpp"
+#include "runtime/engine.hpp"
 #include "runtime/generate.hpp"
 #include "test_util.hpp"
 #include "tokenizer/tokenizer.hpp"
@@ -85,6 +86,50 @@ TEST_P(Reference, LogitsTop10AndGreedyMatchTransformers) {
     EXPECT_EQ(g.ids, greedy) << "greedy continuation";
     if (p.contains("greedy_text")) {
       EXPECT_EQ(tok.decode(g.ids), p["greedy_text"].get<std::string>());
+    }
+  }
+}
+
+// The CPU engine, counting the tokens it is asked to run.
+class CountingEngine final : public Engine {
+ public:
+  explicit CountingEngine(const Model& m) : Engine(m), inner_(make_cpu_engine(m)) {}
+  void reset(int64_t n_seq, int64_t capacity) override { inner_->reset(n_seq, capacity); }
+  void forward(const std::vector<BatchToken>& batch, float* logits_out) override {
+    tokens += int64_t(batch.size());
+    inner_->forward(batch, logits_out);
+  }
+  void forward_argmax(const std::vector<BatchToken>& batch, int32_t* ids_out) override {
+    tokens += int64_t(batch.size());
+    inner_->forward_argmax(batch, ids_out);
+  }
+  std::string device() const override { return inner_->device(); }
+  double kv_bytes_per_value() const override { return inner_->kv_bytes_per_value(); }
+  double measure_peak_gbps() override { return inner_->measure_peak_gbps(); }
+  double measure_peak_gflops() override { return inner_->measure_peak_gflops(); }
+  int64_t tokens = 0;
+
+ private:
+  std::unique_ptr<Engine> inner_;
+};
+
+// generate() runs the prompt once and then one token a step, the last generated token never (nothing reads its
+// logits); with nothing to generate it still runs the prompt, so that its prefill time is a measurement.
+TEST(Generate, RunsThePromptOnceAndOneTokenAStep) {
+  const std::string dir = test::shared_dir() + "/models/llama-7m-demo";
+  Model model(dir);
+  Tokenizer tok = Tokenizer::load(dir);
+  const std::vector<int32_t> prompt = tok.encode("The quick brown fox", true);
+  ASSERT_GT(prompt.size(), 2u);
+  for (bool greedy : {true, false}) {
+    SamplerParams sp;
+    sp.temperature = greedy ? 0.f : 0.8f;
+    for (int64_t n : {0, 1, 5}) {
+      CountingEngine e(model);
+      GenerateResult r = generate(e, tok, prompt, n, sp, {}, nullptr);
+      EXPECT_EQ(int64_t(r.ids.size()), n) << "greedy " << greedy;
+      EXPECT_EQ(e.tokens, int64_t(prompt.size()) + std::max<int64_t>(0, n - 1)) << "n " << n << ", greedy " << greedy;
+      EXPECT_EQ(r.decode_steps, std::max<int64_t>(0, n - 1));
     }
   }
 }

@@ -39,10 +39,10 @@ GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<
   auto t0 = clock::now();
   std::vector<BatchToken> batch;
   for (size_t i = 0; i < prompt.size(); ++i) batch.push_back({prompt[i], 0, int32_t(i), i + 1 == prompt.size()});
-  if (n_new > 0) {
-    if (greedy) engine.forward_argmax(batch, &next);
-    else engine.forward(batch, logits.data());
-  }
+  // The prompt is run even when nothing is to be generated (-n 0), as llama.cpp does: the prefill time (and its
+  // tokens/s) is then a measurement, not the time of an empty step.
+  if (greedy) engine.forward_argmax(batch, &next);
+  else engine.forward(batch, logits.data());
   auto t1 = clock::now();
   r.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   int64_t pos = int64_t(prompt.size());
