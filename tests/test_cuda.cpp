@@ -589,8 +589,9 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
           if (!tiled_case(wf, N, K, g, M, ws)) return;
         }
   std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
-  // The other ring depths (LLMQ_WGEMM_TILED_STAGES: 3 at every token count, 8 up to 16 tokens), split and not.
-  for (const char* stages : {"3", "8"}) {
+  // Every ring depth forced (LLMQ_WGEMM_TILED_STAGES: 3 and 4 at every token count, 8 up to 16 tokens; the
+  // default is 3 for INT4 and INT8 past 32 tokens, else 4), split and not.
+  for (const char* stages : {"3", "4", "8"}) {
     setenv("LLMQ_WGEMM_TILED_STAGES", stages, 1);
     for (WFmt wf : {WFmt::I4, WFmt::I8})
       for (auto [N, K, g] : {std::tuple<int64_t, int64_t, int64_t>{300, 1024, 64}, {45, 4096, 128}})

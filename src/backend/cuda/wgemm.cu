@@ -1154,18 +1154,20 @@ bool tiled_ok(const GemvArgs& a, int kind) {
 }
 
 // Whether a weight-only matmul of 9..64 tokens (a.tiled == 0) takes the tiled kernel. LLMQ_WGEMM_TILED=0:
-// never; =1: wherever it serves; unset: INT8 rows always, INT4 from 16 tokens on matrices of 2^25 weights or
-// more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens (bench/results/2026-12-02-nvidia-h200-
+// never; =1: wherever it serves; unset: INT8 rows always, INT4 at 16 tokens on matrices of 2^24 weights or more
+// and past 16 on those of 2^25 or more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens (bench/results/2026-12-02-nvidia-h200-
 // session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against the general kernel's 88); INT4
 // faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38 against 53 us), slower for qkv and o (6-25
 // M weights: the split-K pass and the per-stage barrier cost more than the activations' L2 reads save) and for
 // gate_up at 9-16. With the copy plan (session 23, bench/results/2026-12-05-nvidia-h200-session23.txt) INT4 at 16
 // tokens is faster for gate_up too (45.7 against the INT4 kernel's 48.8 us; down 26.4 against 31.6); 9-15 tokens
-// not measured, so they stay on the INT4 kernel. Read at every call, so that a test can set it.
+// not measured, so they stay on the INT4 kernel. Session 29 (H100, 3 stages): qkv and o (2^24 weights and up) at
+// 16 tokens too (past 16 not measured that way), 4-layer llama-3-8b w4a16 batch-16 TPOT 0.8747 / 0.8757 ms against 0.8831 / 0.8835 with them on the
+// INT4 kernel. Read at every call, so that a test can set it.
 bool tiled_default(const GemvArgs& a, int kind) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED");
   if (e && *e) return *e != '0';
-  return kind == kI8W || (a.M >= 16 && a.N * a.K >= (int64_t(1) << 25));
+  return kind == kI8W || (a.M >= 16 && a.N * a.K >= (int64_t(1) << (a.M == 16 ? 24 : 25)));
 }
 
 template <int KIND, int NT, int G, int S, bool ILP = false>
@@ -1203,9 +1205,14 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
            0, s, a, splits);
 }
 
-// The ring's depth: kTStages (4), or LLMQ_WGEMM_TILED_STAGES=3 (any tokens: at 64 tokens two CTAs an SM fit
-// instead of one) or =8 (up to 16 tokens: twice the weights in flight), where that ring fits the device's shared
-// memory. An experiment, read at every call so that a test can set it; not measured yet.
+// The ring's depth: 3 stages for INT4, and for INT8 rows past 32 tokens; kTStages (4) for INT8 rows up to 32
+// tokens. LLMQ_WGEMM_TILED_STAGES=3|4|8 sets it (8 only up to 16 tokens, where that ring fits the device's shared
+// memory; read at every call so that a test can set it). Measured on an H100 (session 29, 4-layer llama-3-8b,
+// TPOT ms, two rounds, bench/results/2026-12-05-nvidia-h100-session29.txt): w4a16 batch 16 0.9190 / 0.9160 with 4
+// stages against 0.8831 / 0.8835 with 3, batch 64 1.6391 / 1.6675 against 1.5886 / 1.5887; w8a16 batch 64 1.9183 /
+// 1.8844 against 1.6675 / 1.6796, but batch 16 0.9425 / 0.9430 against 1.0129 / 1.0144. With 3 stages a CTA's ring
+// is smaller, 4 CTAs fit an SM instead of 3 at 16 tokens (2 instead of 1 at 64), and the one-wave split rule gives
+// gate_up 2 K-splits instead of 1 (H100 kbench at 16 tokens: 37.9 against 45.5 us).
 // LLMQ_WGEMM_TILED_ILP=1 (INT4 at 9-16 tokens, 3 or 4 stages): the instance whose stage's units sum into their own
 // registers (wgemm_tiled_kernel's ILP). The suspicion it tests (session 29, from the SASS): at 16 tokens a warp has
 // two chains of 4 dependent HMMA a unit and 3-4 warps a scheduler (224 CTAs for gate_up), too few to hide the
@@ -1213,7 +1220,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
-  const int want = e && *e ? std::atoi(e) : kTStages;
+  const int want = e && *e ? std::atoi(e) : KIND == kI4 || NT == 8 ? 3 : kTStages;
   if constexpr (KIND == kI4 && NT == 2) {
     if (env_flag("LLMQ_WGEMM_TILED_ILP")) {
       if (want == 3) return launch_tiled_s<KIND, NT, G, 3, true>(a, s);
