@@ -1155,15 +1155,15 @@ bool tiled_ok(const GemvArgs& a, int kind) {
 
 // Whether a weight-only matmul of 9..64 tokens (a.tiled == 0) takes the tiled kernel. LLMQ_WGEMM_TILED=0:
 // never; =1: wherever it serves; unset: INT8 rows always, INT4 at 16 tokens on matrices of 2^24 weights or more
-// and past 16 on those of 2^25 or more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens (bench/results/2026-12-02-nvidia-h200-
-// session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against the general kernel's 88); INT4
+// and past 16 on those of 2^25 or more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens
+// (bench/results/2026-12-02-nvidia-h200-session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against the general kernel's 88); INT4
 // faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38 against 53 us), slower for qkv and o (6-25
 // M weights: the split-K pass and the per-stage barrier cost more than the activations' L2 reads save) and for
 // gate_up at 9-16. With the copy plan (session 23, bench/results/2026-12-05-nvidia-h200-session23.txt) INT4 at 16
 // tokens is faster for gate_up too (45.7 against the INT4 kernel's 48.8 us; down 26.4 against 31.6); 9-15 tokens
 // not measured, so they stay on the INT4 kernel. Session 29 (H100, 3 stages): qkv and o (2^24 weights and up) at
-// 16 tokens too (past 16 not measured that way), 4-layer llama-3-8b w4a16 batch-16 TPOT 0.8747 / 0.8757 ms against 0.8831 / 0.8835 with them on the
-// INT4 kernel. Read at every call, so that a test can set it.
+// 16 tokens too (past 16 not measured that way), 4-layer llama-3-8b w4a16 batch-16 TPOT 0.8747 / 0.8757 ms against
+// 0.8831 / 0.8835 with them on the INT4 kernel. Read at every call, so that a test can set it.
 bool tiled_default(const GemvArgs& a, int kind) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED");
   if (e && *e) return *e != '0';
@@ -1216,7 +1216,9 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 // LLMQ_WGEMM_TILED_ILP=1 (INT4 at 9-16 tokens, 3 or 4 stages): the instance whose stage's units sum into their own
 // registers (wgemm_tiled_kernel's ILP). The suspicion it tests (session 29, from the SASS): at 16 tokens a warp has
 // two chains of 4 dependent HMMA a unit and 3-4 warps a scheduler (224 CTAs for gate_up), too few to hide the
-// mma latency (ncu, session 21: no eligible warp 44% of the cycles). An experiment, read at every call; not GPU-run.
+// mma latency (ncu, session 21: no eligible warp 44% of the cycles). Measured (H100, session 29): kbench at 16
+// tokens gate_up 45.5 -> 42.8 us, down 24.2 -> 22.9, but qkv 13.4 -> 16.0; w4a16 batch-16 TPOT with 3 stages and
+// tiled qkv/o 0.8830 against 0.8747 ms without it. So opt-in, read at every call.
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
