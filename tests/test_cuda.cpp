@@ -610,7 +610,8 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
   setenv("LLMQ_WGEMM_TILED_ILP", "1", 1);
   for (const char* stages : {"4", "3"}) {
     setenv("LLMQ_WGEMM_TILED_STAGES", stages, 1);
-    for (auto [N, K, g] : {std::tuple<int64_t, int64_t, int64_t>{300, 1024, 64}, {17, 768, 64}, {45, 4096, 128}, {129, 512, 128}})
+    for (auto [N, K, g] :
+         {std::tuple<int64_t, int64_t, int64_t>{300, 1024, 64}, {17, 768, 64}, {45, 4096, 128}, {129, 512, 128}})
       for (int M : {9, 16})
         for (bool ws : {false, true})
           if (!tiled_case(WFmt::I4, N, K, g, M, ws)) {

@@ -883,7 +883,8 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // registers (the default instance 58); with 3 stages it is held to 64 (4 CTAs an SM, as the default instance gets
 // there; ptxas spills one register of the G = 128 instance), with 4 the shared memory allows 3 CTAs anyway.
 template <int KIND, int NT, int G, int S, bool ILP = false>
-__global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0) wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
+__global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
+    wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
   constexpr bool I4 = KIND == kI4;
   constexpr int UPG = I4 ? G / 64 : 1;  // units per group
@@ -1156,10 +1157,10 @@ bool tiled_ok(const GemvArgs& a, int kind) {
 // Whether a weight-only matmul of 9..64 tokens (a.tiled == 0) takes the tiled kernel. LLMQ_WGEMM_TILED=0:
 // never; =1: wherever it serves; unset: INT8 rows always, INT4 at 16 tokens on matrices of 2^24 weights or more
 // and past 16 on those of 2^25 or more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens
-// (bench/results/2026-12-02-nvidia-h200-session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against the general kernel's 88); INT4
-// faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38 against 53 us), slower for qkv and o (6-25
-// M weights: the split-K pass and the per-stage barrier cost more than the activations' L2 reads save) and for
-// gate_up at 9-16. With the copy plan (session 23, bench/results/2026-12-05-nvidia-h200-session23.txt) INT4 at 16
+// (bench/results/2026-12-02-nvidia-h200-session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us
+// against the general kernel's 88); INT4 faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38
+// against 53 us), slower for qkv and o (6-25 M weights: the split-K pass and the per-stage barrier cost more than
+// the activations' L2 reads save) and for gate_up at 9-16. With the copy plan (session 23, bench/results/2026-12-05-nvidia-h200-session23.txt) INT4 at 16
 // tokens is faster for gate_up too (45.7 against the INT4 kernel's 48.8 us; down 26.4 against 31.6); 9-15 tokens
 // not measured, so they stay on the INT4 kernel. Session 29 (H100, 3 stages): qkv and o (2^24 weights and up) at
 // 16 tokens too (past 16 not measured that way), 4-layer llama-3-8b w4a16 batch-16 TPOT 0.8747 / 0.8757 ms against
