@@ -78,11 +78,15 @@ bool row_threads_1024() {
   }();
   return on;
 }
-// LLMQ_ROW_SMALL_DECODE=1 (an experiment, unmeasured): decode steps too take the kRowThreadsSmall blocks, and
-// the residual RMSNorm its 16-byte quads kernel (residual_quads_ok), instead of 1024-thread blocks of 4-byte loads
-// (H100 batch 64, session 27: residual_rmsnorm_kernel added 6-7 us twice a layer for fp8 and int8-sq).
+// Decode steps too take the kRowThreadsSmall blocks, and the residual RMSNorm its 16-byte quads kernel
+// (residual_quads_ok), instead of 1024-thread blocks of 4-byte loads (H100 batch 64, session 27:
+// residual_rmsnorm_kernel added 6-7 us twice a layer for fp8 and int8-sq). H100, 4-layer llama-3-8b, TPOT ms
+// with 1024-thread blocks (LLMQ_ROW_SMALL_DECODE=0, the rule before session 30) / small blocks, two rounds
+// alternated (bench/results/2026-12-06-nvidia-h100-session30.txt): int8-sq batch 16 0.958, 0.960 / 0.929, 0.929;
+// batch 64 1.090, 1.092 / 1.059, 1.071; fp8 batch 16 0.924, 0.921 / 0.897, 0.897; batch 64 1.043, 1.035 / 1.029,
+// 1.021; bf16, w8a16 and w4a16 (whose norms run in the matmul epilogues) the same within 0.5%.
 bool small_decode_rows() {
-  static const bool on = env_flag("LLMQ_ROW_SMALL_DECODE");
+  static const bool on = !env_off("LLMQ_ROW_SMALL_DECODE");
   return on;
 }
 bool small_row_blocks(int64_t rows, int64_t D) {
