@@ -64,10 +64,12 @@ if [ "$RUN_TESTS" = 1 ]; then
   echo "== GPU tests (in the background)"
   TESTS="cut short"
   t_tests=$(date +%s)
-  # One at a time. Their CPU reference work competes with the quantization running beside them: on the H100
-  # machine (16 cores) the set took 212 s one at a time (session 29) and 274 s four at a time (session 30;
-  # CudaModel.EveryFormatMatchesCpuEngine 228 s of it), against 105 s three at a time with nothing beside them.
-  ctest --test-dir build/gpu -L gpu --output-on-failure -V > /tmp/llmq-gpu-tests.log 2>&1 &
+  # Three at a time, ahead of the quantization beside them (which runs at a lower priority, nice 10): their CPU
+  # reference work competes with it. On the H100 machine (16 cores) the set took 212 s one at a time (session 29)
+  # and 274 s four at a time (session 30; CudaModel.EveryFormatMatchesCpuEngine 228 s of it), both beside the
+  # quantization at the same priority, against 105 s three at a time with nothing beside them. This combination
+  # has not run on a GPU machine yet.
+  ctest --test-dir build/gpu -L gpu --output-on-failure -V -j 3 > /tmp/llmq-gpu-tests.log 2>&1 &
   TPID=$!
 fi
 wait_tests() {
@@ -131,17 +133,32 @@ for r in runs:
 PY
   else
     echo "bench failed: $1 $2 batches $5: $(tail -1 "$WORK/bench.err")"
-    for b in ${5//,/ }; do
-      echo "{\"shape\": \"$1\", \"method\": \"$2\", \"batch\": $b, \"prompt_len\": $6, \"error\": $(tail -1 "$WORK/bench.err" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}" >> "$REC"
-    done
+    error_records "$1" "$2" "$5" "$6" "$(tail -1 "$WORK/bench.err")"
   fi
+}
+error_records() {  # shape method batches(comma-separated) prompt message: one error record per batch
+  local b
+  for b in ${3//,/ }; do
+    echo "{\"shape\": \"$1\", \"method\": \"$2\", \"batch\": $b, \"prompt_len\": $4, \"error\": $(printf '%s' "$5" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}" >> "$REC"
+  done
 }
 
 for shape in $SHAPES; do
   base="$WORK/$shape"
   if [ ! -d "$base" ]; then
     t0=$(date +%s)
-    "$LLMQ" synth --shape "$shape" -o "$base" --tokenizer models/llama-7m-demo/tokenizer.json >/dev/null 2>&1
+    # A shape that cannot be made (unknown name, full disk) is an error record for each of its runs, not the
+    # end of the script: set -e ended it here before, with nothing written.
+    if ! "$LLMQ" synth --shape "$shape" -o "$base" --tokenizer models/llama-7m-demo/tokenizer.json >/dev/null 2>"$WORK/synth.err"; then
+      err="synth: $(head -1 "$WORK/synth.err")"  # llmq's one-line error (CLI11's hint follows a usage error)
+      echo "$err"
+      for method in $METHODS; do
+        if [ -n "$BATCHES" ]; then error_records "$shape" "$method" "$(echo $BATCHES | tr ' ' ',')" 128 "$err"; fi
+        if [ "$PREFILL" -gt 0 ]; then error_records "$shape" "$method" 1 "$PREFILL" "$err"; fi
+      done
+      rm -rf "$base"
+      continue
+    fi
     echo "== synth $shape: $(( $(date +%s) - t0 )) s"
   fi
   # Quantize the formats one after another on the CPU in the background while the GPU benchmarks those
@@ -154,7 +171,7 @@ for shape in $SHAPES; do
       dir="$WORK/$shape-$qw"
       [ -d "$dir" ] && continue
       t0=$(date +%s)
-      if "$LLMQ" quantize "$base" -o "$dir" --method "$qw" --calib "$CALIB" --calib-samples 4 --calib-seq-len 128 \
+      if nice -n 10 "$LLMQ" quantize "$base" -o "$dir" --method "$qw" --calib "$CALIB" --calib-samples 4 --calib-seq-len 128 \
            >/dev/null 2>"$dir.err"; then
         echo "== quantize $shape $qw: $(( $(date +%s) - t0 )) s"
       else
