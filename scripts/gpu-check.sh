@@ -35,6 +35,7 @@ RUN_TESTS=${RUN_TESTS:-1}
 WORK=${WORK:-/tmp/llmq-gpu-check}
 COMMIT=${COMMIT:-$(c=$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEAD && echo "$c" || echo "$c-dirty"; } || echo unknown)}
 DEVICE=${DEVICE:-cuda}
+BATCH_LIST=$(echo $BATCHES | tr ' ' ',')  # llmq bench --batches
 JOBS=$(nproc)
 . scripts/gpu-env.sh  # sets SHARED
 
@@ -153,7 +154,7 @@ for shape in $SHAPES; do
       err="synth: $(head -1 "$WORK/synth.err")"  # llmq's one-line error (CLI11's hint follows a usage error)
       echo "$err"
       for method in $METHODS; do
-        if [ -n "$BATCHES" ]; then error_records "$shape" "$method" "$(echo $BATCHES | tr ' ' ',')" 128 "$err"; fi
+        if [ -n "$BATCHES" ]; then error_records "$shape" "$method" "$BATCH_LIST" 128 "$err"; fi
         if [ "$PREFILL" -gt 0 ]; then error_records "$shape" "$method" 1 "$PREFILL" "$err"; fi
       done
       rm -rf "$base"
@@ -192,7 +193,7 @@ for shape in $SHAPES; do
       [ -e "$dir.failed" ] && continue
     fi
     # Every batch size on the model loaded once (llmq bench --batches), then the prefill run.
-    if [ -n "$BATCHES" ]; then run_bench "$shape" "$method" "$qw" "$dir" "$(echo $BATCHES | tr ' ' ',')" 128 128; fi
+    if [ -n "$BATCHES" ]; then run_bench "$shape" "$method" "$qw" "$dir" "$BATCH_LIST" 128 128; fi
     if [ "$PREFILL" -gt 0 ]; then run_bench "$shape" "$method" "$qw" "$dir" 1 "$PREFILL" 1; fi
     if [ "$method" != bf16 ]; then rm -rf "$dir"; fi
   done

@@ -1154,17 +1154,18 @@ bool tiled_ok(const GemvArgs& a, int kind) {
   return (a.group == 64 || a.group == 128) && (a.K / a.group) % 4 == 0 && reinterpret_cast<uintptr_t>(a.w_zero) % 4 == 0;
 }
 
-// Whether a weight-only matmul of 9..64 tokens (a.tiled == 0) takes the tiled kernel. LLMQ_WGEMM_TILED=0:
-// never; =1: wherever it serves; unset: INT8 rows always, INT4 at 16 tokens on matrices of 2^24 weights or more
-// and past 16 on those of 2^25 or more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens
-// (bench/results/2026-12-02-nvidia-h200-session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us
-// against the general kernel's 88); INT4 faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38
-// against 53 us), slower for qkv and o (6-25 M weights: the split-K pass and the per-stage barrier cost more than
-// the activations' L2 reads save) and for gate_up at 9-16. With the copy plan (session 23, bench/results/2026-12-05-nvidia-h200-session23.txt) INT4 at 16
-// tokens is faster for gate_up too (45.7 against the INT4 kernel's 48.8 us; down 26.4 against 31.6); 9-15 tokens
-// not measured, so they stay on the INT4 kernel. Session 29 (H100, 3 stages): qkv and o (2^24 weights and up) at
-// 16 tokens too (past 16 not measured that way), 4-layer llama-3-8b w4a16 batch-16 TPOT 0.8747 / 0.8757 ms against
-// 0.8831 / 0.8835 with them on the INT4 kernel. Read at every call, so that a test can set it.
+// Whether a weight-only matmul of 9..64 tokens (a.tiled == 0) takes the tiled kernel. LLMQ_WGEMM_TILED=0: never; =1:
+// wherever it serves; unset: INT8 rows always, INT4 at 16 tokens on matrices of 2^24 weights or more and past 16 on
+// those of 2^25 or more. H200, llmq-kbench --only matmul at llama-3-8b shapes, 9-64 tokens
+// (bench/results/2026-12-02-nvidia-h200-session11.txt): INT8 faster at every shape (gate_up at 16 tokens 49 us against
+// the general kernel's 88); INT4 faster for gate_up at 32-64 tokens and down at 16-64 (down at 32: 38 against 53 us),
+// slower for qkv and o (6-25 M weights: the split-K pass and the per-stage barrier cost more than the activations' L2
+// reads save) and for gate_up at 9-16. With the copy plan (session 23,
+// bench/results/2026-12-05-nvidia-h200-session23.txt) INT4 at 16 tokens is faster for gate_up too (45.7 against the
+// INT4 kernel's 48.8 us; down 26.4 against 31.6); 9-15 tokens not measured, so they stay on the INT4 kernel. Session 29
+// (H100, 3 stages): qkv and o (2^24 weights and up) at 16 tokens too (past 16 not measured that way), 4-layer
+// llama-3-8b w4a16 batch-16 TPOT 0.8747 / 0.8757 ms against 0.8831 / 0.8835 with them on the INT4 kernel. Read at every
+// call, so that a test can set it.
 bool tiled_default(const GemvArgs& a, int kind) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED");
   if (e && *e) return *e != '0';
@@ -1223,7 +1224,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
-  const int want = e && *e ? std::atoi(e) : KIND == kI4 || NT == 8 ? 3 : kTStages;
+  const int want = e && *e ? std::atoi(e) : (KIND == kI4 || NT == 8) ? 3 : kTStages;
   if constexpr (KIND == kI4 && NT == 2) {
     if (env_flag("LLMQ_WGEMM_TILED_ILP")) {
       if (want == 3) return launch_tiled_s<KIND, NT, G, 3, true>(a, s);
