@@ -92,7 +92,7 @@ finish() {
   local slug result
   slug=$(echo "$CARD" | tr '[:upper:] ' '[:lower:]-' | tr -cd 'a-z0-9-')
   result=${RESULT:-"bench/results/$(date +%F)-$slug.json"}
-  mkdir -p bench/results
+  mkdir -p "$(dirname "$result")"
   python3 - "$REC" "$result" "$TESTS" "$1" <<'PY'
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
