@@ -116,16 +116,24 @@ PY
 QPID=""
 trap 'finish "cut short by a signal"; [ -n "$QPID" ] && kill "$QPID" 2>/dev/null; [ -n "$TPID" ] && kill "$TPID" 2>/dev/null; exit 143' TERM INT
 CALIB="$SHARED/data/c4/c4_validation_2k.jsonl"
-run_bench() {  # shape method quantized_with dir batches(comma-separated) prompt gen: one llmq bench, the model loaded once
-  local out
-  if out=$("$LLMQ" bench "$4" --device "$DEVICE" --batches "$5" --prompt-len "$6" --gen-len "$7" --json 2>"$WORK/bench.err"); then
-    BENCH_JSON="$out" python3 - "$1" "$2" "$3" "$6" "$7" "$CARD" "$COMMIT" <<'PY' >> "$REC"
+run_bench() {  # shape method quantized_with dir: one llmq bench, the model loaded once, for every batch of BATCHES
+  # (prompt 128, 128 generated) and the PREFILL-token prefill (llmq bench --prefill-len; one process per method
+  # instead of two saves a model load each, ~10 of them a run)
+  local out args=()
+  if [ -n "$BATCHES" ]; then
+    args=(--batches "$BATCH_LIST" --prompt-len 128 --gen-len 128)
+    [ "$PREFILL" -gt 0 ] && args+=(--prefill-len "$PREFILL")
+  else
+    args=(--batches 1 --prompt-len "$PREFILL" --gen-len 1)
+  fi
+  if out=$("$LLMQ" bench "$4" --device "$DEVICE" "${args[@]}" --json 2>"$WORK/bench.err"); then
+    BENCH_JSON="$out" python3 - "$1" "$2" "$3" "$CARD" "$COMMIT" <<'PY' >> "$REC"
 import json, os, sys, datetime
 runs = json.loads(os.environ["BENCH_JSON"])["runs"]
-shape, method, qw, pl, gl, card, commit = sys.argv[1:]
+shape, method, qw, card, commit = sys.argv[1:]
 for r in runs:
-    rec = {"shape": shape, "method": method, "quantized_with": qw, "batch": r["batch"], "prompt_len": int(pl),
-           "gen_len": int(gl), "card": card, "commit": commit, "date": datetime.date.today().isoformat()}
+    rec = {"shape": shape, "method": method, "quantized_with": qw, "batch": r["batch"], "prompt_len": r["prompt_len"],
+           "gen_len": r["gen_len"], "card": card, "commit": commit, "date": datetime.date.today().isoformat()}
     for k in ["decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms", "achieved_gbps", "peak_gbps",
               "roofline_pct", "prefill_gflops", "peak_gflops", "prefill_pct_of_peak_flops", "weight_bytes",
               "bytes_per_token", "peak_memory_bytes", "device"]:
@@ -133,8 +141,11 @@ for r in runs:
     print(json.dumps(rec))
 PY
   else
-    echo "bench failed: $1 $2 batches $5: $(tail -1 "$WORK/bench.err")"
-    error_records "$1" "$2" "$5" "$6" "$(tail -1 "$WORK/bench.err")"
+    local msg
+    msg=$(tail -1 "$WORK/bench.err")
+    echo "bench failed: $1 $2: $msg"
+    if [ -n "$BATCHES" ]; then error_records "$1" "$2" "$BATCH_LIST" 128 "$msg"; fi
+    if [ "$PREFILL" -gt 0 ]; then error_records "$1" "$2" 1 "$PREFILL" "$msg"; fi
   fi
 }
 error_records() {  # shape method batches(comma-separated) prompt message: one error record per batch
@@ -192,9 +203,8 @@ for shape in $SHAPES; do
       while [ ! -d "$dir" ] && [ ! -e "$dir.failed" ]; do sleep 2; done
       [ -e "$dir.failed" ] && continue
     fi
-    # Every batch size on the model loaded once (llmq bench --batches), then the prefill run.
-    if [ -n "$BATCHES" ]; then run_bench "$shape" "$method" "$qw" "$dir" "$BATCH_LIST" 128 128; fi
-    if [ "$PREFILL" -gt 0 ]; then run_bench "$shape" "$method" "$qw" "$dir" 1 "$PREFILL" 1; fi
+    # Every batch size and the prefill run on the model loaded once.
+    if [ -n "$BATCHES" ] || [ "$PREFILL" -gt 0 ]; then run_bench "$shape" "$method" "$qw" "$dir"; fi
     if [ "$method" != bf16 ]; then rm -rf "$dir"; fi
   done
   wait "$QPID" || true

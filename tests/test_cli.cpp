@@ -129,6 +129,22 @@ TEST(Cli, BenchJson) {
     EXPECT_GT(m["runs"][size_t(i)]["decode_tokens_per_s"].get<double>(), 0.0);
     for (auto& [k, v] : j.items()) EXPECT_TRUE(m["runs"][size_t(i)].contains(k)) << k;
   }
+  // --prefill-len: one more run last, batch 1 with that prompt and one generated token, also without --batches.
+  for (const std::string& b : {std::string(" --batches 2"), std::string()}) {
+    CmdResult pf = run("bench " + demo() + b + " --prefill-len 12" + small);
+    ASSERT_EQ(pf.code, 0) << pf.err;
+    const json p = json::parse(pf.out);
+    ASSERT_TRUE(p.contains("runs"));
+    ASSERT_EQ(p["runs"].size(), 2u);
+    EXPECT_EQ(p["runs"][0]["batch"], b.empty() ? 1 : 2);
+    EXPECT_EQ(p["runs"][0]["prompt_len"], 8);
+    EXPECT_EQ(p["runs"][0]["gen_len"], 4);
+    EXPECT_EQ(p["runs"][1]["batch"], 1);
+    EXPECT_EQ(p["runs"][1]["prompt_len"], 12);
+    EXPECT_EQ(p["runs"][1]["gen_len"], 1);
+    EXPECT_GT(p["runs"][1]["prefill_tokens_per_s"].get<double>(), 0.0);
+  }
+  EXPECT_EQ(run("bench " + demo() + " --prefill-len 0" + small).code, 2);
   EXPECT_EQ(run("bench " + demo() + " --batches 1,x" + small).code, 2);
   EXPECT_EQ(run("bench " + demo() + " --batches 1,,2" + small).code, 2);
   EXPECT_EQ(run("bench " + demo() + " --batches 0" + small).code, 2);

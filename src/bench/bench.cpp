@@ -30,6 +30,7 @@ BenchResult bench(Engine& engine, const BenchParams& p) {
   r.weight_bytes = model.weight_bytes();
   r.peak_gbps = engine.measure_peak_gbps();
   r.peak_gflops = engine.measure_peak_gflops();
+  engine.restart_peak_memory();  // this run's peak, not that of an earlier run of the same process
 
   // Random prompts, uniform over the vocabulary. (Through sample() over equal logits they cost a sort of the
   // vocabulary a token: ~45 s of host time before a batch-64, 128-token prompt of a 128,256-token model.)

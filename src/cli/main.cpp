@@ -109,6 +109,11 @@ int main(int argc, char** argv) {
                   "loaded once; with --json one object {\"runs\": [the keys above, per batch]}")
       ->excludes(bch_batch);
   bch->add_option("--prompt-len", bp.prompt_len, "Prompt tokens per sequence (default 128)")->check(CLI::PositiveNumber);
+  int64_t bench_prefill = 0;
+  bch->add_option("--prefill-len", bench_prefill,
+                  "Also one prefill of this many tokens (batch 1, 1 generated token) after the decode runs, on the model "
+                  "loaded once; with --json the runs come as {\"runs\": [...]}, this one last")
+      ->check(CLI::PositiveNumber);
   bch->add_option("--gen-len", bp.gen_len, "Generated tokens per sequence (default 128)")->check(CLI::PositiveNumber);
   bch->add_option("--repeats", bp.repeats, "Timed runs after one warm-up; the median is reported (default 3)")
       ->check(CLI::PositiveNumber);
@@ -384,11 +389,24 @@ int main(int argc, char** argv) {
           at = comma + 1;
         }
       }
+      // Each run: batch, prompt, generated tokens.
+      std::vector<BenchParams> plan;
+      for (int64_t b : batches) {
+        BenchParams q = bp;
+        q.batch = b;
+        plan.push_back(q);
+      }
+      if (bench_prefill > 0) {
+        BenchParams q = bp;
+        q.batch = 1, q.prompt_len = bench_prefill, q.gen_len = 1;
+        plan.push_back(q);
+      }
+      const bool listed = !bench_batches.empty() || bench_prefill > 0;  // several runs: "runs" and a heading each
       Model m(bench_model);
       auto engine = make_engine(m, device);
       json runs = json::array();
-      for (int64_t b : batches) {
-        bp.batch = b;
+      for (const BenchParams& q : plan) {
+        bp = q;
         BenchResult r = bench(*engine, bp);
         json j = {{"prefill_tokens_per_s", r.prefill_tokens_per_s}, {"decode_tokens_per_s", r.decode_tokens_per_s},
                   {"ttft_ms", r.ttft_ms}, {"tpot_ms", r.tpot_ms}, {"weight_bytes", r.weight_bytes},
@@ -400,10 +418,12 @@ int main(int argc, char** argv) {
                   {"peak_memory_bytes", r.peak_memory_bytes}, {"bytes_per_token", m.bytes_per_token()},
                   {"method", m.quant().method.empty() ? std::string(dtype_name(m.config().dtype)) : m.quant().method}};
         if (as_json) {
-          if (bench_batches.empty()) print_json(j);
+          if (!listed) print_json(j);
           else runs.push_back(j);
         } else {
-          if (!bench_batches.empty()) std::printf("batch    %lld\n", (long long)b);
+          if (listed)
+            std::printf("batch    %lld, prompt %lld, generated %lld\n", (long long)bp.batch, (long long)bp.prompt_len,
+                        (long long)bp.gen_len);
           std::printf("device   %s\n", r.device.c_str());
           std::printf("prefill  %9.1f tok/s  %7.1f GFLOP/s  (%.0f%% of %.0f GFLOP/s FMA peak)  ttft %.1f ms\n",
                       r.prefill_tokens_per_s, r.prefill_gflops, r.prefill_pct_of_peak, r.peak_gflops, r.ttft_ms);
@@ -411,7 +431,7 @@ int main(int argc, char** argv) {
                       r.decode_tokens_per_s, r.achieved_gbps, r.roofline_pct, r.peak_gbps, r.tpot_ms);
         }
       }
-      if (as_json && !bench_batches.empty()) print_json({{"runs", runs}});
+      if (as_json && listed) print_json({{"runs", runs}});
     }
   } catch (const std::exception& e) {
     std::fflush(stdout);

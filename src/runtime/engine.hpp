@@ -36,8 +36,10 @@ class Engine {
   // Peaks measured on this device now: read (CPU) or copy (GPU) bandwidth in GB/s, dense FLOP/s in GFLOP/s.
   virtual double measure_peak_gbps() = 0;
   virtual double measure_peak_gflops() = 0;
-  // Peak device memory in use since the engine started (bytes), 0 where not tracked.
+  // Peak device memory in use since the engine started or since restart_peak_memory() (bytes), 0 where not tracked.
   virtual uint64_t peak_memory_bytes() const { return 0; }
+  // Starts a new peak (llmq bench: each run of one process reports its own, from its reset() on).
+  virtual void restart_peak_memory() {}
 
  protected:
   explicit Engine(const Model& m) : model_(m) {}
