@@ -662,7 +662,8 @@ void CudaEngine::reset(int64_t n_seq, int64_t capacity) {
   splits_ = std::clamp<int64_t>((2 * prop_.multiProcessorCount + blocks - 1) / blocks, 1,
                                 std::clamp<int64_t>(capacity / 32, 1, max_splits_));
   partial_ = DevMem(size_t(kWgemmMaxT * c.heads * splits_ * (c.head_dim + 2)) * 4);
-  counters_ = DevMem(size_t(attention_counters(kWgemmMaxT, c.heads, c.kv_heads)) * 4);
+  // Split attention's counters, then per-token INT8 out_prep's row counters (AttentionArgs::row_counters).
+  counters_ = DevMem(size_t(attention_counters(kWgemmMaxT, c.heads, c.kv_heads) + kWgemmMaxT) * 4);
   norm_counters_ = DevMem(4);
   LLMQ_CUDA_CHECK(cudaMemset(norm_counters_.p, 0, norm_counters_.n));
   LLMQ_CUDA_CHECK(cudaMemset(counters_.p, 0, counters_.n));
@@ -1136,10 +1137,14 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
     if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
     // Attention writes o_proj's input directly (no act_prep kernel): BF16, or the codes of a static scale (FP8
-    // W8A8, INT8 with --act-scale static) as site() would have them written; not per-token INT8 (a row's
-    // absmax spans attention blocks).
+    // W8A8, INT8 with --act-scale static) as site() would have them written; per-token INT8 only in decode steps
+    // (`small`: the decode kernels, where the last block of each token makes its row's codes; not with prefill
+    // tiles). LLMQ_ATTN_NO_ROW_PREP=1: per-token INT8 through act_prep always (comparisons).
+    static const bool no_row_prep = env_flag("LLMQ_ATTN_NO_ROW_PREP");
     const DevLinear& ol = L.o.parts[0];
-    const bool direct = L.o.parts.size() == 1 && ol.act != ActKind::I8Token;
+    const bool row_prep = ol.act == ActKind::I8Token && small && !no_row_prep;
+    const bool direct = L.o.parts.size() == 1 && (ol.act != ActKind::I8Token || row_prep);
+    if (row_prep) aa.row_counters = counters_.as<int32_t>() + attention_counters(kWgemmMaxT, c.heads, c.kv_heads);
     if (direct) {
       aa.out_prep.kind = ol.act;
       aa.out_prep.codes_as_bf16 = ol.act != ActKind::None && path(ol, T) == Path::Cublas;
