@@ -2062,6 +2062,41 @@ TEST(CudaModel, FusedRopeMatchesRopeKernel) {
   for (int64_t v = 0; v < 3 * V; ++v) ASSERT_NEAR(a[size_t(v)], b[size_t(v)], 1e-4f) << "batched step, " << v;
 }
 
+// o_proj's per-token INT8 input made by decode attention's last block of each token (LLMQ_ATTN_ROW_PREP=1, read
+// when an engine is made) gives the same logits to the bit as the act_prep kernel after attention: the same codes
+// and scales from the same FP32 row. int8-sq llama-27m: a 2-sequence prefill step of 9 and 18 tokens (the decode
+// kernels: T <= 64), one-token steps and a 3-sequence step.
+TEST(CudaModel, AttentionRowPrepMatchesActPrep) {
+  REQUIRE_GPU();
+  const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-rowprep-" + std::to_string(::getpid()));
+  fs::create_directories(tmp);
+  Model m(quantized_27m(tmp, "int8-sq"));
+  const int64_t V = m.config().vocab;
+  auto plain = make_engine(m, "cuda");
+  setenv("LLMQ_ATTN_ROW_PREP", "1", 1);
+  auto fused = make_engine(m, "cuda");
+  unsetenv("LLMQ_ATTN_ROW_PREP");
+  const std::vector<int32_t> ids = eval_tokens(model_27m(), 48);
+  std::vector<float> a(static_cast<size_t>(3 * V)), b(static_cast<size_t>(3 * V));
+  std::vector<BatchToken> pre;
+  for (int s = 1; s < 3; ++s)
+    for (int i = 0; i < 9 * s; ++i) pre.push_back({ids[size_t(i + s)], s, i, i + 1 == 9 * s});
+  for (Engine* e : {plain.get(), fused.get()}) e->reset(3, 64);
+  plain->forward(pre, a.data());
+  fused->forward(pre, b.data());
+  for (int64_t v = 0; v < 2 * V; ++v) ASSERT_EQ(a[size_t(v)], b[size_t(v)]) << "prefill step, " << v;
+  for (int i = 0; i < 20; ++i) {
+    plain->forward({{ids[size_t(i)], 0, i, true}}, a.data());
+    fused->forward({{ids[size_t(i)], 0, i, true}}, b.data());
+    for (int64_t v = 0; v < V; ++v) ASSERT_EQ(a[size_t(v)], b[size_t(v)]) << "step " << i << " v " << v;
+  }
+  const std::vector<BatchToken> step = {{ids[20], 0, 20, true}, {ids[21], 1, 9, true}, {ids[22], 2, 18, true}};
+  plain->forward(step, a.data());
+  fused->forward(step, b.data());
+  for (int64_t v = 0; v < 3 * V; ++v) ASSERT_EQ(a[size_t(v)], b[size_t(v)]) << "batched step, " << v;
+  fs::remove_all(tmp);
+}
+
 // The rope_kv kernel reading a W8A8 qkv GEMM's raw accumulators (the default) gives the same logits to the bit as
 // the gemm_epilogue pass it replaced (LLMQ_QKV_RAW=0, read when an engine is made): the same operations on the same
 // values. Prefill chunks of two sequences (27 and then 12 tokens a step: cuBLASLt, the rope_kv kernel), then a
