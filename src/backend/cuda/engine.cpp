@@ -229,7 +229,7 @@ class CudaEngine final : public Engine {
   double measure_peak_gbps() override;
   double measure_peak_gflops() override;
   uint64_t peak_memory_bytes() const override { return peak_used_; }
-  void restart_peak_memory() override { peak_used_ = 0; }  // reset() and the buffers' growth note the next
+  void restart_peak_memory() override { peak_used_ = 0; }  // the next reset() or buffer growth records the new peak
 
  private:
   void* alloc(size_t bytes);
