@@ -144,9 +144,12 @@ PY
     local msg
     msg=$(tail -1 "$WORK/bench.err")
     echo "bench failed: $1 $2: $msg"
-    if [ -n "$BATCHES" ]; then error_records "$1" "$2" "$BATCH_LIST" 128 "$msg"; fi
-    if [ "$PREFILL" -gt 0 ]; then error_records "$1" "$2" 1 "$PREFILL" "$msg"; fi
+    method_errors "$1" "$2" "$msg"
   fi
+}
+method_errors() {  # shape method message: an error record for each run the matrix has for this (shape, method)
+  if [ -n "$BATCHES" ]; then error_records "$1" "$2" "$BATCH_LIST" 128 "$3"; fi
+  if [ "$PREFILL" -gt 0 ]; then error_records "$1" "$2" 1 "$PREFILL" "$3"; fi
 }
 error_records() {  # shape method batches(comma-separated) prompt message: one error record per batch
   local b
@@ -164,10 +167,7 @@ for shape in $SHAPES; do
     if ! "$LLMQ" synth --shape "$shape" -o "$base" --tokenizer models/llama-7m-demo/tokenizer.json >/dev/null 2>"$WORK/synth.err"; then
       err="synth: $(head -1 "$WORK/synth.err")"  # llmq's one-line error (CLI11's hint follows a usage error)
       echo "$err"
-      for method in $METHODS; do
-        if [ -n "$BATCHES" ]; then error_records "$shape" "$method" "$BATCH_LIST" 128 "$err"; fi
-        if [ "$PREFILL" -gt 0 ]; then error_records "$shape" "$method" 1 "$PREFILL" "$err"; fi
-      done
+      for method in $METHODS; do method_errors "$shape" "$method" "$err"; done
       rm -rf "$base"
       continue
     fi

@@ -406,14 +406,13 @@ int main(int argc, char** argv) {
       auto engine = make_engine(m, device);
       json runs = json::array();
       for (const BenchParams& q : plan) {
-        bp = q;
-        BenchResult r = bench(*engine, bp);
+        BenchResult r = bench(*engine, q);
         json j = {{"prefill_tokens_per_s", r.prefill_tokens_per_s}, {"decode_tokens_per_s", r.decode_tokens_per_s},
                   {"ttft_ms", r.ttft_ms}, {"tpot_ms", r.tpot_ms}, {"weight_bytes", r.weight_bytes},
                   {"achieved_gbps", r.achieved_gbps}, {"peak_gbps", r.peak_gbps}, {"roofline_pct", r.roofline_pct},
                   {"prefill_gflops", r.prefill_gflops}, {"decode_gflops", r.decode_gflops}, {"peak_gflops", r.peak_gflops},
                   {"prefill_pct_of_peak_flops", r.prefill_pct_of_peak}, {"device", r.device}, {"isa", r.isa},
-                  {"threads", r.threads}, {"batch", bp.batch}, {"prompt_len", bp.prompt_len}, {"gen_len", bp.gen_len},
+                  {"threads", r.threads}, {"batch", q.batch}, {"prompt_len", q.prompt_len}, {"gen_len", q.gen_len},
                   {"dtype", dtype_name(m.config().dtype)},
                   {"peak_memory_bytes", r.peak_memory_bytes}, {"bytes_per_token", m.bytes_per_token()},
                   {"method", m.quant().method.empty() ? std::string(dtype_name(m.config().dtype)) : m.quant().method}};
@@ -422,8 +421,8 @@ int main(int argc, char** argv) {
           else runs.push_back(j);
         } else {
           if (listed)
-            std::printf("batch    %lld, prompt %lld, generated %lld\n", (long long)bp.batch, (long long)bp.prompt_len,
-                        (long long)bp.gen_len);
+            std::printf("batch    %lld, prompt %lld, generated %lld\n", (long long)q.batch, (long long)q.prompt_len,
+                        (long long)q.gen_len);
           std::printf("device   %s\n", r.device.c_str());
           std::printf("prefill  %9.1f tok/s  %7.1f GFLOP/s  (%.0f%% of %.0f GFLOP/s FMA peak)  ttft %.1f ms\n",
                       r.prefill_tokens_per_s, r.prefill_gflops, r.prefill_pct_of_peak, r.peak_gflops, r.ttft_ms);
