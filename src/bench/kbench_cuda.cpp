@@ -7,6 +7,8 @@
 // holds, so every launch reads its weights from HBM as a decode step does.
 //
 // Usage: llmq-kbench [--only matmul|gemm|attention|decode] [--t LIST] (e.g. --t 1,16,64) [--matrix NAME] [--format NAME]
+//                    [--rotate-mb MB] (the decode matmuls' weights rotate over at least MB MiB; default 400: past the
+//                    L2; larger values, e.g. the 8 GB of a quantized 8B model, put the page-table reach in play)
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -121,7 +123,9 @@ struct Fmt {
   XFmt xf;
 };
 
-// One weight matrix in a format, `copies` times (rotated so that the L2 never holds it), with inputs.
+// One weight matrix in a format, `copies` times (rotated so that the L2 never holds it), with inputs. Past the
+// first kDistinct copies (random data made on the host), the copies are device clones of those.
+constexpr int kDistinct = 16;
 struct Weights {
   std::vector<void*> w, w_rowmajor;  // I4: tiles for wgemm, row-major for the GEMV
   std::vector<void*> sz;             // I4: the scale/zero-point records (GemvArgs::i4_sz)
@@ -133,7 +137,27 @@ struct Weights {
 Weights make_weights(const Fmt& f, const Mat& m, int copies, uint64_t seed) {
   Weights W;
   const size_t nk = size_t(m.N * m.K);
+  auto clone = [](const void* src, size_t n) {
+    void* p = nullptr;
+    LLMQ_CUDA_CHECK(cudaMalloc(&p, n));
+    LLMQ_CUDA_CHECK(cudaMemcpy(p, src, n, cudaMemcpyDeviceToDevice));
+    return p;
+  };
   for (int c = 0; c < copies; ++c) {
+    if (c >= kDistinct) {
+      const size_t i = size_t(c % kDistinct);
+      if (f.wf == WFmt::I4) {
+        W.w.push_back(clone(W.w[i], nk / 2));
+        W.w_rowmajor.push_back(clone(W.w_rowmajor[i], nk / 2));
+      } else {
+        W.w.push_back(clone(W.w[i], f.wf == WFmt::BF16 ? nk * 2 : nk));
+      }
+      // Scales, zero points and records are small: shared with the clone's source.
+      if (!W.scale.empty()) W.scale.push_back(W.scale[i]);
+      if (!W.zero.empty()) W.zero.push_back(W.zero[i]);
+      if (!W.sz.empty()) W.sz.push_back(W.sz[i]);
+      continue;
+    }
     const uint64_t s = seed + uint64_t(c) * 1000003u;
     if (f.wf == WFmt::BF16) {
       W.w.push_back(device_random(nk, "bf16", s));
@@ -162,12 +186,14 @@ Weights make_weights(const Fmt& f, const Mat& m, int copies, uint64_t seed) {
 void free_weights(Weights& W) {
   for (void* p : W.w) cudaFree(p);
   for (void* p : W.w_rowmajor) cudaFree(p);
-  for (void* p : W.sz) cudaFree(p);
-  for (float* p : W.scale) cudaFree(p);
-  for (uint8_t* p : W.zero) cudaFree(p);
+  // Scales, zero points and records: the clones share those of the first kDistinct copies.
+  for (size_t i = 0; i < W.sz.size() && i < size_t(kDistinct); ++i) cudaFree(W.sz[i]);
+  for (size_t i = 0; i < W.scale.size() && i < size_t(kDistinct); ++i) cudaFree(W.scale[i]);
+  for (size_t i = 0; i < W.zero.size() && i < size_t(kDistinct); ++i) cudaFree(W.zero[i]);
 }
 
-void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::string& only_mat, const std::string& only_fmt) {
+void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::string& only_mat, const std::string& only_fmt,
+                   size_t rotate_mb) {
   const Mat mats[] = {{"qkv", 6144, 4096}, {"o", 4096, 4096}, {"gate_up", 28672, 4096}, {"down", 4096, 14336},
                       {"lm_head", 128256, 4096}};
   const Fmt fmts[] = {{"bf16", WFmt::BF16, XFmt::BF16},
@@ -197,14 +223,16 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
   LLMQ_CUDA_CHECK(cudaMalloc(&rms_out, size_t(maxT * 4096) * 4));
   LLMQ_CUDA_CHECK(cudaMalloc(&sumsq, size_t(64) * 8));
   LLMQ_CUDA_CHECK(cudaMemset(sumsq, 0, size_t(64) * 8));
-  std::printf("\n%-8s %-7s %3s %-7s %9s %8s %6s\n", "matrix", "format", "T", "kernel", "us", "GB/s", "%copy");
+  std::printf("\n(weights rotated over >= %zu MiB)\n%-8s %-7s %3s %-7s %9s %8s %6s\n", rotate_mb, "matrix", "format", "T",
+              "kernel", "us", "GB/s", "%copy");
   for (const Mat& m : mats)
     for (const Fmt& f : fmts) {
       if (std::strcmp(m.name, "lm_head") == 0 && f.wf != WFmt::BF16) continue;
       if ((!only_mat.empty() && only_mat != m.name) || (!only_fmt.empty() && only_fmt != f.name)) continue;
       const size_t one = f.wf == WFmt::BF16 ? size_t(m.N * m.K) * 2 : f.wf == WFmt::I4 ? size_t(m.N * m.K) / 2 : size_t(m.N * m.K);
-      const int copies = int(std::clamp<size_t>((size_t(400) << 20) / one + 1, 2, 16));
+      const int copies = int(std::clamp<size_t>((rotate_mb << 20) / one + 1, 2, rotate_mb > 400 ? 100000 : kDistinct));
       Weights W = make_weights(f, m, copies, 100);
+      const int reps = std::max(10, copies / 7 + 1);  // the 7 timed samples go through every copy
       for (int T : Ts) {
         GemvArgs a;
         a.wf = f.wf;
@@ -231,30 +259,30 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
           std::printf("%-8s %-7s %3d %-7s %9.2f %8.0f %5.1f%%\n", m.name, f.name, T, kernel, us, gbps, 100.0 * gbps / peak);
         };
         set(0, false);
-        if (wgemm_supports(a, sm)) row("wgemm", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
+        if (wgemm_supports(a, sm)) row("wgemm", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
         if (f.wf == WFmt::I4 && T <= 16 && wgemm_supports(a, sm)) {
           no_sz = true;
-          row("i4-ldg", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
+          row("i4-ldg", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
           no_sz = false;
         }
         if (f.wf != WFmt::BF16) {  // the tiled kernel (GemvArgs::tiled; weight-only): K unsplit, then split through ws
           a.tiled = 1;
           if (wgemm_supports(a, sm)) {
-            row("tiled", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
+            row("tiled", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
             a.tiled_ws = ws, a.tiled_ws_floats = ws_floats;
-            row("tiled/ws", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, 10));
+            row("tiled/ws", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
             a.tiled_ws = nullptr, a.tiled_ws_floats = 0;
           }
           a.tiled = 0;
         }
         set(0, f.wf == WFmt::I4);
         if (T <= kGemvMaxM && gemv_supports(a)) {
-          row("gemv", time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
+          row("gemv", time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, reps));
           // The K split forced (the row above is the launcher's choice).
           for (int ks : {1, 2, 4}) {
             a.ksplit = ks;
             const std::string name = "gemv/k" + std::to_string(ks);
-            row(name.c_str(), time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
+            row(name.c_str(), time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, reps));
           }
           a.ksplit = 0;
           // The same with the producer half of the distributed RMSNorm (H100, session 28: fp8 o 9.64 -> 11.27 us,
@@ -262,7 +290,7 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
           // batch-1 step in the graph, so not kept).
           if (m.N == 4096 && T <= 64) {
             a.rms_w = rms_w, a.rms_out = rms_out, a.rms_ld = m.N, a.rms_sumsq = sumsq, a.rms_out_f32 = true;
-            if (gemv_supports(a)) row("gemv+rms", time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, 10));
+            if (gemv_supports(a)) row("gemv+rms", time_us([&](int c) { set(c, f.wf == WFmt::I4); gemv(a, nullptr); }, reps));
             a.rms_w = nullptr, a.rms_out = nullptr, a.rms_ld = 0, a.rms_sumsq = nullptr, a.rms_out_f32 = false;
           }
         }
@@ -525,12 +553,14 @@ int main(int argc, char** argv) {
   // Line-buffered even into a pipe or file: a run killed by a timeout keeps the rows it printed.
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   std::string only, only_mat, only_fmt;
+  size_t rotate_mb = 400;
   std::vector<int> Ts = {1, 16, 64};
   for (int i = 1; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--only" && i + 1 < argc) only = argv[++i];
     else if (s == "--matrix" && i + 1 < argc) only_mat = argv[++i];
     else if (s == "--format" && i + 1 < argc) only_fmt = argv[++i];
+    else if (s == "--rotate-mb" && i + 1 < argc && std::atol(argv[i + 1]) > 0) rotate_mb = size_t(std::atol(argv[++i]));
     else if (s == "--t" && i + 1 < argc) {
       Ts.clear();
       for (const char* p = argv[++i]; *p;) {
@@ -540,7 +570,7 @@ int main(int argc, char** argv) {
       }
     } else {
       std::fprintf(stderr, "usage: llmq-kbench [--only matmul|gemm|attention|decode] [--t 1,16,64] [--matrix qkv|o|gate_up|down|lm_head]\n"
-                           "                   [--format bf16|w8a16|fp8|int8|w4a16]\n");
+                           "                   [--format bf16|w8a16|fp8|int8|w4a16] [--rotate-mb MB]\n");
       return 2;
     }
   }
@@ -549,7 +579,7 @@ int main(int argc, char** argv) {
     LLMQ_CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
     const double bw = copy_gbps(), tf = gemm_peak_tflops();
     std::printf("%s, %d SMs: device copy %.0f GB/s, BF16 GEMM 8192^3 %.0f TFLOP/s\n", p.name, p.multiProcessorCount, bw, tf);
-    if (only.empty() || only == "matmul") bench_matmuls(Ts, bw, p.major * 10 + p.minor, only_mat, only_fmt);
+    if (only.empty() || only == "matmul") bench_matmuls(Ts, bw, p.major * 10 + p.minor, only_mat, only_fmt, rotate_mb);
     if (only.empty() || only == "gemm") {
       // The decode batches of --t from 8 tokens (where the engine may choose cuBLAS over wgemm), then prefill.
       for (int T : Ts)
