@@ -1571,49 +1571,26 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
         // starts from zero).
         for (int32_t c : counters.get<int32_t>()) ASSERT_EQ(c, 0) << "splits " << splits;
         // The same launch writing the next matmul's input instead (AttentionArgs::out_prep), into rows wider than
-        // the output: BF16 values, FP8 codes of a static scale with the row scales, and (no prefill tiles)
-        // per-token INT8 codes, whose rows the last block of each token makes from the FP32 output. The kernels
-        // are deterministic, so each must be exactly the FP32 output converted as act_prep converts it.
-        for (const ActKind kind : {ActKind::None, ActKind::Fp8Tensor, ActKind::I8Token}) {
-          const bool per_token = kind == ActKind::I8Token;
+        // the output: BF16 values, then FP8 codes of a static scale with the row scales. The kernels are
+        // deterministic, so each must be exactly the FP32 output converted as act_prep converts it.
+        for (const ActKind kind : {ActKind::None, ActKind::Fp8Tensor}) {
           const int64_t lo = qd + 3;
           const float sc = 0.05f;
           Buf dcodes(static_cast<size_t>(T * lo) * 2), drs(std::vector<float>(static_cast<size_t>(T), -1.f));
-          Buf dout2(std::vector<float>(static_cast<size_t>(T * qd), std::nanf("")));
-          Buf rowc(std::vector<int32_t>(static_cast<size_t>(T), 0));
           AttentionArgs b = a;
-          b.out = per_token ? dout2.as<float>() : nullptr;
+          b.out = nullptr;
           b.out_prep.kind = kind;
           b.out_prep.static_scale = sc;
           b.out_prep.out = dcodes.p;
           b.out_prep.ld = lo;
           b.out_prep.row_scale = drs.as<float>();
-          if (per_token) {
-            // Without row counters, or with prefill tiles, per-token rows are refused.
-            EXPECT_THROW(attention(b, kv, nullptr), Error);
-            b.row_counters = rowc.as<int32_t>();
-            if (flash) {
-              EXPECT_THROW(attention(b, kv, nullptr), Error);
-              continue;
-            }
-          }
           attention(b, kv, nullptr);
           ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
           const std::vector<uint8_t> codes = dcodes.get<uint8_t>();
           const std::vector<float> rs = drs.get<float>();
-          if (per_token) {
-            ASSERT_EQ(dout2.get<float>(), got) << "per-token INT8: the FP32 output as without out_prep";
-            for (int32_t c : rowc.get<int32_t>()) ASSERT_EQ(c, 0) << "row counters left zero";
-          }
           for (int64_t t = 0; t < T; ++t) {
-            float rsc = sc;  // the row's scale as act_prep makes it
-            if (per_token) {
-              float amax = 0.f;
-              for (int64_t i = 0; i < qd; ++i) amax = std::max(amax, std::fabs(got[size_t(t * qd + i)]));
-              rsc = amax > 0.f ? amax / 127.0f : 1.0f;
-            }
-            if (kind != ActKind::None) {
-              ASSERT_EQ(rs[size_t(t)], rsc) << "row scale of token " << t;
+            if (kind == ActKind::Fp8Tensor) {
+              ASSERT_EQ(rs[size_t(t)], sc) << "row scale of token " << t;
             }
             for (int64_t i = 0; i < qd; ++i) {
               const float v = got[size_t(t * qd + i)];
@@ -1621,9 +1598,6 @@ TEST(CudaAttention, PagedCacheMatchesCpu) {
                 uint16_t u;
                 std::memcpy(&u, &codes[size_t(t * lo + i) * 2], 2);
                 ASSERT_EQ(bf16_to_f32(u), bf16_round(v)) << "bf16 out, token " << t << " col " << i;
-              } else if (per_token) {
-                ASSERT_EQ(int8_t(codes[size_t(t * lo + i)]), quant::quant_int8(v, 1.0f / rsc))
-                    << "int8 out, token " << t << " col " << i;
               } else {
                 ASSERT_EQ(codes[size_t(t * lo + i)], quant::f32_to_fp8(v * (1.0f / sc))) << "fp8 out, token " << t << " col " << i;
               }
@@ -2060,41 +2034,6 @@ TEST(CudaModel, FusedRopeMatchesRopeKernel) {
   plain->forward(step, a.data());
   fused->forward(step, b.data());
   for (int64_t v = 0; v < 3 * V; ++v) ASSERT_NEAR(a[size_t(v)], b[size_t(v)], 1e-4f) << "batched step, " << v;
-}
-
-// o_proj's per-token INT8 input made by decode attention's last block of each token (LLMQ_ATTN_ROW_PREP=1, read
-// when an engine is made) gives the same logits to the bit as the act_prep kernel after attention: the same codes
-// and scales from the same FP32 row. int8-sq llama-27m: a 2-sequence prefill step of 9 and 18 tokens (the decode
-// kernels: T <= 64), one-token steps and a 3-sequence step.
-TEST(CudaModel, AttentionRowPrepMatchesActPrep) {
-  REQUIRE_GPU();
-  const fs::path tmp = fs::temp_directory_path() / ("llmq-cuda-rowprep-" + std::to_string(::getpid()));
-  fs::create_directories(tmp);
-  Model m(quantized_27m(tmp, "int8-sq"));
-  const int64_t V = m.config().vocab;
-  auto plain = make_engine(m, "cuda");
-  setenv("LLMQ_ATTN_ROW_PREP", "1", 1);
-  auto fused = make_engine(m, "cuda");
-  unsetenv("LLMQ_ATTN_ROW_PREP");
-  const std::vector<int32_t> ids = eval_tokens(model_27m(), 48);
-  std::vector<float> a(static_cast<size_t>(3 * V)), b(static_cast<size_t>(3 * V));
-  std::vector<BatchToken> pre;
-  for (int s = 1; s < 3; ++s)
-    for (int i = 0; i < 9 * s; ++i) pre.push_back({ids[size_t(i + s)], s, i, i + 1 == 9 * s});
-  for (Engine* e : {plain.get(), fused.get()}) e->reset(3, 64);
-  plain->forward(pre, a.data());
-  fused->forward(pre, b.data());
-  for (int64_t v = 0; v < 2 * V; ++v) ASSERT_EQ(a[size_t(v)], b[size_t(v)]) << "prefill step, " << v;
-  for (int i = 0; i < 20; ++i) {
-    plain->forward({{ids[size_t(i)], 0, i, true}}, a.data());
-    fused->forward({{ids[size_t(i)], 0, i, true}}, b.data());
-    for (int64_t v = 0; v < V; ++v) ASSERT_EQ(a[size_t(v)], b[size_t(v)]) << "step " << i << " v " << v;
-  }
-  const std::vector<BatchToken> step = {{ids[20], 0, 20, true}, {ids[21], 1, 9, true}, {ids[22], 2, 18, true}};
-  plain->forward(step, a.data());
-  fused->forward(step, b.data());
-  for (int64_t v = 0; v < 3 * V; ++v) ASSERT_EQ(a[size_t(v)], b[size_t(v)]) << "batched step, " << v;
-  fs::remove_all(tmp);
 }
 
 // The rope_kv kernel reading a W8A8 qkv GEMM's raw accumulators (the default) gives the same logits to the bit as

@@ -55,7 +55,7 @@ __device__ __forceinline__ void kv_load8(const KvCacheView& kv, const void* base
 // Output value (row, col) of the [T, od] attention output (od = heads * head_dim), where AttentionArgs says.
 __device__ __forceinline__ void store_out(const AttentionArgs& a, int64_t row, int64_t col, int64_t od, float v) {
   const PrepOut& o = a.out_prep;
-  if (!o.out || o.kind == ActKind::I8Token) {  // I8Token: the codes come from `out` (attention_row_prep)
+  if (!o.out) {
     a.out[row * od + col] = v;
   } else if (o.kind == ActKind::None) {
     prep_store(o, row, col, v);
@@ -190,26 +190,6 @@ __global__ void rope_kv_quads_kernel(float* qkv, int64_t ld, const int32_t* pos,
   }
 }
 
-// Per-token INT8 out_prep (AttentionArgs::row_counters): called by every block once its share of token t's row
-// is stored in a.out (FP32). The last of the token's gridDim.y blocks reads the whole row back through the L2 and
-// writes its codes and scale as act_prep's prep_row does: absmax, s = absmax / 127 (1 for a zero row), codes of
-// v * (1 / s). Every thread of the block calls it.
-__device__ __forceinline__ void attention_row_prep(const AttentionArgs& a, int64_t t, int64_t od) {
-  const PrepOut& o = a.out_prep;
-  if (o.kind != ActKind::I8Token || !o.out) return;
-  if (!last_block(a.row_counters + t, int(gridDim.y))) return;
-  const float* row = a.out + t * od;
-  float amax = 0.f;
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < od; i += blockDim.x) amax = fmaxf(amax, fabsf(__ldcg(row + i)));
-  amax = block_reduce<true>(amax);
-  const float s = prep_scale(o, amax);
-  if (threadIdx.x == 0 && o.row_scale) o.row_scale[t] = s;
-  const float inv = 1.0f / s;
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < od; i += blockDim.x) prep_store(o, t, i, __ldcg(row + i) * inv);
-}
-
 // The end of both decode kernels: every warp has left its softmax state in shared memory (sm_m, sm_l: its
 // running max and sum per head of the group; sm_acc: its unnormalized output per head and dimension). Merges
 // the warps and writes the output, or for a split launch this split's partial result, after which the last
@@ -242,7 +222,7 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
       if (d == 0) pr[hd] = M, pr[hd + 1] = L;
     }
   }
-  if (a.splits == 1) return attention_row_prep(a, t, a.heads * hd);
+  if (a.splits == 1) return;
   // Split launch: the last block of this (token, head group) merges every split's partial result.
   if (!last_block(a.counters + t * gridDim.y + blockIdx.y, int(a.splits))) return;
   // Each head's split maxima, then per split the weight exp(M_s - M) (0 for a split with no position) and the
@@ -278,7 +258,6 @@ __device__ __forceinline__ void attention_tail(const AttentionArgs& a, int64_t h
     for (int s = 0; s < S; ++s) O = fmaf(sm_f[g][s], __ldcg(base + int64_t(s) * (hd + 2)), O);
     store_out(a, t, (kvh * G + g0 + g) * hd + d, a.heads * hd, O / sm_ltot[g]);
   }
-  attention_row_prep(a, t, a.heads * hd);
 }
 
 // What one block of the decode kernels covers: token t, query heads kvh * G + g0 .. + ng - 1 (sharing KV head
@@ -1118,8 +1097,6 @@ int64_t attention_decode_wave(const KvCacheView& kv, int64_t heads) {
 void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   if (a.T == 0) return;
   if (!attention_supports(kv, a.heads)) throw Error("attention: head_dim " + std::to_string(kv.head_dim) + " is not supported (at most 256)");
-  if (a.out_prep.out && a.out_prep.kind == ActKind::I8Token && (!a.out || !a.row_counters || (a.tiles && a.n_tiles > 0)))
-    throw Error("attention: per-token INT8 out_prep needs out, row_counters and no prefill tiles");
   if (a.tiles && a.n_tiles > 0 && a.splits == 1 && attention_flash_supports(kv.head_dim)) {
     switch (kv.head_dim) {
       case 32: return launch_flash<32>(a, kv, s);
@@ -1130,8 +1107,8 @@ void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
     }
   }
   if (a.splits > 1 && (!a.partial || !a.counters)) throw Error("attention: a split launch needs partial and counters");
-  if (a.out_prep.out && a.out_prep.ld < a.heads * kv.head_dim)
-    throw Error("attention: out_prep needs rows of at least heads * head_dim");
+  if (a.out_prep.out && (a.out_prep.kind == ActKind::I8Token || a.out_prep.ld < a.heads * kv.head_dim))
+    throw Error("attention: out_prep takes BF16 or a static scale, rows of at least heads * head_dim");
   if (a.rope_cos && (!a.rope_sin || !attention_rope_supports(kv, a.heads) || (a.tiles && a.n_tiles > 0)))
     throw Error("attention: fused RoPE needs head dim 64 or 128, at most 8 query heads per KV head and no prefill tiles");
   if (a.splits > kMaxAttentionSplits) throw Error("attention: more than " + std::to_string(kMaxAttentionSplits) + " splits");

@@ -49,12 +49,8 @@ struct AttentionArgs {
   float* out = nullptr;          // [T, heads * head_dim]
   // If out_prep.out is set, the output goes there instead, as the next matmul's input (out_prep.ld >= heads *
   // head_dim): BF16 values (kind None), or codes of a static scale (I8Tensor, Fp8Tensor; row_scale[t] set to
-  // it), exactly as act_prep would write them. I8Token (per-token INT8; decode kernels only, no prefill tiles):
-  // a row's absmax spans blocks, so every block stores its values into `out` (FP32) as without out_prep, and
-  // the last block of token t to do so (row_counters[t]) makes the row's codes and scale from them, with
-  // act_prep's arithmetic (the same absmax, scale and codes): one kernel less a decode step.
+  // it), exactly as act_prep would write them. Not I8Token: a row's absmax spans blocks.
   PrepOut out_prep;
-  int32_t* row_counters = nullptr;  // I8Token out_prep: [T] zeros on the device; left zero again
   int64_t splits = 1, chunk = 0; // splits > 1: positions [lo + i*chunk, lo + (i+1)*chunk) per split
   float* partial = nullptr;      // splits > 1: [T, heads, splits, head_dim + 2]
   int32_t* counters = nullptr;   // splits > 1: attention_counters(...) zeros on the device; left zero again

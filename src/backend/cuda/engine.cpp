@@ -340,7 +340,6 @@ class CudaEngine final : public Engine {
   std::map<std::tuple<int64_t, int64_t, bool, bool>, cudaGraphExec_t> graphs_;  // (T, n_out, with_ids, one_per_seq)
   bool one_per_seq_ = false;  // the step being run has one token per sequence (decode)
   bool fuse_rope_ = false;    // attention_rope_supports() for this model, unless LLMQ_NO_FUSE_ROPE=1
-  bool row_prep_ = false;     // LLMQ_ATTN_ROW_PREP=1: decode attention writes per-token INT8 codes (read when made)
   uint64_t peak_used_ = 0;
 };
 
@@ -500,7 +499,6 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
     probe.kv_heads = c.kv_heads;
     probe.head_dim = c.head_dim;
     fuse_rope_ = !env_flag("LLMQ_NO_FUSE_ROPE") && attention_rope_supports(probe, c.heads);
-    row_prep_ = env_flag("LLMQ_ATTN_ROW_PREP");
     const char* ms = std::getenv("LLMQ_ATTN_MAX_SPLITS");  // tests and comparisons: at most this many splits
     max_splits_ = ms && *ms ? std::clamp<int64_t>(std::atoll(ms), 1, kMaxAttentionSplits) : kMaxAttentionSplits;
   }
@@ -664,8 +662,7 @@ void CudaEngine::reset(int64_t n_seq, int64_t capacity) {
   splits_ = std::clamp<int64_t>((2 * prop_.multiProcessorCount + blocks - 1) / blocks, 1,
                                 std::clamp<int64_t>(capacity / 32, 1, max_splits_));
   partial_ = DevMem(size_t(kWgemmMaxT * c.heads * splits_ * (c.head_dim + 2)) * 4);
-  // Split attention's counters, then per-token INT8 out_prep's row counters (AttentionArgs::row_counters).
-  counters_ = DevMem(size_t(attention_counters(kWgemmMaxT, c.heads, c.kv_heads) + kWgemmMaxT) * 4);
+  counters_ = DevMem(size_t(attention_counters(kWgemmMaxT, c.heads, c.kv_heads)) * 4);
   norm_counters_ = DevMem(4);
   LLMQ_CUDA_CHECK(cudaMemset(norm_counters_.p, 0, norm_counters_.n));
   LLMQ_CUDA_CHECK(cudaMemset(counters_.p, 0, counters_.n));
@@ -1139,14 +1136,10 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
     if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
     // Attention writes o_proj's input directly (no act_prep kernel): BF16, or the codes of a static scale (FP8
-    // W8A8, INT8 with --act-scale static) as site() would have them written. Per-token INT8 (int8-sq's default)
-    // through act_prep, or with LLMQ_ATTN_ROW_PREP=1 in decode steps (`small`: the decode kernels, whose last
-    // block of each token makes the row's codes; not with prefill tiles): one kernel less a layer. Opt-in until
-    // measured: its kernel test passed on an H100 (session 31), the engine path has not run on a GPU.
+    // W8A8, INT8 with --act-scale static) as site() would have them written; not per-token INT8 (a row's
+    // absmax spans attention blocks).
     const DevLinear& ol = L.o.parts[0];
-    const bool row_prep = ol.act == ActKind::I8Token && small && row_prep_;
-    const bool direct = L.o.parts.size() == 1 && (ol.act != ActKind::I8Token || row_prep);
-    if (row_prep) aa.row_counters = counters_.as<int32_t>() + attention_counters(kWgemmMaxT, c.heads, c.kv_heads);
+    const bool direct = L.o.parts.size() == 1 && ol.act != ActKind::I8Token;
     if (direct) {
       aa.out_prep.kind = ol.act;
       aa.out_prep.codes_as_bf16 = ol.act != ActKind::None && path(ol, T) == Path::Cublas;
