@@ -1137,7 +1137,8 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
     // Attention writes o_proj's input directly (no act_prep kernel): BF16, or the codes of a static scale (FP8
     // W8A8, INT8 with --act-scale static) as site() would have them written; not per-token INT8 (a row's
-    // absmax spans attention blocks).
+    // absmax spans attention blocks: making the codes in the last block of each token, through per-token
+    // counters, was measured 1-5% slower a step than this act_prep at batch 1-64, int8-sq, H100, session 32).
     const DevLinear& ol = L.o.parts[0];
     const bool direct = L.o.parts.size() == 1 && ol.act != ActKind::I8Token;
     if (direct) {
