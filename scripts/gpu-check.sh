@@ -160,6 +160,9 @@ error_records() {  # shape method batches(comma-separated) prompt message: one e
   done
 }
 
+quantized_with() {  # method: the method its checkpoint is quantized with (w4a16-awq: w4a16-rtn, see the header)
+  if [ "$1" = w4a16-awq ]; then echo w4a16-rtn; else echo "$1"; fi
+}
 quantize_one() {  # shape method base dir: one quantization (nice 10: the GPU tests beside it come first)
   local t0
   t0=$(date +%s)
@@ -195,8 +198,7 @@ for shape in $SHAPES; do
     running=0
     for method in $METHODS; do
       [ "$method" = bf16 ] && continue
-      qw="$method"
-      [ "$method" = w4a16-awq ] && qw=w4a16-rtn
+      qw=$(quantized_with "$method")
       dir="$WORK/$shape-$qw"
       [ -d "$dir" ] && continue
       quantize_one "$shape" "$qw" "$base" "$dir" &
@@ -211,8 +213,7 @@ for shape in $SHAPES; do
   QPID=$!
   wait_tests
   for method in $METHODS; do
-    qw="$method"
-    [ "$method" = w4a16-awq ] && qw=w4a16-rtn
+    qw=$(quantized_with "$method")
     dir="$base"
     if [ "$method" != bf16 ]; then
       dir="$WORK/$shape-$qw"
