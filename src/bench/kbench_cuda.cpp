@@ -591,8 +591,10 @@ int main(int argc, char** argv) {
       bench_attention(2048, tf);
       bench_decode_attention({256, 2048, 8192}, bw, p.multiProcessorCount);
     }
-    if (only.empty() || only == "attention" || only == "decode")
+    if (only.empty() || only == "attention" || only == "decode") {
       bench_batch_decode_attention({1, 16, 64}, 160, 256, bw, p.multiProcessorCount);
+      bench_batch_decode_attention({16, 64}, 1000, 1024, bw, p.multiProcessorCount);  // a longer context
+    }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llmq-kbench: error: %s\n", e.what());
     return 1;

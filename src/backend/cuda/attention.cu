@@ -392,7 +392,20 @@ constexpr int kUnroll = 4;
 
 // MinB: the blocks an SM that __launch_bounds__ must leave room for (0: no minimum, the code of the instances
 // without it).
-template <int HD, typename KT, int NG, int U = kUnroll, int HS = 1, int MinB = 0>
+//
+// R > 0 (ring; HS = 1): the K/V codes come through a ring of R rounds per warp in dynamic shared memory
+// (decode_ring_bytes), copied with cp.async R - 1 rounds ahead of the one being summed, instead of into registers
+// one round at a time: a warp of the register instances has one round (U steps) in flight and then computes on it
+// while its loads wait, ~2 KB a warp at U = 2. H200, llmq-kbench --only decode, 64 sequences at ctx 160: 1,650 GB/s,
+// ~35% of the copy bandwidth. Each lane copies and later reads back only its own 16 (BF16) or 8 bytes of a step,
+// so no barrier is needed. The token's own position p is never copied (the block that holds it takes it from
+// sm_new, where the fused KV write left it), so with fused RoPE every copy may be issued before pdl_wait().
+template <typename KT>
+using KvRaw = std::conditional_t<sizeof(KT) == 2, uint4, uint2>;
+template <typename KT, int U, int R>
+constexpr int decode_ring_bytes() { return R * kWarps * U * 2 * 32 * int(sizeof(KvRaw<KT>)); }
+
+template <int HD, typename KT, int NG, int U = kUnroll, int HS = 1, int MinB = 0, int R = 0>
 __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
   pdl_trigger();
   static_assert(NG % HS == 0, "the head slices split the block's heads evenly");
@@ -434,7 +447,40 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
     }
   };
   const int64_t first = begin + pw * P * U;
-  if (early) load_round(first, true);
+  constexpr int64_t kStride = kWarps * P * U;  // positions a round of the block's warps covers
+  // The ring (R > 0): round r of this warp in stage r % R, step u's K and V of this lane at ring_at(stage, u, 0 | 1).
+  static_assert(R == 0 || (HS == 1 && R >= 2), "the ring: one warp per position range, two stages or more");
+  using Raw = KvRaw<KT>;
+  extern __shared__ __align__(16) unsigned char att_ring[];
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(att_ring));
+  auto ring_at = [&](int st, int u, int kvi) { return ((((st * kWarps + pw) * U + u) * 2 + kvi) * 32 + lane) * int(sizeof(Raw)); };
+  const bool holds_p = rope && begin <= p && p < end;
+  // Copies round j0's steps into ring stage st (not position p where this block holds it; not past end), then
+  // commits them as one group (an empty one past the range, so that every round is one group).
+  auto issue_round = [&](int64_t j0, int st) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = j0 + u * P + slot;
+      if (j < end && !(holds_p && j == p)) {
+        const int64_t at = slot_of<uint32_t>(kv, sq, j) * kvd + kvh * HD + sub * 8;
+        if constexpr (sizeof(KT) == 2) {
+          cp_async16(ring_s + uint32_t(ring_at(st, u, 0)), static_cast<const uint16_t*>(kv.k) + at);
+          cp_async16(ring_s + uint32_t(ring_at(st, u, 1)), static_cast<const uint16_t*>(kv.v) + at);
+        } else {
+          cp_async8(ring_s + uint32_t(ring_at(st, u, 0)), static_cast<const uint8_t*>(kv.k) + at);
+          cp_async8(ring_s + uint32_t(ring_at(st, u, 1)), static_cast<const uint8_t*>(kv.v) + at);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  if constexpr (R > 0) {
+    if (early)
+#pragma unroll
+      for (int st = 0; st < R - 1; ++st) issue_round(first + st * kStride, st);
+  } else if (early) {
+    load_round(first, true);
+  }
   const float ks = kv.k_scale ? kv.k_scale[kvh] : 1.f, vs = kv.v_scale ? kv.v_scale[kvh] : 1.f;  // fixed per model
   pdl_wait();
 
@@ -470,8 +516,7 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
   // stored codes are also kept in shared memory, where the first round takes position p from). No other block
   // reads that position: the other splits end before it, and one block per (KV head, split) exists (at most
   // kMaxGroup query heads per KV head).
-  __shared__ __align__(16) KT sm_new[2][HD];  // position p's K and V as stored (early)
-  const bool holds_p = rope && begin <= p && p < end;
+  __shared__ __align__(16) KT sm_new[2][HD];  // position p's K and V as stored (early, and the ring)
   if (holds_p) {
     const float* kh = a.q + t * a.ldq + a.kv_col + kvh * HD;
     const int64_t at = slot_of<uint32_t>(kv, sq, p) * kvd + kvh * HD;
@@ -497,17 +542,8 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
   }
-  for (int64_t j0 = first; j0 < end; j0 += kWarps * P * U) {
-    if (!early || j0 != first) {
-      load_round(j0, false);
-    } else if (holds_p) {
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (ok[u] && j0 + u * P + slot == p) {
-          kr[u] = kv_raw8<KT>(sm_new[0], sub * 8);
-          vr[u] = kv_raw8<KT>(sm_new[1], sub * 8);
-        }
-    }
+  // One round's U steps (kr, vr; ok: the position exists) into this warp's online softmax.
+  auto consume = [&]() {
     // Scores (every lane runs the shuffles; a slot past the range scores -inf and adds nothing).
     float s[U][NW];
 #pragma unroll
@@ -549,6 +585,48 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
       for (int g = 0; g < NW; ++g)
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[g][i] = fmaf(s[u][g], vf[i], acc[g][i]);
+    }
+  };
+  if constexpr (R > 0) {
+    if (!early)
+#pragma unroll
+      for (int st = 0; st < R - 1; ++st) issue_round(first + st * kStride, st);
+    int st = 0;  // round r's stage, r % R
+    for (int64_t j0 = first; j0 < end; j0 += kStride) {
+      cp_async_wait<R - 2>();  // round r's group (R - 2 later ones may still be in flight)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = j0 + u * P + slot;
+        ok[u] = j < end;
+        if (!ok[u]) {  // never copied: zeros, as load_round leaves them (0 x garbage could be NaN)
+          kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
+        } else if (holds_p && j == p) {
+          kr[u] = kv_raw8<KT>(sm_new[0], sub * 8);
+          vr[u] = kv_raw8<KT>(sm_new[1], sub * 8);
+        } else {
+          kr[u] = kv_raw8<KT>(att_ring, ring_at(st, u, 0) / int(sizeof(KT)));
+          vr[u] = kv_raw8<KT>(att_ring, ring_at(st, u, 1) / int(sizeof(KT)));
+        }
+      }
+      // Round r + R - 1 into the stage round r - 1 used: its values were read (program order; the copies'
+      // asm has a memory clobber) and summed before this point.
+      issue_round(j0 + (R - 1) * kStride, st == 0 ? R - 1 : st - 1);
+      consume();
+      st = st == R - 1 ? 0 : st + 1;
+    }
+  } else {
+    for (int64_t j0 = first; j0 < end; j0 += kStride) {
+      if (!early || j0 != first) {
+        load_round(j0, false);
+      } else if (holds_p) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+          if (ok[u] && j0 + u * P + slot == p) {
+            kr[u] = kv_raw8<KT>(sm_new[0], sub * 8);
+            vr[u] = kv_raw8<KT>(sm_new[1], sub * 8);
+          }
+      }
+      consume();
     }
   }
   // Merge the warp's P slots (lanes sub, sub + L, ...): max, rescale, sum; every lane ends with the warp's state.
@@ -909,15 +987,32 @@ void launch_blocks(const char* name, DecodeKernel bf16, DecodeKernel fp8, Decode
   launch(name, kv.type == KvType::BF16 ? bf16 : kv.type == KvType::FP8 ? fp8 : i8, decode_grid(a, kv), kWarps * 32, 0, s, a, kv);
 }
 
+// The dynamic shared memory of an attention_decode_kernel instance (its ring; 0 without one), granted to the
+// kernel once (past the default 48 KB a block) before its first launch or occupancy query.
+template <int HD, typename KT, int NG, int U, int HS, int MinB, int R>
+int decode_smem() {
+  if constexpr (R == 0) {
+    return 0;
+  } else {
+    static const int bytes = [] {
+      constexpr int b = decode_ring_bytes<KT, U, R>();
+      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(attention_decode_kernel<HD, KT, NG, U, HS, MinB, R>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, b));
+      return b;
+    }();
+    return bytes;
+  }
+}
+
 // Blocks of one attention_decode_kernel instance resident on the card at once.
-template <int HD, typename KT, int NG, int U, int HS, int MinB = 0>
+template <int HD, typename KT, int NG, int U, int HS, int MinB = 0, int R = 0>
 int64_t decode_resident() {
   static const int64_t resident = [] {
     int per_sm = 0, dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_decode_kernel<HD, KT, NG, U, HS, MinB>,
-                                                                  kWarps * HS * 32, 0));
+    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, attention_decode_kernel<HD, KT, NG, U, HS, MinB, R>,
+                                                                  kWarps * HS * 32, size_t(decode_smem<HD, KT, NG, U, HS, MinB, R>())));
     return int64_t(per_sm) * sms;
   }();
   return resident;
@@ -939,6 +1034,23 @@ int attn_u2() {
   return v;
 }
 
+// LLMQ_ATTN_RING: the cp.async ring instances (attention_decode_kernel's R) where the register ones would run:
+// 1 (the default) for the two-step instance past one wave of the unrolled one (batch 64 of llama-3-8b), 2 for
+// the unrolled one-wave instance as well, 0 for neither (comparisons). H100, llmq-kbench --only decode (32 heads / 8
+// KV heads / hd 128, BF16 cache), us with 0 / 1 / 2, two rounds: 64 sequences at ctx 160 27.3, 26.7 / 24.6, 24.8 /
+// 23.9, 24.5; at ctx 1000 136.9, 136.8 / 121.8, 121.9 / 121.1, 121.1 (64% -> 72% of the copy bandwidth); 16 at
+// ctx 1000 (3 splits) 47.3, 47.5 / 47.6, 47.8 / 42.0, 42.0; but 16 at ctx 160 (3 splits) 17.2, 17.6 / 17.0, 17.4 /
+// 18.1, 20.6, and one sequence (8 splits) 8.3, 7.9 / 8.2, 8.4 / 9.3, 9.2, hence 2 stays opt-in. 4-layer llama-3-8b
+// (context ~144) TPOT within 1-2% either way (bench/results/2026-12-06-nvidia-h100-session33.txt).
+int attn_ring() {
+  static const int v = [] {
+    const char* e = std::getenv("LLMQ_ATTN_RING");
+    return e && *e ? std::atoi(e) : 1;
+  }();
+  return v;
+}
+constexpr int kRingU2 = 4, kRingU4 = 3;  // ring rounds (stages) of the two- and four-step instances
+
 // LLMQ_ATTN_NO_HEADSPLIT=1: never the head-split instances (comparisons).
 bool no_head_split() {
   static const bool off = env_flag("LLMQ_ATTN_NO_HEADSPLIT");
@@ -957,6 +1069,8 @@ struct DecodeChoice {
   DecodeKernel kernel;
   int warps;
   bool one_wave;  // every block resident at once
+  int smem = 0;   // dynamic shared memory (the ring instances)
+  bool ring = false;
 };
 // Warps per position range of the head-split instance for NG heads a block (1: none).
 template <int NG>
@@ -967,11 +1081,19 @@ DecodeChoice decode_kernel_for(int64_t blocks) {
   if constexpr (HS > 1)
     if (!no_head_split() && blocks <= decode_resident<HD, KT, NG, kUnroll, HS>())
       return {attention_decode_kernel<HD, KT, NG, kUnroll, HS>, kWarps * HS, true};
-  if (attn_u2() != 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1>())
+  if (attn_u2() != 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1>()) {
+    if (attn_ring() >= 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1, 0, kRingU4>())
+      return {attention_decode_kernel<HD, KT, NG, kUnroll, 1, 0, kRingU4>, kWarps, true,
+              decode_smem<HD, KT, NG, kUnroll, 1, 0, kRingU4>(), true};
     return {attention_decode_kernel<HD, KT, NG>, kWarps, true};
+  }
   if constexpr (NG <= 4)  // (eight heads a block spill ~1 KB a thread at 128 registers)
-    if (attn_u2() == 2 || (attn_u2() == 1 && blocks <= decode_resident<HD, KT, NG, 2, 1, 4>()))
+    if (attn_u2() == 2 || (attn_u2() == 1 && blocks <= decode_resident<HD, KT, NG, 2, 1, 4>())) {
+      if (attn_ring() >= 1)
+        return {attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2>, kWarps,
+                blocks <= decode_resident<HD, KT, NG, 2, 1, 4, kRingU2>(), decode_smem<HD, KT, NG, 2, 1, 4, kRingU2>(), true};
       return {attention_decode_kernel<HD, KT, NG, 2, 1, 4>, kWarps, false};
+    }
   return {attention_decode_kernel<HD, KT, NG, 1>, kWarps, false};
 }
 template <int HD, int NG>
@@ -983,9 +1105,14 @@ void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
   // Pre-wait cache loads (AttentionArgs::prewait) only where every block of the launch is resident at once: a
   // 64-sequence step (512 blocks, one position at a time) was 2.5% slower with them (H200, 4-layer llama-3-8b,
   // bf16 1.111 against 1.084 ms, w4a16 1.678 against 1.658), a one-sequence step 0-2.5% faster.
+  // The ring instances' early copies hold no registers: they are issued before the wait wherever RoPE is fused.
   AttentionArgs b = a;
-  b.prewait = a.prewait && c.one_wave;
-  launch("attention_decode_kernel", c.kernel, decode_grid(a, kv), dim3(unsigned(c.warps * 32)), 0, s, b, kv);
+  b.prewait = a.prewait && (c.one_wave || c.ring);
+  static const bool show = env_flag("LLMQ_ATTN_SHOW");  // which instance a launch takes (diagnostics)
+  if (show)
+    std::fprintf(stderr, "llmq: attention decode: %lld blocks, %d warps, ring %d (%d B), one wave %d, prewait %d\n",
+                 (long long)blocks, c.warps, int(c.ring), c.smem, int(c.one_wave), int(b.prewait));
+  launch("attention_decode_kernel", c.kernel, decode_grid(a, kv), dim3(unsigned(c.warps * 32)), size_t(c.smem), s, b, kv);
 }
 template <int HD, int NG>
 int64_t decode_wave_ng(KvType t) {
