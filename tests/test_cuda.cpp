@@ -2074,6 +2074,34 @@ TEST(CudaModel, QkvRawMatchesEpilogue) {
     plain->forward(step, a.data());
     raw->forward(step, b.data());
     ASSERT_NO_FATAL_FAILURE(same("decode step"));
+    // A 12-sequence decode step: the W8A8 qkv GEMM through cuBLASLt (past kWgemmDenseMaxT tokens), RoPE fused into
+    // attention. Where the launch takes the decode kernel that reads raw sums (attention_decode_raw_q: batch 64 of
+    // llama-3-8b; here with LLMQ_ATTN_U2=2, which ctest's CudaAttention.ForcedU2ring sets) the raw engine has no
+    // epilogue pass before attention, and its logits must still be the plain engine's to the bit.
+    constexpr int kS = 12;
+    KvCacheView probe;
+    probe.type = KvType::BF16, probe.kv_heads = m.config().kv_heads, probe.head_dim = m.config().head_dim;
+    const bool takes_raw = attention_decode_raw_q(probe, m.config().heads, kS, 1);
+    const char* u2 = std::getenv("LLMQ_ATTN_U2");
+    if (u2 && std::strcmp(u2, "2") == 0) {
+      EXPECT_TRUE(takes_raw) << "LLMQ_ATTN_U2=2: the two-step ring instance";
+    }
+    std::printf("  %s: %d-sequence decode step, attention reads raw qkv sums: %s\n", method.c_str(), kS, takes_raw ? "yes" : "no");
+    for (Engine* e : {plain.get(), raw.get()}) e->reset(kS, 64);
+    std::vector<BatchToken> wide_pre, wide;
+    for (int sq = 0; sq < kS; ++sq) {
+      for (int i = 0; i < 5 + sq; ++i) wide_pre.push_back({ids[size_t(sq + i)], sq, i, false});
+      wide.push_back({ids[size_t(40 + sq)], sq, 5 + sq, true});
+    }
+    plain->forward(wide_pre, nullptr);
+    raw->forward(wide_pre, nullptr);
+    std::vector<float> wa(static_cast<size_t>(kS * V)), wb(wa.size());
+    for (int r = 0; r < 2; ++r) {  // two steps: the second reads the K/V the first stored
+      plain->forward(wide, wa.data());
+      raw->forward(wide, wb.data());
+      for (size_t i = 0; i < wa.size(); ++i) ASSERT_EQ(wa[i], wb[i]) << method << ", wide decode step " << r << ", logit " << i;
+      for (auto& tk : wide) ++tk.pos, tk.token = ids[size_t(tk.seq + 50)];
+    }
   }
   fs::remove_all(tmp);
 }

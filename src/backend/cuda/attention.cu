@@ -405,7 +405,12 @@ using KvRaw = std::conditional_t<sizeof(KT) == 2, uint4, uint2>;
 template <typename KT, int U, int R>
 constexpr int decode_ring_bytes() { return R * kWarps * U * 2 * 32 * int(sizeof(KvRaw<KT>)); }
 
-template <int HD, typename KT, int NG, int U = kUnroll, int HS = 1, int MinB = 0, int R = 0>
+//
+// RQ (raw q; with fused RoPE): token t's q, k and v come from the W8A8 qkv GEMM's raw accumulators
+// (AttentionArgs::q_raw) with their scales applied as gemm_epilogue applies them (raw_value: the same bits), so
+// that the epilogue pass before this kernel goes. An instance of its own: reading raw sums as a run-time choice
+// in every instance changed the registers of the tuned ones (see the engine).
+template <int HD, typename KT, int NG, int U = kUnroll, int HS = 1, int MinB = 0, int R = 0, bool RQ = false>
 __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kernel(const AttentionArgs a, const KvCacheView kv) {
   pdl_trigger();
   static_assert(NG % HS == 0, "the head slices split the block's heads evenly");
@@ -497,8 +502,13 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
       const int i = int(threadIdx.x) + r * kThreads, g = i / int(half), j = i % int(half);
       x0[r] = x1[r] = 0.f, c[r] = 1.f, sv[r] = 0.f;
       if (i < kPairs && g < ng) {
-        const float* qh = a.q + t * a.ldq + (kvh * G + g0 + g) * HD;
-        x0[r] = qh[j], x1[r] = qh[j + half];
+        if constexpr (RQ) {
+          const int64_t col = (kvh * G + g0 + g) * HD + j;
+          x0[r] = raw_value(a.q_raw, t, col), x1[r] = raw_value(a.q_raw, t, col + half);
+        } else {
+          const float* qh = a.q + t * a.ldq + (kvh * G + g0 + g) * HD;
+          x0[r] = qh[j], x1[r] = qh[j + half];
+        }
         if (rope) c[r] = cs[j], sv[r] = sn[j];
       }
     }
@@ -518,11 +528,21 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
   // kMaxGroup query heads per KV head).
   __shared__ __align__(16) KT sm_new[2][HD];  // position p's K and V as stored (early, and the ring)
   if (holds_p) {
-    const float* kh = a.q + t * a.ldq + a.kv_col + kvh * HD;
+    [[maybe_unused]] const float* kh = a.q + t * a.ldq + a.kv_col + kvh * HD;
     const int64_t at = slot_of<uint32_t>(kv, sq, p) * kvd + kvh * HD;
     for (int64_t d = threadIdx.x; d < HD; d += blockDim.x) {
-      const KT kc = kv_code<KT>(kv, kvh, rope_at(kh, d, half, cs, sn), true);
-      const KT vc = kv_code<KT>(kv, kvh, kh[kvd + d], false);
+      float kf, vf;
+      if constexpr (RQ) {  // rope_at's arithmetic on the raw values
+        const int64_t col = a.kv_col + kvh * HD, j = d < half ? d : d - half;
+        const float x0 = raw_value(a.q_raw, t, col + j), x1 = raw_value(a.q_raw, t, col + j + half);
+        kf = d < half ? rope_lo(x0, x1, cs[j], sn[j]) : rope_hi(x0, x1, cs[j], sn[j]);
+        vf = raw_value(a.q_raw, t, col + kvd + d);
+      } else {
+        kf = rope_at(kh, d, half, cs, sn);
+        vf = kh[kvd + d];
+      }
+      const KT kc = kv_code<KT>(kv, kvh, kf, true);
+      const KT vc = kv_code<KT>(kv, kvh, vf, false);
       static_cast<KT*>(kv.k)[at + d] = kc;
       static_cast<KT*>(kv.v)[at + d] = vc;
       sm_new[0][d] = kc;
@@ -989,14 +1009,14 @@ void launch_blocks(const char* name, DecodeKernel bf16, DecodeKernel fp8, Decode
 
 // The dynamic shared memory of an attention_decode_kernel instance (its ring; 0 without one), granted to the
 // kernel once (past the default 48 KB a block) before its first launch or occupancy query.
-template <int HD, typename KT, int NG, int U, int HS, int MinB, int R>
+template <int HD, typename KT, int NG, int U, int HS, int MinB, int R, bool RQ = false>
 int decode_smem() {
   if constexpr (R == 0) {
     return 0;
   } else {
     static const int bytes = [] {
       constexpr int b = decode_ring_bytes<KT, U, R>();
-      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(attention_decode_kernel<HD, KT, NG, U, HS, MinB, R>,
+      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(attention_decode_kernel<HD, KT, NG, U, HS, MinB, R, RQ>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, b));
       return b;
     }();
@@ -1071,6 +1091,7 @@ struct DecodeChoice {
   bool one_wave;  // every block resident at once
   int smem = 0;   // dynamic shared memory (the ring instances)
   bool ring = false;
+  DecodeKernel raw_q = nullptr;  // the same instance reading raw qkv accumulators (RQ), where there is one
 };
 // Warps per position range of the head-split instance for NG heads a block (1: none).
 template <int NG>
@@ -1089,9 +1110,12 @@ DecodeChoice decode_kernel_for(int64_t blocks) {
   }
   if constexpr (NG <= 4)  // (eight heads a block spill ~1 KB a thread at 128 registers)
     if (attn_u2() == 2 || (attn_u2() == 1 && blocks <= decode_resident<HD, KT, NG, 2, 1, 4>())) {
-      if (attn_ring() >= 1)
+      if (attn_ring() >= 1) {
+        decode_smem<HD, KT, NG, 2, 1, 4, kRingU2, true>();  // (the same bytes; granted to the RQ instance too)
         return {attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2>, kWarps,
-                blocks <= decode_resident<HD, KT, NG, 2, 1, 4, kRingU2>(), decode_smem<HD, KT, NG, 2, 1, 4, kRingU2>(), true};
+                blocks <= decode_resident<HD, KT, NG, 2, 1, 4, kRingU2>(), decode_smem<HD, KT, NG, 2, 1, 4, kRingU2>(), true,
+                attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2, true>};
+      }
       return {attention_decode_kernel<HD, KT, NG, 2, 1, 4>, kWarps, false};
     }
   return {attention_decode_kernel<HD, KT, NG, 1>, kWarps, false};
@@ -1106,13 +1130,15 @@ void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
   // 64-sequence step (512 blocks, one position at a time) was 2.5% slower with them (H200, 4-layer llama-3-8b,
   // bf16 1.111 against 1.084 ms, w4a16 1.678 against 1.658), a one-sequence step 0-2.5% faster.
   // The ring instances' early copies hold no registers: they are issued before the wait wherever RoPE is fused.
+  if (a.q_raw.acc && !c.raw_q) throw Error("attention: raw qkv accumulators where the decode kernel cannot read them");
   AttentionArgs b = a;
   b.prewait = a.prewait && (c.one_wave || c.ring);
   static const bool show = env_flag("LLMQ_ATTN_SHOW");  // which instance a launch takes (diagnostics)
   if (show)
     std::fprintf(stderr, "llmq: attention decode: %lld blocks, %d warps, ring %d (%d B), one wave %d, prewait %d\n",
                  (long long)blocks, c.warps, int(c.ring), c.smem, int(c.one_wave), int(b.prewait));
-  launch("attention_decode_kernel", c.kernel, decode_grid(a, kv), dim3(unsigned(c.warps * 32)), size_t(c.smem), s, b, kv);
+  launch("attention_decode_kernel", a.q_raw.acc ? c.raw_q : c.kernel, decode_grid(a, kv), dim3(unsigned(c.warps * 32)),
+         size_t(c.smem), s, b, kv);
 }
 template <int HD, int NG>
 int64_t decode_wave_ng(KvType t) {
@@ -1130,6 +1156,20 @@ int64_t decode_wave(const KvCacheView& kv, int64_t heads) {
   const int64_t G = std::min<int64_t>(heads / kv.kv_heads, kMaxGroup);
   return G <= 1 ? decode_wave_ng<HD, 1>(kv.type) : G <= 2 ? decode_wave_ng<HD, 2>(kv.type)
          : G <= 4 ? decode_wave_ng<HD, 4>(kv.type) : decode_wave_ng<HD, 8>(kv.type);
+}
+
+template <int HD, int NG>
+bool decode_raw_q_ng(const KvCacheView& kv, int64_t blocks) {
+  const DecodeChoice c = kv.type == KvType::BF16 ? decode_kernel_for<HD, uint16_t, NG>(blocks)
+                         : kv.type == KvType::FP8 ? decode_kernel_for<HD, uint8_t, NG>(blocks)
+                                                  : decode_kernel_for<HD, int8_t, NG>(blocks);
+  return c.raw_q != nullptr;
+}
+template <int HD>
+bool decode_raw_q(const KvCacheView& kv, int64_t heads, int64_t blocks) {
+  const int64_t G = std::min<int64_t>(heads / kv.kv_heads, kMaxGroup);
+  return G <= 1 ? decode_raw_q_ng<HD, 1>(kv, blocks) : G <= 2 ? decode_raw_q_ng<HD, 2>(kv, blocks)
+         : G <= 4 ? decode_raw_q_ng<HD, 4>(kv, blocks) : decode_raw_q_ng<HD, 8>(kv, blocks);
 }
 
 // The block's query heads (G, at most kMaxGroup) rounded up to a power of two: registers for no more heads
@@ -1221,8 +1261,16 @@ int64_t attention_decode_wave(const KvCacheView& kv, int64_t heads) {
   return 0;
 }
 
+bool attention_decode_raw_q(const KvCacheView& kv, int64_t heads, int64_t T, int64_t splits) {
+  if (!attention_rope_supports(kv, heads) || T < 1 || splits < 1 || splits > kMaxAttentionSplits) return false;
+  const int64_t blocks = T * kv.kv_heads * ((heads / kv.kv_heads + kMaxGroup - 1) / kMaxGroup) * splits;
+  return kv.head_dim == 128 ? decode_raw_q<128>(kv, heads, blocks) : decode_raw_q<64>(kv, heads, blocks);
+}
+
 void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   if (a.T == 0) return;
+  if (a.q_raw.acc && (!a.rope_cos || (a.tiles && a.n_tiles > 0)))
+    throw Error("attention: raw qkv accumulators need fused RoPE in a decode step");
   if (!attention_supports(kv, a.heads)) throw Error("attention: head_dim " + std::to_string(kv.head_dim) + " is not supported (at most 256)");
   if (a.tiles && a.n_tiles > 0 && a.splits == 1 && attention_flash_supports(kv.head_dim)) {
     switch (kv.head_dim) {

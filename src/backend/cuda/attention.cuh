@@ -70,6 +70,10 @@ struct AttentionArgs {
   // With fused RoPE: the first positions of each block's range (all but the token's own) are read from the
   // cache before the kernel waits for the previous one (PDL), overlapping its tail. false: after (comparisons).
   bool prewait = true;
+  // With fused RoPE, where attention_decode_raw_q says the launch's kernel takes them: q, k and v of token t are
+  // read from a W8A8 qkv GEMM's raw accumulators with their scales (RawAcc: the values gemm_epilogue would have
+  // written into q's buffer, the same bits; no bias), so that the epilogue pass goes. q is then not read.
+  RawAcc q_raw;
 };
 
 constexpr int64_t kFlashTile = 64;
@@ -97,5 +101,9 @@ void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s);
 // blocks (tokens x KV heads x splits) takes it. 0 where it does not apply (head dims other than 64 and 128,
 // one query head per KV head, LLMQ_ATTN_V1, LLMQ_ATTN_NO_HEADSPLIT).
 int64_t attention_decode_wave(const KvCacheView& kv, int64_t heads);
+// Whether a fused-RoPE decode launch of T tokens in `splits` splits takes a kernel that reads raw qkv
+// accumulators (AttentionArgs::q_raw): the cp.async ring's two-step instance (LLMQ_ATTN_RING, batch 64 of
+// llama-3-8b). kv's type, kv_heads and head_dim are what counts.
+bool attention_decode_raw_q(const KvCacheView& kv, int64_t heads, int64_t T, int64_t splits);
 
 }  // namespace llmq::cuda

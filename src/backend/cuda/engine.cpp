@@ -1092,9 +1092,23 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // decode attention: reading raw sums there (a run-time choice in every instance) changed the registers of
     // the tuned decode kernels (48 -> 56 .. 77 -> 121, 28 bytes of spill in some) for ~2.6 us a batch-64 step.
     const bool qkv_raw = qkv_raw_ && !rope_in_attention && raw_capable(L.qkv, T);
+    // o_proj's input: written by attention itself (BF16 or the codes of a static scale, with the row scale), or
+    // per-token INT8 by act_prep after it.
+    const DevLinear& ol = L.o.parts[0];
+    const bool direct = L.o.parts.size() == 1 && ol.act != ActKind::I8Token;
+    // With RoPE fused, the decode kernel that batch 64 takes reads the raw sums itself (attention_decode_raw_q:
+    // an instance of its own, so the tuned ones keep their registers), and the epilogue pass goes. Not where
+    // attention writes o_proj's row scales: the same buffer holds the qkv input's, which its blocks read (so
+    // int8-sq's per-token o_proj input, not fp8's static one). H100, full-size llama-3-8b int8-sq at batch 64,
+    // prompt 128 + 128 generated, tok/s with LLMQ_QKV_RAW=0 / this, two rounds: 12,036, 12,007 / 12,166, 12,210
+    // (+1.4%; bench/results/2026-12-06-nvidia-h100-session33.txt).
+    KvCacheView probe;
+    probe.type = kv_type_, probe.kv_heads = c.kv_heads, probe.head_dim = c.head_dim;
+    const bool attn_raw = qkv_raw_ && rope_in_attention && raw_capable(L.qkv, T) && !(direct && ol.act != ActKind::None) &&
+                          attention_decode_raw_q(probe, c.heads, T, att_splits);
     Epilogue eq;
     eq.x_sumsq = split;
-    eq.raw_acc = qkv_raw;
+    eq.raw_acc = qkv_raw || attn_raw;
     site("qkv", L.qkv, T, [&](const PrepOut& o) {
       if (normed || split) return;
       if (pending) residual_rmsnorm_prep(pending_in, x, T, H, L.attn_norm, float(c.rms_eps), o, stream_);
@@ -1131,6 +1145,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     aa.partial = partial_.as<float>();
     aa.counters = counters_.as<int32_t>();
     if (rope_in_attention) aa.rope_cos = cos_.as<float>(), aa.rope_sin = sin_.as<float>(), aa.kv_col = qd;
+    if (attn_raw) aa.q_raw = raw_acc(L.qkv.parts[0], T, nullptr);
     static const bool prewait = !env_flag("LLMQ_ATTN_NO_PREWAIT");  // comparisons: cache reads after the wait
     aa.prewait = prewait;
     static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
@@ -1139,8 +1154,6 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // W8A8, INT8 with --act-scale static) as site() would have them written; not per-token INT8 (a row's
     // absmax spans attention blocks: making the codes in the last block of each token, through per-token
     // counters, was measured 1-5% slower a step than this act_prep at batch 1-64, int8-sq, H100, session 32).
-    const DevLinear& ol = L.o.parts[0];
-    const bool direct = L.o.parts.size() == 1 && ol.act != ActKind::I8Token;
     if (direct) {
       aa.out_prep.kind = ol.act;
       aa.out_prep.codes_as_bf16 = ol.act != ActKind::None && path(ol, T) == Path::Cublas;
