@@ -11,7 +11,9 @@
 #   SHAPES   [llama-3-8b llama-2-7b] (empty: none)  METHODS [bf16 fp8 int8-sq w8a16 w4a16-awq]
 #   BATCHES  [1 16 64]                          PREFILL [2048] (0: no prefill run)
 #   RUN_TESTS [1]   WORK [/tmp/llmq-gpu-check] (synthetic models, up to ~50 GB; deleted as it goes)
-#   QJOBS    [2] (quantizations at a time, in the background while the GPU benchmarks)
+#   QJOBS    [1] (quantizations at a time, in the background while the GPU tests and benchmarks run; with 2 the
+#            tests, which share the CPU with them and which the benchmarks wait for, took 286 s on an H100 machine
+#            of session 33, against 181 s one at a time on session 32's)
 #   COMMIT   (recorded; default: git rev-parse HEAD, with "-dirty" where the tracked files differ from it: on a
 #            copied checkout HEAD can be stale, which then shows as dirty; pass the commit there)
 #   OUT      (if set, results and logs are copied there)
@@ -38,7 +40,7 @@ COMMIT=${COMMIT:-$(c=$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEA
 DEVICE=${DEVICE:-cuda}
 BATCH_LIST=$(echo $BATCHES | tr ' ' ',')  # llmq bench --batches
 JOBS=$(nproc)
-QJOBS=${QJOBS:-2}
+QJOBS=${QJOBS:-1}
 . scripts/gpu-env.sh  # sets SHARED
 
 if [ "$DEVICE" = cuda ]; then
