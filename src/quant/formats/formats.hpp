@@ -23,26 +23,26 @@ inline float fp8_to_f32(uint8_t b) {
 }
 
 // Round to nearest even, saturating to ±448 (as conversion with saturation does); NaN -> 0x7F.
+// On the float's bits (no libm: it runs once per weight of an FP8 quantization, where frexp and nearbyint took
+// ~20% of `llmq quantize --method fp8`): normals keep 3 of the 23 mantissa bits, rounded to nearest even by adding
+// 0x7FFFF plus the last kept bit before truncating (a carry into the exponent is the next binade, as it should
+// be); below 2^-6 the codes are the multiples of 2^-9, a * 512 rounded to an integer by adding and subtracting
+// 2^23 (exact in float for 0 <= a * 512 < 8: the sum's last place is 1, and the add rounds to nearest even).
 inline uint8_t f32_to_fp8(float x) {
-  if (std::isnan(x)) return 0x7F;
-  const uint8_t sign = std::signbit(x) ? 0x80 : 0;
-  float a = std::fabs(x);
-  if (a >= kFp8Max) return sign | 0x7E;
-  if (a < std::ldexp(1.0f, -6)) {  // subnormal range: multiples of 2^-9
-    const float q = std::nearbyint(a * 512.0f);  // current rounding mode: nearest even
-    return sign | uint8_t(q);                    // q == 8 becomes the smallest normal (e=1, m=0): same bits
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint8_t sign = uint8_t((u >> 24) & 0x80u);
+  u &= 0x7FFFFFFFu;
+  if (u > 0x7F800000u) return 0x7F;      // NaN
+  if (u >= 0x43E00000u) return sign | 0x7E;  // |x| >= 448 (and infinity): saturate
+  if (u < 0x3C800000u) {                 // |x| < 2^-6: subnormal codes (8 = the smallest normal, same bits)
+    float a;
+    std::memcpy(&a, &u, 4);
+    return sign | uint8_t((a * 512.0f + 8388608.0f) - 8388608.0f);  // (a * 512 is exact: a contracted FMA gives the same)
   }
-  int e;
-  const float f = std::frexp(a, &e);  // a = f * 2^e, f in [0.5, 1)
-  // mantissa with 3 fractional bits: a = 2^(e-1) * (1 + m/8)
-  float m = std::nearbyint((f * 2.0f - 1.0f) * 8.0f);
-  int exp = e - 1 + 7;
-  if (m == 8.0f) {
-    m = 0;
-    ++exp;
-  }
-  if (exp > 15 || (exp == 15 && m == 7)) return sign | 0x7E;  // only reachable by rounding up to 480
-  return sign | uint8_t(exp << 3) | uint8_t(m);
+  u = (u + 0x7FFFFu + ((u >> 20) & 1u)) >> 20;  // exponent and 3 mantissa bits, rounded
+  const uint32_t code = u - ((127u - 7u) << 3);  // rebias the exponent from 127 to 7
+  return sign | uint8_t(code > 0x7Eu ? 0x7Eu : code);  // 464 and up round to 480 (0x7F is NaN): saturate
 }
 
 // fp8_to_f32(f32_to_fp8(x)) without the detour through the code: the nearest E4M3 value (ties to even),
