@@ -396,8 +396,8 @@ constexpr int kUnroll = 4;
 // R > 0 (ring; HS = 1): the K/V codes come through a ring of R rounds per warp in dynamic shared memory
 // (decode_ring_bytes), copied with cp.async R - 1 rounds ahead of the one being summed, instead of into registers
 // one round at a time: a warp of the register instances has one round (U steps) in flight and then computes on it
-// while its loads wait, ~2 KB a warp at U = 2. H200, llmq-kbench --only decode, 64 sequences at ctx 160: 1,650 GB/s,
-// ~35% of the copy bandwidth. Each lane copies and later reads back only its own 16 (BF16) or 8 bytes of a step,
+// while its loads wait, ~2 KB a warp at U = 2 (H200, llmq-kbench --only decode, 64 sequences at ctx 160: 1,650 GB/s,
+// ~35% of the copy bandwidth; what the ring gained: attn_ring). Each lane copies and later reads back only its own 16 (BF16) or 8 bytes of a step,
 // so no barrier is needed. The token's own position p is never copied (the block that holds it takes it from
 // sm_new, where the fused KV write left it), so with fused RoPE every copy may be issued before pdl_wait().
 template <typename KT>
@@ -405,7 +405,6 @@ using KvRaw = std::conditional_t<sizeof(KT) == 2, uint4, uint2>;
 template <typename KT, int U, int R>
 constexpr int decode_ring_bytes() { return R * kWarps * U * 2 * 32 * int(sizeof(KvRaw<KT>)); }
 
-//
 // RQ (raw q; with fused RoPE): token t's q, k and v come from the W8A8 qkv GEMM's raw accumulators
 // (AttentionArgs::q_raw) with their scales applied as gemm_epilogue applies them (raw_value: the same bits), so
 // that the epilogue pass before this kernel goes. An instance of its own: reading raw sums as a run-time choice
