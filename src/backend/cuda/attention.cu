@@ -1088,8 +1088,7 @@ struct DecodeChoice {
   DecodeKernel kernel;
   int warps;
   bool one_wave;  // every block resident at once
-  int smem = 0;   // dynamic shared memory (the ring instances)
-  bool ring = false;
+  int smem = 0;   // dynamic shared memory (the ring instances: > 0)
   DecodeKernel raw_q = nullptr;  // the same instance reading raw qkv accumulators (RQ), where there is one
 };
 // Warps per position range of the head-split instance for NG heads a block (1: none).
@@ -1104,7 +1103,7 @@ DecodeChoice decode_kernel_for(int64_t blocks) {
   if (attn_u2() != 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1>()) {
     if (attn_ring() >= 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1, 0, kRingU4>())
       return {attention_decode_kernel<HD, KT, NG, kUnroll, 1, 0, kRingU4>, kWarps, true,
-              decode_smem<HD, KT, NG, kUnroll, 1, 0, kRingU4>(), true};
+              decode_smem<HD, KT, NG, kUnroll, 1, 0, kRingU4>()};
     return {attention_decode_kernel<HD, KT, NG>, kWarps, true};
   }
   if constexpr (NG <= 4)  // (eight heads a block spill ~1 KB a thread at 128 registers)
@@ -1112,7 +1111,7 @@ DecodeChoice decode_kernel_for(int64_t blocks) {
       if (attn_ring() >= 1) {
         decode_smem<HD, KT, NG, 2, 1, 4, kRingU2, true>();  // (the same bytes; granted to the RQ instance too)
         return {attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2>, kWarps,
-                blocks <= decode_resident<HD, KT, NG, 2, 1, 4, kRingU2>(), decode_smem<HD, KT, NG, 2, 1, 4, kRingU2>(), true,
+                blocks <= decode_resident<HD, KT, NG, 2, 1, 4, kRingU2>(), decode_smem<HD, KT, NG, 2, 1, 4, kRingU2>(),
                 attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2, true>};
       }
       return {attention_decode_kernel<HD, KT, NG, 2, 1, 4>, kWarps, false};
@@ -1120,22 +1119,26 @@ DecodeChoice decode_kernel_for(int64_t blocks) {
   return {attention_decode_kernel<HD, KT, NG, 1>, kWarps, false};
 }
 template <int HD, int NG>
+DecodeChoice decode_choice(KvType t, int64_t blocks) {
+  return t == KvType::BF16 ? decode_kernel_for<HD, uint16_t, NG>(blocks)
+         : t == KvType::FP8 ? decode_kernel_for<HD, uint8_t, NG>(blocks)
+                            : decode_kernel_for<HD, int8_t, NG>(blocks);
+}
+template <int HD, int NG>
 void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
-  const int64_t blocks = a.T * kv.kv_heads * ((a.heads / kv.kv_heads + kMaxGroup - 1) / kMaxGroup) * a.splits;
-  const DecodeChoice c = kv.type == KvType::BF16 ? decode_kernel_for<HD, uint16_t, NG>(blocks)
-                         : kv.type == KvType::FP8 ? decode_kernel_for<HD, uint8_t, NG>(blocks)
-                                                  : decode_kernel_for<HD, int8_t, NG>(blocks);
+  const int64_t blocks = attention_counters(a.T, a.heads, kv.kv_heads) * a.splits;
+  const DecodeChoice c = decode_choice<HD, NG>(kv.type, blocks);
   // Pre-wait cache loads (AttentionArgs::prewait) only where every block of the launch is resident at once: a
   // 64-sequence step (512 blocks, one position at a time) was 2.5% slower with them (H200, 4-layer llama-3-8b,
   // bf16 1.111 against 1.084 ms, w4a16 1.678 against 1.658), a one-sequence step 0-2.5% faster.
   // The ring instances' early copies hold no registers: they are issued before the wait wherever RoPE is fused.
   if (a.q_raw.acc && !c.raw_q) throw Error("attention: raw qkv accumulators where the decode kernel cannot read them");
   AttentionArgs b = a;
-  b.prewait = a.prewait && (c.one_wave || c.ring);
+  b.prewait = a.prewait && (c.one_wave || c.smem > 0);
   static const bool show = env_flag("LLMQ_ATTN_SHOW");  // which instance a launch takes (diagnostics)
   if (show)
     std::fprintf(stderr, "llmq: attention decode: %lld blocks, %d warps, ring %d (%d B), one wave %d, prewait %d\n",
-                 (long long)blocks, c.warps, int(c.ring), c.smem, int(c.one_wave), int(b.prewait));
+                 (long long)blocks, c.warps, int(c.smem > 0), c.smem, int(c.one_wave), int(b.prewait));
   launch("attention_decode_kernel", a.q_raw.acc ? c.raw_q : c.kernel, decode_grid(a, kv), dim3(unsigned(c.warps * 32)),
          size_t(c.smem), s, b, kv);
 }
@@ -1159,10 +1162,7 @@ int64_t decode_wave(const KvCacheView& kv, int64_t heads) {
 
 template <int HD, int NG>
 bool decode_raw_q_ng(const KvCacheView& kv, int64_t blocks) {
-  const DecodeChoice c = kv.type == KvType::BF16 ? decode_kernel_for<HD, uint16_t, NG>(blocks)
-                         : kv.type == KvType::FP8 ? decode_kernel_for<HD, uint8_t, NG>(blocks)
-                                                  : decode_kernel_for<HD, int8_t, NG>(blocks);
-  return c.raw_q != nullptr;
+  return decode_choice<HD, NG>(kv.type, blocks).raw_q != nullptr;
 }
 template <int HD>
 bool decode_raw_q(const KvCacheView& kv, int64_t heads, int64_t blocks) {
@@ -1262,7 +1262,7 @@ int64_t attention_decode_wave(const KvCacheView& kv, int64_t heads) {
 
 bool attention_decode_raw_q(const KvCacheView& kv, int64_t heads, int64_t T, int64_t splits) {
   if (!attention_rope_supports(kv, heads) || T < 1 || splits < 1 || splits > kMaxAttentionSplits) return false;
-  const int64_t blocks = T * kv.kv_heads * ((heads / kv.kv_heads + kMaxGroup - 1) / kMaxGroup) * splits;
+  const int64_t blocks = attention_counters(T, heads, kv.kv_heads) * splits;
   return kv.head_dim == 128 ? decode_raw_q<128>(kv, heads, blocks) : decode_raw_q<64>(kv, heads, blocks);
 }
 

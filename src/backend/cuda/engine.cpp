@@ -1055,15 +1055,21 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   // positions (16 splits instead of 33) 0.815 / 0.841; but 16 sequences at ~2,080 positions in one split each
   // 1.469 / 1.234 (hence the bound). LLMQ_ATTN_NO_WAVE_SPLITS=1: the two-waves rule alone (comparisons).
   static const bool no_wave_splits = env_flag("LLMQ_ATTN_NO_WAVE_SPLITS");
+  KvCacheView kv_shape;  // the cache's type and shape, for the attention launcher's questions
+  kv_shape.type = kv_type_, kv_shape.kv_heads = c.kv_heads, kv_shape.head_dim = c.head_dim;
   if (small && !no_wave_splits) {
-    KvCacheView q;
-    q.type = kv_type_, q.kv_heads = c.kv_heads, q.head_dim = c.head_dim;
-    const int64_t wave = attention_decode_wave(q, c.heads);
+    const int64_t wave = attention_decode_wave(kv_shape, c.heads);
     if (wave >= per_split) {
       const int64_t s1 = std::min(att_splits, wave / per_split);
       if ((capacity_ + s1 - 1) / s1 <= 256) att_splits = s1;
     }
   }
+  // RoPE and the KV write inside decode attention when every sequence has one token in this step, else a
+  // kernel of their own (H200, 4-layer llama-3-8b at batch 1: bf16 0.858 against 0.874 ms a step, fp8 0.716
+  // against 0.733; bench/results/2026-12-02-nvidia-h200-session8.txt). LLMQ_NO_FUSE_ROPE=1: always the kernel.
+  const bool rope_in_attention = small && one_per_seq_ && fuse_rope_;
+  // Whether this step's decode attention kernel reads raw qkv accumulators (attention_decode_raw_q; see attn_raw).
+  const bool attention_raw_q = rope_in_attention && qkv_raw_ && attention_decode_raw_q(kv_shape, c.heads, T, att_splits);
   // The distributed RMSNorms' sums of squares: slot 2l for layer l's gate_up, 2l + 1 for layer l + 1's qkv.
   const int64_t ts = std::min<int64_t>(T, kWgemmMaxT);
   double* sumsq = sumsq_.as<double>();
@@ -1086,10 +1092,6 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     DevLayer& L = layers_[li];
     const int64_t qkv_n = L.qkv.N;
     float* qkv = qkv_.as<float>();
-    // RoPE and the KV write inside decode attention when every sequence has one token in this step, else a
-    // kernel of their own (H200, 4-layer llama-3-8b at batch 1: bf16 0.858 against 0.874 ms a step, fp8 0.716
-    // against 0.733; bench/results/2026-12-02-nvidia-h200-session8.txt). LLMQ_NO_FUSE_ROPE=1: always the kernel.
-    const bool rope_in_attention = small && one_per_seq_ && fuse_rope_;
     // The rope_kv kernel reads a W8A8 qkv GEMM's raw accumulators itself (no gemm_epilogue pass; LLMQ_QKV_RAW=0
     // brings the pass back). H200, 4-layer llama-3-8b, 2048-token prefill: fp8 297.4k -> 302.6k tok/s, int8-sq
     // 299.4k -> 305.0k (epilogue 61.5 + rope_kv 32.8 us a layer -> rope_kv 60.2 for fp8;
@@ -1107,10 +1109,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     // int8-sq's per-token o_proj input, not fp8's static one). H100, full-size llama-3-8b int8-sq at batch 64,
     // prompt 128 + 128 generated, tok/s with LLMQ_QKV_RAW=0 / this, two rounds: 12,036, 12,007 / 12,166, 12,210
     // (+1.4%; bench/results/2026-12-06-nvidia-h100-session33.txt).
-    KvCacheView probe;
-    probe.type = kv_type_, probe.kv_heads = c.kv_heads, probe.head_dim = c.head_dim;
-    const bool attn_raw = qkv_raw_ && rope_in_attention && raw_capable(L.qkv, T) && !(direct && ol.act != ActKind::None) &&
-                          attention_decode_raw_q(probe, c.heads, T, att_splits);
+    const bool attn_raw = attention_raw_q && raw_capable(L.qkv, T) && !(direct && ol.act != ActKind::None);
     Epilogue eq;
     eq.x_sumsq = split;
     eq.raw_acc = qkv_raw || attn_raw;

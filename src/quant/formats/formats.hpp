@@ -40,9 +40,8 @@ inline uint8_t f32_to_fp8(float x) {
     std::memcpy(&a, &u, 4);
     return sign | uint8_t((a * 512.0f + 8388608.0f) - 8388608.0f);  // (a * 512 is exact: a contracted FMA gives the same)
   }
-  u = (u + 0x7FFFFu + ((u >> 20) & 1u)) >> 20;  // exponent and 3 mantissa bits, rounded
-  const uint32_t code = u - ((127u - 7u) << 3);  // rebias the exponent from 127 to 7
-  return sign | uint8_t(code > 0x7Eu ? 0x7Eu : code);  // 464 and up round to 480 (0x7F is NaN): saturate
+  u = (u + 0x7FFFFu + ((u >> 20) & 1u)) >> 20;  // exponent and 3 mantissa bits, rounded (below 448: at most 448)
+  return sign | uint8_t(u - ((127u - 7u) << 3));  // the exponent rebiased from 127 to 7
 }
 
 // fp8_to_f32(f32_to_fp8(x)) without the detour through the code: the nearest E4M3 value (ties to even),
