@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <string>
@@ -217,11 +216,6 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
       ws_floats = std::max<int64_t>(ws_floats, (m.K / 256 + 1) * ((m.N + 15) / 16 * 16) * ((maxT + 7) / 8 * 8));
   float* ws = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&ws, size_t(ws_floats) * 4));
-  // Its per-tile split-K counters for the in-kernel fix-up (the "tiled/fx" rows), zero (the kernel leaves them zero).
-  constexpr int64_t kTileCounters = 1024;  // 128 rows each: N up to 131,072
-  int32_t* tile_counters = nullptr;
-  LLMQ_CUDA_CHECK(cudaMalloc(&tile_counters, size_t(kTileCounters) * 4));
-  LLMQ_CUDA_CHECK(cudaMemset(tile_counters, 0, size_t(kTileCounters) * 4));
   // The distributed RMSNorm's producer half (o and down in the engine, up to 64 tokens): rms_w, FP32 x o w and the
   // sums of squares, 64 doubles (zeroed once: the sums only grow, which the timing ignores).
   float* rms_w = static_cast<float*>(device_random(4096, "scale", 10));
@@ -278,12 +272,6 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
             row("tiled", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
             a.tiled_ws = ws, a.tiled_ws_floats = ws_floats;
             row("tiled/ws", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
-            // The same splits summed by the kernel's last CTA of each tile (LLMQ_WGEMM_TILED_FIXUP, read at every call).
-            a.tiled_counters = tile_counters, a.tiled_counters_n = kTileCounters;
-            setenv("LLMQ_WGEMM_TILED_FIXUP", "1", 1);
-            row("tiled/fx", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
-            unsetenv("LLMQ_WGEMM_TILED_FIXUP");
-            a.tiled_counters = nullptr, a.tiled_counters_n = 0;
             a.tiled_ws = nullptr, a.tiled_ws_floats = 0;
           }
           a.tiled = 0;
@@ -315,7 +303,6 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
   cudaFree(xs);
   cudaFree(y);
   cudaFree(ws);
-  cudaFree(tile_counters);
   cudaFree(rms_w);
   cudaFree(rms_out);
   cudaFree(sumsq);

@@ -323,7 +323,6 @@ class CudaEngine final : public Engine {
   DevMem block_table_, cos_, sin_;
   DevMem counters_;       // split attention's counters (zero between launches)
   DevMem norm_counters_;  // the fused RMSNorm's counter (zero between launches)
-  DevMem tiled_counters_; // the tiled kernel's split-K counters, one per 128 rows of the widest site (zero between launches)
   int64_t splits_ = 1;           // decode attention's splits of the cache at one token (fewer for more tokens)
   int64_t attention_blocks_ = 1;  // its blocks per token and split (KV heads x query-head groups)
   int64_t max_splits_ = kMaxAttentionSplits;  // LLMQ_ATTN_MAX_SPLITS
@@ -666,8 +665,6 @@ void CudaEngine::reset(int64_t n_seq, int64_t capacity) {
   counters_ = DevMem(size_t(attention_counters(kWgemmMaxT, c.heads, c.kv_heads)) * 4);
   norm_counters_ = DevMem(4);
   LLMQ_CUDA_CHECK(cudaMemset(norm_counters_.p, 0, norm_counters_.n));
-  tiled_counters_ = DevMem(size_t(std::max<int64_t>(1, (max_gemm_n_ + 127) / 128)) * 4);
-  LLMQ_CUDA_CHECK(cudaMemset(tiled_counters_.p, 0, tiled_counters_.n));
   LLMQ_CUDA_CHECK(cudaMemset(counters_.p, 0, counters_.n));
   note_memory();
 }
@@ -735,10 +732,8 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   // The tiled kernel's split-K partial sums (wgemm.cu, tiled_default; weight-only formats): gemm_out_, which
   // otherwise only the cuBLAS and cuBLASLt paths use (their raw accumulators are read by the next row kernel, before
   // any other matmul).
-  if (l.wf != WFmt::BF16 && l.act == ActKind::None) {
+  if (l.wf != WFmt::BF16 && l.act == ActKind::None)
     a.tiled_ws = static_cast<float*>(gemm_out_.p), a.tiled_ws_floats = t_cap_ * max_gemm_n_;
-    a.tiled_counters = tiled_counters_.as<int32_t>(), a.tiled_counters_n = int64_t(tiled_counters_.n / 4);
-  }
   return a;
 }
 

@@ -97,11 +97,6 @@ struct GemvArgs {
   int tiled = 0;
   float* tiled_ws = nullptr;      // the tiled kernel's split-K partial sums (null: no split): splits x
   int64_t tiled_ws_floats = 0;    // 16 * ceil(N / 16) x 8 * ceil(M / 8) floats are used if they fit, else no split
-  // With a split: one counter per tile of 128 rows (ceil(N / 128), zero; left zero) lets the last CTA of each tile
-  // add the splits' sums and run the epilogue itself instead of a second kernel, where LLMQ_WGEMM_TILED_FIXUP=1
-  // (opt-in, not yet measured on a GPU; read at every call) and there are enough of them.
-  int32_t* tiled_counters = nullptr;
-  int64_t tiled_counters_n = 0;
 };
 
 constexpr int kGemvMaxM = 8;

@@ -877,42 +877,12 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem) : "memory");
 }
 
-// Row block rb's sums over the `splits` partial tiles of wgemm_tiled_kernel in GemvArgs::tiled_ws (fragment order),
-// added in split order from zero into acc (this lane's NT x 4 values). Each step loads one split's NT * 4 values a
-// lane, all before it adds any (and up to four splits a step, unrolled), so that the loads of a lane are in flight
-// together: with the split loop innermost, each value's loads went one after another (H100, w4a16 batch 16:
-// down_proj's 8 splits of 32 row-block CTAs took 12.8 us a layer; bench/results/2026-12-05-nvidia-h100-session27.txt).
-// wgemm_tiled_splitk_epilogue and the tiled kernel's own fix-up (tiled_counters) both sum through it: the same bits.
-template <int NT>
-__device__ __forceinline__ void tiled_split_sum(const GemvArgs& a, int rb, int lane, int splits, float (&acc)[NT][4]) {
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-  const int rbs = int((a.N + 15) / 16);
-  const float* ws = a.tiled_ws + int64_t(rb) * (NT * 4 * 32) + lane;
-  const int64_t split_stride = int64_t(rbs) * (NT * 4 * 32);
-#pragma unroll 4
-  for (int sp = 0; sp < splits; ++sp) {
-    float part[NT * 4];
-#pragma unroll
-    for (int i = 0; i < NT * 4; ++i) part[i] = __ldcg(ws + sp * split_stride + i * 32);
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[n][e] += part[n * 4 + e];
-  }
-}
-
 // KIND kI4 (G = 64 or 128) or kI8W (G unused); S ring stages. ILP (INT4 only): each unit of a stage sums its
 // mma into its own registers (cg[cu]), added at the group's end, so that a stage's two units are two independent
 // chains of mma instead of one chain through both (LLMQ_WGEMM_TILED_ILP=1, see launch_tiled_nt). It needs ~73
 // registers (the default instance 58); with 3 stages it is held to 64 (4 CTAs an SM, as the default instance gets
 // there; ptxas spills one register of the G = 128 instance), with 4 the shared memory allows 3 CTAs anyway.
-//
-// FX (split launches with GemvArgs::tiled_counters): the last CTA of each tile adds the splits' sums and runs the
-// epilogue (instances for the default ring depths only; see launch_tiled_s).
-template <int KIND, int NT, int G, int S, bool ILP = false, bool FX = false>
+template <int KIND, int NT, int G, int S, bool ILP = false>
 __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
@@ -1117,37 +1087,24 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     }
   }
   cp_async_wait<0>();
-  if constexpr (!FX) {
-    if (rb_raw >= rbs) return;  // the whole warp
-    if (gridDim.y == 1) {
-      store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
-    } else {
-      float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = acc[n][e];
-    }
+  if (rb_raw >= rbs) return;  // the whole warp
+  if (gridDim.y == 1) {
+    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
   } else {
-    // Split launches only (gridDim.y > 1, tiled_counters set): every CTA stores its partial sums; the last CTA of
-    // the tile to finish adds every split's (its own from the workspace too: the same additions in the same order
-    // as wgemm_tiled_splitk_epilogue) and stores them. Warps past the last row block stay for last_block's barriers.
-    if (rb_raw < rbs) {
-      float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
+    float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = acc[n][e];
-    }
-    if (last_block(a.tiled_counters + blockIdx.x, int(gridDim.y)) && rb_raw < rbs) {
-      tiled_split_sum<NT>(a, rb, lane, int(gridDim.y), acc);
-      store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
-    }
+      for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = acc[n][e];
   }
 }
 
-// The split-K sums of wgemm_tiled_kernel (tiled_split_sum) and the epilogue, one warp per row block: the second
-// kernel of a split launch without tiled_counters.
+// The split-K sums of wgemm_tiled_kernel (splits partial tiles per row block in GemvArgs::tiled_ws, fragment
+// order), added in split order, and the epilogue; one warp per row block. Each step loads one split's NT * 4
+// values a lane, all before it adds any (and up to four splits a step, unrolled), so that the loads of a lane are in
+// flight together: with the split loop innermost, each value's loads went one after another (H100, w4a16 batch
+// 16: down_proj's 8 splits of 32 row-block CTAs took 12.8 us a layer; bench/results/2026-12-05-nvidia-h100-session27.txt).
+// The same additions in the same order.
 template <int KIND, int NT>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(const GemvArgs a, const int splits) {
   pdl_trigger();
@@ -1156,7 +1113,22 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(cons
   const int rbs = int((a.N + 15) / 16), rb = int(blockIdx.x) * kTWarps + warp;
   if (rb >= rbs) return;
   float acc[NT][4];
-  tiled_split_sum<NT>(a, rb, lane, splits, acc);
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  const float* ws = a.tiled_ws + int64_t(rb) * (NT * 4 * 32) + lane;
+  const int64_t split_stride = int64_t(rbs) * (NT * 4 * 32);
+#pragma unroll 4
+  for (int sp = 0; sp < splits; ++sp) {
+    float part[NT * 4];
+#pragma unroll
+    for (int i = 0; i < NT * 4; ++i) part[i] = __ldcg(ws + sp * split_stride + i * 32);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] += part[n * 4 + e];
+  }
   store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
 }
 
@@ -1228,22 +1200,6 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
   if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
-  // The splits' sum in the kernel's last CTA of each tile (the FX instance, GemvArgs::tiled_counters) where
-  // LLMQ_WGEMM_TILED_FIXUP=1 (opt-in, not measured on a GPU yet; read at every call, so that a test can set it), at
-  // the default ring depth without ILP; else in wgemm_tiled_splitk_epilogue, a second kernel.
-  if constexpr (!ILP && S == ((KIND == kI4 || NT == 8) ? 3 : kTStages)) {
-    const char* fx = std::getenv("LLMQ_WGEMM_TILED_FIXUP");
-    if (splits > 1 && fx && *fx == '1' && a.tiled_counters && a.tiled_counters_n >= tiles) {
-      static const bool granted = [] {
-        LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_tiled_kernel<KIND, NT, G, S, false, true>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
-        return true;
-      }();
-      (void)granted;
-      return launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, false, true>,
-                    dim3(unsigned(tiles), unsigned(splits)), dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
-    }
-  }
   launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
   if (splits > 1)
