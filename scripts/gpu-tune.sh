@@ -11,7 +11,8 @@
 #              LLMQ_CUDA_PROFILE, eager launches timed per op; none),
 #              AB [] (space-separated engine switches, e.g. "LLMQ_NO_FUSE_ROPE=1 LLMQ_WGEMM_MAX_T=16": each batch's
 #              bench and the prefill also run once with each, tpot printed next to the default's; no profile for them;
-#              several switches at once joined by commas, e.g. "LLMQ_WGEMM_TILED=1,LLMQ_WGEMM_TILED_STAGES=3")
+#              several switches at once joined by commas, e.g. "LLMQ_WGEMM_TILED=1,LLMQ_WGEMM_TILED_STAGES=3"),
+#              TARGETS [] (build only these targets, e.g. "llmq test_cuda"; empty: everything)
 # On a machine without package access or ../shared, run scripts/gpu-pack.sh beforehand and carry .gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ echo "== $(nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheade
 t0=$(date +%s)
 cmake -S . -B build/gpu -DCMAKE_BUILD_TYPE=Release -DLLMQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
   -DLLMQ_SHARED_DIR="$SHARED" >/dev/null || exit 1
-cmake --build build/gpu -j"$(nproc)" > "$LOG/build.log" 2>&1 || { grep -E "error" "$LOG/build.log" | head -20; exit 1; }
+cmake --build build/gpu -j"$(nproc)" ${TARGETS:+--target $TARGETS} > "$LOG/build.log" 2>&1 || { grep -E "error" "$LOG/build.log" | head -20; exit 1; }
 echo "== built in $(( $(date +%s) - t0 )) s"
 LLMQ="$ROOT/build/gpu/llmq"
 
