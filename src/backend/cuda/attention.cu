@@ -437,6 +437,8 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
   // Warp w covers positions j0 .. j0 + P * U - 1 of each round (step u: j0 + u * P + slot).
   uint4 kr[U], vr[U];
   bool ok[U];
+  // This lane's 8 values of position j in the cache (element offset).
+  auto lane_at = [&](int64_t j) { return slot_of<uint32_t>(kv, sq, j) * kvd + kvh * HD + sub * 8; };
   auto load_round = [&](int64_t j0, bool skip_p) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -444,7 +446,7 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
       ok[u] = j < end;
       kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
       if (ok[u] && !(skip_p && j == p)) {
-        const int64_t at = slot_of<uint32_t>(kv, sq, j) * kvd + kvh * HD + sub * 8;
+        const int64_t at = lane_at(j);
         kr[u] = kv_raw8<KT>(kv.k, at);
         vr[u] = kv_raw8<KT>(kv.v, at);
       }
@@ -466,7 +468,7 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
     for (int u = 0; u < U; ++u) {
       const int64_t j = j0 + u * P + slot;
       if (j < end && !(holds_p && j == p)) {
-        const int64_t at = slot_of<uint32_t>(kv, sq, j) * kvd + kvh * HD + sub * 8;
+        const int64_t at = lane_at(j);
         if constexpr (sizeof(KT) == 2) {
           cp_async16(ring_s + uint32_t(ring_at(st, u, 0)), static_cast<const uint16_t*>(kv.k) + at);
           cp_async16(ring_s + uint32_t(ring_at(st, u, 1)), static_cast<const uint16_t*>(kv.v) + at);
@@ -549,6 +551,10 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
     }
   }
   __syncthreads();
+  auto take_p = [&](int u) {  // step u is position p: its K/V codes from sm_new
+    kr[u] = kv_raw8<KT>(sm_new[0], sub * 8);
+    vr[u] = kv_raw8<KT>(sm_new[1], sub * 8);
+  };
   float q[NW][8], acc[NW][8], m[NW], l[NW];  // this warp's heads hs * NW + g
 #pragma unroll
   for (int g = 0; g < NW; ++g) {
@@ -620,8 +626,7 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
         if (!ok[u]) {  // never copied: zeros, as load_round leaves them (0 x garbage could be NaN)
           kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
         } else if (holds_p && j == p) {
-          kr[u] = kv_raw8<KT>(sm_new[0], sub * 8);
-          vr[u] = kv_raw8<KT>(sm_new[1], sub * 8);
+          take_p(u);
         } else {
           kr[u] = kv_raw8<KT>(att_ring, ring_at(st, u, 0) / int(sizeof(KT)));
           vr[u] = kv_raw8<KT>(att_ring, ring_at(st, u, 1) / int(sizeof(KT)));
@@ -640,10 +645,7 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
       } else if (holds_p) {
 #pragma unroll
         for (int u = 0; u < U; ++u)
-          if (ok[u] && j0 + u * P + slot == p) {
-            kr[u] = kv_raw8<KT>(sm_new[0], sub * 8);
-            vr[u] = kv_raw8<KT>(sm_new[1], sub * 8);
-          }
+          if (ok[u] && j0 + u * P + slot == p) take_p(u);
       }
       consume();
     }
