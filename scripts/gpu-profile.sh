@@ -12,7 +12,7 @@
 #                    workload (ncu --graph-profiling graph): its time, DRAM bytes and DRAM throughput over the
 #                    whole graph, with PDL on and off. Question (session 34): the step moves 218 MB a layer at an
 #                    effective ~2.1 TB/s however the loads are spread between kernels. Is the DRAM busy at low
-#                    efficiency, or idle between kernels? Written without a GPU; not yet run.
+#                    efficiency, or idle between kernels? Its first run (session 35) profiled nothing (skip count past the end).
 # Environment: KERNELS [i4 flash fp8gemv] (a subset to run), NCU [ncu].
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,10 +59,11 @@ for k in $KERNELS; do
       for sw in LLMQ_NOOP=1 LLMQ_NO_PDL=1; do
         echo "=== decode graph, fp8 batch 1, $sw"
         # The eager prefill's kernels come first as workloads of their own; skip well past them and print a few
-        # graph workloads (each one decode step of 4 layers).
-        env "$sw" timeout 300 "$NCU" --graph-profiling graph --clock-control none -s 400 -c 3 \
+        # graph workloads (each one decode step of 4 layers). Session 35: -s 400 with 32 generated tokens skipped
+        # every workload ("No graphs were profiled"), hence 512 tokens (~600 workloads) and -s 200.
+        env "$sw" timeout 300 "$NCU" --graph-profiling graph --clock-control none -s 200 -c 3 \
           --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
-          "$L" bench "$W/fp8" --device cuda --batch 1 --prompt-len 128 --gen-len 32 --repeats 1 > "$LOG/ncu-graph-$sw.txt" 2>&1
+          "$L" bench "$W/fp8" --device cuda --batch 1 --prompt-len 128 --gen-len 512 --repeats 1 > "$LOG/ncu-graph-$sw.txt" 2>&1
         grep -E "gpu__time_duration|dram__bytes_read|dram__throughput|==PROF==|Graph|graph" "$LOG/ncu-graph-$sw.txt" | head -30
       done ;;
     *) echo "unknown kernel set $k" ;;
