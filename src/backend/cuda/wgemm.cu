@@ -535,7 +535,7 @@ __host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz, int sta
 template <int NT, int G, int RB, bool SZ, bool ROT = false, int S = kI4Stages, bool XS = false>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
   static_assert(!XS || NT == 1, "XS: one token");
-  constexpr int D = kI4Batch / RB;  // units per batch and row block; ring stages
+  constexpr int D = kI4Batch / RB;  // units per batch and row block (S: ring stages, kI4Stages by default)
   static_assert(D * RB == kI4Batch, "a batch is kI4Batch units");
   constexpr int GB = D * 64 / G;                   // SZ: groups per batch and row block (records)
   constexpr int SZB = SZ ? i4_sz_batch_bytes(G) : 0;
