@@ -859,7 +859,7 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
     }();
     // LLMQ_WGEMM_I4_XS=1 (an experiment): one token's activations through shared memory (XS).
     static const bool xs_env = env_flag("LLMQ_WGEMM_I4_XS");
-    if (sz && xs_env && a.M == 1 && a.K * 2 <= kI4XsMaxBytes && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && a.ldx % 8 == 0)
+    if (sz && xs_env && a.M == 1 && a.K * 2 <= kI4XsMaxBytes && reinterpret_cast<uintptr_t>(a.x) % 16 == 0)
       return rb == 2 ? launch_i4_nt<1, G, 2, true, false, kI4Stages, true>(a, tg, s)
                      : launch_i4_nt<1, G, 1, true, false, kI4Stages, true>(a, tg, s);
     if (sz && stages_env == 5) return rb == 2 ? launch_i4_nt<1, G, 2, true, false, 5>(a, tg, s) : launch_i4_nt<1, G, 1, true, false, 5>(a, tg, s);
