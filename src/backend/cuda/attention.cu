@@ -405,6 +405,71 @@ using KvRaw = std::conditional_t<sizeof(KT) == 2, uint4, uint2>;
 template <typename KT, int U, int R>
 constexpr int decode_ring_bytes() { return R * kWarps * U * 2 * 32 * int(sizeof(KvRaw<KT>)); }
 
+// The decode kernels' query heads of block b, rotated (fused RoPE: cs, sn the position's table rows; null without)
+// and scaled, into shared memory: each rotation pair (j, j + HD / 2) by one of the block's kThreads threads, all
+// its loads issued before any is used. (Each lane computing its own 8 dims of every head, as before, issued ~32
+// dependent round trips to the L2 one after another: half of the kernel's stall samples at batch 1, and 15.5 us
+// against 12.5 with this, ncu on the H200.) RQ: from the raw qkv accumulators (see attention_decode_kernel).
+template <int HD, int NG, int kThreads, bool RQ>
+__device__ __forceinline__ void decode_q_to_smem(const AttentionArgs& a, const DecodeBlock& b, bool rope, const float* cs,
+                                                 const float* sn, float scale, float (&sm_q)[NG][HD]) {
+  constexpr int64_t half = HD / 2;
+  constexpr int kPairs = NG * int(half), kIters = (kPairs + kThreads - 1) / kThreads;
+  float x0[kIters], x1[kIters], c[kIters], sv[kIters];
+#pragma unroll
+  for (int r = 0; r < kIters; ++r) {
+    const int i = int(threadIdx.x) + r * kThreads, g = i / int(half), j = i % int(half);
+    x0[r] = x1[r] = 0.f, c[r] = 1.f, sv[r] = 0.f;
+    if (i < kPairs && g < b.ng) {
+      if constexpr (RQ) {
+        const int64_t col = (b.kvh * b.G + b.g0 + g) * HD + j;
+        x0[r] = raw_value(a.q_raw, b.t, col), x1[r] = raw_value(a.q_raw, b.t, col + half);
+      } else {
+        const float* qh = a.q + b.t * a.ldq + (b.kvh * b.G + b.g0 + g) * HD;
+        x0[r] = qh[j], x1[r] = qh[j + half];
+      }
+      if (rope) c[r] = cs[j], sv[r] = sn[j];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kIters; ++r) {
+    const int i = int(threadIdx.x) + r * kThreads, g = i / int(half), j = i % int(half);
+    if (i < kPairs) {
+      sm_q[g][j] = (rope ? rope_lo(x0[r], x1[r], c[r], sv[r]) : x0[r]) * scale;
+      sm_q[g][j + half] = (rope ? rope_hi(x0[r], x1[r], c[r], sv[r]) : x1[r]) * scale;
+    }
+  }
+}
+
+// Fused KV write of the decode kernels: the block whose range holds the token's own position p rotates its k
+// (cs, sn: p's table rows), stores k and v into the cache and keeps the stored codes in sm_new ([0]: K, [1]: V).
+template <int HD, typename KT, bool RQ>
+__device__ __forceinline__ void decode_kv_write(const AttentionArgs& a, const KvCacheView& kv, const DecodeBlock& b,
+                                                int64_t p, const float* cs, const float* sn, KT (&sm_new)[2][HD]) {
+  constexpr int64_t half = HD / 2;
+  const int64_t kvd = kv.kv_heads * HD, t = b.t, kvh = b.kvh;
+  [[maybe_unused]] const float* kh = a.q + t * a.ldq + a.kv_col + kvh * HD;
+  const int64_t at = slot_of<uint32_t>(kv, b.sq, p) * kvd + kvh * HD;
+  for (int64_t d = threadIdx.x; d < HD; d += blockDim.x) {
+    float kf, vf;
+    if constexpr (RQ) {  // rope_at's arithmetic on the raw values
+      const int64_t col = a.kv_col + kvh * HD, j = d < half ? d : d - half;
+      const float x0 = raw_value(a.q_raw, t, col + j), x1 = raw_value(a.q_raw, t, col + j + half);
+      kf = d < half ? rope_lo(x0, x1, cs[j], sn[j]) : rope_hi(x0, x1, cs[j], sn[j]);
+      vf = raw_value(a.q_raw, t, col + kvd + d);
+    } else {
+      kf = rope_at(kh, d, half, cs, sn);
+      vf = kh[kvd + d];
+    }
+    const KT kc = kv_code<KT>(kv, kvh, kf, true);
+    const KT vc = kv_code<KT>(kv, kvh, vf, false);
+    static_cast<KT*>(kv.k)[at + d] = kc;
+    static_cast<KT*>(kv.v)[at + d] = vc;
+    sm_new[0][d] = kc;
+    sm_new[1][d] = vc;
+  }
+}
+
 // RQ (raw q; with fused RoPE): token t's q, k and v come from the W8A8 qkv GEMM's raw accumulators
 // (AttentionArgs::q_raw) with their scales applied as gemm_epilogue applies them (raw_value: the same bits), so
 // that the epilogue pass before this kernel goes. An instance of its own: reading raw sums as a run-time choice
@@ -490,66 +555,16 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
   const float ks = kv.k_scale ? kv.k_scale[kvh] : 1.f, vs = kv.v_scale ? kv.v_scale[kvh] : 1.f;  // fixed per model
   pdl_wait();
 
-  // The block's query heads, rotated (fused RoPE) and scaled, into shared memory: each rotation pair (j,
-  // j + HD / 2) by one thread, all its loads issued before any is used. (Each lane computing its own 8 dims of
-  // every head, as before, issued ~32 dependent round trips to the L2 one after another: half of the kernel's
-  // stall samples at batch 1, and 15.5 us against 12.5 with this, ncu on the H200.)
-  constexpr int kPairs = NG * int(half), kThreads = kWarps * HS * 32, kIters = (kPairs + kThreads - 1) / kThreads;
+  // The block's query heads, rotated (fused RoPE) and scaled, into shared memory.
   __shared__ __align__(16) float sm_q[NG][HD];
-  {
-    float x0[kIters], x1[kIters], c[kIters], sv[kIters];
-#pragma unroll
-    for (int r = 0; r < kIters; ++r) {
-      const int i = int(threadIdx.x) + r * kThreads, g = i / int(half), j = i % int(half);
-      x0[r] = x1[r] = 0.f, c[r] = 1.f, sv[r] = 0.f;
-      if (i < kPairs && g < ng) {
-        if constexpr (RQ) {
-          const int64_t col = (kvh * G + g0 + g) * HD + j;
-          x0[r] = raw_value(a.q_raw, t, col), x1[r] = raw_value(a.q_raw, t, col + half);
-        } else {
-          const float* qh = a.q + t * a.ldq + (kvh * G + g0 + g) * HD;
-          x0[r] = qh[j], x1[r] = qh[j + half];
-        }
-        if (rope) c[r] = cs[j], sv[r] = sn[j];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kIters; ++r) {
-      const int i = int(threadIdx.x) + r * kThreads, g = i / int(half), j = i % int(half);
-      if (i < kPairs) {
-        sm_q[g][j] = (rope ? rope_lo(x0[r], x1[r], c[r], sv[r]) : x0[r]) * scale;
-        sm_q[g][j + half] = (rope ? rope_hi(x0[r], x1[r], c[r], sv[r]) : x1[r]) * scale;
-      }
-    }
-  }
+  decode_q_to_smem<HD, NG, kWarps * HS * 32, RQ>(a, b, rope, cs, sn, scale, sm_q);
   // Fused KV write: the block whose range holds the token's own position rotates its k, stores k and v, and
   // only then reads the cache (the stores are visible to the whole block after the barrier; with `early` the
   // stored codes are also kept in shared memory, where the first round takes position p from). No other block
   // reads that position: the other splits end before it, and one block per (KV head, split) exists (at most
   // kMaxGroup query heads per KV head).
   __shared__ __align__(16) KT sm_new[2][HD];  // position p's K and V as stored (early, and the ring)
-  if (holds_p) {
-    [[maybe_unused]] const float* kh = a.q + t * a.ldq + a.kv_col + kvh * HD;
-    const int64_t at = slot_of<uint32_t>(kv, sq, p) * kvd + kvh * HD;
-    for (int64_t d = threadIdx.x; d < HD; d += blockDim.x) {
-      float kf, vf;
-      if constexpr (RQ) {  // rope_at's arithmetic on the raw values
-        const int64_t col = a.kv_col + kvh * HD, j = d < half ? d : d - half;
-        const float x0 = raw_value(a.q_raw, t, col + j), x1 = raw_value(a.q_raw, t, col + j + half);
-        kf = d < half ? rope_lo(x0, x1, cs[j], sn[j]) : rope_hi(x0, x1, cs[j], sn[j]);
-        vf = raw_value(a.q_raw, t, col + kvd + d);
-      } else {
-        kf = rope_at(kh, d, half, cs, sn);
-        vf = kh[kvd + d];
-      }
-      const KT kc = kv_code<KT>(kv, kvh, kf, true);
-      const KT vc = kv_code<KT>(kv, kvh, vf, false);
-      static_cast<KT*>(kv.k)[at + d] = kc;
-      static_cast<KT*>(kv.v)[at + d] = vc;
-      sm_new[0][d] = kc;
-      sm_new[1][d] = vc;
-    }
-  }
+  if (holds_p) decode_kv_write<HD, KT, RQ>(a, kv, b, p, cs, sn, sm_new);
   __syncthreads();
   auto take_p = [&](int u) {  // step u is position p: its K/V codes from sm_new
     kr[u] = kv_raw8<KT>(sm_new[0], sub * 8);
@@ -678,6 +693,200 @@ __global__ void __launch_bounds__(kWarps * HS * 32, MinB) attention_decode_kerne
 #pragma unroll
       for (int i = 0; i < 8; ++i) sm_acc[pw][hs * NW + g][sub * 8 + i] = acc[g][i];
   attention_tail<HD, NG>(a, HD, t, kvh, G, g0, ng, split, sm_m, sm_l, sm_acc);
+}
+
+// ---- Decode on the tensor cores (LLMQ_ATTN_TC=1; an experiment, written without a GPU, not yet run) ----
+//
+// attention_decode_kernel spends ~196 warp instructions per (position, KV head) at 64 sequences (H100, ncu, session
+// 35: 0.66 issued a cycle per scheduler with the DRAM at 49%): FP32 dot products, shuffle reductions and
+// exponentials for every query head. Here a block (the same one: token, KV head, up to 8 query heads, split) puts
+// its query heads on the M rows of mma.m16n8k16 (rows 0..NG-1; rows 8..15 are zero), so that one instruction
+// scores 8 positions for all of them. Each warp takes tiles of 16 positions (tile i of the block's range: warp i
+// % kWarps), copied raw from the BF16 cache with cp.async into its own two-stage ring (rows padded to HD + 8 so
+// that the 4-byte B-fragment reads and ldmatrix rows hit distinct banks); S = Q K^T takes Q as three BF16 parts (hi
+// + mid + lo: 24 significant bits, products with the BF16 codes exact in FP32), the online softmax is the existing
+// kernels' (natural base, FP32), and O += P V takes P as two BF16 parts and V through ldmatrix.trans. The block's
+// warps then merge through attention_tail, as the other decode kernels do. The token's own position p comes from
+// sm_new (the fused KV write), never from the cache. BF16 caches only (FP8/INT8: the existing kernels).
+constexpr int kTcTile = 16;  // positions a warp's tile
+template <int HD>
+__host__ __device__ constexpr int tc_row() { return HD + 8; }  // staged row stride, BF16 elements
+template <int HD>
+__host__ __device__ constexpr int tc_smem() { return kWarps * 2 * 2 * kTcTile * tc_row<HD>() * 2; }  // warps x stages x (K, V)
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+  // A rows 8..15 (a1, a3) are zero: the block has at most 8 query heads.
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+}
+
+// The pair (x, y) as BF16 bits (x low), rounded to nearest, and the residuals x - bf16(x), y - bf16(y).
+__device__ __forceinline__ uint32_t bf16_pair(float x, float y, float& rx, float& ry) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  rx = x - __low2float(h), ry = y - __high2float(h);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <int HD, int NG, bool RQ = false>
+__global__ void __launch_bounds__(kWarps * 32) attention_decode_tc_kernel(const AttentionArgs a, const KvCacheView kv) {
+  static_assert(NG <= 8, "query heads on mma rows 0..7");
+  pdl_trigger();
+  constexpr int KS = HD / 16, NTO = HD / 8, LDR = tc_row<HD>(), TP = kTcTile;
+  constexpr int64_t half = HD / 2;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const DecodeBlock b = decode_block(a, kv);
+  const int64_t p = a.pos[b.t], kvd = kv.kv_heads * HD;
+  const float* cs = a.rope_cos ? a.rope_cos + p * half : nullptr;
+  const float* sn = a.rope_cos ? a.rope_sin + p * half : nullptr;
+  const bool holds_p = cs != nullptr && b.begin <= p && p < b.end;
+  pdl_wait();
+  __shared__ __align__(16) float sm_q[NG][HD];
+  decode_q_to_smem<HD, NG, kWarps * 32, RQ>(a, b, cs != nullptr, cs, sn, rsqrtf(float(HD)), sm_q);
+  __shared__ __align__(16) uint16_t sm_new[2][HD];
+  if (holds_p) decode_kv_write<HD, uint16_t, RQ>(a, kv, b, p, cs, sn, sm_new);
+  __syncthreads();
+
+  // This lane's A fragments of Q: row g (head g), columns 16 kk + 2 tq (+1) and + 8 (+9), three BF16 parts.
+  uint32_t qa[3][KS][2];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = kk * 16 + 2 * tq + 8 * h;
+      float x = g < b.ng ? sm_q[g < NG ? g : 0][c] : 0.f, y = g < b.ng ? sm_q[g < NG ? g : 0][c + 1] : 0.f;
+      float rx, ry;
+      qa[0][kk][h] = bf16_pair(x, y, rx, ry);
+      x = rx, y = ry;
+      qa[1][kk][h] = bf16_pair(x, y, rx, ry);
+      qa[2][kk][h] = bf16_pair(rx, ry, x, y);
+    }
+
+  // This warp's ring: stage st's K rows at ring + st * 2 * TP * LDR, its V rows TP * LDR after them.
+  extern __shared__ __align__(16) uint16_t tc_ring[];
+  uint16_t* ring = tc_ring + warp * (2 * 2 * TP * LDR);
+  // Copies tile j0's K and V codes into stage st (positions past the range and p, where this block holds it, are
+  // not copied: V rows past the range are zeroed, since 0 x a stale NaN would be NaN; p's rows come from sm_new
+  // after the wait). Always one commit group.
+  auto issue = [&](int64_t j0, int st) {
+    if (j0 < b.end) {
+      uint16_t* kd = ring + st * 2 * TP * LDR;
+      uint16_t* vd = kd + TP * LDR;
+      constexpr int kChunks = TP * (HD / 8);  // 16-byte pieces of the tile's K (and of its V)
+#pragma unroll
+      for (int r = 0; r < kChunks / 32; ++r) {
+        const int c = lane + 32 * r, row = c / (HD / 8), d0 = (c % (HD / 8)) * 8;
+        const int64_t j = j0 + row;
+        if (j < b.end && !(holds_p && j == p)) {
+          const int64_t at = slot_of<uint32_t>(kv, b.sq, j) * kvd + b.kvh * HD + d0;
+          cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(kd + row * LDR + d0)), static_cast<const uint16_t*>(kv.k) + at);
+          cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(vd + row * LDR + d0)), static_cast<const uint16_t*>(kv.v) + at);
+        } else if (j >= b.end) {
+          *reinterpret_cast<uint4*>(vd + row * LDR + d0) = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+
+  float o[NTO][4];
+#pragma unroll
+  for (int d = 0; d < NTO; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float m = -INFINITY, l = 0.f;  // row g's running max, and this lane's share of its sum
+  constexpr int64_t kStride = int64_t(kWarps) * TP;
+  int st = 0;
+  issue(b.begin + warp * TP, 0);
+  for (int64_t j0 = b.begin + warp * TP; j0 < b.end; j0 += kStride) {
+    issue(j0 + kStride, st ^ 1);  // the next tile into the other stage (read two tiles ago)
+    cp_async_wait<1>();
+    const uint16_t* ks = ring + st * 2 * TP * LDR;
+    const uint16_t* vs = ks + TP * LDR;
+    if (holds_p && p >= j0 && p < j0 + TP) {  // p's codes from the fused KV write
+      const int row = int(p - j0);
+      if (lane < HD / 8) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(ks) + row * LDR + lane * 8) = *reinterpret_cast<const uint4*>(&sm_new[0][lane * 8]);
+      else if (lane < HD / 4) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(vs) + row * LDR + (lane - HD / 8) * 8) = *reinterpret_cast<const uint4*>(&sm_new[1][(lane - HD / 8) * 8]);
+      if constexpr (HD / 4 > 32) {  // HD 128: 32 pieces of 16 bytes, one more round
+        const int i = lane + 32;
+        if (i < HD / 8) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(ks) + row * LDR + i * 8) = *reinterpret_cast<const uint4*>(&sm_new[0][i * 8]);
+        else if (i < HD / 4) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(vs) + row * LDR + (i - HD / 8) * 8) = *reinterpret_cast<const uint4*>(&sm_new[1][(i - HD / 8) * 8]);
+      }
+    }
+    __syncwarp();  // every lane's copies and stores of this tile are visible to the warp
+
+    // S = Q K^T: n-tile jn holds positions j0 + 8 jn .. + 7; sc[jn][0..1]: head g, positions 8 jn + 2 tq (+1).
+    float sc[2][4];
+#pragma unroll
+    for (int jn = 0; jn < 2; ++jn) {
+      sc[jn][0] = sc[jn][1] = sc[jn][2] = sc[jn][3] = 0.f;
+      const uint16_t* krow = ks + (jn * 8 + g) * LDR + 2 * tq;
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kk * 16);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kk * 16 + 8);
+#pragma unroll
+        for (int part = 0; part < 3; ++part) mma_bf16_16816(sc[jn], qa[part][kk][0], qa[part][kk][1], b0, b1);
+      }
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int jn = 0; jn < 2; ++jn)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        if (j0 + jn * 8 + 2 * tq + e >= b.end) sc[jn][e] = -INFINITY;
+        mx = fmaxf(mx, sc[jn][e]);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mn = fmaxf(m, mx);  // finite: position j0 is in the range
+    const float corr = m == -INFINITY ? 0.f : expf(m - mn);
+    m = mn;
+    l *= corr;
+#pragma unroll
+    for (int d = 0; d < NTO; ++d) o[d][0] *= corr, o[d][1] *= corr;
+#pragma unroll
+    for (int jn = 0; jn < 2; ++jn)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        sc[jn][e] = sc[jn][e] == -INFINITY ? 0.f : expf(sc[jn][e] - mn);
+        l += sc[jn][e];
+      }
+    // O += P V: P's accumulator layout is the A operand's (n-tiles 0 and 1 make the k-step of 16 positions), in
+    // two BF16 parts.
+    float r0, r1, r2, r3, u0, u1;
+    const uint32_t ph0 = bf16_pair(sc[0][0], sc[0][1], r0, r1), ph2 = bf16_pair(sc[1][0], sc[1][1], r2, r3);
+    const uint32_t pl0 = bf16_pair(r0, r1, u0, u1), pl2 = bf16_pair(r2, r3, u0, u1);
+    const uint16_t* vrow = vs + ((lane & 7) + ((lane >> 3) & 1) * 8) * LDR + (lane >> 4) * 8;
+#pragma unroll
+    for (int d = 0; d < NTO; d += 2) {
+      uint32_t vb[4];
+      ldsm_x4_trans(vb, vrow + d * 8);
+      mma_bf16_16816(o[d], ph0, ph2, vb[0], vb[1]);
+      mma_bf16_16816(o[d], pl0, pl2, vb[0], vb[1]);
+      mma_bf16_16816(o[d + 1], ph0, ph2, vb[2], vb[3]);
+      mma_bf16_16816(o[d + 1], pl0, pl2, vb[2], vb[3]);
+    }
+    __syncwarp();  // this stage is read before the next issue() refills it
+    st ^= 1;
+  }
+  cp_async_wait<0>();
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  __shared__ float sm_m[kWarps][NG], sm_l[kWarps][NG];
+  __shared__ float sm_acc[kWarps][NG][HD];
+  if (g < NG) {
+    if (tq == 0) sm_m[warp][g] = m, sm_l[warp][g] = l;
+#pragma unroll
+    for (int d = 0; d < NTO; ++d) sm_acc[warp][g][d * 8 + 2 * tq] = o[d][0], sm_acc[warp][g][d * 8 + 2 * tq + 1] = o[d][1];
+  }
+  attention_tail<HD, NG>(a, HD, b.t, b.kvh, b.G, b.g0, b.ng, b.split, sm_m, sm_l, sm_acc);
 }
 
 // ---- Prefill: flash attention on the tensor cores ----
@@ -1126,8 +1335,24 @@ DecodeChoice decode_choice(KvType t, int64_t blocks) {
          : t == KvType::FP8 ? decode_kernel_for<HD, uint8_t, NG>(blocks)
                             : decode_kernel_for<HD, int8_t, NG>(blocks);
 }
+// attention_decode_tc_kernel (LLMQ_ATTN_TC=1, an experiment: BF16 caches, at least two query heads a KV head).
+template <int HD, int NG>
+void launch_decode_tc(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
+  static const bool granted = [] {
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(attention_decode_tc_kernel<HD, NG, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc_smem<HD>()));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(attention_decode_tc_kernel<HD, NG, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, tc_smem<HD>()));
+    return true;
+  }();
+  (void)granted;
+  launch("attention_decode_tc_kernel", a.q_raw.acc ? attention_decode_tc_kernel<HD, NG, true> : attention_decode_tc_kernel<HD, NG, false>,
+         decode_grid(a, kv), dim3(unsigned(kWarps * 32)), size_t(tc_smem<HD>()), s, a, kv);
+}
+
 template <int HD, int NG>
 void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
+  static const bool tc = env_flag("LLMQ_ATTN_TC");
+  if constexpr (NG >= 2)
+    if (tc && kv.type == KvType::BF16) return launch_decode_tc<HD, NG>(a, kv, s);
   const int64_t blocks = attention_counters(a.T, a.heads, kv.kv_heads) * a.splits;
   const DecodeChoice c = decode_choice<HD, NG>(kv.type, blocks);
   // Pre-wait cache loads (AttentionArgs::prewait) only where every block of the launch is resident at once: a
