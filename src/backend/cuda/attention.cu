@@ -813,7 +813,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_tc_kernel(const 
       const int row = int(p - j0);
       if (lane < HD / 8) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(ks) + row * LDR + lane * 8) = *reinterpret_cast<const uint4*>(&sm_new[0][lane * 8]);
       else if (lane < HD / 4) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(vs) + row * LDR + (lane - HD / 8) * 8) = *reinterpret_cast<const uint4*>(&sm_new[1][(lane - HD / 8) * 8]);
-      if constexpr (HD / 4 > 32) {  // HD 128: 32 pieces of 16 bytes, one more round
+      if constexpr (HD / 4 > 32) {  // (more than 32 pieces of 16 bytes: head dims past 128, not instantiated)
         const int i = lane + 32;
         if (i < HD / 8) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(ks) + row * LDR + i * 8) = *reinterpret_cast<const uint4*>(&sm_new[0][i * 8]);
         else if (i < HD / 4) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(vs) + row * LDR + (i - HD / 8) * 8) = *reinterpret_cast<const uint4*>(&sm_new[1][(i - HD / 8) * 8]);
