@@ -406,10 +406,7 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 // SZ: the scales and zero points come from pack::int4_sz_pack records in shared memory instead (sp[i][0] is then
 // the lane's float2 of row block i's first record, as bytes, and zp[i][0] its uint16 of zero points; sp[i][1] and
 // zp[i][1] are unused); records are kInt4SzRecord bytes apart, one per group.
-//
-// XS (one token, M == 1): xp points into shared memory (wgemm_i4_kernel's XS), and only token 0's accumulators (c0,
-// c2) are scaled.
-template <int ND, int NT, int G, int RB, bool SZ, bool XS = false>
+template <int ND, int NT, int G, int RB, bool SZ>
 __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const float* const (&sp)[RB][2],
                                          const uint8_t* const (&zp)[RB][2], const uint2* const (&xp)[NT], int M,
                                          float (&acc)[RB * NT][4]) {
@@ -464,16 +461,11 @@ __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         if (n > 0 && n * 8 >= M) break;
-        const uint2 bx = XS ? xb[n][d * 16 + 4 * j] : __ldg(xb[n] + d * 16 + 4 * j);
+        const uint2 bx = __ldg(xb[n] + d * 16 + 4 * j);
 #pragma unroll
         for (int i = 0; i < RB; ++i) mma_bf16(cg[i][n], A[i], bx);
       }
-      if (XS && (j + 1) % (4 / GPU) == 0) {
-#pragma unroll
-        for (int i = 0; i < RB; ++i)
-#pragma unroll
-          for (int e = 0; e < 4; e += 2) acc[i][e] = fmaf(sc[i][e >> 1][d][q], cg[i][0][e], acc[i][e]);
-      } else if ((j + 1) % (4 / GPU) == 0) {
+      if ((j + 1) % (4 / GPU) == 0) {
 #pragma unroll
         for (int i = 0; i < RB; ++i)
 #pragma unroll
@@ -494,8 +486,8 @@ constexpr int kI4WBytes = kI4Batch * 32 * 16;  // a batch's weights, per warp: 2
 // A batch's scale/zero-point records per warp (SZ): kI4Batch units of 64 k span 256 / G groups of every row
 // block it covers, RB row blocks of kI4Batch / RB units each.
 __host__ __device__ constexpr int i4_sz_batch_bytes(int G) { return 256 / G * int(pack::kInt4SzRecord); }
-__host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz, int stages = kI4Stages) {
-  return stages * (kI4WBytes + (sz ? i4_sz_batch_bytes(G) : 0));
+__host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz) {
+  return kI4Stages * (kI4WBytes + (sz ? i4_sz_batch_bytes(G) : 0));
 }
 
 // INT4 with K a multiple of 64 (every unit full): the same product as wgemm_kernel<kI4>, with the per-value
@@ -527,15 +519,9 @@ __host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz, int sta
 // the IMAD that waits for it). H200, llama-3-8b shapes, us with / without (llmq-kbench, i4-ldg row): T = 1 qkv
 // 9.5 / 9.9, o 6.7 / 7.3, gate_up 27.1 / 27.5, down 14.9 / 15.1; T = 8 gate_up 34.4 / 38.5, down 19.4 / 20.7;
 // T = 16 slower (down 36.6 / 32.5), so not there.
-//
-// XS (an experiment, LLMQ_WGEMM_I4_XS=1; one token): the token's K activations are copied into shared memory once,
-// after the ring, and every batch reads its B fragments there instead of through the L1. ncu (session 35, H100,
-// gate_up at T = 1): the largest single stall of the default (22% of the warp samples, long scoreboard) is the
-// first mma of each batch waiting for the activation loads issued just before it.
-template <int NT, int G, int RB, bool SZ, bool ROT = false, int S = kI4Stages, bool XS = false>
+template <int NT, int G, int RB, bool SZ, bool ROT = false>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
-  static_assert(!XS || NT == 1, "XS: one token");
-  constexpr int D = kI4Batch / RB;  // units per batch and row block (S: ring stages, kI4Stages by default)
+  constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block; ring stages
   static_assert(D * RB == kI4Batch, "a batch is kI4Batch units");
   constexpr int GB = D * 64 / G;                   // SZ: groups per batch and row block (records)
   constexpr int SZB = SZ ? i4_sz_batch_bytes(G) : 0;
@@ -622,30 +608,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   const int M = min(a.M - tok0, 8 * NT);
   // Activations: this lane's token of each n-tile (B column g), from k = 4t; uint2 = 4 bf16.
   const uint2* xp[NT];
-  if constexpr (XS) {
-    // All of a thread's loads in flight before its first store (a loop of load-then-store waited a round trip
-    // per iteration: 19% of the warp samples in session 35's first version).
-    uint4* xs = reinterpret_cast<uint4*>(reinterpret_cast<uint8_t*>(i4_ring + nw * (S * D * RB * 32)) + nw * S * SZB);
-    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(a.x) + int64_t(tok0) * a.ldx);
-    constexpr int kC = 8;
-    const int n16 = int(a.K / 8), step = int(blockDim.x);
-    for (int i0 = int(threadIdx.x); i0 < n16; i0 += kC * step) {
-      uint4 v[kC];
 #pragma unroll
-      for (int c = 0; c < kC; ++c)
-        if (i0 + c * step < n16) v[c] = __ldg(src + i0 + c * step);
-#pragma unroll
-      for (int c = 0; c < kC; ++c)
-        if (i0 + c * step < n16) xs[i0 + c * step] = v[c];
-    }
-    __syncthreads();
-    xp[0] = reinterpret_cast<const uint2*>(xs) + t;
-  } else {
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int tok = tok0 + min(n * 8 + g, M - 1);
-      xp[n] = reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.x) + int64_t(tok) * a.ldx + 4 * t);
-    }
+  for (int n = 0; n < NT; ++n) {
+    const int tok = tok0 + min(n * 8 + g, M - 1);
+    xp[n] = reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.x) + int64_t(tok) * a.ldx + 4 * t);
   }
 
   int slot_out = 0;
@@ -692,7 +658,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
         for (int d = 0; d < D; ++d)
 #pragma unroll
           for (int i = 0; i < RB; ++i) wv[i][d] = slot[(d * RB + i) * 32];
-        i4_units<D, NT, G, RB, SZ, XS>(u, wv, sp, zp, xp, M, acc);
+        i4_units<D, NT, G, RB, SZ>(u, wv, sp, zp, xp, M, acc);
       } else {
         for (int d = 0; bb * D + d < nu; ++d) {  // the last, partial batch: one unit at a time
           const int ud = u + d, go = ud * 64 / G - goff;
@@ -710,7 +676,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
             }
             wv[i][0] = slot[(d * RB + i) * 32];
           }
-          i4_units<1, NT, G, RB, SZ, XS>(ud, wv, spd, zpd, xp, M, acc);
+          i4_units<1, NT, G, RB, SZ>(ud, wv, spd, zpd, xp, M, acc);
         }
       }
     }
@@ -736,24 +702,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   norm_tail(a);  // every thread of the CTA, once
 }
 
-// XS (wgemm_i4_kernel's): at most this many bytes of activations in shared memory (K up to 28,672).
-constexpr int kI4XsMaxBytes = 56 * 1024;
-
-template <int NT, int G, int RB, bool SZ, bool ROT = false, int S = kI4Stages, bool XS = false>
+template <int NT, int G, int RB, bool SZ, bool ROT = false>
 void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
-  constexpr int kRingBytes = i4_ring_bytes_per_warp(G, SZ, S);
-  constexpr int kMaxBytes = kMaxWarps * kRingBytes + (XS ? kI4XsMaxBytes : 0);
-  const int xs_bytes = XS ? int(a.K) * 2 : 0;
+  constexpr int kRingBytes = i4_ring_bytes_per_warp(G, SZ);
+  constexpr int kMaxBytes = kMaxWarps * kRingBytes;
   // CTAs of this instance resident on the whole card, by warps per CTA (index nw - 1).
   static const std::array<int, kMaxWarps> resident_by_nw = [] {
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT, S, XS>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
     int dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     std::array<int, kMaxWarps> r{};
     for (int w = 1; w <= kMaxWarps; ++w) {
       int per_sm = 0;
-      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ, ROT, S, XS>, w * 32, size_t(w) * kRingBytes));
+      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ, ROT>, w * 32, size_t(w) * kRingBytes));
       r[size_t(w - 1)] = std::max(1, sms * std::max(1, per_sm));
     }
     // LLMQ_WGEMM_I4_ONE_CTA=1 (an experiment, not measured yet): one CTA an SM, with the shared-memory carve-out
@@ -765,10 +727,10 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
     const char* e = std::getenv("LLMQ_WGEMM_I4_ONE_CTA");
     if (NT > 1 && e && *e == '1') {
       cudaFuncAttributes fa{};
-      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ, ROT, S, XS>));
+      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ, ROT>));
       const double need = double(kMaxBytes + fa.sharedSizeBytes) / double(228 * 1024);
       const int pct = std::min(100, int(need * 100.0) + 1);
-      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT, S, XS>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
+      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
       r.fill(sms);
     }
     return r;
@@ -789,20 +751,12 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   int nw = int(std::clamp<int64_t>(units / 2, 1, kMaxWarps));
   if (env_warps) nw = std::min(nw, env_warps);
   else if (NT == 1 && nw == kMaxWarps && int64_t(sets) * token_groups > resident_by_nw[kMaxWarps - 1]) nw = 4;
-  int resident = resident_by_nw[size_t(nw - 1)];
-  if constexpr (XS) {  // with the activations' shared memory (K varies between launches)
-    int dev = 0, sms = 0, per_sm = 0;
-    LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
-    LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ, ROT, S, XS>, nw * 32,
-                                                                  size_t(nw) * kRingBytes + size_t(xs_bytes)));
-    resident = std::max(1, sms * std::max(1, per_sm));
-  }
+  const int resident = resident_by_nw[size_t(nw - 1)];
   constexpr int upg = G > 64 ? G / 64 : 1;  // units per group: every warp's range starts on a group
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
   const int rows = std::min(sets, std::max(1, resident / int(token_groups)));
-  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ, ROT, S, XS>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
-         size_t(nw) * kRingBytes + size_t(xs_bytes), s, a, units, per);
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ, ROT>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
+         size_t(nw) * kRingBytes, s, a, units, per);
 }
 
 // LLMQ_WGEMM_I4_RB=1|2: row blocks per set of wgemm_i4_kernel wherever GemvArgs::i4_row_blocks leaves it open
@@ -852,18 +806,6 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   const unsigned tg = a.M <= 8 ? 1u : unsigned((a.M + 15) / 16);
   if (a.M <= 8) {
     if (rot) return rb == 2 ? launch_i4_nt<1, G, 2, true, true>(a, tg, s) : launch_i4_nt<1, G, 1, true, true>(a, tg, s);
-    // LLMQ_WGEMM_I4_STAGES=5|6 (an experiment): a deeper ring for the one-token kernel with records.
-    static const int stages_env = [] {
-      const char* e = std::getenv("LLMQ_WGEMM_I4_STAGES");
-      return e && (*e == '5' || *e == '6') ? *e - '0' : 0;
-    }();
-    // LLMQ_WGEMM_I4_XS=1 (an experiment): one token's activations through shared memory (XS).
-    static const bool xs_env = env_flag("LLMQ_WGEMM_I4_XS");
-    if (sz && xs_env && a.M == 1 && a.K * 2 <= kI4XsMaxBytes && reinterpret_cast<uintptr_t>(a.x) % 16 == 0)
-      return rb == 2 ? launch_i4_nt<1, G, 2, true, false, kI4Stages, true>(a, tg, s)
-                     : launch_i4_nt<1, G, 1, true, false, kI4Stages, true>(a, tg, s);
-    if (sz && stages_env == 5) return rb == 2 ? launch_i4_nt<1, G, 2, true, false, 5>(a, tg, s) : launch_i4_nt<1, G, 1, true, false, 5>(a, tg, s);
-    if (sz && stages_env == 6) return rb == 2 ? launch_i4_nt<1, G, 2, true, false, 6>(a, tg, s) : launch_i4_nt<1, G, 1, true, false, 6>(a, tg, s);
     if (sz) return rb == 2 ? launch_i4_nt<1, G, 2, true>(a, tg, s) : launch_i4_nt<1, G, 1, true>(a, tg, s);
     return rb == 2 ? launch_i4_nt<1, G, 2, false>(a, tg, s) : launch_i4_nt<1, G, 1, false>(a, tg, s);
   }
