@@ -748,28 +748,6 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_tc_kernel(const 
   const float* cs = a.rope_cos ? a.rope_cos + p * half : nullptr;
   const float* sn = a.rope_cos ? a.rope_sin + p * half : nullptr;
   const bool holds_p = cs != nullptr && b.begin <= p && p < b.end;
-  pdl_wait();
-  __shared__ __align__(16) float sm_q[NG][HD];
-  decode_q_to_smem<HD, NG, kWarps * 32, RQ>(a, b, cs != nullptr, cs, sn, rsqrtf(float(HD)), sm_q);
-  __shared__ __align__(16) uint16_t sm_new[2][HD];
-  if (holds_p) decode_kv_write<HD, uint16_t, RQ>(a, kv, b, p, cs, sn, sm_new);
-  __syncthreads();
-
-  // This lane's A fragments of Q: row g (head g), columns 16 kk + 2 tq (+1) and + 8 (+9), three BF16 parts.
-  uint32_t qa[3][KS][2];
-#pragma unroll
-  for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int c = kk * 16 + 2 * tq + 8 * h;
-      float x = g < b.ng ? sm_q[g < NG ? g : 0][c] : 0.f, y = g < b.ng ? sm_q[g < NG ? g : 0][c + 1] : 0.f;
-      float rx, ry;
-      qa[0][kk][h] = bf16_pair(x, y, rx, ry);
-      x = rx, y = ry;
-      qa[1][kk][h] = bf16_pair(x, y, rx, ry);
-      qa[2][kk][h] = bf16_pair(rx, ry, x, y);
-    }
-
   // This warp's ring: stage st's K rows at ring + st * 2 * TP * LDR, its V rows TP * LDR after them.
   extern __shared__ __align__(16) uint16_t tc_ring[];
   uint16_t* ring = tc_ring + warp * (2 * 2 * TP * LDR);
@@ -797,13 +775,39 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_tc_kernel(const 
     cp_async_commit();
   };
 
+  // With fused RoPE and AttentionArgs::prewait, the first tile (earlier steps' positions only: p is skipped) is
+  // copied before pdl_wait(), overlapping the previous kernel's tail, as attention_decode_kernel's first rounds.
+  const bool early = cs != nullptr && a.prewait;
+  constexpr int64_t kStride = int64_t(kWarps) * TP;
+  if (early) issue(b.begin + warp * TP, 0);
+  pdl_wait();
+  __shared__ __align__(16) float sm_q[NG][HD];
+  decode_q_to_smem<HD, NG, kWarps * 32, RQ>(a, b, cs != nullptr, cs, sn, rsqrtf(float(HD)), sm_q);
+  __shared__ __align__(16) uint16_t sm_new[2][HD];
+  if (holds_p) decode_kv_write<HD, uint16_t, RQ>(a, kv, b, p, cs, sn, sm_new);
+  __syncthreads();
+
+  // This lane's A fragments of Q: row g (head g), columns 16 kk + 2 tq (+1) and + 8 (+9), three BF16 parts.
+  uint32_t qa[3][KS][2];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = kk * 16 + 2 * tq + 8 * h;
+      float x = g < b.ng ? sm_q[g < NG ? g : 0][c] : 0.f, y = g < b.ng ? sm_q[g < NG ? g : 0][c + 1] : 0.f;
+      float rx, ry;
+      qa[0][kk][h] = bf16_pair(x, y, rx, ry);
+      x = rx, y = ry;
+      qa[1][kk][h] = bf16_pair(x, y, rx, ry);
+      qa[2][kk][h] = bf16_pair(rx, ry, x, y);
+    }
+
   float o[NTO][4];
 #pragma unroll
   for (int d = 0; d < NTO; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
   float m = -INFINITY, l = 0.f;  // row g's running max, and this lane's share of its sum
-  constexpr int64_t kStride = int64_t(kWarps) * TP;
   int st = 0;
-  issue(b.begin + warp * TP, 0);
+  if (!early) issue(b.begin + warp * TP, 0);
   for (int64_t j0 = b.begin + warp * TP; j0 < b.end; j0 += kStride) {
     issue(j0 + kStride, st ^ 1);  // the next tile into the other stage (read two tiles ago)
     cp_async_wait<1>();
@@ -880,7 +884,11 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_tc_kernel(const 
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   __shared__ float sm_m[kWarps][NG], sm_l[kWarps][NG];
-  __shared__ float sm_acc[kWarps][NG][HD];
+  // The warps' partial outputs go where the rings were (once every warp is done with its ring): 16 KB less static
+  // shared memory a block, three blocks an SM instead of two at head dim 128.
+  static_assert(sizeof(float) * kWarps * NG * HD <= size_t(tc_smem<HD>()), "sm_acc fits in the rings");
+  __syncthreads();
+  auto& sm_acc = *reinterpret_cast<float (*)[kWarps][NG][HD]>(tc_ring);
   if (g < NG) {
     if (tq == 0) sm_m[warp][g] = m, sm_l[warp][g] = l;
 #pragma unroll
