@@ -593,7 +593,8 @@ int main(int argc, char** argv) {
     }
     if (only.empty() || only == "attention" || only == "decode") {
       bench_batch_decode_attention({1, 16, 64}, 160, 256, bw, p.multiProcessorCount);
-      bench_batch_decode_attention({16, 64}, 1000, 1024, bw, p.multiProcessorCount);  // a longer context
+      bench_batch_decode_attention({16, 64}, 400, 512, bw, p.multiProcessorCount);    // longer contexts
+      bench_batch_decode_attention({16, 64}, 1000, 1024, bw, p.multiProcessorCount);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "llmq-kbench: error: %s\n", e.what());

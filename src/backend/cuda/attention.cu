@@ -1343,7 +1343,15 @@ DecodeChoice decode_choice(KvType t, int64_t blocks) {
          : t == KvType::FP8 ? decode_kernel_for<HD, uint8_t, NG>(blocks)
                             : decode_kernel_for<HD, int8_t, NG>(blocks);
 }
-// attention_decode_tc_kernel (LLMQ_ATTN_TC=1, an experiment: BF16 caches, at least two query heads a KV head).
+// attention_decode_tc_kernel (BF16 caches, at least two query heads a KV head): where the launch asks for it
+// (AttentionArgs::tensor_cores), or always (LLMQ_ATTN_TC=1) or never (=0).
+bool use_decode_tc(const AttentionArgs& a) {
+  static const int forced = [] {
+    const char* e = std::getenv("LLMQ_ATTN_TC");
+    return e && *e ? (*e == '0' ? 0 : 1) : -1;
+  }();
+  return forced < 0 ? a.tensor_cores : forced == 1;
+}
 template <int HD, int NG>
 void launch_decode_tc(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
   static const bool granted = [] {
@@ -1358,9 +1366,8 @@ void launch_decode_tc(const AttentionArgs& a, const KvCacheView& kv, cudaStream_
 
 template <int HD, int NG>
 void launch_decode_ng(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {
-  static const bool tc = env_flag("LLMQ_ATTN_TC");
   if constexpr (NG >= 2)
-    if (tc && kv.type == KvType::BF16) return launch_decode_tc<HD, NG>(a, kv, s);
+    if (kv.type == KvType::BF16 && use_decode_tc(a)) return launch_decode_tc<HD, NG>(a, kv, s);
   const int64_t blocks = attention_counters(a.T, a.heads, kv.kv_heads) * a.splits;
   const DecodeChoice c = decode_choice<HD, NG>(kv.type, blocks);
   // Pre-wait cache loads (AttentionArgs::prewait) only where every block of the launch is resident at once: a
@@ -1477,6 +1484,11 @@ static bool attention_v1() {
     return e && *e && *e != '0';
   }();
   return v1;
+}
+
+bool attention_decode_tc_supports(const KvCacheView& kv, int64_t heads) {
+  return kv.type == KvType::BF16 && (kv.head_dim == 64 || kv.head_dim == 128) && kv.kv_heads > 0 &&
+         heads % kv.kv_heads == 0 && heads / kv.kv_heads >= 2 && !attention_v1();
 }
 
 bool attention_rope_supports(const KvCacheView& kv, int64_t heads) {

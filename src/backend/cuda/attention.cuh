@@ -74,6 +74,9 @@ struct AttentionArgs {
   // read from a W8A8 qkv GEMM's raw accumulators with their scales (RawAcc: the values gemm_epilogue would have
   // written into q's buffer, the same bits; no bias), so that the epilogue pass goes. q is then not read.
   RawAcc q_raw;
+  // Decode: attention_decode_tc_kernel (query heads on the tensor cores' rows) where attention_decode_tc_supports
+  // says it runs the shape; false: the CUDA-core kernels. LLMQ_ATTN_TC=1 takes it wherever supported, =0 never.
+  bool tensor_cores = false;
 };
 
 constexpr int64_t kFlashTile = 64;
@@ -105,5 +108,8 @@ int64_t attention_decode_wave(const KvCacheView& kv, int64_t heads);
 // accumulators (AttentionArgs::q_raw): the cp.async ring's two-step instance (LLMQ_ATTN_RING, batch 64 of
 // llama-3-8b). kv's type, kv_heads and head_dim are what counts.
 bool attention_decode_raw_q(const KvCacheView& kv, int64_t heads, int64_t T, int64_t splits);
+// Whether the tensor-core decode kernel (AttentionArgs::tensor_cores) runs this shape: a BF16 cache, head dim 64
+// or 128, two or more query heads per KV head.
+bool attention_decode_tc_supports(const KvCacheView& kv, int64_t heads);
 
 }  // namespace llmq::cuda

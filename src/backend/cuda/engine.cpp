@@ -35,6 +35,10 @@ bool env_off(const char* name) {
 
 namespace {
 
+// Decode attention runs on the tensor cores (attention_decode_tc_kernel) where a block gets at least this many
+// positions (CudaEngine::tc_attention_). PROVISIONAL, to be set from session 36's measurements.
+constexpr int64_t kTcMinPositions = 320;
+
 std::string summary(const cudaDeviceProp& p) {
   return std::string(p.name) + ", sm_" + std::to_string(p.major) + std::to_string(p.minor) + ", " +
          std::to_string(p.multiProcessorCount) + " SMs, " + std::to_string(p.totalGlobalMem >> 20) + " MiB";
@@ -251,6 +255,7 @@ class CudaEngine final : public Engine {
   void step(const std::vector<BatchToken>& batch, float* logits_out, int32_t* ids_out);
   // The step's kernels (captured into a graph or run eagerly); with_ids: the argmax of the logits too.
   void run(int64_t T, int64_t n_out, bool small, bool with_ids);
+  int64_t decode_splits(int64_t T, const KvCacheView& kv_shape) const;  // decode attention's splits for T tokens
   // Runs the site on the input that `produce` writes (called once per distinct activation format).
   // x: the input when not act_ (which produce writes); ep: what the matmul's epilogue fuses.
   template <typename P>
@@ -337,8 +342,13 @@ class CudaEngine final : public Engine {
   DevMem cublas_ws_;  // cuBLAS's workspace, set explicitly so that its GEMMs can be captured into graphs
   DevMem ids_, argmax_v_, argmax_i_, argmax_counters_;  // the device argmax: [out_cap] ids and its scratch
   PinnedMem h_ids_;
-  std::map<std::tuple<int64_t, int64_t, bool, bool>, cudaGraphExec_t> graphs_;  // (T, n_out, with_ids, one_per_seq)
+  // (T, n_out, with_ids, one_per_seq, tc_attention)
+  std::map<std::tuple<int64_t, int64_t, bool, bool, bool>, cudaGraphExec_t> graphs_;
   bool one_per_seq_ = false;  // the step being run has one token per sequence (decode)
+  // The step's decode attention runs on the tensor cores (AttentionArgs::tensor_cores): a decode step whose longest
+  // sequence gives a block at least tc_min_positions_ positions (LLMQ_ATTN_TC_MIN; 0: never).
+  bool tc_attention_ = false;
+  int64_t tc_min_positions_ = 0;
   bool fuse_rope_ = false;    // attention_rope_supports() for this model, unless LLMQ_NO_FUSE_ROPE=1
   uint64_t peak_used_ = 0;
 };
@@ -501,6 +511,8 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
     fuse_rope_ = !env_flag("LLMQ_NO_FUSE_ROPE") && attention_rope_supports(probe, c.heads);
     const char* ms = std::getenv("LLMQ_ATTN_MAX_SPLITS");  // tests and comparisons: at most this many splits
     max_splits_ = ms && *ms ? std::clamp<int64_t>(std::atoll(ms), 1, kMaxAttentionSplits) : kMaxAttentionSplits;
+    const char* tm = std::getenv("LLMQ_ATTN_TC_MIN");  // comparisons: another threshold (0: never)
+    tc_min_positions_ = tm && *tm ? std::max<int64_t>(0, std::atoll(tm)) : kTcMinPositions;
   }
   if (q.weights == WeightFormat::Fp8Channel && prop_.major * 10 + prop_.minor < 89)
     std::fprintf(stderr, "llmq: note: %s (sm_%d%d) has no FP8 tensor cores; FP8 weights run through FP32/BF16 kernels "
@@ -1028,6 +1040,29 @@ void CudaEngine::site(const char* name, const DevSite& s, int64_t T, P produce, 
   }
 }
 
+// Decode attention's splits for this many tokens: enough blocks for two waves of the GPU, no more. With the
+// batch-1 count at every batch (16 splits of 16 positions for a 256-position cache), a 64-token step ran 8,192
+// blocks and wrote 17 MB of partial results a layer (llama-3-8b).
+int64_t CudaEngine::decode_splits(int64_t T, const KvCacheView& kv_shape) const {
+  const int64_t waves2 = 2 * int64_t(prop_.multiProcessorCount), per_split = T * attention_blocks_;
+  int64_t att_splits = std::clamp<int64_t>((waves2 + per_split - 1) / per_split, 1, splits_);
+  // No more splits than keep the launch inside one resident wave of the head-split kernel (several warps per
+  // position range), where that still leaves a split per token and at most 256 positions a split. H200, 4-layer
+  // llama-3-8b bf16, tpot with / without: 16 sequences at ~160 positions (1 split, 128 blocks, instead of 3 and
+  // 384 blocks of the one-warp-per-range kernel) 0.915 / 0.926 ms, fp8 0.717 / 0.727; one sequence at ~2,080
+  // positions (16 splits instead of 33) 0.815 / 0.841; but 16 sequences at ~2,080 positions in one split each
+  // 1.469 / 1.234 (hence the bound). LLMQ_ATTN_NO_WAVE_SPLITS=1: the two-waves rule alone (comparisons).
+  static const bool no_wave_splits = env_flag("LLMQ_ATTN_NO_WAVE_SPLITS");
+  if (!no_wave_splits) {
+    const int64_t wave = attention_decode_wave(kv_shape, config().heads);
+    if (wave >= per_split) {
+      const int64_t s1 = std::min(att_splits, wave / per_split);
+      if ((capacity_ + s1 - 1) / s1 <= 256) att_splits = s1;
+    }
+  }
+  return att_splits;
+}
+
 void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   const ModelConfig& c = config();
   const int64_t H = c.hidden, qd = c.heads * c.head_dim, I = c.intermediate;
@@ -1038,27 +1073,9 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   const int32_t* tiles = rows + t_cap_;
   float* x = x_.as<float>();
   small_ = small;
-  // Decode attention's splits for this many tokens: enough blocks for two waves of the GPU, no more. With the
-  // batch-1 count at every batch (16 splits of 16 positions for a 256-position cache), a 64-token step ran 8,192
-  // blocks and wrote 17 MB of partial results a layer (llama-3-8b).
-  const int64_t waves2 = 2 * int64_t(prop_.multiProcessorCount), per_split = T * attention_blocks_;
-  int64_t att_splits = small ? std::clamp<int64_t>((waves2 + per_split - 1) / per_split, 1, splits_) : 1;
-  // No more splits than keep the launch inside one resident wave of the head-split kernel (several warps per
-  // position range), where that still leaves a split per token and at most 256 positions a split. H200, 4-layer
-  // llama-3-8b bf16, tpot with / without: 16 sequences at ~160 positions (1 split, 128 blocks, instead of 3 and
-  // 384 blocks of the one-warp-per-range kernel) 0.915 / 0.926 ms, fp8 0.717 / 0.727; one sequence at ~2,080
-  // positions (16 splits instead of 33) 0.815 / 0.841; but 16 sequences at ~2,080 positions in one split each
-  // 1.469 / 1.234 (hence the bound). LLMQ_ATTN_NO_WAVE_SPLITS=1: the two-waves rule alone (comparisons).
-  static const bool no_wave_splits = env_flag("LLMQ_ATTN_NO_WAVE_SPLITS");
   KvCacheView kv_shape;  // the cache's type and shape, for the attention launcher's questions
   kv_shape.type = kv_type_, kv_shape.kv_heads = c.kv_heads, kv_shape.head_dim = c.head_dim;
-  if (small && !no_wave_splits) {
-    const int64_t wave = attention_decode_wave(kv_shape, c.heads);
-    if (wave >= per_split) {
-      const int64_t s1 = std::min(att_splits, wave / per_split);
-      if ((capacity_ + s1 - 1) / s1 <= 256) att_splits = s1;
-    }
-  }
+  const int64_t att_splits = small ? decode_splits(T, kv_shape) : 1;
   // RoPE and the KV write inside decode attention when every sequence has one token in this step, else a
   // kernel of their own (H200, 4-layer llama-3-8b at batch 1: bf16 0.858 against 0.874 ms a step, fp8 0.716
   // against 0.733; bench/results/2026-12-02-nvidia-h200-session8.txt). LLMQ_NO_FUSE_ROPE=1: always the kernel.
@@ -1147,6 +1164,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
     if (attn_raw) aa.q_raw = raw_acc(L.qkv.parts[0], T, nullptr);
     static const bool prewait = !env_flag("LLMQ_ATTN_NO_PREWAIT");  // comparisons: cache reads after the wait
     aa.prewait = prewait;
+    aa.tensor_cores = tc_attention_;
     static const bool no_flash = env_flag("LLMQ_NO_FLASH");  // comparisons: the per-token prefill kernel
     if (!small && !no_flash) aa.tiles = tiles, aa.n_tiles = n_tiles_;
     // Attention writes o_proj's input directly (no act_prep kernel): BF16, or the codes of a static scale (FP8
@@ -1270,7 +1288,22 @@ void CudaEngine::step(const std::vector<BatchToken>& batch, float* logits_out, i
       seen[size_t(b.seq)] = 1;
     }
   }
-  const auto key = std::make_tuple(T, n_out, with_ids, one_per_seq_);
+  // Decode attention on the tensor cores where the longest sequence gives its blocks at least tc_min_positions_
+  // positions (the CUDA-core kernels are faster on short ranges: one 16-position tile a warp leaves the tensor-core
+  // kernel's four warps mostly idle). The graph of a step shape is captured once for each choice.
+  tc_attention_ = false;
+  if (small && one_per_seq_ && tc_min_positions_ > 0) {
+    KvCacheView kv_shape;
+    kv_shape.type = kv_type_, kv_shape.kv_heads = c.kv_heads, kv_shape.head_dim = c.head_dim;
+    if (attention_decode_tc_supports(kv_shape, c.heads)) {
+      int64_t longest = 0;
+      for (const BatchToken& b : batch) longest = std::max<int64_t>(longest, int64_t(b.pos) + 1);
+      const int64_t lo = c.sliding_window > 0 ? std::max<int64_t>(0, longest - c.sliding_window) : 0;
+      const int64_t splits = decode_splits(T, kv_shape);
+      tc_attention_ = std::min(longest - lo, (capacity_ + splits - 1) / splits) >= tc_min_positions_;
+    }
+  }
+  const auto key = std::make_tuple(T, n_out, with_ids, one_per_seq_, tc_attention_);
   auto it = graphs_.find(key);  // a graph exists only for shapes that passed the checks below
   if (it != graphs_.end() || (small && !sync_each_launch() && !profile_)) {
     if (it == graphs_.end()) {
