@@ -35,9 +35,14 @@ bool env_off(const char* name) {
 
 namespace {
 
-// Decode attention runs on the tensor cores (attention_decode_tc_kernel) where a block gets at least this many
-// positions (CudaEngine::tc_attention_). PROVISIONAL, to be set from session 36's measurements.
-constexpr int64_t kTcMinPositions = 320;
+// Decode attention runs on the tensor cores (attention_decode_tc_kernel) in steps of at least kTcMinTokens tokens
+// where a block gets at least kTcMinPositions positions (CudaEngine::tc_attention_). H100, 4-layer llama-3-8b bf16,
+// TPOT with / without (two rounds each): 64 sequences at ~1,040 positions 1.776 1.754 / 1.869 1.843 ms (5% faster),
+// at ~145 0.9% slower; 16 sequences at ~1,040 (3 splits of 352) 1.3-1.8% slower, at ~145 0.6% faster. The kernel
+// alone (llmq-kbench, 64 sequences): 5% slower at 160 positions, 1.5% faster at 400, 11% at 1,000. Between 17 and
+// 63 tokens the threshold is interpolated, not measured.
+constexpr int64_t kTcMinPositions = 512;
+constexpr int64_t kTcMinTokens = 32;
 
 std::string summary(const cudaDeviceProp& p) {
   return std::string(p.name) + ", sm_" + std::to_string(p.major) + std::to_string(p.minor) + ", " +
@@ -345,10 +350,11 @@ class CudaEngine final : public Engine {
   // (T, n_out, with_ids, one_per_seq, tc_attention)
   std::map<std::tuple<int64_t, int64_t, bool, bool, bool>, cudaGraphExec_t> graphs_;
   bool one_per_seq_ = false;  // the step being run has one token per sequence (decode)
-  // The step's decode attention runs on the tensor cores (AttentionArgs::tensor_cores): a decode step whose longest
-  // sequence gives a block at least tc_min_positions_ positions (LLMQ_ATTN_TC_MIN; 0: never).
+  // The step's decode attention runs on the tensor cores (AttentionArgs::tensor_cores): a decode step of at least
+  // tc_min_tokens_ tokens whose longest sequence gives a block at least tc_min_positions_ positions
+  // (kTcMinTokens, kTcMinPositions; LLMQ_ATTN_TC_MIN_TOKENS, LLMQ_ATTN_TC_MIN, 0: never).
   bool tc_attention_ = false;
-  int64_t tc_min_positions_ = 0;
+  int64_t tc_min_positions_ = 0, tc_min_tokens_ = 1;
   bool fuse_rope_ = false;    // attention_rope_supports() for this model, unless LLMQ_NO_FUSE_ROPE=1
   uint64_t peak_used_ = 0;
 };
@@ -511,8 +517,10 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
     fuse_rope_ = !env_flag("LLMQ_NO_FUSE_ROPE") && attention_rope_supports(probe, c.heads);
     const char* ms = std::getenv("LLMQ_ATTN_MAX_SPLITS");  // tests and comparisons: at most this many splits
     max_splits_ = ms && *ms ? std::clamp<int64_t>(std::atoll(ms), 1, kMaxAttentionSplits) : kMaxAttentionSplits;
-    const char* tm = std::getenv("LLMQ_ATTN_TC_MIN");  // comparisons: another threshold (0: never)
+    const char* tm = std::getenv("LLMQ_ATTN_TC_MIN");  // tests and comparisons: other thresholds (0: never)
     tc_min_positions_ = tm && *tm ? std::max<int64_t>(0, std::atoll(tm)) : kTcMinPositions;
+    const char* tt = std::getenv("LLMQ_ATTN_TC_MIN_TOKENS");
+    tc_min_tokens_ = tt && *tt ? std::max<int64_t>(1, std::atoll(tt)) : kTcMinTokens;
   }
   if (q.weights == WeightFormat::Fp8Channel && prop_.major * 10 + prop_.minor < 89)
     std::fprintf(stderr, "llmq: note: %s (sm_%d%d) has no FP8 tensor cores; FP8 weights run through FP32/BF16 kernels "
@@ -1288,11 +1296,11 @@ void CudaEngine::step(const std::vector<BatchToken>& batch, float* logits_out, i
       seen[size_t(b.seq)] = 1;
     }
   }
-  // Decode attention on the tensor cores where the longest sequence gives its blocks at least tc_min_positions_
-  // positions (the CUDA-core kernels are faster on short ranges: one 16-position tile a warp leaves the tensor-core
-  // kernel's four warps mostly idle). The graph of a step shape is captured once for each choice.
+  // Decode attention on the tensor cores in steps of many tokens where the longest sequence gives its blocks at
+  // least tc_min_positions_ positions (kTcMinPositions: on short ranges the CUDA-core kernels are faster, and at 16
+  // tokens they were at every length measured). The graph of a step shape is captured once for each choice.
   tc_attention_ = false;
-  if (small && one_per_seq_ && tc_min_positions_ > 0) {
+  if (small && one_per_seq_ && tc_min_positions_ > 0 && T >= tc_min_tokens_) {
     KvCacheView kv_shape;
     kv_shape.type = kv_type_, kv_shape.kv_heads = c.kv_heads, kv_shape.head_dim = c.head_dim;
     if (attention_decode_tc_supports(kv_shape, c.heads)) {
