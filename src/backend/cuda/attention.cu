@@ -733,7 +733,8 @@ __device__ __forceinline__ uint32_t bf16_pair(float x, float y, float& rx, float
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+// Four 8x8 b16 matrices from shared memory, transposed (lanes 8i..8i+7 give matrix i's row addresses).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -875,7 +876,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_tc_kernel(const 
 #pragma unroll
     for (int d = 0; d < NTO; d += 2) {
       uint32_t vb[4];
-      ldsm_x4_trans(vb, vrow + d * 8);
+      ldmatrix_x4_trans(vb, vrow + d * 8);
       mma_bf16_16816(o[d], ph0, ph2, vb[0], vb[1]);
       mma_bf16_16816(o[d], pl0, pl2, vb[0], vb[1]);
       mma_bf16_16816(o[d + 1], ph0, ph2, vb[2], vb[3]);
@@ -920,13 +921,6 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const uint32_t (&a)[4], u
                "{%0, %1, %2, %3};"
                : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
 }
 
 // Eight cache values (K or V of one position, dims d0..d0+7) as FP16, into 16 bytes of shared memory.
