@@ -818,15 +818,11 @@ __global__ void __launch_bounds__(kWarps * 32) attention_decode_tc_kernel(const 
     cp_async_wait<1>();
     const uint16_t* ks = ring + st * 2 * TP * LDR;
     const uint16_t* vs = ks + TP * LDR;
-    if (holds_p && p >= j0 && p < j0 + TP) {  // p's codes from the fused KV write
+    if (holds_p && p >= j0 && p < j0 + TP) {  // p's codes from the fused KV write: lane i < HD / 8 K's piece i, then V's
+      static_assert(HD <= 128, "one 16-byte piece of K or V a lane");
       const int row = int(p - j0);
       if (lane < HD / 8) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(ks) + row * LDR + lane * 8) = *reinterpret_cast<const uint4*>(&sm_new[0][lane * 8]);
       else if (lane < HD / 4) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(vs) + row * LDR + (lane - HD / 8) * 8) = *reinterpret_cast<const uint4*>(&sm_new[1][(lane - HD / 8) * 8]);
-      if constexpr (HD / 4 > 32) {  // (more than 32 pieces of 16 bytes: head dims past 128, not instantiated)
-        const int i = lane + 32;
-        if (i < HD / 8) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(ks) + row * LDR + i * 8) = *reinterpret_cast<const uint4*>(&sm_new[0][i * 8]);
-        else if (i < HD / 4) *reinterpret_cast<uint4*>(const_cast<uint16_t*>(vs) + row * LDR + (i - HD / 8) * 8) = *reinterpret_cast<const uint4*>(&sm_new[1][(i - HD / 8) * 8]);
-      }
     }
     __syncwarp();  // every lane's copies and stores of this tile are visible to the warp
 
@@ -1344,11 +1340,8 @@ DecodeChoice decode_choice(KvType t, int64_t blocks) {
 // attention_decode_tc_kernel (BF16 caches, at least two query heads a KV head): where the launch asks for it
 // (AttentionArgs::tensor_cores), or always (LLMQ_ATTN_TC=1) or never (=0).
 bool use_decode_tc(const AttentionArgs& a) {
-  static const int forced = [] {
-    const char* e = std::getenv("LLMQ_ATTN_TC");
-    return e && *e ? (*e == '0' ? 0 : 1) : -1;
-  }();
-  return forced < 0 ? a.tensor_cores : forced == 1;
+  static const bool on = env_flag("LLMQ_ATTN_TC"), off = env_off("LLMQ_ATTN_TC");
+  return on || (!off && a.tensor_cores);
 }
 template <int HD, int NG>
 void launch_decode_tc(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s) {

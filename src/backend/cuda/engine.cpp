@@ -261,6 +261,11 @@ class CudaEngine final : public Engine {
   // The step's kernels (captured into a graph or run eagerly); with_ids: the argmax of the logits too.
   void run(int64_t T, int64_t n_out, bool small, bool with_ids);
   int64_t decode_splits(int64_t T, const KvCacheView& kv_shape) const;  // decode attention's splits for T tokens
+  KvCacheView cache_shape() const {  // the cache's type and shape (no pages), for the attention launcher's questions
+    KvCacheView v;
+    v.type = kv_type_, v.kv_heads = config().kv_heads, v.head_dim = config().head_dim;
+    return v;
+  }
   // Runs the site on the input that `produce` writes (called once per distinct activation format).
   // x: the input when not act_ (which produce writes); ep: what the matmul's epilogue fuses.
   template <typename P>
@@ -1081,8 +1086,7 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   const int32_t* tiles = rows + t_cap_;
   float* x = x_.as<float>();
   small_ = small;
-  KvCacheView kv_shape;  // the cache's type and shape, for the attention launcher's questions
-  kv_shape.type = kv_type_, kv_shape.kv_heads = c.kv_heads, kv_shape.head_dim = c.head_dim;
+  const KvCacheView kv_shape = cache_shape();
   const int64_t att_splits = small ? decode_splits(T, kv_shape) : 1;
   // RoPE and the KV write inside decode attention when every sequence has one token in this step, else a
   // kernel of their own (H200, 4-layer llama-3-8b at batch 1: bf16 0.858 against 0.874 ms a step, fp8 0.716
@@ -1301,8 +1305,7 @@ void CudaEngine::step(const std::vector<BatchToken>& batch, float* logits_out, i
   // tokens they were at every length measured). The graph of a step shape is captured once for each choice.
   tc_attention_ = false;
   if (small && one_per_seq_ && tc_min_positions_ > 0 && T >= tc_min_tokens_) {
-    KvCacheView kv_shape;
-    kv_shape.type = kv_type_, kv_shape.kv_heads = c.kv_heads, kv_shape.head_dim = c.head_dim;
+    const KvCacheView kv_shape = cache_shape();
     if (attention_decode_tc_supports(kv_shape, c.heads)) {
       int64_t longest = 0;
       for (const BatchToken& b : batch) longest = std::max<int64_t>(longest, int64_t(b.pos) + 1);
