@@ -40,7 +40,8 @@ namespace {
 // TPOT with / without (two rounds each): 64 sequences at ~1,040 positions 1.776 1.754 / 1.869 1.843 ms (5% faster),
 // at ~145 0.9% slower; 16 sequences at ~1,040 (3 splits of 352) 1.3-1.8% slower, at ~145 0.6% faster. The kernel
 // alone (llmq-kbench, 64 sequences): 5% slower at 160 positions, 1.5% faster at 400, 11% at 1,000. Between 17 and
-// 63 tokens the threshold is interpolated, not measured.
+// 63 tokens (session 37, ~1,040 positions): 32 sequences 1.489 1.499 / 1.516 1.545 ms (2-3% faster), 48 sequences
+// 1.727 1.734 / 1.699 1.704 (1.7% slower, unexplained: 384 blocks of one split against 512 of two at 32).
 constexpr int64_t kTcMinPositions = 512;
 constexpr int64_t kTcMinTokens = 32;
 
