@@ -2124,11 +2124,14 @@ TEST(CudaModel, EveryFormatMatchesCpuEngine) {
   struct Variant {
     std::string name, method;
     KvFormat kv;
+    WeightFormat lm_head = WeightFormat::Dense;
   };
+  // (w4a16-head8: an INT8 lm_head, on the GEMV at one token and wgemm in blocks of 64 tokens in the windows)
   const std::vector<Variant> variants = {{"bf16", "", KvFormat::None},           {"w8a16", "w8a16", KvFormat::None},
                                          {"w4a16-rtn", "w4a16-rtn", KvFormat::None}, {"fp8", "fp8", KvFormat::None},
                                          {"int8-sq", "int8-sq", KvFormat::None},    {"fp8-kvfp8", "fp8", KvFormat::Fp8},
-                                         {"w4a16-kvint8", "w4a16-rtn", KvFormat::Int8}};
+                                         {"w4a16-kvint8", "w4a16-rtn", KvFormat::Int8},
+                                         {"w4a16-head8", "w4a16-rtn", KvFormat::None, WeightFormat::Int8Channel}};
   const std::vector<int32_t> ids = eval_tokens(model_27m(), 32 * 512);
   ASSERT_EQ(ids.size(), size_t(32 * 512));
   const std::vector<int32_t> dec_ids(ids.begin(), ids.begin() + 1024);
@@ -2139,6 +2142,7 @@ TEST(CudaModel, EveryFormatMatchesCpuEngine) {
       quant::QuantizeOptions o;
       o.method = v.method;
       o.kv = v.kv;
+      o.lm_head = v.lm_head;
       o.calib = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
       o.calib_samples = 8;
       o.calib_seq_len = 128;

@@ -220,6 +220,56 @@ TEST(Quantize, QuantizedLinearsComputeTheirFormats) {
   }
 }
 
+// --lm-head int8: the output projection stored as INT8 rows with per-row scales (row absmax / 127), read with
+// unquantized activations, whatever the method; tied embeddings (the demo) get a separate lm_head and keep the
+// embedding dense; an untied model (llama-27m) too. Its cost on the demo stays small next to the method's own.
+TEST(Quantize, Int8LmHead) {
+  TempDir d;
+  for (const std::string& base : {demo(), test::shared_dir() + "/models/llama-27m"}) {
+    const std::string plain = d.path + "/plain", head8 = d.path + "/head8";
+    fs::remove_all(plain);
+    fs::remove_all(head8);
+    QuantizeOptions o = opts("w8a16");
+    quantize_model(base, plain, o, [](const std::string&) {});
+    o.lm_head = WeightFormat::Int8Channel;
+    quantize_model(base, head8, o, [](const std::string&) {});
+    Model orig(base), mp(plain), mh(head8);
+    const Linear &h = mh.lm_head(), &ho = orig.lm_head();
+    EXPECT_EQ(mp.lm_head().fmt, WeightFormat::Dense) << base;
+    ASSERT_EQ(h.fmt, WeightFormat::Int8Channel) << base;
+    EXPECT_EQ(h.act, ActQuant::None);
+    EXPECT_EQ(h.w->dtype, DType::I8);
+    EXPECT_EQ(mh.quant().lm_head, WeightFormat::Int8Channel);
+    EXPECT_EQ(mh.embed().dtype, orig.embed().dtype);  // the embedding stays as it was, tied or not
+    const json qc = json::parse(read_text_file(head8 + "/config.json"))["quantization_config"];
+    EXPECT_EQ(qc["lm_head"]["format"], "int8");
+    EXPECT_EQ(qc["ignore"], json::array({"model.embed_tokens"}));
+    // every row: scale = absmax / 127 of the original row, each weight within half a step of it
+    std::vector<float> wq(size_t(h.in)), wo(size_t(h.in));
+    for (int64_t r = 0; r < h.out; r += 7) {
+      h.dequantize_rows(r, r + 1, wq.data());
+      ho.dequantize_rows(r, r + 1, wo.data());
+      float amax = 0;
+      for (float v : wo) amax = std::max(amax, std::fabs(v));
+      ASSERT_FLOAT_EQ(h.w_scale[size_t(r)], amax > 0 ? amax / 127.f : 1.f) << "row " << r;
+      for (int64_t k = 0; k < h.in; ++k)
+        ASSERT_LE(std::fabs(wq[size_t(k)] - wo[size_t(k)]), 0.5001f * h.w_scale[size_t(r)]) << "row " << r << " col " << k;
+    }
+    // half the BF16 matrix's bytes a token reads (plus one scale a row)
+    EXPECT_EQ(mp.bytes_per_token() - mh.bytes_per_token(), uint64_t(h.out * h.in) * 2 - uint64_t(h.out * h.in + h.out * 4));
+    if (base == demo()) {
+      const CompareResult cp = eval_dir(plain), ch = eval_dir(head8);
+      std::printf("w8a16 KLD %.6f, with an INT8 lm_head %.6f\n", cp.mean_kld, ch.mean_kld);
+      EXPECT_NE(cp.mean_kld, ch.mean_kld);  // the quantized head is what runs
+      EXPECT_LT(ch.mean_kld - cp.mean_kld, 2e-3);
+    }
+  }
+  // a checkpoint whose lm_head entry llmq does not know is refused by name
+  expect_error([] { parse_quant_config(R"({"quant_method": "llmq", "method": "w8a16", "weights": {"format": "int8"},
+                                          "lm_head": {"format": "int4", "strategy": "group"}})", "cfg"); },
+               {"cfg", "lm_head", "int4/group"});
+}
+
 // An outlier-stressed copy of the demo model: a few channels of every RMSNorm weight scaled up 20-80x and
 // the matching input columns of the next linears scaled down. Same function in FP32; per-tensor INT8
 // activations without smoothing collapse; SmoothQuant recovers.

@@ -121,7 +121,7 @@ int main(int argc, char** argv) {
 
   // quantize
   auto* qz = app.add_subcommand("quantize", "Quantize a checkpoint (calibrating on your own text) into a new directory");
-  std::string qz_model, qz_out, qz_kv = "none", qz_act = "dynamic";
+  std::string qz_model, qz_out, qz_kv = "none", qz_act = "dynamic", qz_head = "none";
   quant::QuantizeOptions qo;
   qz->add_option("MODEL", qz_model, "Hugging Face model directory (BF16/F16/F32)")->required();
   qz->add_option("-o,--output", qz_out, "Output directory (must not exist)")->required();
@@ -135,6 +135,10 @@ int main(int argc, char** argv) {
   qz->add_flag("--symmetric", qo.symmetric, "INT4: symmetric [-8, 7] instead of zero points");
   qz->add_option("--kv-cache", qz_kv, "KV-cache quantization: none | fp8 | int8 (default none)")
       ->check(CLI::IsMember({"none", "fp8", "int8"}));
+  qz->add_option("--lm-head", qz_head,
+                 "Output projection: none (kept as stored, default) | int8 (INT8 rows, per-row scales: half the bytes "
+                 "a decoded token reads there; measure its cost with eval)")
+      ->check(CLI::IsMember({"none", "int8"}));
   qz->add_option("--sq-alpha", qo.sq_alpha, "SmoothQuant migration strength in [0, 1]; 0 = no smoothing (default 0.5)");
   qz->add_option("--act-scale", qz_act, "int8-sq activations: dynamic (per token, default) | static (per tensor)")
       ->check(CLI::IsMember({"dynamic", "static"}));
@@ -266,6 +270,7 @@ int main(int argc, char** argv) {
       cpu_only(device, "quantize");
       qo.kv = qz_kv == "fp8" ? KvFormat::Fp8 : qz_kv == "int8" ? KvFormat::Int8 : KvFormat::None;
       qo.act_static = qz_act == "static";
+      qo.lm_head = qz_head == "int8" ? WeightFormat::Int8Channel : WeightFormat::Dense;
       quant::QuantizeReport r = quant::quantize_model(qz_model, qz_out, qo, [](const std::string& line) {
         std::fprintf(stderr, "quantize: %s\n", line.c_str());
       });
@@ -273,7 +278,7 @@ int main(int argc, char** argv) {
       json j = {{"method", r.method}, {"seconds", r.seconds}, {"calib_seconds", r.calib_seconds},
                 {"bytes_in", r.bytes_in}, {"bytes_out", r.bytes_out}, {"bits_per_weight", r.bits_per_weight},
                 {"calib_samples", r.calib_samples}, {"calib_tokens", r.calib_tokens}, {"notes", r.notes},
-                {"output", qz_out}, {"kv_cache", qz_kv}};
+                {"output", qz_out}, {"kv_cache", qz_kv}, {"lm_head", qz_head}};
       if (as_json) print_json(j);
       else
         std::printf("%s: %s -> %s  %.1f MB -> %.1f MB, %.2f bits per quantized weight, %.1f s\n", r.method.c_str(),

@@ -89,17 +89,18 @@ Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
       throw Error(t.file + ": tensor '" + t.name + "' has dtype " + dtype_name(t.dtype) + ", expected " + dtype_name(d));
     return &t;
   };
-  auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias, bool quantized = true) {
+  // A linear in weight format `fmt` with activations `act` (the checkpoint's for the decoder layers).
+  auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias, WeightFormat fmt, ActQuant act) {
     Linear l;
     l.in = in;
     l.out = out;
     if (bias) l.bias = to_f32(expect(name + ".bias", {out}));
-    if (!quantized || quant_.weights == WeightFormat::Dense) {
+    if (fmt == WeightFormat::Dense) {
       l.w = dense_dtype(expect(name + ".weight", {out, in}));
       return l;
     }
-    l.fmt = quant_.weights;
-    l.act = quant_.acts;
+    l.fmt = fmt;
+    l.act = act;
     if (l.fmt == WeightFormat::Int4Group) {
       const int64_t g = quant_.group_size;
       if (in % g || g % 2)
@@ -132,25 +133,27 @@ Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
   const int64_t H = c.hidden, qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
   embed_ = dense_dtype(expect("model.embed_tokens.weight", {c.vocab, H}));
   final_norm_ = to_f32(expect("model.norm.weight", {H}));
-  if (c.tie_embeddings) {
+  if (c.tie_embeddings && quant_.lm_head == WeightFormat::Dense) {
     lm_head_.w = embed_;
     lm_head_.in = H;
     lm_head_.out = c.vocab;
-  } else {
-    lm_head_ = linear("lm_head", c.vocab, H, false, false);
+  } else {  // (a quantized lm_head is stored on its own, tied embeddings or not)
+    lm_head_ = linear("lm_head", c.vocab, H, false, quant_.lm_head, ActQuant::None);
   }
   for (int64_t i = 0; i < c.layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     LayerWeights L;
     L.attn_norm = to_f32(expect(p + "input_layernorm.weight", {H}));
     L.mlp_norm = to_f32(expect(p + "post_attention_layernorm.weight", {H}));
-    L.q = linear(p + "self_attn.q_proj", qd, H, c.qkv_bias);
-    L.k = linear(p + "self_attn.k_proj", kvd, H, c.qkv_bias);
-    L.v = linear(p + "self_attn.v_proj", kvd, H, c.qkv_bias);
-    L.o = linear(p + "self_attn.o_proj", H, qd, c.o_bias);
-    L.gate = linear(p + "mlp.gate_proj", c.intermediate, H, c.mlp_bias);
-    L.up = linear(p + "mlp.up_proj", c.intermediate, H, c.mlp_bias);
-    L.down = linear(p + "mlp.down_proj", H, c.intermediate, c.mlp_bias);
+    const WeightFormat wf = quant_.weights;
+    const ActQuant af = quant_.acts;
+    L.q = linear(p + "self_attn.q_proj", qd, H, c.qkv_bias, wf, af);
+    L.k = linear(p + "self_attn.k_proj", kvd, H, c.qkv_bias, wf, af);
+    L.v = linear(p + "self_attn.v_proj", kvd, H, c.qkv_bias, wf, af);
+    L.o = linear(p + "self_attn.o_proj", H, qd, c.o_bias, wf, af);
+    L.gate = linear(p + "mlp.gate_proj", c.intermediate, H, c.mlp_bias, wf, af);
+    L.up = linear(p + "mlp.up_proj", c.intermediate, H, c.mlp_bias, wf, af);
+    L.down = linear(p + "mlp.down_proj", H, c.intermediate, c.mlp_bias, wf, af);
     if (quant_.kv != KvFormat::None) {
       L.k_scale = to_f32(expect(p + "self_attn.k_scale", {c.kv_heads}));
       L.v_scale = to_f32(expect(p + "self_attn.v_scale", {c.kv_heads}));
@@ -192,7 +195,7 @@ Model::Model(const std::string& dir) : dir_(dir), cfg_(load_config(dir)) {
 }
 
 uint64_t Model::bytes_per_token() const {
-  uint64_t n = uint64_t(cfg_.hidden) * dtype_size(embed_->dtype) + lm_head_.w->nbytes();
+  uint64_t n = uint64_t(cfg_.hidden) * dtype_size(embed_->dtype) + lm_head_.weight_bytes();
   for (auto& L : layers_)
     for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) n += l->weight_bytes();
   return n;

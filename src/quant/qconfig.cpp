@@ -44,6 +44,13 @@ QuantConfig parse_quant_config(const std::string& text, const std::string& where
     else if (kf == "int8") q.kv = KvFormat::Int8;
     else throw Error(where + ": unknown kv_cache format '" + kf + "'");
   }
+  if (j.contains("lm_head") && !j["lm_head"].is_null()) {
+    const json& h = j["lm_head"];
+    if (h.value("format", "") != "int8" || h.value("strategy", "") != "channel")
+      throw Error(where + ": unknown lm_head quantization '" + h.value("format", "") + "/" + h.value("strategy", "") +
+                  "' (llmq writes int8/channel or none)");
+    q.lm_head = WeightFormat::Int8Channel;
+  }
   return q;
 }
 
@@ -67,7 +74,13 @@ std::string quant_config_json(const QuantConfig& q) {
     case ActQuant::Fp8Tensor: j["activations"] = {{"format", "fp8_e4m3"}, {"strategy", "tensor"}, {"dynamic", false}}; break;
   }
   j["kv_cache"] = q.kv == KvFormat::None ? json(nullptr) : json{{"format", kv_format_name(q.kv)}, {"strategy", "head"}};
-  j["ignore"] = {"model.embed_tokens", "lm_head"};
+  if (q.lm_head == WeightFormat::Int8Channel) {
+    j["lm_head"] = {{"format", "int8"}, {"strategy", "channel"}, {"symmetric", true}};
+    j["ignore"] = {"model.embed_tokens"};
+  } else {
+    j["lm_head"] = nullptr;
+    j["ignore"] = {"model.embed_tokens", "lm_head"};
+  }
   return j.dump();
 }
 

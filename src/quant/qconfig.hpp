@@ -17,6 +17,9 @@ struct QuantConfig {
   bool symmetric = false;  // Int4Group: zero point fixed at 8
   ActQuant acts = ActQuant::None;
   KvFormat kv = KvFormat::None;
+  // The output projection's weights: Dense (kept as stored, the default, as TensorRT-LLM does) or Int8Channel
+  // (INT8 rows, per-channel scales, BF16/FP32 activations, whatever `weights` is; `llmq quantize --lm-head int8`).
+  WeightFormat lm_head = WeightFormat::Dense;
 };
 
 // Parses quantization_config JSON text; throws llmq::Error (naming `where`) for formats llmq does not know.

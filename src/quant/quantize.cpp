@@ -214,6 +214,28 @@ std::vector<float> awq_search(FLayer& L, Site site, const SiteStats& st, const M
   return best;
 }
 
+// The output projection as INT8 rows (--lm-head int8), a block of rows at a time: its float copy would take
+// vocab x hidden x 4 bytes (2.1 GB for Llama 3). The same rounding as w8a16's layers (emit_int8_channel).
+void emit_lm_head_int8(const Linear& head, std::vector<TensorData>& out) {
+  TensorData w{"lm_head.weight", DType::I8, {head.out, head.in}, {}}, sc{"lm_head.weight_scale", DType::F32, {head.out, 1}, {}};
+  w.bytes.reserve(size_t(head.out * head.in));
+  sc.bytes.reserve(size_t(head.out) * 4);
+  constexpr int64_t kBlock = 2048;
+  for (int64_t r0 = 0; r0 < head.out; r0 += kBlock) {
+    const int64_t r1 = std::min(head.out, r0 + kBlock);
+    FLinear f{"lm_head", r1 - r0, head.in, std::vector<float>(size_t((r1 - r0) * head.in)), {}};
+    head.dequantize_rows(r0, r1, f.w.data());
+    for (float v : f.w)
+      if (!std::isfinite(v)) throw Error(head.w->file + ": tensor '" + head.w->name + "' contains NaN or infinite values");
+    std::vector<TensorData> part;
+    emit_int8_channel(f, part);
+    w.bytes.insert(w.bytes.end(), part[0].bytes.begin(), part[0].bytes.end());
+    sc.bytes.insert(sc.bytes.end(), part[1].bytes.begin(), part[1].bytes.end());
+  }
+  out.push_back(std::move(w));
+  out.push_back(std::move(sc));
+}
+
 void check_group(int64_t group, const ModelConfig& c) {
   if (group <= 0 || group % 2) throw Error("--group-size must be a positive even number");
   const std::pair<const char*, int64_t> inputs[] = {
@@ -248,6 +270,8 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   if (int4) check_group(opt.group_size, c);
   if (!(opt.sq_alpha >= 0.f && opt.sq_alpha <= 1.f)) throw Error("--sq-alpha must be in [0, 1]");
   if (!(opt.fp8_headroom >= 1.f && opt.fp8_headroom <= 256.f)) throw Error("--fp8-headroom must be in [1, 256]");
+  if (opt.lm_head != WeightFormat::Dense && opt.lm_head != WeightFormat::Int8Channel)
+    throw Error("--lm-head must be none or int8");
 
   QuantizeReport rep;
   rep.method = m;
@@ -291,6 +315,7 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   qc.kv = opt.kv;
   qc.group_size = int4 ? opt.group_size : 0;
   qc.symmetric = opt.symmetric;
+  qc.lm_head = opt.lm_head;
   qc.weights = m == "fp8" ? WeightFormat::Fp8Channel : (m == "int8-sq" || m == "w8a16") ? WeightFormat::Int8Channel
                                                                                           : WeightFormat::Int4Group;
   qc.acts = m == "fp8" ? ActQuant::Fp8Tensor : m == "int8-sq" ? (opt.act_static ? ActQuant::Int8Tensor : ActQuant::Int8Token)
@@ -328,7 +353,12 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   };
   copy_tensor(model.embed());
   copy_tensor(model.checkpoint().get("model.norm.weight"));
-  if (!c.tie_embeddings) copy_tensor(*model.lm_head().w);
+  if (opt.lm_head == WeightFormat::Int8Channel) {
+    log("  lm_head as INT8 rows");
+    emit_lm_head_int8(model.lm_head(), out);  // (tied embeddings too: the quantized copy is stored on its own)
+  } else if (!c.tie_embeddings) {
+    copy_tensor(*model.lm_head().w);
+  }
   flush();
 
   uint64_t q_bytes = 0, q_params = 0;

@@ -327,6 +327,7 @@ class CudaEngine final : public Engine {
   std::vector<DevMem> weights_;
   void* embed_ = nullptr;  // bf16 [vocab, H]
   DevLinear lm_head_;
+  bool head_blocks_ = false;  // a quantized lm_head, run in blocks of kWgemmMaxT tokens (constructor)
   float* final_norm_ = nullptr;
   std::vector<DevLayer> layers_;
   KvType kv_type_ = KvType::BF16;
@@ -541,7 +542,7 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
       need += uint64_t(l.w_zero.size()) * 5;  // INT4: the scale/zero-point records beside the checkpoint's arrays
     };
     need += uint64_t(c.vocab * c.hidden) * 2;
-    if (!c.tie_embeddings) lin(m.lm_head());
+    if (m.lm_head().w != &m.embed()) lin(m.lm_head());
     for (auto& L : m.layers())
       for (const Linear* l : {&L.q, &L.k, &L.v, &L.o, &L.gate, &L.up, &L.down}) lin(*l);
     require_free(need, 256ull << 20, "the model's weights need",
@@ -562,9 +563,16 @@ CudaEngine::CudaEngine(const Model& m) : Engine(m) {
     emb.out = c.vocab;
     DevSite s = upload_site({&emb});
     embed_ = s.parts[0].w;
-    if (c.tie_embeddings) lm_head_ = s.parts[0];
+    if (m.lm_head().w == &m.embed()) lm_head_ = s.parts[0];
   }
-  if (!c.tie_embeddings) lm_head_ = upload_site({&m.lm_head()}).parts[0];
+  if (m.lm_head().w != &m.embed()) {
+    // A quantized lm_head (llmq quantize --lm-head int8) runs on its own kernels in blocks of kWgemmMaxT tokens
+    // (forward) rather than through a BF16 copy of the vocab x hidden matrix, where they serve it.
+    const int64_t keep = max_wscratch_;
+    lm_head_ = upload_site({&m.lm_head()}).parts[0];
+    head_blocks_ = lm_head_.wf != WFmt::BF16 && path(lm_head_, kWgemmMaxT) != Path::Cublas;
+    if (head_blocks_) max_wscratch_ = keep;
+  }
   lm_head_.col = 0;
   final_norm_ = upload(m.final_norm());
   for (auto& L : m.layers()) {
@@ -1258,7 +1266,14 @@ void CudaEngine::run(int64_t T, int64_t n_out, bool small, bool with_ids) {
   o.out = act_.p;
   o.ld = H;
   op("final_norm", [&] { rmsnorm_prep(x, rows, n_out, H, final_norm_, float(c.rms_eps), o, stream_); });
-  op("lm_head", [&] { matmul(lm_head_, path(lm_head_, n_out), n_out, logits_.as<float>(), c.vocab, false); });
+  op("lm_head", [&] {
+    const int64_t blk = head_blocks_ ? kWgemmMaxT : n_out;
+    for (int64_t r0 = 0; r0 < n_out; r0 += blk) {
+      const int64_t n = std::min(blk, n_out - r0);
+      matmul(lm_head_, path(lm_head_, n), n, logits_.as<float>() + r0 * c.vocab, c.vocab, false,
+             static_cast<const uint16_t*>(act_.p) + r0 * H);
+    }
+  });
   if (with_ids)
     op("argmax", [&] {
       argmax_rows(logits_.as<float>(), n_out, c.vocab, ids_.as<int32_t>(), argmax_v_.as<float>(), argmax_i_.as<int32_t>(),
