@@ -212,7 +212,7 @@ TEST(Cli, QuantizeEvalInspectJson) {
   const std::string d = mkdtemp(tmpl);
   const std::string c4 = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
   CmdResult q = run("quantize " + demo() + " -o " + d + "/q --method int8-sq --calib " + c4 +
-                    " --calib-samples 4 --calib-seq-len 128 --kv-cache int8 --json");
+                    " --calib-samples 4 --calib-seq-len 128 --kv-cache int8 --lm-head int8 --json");
   ASSERT_EQ(q.code, 0) << q.err;
   json jq = json::parse(q.out);
   for (auto k : {"method", "seconds", "bytes_in", "bytes_out", "bits_per_weight"}) EXPECT_TRUE(jq.contains(k)) << k;
@@ -221,6 +221,7 @@ TEST(Cli, QuantizeEvalInspectJson) {
   CmdResult info = run("info " + d + "/q --json");
   ASSERT_EQ(info.code, 0) << info.err;
   EXPECT_EQ(json::parse(info.out)["quantization"]["method"], "int8-sq");
+  EXPECT_EQ(json::parse(info.out)["quantization"]["lm_head"]["format"], "int8");
   EXPECT_EQ(json::parse(info.out)["params"], 6819072) << "a quantized model has as many parameters as its original";
   CmdResult e = run("eval " + d + "/q --baseline " + demo() + " --text " + test::shared_dir() +
                     "/data/eval/docs-en.txt --max-windows 2 --ctx 128 --per-layer --json");
@@ -240,6 +241,7 @@ TEST(Cli, QuantizeEvalInspectJson) {
   EXPECT_GE(ji["recommendations"].size(), 4u);
   expect_one_line_error(run("quantize " + demo() + " -o " + d + "/q --method w8a16"), "already exists");
   EXPECT_EQ(run("quantize " + demo() + " -o " + d + "/z --method int3").code, 2);
+  EXPECT_EQ(run("quantize " + demo() + " -o " + d + "/z --method w8a16 --lm-head int4").code, 2);
   [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
 }
 
