@@ -37,6 +37,13 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
 }
+// The same product without an accumulator: c = a * b.
+__device__ __forceinline__ void mma_bf16_z(float (&c)[4], const uint32_t (&a)[4], uint2 b) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "f"(0.f));
+}
 
 __device__ __forceinline__ void mma_s8(int (&c)[4], const uint32_t (&a)[4], uint2 b) {
   asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -882,7 +889,15 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // chains of mma instead of one chain through both (LLMQ_WGEMM_TILED_ILP=1, see launch_tiled_nt). It needs ~73
 // registers (the default instance 58); with 3 stages it is held to 64 (4 CTAs an SM, as the default instance gets
 // there; ptxas spills one register of the G = 128 instance), with 4 the shared memory allows 3 CTAs anyway.
-template <int KIND, int NT, int G, int S, bool ILP = false>
+//
+// LEAN (the default; LLMQ_WGEMM_TILED_LEAN=0 for the previous loop, comparisons): the per-stage bookkeeping cut down,
+// since the kernel is bound by instruction issue at 16 tokens (H200, ncu, gate_up: issue active 64% of the cycles,
+// "not selected" the largest stall; the stage loop ran ~274 instructions a warp for 16 mma, ~120 of them the
+// dequantization, fragment loads and mma; bench/results/2026-12-06-nvidia-h100-session38.txt). The copies keep
+// running sources and ring slots instead of recomputing 64-bit addresses and stage % S at every stage, and a
+// group's first mma starts from zero instead of the group sums being zeroed with moves after its scaling (the
+// group boundaries are compile-time: a stage starts on a group and a split ends on one).
+template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = true>
 __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
@@ -994,14 +1009,74 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
       else cp_async8(dst, x + x0 + x_src[i]);
     }
   };
+  // LEAN: the same copies from running state (the next stage each lambda copies, its ring slot, its sources).
+  [[maybe_unused]] int w_stg = 0, w_slot = 0, w_left = u_end - u_begin, w_grp = I4 ? u_begin / UPG : 0;
+  [[maybe_unused]] int x_stg = 0, x_slot = 0, x_left = u_end - u_begin;
+  [[maybe_unused]] const uint4* w4_next = I4 ? static_cast<const uint4*>(a.w) + w_src[0] : nullptr;
+  [[maybe_unused]] const uint8_t* w8_next[2] = {static_cast<const uint8_t*>(a.w) + w_src[0],
+                                               static_cast<const uint8_t*>(a.w) + (I4 ? 0 : w_src[I4 ? 0 : 1])};
+  [[maybe_unused]] const __nv_bfloat16* x_next = x + int64_t(u_begin) * 64;
+  [[maybe_unused]] const uint32_t w_dst = uint32_t(Lay::kAct + (warp * kTUnits * (I4 ? 1 : 2) * 32 + lane) * 16);
+  [[maybe_unused]] const uint32_t sc_dst =
+      uint32_t(Lay::kAct + Lay::kW + ((warp * kTGroups) * 16 + (lane & 15)) * 4) + (lane < 16 ? 0u : uint32_t(Lay::kSc));
+  auto copy_w_lean = [&]() {  // the next stage's weights
+    if (w_stg >= nst) return;
+    const uint32_t base = ring_s + uint32_t(w_slot * Lay::kStage) + w_dst;
+    const bool full = w_left >= kTUnits;
+    if constexpr (I4) {
+#pragma unroll
+      for (int cu = 0; cu < kTUnits; ++cu)
+        if (full || cu < w_left) cp_async16(base + uint32_t(cu * 32 * 16), w4_next + cu * 32);
+      const uint32_t sbase = ring_s + uint32_t(w_slot * Lay::kStage) + sc_dst;
+#pragma unroll
+      for (int q = 0; q < GPS; ++q) {
+        const int grp = w_grp + q;
+        if (full || q * UPG < w_left) cp_async4(sbase + uint32_t(q * 16 * 4), sz_src + (lane < 16 ? 4 * grp : grp & ~3));
+      }
+      w4_next += kTUnits * 32;
+      w_grp += GPS;
+    } else {
+#pragma unroll
+      for (int cu = 0; cu < kTUnits; ++cu)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (full || cu < w_left) cp_async16(base + uint32_t((cu * 2 + h) * 32 * 16), w8_next[h] + cu * 64);
+      w8_next[0] += kTUnits * 64;
+      w8_next[1] += kTUnits * 64;
+    }
+    w_left -= kTUnits;
+    ++w_stg;
+    w_slot = w_slot + 1 == S ? 0 : w_slot + 1;
+  };
+  auto copy_x_lean = [&]() {  // the next stage's activations
+    if (x_stg >= nst) return;
+    if (x_cu < x_left) {
+      const uint32_t base = ring_s + uint32_t(x_slot * Lay::kStage) + x_dst;
+#pragma unroll
+      for (int i = 0; i < kXPer; ++i) {
+        if (x_r0 + i * kRowsPer >= NT * 8) break;
+        const uint32_t dst = base + uint32_t(i * kRowsPer * Lay::kRow * 2);
+        if constexpr (I4) cp_async16(dst, x_next + x_src[i]);
+        else cp_async8(dst, x_next + x_src[i]);
+      }
+    }
+    x_next += kTUnits * 64;
+    x_left -= kTUnits;
+    ++x_stg;
+    x_slot = x_slot + 1 == S ? 0 : x_slot + 1;
+  };
   // The first stages' weights before the wait, then their activations: commit group st holds stage st's
   // activations (group 0 also every prologue weight), so waiting for group st still covers all of stage st.
 #pragma unroll
-  for (int st = 0; st < S - 1; ++st) copy_w(st);
+  for (int st = 0; st < S - 1; ++st) {
+    if constexpr (LEAN) copy_w_lean();
+    else copy_w(st);
+  }
   pdl_wait();
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) {
-    copy_x(st);
+    if constexpr (LEAN) copy_x_lean();
+    else copy_x(st);
     cp_async_commit();
   }
 
@@ -1015,13 +1090,20 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
 #pragma unroll
       for (int c = 0; c < NC; ++c) cg[c][n][e] = 0.f;
     }
+  int r_slot = 0;  // LEAN: stage stg's ring slot, stg % S
   for (int stg = 0; stg < nst; ++stg) {
     cp_async_wait<S - 2>();         // this thread's copies of stage stg have landed ...
     __syncthreads();                // ... and everyone's; every warp is done with stage stg - 1's slot
-    copy_w(stg + S - 1);            // into that slot (always one commit group)
-    copy_x(stg + S - 1);
+    if constexpr (LEAN) {           // into that slot (always one commit group)
+      copy_w_lean();
+      copy_x_lean();
+    } else {
+      copy_w(stg + S - 1);
+      copy_x(stg + S - 1);
+    }
     cp_async_commit();
-    const char* st = reinterpret_cast<const char*>(t_ring) + (stg % S) * Lay::kStage;
+    const char* st = reinterpret_cast<const char*>(t_ring) + (LEAN ? r_slot : stg % S) * Lay::kStage;
+    if constexpr (LEAN) r_slot = r_slot + 1 == S ? 0 : r_slot + 1;
     const __nv_bfloat16* act = reinterpret_cast<const __nv_bfloat16*>(st);
     const uint4* wsm = reinterpret_cast<const uint4*>(st + Lay::kAct) + warp * kTUnits * 32 * (I4 ? 1 : 2) + lane;
     const int u0 = u_begin + stg * kTUnits;
@@ -1035,7 +1117,9 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
       if constexpr (I4) {
         const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * kTGroups * 16;
         const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
-        const int q = cu / UPG, grp = u / UPG;
+        // (LEAN: u0 / UPG + cu / UPG, equal to u / UPG since a stage starts on a group, and the same expression for
+        // every unit of a group, so that its scales and zero-point operands are computed once.)
+        const int q = cu / UPG, grp = LEAN ? u0 / UPG + cu / UPG : u / UPG;
         const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
         // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 (one PRMT).
         const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
@@ -1052,11 +1136,13 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
             const uint2 bx = *reinterpret_cast<const uint2*>(act + (n * 8 + g) * Lay::kRow + cu * 64 + 16 * j + 4 * t);
-            mma_bf16(cg[ILP ? cu : 0][n], A, bx);
+            if (LEAN && !ILP && cu % UPG == 0 && j == 0) mma_bf16_z(cg[0][n], A, bx);  // a group's first step
+            else mma_bf16(cg[ILP ? cu : 0][n], A, bx);
           }
         }
-        // The end of a group's share: scale it into acc (ILP: at compile time, stages starting on a group).
-        if (ILP ? (cu + 1) % UPG == 0 : ((u + 1) % UPG == 0 || u + 1 == u_end)) {
+        // The end of a group's share: scale it into acc (ILP, LEAN: at compile time, stages starting on a group and
+        // splits ending on one).
+        if ((ILP || LEAN) ? (cu + 1) % UPG == 0 : ((u + 1) % UPG == 0 || u + 1 == u_end)) {
           // ILP: the group's units of this stage are cu - cu % UPG .. cu (a stage starts on a group).
           const int c1 = ILP ? cu : 0, c0 = ILP ? cu - cu % UPG : 0;  // constants once the loop is unrolled
 #pragma unroll
@@ -1067,7 +1153,7 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
 #pragma unroll
               for (int c = c0; c < c1; ++c) v += cg[c][n][e], cg[c][n][e] = 0.f;
               acc[n][e] = fmaf(e < 2 ? s0 : s1, v, acc[n][e]);
-              cg[c1][n][e] = 0.f;
+              if (ILP || !LEAN) cg[c1][n][e] = 0.f;  // (LEAN: the next group's first mma overwrites it)
             }
         }
       } else {
@@ -1172,12 +1258,12 @@ bool tiled_default(const GemvArgs& a, int kind) {
   return kind == kI8W || (a.M >= 16 && a.N * a.K >= (int64_t(1) << (a.M == 16 ? 24 : 25)));
 }
 
-template <int KIND, int NT, int G, int S, bool ILP = false>
+template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = true>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   using Lay = TiledLayout<KIND, NT, S>;
   // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
   static const int slots = [] {
-    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S, ILP>;
+    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN>;
     LLMQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1200,7 +1286,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
   if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
-  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP>, dim3(unsigned(tiles), unsigned(splits)),
+  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
   if (splits > 1)
     launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
@@ -1221,10 +1307,19 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 // mma latency (ncu, session 21: no eligible warp 44% of the cycles). Measured (H100, session 29): kbench at 16
 // tokens gate_up 45.5 -> 42.8 us, down 24.2 -> 22.9, but qkv 13.4 -> 16.0; w4a16 batch-16 TPOT with 3 stages and
 // tiled qkv/o 0.8830 against 0.8747 ms without it. So opt-in, read at every call.
+//
+// LLMQ_WGEMM_TILED_LEAN=0 (read at every call): the stage loop before session 38 (wgemm_tiled_kernel's LEAN), for
+// comparisons; only at 16 and 64 tokens with the default ring depth, without ILP.
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
   const int want = e && *e ? std::atoi(e) : (KIND == kI4 || NT == 8) ? 3 : kTStages;
+  if constexpr (NT == 2 || NT == 8) {
+    constexpr int kDefault = (KIND == kI4 || NT == 8) ? 3 : kTStages;
+    const char* le = std::getenv("LLMQ_WGEMM_TILED_LEAN");
+    if (want == kDefault && le && *le == '0' && !(KIND == kI4 && NT == 2 && env_flag("LLMQ_WGEMM_TILED_ILP")))
+      return launch_tiled_s<KIND, NT, G, kDefault, false, false>(a, s);
+  }
   if constexpr (KIND == kI4 && NT == 2) {
     if (env_flag("LLMQ_WGEMM_TILED_ILP")) {
       if (want == 3) return launch_tiled_s<KIND, NT, G, 3, true>(a, s);
