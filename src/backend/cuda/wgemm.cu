@@ -37,6 +37,11 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
 }
+// v, opaque to the compiler: kept in a register where it is used instead of being recomputed there.
+__device__ __forceinline__ uint32_t pinned(uint32_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
 // The same product without an accumulator: c = a * b.
 __device__ __forceinline__ void mma_bf16_z(float (&c)[4], const uint32_t (&a)[4], uint2 b) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -1019,15 +1024,20 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
   [[maybe_unused]] const uint32_t w_dst = uint32_t(Lay::kAct + (warp * kTUnits * (I4 ? 1 : 2) * 32 + lane) * 16);
   [[maybe_unused]] const uint32_t sc_dst =
       uint32_t(Lay::kAct + Lay::kW + ((warp * kTGroups) * 16 + (lane & 15)) * 4) + (lane < 16 ? 0u : uint32_t(Lay::kSc));
+  // The ring addresses of slot 0, kept in registers (ptxas otherwise recomputed them, with the shared window's
+  // base, at every stage), and the next copy's, moved on a stage at a time.
+  [[maybe_unused]] const uint32_t w_addr0 = LEAN ? pinned(ring_s + w_dst) : 0u, s_addr0 = LEAN ? pinned(ring_s + sc_dst) : 0u,
+                                  x_addr0 = LEAN ? pinned(ring_s + x_dst) : 0u;
+  [[maybe_unused]] uint32_t w_addr = w_addr0, x_addr = x_addr0;
   auto copy_w_lean = [&]() {  // the next stage's weights
     if (w_stg >= nst) return;
-    const uint32_t base = ring_s + uint32_t(w_slot * Lay::kStage) + w_dst;
+    const uint32_t base = w_addr;
     const bool full = w_left >= kTUnits;
     if constexpr (I4) {
 #pragma unroll
       for (int cu = 0; cu < kTUnits; ++cu)
         if (full || cu < w_left) cp_async16(base + uint32_t(cu * 32 * 16), w4_next + cu * 32);
-      const uint32_t sbase = ring_s + uint32_t(w_slot * Lay::kStage) + sc_dst;
+      const uint32_t sbase = base - w_addr0 + s_addr0;
 #pragma unroll
       for (int q = 0; q < GPS; ++q) {
         const int grp = w_grp + q;
@@ -1046,12 +1056,13 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     }
     w_left -= kTUnits;
     ++w_stg;
-    w_slot = w_slot + 1 == S ? 0 : w_slot + 1;
+    w_addr = ++w_slot == S ? w_addr0 : w_addr + uint32_t(Lay::kStage);
+    if (w_slot == S) w_slot = 0;
   };
   auto copy_x_lean = [&]() {  // the next stage's activations
     if (x_stg >= nst) return;
     if (x_cu < x_left) {
-      const uint32_t base = ring_s + uint32_t(x_slot * Lay::kStage) + x_dst;
+      const uint32_t base = x_addr;
 #pragma unroll
       for (int i = 0; i < kXPer; ++i) {
         if (x_r0 + i * kRowsPer >= NT * 8) break;
@@ -1063,7 +1074,8 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     x_next += kTUnits * 64;
     x_left -= kTUnits;
     ++x_stg;
-    x_slot = x_slot + 1 == S ? 0 : x_slot + 1;
+    x_addr = ++x_slot == S ? x_addr0 : x_addr + uint32_t(Lay::kStage);
+    if (x_slot == S) x_slot = 0;
   };
   // The first stages' weights before the wait, then their activations: commit group st holds stage st's
   // activations (group 0 also every prologue weight), so waiting for group st still covers all of stage st.
@@ -1258,7 +1270,9 @@ bool tiled_default(const GemvArgs& a, int kind) {
   return kind == kI8W || (a.M >= 16 && a.N * a.K >= (int64_t(1) << (a.M == 16 ? 24 : 25)));
 }
 
-template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = true>
+// (LEAN by default except for INT8 rows at up to 16 tokens, whose stage loop it made longer: 297 -> 310 SASS
+// instructions at sm_90a.)
+template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = !(KIND == kI8W && NT <= 2)>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   using Lay = TiledLayout<KIND, NT, S>;
   // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
