@@ -54,6 +54,29 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
+// mbarrier helpers (sm_80+): a barrier object in shared memory that completes a phase when `count` arrivals have
+// been made, whichever threads make them; arrive has release and the wait acquire semantics (CTA scope).
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared.b64 _, [%0];" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))) : "memory");
+}
+// Waits until the phase of the given parity (0 for the barrier's first phase, 1 for its second, 0 again for the
+// third, ...) has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
 // The threadFenceReduction pattern: every thread of every block of a launch calls it once, after its last
 // global write that the reduction reads. Returns true (in all threads) only in the last of `total` blocks to
 // arrive at *counter, which then sees every other block's writes when it reads them through the L2 (__ldcg);

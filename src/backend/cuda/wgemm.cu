@@ -164,29 +164,6 @@ __device__ __forceinline__ bool sum_warps(Acc (&acc)[NT][4], int warp, int nw, i
   return true;
 }
 
-// mbarrier helpers (sm_80+): a barrier object in shared memory that completes a phase when `count` arrivals have
-// been made, whichever threads make them; arrive has release and the wait acquire semantics (CTA scope).
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(count)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared.b64 _, [%0];" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))) : "memory");
-}
-// Waits until the phase of the given parity (0 for the barrier's first phase, 1 for its second, 0 again for the
-// third, ...) has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
 // The K-split partial sums of set r without a CTA-wide barrier (GemvArgs::i4_rotate). Sets take the kRotBufs
 // buffers of red[] in turn, and buffer b always goes to warp b % nw, which sums it and runs the set's epilogue: the
 // summing rotates over up to kRotBufs warps. The other warps store their sums into the set's buffer (a float4 of a
@@ -895,13 +872,17 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // registers (the default instance 58); with 3 stages it is held to 64 (4 CTAs an SM, as the default instance gets
 // there; ptxas spills one register of the G = 128 instance), with 4 the shared memory allows 3 CTAs anyway.
 //
-// LEAN (the default; LLMQ_WGEMM_TILED_LEAN=0 for the previous loop, comparisons): the per-stage bookkeeping cut down,
+// LEAN (the default for INT4; LLMQ_WGEMM_TILED_LEAN=0 for the previous loop, comparisons): the bookkeeping cut down,
 // since the kernel is bound by instruction issue at 16 tokens (H200, ncu, gate_up: issue active 64% of the cycles,
 // "not selected" the largest stall; the stage loop ran ~274 instructions a warp for 16 mma, ~120 of them the
 // dequantization, fragment loads and mma; bench/results/2026-12-06-nvidia-h100-session38.txt). The copies keep
 // running sources and ring slots instead of recomputing 64-bit addresses and stage % S at every stage, and a
 // group's first mma starts from zero instead of the group sums being zeroed with moves after its scaling (the
-// group boundaries are compile-time: a stage starts on a group and a split ends on one).
+// group boundaries are compile-time: a stage starts on a group and a split ends on one). Measured (H200, session 39,
+// bench/results/2026-12-06-session39.txt): INT4 kbench gate_up at 16 tokens 37.35 -> 35.85 us, at 64 75.4 -> 70.5;
+// 4-layer llama-3-8b w4a16 TPOT batch 16 0.7461 / 0.7444 -> 0.7372 / 0.7373 ms, batch 64 1.408 / 1.397 -> 1.373 /
+// 1.365. INT8 rows gained nothing (64 tokens: qkv 39.0 -> 36.1 us but o 30.5 -> 35.6, a layer's four 214.3 -> 215.1)
+// and keep the previous loop.
 template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = true>
 __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
@@ -1014,12 +995,12 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
       else cp_async8(dst, x + x0 + x_src[i]);
     }
   };
-  // LEAN: the same copies from running state (the next stage each lambda copies, its ring slot, its sources).
-  [[maybe_unused]] int w_stg = 0, w_slot = 0, w_left = u_end - u_begin, w_grp = I4 ? u_begin / UPG : 0;
-  [[maybe_unused]] int x_stg = 0, x_slot = 0, x_left = u_end - u_begin;
+  // LEAN: the same copies from running state (each lambda's next stage: its units left, ring address, sources).
+  // (A lambda's units left: none once it is past the split's last stage.)
+  [[maybe_unused]] int w_left = u_end - u_begin, w_grp = I4 ? u_begin / UPG : 0, x_left = u_end - u_begin;
   [[maybe_unused]] const uint4* w4_next = I4 ? static_cast<const uint4*>(a.w) + w_src[0] : nullptr;
   [[maybe_unused]] const uint8_t* w8_next[2] = {static_cast<const uint8_t*>(a.w) + w_src[0],
-                                               static_cast<const uint8_t*>(a.w) + (I4 ? 0 : w_src[I4 ? 0 : 1])};
+                                               static_cast<const uint8_t*>(a.w) + w_src[I4 ? 0 : 1]};
   [[maybe_unused]] const __nv_bfloat16* x_next = x + int64_t(u_begin) * 64;
   [[maybe_unused]] const uint32_t w_dst = uint32_t(Lay::kAct + (warp * kTUnits * (I4 ? 1 : 2) * 32 + lane) * 16);
   [[maybe_unused]] const uint32_t sc_dst =
@@ -1029,8 +1010,9 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
   [[maybe_unused]] const uint32_t w_addr0 = LEAN ? pinned(ring_s + w_dst) : 0u, s_addr0 = LEAN ? pinned(ring_s + sc_dst) : 0u,
                                   x_addr0 = LEAN ? pinned(ring_s + x_dst) : 0u;
   [[maybe_unused]] uint32_t w_addr = w_addr0, x_addr = x_addr0;
+  constexpr uint32_t kLastSlot = uint32_t((S - 1) * Lay::kStage);  // slot S - 1's offset from slot 0
   auto copy_w_lean = [&]() {  // the next stage's weights
-    if (w_stg >= nst) return;
+    if (w_left <= 0) return;
     const uint32_t base = w_addr;
     const bool full = w_left >= kTUnits;
     if constexpr (I4) {
@@ -1055,12 +1037,10 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
       w8_next[1] += kTUnits * 64;
     }
     w_left -= kTUnits;
-    ++w_stg;
-    w_addr = ++w_slot == S ? w_addr0 : w_addr + uint32_t(Lay::kStage);
-    if (w_slot == S) w_slot = 0;
+    w_addr = w_addr - w_addr0 == kLastSlot ? w_addr0 : w_addr + uint32_t(Lay::kStage);
   };
   auto copy_x_lean = [&]() {  // the next stage's activations
-    if (x_stg >= nst) return;
+    if (x_left <= 0) return;
     if (x_cu < x_left) {
       const uint32_t base = x_addr;
 #pragma unroll
@@ -1073,9 +1053,7 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     }
     x_next += kTUnits * 64;
     x_left -= kTUnits;
-    ++x_stg;
-    x_addr = ++x_slot == S ? x_addr0 : x_addr + uint32_t(Lay::kStage);
-    if (x_slot == S) x_slot = 0;
+    x_addr = x_addr - x_addr0 == kLastSlot ? x_addr0 : x_addr + uint32_t(Lay::kStage);
   };
   // The first stages' weights before the wait, then their activations: commit group st holds stage st's
   // activations (group 0 also every prologue weight), so waiting for group st still covers all of stage st.
@@ -1270,9 +1248,8 @@ bool tiled_default(const GemvArgs& a, int kind) {
   return kind == kI8W || (a.M >= 16 && a.N * a.K >= (int64_t(1) << (a.M == 16 ? 24 : 25)));
 }
 
-// (LEAN by default except for INT8 rows at up to 16 tokens, whose stage loop it made longer: 297 -> 310 SASS
-// instructions at sm_90a.)
-template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = !(KIND == kI8W && NT <= 2)>
+// (LEAN for INT4 only: see wgemm_tiled_kernel.)
+template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = (KIND == kI4)>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   using Lay = TiledLayout<KIND, NT, S>;
   // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
@@ -1322,7 +1299,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
 // tokens gate_up 45.5 -> 42.8 us, down 24.2 -> 22.9, but qkv 13.4 -> 16.0; w4a16 batch-16 TPOT with 3 stages and
 // tiled qkv/o 0.8830 against 0.8747 ms without it. So opt-in, read at every call.
 //
-// LLMQ_WGEMM_TILED_LEAN=0 (read at every call): the stage loop before session 38 (wgemm_tiled_kernel's LEAN), for
+// LLMQ_WGEMM_TILED_LEAN=0 (read at every call): INT4's stage loop before session 38 (wgemm_tiled_kernel's LEAN), for
 // comparisons; only at 16 and 64 tokens with the default ring depth, without ILP.
 template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
