@@ -17,6 +17,7 @@
 #   COMMIT   (recorded; default: git rev-parse HEAD, with "-dirty" where the tracked files differ from it: on a
 #            copied checkout HEAD can be stale, which then shows as dirty; pass the commit there)
 #   OUT      (if set, results and logs are copied there)
+#   LM_HEAD  [none]; int8: every quantized checkpoint gets `llmq quantize --lm-head int8` (recorded as "lm_head")
 #   DEVICE   [cuda]; cpu runs the same plumbing on the CPU (with SHAPES=tiny) to check the script itself
 #   RESULT   [bench/results/<date>-<card>.json]
 # Under a time limit run it as `timeout 570 scripts/gpu-check.sh`: on SIGTERM it writes what it measured so far
@@ -38,6 +39,7 @@ RUN_TESTS=${RUN_TESTS:-1}
 WORK=${WORK:-/tmp/llmq-gpu-check}
 COMMIT=${COMMIT:-$(c=$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEAD && echo "$c" || echo "$c-dirty"; } || echo unknown)}
 DEVICE=${DEVICE:-cuda}
+export LM_HEAD=${LM_HEAD:-none}
 BATCH_LIST=$(echo $BATCHES | tr ' ' ',')  # llmq bench --batches
 JOBS=$(nproc)
 QJOBS=${QJOBS:-1}
@@ -137,7 +139,8 @@ runs = json.loads(os.environ["BENCH_JSON"])["runs"]
 shape, method, qw, card, commit = sys.argv[1:]
 for r in runs:
     rec = {"shape": shape, "method": method, "quantized_with": qw, "batch": r["batch"], "prompt_len": r["prompt_len"],
-           "gen_len": r["gen_len"], "card": card, "commit": commit, "date": datetime.date.today().isoformat()}
+           "gen_len": r["gen_len"], "card": card, "commit": commit, "date": datetime.date.today().isoformat(),
+           "lm_head": "none" if method == "bf16" else os.environ["LM_HEAD"]}
     for k in ["decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms", "achieved_gbps", "peak_gbps",
               "roofline_pct", "prefill_gflops", "peak_gflops", "prefill_pct_of_peak_flops", "weight_bytes",
               "bytes_per_token", "peak_memory_bytes", "device"]:
@@ -169,7 +172,7 @@ quantize_one() {  # shape method base dir: one quantization (nice 10: the GPU te
   local t0
   t0=$(date +%s)
   if nice -n 10 "$LLMQ" quantize "$3" -o "$4" --method "$2" --calib "$CALIB" --calib-samples 4 --calib-seq-len 128 \
-       >/dev/null 2>"$4.err"; then
+       --lm-head "$LM_HEAD" >/dev/null 2>"$4.err"; then
     echo "== quantize $1 $2: $(( $(date +%s) - t0 )) s"
   else
     echo "quantize $1 $2 failed: $(tail -1 "$4.err")"
