@@ -229,8 +229,9 @@ TEST(Cli, QuantizeEvalInspectJson) {
   json je = json::parse(e.out);
   for (auto k : {"ppl", "baseline_ppl", "delta_ppl_pct", "mean_kld", "kld_p99", "top1_agreement", "rms_delta_p", "windows"})
     EXPECT_TRUE(je.contains(k)) << k;
-  ASSERT_EQ(je["layers"].size(), 6u * 7u);
-  EXPECT_GE(je["layers"][0]["rel_error"].get<double>(), je["layers"][41]["rel_error"].get<double>());
+  ASSERT_EQ(je["layers"].size(), 6u * 7u + 1u) << "every linear of the 6 layers, and the INT8 lm_head";
+  EXPECT_GE(je["layers"][0]["rel_error"].get<double>(), je["layers"][42]["rel_error"].get<double>());
+  EXPECT_EQ(std::count_if(je["layers"].begin(), je["layers"].end(), [](const json& l) { return l["name"] == "lm_head"; }), 1);
   CmdResult g = run("generate " + d + "/q -p 'def main():' -n 8 --json");
   ASSERT_EQ(g.code, 0) << g.err;
   CmdResult i = run("inspect " + demo() + " --calib " + c4 + " --calib-samples 2 --calib-seq-len 128 --json");

@@ -262,6 +262,18 @@ TEST(Quantize, Int8LmHead) {
       std::printf("w8a16 KLD %.6f, with an INT8 lm_head %.6f\n", cp.mean_kld, ch.mean_kld);
       EXPECT_NE(cp.mean_kld, ch.mean_kld);  // the quantized head is what runs
       EXPECT_LT(ch.mean_kld - cp.mean_kld, 2e-3);
+      // eval --per-layer lists the quantized head with its own relative output error (INT8 rows: well under 1%)
+      auto head_error = [&](const std::string& dir) {
+        Model m(dir), b(base);
+        for (const LayerError& l : compare(m, b, eval_tokens(), 128, 1, true, nullptr).layers)
+          if (l.name == "lm_head") return l.rel_error;
+        return -1.0;
+      };
+      EXPECT_EQ(head_error(plain), -1.0) << "an unquantized head is not listed";
+      const double e = head_error(head8);
+      EXPECT_GT(e, 0.0);
+      EXPECT_LT(e, 0.01);
+      std::printf("INT8 lm_head relative output error %.5f\n", e);
     }
   }
   // a checkpoint whose lm_head entry llmq does not know is refused by name

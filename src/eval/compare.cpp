@@ -30,6 +30,7 @@ struct LayerErrorHooks : ForwardHooks {
     for (int64_t l = 0; l < base.config().layers; ++l)
       for (int s = 0; s < kNumSites; ++s)
         for (const std::string& n : site_linear_names(Site(s))) names.push_back("model.layers." + std::to_string(l) + "." + n);
+    if (q.lm_head().fmt != WeightFormat::Dense) names.push_back("lm_head");  // (--lm-head int8; the last entry)
     err2.assign(names.size(), 0);
     ref2.assign(names.size(), 0);
   }
@@ -64,14 +65,24 @@ struct LayerErrorHooks : ForwardHooks {
         for (int64_t t = 0; t < T; ++t)
           for (int64_t j = 0; j < n_out; ++j) yq[size_t(t * n_out + j)] *= QL.o.smooth[size_t((j / hd) * group * hd + j % hd)];
       }
-      double e = 0, r = 0;
-      for (size_t k = 0; k < yb.size(); ++k) {
-        e += double(yq[k] - yb[k]) * double(yq[k] - yb[k]);
-        r += double(yb[k]) * double(yb[k]);
-      }
-      err2[index(layer, site, i)] += e;
-      ref2[index(layer, site, i)] += r;
+      add(index(layer, site, i), yq, yb);
     }
+  }
+  void head_input(const float* x, int64_t T, int64_t dim) override {
+    if (q.lm_head().fmt == WeightFormat::Dense) return;
+    std::vector<float> yb(size_t(T * base.lm_head().out)), yq(yb.size());
+    base.lm_head().forward(x, T, yb.data());
+    q.lm_head().forward(x, T, yq.data());
+    add(names.size() - 1, yq, yb);
+  }
+  void add(size_t i, const std::vector<float>& yq, const std::vector<float>& yb) {
+    double e = 0, r = 0;
+    for (size_t k = 0; k < yb.size(); ++k) {
+      e += double(yq[k] - yb[k]) * double(yq[k] - yb[k]);
+      r += double(yb[k]) * double(yb[k]);
+    }
+    err2[i] += e;
+    ref2[i] += r;
   }
 };
 

@@ -264,7 +264,7 @@ void Model::forward(const std::vector<BatchToken>& batch, KVCache& cache, float*
   std::vector<float> x;
   embed_tokens(batch, x);
   for (int64_t l = 0; l < cfg_.layers; ++l) forward_layer(l, batch, cache, x, hooks, false);
-  head(batch, x, logits_out);
+  head(batch, x, logits_out, hooks);
 }
 
 void Model::forward_layer(int64_t l, const std::vector<BatchToken>& batch, KVCache& cache, std::vector<float>& x,
@@ -373,7 +373,8 @@ void Model::forward_layer(int64_t l, const std::vector<BatchToken>& batch, KVCac
   for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
 }
 
-void Model::head(const std::vector<BatchToken>& batch, const std::vector<float>& x, float* logits_out) const {
+void Model::head(const std::vector<BatchToken>& batch, const std::vector<float>& x, float* logits_out,
+                 ForwardHooks* hooks) const {
   const ModelConfig& c = cfg_;
   const int64_t T = int64_t(batch.size()), H = c.hidden;
   // Final norm and lm_head on the rows whose logits are wanted.
@@ -385,6 +386,7 @@ void Model::head(const std::vector<BatchToken>& batch, const std::vector<float>&
     rmsnorm(&x[size_t(t * H)], final_norm_.data(), H, c.rms_eps, &sel[size_t(n_out * H)]);
     ++n_out;
   }
+  if (n_out && hooks) hooks->head_input(sel.data(), n_out, H);
   if (n_out) lm_head_.forward(sel.data(), n_out, logits_out);
 }
 

@@ -39,6 +39,8 @@ struct ForwardHooks {
   virtual void linear_input(int64_t layer, Site site, const float* x, int64_t T, int64_t dim) {}
   // k, v: [T, kv_heads*head_dim] after RoPE, as stored in the cache
   virtual void kv(int64_t layer, const float* k, const float* v, int64_t T) {}
+  // x: [T, hidden] the final-normed rows the lm_head reads (the tokens whose logits are wanted)
+  virtual void head_input(const float* x, int64_t T, int64_t dim) {}
 };
 
 // Key/value cache for n_seq independent sequences of up to `capacity` positions each.
@@ -86,7 +88,8 @@ class Model {
   void embed_tokens(const std::vector<BatchToken>& batch, std::vector<float>& x) const;
   void forward_layer(int64_t l, const std::vector<BatchToken>& batch, KVCache& cache, std::vector<float>& x,
                      ForwardHooks* hooks = nullptr, bool check = true) const;
-  void head(const std::vector<BatchToken>& batch, const std::vector<float>& x, float* logits_out) const;
+  void head(const std::vector<BatchToken>& batch, const std::vector<float>& x, float* logits_out,
+            ForwardHooks* hooks = nullptr) const;
   // Replaces layer l's linear weights by dense F32 copies (owned by the model) and its norms; used to run
   // already-quantized layers (dequantized) while calibrating the next ones.
   void set_layer_dense(int64_t l, const std::vector<std::pair<Linear*, std::vector<float>>>& weights,
