@@ -97,14 +97,17 @@ struct FLayer {
   }
 };
 
-FLinear to_float(const Linear& l, const std::string& name) {
-  FLinear f{name, l.out, l.in, std::vector<float>(size_t(l.out * l.in)), l.bias};
+// Rows [row0, row1) of the linear (default all) as float; its bias only when whole.
+FLinear to_float(const Linear& l, const std::string& name, int64_t row0 = 0, int64_t row1 = -1) {
+  if (row1 < 0) row1 = l.out;
+  const int64_t n = row1 - row0;
+  FLinear f{name, n, l.in, std::vector<float>(size_t(n * l.in)), n == l.out ? l.bias : std::vector<float>{}};
   constexpr int64_t kRows = 64;
   bool finite = true;
-#pragma omp parallel for schedule(static) reduction(&& : finite) if (l.out * l.in > (int64_t(1) << 16))
-  for (int64_t r0 = 0; r0 < l.out; r0 += kRows) {
-    const int64_t r1 = std::min(l.out, r0 + kRows);
-    float* w = f.w.data() + r0 * l.in;
+#pragma omp parallel for schedule(static) reduction(&& : finite) if (n * l.in > (int64_t(1) << 16))
+  for (int64_t r0 = row0; r0 < row1; r0 += kRows) {
+    const int64_t r1 = std::min(row1, r0 + kRows);
+    float* w = f.w.data() + (r0 - row0) * l.in;
     l.dequantize_rows(r0, r1, w);
     for (int64_t i = 0; i < (r1 - r0) * l.in; ++i) finite = finite && std::isfinite(w[i]);
   }
@@ -222,13 +225,8 @@ void emit_lm_head_int8(const Linear& head, std::vector<TensorData>& out) {
   sc.bytes.reserve(size_t(head.out) * 4);
   constexpr int64_t kBlock = 2048;
   for (int64_t r0 = 0; r0 < head.out; r0 += kBlock) {
-    const int64_t r1 = std::min(head.out, r0 + kBlock);
-    FLinear f{"lm_head", r1 - r0, head.in, std::vector<float>(size_t((r1 - r0) * head.in)), {}};
-    head.dequantize_rows(r0, r1, f.w.data());
-    for (float v : f.w)
-      if (!std::isfinite(v)) throw Error(head.w->file + ": tensor '" + head.w->name + "' contains NaN or infinite values");
     std::vector<TensorData> part;
-    emit_int8_channel(f, part);
+    emit_int8_channel(to_float(head, "lm_head", r0, std::min(head.out, r0 + kBlock)), part);
     w.bytes.insert(w.bytes.end(), part[0].bytes.begin(), part[0].bytes.end());
     sc.bytes.insert(sc.bytes.end(), part[1].bytes.begin(), part[1].bytes.end());
   }

@@ -883,7 +883,7 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // 4-layer llama-3-8b w4a16 TPOT batch 16 0.7461 / 0.7444 -> 0.7372 / 0.7373 ms, batch 64 1.408 / 1.397 -> 1.373 /
 // 1.365. INT8 rows gained nothing (64 tokens: qkv 39.0 -> 36.1 us but o 30.5 -> 35.6, a layer's four 214.3 -> 215.1)
 // and keep the previous loop.
-template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = true>
+template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = false>
 __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S>;
@@ -891,6 +891,7 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
   constexpr int UPG = I4 ? G / 64 : 1;  // units per group
   constexpr int GPS = kTUnits / UPG;    // groups per stage (1 or 2)
   static_assert(!ILP || I4, "ILP: INT4 only");
+  static_assert(!LEAN || I4, "LEAN: INT4 only");
   static_assert(kTUnits % UPG == 0, "a stage starts on a group (ups is a multiple of kTUnits)");
   constexpr int NC = ILP ? kTUnits : 1;  // INT4 group sums: one per unit of a stage (ILP) or one
   extern __shared__ uint4 t_ring[];
@@ -999,10 +1000,8 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
   // (A lambda's units left: none once it is past the split's last stage.)
   [[maybe_unused]] int w_left = u_end - u_begin, w_grp = I4 ? u_begin / UPG : 0, x_left = u_end - u_begin;
   [[maybe_unused]] const uint4* w4_next = I4 ? static_cast<const uint4*>(a.w) + w_src[0] : nullptr;
-  [[maybe_unused]] const uint8_t* w8_next[2] = {static_cast<const uint8_t*>(a.w) + w_src[0],
-                                               static_cast<const uint8_t*>(a.w) + w_src[I4 ? 0 : 1]};
   [[maybe_unused]] const __nv_bfloat16* x_next = x + int64_t(u_begin) * 64;
-  [[maybe_unused]] const uint32_t w_dst = uint32_t(Lay::kAct + (warp * kTUnits * (I4 ? 1 : 2) * 32 + lane) * 16);
+  [[maybe_unused]] const uint32_t w_dst = uint32_t(Lay::kAct + (warp * kTUnits * 32 + lane) * 16);  // (INT4)
   [[maybe_unused]] const uint32_t sc_dst =
       uint32_t(Lay::kAct + Lay::kW + ((warp * kTGroups) * 16 + (lane & 15)) * 4) + (lane < 16 ? 0u : uint32_t(Lay::kSc));
   // The ring addresses of slot 0, kept in registers (ptxas otherwise recomputed them, with the shared window's
@@ -1011,31 +1010,21 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
                                   x_addr0 = LEAN ? pinned(ring_s + x_dst) : 0u;
   [[maybe_unused]] uint32_t w_addr = w_addr0, x_addr = x_addr0;
   constexpr uint32_t kLastSlot = uint32_t((S - 1) * Lay::kStage);  // slot S - 1's offset from slot 0
-  auto copy_w_lean = [&]() {  // the next stage's weights
+  auto copy_w_lean = [&]() {  // the next stage's weights (INT4: codes, then the groups' scale/zero records)
     if (w_left <= 0) return;
     const uint32_t base = w_addr;
     const bool full = w_left >= kTUnits;
-    if constexpr (I4) {
 #pragma unroll
-      for (int cu = 0; cu < kTUnits; ++cu)
-        if (full || cu < w_left) cp_async16(base + uint32_t(cu * 32 * 16), w4_next + cu * 32);
-      const uint32_t sbase = base - w_addr0 + s_addr0;
+    for (int cu = 0; cu < kTUnits; ++cu)
+      if (full || cu < w_left) cp_async16(base + uint32_t(cu * 32 * 16), w4_next + cu * 32);
+    const uint32_t sbase = base - w_addr0 + s_addr0;
 #pragma unroll
-      for (int q = 0; q < GPS; ++q) {
-        const int grp = w_grp + q;
-        if (full || q * UPG < w_left) cp_async4(sbase + uint32_t(q * 16 * 4), sz_src + (lane < 16 ? 4 * grp : grp & ~3));
-      }
-      w4_next += kTUnits * 32;
-      w_grp += GPS;
-    } else {
-#pragma unroll
-      for (int cu = 0; cu < kTUnits; ++cu)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          if (full || cu < w_left) cp_async16(base + uint32_t((cu * 2 + h) * 32 * 16), w8_next[h] + cu * 64);
-      w8_next[0] += kTUnits * 64;
-      w8_next[1] += kTUnits * 64;
+    for (int q = 0; q < GPS; ++q) {
+      const int grp = w_grp + q;
+      if (full || q * UPG < w_left) cp_async4(sbase + uint32_t(q * 16 * 4), sz_src + (lane < 16 ? 4 * grp : grp & ~3));
     }
+    w4_next += kTUnits * 32;
+    w_grp += GPS;
     w_left -= kTUnits;
     w_addr = w_addr - w_addr0 == kLastSlot ? w_addr0 : w_addr + uint32_t(Lay::kStage);
   };
@@ -1046,9 +1035,7 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
 #pragma unroll
       for (int i = 0; i < kXPer; ++i) {
         if (x_r0 + i * kRowsPer >= NT * 8) break;
-        const uint32_t dst = base + uint32_t(i * kRowsPer * Lay::kRow * 2);
-        if constexpr (I4) cp_async16(dst, x_next + x_src[i]);
-        else cp_async8(dst, x_next + x_src[i]);
+        cp_async16(base + uint32_t(i * kRowsPer * Lay::kRow * 2), x_next + x_src[i]);
       }
     }
     x_next += kTUnits * 64;
@@ -1305,11 +1292,10 @@ template <int KIND, int NT, int G>
 void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_STAGES");
   const int want = e && *e ? std::atoi(e) : (KIND == kI4 || NT == 8) ? 3 : kTStages;
-  if constexpr (NT == 2 || NT == 8) {
-    constexpr int kDefault = (KIND == kI4 || NT == 8) ? 3 : kTStages;
+  if constexpr (KIND == kI4 && (NT == 2 || NT == 8)) {
     const char* le = std::getenv("LLMQ_WGEMM_TILED_LEAN");
-    if (want == kDefault && le && *le == '0' && !(KIND == kI4 && NT == 2 && env_flag("LLMQ_WGEMM_TILED_ILP")))
-      return launch_tiled_s<KIND, NT, G, kDefault, false, false>(a, s);
+    if (want == 3 && le && *le == '0' && !(NT == 2 && env_flag("LLMQ_WGEMM_TILED_ILP")))
+      return launch_tiled_s<KIND, NT, G, 3, false, false>(a, s);
   }
   if constexpr (KIND == kI4 && NT == 2) {
     if (env_flag("LLMQ_WGEMM_TILED_ILP")) {
