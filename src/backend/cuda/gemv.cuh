@@ -78,7 +78,8 @@ struct GemvArgs {
   ActKind x_prep = ActKind::None;
   float x_prep_scale = 1.f;
   int ksplit = 0;                 // GEMV: warps that share a row pair, splitting K (1, 2 or 4); 0 = the launcher's
-                                  // choice (enough warps to fill the GPU). wgemm ignores it.
+                                  // choice (enough warps to fill the GPU). wgemm ignores it but in its INT4 direct
+                                  // kernel (i4_direct), where it may also be 8.
   bool evict_first = false;       // GEMV: weights read with an evict-first L2 hint (the launcher sets it)
   bool preload = false;           // GEMV: each lane's first batch of weights loaded before the grid-dependency
                                   // wait (the launcher sets it)
@@ -91,6 +92,10 @@ struct GemvArgs {
                                   // a rotating warp through mbarriers, no CTA barrier (sum_rotating in wgemm.cu); -1 =
                                   // to warp 0 after __syncthreads; 0 = the launcher's choice (-1 unless
                                   // LLMQ_WGEMM_I4_ROTATE=1). The GEMV ignores it.
+  int i4_direct = 0;              // wgemm, INT4 tiles at one token with i4_sz: 1 = the direct kernel (each warp loads its
+                                  // weights and records into registers, no shared-memory ring; wgemm_i4_direct_kernel,
+                                  // its K split over ksplit warps: 1, 2, 4 or 8, 0 = the launcher's choice); -1 = the ring
+                                  // kernel; 0 = the launcher's choice (the ring unless LLMQ_WGEMM_I4_DIRECT=1).
   // wgemm, INT4 tiles and INT8 weight-only: 1 = the tiled kernel (128 rows a CTA sharing the activations in shared
   // memory; INT4 groups of 64/128 with K / group % 4 == 0; K % 64 == 0, no norm_counter, 16-byte aligned x rows),
   // -1 = never, 0 = the launcher's choice (the tiled kernel past 8 tokens where it serves and wins: tiled_default in wgemm.cu).
