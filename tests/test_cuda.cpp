@@ -94,7 +94,6 @@ struct GemvCase {
   bool tiled_ws = false;// with tiled: a split-K workspace (the launcher then splits K where N is small)
   bool rms_f32 = false; // with rms_out: FP32 y * w (GemvArgs::rms_out_f32)
   bool i4_ldg = false;  // with tc, INT4: no GemvArgs::i4_sz records (the one-token kernel loads w_scale / w_zero)
-  int i4_direct = 0;    // GemvArgs::i4_direct (1: the one-token INT4 kernel without the ring; ksplit is its K split)
 };
 
 // Every weight x input format pair the GEMV runs.
@@ -240,7 +239,6 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   a.ksplit = c.ksplit;
   a.i4_row_blocks = c.i4_rb;
   a.i4_rotate = c.i4_rotate;
-  a.i4_direct = c.i4_direct;
   a.tiled = c.tiled;
   // Room for as many splits as the launcher may take (K / 256), poisoned (NaN): every partial is written first.
   const int64_t ws_floats = c.tiled_ws ? (K / 256 + 1) * ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8) : 1;
@@ -289,7 +287,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
                            std::to_string(N) + " K " + std::to_string(K) + " M " + std::to_string(M) + " g " +
                            std::to_string(c.group) + (tc ? " (wgemm)" : gemv_vectorized(a) ? " (vector)" : " (scalar)") +
                            (c.swiglu ? " swiglu" : "") + (c.norm >= 0 ? " norm " + std::to_string(c.norm) : "") +
-                           (c.ksplit ? " ksplit " + std::to_string(c.ksplit) : "") + (c.i4_rb ? " i4_rb " + std::to_string(c.i4_rb) : "") + (c.i4_rotate > 0 ? " i4_rotate" : "") + (c.i4_direct > 0 ? " i4_direct" : "") + (c.rms_in ? " rms_in" : "") +
+                           (c.ksplit ? " ksplit " + std::to_string(c.ksplit) : "") + (c.i4_rb ? " i4_rb " + std::to_string(c.i4_rb) : "") + (c.i4_rotate > 0 ? " i4_rotate" : "") + (c.rms_in ? " rms_in" : "") +
                            (c.rms_out ? (c.rms_f32 ? " rms_out f32" : " rms_out") : "");
   if (tc) {
     EXPECT_TRUE(wgemm_supports(a, device_sm())) << what;
@@ -561,48 +559,6 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
       sw.i4_rotate = rot;
       check_gemv(sw, seed++, true);
     }
-}
-
-// The one-token INT4 kernel without the shared-memory ring (GemvArgs::i4_direct = 1): every group size; K from one
-// unit to many, with a K range a warp that ends in a partial batch (K = 384: 6 units; 14336: 224 units, 28 or 56 a
-// warp at ks 8 or 4) and ranges left empty (K = 128 at ks 8); every K split (ksplit 1-8, and the launcher's choice);
-// N not a multiple of 16 or of the CTA's row blocks, and more row blocks than CTAs resident at once; bias, residual,
-// the SwiGLU epilogue (BF16 and FP8 codes), the fused RMSNorm and both halves of the distributed one.
-TEST(CudaWgemm, Int4DirectMatchesReference) {
-  REQUIRE_GPU();
-  cudaDeviceProp p{};
-  ASSERT_EQ(cudaGetDeviceProperties(&p, 0), cudaSuccess);
-  const int64_t big = 16 * 8 * 3 * int64_t(p.multiProcessorCount) + 9;  // past a wave of CTAs
-  uint64_t seed = 5000;
-  double worst = 0;
-  const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
-      {1, 64, 32}, {7, 128, 64}, {33, 384, 128}, {129, 1024, 32}, {45, 14336, 128}, {250, 4096, 64}, {big, 1024, 128}};
-  for (auto [N, K, g] : shapes)
-    for (int ks : {0, 1, 2, 4, 8}) {
-      if (N == big && ks != 0 && ks != 2) continue;
-      GemvCase c{WFmt::I4, XFmt::BF16, N, K, g, 1, (seed % 2) == 0, (seed % 3) != 0};
-      c.i4_direct = 1;
-      c.ksplit = ks;
-      worst = std::max(worst, check_gemv(c, seed++, true));
-      if (HasFailure()) return;
-    }
-  for (ActKind kind : {ActKind::None, ActKind::Fp8Tensor}) {
-    GemvCase sw{WFmt::I4, XFmt::BF16, 2 * 85, 1024, 128, 1, false, true};
-    sw.swiglu = true;
-    sw.swiglu_kind = kind;
-    sw.i4_direct = 1;
-    sw.ksplit = 4;
-    worst = std::max(worst, check_gemv(sw, seed++, true));
-  }
-  GemvCase nrm{WFmt::I4, XFmt::BF16, 4096, 4096, 128, 1, true, false};
-  nrm.norm = int(ActKind::None);
-  nrm.i4_direct = 1;
-  worst = std::max(worst, check_gemv(nrm, seed++, true));
-  GemvCase dist{WFmt::I4, XFmt::BF16, 4096, 14336, 128, 1, true, false};
-  dist.rms_in = dist.rms_out = true;
-  dist.i4_direct = 1;
-  worst = std::max(worst, check_gemv(dist, seed++, true));
-  std::printf("i4_direct worst |error| / sum|products| %.2e\n", worst);
 }
 
 // The tiled weight-only kernel (GemvArgs::tiled = 1), INT4 tiles and INT8 rows: 128 rows a CTA sharing the

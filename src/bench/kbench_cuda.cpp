@@ -266,17 +266,6 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
           row("i4-ldg", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
           no_sz = false;
         }
-        if (f.wf == WFmt::I4 && T == 1 && wgemm_supports(a, sm)) {  // the direct one-token kernel: the launcher's K
-          a.i4_direct = 1;                                            // split, then each one forced
-          row("i4-dir", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
-          for (int ks : {1, 2, 4, 8}) {
-            a.ksplit = ks;
-            const std::string name = "i4-dir/k" + std::to_string(ks);
-            row(name.c_str(), time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
-          }
-          a.ksplit = 0;
-          a.i4_direct = 0;
-        }
         if (f.wf != WFmt::BF16) {  // the tiled kernel (GemvArgs::tiled; weight-only): K unsplit, then split through ws
           a.tiled = 1;
           if (wgemm_supports(a, sm)) {

@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
   // Warps past N do nothing, but they still take part in the block-wide steps of the K-split sum, the
   // input prep and the fused norm.
   const bool active = row0 < a.N;
-  if (!active && !a.norm_counter && ks == 1 && !XP && !(a.sumsq_cta && a.rms_sumsq)) return;
+  if (!active && !a.norm_counter && ks == 1 && !XP) return;
   const int64_t chunks = active ? a.K / E : 0;
   const int64_t rb = row_bytes<WF>(a.K);
   int64_t rows[kRows];
@@ -319,12 +319,6 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
 #pragma unroll
       for (int m = 0; m < MT; ++m) v[r][m] = float(iv[r][m]);
   static_assert(kRows == 2, "the SwiGLU epilogue pairs a warp's two rows");
-  // GemvArgs::sumsq_cta: the warps' shares of the sums of squares added in the CTA first, one atomic a row of x.
-  const bool cta_sq = a.sumsq_cta && a.rms_sumsq;
-  __shared__ float sq_part[kWarps][MT];
-  if (cta_sq && lane == 0)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) sq_part[warp][m] = 0.f;
   if (active && kw == 0 && lane == 0) {
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
@@ -338,17 +332,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a)
 #pragma unroll
       for (int r = 0; r < kRows; ++r)
         if (row0 + r < a.N) sq += store_y(a, row0 + r, m, finish<WF, XF>(a, row0 + r, xs, v[r][m]));
-      if (cta_sq) sq_part[warp][m] = sq;
-      else add_sumsq(a, m, sq);
-    }
-  }
-  if (cta_sq) {
-    __syncthreads();
-    if (int(threadIdx.x) < MT && int(threadIdx.x) < a.M) {
-      float sq = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) sq += sq_part[w][threadIdx.x];
-      add_sumsq(a, threadIdx.x, sq);
+      add_sumsq(a, m, sq);
     }
   }
   norm_tail(a);
@@ -440,8 +424,6 @@ void launch_vec(const GemvArgs& args, cudaStream_t s) {
   GemvArgs a = args;
   a.ksplit = choose_ksplit(args, row_bytes<WF>(args.K), resident_warps<WF, XF, MT, XP>());
   a.evict_first = !evict_normal;
-  static const bool sumsq_cta = env_flag("LLMQ_GEMV_SUMSQ_CTA");
-  a.sumsq_cta = a.sumsq_cta || sumsq_cta;
   // The first batch of weights loaded before the wait: where the block preps its inputs first (XP), or
   // everywhere with LLMQ_GEMV_PRELOAD=1 (comparisons).
   static const bool preload_all = env_flag("LLMQ_GEMV_PRELOAD"), preload_off = env_flag("LLMQ_GEMV_NO_PRELOAD");

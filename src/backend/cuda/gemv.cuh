@@ -78,13 +78,10 @@ struct GemvArgs {
   ActKind x_prep = ActKind::None;
   float x_prep_scale = 1.f;
   int ksplit = 0;                 // GEMV: warps that share a row pair, splitting K (1, 2 or 4); 0 = the launcher's
-                                  // choice (enough warps to fill the GPU). wgemm ignores it but in its INT4 direct
-                                  // kernel (i4_direct), where it may also be 8.
+                                  // choice (enough warps to fill the GPU). wgemm ignores it.
   bool evict_first = false;       // GEMV: weights read with an evict-first L2 hint (the launcher sets it)
   bool preload = false;           // GEMV: each lane's first batch of weights loaded before the grid-dependency
                                   // wait (the launcher sets it)
-  bool sumsq_cta = false;         // GEMV, with rms_sumsq: the warps' shares of the sums of squares added within the
-                                  // CTA, then one atomic a row (instead of one a warp); LLMQ_GEMV_SUMSQ_CTA=1 sets it
   const void* i4_sz = nullptr;    // wgemm, INT4 tiles: w_scale and w_zero as pack::int4_sz_pack records, which the
                                   // one-token kernel (T <= 8) copies into shared memory with the weights; null: it
                                   // loads w_scale / w_zero where it needs them (LLMQ_WGEMM_I4_NO_SZ=1 ignores it)
@@ -94,10 +91,6 @@ struct GemvArgs {
                                   // a rotating warp through mbarriers, no CTA barrier (sum_rotating in wgemm.cu); -1 =
                                   // to warp 0 after __syncthreads; 0 = the launcher's choice (-1 unless
                                   // LLMQ_WGEMM_I4_ROTATE=1). The GEMV ignores it.
-  int i4_direct = 0;              // wgemm, INT4 tiles at one token with i4_sz: 1 = the direct kernel (each warp loads its
-                                  // weights and records into registers, no shared-memory ring; wgemm_i4_direct_kernel,
-                                  // its K split over ksplit warps: 1, 2, 4 or 8, 0 = the launcher's choice); -1 = the ring
-                                  // kernel; 0 = the launcher's choice (the ring unless LLMQ_WGEMM_I4_DIRECT=1).
   // wgemm, INT4 tiles and INT8 weight-only: 1 = the tiled kernel (128 rows a CTA sharing the activations in shared
   // memory; INT4 groups of 64/128 with K / group % 4 == 0; K % 64 == 0, no norm_counter, 16-byte aligned x rows),
   // -1 = never, 0 = the launcher's choice (the tiled kernel past 8 tokens where it serves and wins: tiled_default in wgemm.cu).

@@ -508,6 +508,14 @@ __host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz) {
 // the IMAD that waits for it). H200, llama-3-8b shapes, us with / without (llmq-kbench, i4-ldg row): T = 1 qkv
 // 9.5 / 9.9, o 6.7 / 7.3, gate_up 27.1 / 27.5, down 14.9 / 15.1; T = 8 gate_up 34.4 / 38.5, down 19.4 / 20.7;
 // T = 16 slower (down 36.6 / 32.5), so not there.
+//
+// Measured and not kept (session 40, H100): a one-token kernel without the ring, GEMV-shaped (a warp owns a row
+// block and 1/ks of K, loads 4 or 8 units and their records straight into registers with the next batch in flight,
+// one K-split sum through shared memory at the end). llmq-kbench us, this kernel / that one at its best K split:
+// qkv 9.59 / 9.96, o 7.40 / 6.95, gate_up 27.90 / 29.94, down 16.66 / 16.24; 4-layer llama-3-8b batch 1 TPOT
+// 0.6515 / 0.680-0.691 ms. Its gate_up read 65-71% of the copy bandwidth against the INT8 GEMV's 98% on the same
+// rows: the INT4 path issues four 8-byte activation loads per 16 bytes of weights (one a mma), the GEMV one 16-byte
+// load (bench/results/2026-12-07-nvidia-h100-session40.txt).
 template <int NT, int G, int RB, bool SZ, bool ROT = false>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
   constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block; ring stages
@@ -748,182 +756,6 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
          size_t(nw) * kRingBytes, s, a, units, per);
 }
 
-// ---- INT4 at one token, straight into registers (GemvArgs::i4_direct) ----
-//
-// wgemm_i4_kernel brings every byte through a per-warp cp.async ring in shared memory and sums a CTA's K splits
-// behind a CTA barrier at every row-block set; at one token it reads 48-77% of the copy bandwidth (H100, llmq-kbench:
-// qkv 48%, o 42%, gate_up 77%, down 64%), while the GEMV's simpler shape (each warp loads a batch of 16-byte chunks
-// straight into registers, multiplies, loads the next; one K-split sum at the end) reads 73-98% of it on the same
-// matrices as INT8 (bench/results/2026-12-05-nvidia-h100-session27.txt). This kernel is that shape on the INT4 tiles:
-// a warp owns one row block (16 rows) and a K range of its units (1/ks of K), loads kDBatch units (16 bytes a lane
-// each) and their groups' scale/zero-point records (a float2 and a uint16 a lane a group) with one batch always in
-// flight ahead of the one it multiplies (PIPE = 2; PIPE = 1: load, multiply, load), and sums each group's mma
-// in registers, scaled once per group. At one token every column of the mma's B operand is the token (the clamped
-// column index), so every lane ends with its rows g and g + 8 in c0 and c2: no column selection, and the K-split
-// warps of a row block (ks of them, consecutive in the CTA) add their c0/c2 through shared memory once, at the end.
-// No dynamic shared memory; the first batch is requested before pdl_wait().
-constexpr int kDWarps = 8;  // warps a CTA
-
-// 16 bytes of weights read once: no L1 allocation, evict-first in the L2 (as the GEMV's weights).
-__device__ __forceinline__ uint4 ld_weights_ef(const uint4* p, uint64_t pol) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "l"(pol));
-  return v;
-}
-
-template <int G, int B>
-struct I4DirectBatch {
-  static constexpr int kGroups = B * 64 / G;  // groups a full batch spans (a batch starts on a group)
-  uint4 w[B];
-  float2 s[kGroups];   // scales of rows g, g + 8
-  uint32_t z[kGroups]; // zero points of rows g (byte 0), g + 8 (byte 1)
-};
-
-template <int G, int PIPE, int kDBatch>
-__global__ void __launch_bounds__(kDWarps * 32, 2) wgemm_i4_direct_kernel(const GemvArgs a, const int units, const int per,
-                                                                           const int ks) {
-  using Batch = I4DirectBatch<G, kDBatch>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int kw = warp % ks;
-  const int rbs = int((a.N + 15) / 16);
-  const int rb_raw = int(blockIdx.x) * (kDWarps / ks) + warp / ks;
-  const int rb = min(rb_raw, rbs - 1);  // past the last row block: its copy, summed and never stored
-  const int u0 = min(units, kw * per), u1 = min(units, u0 + per);  // u0 a multiple of the units per group
-  const int ng = int(a.K / G);
-  const uint4* wp = static_cast<const uint4*>(a.w) + (int64_t(rb) * units + u0) * 32 + lane;
-  const uint8_t* rp = static_cast<const uint8_t*>(a.i4_sz) + (int64_t(rb) * ng + u0 * 64 / G) * pack::kInt4SzRecord;
-  uint64_t pol;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  // Batch from unit u (u - u0 a multiple of kDBatch): the units and groups before u1.
-  auto load = [&](Batch& b, int u) {
-    const int o = u - u0;
-#pragma unroll
-    for (int d = 0; d < kDBatch; ++d)
-      if (u + d < u1) b.w[d] = ld_weights_ef(wp + (o + d) * 32, pol);
-#pragma unroll
-    for (int q = 0; q < Batch::kGroups; ++q)
-      if (u * 64 + q * G < u1 * 64) {
-        const uint8_t* r = rp + (o * 64 / G + q) * pack::kInt4SzRecord;
-        b.s[q] = __ldg(reinterpret_cast<const float2*>(r + 8 * g));
-        b.z[q] = __ldg(reinterpret_cast<const uint16_t*>(r + 64 + 2 * g));
-      }
-  };
-  const bool any = u0 < u1;
-  Batch cur, nxt;
-  if (any) load(cur, u0);
-  pdl_trigger();
-  pdl_wait();
-  // The token's activations from k = 4t (uint2 = 4 bf16), as i4_units reads them.
-  const uint2* xp = reinterpret_cast<const uint2*>(static_cast<const __nv_bfloat16*>(a.x) + 4 * t);
-  float acc0 = 0.f, acc2 = 0.f;
-  // Multiply batch b (from unit u).
-  auto multiply = [&](const Batch& b, int u) {
-    float cg[4];
-#pragma unroll
-    for (int d = 0; d < kDBatch; ++d) {
-      if (u + d >= u1) break;
-      const uint2* xb = xp + (u + d) * 16;
-      const uint32_t ws[4] = {b.w[d].x, b.w[d].y, b.w[d].z, b.w[d].w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        constexpr int kSteps = G / 16;  // mma steps a group
-        const int step = d * 4 + j, q = step / kSteps;
-        const uint32_t z0 = __byte_perm(b.z[q], 0x43u, 0x4040u), z1 = __byte_perm(b.z[q], 0x43u, 0x4141u);
-        const uint32_t w = ws[j];
-        const uint32_t A[4] = {bf16x2_sub(and_or(w, 0x000F000Fu, 0x43004300u), z0),
-                               bf16x2_sub(and_or(w >> 4, 0x000F000Fu, 0x43004300u), z1),
-                               bf16x2_sub(and_or(w >> 8, 0x000F000Fu, 0x43004300u), z0),
-                               bf16x2_sub(and_or(w >> 12, 0x000F000Fu, 0x43004300u), z1)};
-        const uint2 bx = __ldg(xb + 4 * j);
-        if (step % kSteps == 0) mma_bf16_z(cg, A, bx);
-        else mma_bf16(cg, A, bx);
-        if (step % kSteps == kSteps - 1) {
-          acc0 = fmaf(b.s[q].x, cg[0], acc0);
-          acc2 = fmaf(b.s[q].y, cg[2], acc2);
-        }
-      }
-    }
-  };
-  if constexpr (PIPE == 2) {
-    for (int u = u0; u < u1; u += 2 * kDBatch) {
-      if (u + kDBatch < u1) load(nxt, u + kDBatch);
-      multiply(cur, u);
-      if (u + kDBatch >= u1) break;
-      if (u + 2 * kDBatch < u1) load(cur, u + 2 * kDBatch);
-      multiply(nxt, u + kDBatch);
-    }
-  } else {
-    for (int u = u0; u < u1; u += kDBatch) {
-      if (u != u0) load(cur, u);
-      multiply(cur, u);
-    }
-  }
-  // The row block's K splits (warps warp - kw .. + ks - 1) into its first warp.
-  __shared__ float red[kDWarps][2][32];
-  if (ks > 1) {
-    if (kw > 0) red[warp][0][lane] = acc0, red[warp][1][lane] = acc2;
-    __syncthreads();
-    if (kw == 0)
-      for (int i = 1; i < ks; ++i) acc0 += red[warp + i][0][lane], acc2 += red[warp + i][1][lane];
-  }
-  if (kw == 0 && rb_raw < rbs)
-    store_tile<1>(a, rb, 0, 1, lane, [&](int, int e, int64_t, int64_t tc) { return (e < 2 ? acc0 : acc2) * rms_factor(a, tc); });
-  norm_tail(a);  // every thread of the CTA, once
-}
-
-// Whether wgemm_i4_direct_kernel runs these arguments by default (GemvArgs::i4_direct 0): LLMQ_WGEMM_I4_DIRECT=1.
-bool i4_direct_default() {
-  static const bool on = env_flag("LLMQ_WGEMM_I4_DIRECT");
-  return on;
-}
-
-template <int G, int PIPE, int B>
-void launch_i4_direct_pb(const GemvArgs& a, cudaStream_t s) {
-  // Resident warps of the instance on the whole card.
-  static const int resident = [] {
-    int dev = 0, sms = 0, b = 0;
-    LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
-    LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, wgemm_i4_direct_kernel<G, PIPE, B>, kDWarps * 32, 0));
-    return sms * std::max(1, b) * kDWarps;
-  }();
-  static const int env_ks = [] {
-    const char* e = std::getenv("LLMQ_WGEMM_I4_DIRECT_KS");
-    const int v = e && *e ? std::atoi(e) : 0;
-    return v == 1 || v == 2 || v == 4 || v == 8 ? v : 0;
-  }();
-  const int units = int(a.K / 64);
-  const int rbs = int((a.N + 15) / 16);
-  constexpr int upg = G > 64 ? G / 64 : 1;  // units a group: every warp's range starts on a group
-  // K split: the fewest warps a row block that give two waves of resident warps, each warp keeping two batches.
-  int ks = a.ksplit == 1 || a.ksplit == 2 || a.ksplit == 4 || a.ksplit == 8 ? a.ksplit : env_ks;
-  if (ks == 0) {
-    ks = 1;
-    while (ks < kDWarps && int64_t(rbs) * ks < 2 * int64_t(resident) && units / (2 * ks) >= 2 * B) ks *= 2;
-  }
-  const int per = (((units + ks - 1) / ks) + upg - 1) / upg * upg;
-  const unsigned blocks = unsigned((rbs + kDWarps / ks - 1) / (kDWarps / ks));
-  launch("wgemm_i4_direct_kernel", wgemm_i4_direct_kernel<G, PIPE, B>, dim3(blocks), dim3(kDWarps * 32), 0, s, a, units,
-         per, ks);
-}
-
-// LLMQ_WGEMM_I4_DIRECT_PB=18 | 24 | 28 (comparisons): batches in flight a warp (1: load, multiply, load; 2: the next
-// one loaded while this one is multiplied) and units a batch; default 2 x 4.
-template <int G>
-void launch_i4_direct(const GemvArgs& a, cudaStream_t s) {
-  static const int pb = [] {
-    const char* e = std::getenv("LLMQ_WGEMM_I4_DIRECT_PB");
-    const int v = e && *e ? std::atoi(e) : 24;
-    return v == 18 || v == 28 ? v : 24;
-  }();
-  if (pb == 18) return launch_i4_direct_pb<G, 1, 8>(a, s);
-  if (pb == 28) return launch_i4_direct_pb<G, 2, 8>(a, s);
-  return launch_i4_direct_pb<G, 2, 4>(a, s);
-}
-
 // LLMQ_WGEMM_I4_RB=1|2: row blocks per set of wgemm_i4_kernel wherever GemvArgs::i4_row_blocks leaves it open
 // (comparisons).
 int env_i4_rb() {
@@ -968,7 +800,6 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   // 0.561, 0.559, but batch 8 0.864, 0.862 / 0.828, 0.829 (unexplained; bench/results/2026-12-04-nvidia-h200-session17.txt).
   static const bool rotate_env = env_flag("LLMQ_WGEMM_I4_ROTATE");
   const bool rot = sz && (a.i4_rotate > 0 || (a.i4_rotate == 0 && rotate_env));
-  if (a.M == 1 && sz && (a.i4_direct > 0 || (a.i4_direct == 0 && i4_direct_default()))) return launch_i4_direct<G>(a, s);
   const unsigned tg = a.M <= 8 ? 1u : unsigned((a.M + 15) / 16);
   if (a.M <= 8) {
     if (rot) return rb == 2 ? launch_i4_nt<1, G, 2, true, true>(a, tg, s) : launch_i4_nt<1, G, 1, true, true>(a, tg, s);
@@ -1614,7 +1445,7 @@ bool wgemm_supports(const GemvArgs& a, int sm) {
   if ((kind == kI8W || kind >= kI8I8) && a.K % 64) return false;
   if (kind == kI4 && (!a.w_zero || !wgemm_int4_shape(a.K, a.group) || !aligned(a.i4_sz, 16))) return false;
   if (a.i4_row_blocks != 0 && a.i4_row_blocks != 1 && a.i4_row_blocks != 2) return false;
-  if (a.i4_rotate < -1 || a.i4_rotate > 1 || a.i4_direct < -1 || a.i4_direct > 1) return false;
+  if (a.i4_rotate < -1 || a.i4_rotate > 1) return false;
   if (a.tiled < -1 || a.tiled > 1 || (a.tiled == 1 && !tiled_ok(a, kind))) return false;
   const int xb = kind >= kI8I8 ? 1 : 2;
   if (!aligned(a.w, 16) || !aligned(a.x, 8) || (a.ldx * xb) % 8) return false;
