@@ -19,6 +19,8 @@ for a in "$@"; do
   esac
 done
 scripts/setup.sh
+T0=$SECONDS
+phase() { echo "== [$((SECONDS - T0)) s] $*"; }
 JOBS=$(nproc)
 SHARED="$(pwd)/../shared"
 if [ ! -d "$SHARED/models" ]; then
@@ -28,7 +30,7 @@ fi
 
 # The CUDA backend is compiled wherever nvcc is (CI has no GPU: the "gpu" tests report themselves skipped).
 if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then export PATH="/usr/local/cuda/bin:$PATH"; fi
-echo "== release build ($(command -v nvcc >/dev/null && echo "with the CUDA backend: $(nvcc --version | tail -1)" || echo "CPU only: no nvcc"))"
+phase "release build ($(command -v nvcc >/dev/null && echo "with the CUDA backend: $(nvcc --version | tail -1)" || echo "CPU only: no nvcc"))"
 # CUDA targets: the default build's (CMakeLists.txt: SASS for sm_80, sm_89, sm_90a); LLMQ_TEST_CUDA_ARCHS overrides.
 # (Until 43ba1c7 sm_80 was PTX only here: cuda_fp8.h's software E4M3 conversion, expanded into every FP8 loop,
 # took NVVM ~7 and ptxas ~13 minutes on gemv.cu alone on a 2-core VM; fp8_sw.hpp's bit mapping takes seconds.)
@@ -36,18 +38,19 @@ CUDA_ARCHS="${LLMQ_TEST_CUDA_ARCHS:-80-real;89-real;90a-real}"
 cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DLLMQ_WERROR=ON -DLLMQ_SHARED_DIR="$SHARED" \
   -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCHS" >/dev/null
 cmake --build build/release -j"$JOBS"
-echo "== release tests"
+phase "release tests"
 EXCLUDE=()
 [ "$FAST" = 1 ] && EXCLUDE=(-LE perplexity)
 ctest --test-dir build/release --output-on-failure "${EXCLUDE[@]}"
 
 if [ "$SANITIZE" = 1 ]; then
-  echo "== ASan + UBSan build"
+  phase "ASan + UBSan build"
   # CPU code only: the CUDA runtime and ASan do not mix, and the release build already compiled the CUDA code.
   cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLLMQ_SANITIZE=ON -DLLMQ_WERROR=ON -DLLMQ_CUDA=OFF \
     -DLLMQ_SHARED_DIR="$SHARED" >/dev/null
   cmake --build build/sanitize -j"$JOBS"
-  echo "== ASan + UBSan tests (all but perplexity and the accuracy sweep)"
+  phase "ASan + UBSan tests (all but perplexity and the accuracy sweep)"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     ctest --test-dir build/sanitize --output-on-failure -LE perplexity -E EveryMethodLoadsAndStaysWithinBudget
 fi
+phase "done"
