@@ -395,7 +395,7 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 // SZ: the scales and zero points come from pack::int4_sz_pack records in shared memory instead (sp[i][0] is then
 // the lane's float2 of row block i's first record, as bytes, and zp[i][0] its uint16 of zero points; sp[i][1] and
 // zp[i][1] are unused); records are kInt4SzRecord bytes apart, one per group.
-template <int ND, int NT, int G, int RB, bool SZ, int WI = 0>
+template <int ND, int NT, int G, int RB, bool SZ>
 __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const float* const (&sp)[RB][2],
                                          const uint8_t* const (&zp)[RB][2], const uint2* const (&xp)[NT], int M,
                                          float (&acc)[RB * NT][4]) {
@@ -436,10 +436,6 @@ __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const
 #pragma unroll
       for (int i = 0; i < RB; ++i) {
         const uint32_t w = j == 0 ? wv[i][d].x : j == 1 ? wv[i][d].y : j == 2 ? wv[i][d].z : wv[i][d].w;
-        if constexpr ((WI & 2) != 0) {  // WHATIF experiment: no dequantization (wrong results, timing only)
-          A[i][0] = A[i][1] = A[i][2] = A[i][3] = w;
-          continue;
-        }
         A[i][0] = bf16x2_sub(and_or(w, 0x000F000Fu, 0x43004300u), zb[i][0][d][q]);
         A[i][1] = bf16x2_sub(and_or(w >> 4, 0x000F000Fu, 0x43004300u), zb[i][1][d][q]);
         A[i][2] = bf16x2_sub(and_or(w >> 8, 0x000F000Fu, 0x43004300u), zb[i][0][d][q]);
@@ -454,8 +450,7 @@ __device__ __forceinline__ void i4_units(int u, const uint4 (&wv)[RB][ND], const
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         if (n > 0 && n * 8 >= M) break;
-        // WHATIF experiment (WI & 1): no activation loads (wrong results, timing only)
-        const uint2 bx = (WI & 1) ? make_uint2(0x3f803f80u, 0x3f803f80u) : __ldg(xb[n] + d * 16 + 4 * j);
+        const uint2 bx = __ldg(xb[n] + d * 16 + 4 * j);
 #pragma unroll
         for (int i = 0; i < RB; ++i) mma_bf16(cg[i][n], A[i], bx);
       }
@@ -521,7 +516,13 @@ __host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz) {
 // 0.6515 / 0.680-0.691 ms. Its gate_up read 65-71% of the copy bandwidth against the INT8 GEMV's 98% on the same
 // rows: the INT4 path issues four 8-byte activation loads per 16 bytes of weights (one a mma), the GEMV one 16-byte
 // load (bench/results/2026-12-07-nvidia-h100-session40.txt).
-template <int NT, int G, int RB, bool SZ, bool ROT = false, int WI = 0>
+// What those loads and the dequantization cost, bounded (session 41, H100, cc29b50, reverted): this kernel with
+// the activation loads replaced by a constant, the dequantization by the raw words, or both (wrong sums, timing
+// only). llmq-kbench T = 1 us, default / no loads / no dequantization / neither: qkv 9.65 / 9.34 / 9.6 / 7.5, o 7.33
+// / 6.2-6.6 / 6.9 / 6.0, gate_up 27.0 / 24.9 / 25.8 / 24.9, down 16.3 / 13.3 / 15.3 / 12.9; 4-layer TPOT 0.6372 ms
+// default, 0.6245 with no loads (-2%). A k order with two 16-byte activation loads a unit would win part of the
+// -2%; even with neither cost, qkv and o stay at 50-60% of the copy bandwidth (bench/results/2026-12-07-session41.txt).
+template <int NT, int G, int RB, bool SZ, bool ROT = false>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
   constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block; ring stages
   static_assert(D * RB == kI4Batch, "a batch is kI4Batch units");
@@ -660,7 +661,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
         for (int d = 0; d < D; ++d)
 #pragma unroll
           for (int i = 0; i < RB; ++i) wv[i][d] = slot[(d * RB + i) * 32];
-        i4_units<D, NT, G, RB, SZ, WI>(u, wv, sp, zp, xp, M, acc);
+        i4_units<D, NT, G, RB, SZ>(u, wv, sp, zp, xp, M, acc);
       } else {
         for (int d = 0; bb * D + d < nu; ++d) {  // the last, partial batch: one unit at a time
           const int ud = u + d, go = ud * 64 / G - goff;
@@ -678,7 +679,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
             }
             wv[i][0] = slot[(d * RB + i) * 32];
           }
-          i4_units<1, NT, G, RB, SZ, WI>(ud, wv, spd, zpd, xp, M, acc);
+          i4_units<1, NT, G, RB, SZ>(ud, wv, spd, zpd, xp, M, acc);
         }
       }
     }
@@ -704,20 +705,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   norm_tail(a);  // every thread of the CTA, once
 }
 
-template <int NT, int G, int RB, bool SZ, bool ROT = false, int WI = 0>
+template <int NT, int G, int RB, bool SZ, bool ROT = false>
 void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int kRingBytes = i4_ring_bytes_per_warp(G, SZ);
   constexpr int kMaxBytes = kMaxWarps * kRingBytes;
   // CTAs of this instance resident on the whole card, by warps per CTA (index nw - 1).
   static const std::array<int, kMaxWarps> resident_by_nw = [] {
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT, WI>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
     int dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     std::array<int, kMaxWarps> r{};
     for (int w = 1; w <= kMaxWarps; ++w) {
       int per_sm = 0;
-      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ, ROT, WI>, w * 32, size_t(w) * kRingBytes));
+      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ, ROT>, w * 32, size_t(w) * kRingBytes));
       r[size_t(w - 1)] = std::max(1, sms * std::max(1, per_sm));
     }
     // LLMQ_WGEMM_I4_ONE_CTA=1 (an experiment, not measured yet): one CTA an SM, with the shared-memory carve-out
@@ -729,10 +730,10 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
     const char* e = std::getenv("LLMQ_WGEMM_I4_ONE_CTA");
     if (NT > 1 && e && *e == '1') {
       cudaFuncAttributes fa{};
-      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ, ROT, WI>));
+      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ, ROT>));
       const double need = double(kMaxBytes + fa.sharedSizeBytes) / double(228 * 1024);
       const int pct = std::min(100, int(need * 100.0) + 1);
-      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT, WI>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
+      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
       r.fill(sms);
     }
     return r;
@@ -757,7 +758,7 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int upg = G > 64 ? G / 64 : 1;  // units per group: every warp's range starts on a group
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
   const int rows = std::min(sets, std::max(1, resident / int(token_groups)));
-  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ, ROT, WI>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ, ROT>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
          size_t(nw) * kRingBytes, s, a, units, per);
 }
 
@@ -808,11 +809,6 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   const unsigned tg = a.M <= 8 ? 1u : unsigned((a.M + 15) / 16);
   if (a.M <= 8) {
     if (rot) return rb == 2 ? launch_i4_nt<1, G, 2, true, true>(a, tg, s) : launch_i4_nt<1, G, 1, true, true>(a, tg, s);
-    // WHATIF experiment: LLMQ_WHATIF=1 (no activation loads), 2 (no dequantization), 3 (neither); wrong results.
-    static const int whatif = [] { const char* e = std::getenv("LLMQ_WHATIF"); return e && *e ? std::atoi(e) : 0; }();
-    if (sz && rb == 1 && a.M == 1 && whatif == 1) return launch_i4_nt<1, G, 1, true, false, 1>(a, tg, s);
-    if (sz && rb == 1 && a.M == 1 && whatif == 2) return launch_i4_nt<1, G, 1, true, false, 2>(a, tg, s);
-    if (sz && rb == 1 && a.M == 1 && whatif == 3) return launch_i4_nt<1, G, 1, true, false, 3>(a, tg, s);
     if (sz) return rb == 2 ? launch_i4_nt<1, G, 2, true>(a, tg, s) : launch_i4_nt<1, G, 1, true>(a, tg, s);
     return rb == 2 ? launch_i4_nt<1, G, 2, false>(a, tg, s) : launch_i4_nt<1, G, 1, false>(a, tg, s);
   }
