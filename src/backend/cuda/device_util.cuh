@@ -77,38 +77,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   } while (!done);
 }
 
-// Bulk copies (sm_90+, the TMA unit; traps below): one thread copies `bytes` (a multiple of 16, both addresses
-// 16-byte aligned) from global to shared memory, and the copy's bytes count against barrier `bar`'s transaction
-// count. The thread first arms the barrier (mbar_arrive_tx: its one arrival of the phase, plus the bytes to
-// expect); the phase completes when the arrival is made and every expected byte has landed.
-__device__ __forceinline__ void mbar_arrive_tx(uint64_t* bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
-               "r"(bytes)
-               : "memory");
-#else
-  (void)bar, (void)bytes;
-  __trap();
-#endif
-}
-__device__ __forceinline__ void bulk_copy(uint32_t smem, const void* gmem, uint32_t bytes, uint64_t* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem),
-               "l"(gmem), "r"(bytes), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
-               : "memory");
-#else
-  (void)smem, (void)gmem, (void)bytes, (void)bar;
-  __trap();
-#endif
-}
-// Orders this thread's earlier generic-proxy accesses of shared memory (reads of a ring slot) before later
-// async-proxy writes (a bulk copy into the slot), and makes barrier initializations visible to the async proxy.
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-#endif
-}
-
 // The threadFenceReduction pattern: every thread of every block of a launch calls it once, after its last
 // global write that the reduction reads. Returns true (in all threads) only in the last of `total` blocks to
 // arrive at *counter, which then sees every other block's writes when it reads them through the L2 (__ldcg);

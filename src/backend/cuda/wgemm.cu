@@ -522,14 +522,9 @@ __host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz) {
 // / 6.2-6.6 / 6.9 / 6.0, gate_up 27.0 / 24.9 / 25.8 / 24.9, down 16.3 / 13.3 / 15.3 / 12.9; 4-layer TPOT 0.6372 ms
 // default, 0.6245 with no loads (-2%). A k order with two 16-byte activation loads a unit would win part of the
 // -2%; even with neither cost, qkv and o stay at 50-60% of the copy bandwidth (bench/results/2026-12-07-session41.txt).
-//
-// TMA (RB = 1 with the records; LLMQ_WGEMM_I4_TMA=1, an experiment): each batch's weights (D units of one row block,
-// contiguous in the int4_mma layout and in the ring slot) and its records come with two bulk copies issued by
-// lane 0, completing on the slot's mbarrier, instead of 16-byte cp.async copies by every lane.
-template <int NT, int G, int RB, bool SZ, bool ROT = false, bool TMA = false>
+template <int NT, int G, int RB, bool SZ, bool ROT = false>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
   constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block; ring stages
-  static_assert(!TMA || (RB == 1 && SZ && !ROT), "TMA: one row block a set, with the records");
   static_assert(D * RB == kI4Batch, "a batch is kI4Batch units");
   constexpr int GB = D * 64 / G;                   // SZ: groups per batch and row block (records)
   constexpr int SZB = SZ ? i4_sz_batch_bytes(G) : 0;
@@ -542,7 +537,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   // then empty[]).
   __shared__ __align__(16) float red[ROT ? kRotBufs : 2][kMaxWarps - 1][RB * NT * 4][32];
   __shared__ uint64_t red_bar[ROT ? 2 * kRotBufs : 1];
-  __shared__ uint64_t tma_bar[TMA ? kMaxWarps : 1][TMA ? S : 1];  // TMA: each warp's ring slots' barriers
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   // blockIdx.x: group of 8 * NT tokens (more than one only past 16 tokens, see launch_i4).
@@ -580,28 +574,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   };
   start_set();
   auto issue = [&]() {  // the next batch into its ring slot; always one commit group
-    if constexpr (TMA) {
-      if (ir < nr) {
-        const int left = nu - ib * D, n_units = left < D ? left : D;
-        const int gcount = (n_units * 64 + G - 1) / G;
-        if (lane == 0 && n_units > 0) {
-          uint64_t* bar = &tma_bar[warp][slot_in];
-          const uint32_t wbytes = uint32_t(n_units) * 32 * 16, sbytes = uint32_t(gcount) * uint32_t(pack::kInt4SzRecord);
-          fence_proxy_async();  // the warp's reads of this slot (ordered before by the __syncwarp) before the copies
-          mbar_arrive_tx(bar, wbytes + sbytes);
-          bulk_copy(ring_s + uint32_t(slot_in) * (D * 32 * 16) - uint32_t(lane) * 16, wsrc[0] - lane, wbytes, bar);
-          bulk_copy(sz_s + uint32_t(slot_in * SZB), zsrc[0], sbytes, bar);  // (lane 0's: record 0's start)
-        }
-        wsrc[0] += D * 32;
-        zsrc[0] += GB * pack::kInt4SzRecord;
-        if (++ib == nb) {
-          ib = 0;
-          if (++ir < nr) start_set();
-        }
-        slot_in = slot_in + 1 == S ? 0 : slot_in + 1;
-      }
-      return;
-    }
     if (ir < nr) {
       const uint32_t dst = ring_s + uint32_t(slot_in) * (D * RB * 32 * 16);
       const bool full = ib * D + D <= nu;
@@ -628,11 +600,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
     }
     cp_async_commit();
   };
-  if constexpr (TMA) {
-    if (lane < S) mbar_init(&tma_bar[warp][lane], 1);
-    fence_proxy_async();
-    __syncwarp();
-  }
 #pragma unroll
   for (int B = 0; B < S - 1; ++B) issue();
   if (ROT && nw > 1) {  // sum_rotating's barriers (one warp: no sums to hand over)
@@ -651,7 +618,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   }
 
   int slot_out = 0;
-  uint32_t consumed = 0;  // TMA: batches waited for (the parity of a slot's phase)
   for (int r = 0; r < nr; ++r) {
     const int set = int(blockIdx.y) + r * int(gridDim.y);
     int r0[RB], r1[RB];
@@ -668,13 +634,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
     for (int bb = 0; bb < nb; ++bb) {
       if constexpr (SZ) __syncwarp();  // every lane has read the records of the slot issue() refills
       issue();
-      if constexpr (TMA) {
-        mbar_wait(&tma_bar[warp][slot_out], (consumed / S) & 1u);  // this batch's copies have landed
-        ++consumed;
-      } else {
-        cp_async_wait<S - 1>();  // the batch S - 1 before the one just asked for has landed: this one
-        if constexpr (SZ) __syncwarp();  // ... for every lane (the records were copied by other lanes)
-      }
+      cp_async_wait<S - 1>();  // the batch S - 1 before the one just asked for has landed: this one
+      if constexpr (SZ) __syncwarp();  // ... for every lane (the records were copied by other lanes)
       const uint4* slot = ring + slot_out * (D * RB * 32);
       const uint8_t* rec = sz_ring + slot_out * SZB;
       slot_out = slot_out + 1 == S ? 0 : slot_out + 1;
@@ -744,20 +705,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvA
   norm_tail(a);  // every thread of the CTA, once
 }
 
-template <int NT, int G, int RB, bool SZ, bool ROT = false, bool TMA = false>
+template <int NT, int G, int RB, bool SZ, bool ROT = false>
 void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int kRingBytes = i4_ring_bytes_per_warp(G, SZ);
   constexpr int kMaxBytes = kMaxWarps * kRingBytes;
   // CTAs of this instance resident on the whole card, by warps per CTA (index nw - 1).
   static const std::array<int, kMaxWarps> resident_by_nw = [] {
-    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT, TMA>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
+    LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxBytes));
     int dev = 0, sms = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
     LLMQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     std::array<int, kMaxWarps> r{};
     for (int w = 1; w <= kMaxWarps; ++w) {
       int per_sm = 0;
-      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ, ROT, TMA>, w * 32, size_t(w) * kRingBytes));
+      LLMQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, wgemm_i4_kernel<NT, G, RB, SZ, ROT>, w * 32, size_t(w) * kRingBytes));
       r[size_t(w - 1)] = std::max(1, sms * std::max(1, per_sm));
     }
     // LLMQ_WGEMM_I4_ONE_CTA=1 (an experiment, not measured yet): one CTA an SM, with the shared-memory carve-out
@@ -769,10 +730,10 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
     const char* e = std::getenv("LLMQ_WGEMM_I4_ONE_CTA");
     if (NT > 1 && e && *e == '1') {
       cudaFuncAttributes fa{};
-      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ, ROT, TMA>));
+      LLMQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, wgemm_i4_kernel<NT, G, RB, SZ, ROT>));
       const double need = double(kMaxBytes + fa.sharedSizeBytes) / double(228 * 1024);
       const int pct = std::min(100, int(need * 100.0) + 1);
-      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT, TMA>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
+      LLMQ_CUDA_CHECK(cudaFuncSetAttribute(wgemm_i4_kernel<NT, G, RB, SZ, ROT>, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
       r.fill(sms);
     }
     return r;
@@ -797,7 +758,7 @@ void launch_i4_nt(const GemvArgs& a, unsigned token_groups, cudaStream_t s) {
   constexpr int upg = G > 64 ? G / 64 : 1;  // units per group: every warp's range starts on a group
   const int per = (((units + nw - 1) / nw) + upg - 1) / upg * upg;
   const int rows = std::min(sets, std::max(1, resident / int(token_groups)));
-  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ, ROT, TMA>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
+  launch("wgemm_i4_kernel", wgemm_i4_kernel<NT, G, RB, SZ, ROT>, dim3(token_groups, unsigned(rows)), dim3(unsigned(nw * 32)),
          size_t(nw) * kRingBytes, s, a, units, per);
 }
 
@@ -848,13 +809,6 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
   const unsigned tg = a.M <= 8 ? 1u : unsigned((a.M + 15) / 16);
   if (a.M <= 8) {
     if (rot) return rb == 2 ? launch_i4_nt<1, G, 2, true, true>(a, tg, s) : launch_i4_nt<1, G, 1, true, true>(a, tg, s);
-    // LLMQ_WGEMM_I4_TMA=1 (sm_90+, an experiment): the ring filled by bulk copies (see wgemm_i4_kernel).
-    static const bool tma = [] {
-      int dev = 0, major = 0;
-      return env_flag("LLMQ_WGEMM_I4_TMA") && cudaGetDevice(&dev) == cudaSuccess &&
-             cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9;
-    }();
-    if (sz && rb == 1 && tma) return launch_i4_nt<1, G, 1, true, false, true>(a, tg, s);
     if (sz) return rb == 2 ? launch_i4_nt<1, G, 2, true>(a, tg, s) : launch_i4_nt<1, G, 1, true>(a, tg, s);
     return rb == 2 ? launch_i4_nt<1, G, 2, false>(a, tg, s) : launch_i4_nt<1, G, 1, false>(a, tg, s);
   }
