@@ -52,9 +52,9 @@ if [ "$SANITIZE" = 1 ]; then
     -DLLMQ_SANITIZE=ON -DLLMQ_WERROR=ON -DLLMQ_CUDA=OFF -DLLMQ_SHARED_DIR="$SHARED" >/dev/null
   cmake --build build/sanitize -j"$JOBS"
   phase "ASan + UBSan tests (all but perplexity and the accuracy sweep)"
-  # One OpenMP thread a test and $JOBS tests at a time: the instrumented code's serial parts (quantizers, setup)
-  # dominate here, so tests side by side use the cores better than threads inside one test (the release run
-  # above keeps the multi-threaded paths and checks their determinism).
+  # One OpenMP thread a test and $JOBS tests at a time: on 2 cores these tests took ~580 CPU-seconds so against
+  # ~820 with two threads each (whose -j2 run was no faster than one test at a time, 423 against 417 s). The
+  # release run above keeps the multi-threaded paths and their determinism checks.
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 OMP_NUM_THREADS=1 \
     ctest --test-dir build/sanitize --output-on-failure -j"$JOBS" -LE perplexity -E EveryMethodLoadsAndStaysWithinBudget
 fi
