@@ -397,7 +397,7 @@ constexpr int kUnroll = 4;
 // (decode_ring_bytes), copied with cp.async R - 1 rounds ahead of the one being summed, instead of into registers
 // one round at a time: a warp of the register instances has one round (U steps) in flight and then computes on it
 // while its loads wait, ~2 KB a warp at U = 2 (H200, llmq-kbench --only decode, 64 sequences at ctx 160: 1,650 GB/s,
-// ~35% of the copy bandwidth; what the ring gained: attn_ring). Each lane copies and later reads back only its own 16 (BF16) or 8 bytes of a step,
+// ~35% of the copy bandwidth; what the ring gained: see kRingU2). Each lane copies and later reads back only its own 16 (BF16) or 8 bytes of a step,
 // so no barrier is needed. The token's own position p is never copied (the block that holds it takes it from
 // sm_new, where the fused KV write left it), so with fused RoPE every copy may be issued before pdl_wait().
 template <typename KT>
@@ -1266,22 +1266,15 @@ int attn_u2() {
   return v;
 }
 
-// LLMQ_ATTN_RING: the cp.async ring instances (attention_decode_kernel's R) where the register ones would run:
-// 1 (the default) for the two-step instance past one wave of the unrolled one (batch 64 of llama-3-8b), 2 for
-// the unrolled one-wave instance as well, 0 for neither (comparisons). H100, llmq-kbench --only decode (32 heads / 8
-// KV heads / hd 128, BF16 cache), us with 0 / 1 / 2, two rounds: 64 sequences at ctx 160 27.3, 26.7 / 24.6, 24.8 /
-// 23.9, 24.5; at ctx 1000 136.9, 136.8 / 121.8, 121.9 / 121.1, 121.1 (64% -> 72% of the copy bandwidth); 16 at
-// ctx 1000 (3 splits) 47.3, 47.5 / 47.6, 47.8 / 42.0, 42.0; but 16 at ctx 160 (3 splits) 17.2, 17.6 / 17.0, 17.4 /
-// 18.1, 20.6, and one sequence (8 splits) 8.3, 7.9 / 8.2, 8.4 / 9.3, 9.2, hence 2 stays opt-in. 4-layer llama-3-8b
-// (context ~144) TPOT within 1-2% either way (bench/results/2026-12-06-nvidia-h100-session33.txt).
-int attn_ring() {
-  static const int v = [] {
-    const char* e = std::getenv("LLMQ_ATTN_RING");
-    return e && *e ? std::atoi(e) : 1;
-  }();
-  return v;
-}
-constexpr int kRingU2 = 4, kRingU4 = 3;  // ring rounds (stages) of the two- and four-step instances
+// The two-step instance loads its K/V through a cp.async ring of kRingU2 rounds (attention_decode_kernel's R).
+// H100, llmq-kbench --only decode (32 heads / 8 KV heads / hd 128, BF16 cache), us with registers / ring, two
+// rounds: 64 sequences at ctx 160 27.3, 26.7 / 24.6, 24.8; at ctx 1000 136.9, 136.8 / 121.8, 121.9 (64% -> 72% of
+// the copy bandwidth) (bench/results/2026-12-06-nvidia-h100-session33.txt). Until session 42 LLMQ_ATTN_RING=0 kept
+// the register instance (comparisons) and =2 gave the unrolled one-wave instance a ring too (R = 3; opt-in: 16
+// sequences at ctx 1000 47.5 -> 42.0 us, but 16 at ctx 160 17.4 -> 18.1-20.6 and one sequence 8.2 -> 9.3). Their
+// 42 instances, a quarter of this file's machine code and compile time on every architecture, were removed; both
+// are in git history (a07e845) should a long-context rule want the second back.
+constexpr int kRingU2 = 4;  // ring rounds (stages) of the two-step instance
 
 // LLMQ_ATTN_NO_HEADSPLIT=1: never the head-split instances (comparisons).
 bool no_head_split() {
@@ -1313,21 +1306,13 @@ DecodeChoice decode_kernel_for(int64_t blocks) {
   if constexpr (HS > 1)
     if (!no_head_split() && blocks <= decode_resident<HD, KT, NG, kUnroll, HS>())
       return {attention_decode_kernel<HD, KT, NG, kUnroll, HS>, kWarps * HS, true};
-  if (attn_u2() != 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1>()) {
-    if (attn_ring() >= 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1, 0, kRingU4>())
-      return {attention_decode_kernel<HD, KT, NG, kUnroll, 1, 0, kRingU4>, kWarps, true,
-              decode_smem<HD, KT, NG, kUnroll, 1, 0, kRingU4>()};
-    return {attention_decode_kernel<HD, KT, NG>, kWarps, true};
-  }
+  if (attn_u2() != 2 && blocks <= decode_resident<HD, KT, NG, kUnroll, 1>()) return {attention_decode_kernel<HD, KT, NG>, kWarps, true};
   if constexpr (NG <= 4)  // (eight heads a block spill ~1 KB a thread at 128 registers)
-    if (attn_u2() == 2 || (attn_u2() == 1 && blocks <= decode_resident<HD, KT, NG, 2, 1, 4>())) {
-      if (attn_ring() >= 1) {
-        decode_smem<HD, KT, NG, 2, 1, 4, kRingU2, true>();  // (the same bytes; granted to the RQ instance too)
-        return {attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2>, kWarps,
-                blocks <= decode_resident<HD, KT, NG, 2, 1, 4, kRingU2>(), decode_smem<HD, KT, NG, 2, 1, 4, kRingU2>(),
-                attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2, true>};
-      }
-      return {attention_decode_kernel<HD, KT, NG, 2, 1, 4>, kWarps, false};
+    if (attn_u2() == 2 || (attn_u2() == 1 && blocks <= decode_resident<HD, KT, NG, 2, 1, 4, kRingU2>())) {
+      decode_smem<HD, KT, NG, 2, 1, 4, kRingU2, true>();  // (the same bytes; granted to the RQ instance too)
+      return {attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2>, kWarps,
+              blocks <= decode_resident<HD, KT, NG, 2, 1, 4, kRingU2>(), decode_smem<HD, KT, NG, 2, 1, 4, kRingU2>(),
+              attention_decode_kernel<HD, KT, NG, 2, 1, 4, kRingU2, true>};
     }
   return {attention_decode_kernel<HD, KT, NG, 1>, kWarps, false};
 }
