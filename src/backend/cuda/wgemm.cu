@@ -522,6 +522,10 @@ __host__ __device__ constexpr int i4_ring_bytes_per_warp(int G, bool sz) {
 // / 6.2-6.6 / 6.9 / 6.0, gate_up 27.0 / 24.9 / 25.8 / 24.9, down 16.3 / 13.3 / 15.3 / 12.9; 4-layer TPOT 0.6372 ms
 // default, 0.6245 with no loads (-2%). A k order with two 16-byte activation loads a unit would win part of the
 // -2%; even with neither cost, qkv and o stay at 50-60% of the copy bandwidth (bench/results/2026-12-07-session41.txt).
+// The ring filled by TMA bulk copies instead (lane 0 of a warp copies the batch's 2 KB of weights and its records
+// with two cp.async.bulk completing on the slot's mbarrier; cd8f8a8, reverted): correct, no faster. H100, T = 1 us,
+// cp.async / bulk, two rounds: qkv 9.45 / 9.43-9.60, o 7.17-7.23 / 7.09, gate_up 26.7-26.9 / 27.5-27.8, down
+// 16.2-16.3 / 16.3; 4-layer TPOT 0.6377-0.6398 / 0.6403-0.6450 ms (bench/results/2026-12-07-nvidia-h100-session42.txt).
 template <int NT, int G, int RB, bool SZ, bool ROT = false>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) wgemm_i4_kernel(const GemvArgs a, const int units, const int per) {
   constexpr int D = kI4Batch / RB, S = kI4Stages;  // units per batch and row block; ring stages
