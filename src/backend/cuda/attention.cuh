@@ -105,7 +105,7 @@ void attention(const AttentionArgs& a, const KvCacheView& kv, cudaStream_t s);
 // one query head per KV head, LLMQ_ATTN_V1, LLMQ_ATTN_NO_HEADSPLIT).
 int64_t attention_decode_wave(const KvCacheView& kv, int64_t heads);
 // Whether a fused-RoPE decode launch of T tokens in `splits` splits takes a kernel that reads raw qkv
-// accumulators (AttentionArgs::q_raw): the cp.async ring's two-step instance (LLMQ_ATTN_RING, batch 64 of
+// accumulators (AttentionArgs::q_raw): the two-step instance with its cp.async ring (batch 64 of
 // llama-3-8b). kv's type, kv_heads and head_dim are what counts.
 bool attention_decode_raw_q(const KvCacheView& kv, int64_t heads, int64_t T, int64_t splits);
 // Whether the tensor-core decode kernel (AttentionArgs::tensor_cores) runs this shape: a BF16 cache, head dim 64
