@@ -1,6 +1,8 @@
 # Sourced by the GPU scripts (gpu-check.sh, gpu-tune.sh) from the repository root with ROOT set: on a machine
 # without package access or ../shared, uses what scripts/gpu-pack.sh put in .gpu (the Debian packages unpacked
-# into .gpu/root, llama-27m and the data slices). Sets SHARED to the folder of models and data.
+# into .gpu/root, llama-27m and the data slices). Sets SHARED to the folder of models and data. ROOT defaults to the
+# current folder (unset, SHARED pointed at /.gpu/shared and the model tests found no models).
+ROOT="${ROOT:-$(pwd)}"
 SHARED="$ROOT/../shared"
 if [ -d .gpu/debs ]; then
   mkdir -p .gpu/root
