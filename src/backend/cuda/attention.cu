@@ -1272,8 +1272,8 @@ int attn_u2() {
 // the copy bandwidth) (bench/results/2026-12-06-nvidia-h100-session33.txt). Until session 42 LLMQ_ATTN_RING=0 kept
 // the register instance (comparisons) and =2 gave the unrolled one-wave instance a ring too (R = 3; opt-in: 16
 // sequences at ctx 1000 47.5 -> 42.0 us, but 16 at ctx 160 17.4 -> 18.1-20.6 and one sequence 8.2 -> 9.3). Their
-// 42 instances, a quarter of this file's machine code and compile time on every architecture, were removed; both
-// are in git history (a07e845) should a long-context rule want the second back.
+// 42 instances (a quarter of this file's machine code, a third of its compile time, on every architecture) were
+// removed; both are in git history (a07e845) should a long-context rule want the second back.
 constexpr int kRingU2 = 4;  // ring rounds (stages) of the two-step instance
 
 // LLMQ_ATTN_NO_HEADSPLIT=1: never the head-split instances (comparisons).
