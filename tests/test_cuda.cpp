@@ -94,6 +94,7 @@ struct GemvCase {
   bool tiled_ws = false;// with tiled: a split-K workspace (the launcher then splits K where N is small)
   bool rms_f32 = false; // with rms_out: FP32 y * w (GemvArgs::rms_out_f32)
   bool i4_ldg = false;  // with tc, INT4: no GemvArgs::i4_sz records (the one-token kernel loads w_scale / w_zero)
+  int dense = 0;        // GemvArgs::dense (M = 1, INT8 / FP8 weights: 1 the 8-blocks-an-SM instance, -1 the other)
 };
 
 // Every weight x input format pair the GEMV runs.
@@ -240,6 +241,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   a.i4_row_blocks = c.i4_rb;
   a.i4_rotate = c.i4_rotate;
   a.tiled = c.tiled;
+  a.dense = c.dense;
   // Room for as many splits as the launcher may take (K / 256), poisoned (NaN): every partial is written first.
   const int64_t ws_floats = c.tiled_ws ? (K / 256 + 1) * ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8) : 1;
   Buf dws(static_cast<size_t>(ws_floats) * 4);
@@ -287,7 +289,7 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
                            std::to_string(N) + " K " + std::to_string(K) + " M " + std::to_string(M) + " g " +
                            std::to_string(c.group) + (tc ? " (wgemm)" : gemv_vectorized(a) ? " (vector)" : " (scalar)") +
                            (c.swiglu ? " swiglu" : "") + (c.norm >= 0 ? " norm " + std::to_string(c.norm) : "") +
-                           (c.ksplit ? " ksplit " + std::to_string(c.ksplit) : "") + (c.i4_rb ? " i4_rb " + std::to_string(c.i4_rb) : "") + (c.i4_rotate > 0 ? " i4_rotate" : "") + (c.rms_in ? " rms_in" : "") +
+                           (c.ksplit ? " ksplit " + std::to_string(c.ksplit) : "") + (c.dense ? " dense " + std::to_string(c.dense) : "") + (c.i4_rb ? " i4_rb " + std::to_string(c.i4_rb) : "") + (c.i4_rotate > 0 ? " i4_rotate" : "") + (c.rms_in ? " rms_in" : "") +
                            (c.rms_out ? (c.rms_f32 ? " rms_out f32" : " rms_out") : "");
   if (tc) {
     EXPECT_TRUE(wgemm_supports(a, device_sm())) << what;
@@ -488,6 +490,42 @@ TEST(CudaGemv, KSplitMatchesReference) {
       if (HasFailure()) return;
     }
   }
+}
+
+// The GEMV's input prep (x_prep) against the CPU's RMSNorm and quantization (defined below).
+void check_gemv_prep(ActKind kind, int64_t N, int64_t K, int M, int ks, uint64_t seed, int dense = 0);
+
+// One input row of INT8 / FP8 weights: both instances of the vector kernel (GemvArgs::dense: compiled for 8 blocks
+// an SM, or not), forced, at every K split: K of one chunk, fewer chunks than a warp's lanes, a batch cut short,
+// whole batches, long rows; N odd and past a block; the fused RMSNorm and SwiGLU-codes epilogues; x_prep.
+TEST(CudaGemv, OneRowDenseInstanceMatchesReference) {
+  REQUIRE_GPU();
+  uint64_t seed = 12000;
+  for (auto [wf, xf] : std::vector<std::pair<WFmt, XFmt>>{
+           {WFmt::I8, XFmt::BF16}, {WFmt::FP8, XFmt::BF16}, {WFmt::I8, XFmt::I8}, {WFmt::FP8, XFmt::FP8}})
+    for (int dense : {1, -1}) {
+      for (int ks : {0, 1, 2, 4})
+        for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{
+                 {1, 16}, {2, 48}, {7, 496}, {33, 656}, {129, 4096}, {64, 4096 + 5 * 16}, {9, 14336}}) {
+          GemvCase c{wf, xf, N, K, 0, 1, (seed % 2) == 0, (seed % 3) != 0};
+          c.ksplit = ks, c.dense = dense;
+          check_gemv(c, seed++);
+          if (HasFailure()) return;
+        }
+      const int nk = xf == XFmt::BF16 ? int(ActKind::None) : xf == XFmt::I8 ? int(ActKind::I8Token) : int(ActKind::Fp8Tensor);
+      GemvCase n{wf, xf, 45, 4800, 0, 1, true, true, false, nk};
+      n.dense = dense;
+      check_gemv(n, seed++);
+      GemvCase sw{wf, xf, 38, 1024, 0, 1, false, false, true};
+      sw.swiglu_kind = xf == XFmt::I8 ? ActKind::I8Tensor : ActKind::Fp8Tensor, sw.dense = dense;
+      check_gemv(sw, seed++);
+      const std::vector<ActKind> preps = xf == XFmt::I8    ? std::vector<ActKind>{ActKind::I8Token, ActKind::I8Tensor}
+                                         : xf == XFmt::FP8 ? std::vector<ActKind>{ActKind::Fp8Tensor}
+                                                           : std::vector<ActKind>{};
+      for (ActKind kind : preps)
+        for (int ks : {1, 4}) check_gemv_prep(kind, 70, 4096, 1, ks, seed++, dense);
+      if (HasFailure()) return;
+    }
 }
 
 // The tensor-core GEMM: every format pair at token counts across its n-tiles (1..64), odd N, K past the INT4
@@ -752,7 +790,7 @@ TEST(CudaMatmul, DistributedRmsNormMatchesReference) {
 // or per-token absmax / 127) in shared memory, then multiplies. Checked against codes computed here in double
 // precision: exact, except for values within 1e-5 of a rounding boundary (either neighbour is accepted: the
 // kernel rounds in FP32), so a wrong factor, scale, code or row shows.
-void check_gemv_prep(ActKind kind, int64_t N, int64_t K, int M, int ks, uint64_t seed) {
+void check_gemv_prep(ActKind kind, int64_t N, int64_t K, int M, int ks, uint64_t seed, int dense) {
   std::mt19937 rng(static_cast<uint32_t>(seed));
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_int_distribution<int> i8(-127, 127);
@@ -792,9 +830,9 @@ void check_gemv_prep(ActKind kind, int64_t N, int64_t K, int M, int ks, uint64_t
   a.w = dw.p, a.w_scale = ds.as<float>(), a.N = N, a.K = K, a.bias = db.as<float>();
   a.x = dx.p, a.ldx = ldx, a.M = M, a.y = dy.as<float>(), a.ldy = ldy, a.accumulate = true, a.ksplit = ks;
   a.x_sumsq = dsq.as<double>(), a.x_inv_n = float(inv_n), a.norm_eps = eps;
-  a.x_prep = kind, a.x_prep_scale = stat;
+  a.x_prep = kind, a.x_prep_scale = stat, a.dense = dense;
   const std::string what = std::string("x_prep ") + (fp8 ? "fp8" : kind == ActKind::I8Token ? "int8 token" : "int8 static") +
-                           " N " + std::to_string(N) + " K " + std::to_string(K) + " M " + std::to_string(M) + " ks " + std::to_string(ks);
+                           " N " + std::to_string(N) + " K " + std::to_string(K) + " M " + std::to_string(M) + " ks " + std::to_string(ks) + " dense " + std::to_string(dense);
   ASSERT_TRUE(gemv_supports(a)) << what;
   EXPECT_FALSE(wgemm_supports(a, device_sm())) << what << ": wgemm has no x_prep";
   gemv(a, nullptr);

@@ -178,8 +178,11 @@ __device__ __forceinline__ void prep_rows_shared(const GemvArgs& a, uint8_t* q, 
 // bandwidth, gate_up with 7x more warps 98%).
 //
 // XP (GemvArgs::x_prep): the inputs are made in shared memory by the block first (prep_rows_shared).
-template <WFmt WF, XFmt XF, int MT, bool XP>
-__global__ void __launch_bounds__(kWarps * 32) gemv_vec_kernel(const GemvArgs a) {
+// DENSE: compiled for 8 blocks an SM (at most 64 registers, 32 warps an SM; a few bytes spill) instead of the
+// registers the compiler wants (72 for one input row of FP8 or INT8 weights: 28 warps). The launcher picks the
+// instance whose last wave of warps is fuller (launch_vec).
+template <WFmt WF, XFmt XF, int MT, bool XP, bool DENSE>
+__global__ void __launch_bounds__(kWarps * 32, DENSE ? 8 : 0) gemv_vec_kernel(const GemvArgs a) {
   extern __shared__ uint4 xq[];  // XP: [MT][K] input codes
   __shared__ float xqs[MT];      // XP: their row scales
   constexpr int E = values_per_load<WF>();
@@ -401,12 +404,12 @@ int choose_ksplit(const GemvArgs& a, int64_t rb, int64_t resident) {
 
 // Resident warps of one vector-kernel instance on the current device (computed once per instance; XP: for
 // inputs of 4096 values, the hidden size of the 7-8B models, on which the choice of ksplit was measured).
-template <WFmt WF, XFmt XF, int MT, bool XP>
+template <WFmt WF, XFmt XF, int MT, bool XP, bool DENSE>
 int64_t resident_warps() {
   static const int64_t n = [] {
     int dev = 0, sms = 0, blocks = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_vec_kernel<WF, XF, MT, XP>, kWarps * 32,
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, gemv_vec_kernel<WF, XF, MT, XP, DENSE>, kWarps * 32,
                                                       XP ? size_t(MT) * 4096 : 0) != cudaSuccess)
       return int64_t(kWarps);
     return int64_t(sms) * blocks * kWarps;
@@ -418,11 +421,11 @@ int64_t resident_warps() {
 constexpr int64_t kMaxPrepBytes = 48 * 1024;
 int64_t tile_m(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
 
-template <WFmt WF, XFmt XF, int MT, bool XP>
-void launch_vec(const GemvArgs& args, cudaStream_t s) {
+template <WFmt WF, XFmt XF, int MT, bool XP, bool DENSE>
+void launch_vec_as(const GemvArgs& args, int ks, cudaStream_t s) {
   static const bool evict_normal = env_flag("LLMQ_GEMV_EVICT_NORMAL");
   GemvArgs a = args;
-  a.ksplit = choose_ksplit(args, row_bytes<WF>(args.K), resident_warps<WF, XF, MT, XP>());
+  a.ksplit = ks;
   a.evict_first = !evict_normal;
   // The first batch of weights loaded before the wait: where the block preps its inputs first (XP), or
   // everywhere with LLMQ_GEMV_PRELOAD=1 (comparisons).
@@ -430,8 +433,40 @@ void launch_vec(const GemvArgs& args, cudaStream_t s) {
   a.preload = !preload_off && (XP || preload_all);
   const int64_t rows = int64_t(kWarps / a.ksplit) * kRows;  // per block
   const size_t smem = XP ? size_t(MT * a.K) : 0;
-  launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, MT, XP>, dim3(unsigned((a.N + rows - 1) / rows)), dim3(kWarps * 32),
-         smem, s, a);
+  launch("gemv_vec_kernel", gemv_vec_kernel<WF, XF, MT, XP, DENSE>, dim3(unsigned((a.N + rows - 1) / rows)),
+         dim3(kWarps * 32), smem, s, a);
+}
+
+// The share of the last wave's warp slots that a launch of `warps` fills, `resident` warps a wave.
+double last_wave_fill(int64_t warps, int64_t resident) {
+  const int64_t waves = (warps + resident - 1) / resident;
+  return double(warps) / double(waves * resident);
+}
+
+// One input row of FP8 or INT8 weights: the instance (DENSE or not) whose launch leaves the fuller last wave, since
+// a warp here is a few batches of loads and a ragged last wave is time the DRAM idles. On the llama-3-8b shape
+// (H100, bench/results/2026-12-07-nvidia-h100-session43.txt) this takes the dense instance for o_proj (1.11 -> 0.97
+// waves; FP8 9.40 -> 8.98 us, W8A16 10.24 -> 9.38) and down_proj (2.22 -> 1.94; 22.90 -> 21.89, 23.84 -> 22.48) and
+// keeps qkv (1.66 against 1.45 waves) and gate_up (3.88 against 3.39), where the dense instance measured slower;
+// batch-1 decode 3.590 -> 3.554 ms a token (FP8), 3.588 -> 3.513 (W8A16). GemvArgs::dense or LLMQ_GEMV_DENSE=0|1
+// forces one.
+template <WFmt WF, XFmt XF, int MT, bool XP>
+void launch_vec(const GemvArgs& a, cudaStream_t s) {
+  const int64_t rb = row_bytes<WF>(a.K), pairs = (a.N + kRows - 1) / kRows;
+  const int64_t r0 = resident_warps<WF, XF, MT, XP, false>();
+  const int ks0 = choose_ksplit(a, rb, r0);
+  if constexpr (MT == 1 && (WF == WFmt::I8 || WF == WFmt::FP8)) {
+    static const int forced = [] {
+      const char* e = std::getenv("LLMQ_GEMV_DENSE");
+      return e && *e ? (std::atoi(e) ? 1 : -1) : 0;
+    }();
+    const int want = a.dense ? a.dense : forced;
+    const int64_t r1 = resident_warps<WF, XF, MT, XP, true>();
+    const int ks1 = choose_ksplit(a, rb, r1);
+    if (want > 0 || (want == 0 && last_wave_fill(pairs * ks1, r1) > last_wave_fill(pairs * ks0, r0)))
+      return launch_vec_as<WF, XF, MT, XP, true>(a, ks1, s);
+  }
+  launch_vec_as<WF, XF, MT, XP, false>(a, ks0, s);
 }
 
 template <WFmt WF, XFmt XF, bool XP>

@@ -82,6 +82,8 @@ struct GemvArgs {
   bool evict_first = false;       // GEMV: weights read with an evict-first L2 hint (the launcher sets it)
   bool preload = false;           // GEMV: each lane's first batch of weights loaded before the grid-dependency
                                   // wait (the launcher sets it)
+  int dense = 0;                  // GEMV, one input row of INT8 / FP8 weights: 1 = the instance compiled for 8 blocks
+                                  // an SM, -1 = the other, 0 = the launcher's choice (the fuller last wave)
   const void* i4_sz = nullptr;    // wgemm, INT4 tiles: w_scale and w_zero as pack::int4_sz_pack records, which the
                                   // one-token kernel (T <= 8) copies into shared memory with the weights; null: it
                                   // loads w_scale / w_zero where it needs them (LLMQ_WGEMM_I4_NO_SZ=1 ignores it)
