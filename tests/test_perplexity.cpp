@@ -1,8 +1,11 @@
 // Perplexity protocol (shared/README.md) on the held-out texts, all windows, against reference.json:
 // within 0.05% of transformers' perplexity, with the same token, window and prediction counts.
+#include "eval/compare.hpp"
 #include "eval/perplexity.hpp"
 #include "test_util.hpp"
 #include "tokenizer/tokenizer.hpp"
+
+#include <omp.h>
 
 using namespace llmq;
 
@@ -34,3 +37,31 @@ INSTANTIATE_TEST_SUITE_P(Shared, Perplexity,
                              if (!isalnum(static_cast<unsigned char>(c))) c = '_';
                            return n;
                          });
+
+// The per-position losses and statistics run on all threads and are added in position order: the results are the
+// same bits on one thread as on three (llama-7m-demo, 4 windows of 128 tokens; the model against itself for eval).
+TEST(Perplexity, SameBitsOnOneThreadAsOnThree) {
+  const std::string dir = test::shared_dir() + "/models/llama-7m-demo";
+  Model model(dir);
+  Tokenizer tok = Tokenizer::load(dir);
+  const auto ids = tok.encode(read_text_file(test::shared_dir() + "/data/eval/docs-en.txt"), false);
+  const int saved = omp_get_max_threads();
+  PerplexityResult p[2][4];  // [one thread, three][1..4 windows]: every partial total compared, not only the last
+  CompareResult c[2];
+  for (int i = 0; i < 2; ++i) {
+    omp_set_num_threads(i == 0 ? 1 : 3);
+    for (int w = 0; w < 4; ++w) p[i][w] = perplexity(model, ids, 128, w + 1, nullptr);
+    c[i] = compare(model, model, ids, 128, 4, false, nullptr, "cpu");
+  }
+  omp_set_num_threads(saved);
+  EXPECT_EQ(p[0][3].predicted, 4 * 127);
+  for (int w = 0; w < 4; ++w) EXPECT_EQ(p[0][w].mean_nll, p[1][w].mean_nll) << w + 1 << " windows";
+  EXPECT_EQ(c[0].predicted, 4 * 127);
+  EXPECT_EQ(c[0].ppl, c[1].ppl);
+  EXPECT_EQ(c[0].baseline_ppl, c[1].baseline_ppl);
+  EXPECT_EQ(c[0].mean_kld, c[1].mean_kld);
+  EXPECT_EQ(c[0].kld_p99, c[1].kld_p99);
+  EXPECT_EQ(c[0].top1_agreement, c[1].top1_agreement);
+  EXPECT_EQ(c[0].rms_delta_p, c[1].rms_delta_p);
+  EXPECT_NEAR(c[0].ppl, p[0][3].ppl, 1e-9 * p[0][3].ppl) << "eval's perplexity is the perplexity protocol's";
+}

@@ -112,30 +112,49 @@ CompareResult compare(const Model& model, const Model& baseline, const std::vect
   double nll_q = 0, nll_b = 0, dp2 = 0;
   int64_t agree = 0;
   LayerErrorHooks hooks(model, baseline);
-  std::vector<double> ls_q, ls_b;
+  struct PositionStats {
+    double kld, lq, lb, dp;  // KL(base || q), both log-probabilities of the target, their probabilities' difference
+    bool agree;              // same top-1 token
+  };
+  std::vector<PositionStats> pos(static_cast<size_t>(ctx - 1));
   for (int64_t w = 0; w < windows; ++w) {
     std::vector<BatchToken> batch;
     for (int64_t i = 0; i < ctx; ++i) batch.push_back({tokens[size_t(w * ctx + i)], 0, int32_t(i), i + 1 < ctx});
     eq->forward(batch, lq.data());
     if (eb) eb->forward(batch, lb.data());
     else baseline.forward(batch, cb, lb.data(), &hooks);
-    for (int64_t i = 0; i + 1 < ctx; ++i) {
-      const int32_t target = tokens[size_t(w * ctx + i + 1)];
-      log_softmax(&lq[size_t(i * V)], V, ls_q);
-      log_softmax(&lb[size_t(i * V)], V, ls_b);
-      double kld = 0;
-      int64_t aq = 0, ab = 0;
-      for (int64_t v = 0; v < V; ++v) {
-        kld += std::exp(ls_b[size_t(v)]) * (ls_b[size_t(v)] - ls_q[size_t(v)]);
-        if (ls_q[size_t(v)] > ls_q[size_t(aq)]) aq = v;
-        if (ls_b[size_t(v)] > ls_b[size_t(ab)]) ab = v;
+    // Each position's statistics on its own thread (three vocabularies of exponentials each), accumulated below in
+    // position order, so that the results do not depend on the thread count.
+#pragma omp parallel
+    {
+      std::vector<double> ls_q, ls_b;
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < ctx - 1; ++i) {
+        const int32_t target = tokens[size_t(w * ctx + i + 1)];
+        log_softmax(&lq[size_t(i * V)], V, ls_q);
+        log_softmax(&lb[size_t(i * V)], V, ls_b);
+        double kld = 0;
+        int64_t aq = 0, ab = 0;
+        for (int64_t v = 0; v < V; ++v) {
+          kld += std::exp(ls_b[size_t(v)]) * (ls_b[size_t(v)] - ls_q[size_t(v)]);
+          if (ls_q[size_t(v)] > ls_q[size_t(aq)]) aq = v;
+          if (ls_b[size_t(v)] > ls_b[size_t(ab)]) ab = v;
+        }
+        PositionStats& p = pos[size_t(i)];
+        p.kld = std::max(0.0, kld);
+        p.agree = aq == ab;
+        p.lq = ls_q[size_t(target)];
+        p.lb = ls_b[size_t(target)];
+        p.dp = std::exp(ls_q[size_t(target)]) - std::exp(ls_b[size_t(target)]);
       }
-      klds.push_back(std::max(0.0, kld));
-      agree += aq == ab;
-      nll_q -= ls_q[size_t(target)];
-      nll_b -= ls_b[size_t(target)];
-      const double dp = std::exp(ls_q[size_t(target)]) - std::exp(ls_b[size_t(target)]);
-      dp2 += dp * dp;
+    }
+    for (int64_t i = 0; i + 1 < ctx; ++i) {
+      const PositionStats& p = pos[size_t(i)];
+      klds.push_back(p.kld);
+      agree += p.agree;
+      nll_q -= p.lq;
+      nll_b -= p.lb;
+      dp2 += p.dp * p.dp;
     }
     if (progress) progress(w + 1, windows);
   }

@@ -35,13 +35,19 @@ PerplexityResult perplexity(Engine& engine, const std::vector<int32_t>& tokens, 
   r.windows = windows;
   auto t0 = std::chrono::steady_clock::now();
   std::vector<float> logits(static_cast<size_t>(ctx * c.vocab));
+  std::vector<double> pos_nll(static_cast<size_t>(ctx - 1));
   engine.reset(1, ctx);
   double total = 0;
   for (int64_t w = 0; w < windows; ++w) {
     std::vector<BatchToken> batch;
     for (int64_t i = 0; i < ctx; ++i) batch.push_back({tokens[size_t(w * ctx + i)], 0, int32_t(i), i + 1 < ctx});
     engine.forward(batch, logits.data());
-    for (int64_t i = 0; i + 1 < ctx; ++i) total += nll(&logits[size_t(i * c.vocab)], c.vocab, tokens[size_t(w * ctx + i + 1)]);
+    // Each position's loss on its own thread (a vocabulary of exponentials each), added in position order, so
+    // that the total does not depend on the thread count.
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < ctx - 1; ++i)
+      pos_nll[size_t(i)] = nll(&logits[size_t(i * c.vocab)], c.vocab, tokens[size_t(w * ctx + i + 1)]);
+    for (int64_t i = 0; i + 1 < ctx; ++i) total += pos_nll[size_t(i)];
     r.predicted += ctx - 1;
     if (progress)
       progress(w + 1, windows, std::exp(total / double(r.predicted)));
