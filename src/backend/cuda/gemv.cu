@@ -461,10 +461,12 @@ void launch_vec(const GemvArgs& a, cudaStream_t s) {
       return e && *e ? (std::atoi(e) ? 1 : -1) : 0;
     }();
     const int want = a.dense ? a.dense : forced;
-    const int64_t r1 = resident_warps<WF, XF, MT, XP, true>();
-    const int ks1 = choose_ksplit(a, rb, r1);
-    if (want > 0 || (want == 0 && last_wave_fill(pairs * ks1, r1) > last_wave_fill(pairs * ks0, r0)))
-      return launch_vec_as<WF, XF, MT, XP, true>(a, ks1, s);
+    if (want >= 0) {
+      const int64_t r1 = resident_warps<WF, XF, MT, XP, true>();
+      const int ks1 = choose_ksplit(a, rb, r1);
+      if (want > 0 || last_wave_fill(pairs * ks1, r1) > last_wave_fill(pairs * ks0, r0))
+        return launch_vec_as<WF, XF, MT, XP, true>(a, ks1, s);
+    }
   }
   launch_vec_as<WF, XF, MT, XP, false>(a, ks0, s);
 }
