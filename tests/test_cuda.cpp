@@ -92,6 +92,7 @@ struct GemvCase {
   ActKind swiglu_kind = ActKind::None;  // with swiglu: or FP8 / INT8 codes of a static scale (no rms_in, accumulate)
   int tiled = 0;        // GemvArgs::tiled (1: the tiled weight-only kernel)
   bool tiled_ws = false;// with tiled: a split-K workspace (the launcher then splits K where N is small)
+  bool tiled_pass = false;// with tiled_ws: the partial sums added by a second kernel (no GemvArgs::tiled_counters)
   bool rms_f32 = false; // with rms_out: FP32 y * w (GemvArgs::rms_out_f32)
   bool i4_ldg = false;  // with tc, INT4: no GemvArgs::i4_sz records (the one-token kernel loads w_scale / w_zero)
   int dense = 0;        // GemvArgs::dense (M = 1, INT8 / FP8 weights: 1 the 8-blocks-an-SM instance, -1 the other)
@@ -109,7 +110,8 @@ int device_sm() {
 
 // Runs one GEMV case on the GPU (gemv(), or with tc the tensor-core wgemm()) and checks it against a
 // double-precision sum of the formats' CPU decoding. Returns the worst |error| / sum|products|.
-double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
+// y_out: if set, receives y as the kernel left it ([M, N + 3]).
+double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false, std::vector<float>* y_out = nullptr) {
   std::mt19937 rng(static_cast<uint32_t>(seed));
   std::normal_distribution<float> nd(0.f, 1.f);
   std::uniform_int_distribution<int> i8(-127, 127), i4(0, 15);
@@ -246,6 +248,10 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   const int64_t ws_floats = c.tiled_ws ? (K / 256 + 1) * ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8) : 1;
   Buf dws(static_cast<size_t>(ws_floats) * 4);
   if (c.tiled_ws) a.tiled_ws = dws.as<float>(), a.tiled_ws_floats = ws_floats;
+  // The split-K counters, zero (one per 128-row tile); the kernel must leave them zero.
+  const bool counters = c.tiled_ws && !c.tiled_pass;
+  Buf dtc(std::vector<int32_t>(static_cast<size_t>((N + 127) / 128), 0));
+  if (counters) a.tiled_counters = dtc.as<int32_t>();
   if (c.rms_in) a.x_sumsq = dxsq.as<double>(), a.x_inv_n = float(inv_h), a.norm_eps = float(rms_eps);
   if (c.rms_out) a.rms_w = drw.as<float>(), a.rms_out = dro.p, a.rms_ld = ld_r, a.rms_sumsq = dsq.as<double>();
   a.rms_out_f32 = c.rms_f32;
@@ -302,6 +308,10 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false) {
   }
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<float> y = dy.get<float>();
+  if (y_out) *y_out = y;
+  if (counters) {
+    for (int32_t v : dtc.get<int32_t>()) EXPECT_EQ(v, 0) << "split-K counters not left zero";
+  }
   const std::vector<uint16_t> sw = dsw.get<uint16_t>();
   const std::vector<uint16_t> ro = dro.get<uint16_t>();
   const std::vector<float> rof = c.rms_f32 ? dro.get<float>() : std::vector<float>();
@@ -613,20 +623,37 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
   const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
       {1, 256, 64}, {17, 320, 64}, {129, 512, 128}, {300, 1024, 64}, {4096 + 40, 512, 128}, {45, 4096, 128}, {21, 14336, 128}};
   // One forced tiled launch of a random case, its error into worst; false once the test has failed.
-  auto tiled_case = [&](WFmt wf, int64_t N, int64_t K, int64_t g, int M, bool ws) {
+  // pass: with ws, the partial sums added by the second kernel instead of each tile's last CTA.
+  auto tiled_case = [&](WFmt wf, int64_t N, int64_t K, int64_t g, int M, bool ws, bool pass = false) {
     GemvCase c{wf, XFmt::BF16, N, K, wf == WFmt::I4 ? g : 0, M, (seed % 2) == 0, (seed % 3) != 0};
     c.tiled = 1;
     c.tiled_ws = ws;
+    c.tiled_pass = pass;
     worst[wf == WFmt::I8] = std::max(worst[wf == WFmt::I8], check_gemv(c, seed++, true));
     return !HasFailure();
   };
   for (WFmt wf : {WFmt::I4, WFmt::I8})
     for (auto [N, K, g] : shapes)
       for (int M : {1, 9, 16, 23, 40, 64})
-        for (bool ws : {false, true}) {
+        for (int ws : {0, 1, 2}) {
           if (wf == WFmt::I4 && (K / g) % 4) continue;  // refused (checked below); INT8 covers K = 320
-          if (!tiled_case(wf, N, K, g, M, ws)) return;
+          if (!tiled_case(wf, N, K, g, M, ws > 0, ws == 2)) return;
         }
+  // Both ways of adding the partial sums give the same bits (the same additions in split order), with and
+  // without the bias and residual add.
+  for (WFmt wf : {WFmt::I4, WFmt::I8})
+    for (auto [N, K, M] : {std::tuple<int64_t, int64_t, int>{300, 1024, 16}, {4096 + 40, 512, 40}, {45, 14336, 9}}) {
+      std::vector<float> y_last, y_pass;
+      GemvCase c{wf, XFmt::BF16, N, K, wf == WFmt::I4 ? 128 : 0, M, (N % 2) == 0, (N % 3) == 0};
+      c.tiled = 1;
+      c.tiled_ws = true;
+      check_gemv(c, seed, true, &y_last);
+      c.tiled_pass = true;
+      check_gemv(c, seed++, true, &y_pass);
+      ASSERT_EQ(y_last.size(), y_pass.size());
+      EXPECT_EQ(std::memcmp(y_last.data(), y_pass.data(), y_last.size() * 4), 0)
+          << "wf " << int(wf) << " N " << N << " K " << K << " M " << M << ": last-CTA sums differ from the pass's";
+    }
   std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
   // Every ring depth forced (LLMQ_WGEMM_TILED_STAGES: 3 and 4 at every token count, 8 up to 16 tokens; the
   // default is 3 for INT4 and INT8 past 32 tokens, else 4), split and not.

@@ -216,6 +216,13 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
       ws_floats = std::max<int64_t>(ws_floats, (m.K / 256 + 1) * ((m.N + 15) / 16 * 16) * ((maxT + 7) / 8 * 8));
   float* ws = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&ws, size_t(ws_floats) * 4));
+  // GemvArgs::tiled_counters: one per 128 rows of the widest quantized matrix, zero.
+  int64_t n_counters = 1;
+  for (const Mat& m : mats)
+    if (std::strcmp(m.name, "lm_head") != 0) n_counters = std::max<int64_t>(n_counters, (m.N + 127) / 128);
+  int32_t* tile_counters = nullptr;
+  LLMQ_CUDA_CHECK(cudaMalloc(&tile_counters, size_t(n_counters) * 4));
+  LLMQ_CUDA_CHECK(cudaMemset(tile_counters, 0, size_t(n_counters) * 4));
   // The distributed RMSNorm's producer half (o and down in the engine, up to 64 tokens): rms_w, FP32 x o w and the
   // sums of squares, 64 doubles (zeroed once: the sums only grow, which the timing ignores).
   float* rms_w = static_cast<float*>(device_random(4096, "scale", 10));
@@ -270,9 +277,13 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
           a.tiled = 1;
           if (wgemm_supports(a, sm)) {
             row("tiled", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
+            // Split K: the partial sums added by a second kernel ("tiled/ws"), then by each tile's last CTA (the
+            // engine's way, "tiled/c").
             a.tiled_ws = ws, a.tiled_ws_floats = ws_floats;
             row("tiled/ws", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
-            a.tiled_ws = nullptr, a.tiled_ws_floats = 0;
+            a.tiled_counters = tile_counters;
+            row("tiled/c", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
+            a.tiled_ws = nullptr, a.tiled_ws_floats = 0, a.tiled_counters = nullptr;
           }
           a.tiled = 0;
         }
@@ -303,6 +314,7 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
   cudaFree(xs);
   cudaFree(y);
   cudaFree(ws);
+  cudaFree(tile_counters);
   cudaFree(rms_w);
   cudaFree(rms_out);
   cudaFree(sumsq);

@@ -352,6 +352,7 @@ class CudaEngine final : public Engine {
   DevMem sumsq_;  // double [2 * layers, min(t_cap, 64)]: its sums of squares per token, zeroed every step
   PinnedMem h_ints_, h_logits_;
   DevMem cublas_ws_;  // cuBLAS's workspace, set explicitly so that its GEMMs can be captured into graphs
+  DevMem tiled_counters_;  // the tiled kernel's split-K counters (zero between launches)
   DevMem ids_, argmax_v_, argmax_i_, argmax_counters_;  // the device argmax: [out_cap] ids and its scratch
   PinnedMem h_ids_;
   // (T, n_out, with_ids, one_per_seq, tc_attention)
@@ -728,6 +729,10 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   row_scale_ = DevMem(size_t(Tn) * 4);
   row_scale2_ = DevMem(size_t(Tn) * 4);  // the row scales of the SwiGLU codes (fused, or from gate_up's accumulators)
   gemm_out_ = DevMem(size_t(Tn * max_gemm_n_) * 4);
+  if (!tiled_counters_.p) {  // one per 128-row tile of the widest matmul (GemvArgs::tiled_counters), zero
+    tiled_counters_ = DevMem(size_t((max_gemm_n_ + 127) / 128) * 4);
+    LLMQ_CUDA_CHECK(cudaMemset(tiled_counters_.p, 0, tiled_counters_.n));
+  }
   if (max_wscratch_ && !wscratch_.p) wscratch_ = DevMem(size_t(max_wscratch_) * 2);
   logits_ = DevMem(size_t(On * c.vocab) * 4);
   ints_ = DevMem(size_t(6 * Tn) * 4);  // tokens, sequences, positions, logit rows, prefill tiles (2 per token)
@@ -766,8 +771,13 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   // The tiled kernel's split-K partial sums (wgemm.cu, tiled_default; weight-only formats): gemm_out_, which
   // otherwise only the cuBLAS and cuBLASLt paths use (their raw accumulators are read by the next row kernel, before
   // any other matmul).
-  if (l.wf != WFmt::BF16 && l.act == ActKind::None)
+  // The last CTA of each tile adds the partial sums (GemvArgs::tiled_counters); LLMQ_WGEMM_SPLITK_PASS=1: a kernel
+  // of their own after the GEMM, as before (comparisons).
+  static const bool splitk_pass = env_flag("LLMQ_WGEMM_SPLITK_PASS");
+  if (l.wf != WFmt::BF16 && l.act == ActKind::None) {
     a.tiled_ws = static_cast<float*>(gemm_out_.p), a.tiled_ws_floats = t_cap_ * max_gemm_n_;
+    if (!splitk_pass) a.tiled_counters = tiled_counters_.as<int32_t>();
+  }
   return a;
 }
 

@@ -99,6 +99,9 @@ struct GemvArgs {
   int tiled = 0;
   float* tiled_ws = nullptr;      // the tiled kernel's split-K partial sums (null: no split): splits x
   int64_t tiled_ws_floats = 0;    // 16 * ceil(N / 16) x 8 * ceil(M / 8) floats are used if they fit, else no split
+  // With tiled_ws: one counter per 128-row tile (ceil(N / 128) ints, zero; left zero). The last CTA of a tile to
+  // finish then adds the partial sums and runs the epilogue itself; null: a second kernel does (wgemm.cu).
+  int32_t* tiled_counters = nullptr;
 };
 
 constexpr int kGemvMaxM = 8;

@@ -830,8 +830,9 @@ void launch_i4(const GemvArgs& a, cudaStream_t s) {
 // ring stages brings kTUnits units (128 k) of every warp's weights (INT4: with their scales and zero-point words)
 // and all tokens' activations into shared memory with cp.async; every warp reads the activation fragments from
 // there, so they cross the L2 once per 128 rows. Matrices with few row tiles split K over gridDim.y CTAs: their
-// partial sums go to GemvArgs::tiled_ws in fragment order and wgemm_tiled_splitk_epilogue adds them in split
-// order (the same sum every run) and runs the epilogue; the split count fills one wave of the device. INT4: groups
+// partial sums go to GemvArgs::tiled_ws in fragment order, and the last CTA of each tile to finish (counted in
+// GemvArgs::tiled_counters; without them, a second kernel, wgemm_tiled_splitk_epilogue) adds them in split order
+// (the same sum every run) and runs the epilogue; the split count fills one wave of the device. INT4: groups
 // of 64 or 128 with K / group a multiple of 4 (a zero-point word holds four groups of a row). No fused RMSNorm
 // (norm_counter). Where it wins is in tiled_default below.
 constexpr int kTWarps = 8, kTStages = 4, kTUnits = 2;  // row blocks (warps) a CTA, ring stages (default), units a stage
@@ -874,6 +875,32 @@ __device__ __forceinline__ float tiled_value(const GemvArgs& a, float acc, int64
   float v = acc * rms_factor(a, tc);
   if constexpr (KIND != kI4) v *= a.w_scale[rc];
   return v;
+}
+
+// The split-K sums of row block rb (splits partial tiles per row block in GemvArgs::tiled_ws, fragment order),
+// added in split order into acc; one warp. Each step loads one split's NT * 4 values a lane, all before
+// it adds any (and up to four splits a step, unrolled), so that the loads of a lane are in flight together: with
+// the split loop innermost, each value's loads went one after another (H100, w4a16 batch 16: down_proj's 8 splits
+// of 32 row-block CTAs took 12.8 us a layer; bench/results/2026-12-05-nvidia-h100-session27.txt). __ldcg: the
+// L2, where other CTAs' stores are (the L1 is not coherent).
+template <int NT>
+__device__ __forceinline__ void tiled_splitk_sum(const GemvArgs& a, int rb, int rbs, int lane, int splits, float (&acc)[NT][4]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  const float* ws = a.tiled_ws + int64_t(rb) * (NT * 4 * 32) + lane;
+  const int64_t split_stride = int64_t(rbs) * (NT * 4 * 32);
+#pragma unroll 4
+  for (int sp = 0; sp < splits; ++sp) {
+    float part[NT * 4];
+#pragma unroll
+    for (int i = 0; i < NT * 4; ++i) part[i] = __ldcg(ws + sp * split_stride + i * 32);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] += part[n * 4 + e];
+  }
 }
 
 // cp.async of 4 or 8 bytes (through L1: the sizes below 16 have no .cg form).
@@ -1168,24 +1195,37 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     }
   }
   cp_async_wait<0>();
-  if (rb_raw >= rbs) return;  // the whole warp
-  if (gridDim.y == 1) {
-    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
-  } else {
-    float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
+  const bool has_rows = rb_raw < rbs;  // (whole warps)
+  if (gridDim.y > 1) {
+    if (has_rows) {
+      float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = acc[n][e];
+        for (int e = 0; e < 4; ++e) wsp[(n * 4 + e) * 32] = acc[n][e];
+    }
+    if (!a.tiled_counters) return;  // wgemm_tiled_splitk_epilogue adds the partial sums
+    // The last CTA of this tile to get here adds every split's partial sums, its own among them, from the
+    // workspace (the epilogue kernel's order and bits) and runs the epilogue; the counter is left zero for the next
+    // launch. (The other CTAs stored theirs before their fence and increment; this CTA reads after its own.)
+    __shared__ int tile_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int before = atomicAdd(a.tiled_counters + blockIdx.x, 1);
+      tile_last = before == int(gridDim.y) - 1;
+      if (tile_last) a.tiled_counters[blockIdx.x] = 0;
+    }
+    __syncthreads();
+    if (!tile_last) return;
+    __threadfence();
+    if (has_rows) tiled_splitk_sum<NT>(a, rb, rbs, lane, int(gridDim.y), acc);
   }
+  if (has_rows)
+    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
 }
 
-// The split-K sums of wgemm_tiled_kernel (splits partial tiles per row block in GemvArgs::tiled_ws, fragment
-// order), added in split order, and the epilogue; one warp per row block. Each step loads one split's NT * 4
-// values a lane, all before it adds any (and up to four splits a step, unrolled), so that the loads of a lane are in
-// flight together: with the split loop innermost, each value's loads went one after another (H100, w4a16 batch
-// 16: down_proj's 8 splits of 32 row-block CTAs took 12.8 us a layer; bench/results/2026-12-05-nvidia-h100-session27.txt).
-// The same additions in the same order.
+// The split-K sums as a kernel of their own (GemvArgs::tiled_counters null): one warp per row block.
 template <int KIND, int NT>
 __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(const GemvArgs a, const int splits) {
   pdl_trigger();
@@ -1194,22 +1234,7 @@ __global__ void __launch_bounds__(kTWarps * 32) wgemm_tiled_splitk_epilogue(cons
   const int rbs = int((a.N + 15) / 16), rb = int(blockIdx.x) * kTWarps + warp;
   if (rb >= rbs) return;
   float acc[NT][4];
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-  const float* ws = a.tiled_ws + int64_t(rb) * (NT * 4 * 32) + lane;
-  const int64_t split_stride = int64_t(rbs) * (NT * 4 * 32);
-#pragma unroll 4
-  for (int sp = 0; sp < splits; ++sp) {
-    float part[NT * 4];
-#pragma unroll
-    for (int i = 0; i < NT * 4; ++i) part[i] = __ldcg(ws + sp * split_stride + i * 32);
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[n][e] += part[n * 4 + e];
-  }
+  tiled_splitk_sum<NT>(a, rb, rbs, lane, splits, acc);
   store_tile<NT>(a, rb, 0, a.M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
 }
 
@@ -1284,7 +1309,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
   launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
-  if (splits > 1)
+  if (splits > 1 && !a.tiled_counters)
     launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
            0, s, a, splits);
 }
