@@ -93,6 +93,8 @@ struct GemvCase {
   int tiled = 0;        // GemvArgs::tiled (1: the tiled weight-only kernel)
   bool tiled_ws = false;// with tiled: a split-K workspace (the launcher then splits K where N is small)
   bool tiled_pass = false;// with tiled_ws: the partial sums added by a second kernel (no GemvArgs::tiled_counters)
+  bool tiled_short = false;// with tiled_ws: one counter too few given, holding 5s (the launcher must take the second
+                           // kernel and leave them alone)
   bool rms_f32 = false; // with rms_out: FP32 y * w (GemvArgs::rms_out_f32)
   bool i4_ldg = false;  // with tc, INT4: no GemvArgs::i4_sz records (the one-token kernel loads w_scale / w_zero)
   int dense = 0;        // GemvArgs::dense (M = 1, INT8 / FP8 weights: 1 the 8-blocks-an-SM instance, -1 the other)
@@ -249,9 +251,10 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false, std::vector
   Buf dws(static_cast<size_t>(ws_floats) * 4);
   if (c.tiled_ws) a.tiled_ws = dws.as<float>(), a.tiled_ws_floats = ws_floats;
   // The split-K counters, zero (one per 128-row tile); the kernel must leave them zero.
-  const bool counters = c.tiled_ws && !c.tiled_pass;
-  Buf dtc(std::vector<int32_t>(static_cast<size_t>((N + 127) / 128), 0));
-  if (counters) a.tiled_counters = dtc.as<int32_t>();
+  const bool counters = c.tiled_ws && !c.tiled_pass && !c.tiled_short;
+  Buf dtc(std::vector<int32_t>(static_cast<size_t>((N + 127) / 128), c.tiled_short ? 5 : 0));
+  if (counters) a.tiled_counters = dtc.as<int32_t>(), a.tiled_counters_n = (N + 127) / 128;
+  if (c.tiled_ws && c.tiled_short) a.tiled_counters = dtc.as<int32_t>(), a.tiled_counters_n = (N + 127) / 128 - 1;
   if (c.rms_in) a.x_sumsq = dxsq.as<double>(), a.x_inv_n = float(inv_h), a.norm_eps = float(rms_eps);
   if (c.rms_out) a.rms_w = drw.as<float>(), a.rms_out = dro.p, a.rms_ld = ld_r, a.rms_sumsq = dsq.as<double>();
   a.rms_out_f32 = c.rms_f32;
@@ -309,8 +312,8 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false, std::vector
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::vector<float> y = dy.get<float>();
   if (y_out) *y_out = y;
-  if (counters) {
-    for (int32_t v : dtc.get<int32_t>()) EXPECT_EQ(v, 0) << "split-K counters not left zero";
+  if (counters || c.tiled_short) {
+    for (int32_t v : dtc.get<int32_t>()) EXPECT_EQ(v, c.tiled_short ? 5 : 0) << "split-K counters not left as they were";
   }
   const std::vector<uint16_t> sw = dsw.get<uint16_t>();
   const std::vector<uint16_t> ro = dro.get<uint16_t>();
@@ -653,6 +656,10 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
       ASSERT_EQ(y_last.size(), y_pass.size());
       EXPECT_EQ(std::memcmp(y_last.data(), y_pass.data(), y_last.size() * 4), 0)
           << "wf " << int(wf) << " N " << N << " K " << K << " M " << M << ": last-CTA sums differ from the pass's";
+      // Too few counters: the second kernel, the counters untouched.
+      c.tiled_pass = false;
+      c.tiled_short = true;
+      check_gemv(c, seed++, true);
     }
   std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
   // Every ring depth forced (LLMQ_WGEMM_TILED_STAGES: 3 and 4 at every token count, 8 up to 16 tokens; the

@@ -281,9 +281,9 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
             // engine's way, "tiled/c").
             a.tiled_ws = ws, a.tiled_ws_floats = ws_floats;
             row("tiled/ws", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
-            a.tiled_counters = tile_counters;
+            a.tiled_counters = tile_counters, a.tiled_counters_n = n_counters;
             row("tiled/c", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
-            a.tiled_ws = nullptr, a.tiled_ws_floats = 0, a.tiled_counters = nullptr;
+            a.tiled_ws = nullptr, a.tiled_ws_floats = 0, a.tiled_counters = nullptr, a.tiled_counters_n = 0;
           }
           a.tiled = 0;
         }

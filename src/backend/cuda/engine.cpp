@@ -776,7 +776,7 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   static const bool splitk_pass = env_flag("LLMQ_WGEMM_SPLITK_PASS");
   if (l.wf != WFmt::BF16 && l.act == ActKind::None) {
     a.tiled_ws = static_cast<float*>(gemm_out_.p), a.tiled_ws_floats = t_cap_ * max_gemm_n_;
-    if (!splitk_pass) a.tiled_counters = tiled_counters_.as<int32_t>();
+    if (!splitk_pass) a.tiled_counters = tiled_counters_.as<int32_t>(), a.tiled_counters_n = int64_t(tiled_counters_.n / 4);
   }
   return a;
 }

@@ -100,8 +100,10 @@ struct GemvArgs {
   float* tiled_ws = nullptr;      // the tiled kernel's split-K partial sums (null: no split): splits x
   int64_t tiled_ws_floats = 0;    // 16 * ceil(N / 16) x 8 * ceil(M / 8) floats are used if they fit, else no split
   // With tiled_ws: one counter per 128-row tile (ceil(N / 128) ints, zero; left zero). The last CTA of a tile to
-  // finish then adds the partial sums and runs the epilogue itself; null: a second kernel does (wgemm.cu).
+  // finish then adds the partial sums and runs the epilogue itself; null (or fewer than ceil(N / 128) counters):
+  // a second kernel does (wgemm.cu).
   int32_t* tiled_counters = nullptr;
+  int64_t tiled_counters_n = 0;
 };
 
 constexpr int kGemvMaxM = 8;

@@ -1307,11 +1307,14 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   int ups = per_split(splits);
   splits = (units + ups - 1) / ups;
   if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
+  // The partial sums in each tile's last CTA where there is a counter for every tile, else in a second kernel.
+  GemvArgs b = a;
+  if (b.tiled_counters_n < tiles) b.tiled_counters = nullptr;
   launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN>, dim3(unsigned(tiles), unsigned(splits)),
-         dim3(kTWarps * 32), size_t(Lay::kBytes), s, a, units, ups);
-  if (splits > 1 && !a.tiled_counters)
+         dim3(kTWarps * 32), size_t(Lay::kBytes), s, b, units, ups);
+  if (splits > 1 && !b.tiled_counters)
     launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
-           0, s, a, splits);
+           0, s, b, splits);
 }
 
 // The ring's depth: 3 stages for INT4, and for INT8 rows past 32 tokens; kTStages (4) for INT8 rows up to 32
