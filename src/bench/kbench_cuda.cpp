@@ -210,16 +210,15 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
   LLMQ_CUDA_CHECK(cudaMalloc(&y, size_t(maxT * 128256) * 4));
   // The tiled kernel's split-K workspace: up to K / 256 splits of every row block's tokens, for the largest
   // quantized matrix (lm_head stays BF16).
-  int64_t ws_floats = 0;
+  // With it, GemvArgs::tiled_counters: one per 128 rows of the widest quantized matrix, zero.
+  int64_t ws_floats = 0, n_counters = 1;
   for (const Mat& m : mats)
-    if (std::strcmp(m.name, "lm_head") != 0)
+    if (std::strcmp(m.name, "lm_head") != 0) {
       ws_floats = std::max<int64_t>(ws_floats, (m.K / 256 + 1) * ((m.N + 15) / 16 * 16) * ((maxT + 7) / 8 * 8));
+      n_counters = std::max<int64_t>(n_counters, (m.N + 127) / 128);
+    }
   float* ws = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&ws, size_t(ws_floats) * 4));
-  // GemvArgs::tiled_counters: one per 128 rows of the widest quantized matrix, zero.
-  int64_t n_counters = 1;
-  for (const Mat& m : mats)
-    if (std::strcmp(m.name, "lm_head") != 0) n_counters = std::max<int64_t>(n_counters, (m.N + 127) / 128);
   int32_t* tile_counters = nullptr;
   LLMQ_CUDA_CHECK(cudaMalloc(&tile_counters, size_t(n_counters) * 4));
   LLMQ_CUDA_CHECK(cudaMemset(tile_counters, 0, size_t(n_counters) * 4));
