@@ -661,6 +661,27 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
       c.tiled_short = true;
       check_gemv(c, seed++, true);
     }
+  // INT4 at 9-16 tokens: the scales and zero points from the records (the default where GemvArgs::i4_sz is given),
+  // from w_scale / w_zero (LLMQ_WGEMM_TILED_SZ=0) and without records give the same bits (the same products and
+  // sums; the split count forced so that it cannot differ between the instances), split and not.
+  setenv("LLMQ_WGEMM_TILED_SPLITS", "3", 1);
+  for (auto [N, K, g, M] : {std::tuple<int64_t, int64_t, int64_t, int>{300, 1024, 64, 16}, {45, 4096, 128, 9}, {4096 + 40, 512, 128, 13}})
+    for (bool ws : {false, true}) {
+      GemvCase c{WFmt::I4, XFmt::BF16, N, K, g, M, (N % 2) == 0, true};
+      c.tiled = 1;
+      c.tiled_ws = ws;
+      std::vector<float> y_sz, y_old, y_ldg;
+      worst[0] = std::max(worst[0], check_gemv(c, seed, true, &y_sz));
+      setenv("LLMQ_WGEMM_TILED_SZ", "0", 1);
+      check_gemv(c, seed, true, &y_old);
+      unsetenv("LLMQ_WGEMM_TILED_SZ");
+      c.i4_ldg = true;
+      check_gemv(c, seed++, true, &y_ldg);
+      ASSERT_TRUE(y_sz.size() == y_old.size() && y_sz.size() == y_ldg.size());
+      EXPECT_EQ(std::memcmp(y_sz.data(), y_old.data(), y_sz.size() * 4), 0) << "N " << N << " K " << K << " M " << M << " ws " << ws << ": records vs LLMQ_WGEMM_TILED_SZ=0";
+      EXPECT_EQ(std::memcmp(y_sz.data(), y_ldg.data(), y_sz.size() * 4), 0) << "N " << N << " K " << K << " M " << M << " ws " << ws << ": records vs none";
+    }
+  unsetenv("LLMQ_WGEMM_TILED_SPLITS");
   std::printf("tiled worst |error| / sum|products|: i4 %.2e, i8w %.2e\n", worst[0], worst[1]);
   // Every ring depth forced (LLMQ_WGEMM_TILED_STAGES: 3 and 4 at every token count, 8 up to 16 tokens; the
   // default is 3 for INT4 and INT8 past 32 tokens, else 4), split and not.

@@ -852,19 +852,21 @@ constexpr bool tiled_kind(int kind) { return kind == kI4 || kind == kI8W; }
 constexpr int tiled_act_bytes(int nt) { return nt * 8 * kTRow * 2; }
 constexpr int tiled_w_bytes(int kind) { return kTWarps * kTUnits * 32 * 16 * (kind == kI4 ? 1 : 2); }
 constexpr int tiled_sc_bytes(int kind) { return kind == kI4 ? kTWarps * kTGroups * 16 * 4 : 0; }
-// The whole ring's shared memory for a kind at nt n-tiles and the given ring stages.
-constexpr int tiled_bytes(int kind, int nt, int stages = kTStages) {
-  return stages * (tiled_act_bytes(nt) + tiled_w_bytes(kind) + 2 * tiled_sc_bytes(kind));
+// SZ instead: the stage's pack::int4_sz_pack records, kTGroups a warp.
+constexpr int tiled_rec_bytes() { return kTWarps * kTGroups * int(pack::kInt4SzRecord); }
+// The whole ring's shared memory for a kind at nt n-tiles and the given ring stages (sz: INT4 with records).
+constexpr int tiled_bytes(int kind, int nt, int stages = kTStages, bool sz = false) {
+  return stages * (tiled_act_bytes(nt) + tiled_w_bytes(kind) + (sz ? tiled_rec_bytes() : 2 * tiled_sc_bytes(kind)));
 }
-template <int KIND, int NT, int S>
+template <int KIND, int NT, int S, bool SZ = false>
 struct TiledLayout {
   static constexpr int kRow = kTRow;  // bf16 elements
   static constexpr int kAct = tiled_act_bytes(NT);
   static constexpr int kW = tiled_w_bytes(KIND);
-  static constexpr int kSc = tiled_sc_bytes(KIND);
-  static constexpr int kStage = kAct + kW + 2 * kSc;
-  static constexpr int kBytes = tiled_bytes(KIND, NT, S);
-  static_assert(kAct % 16 == 0 && kW % 16 == 0 && kSc % 16 == 0, "16-byte aligned regions");
+  static constexpr int kSc = tiled_sc_bytes(KIND);  // (without SZ: the scales, then as many bytes of zero-point words)
+  static constexpr int kStage = kAct + kW + (SZ ? tiled_rec_bytes() : 2 * kSc);
+  static constexpr int kBytes = tiled_bytes(KIND, NT, S, SZ);
+  static_assert(kAct % 16 == 0 && kW % 16 == 0 && kSc % 16 == 0 && tiled_rec_bytes() % 16 == 0, "16-byte aligned regions");
 };
 
 // n-tiles of 8 tokens the tiled kernel's instance for M tokens has.
@@ -930,15 +932,16 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // 4-layer llama-3-8b w4a16 TPOT batch 16 0.7461 / 0.7444 -> 0.7372 / 0.7373 ms, batch 64 1.408 / 1.397 -> 1.373 /
 // 1.365. INT8 rows gained nothing (64 tokens: qkv 39.0 -> 36.1 us but o 30.5 -> 35.6, a layer's four 214.3 -> 215.1)
 // and keep the previous loop.
-template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = false>
+template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = false, bool SZ = false>
 __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
-  using Lay = TiledLayout<KIND, NT, S>;
+  using Lay = TiledLayout<KIND, NT, S, SZ>;
   constexpr bool I4 = KIND == kI4;
   constexpr int UPG = I4 ? G / 64 : 1;  // units per group
   constexpr int GPS = kTUnits / UPG;    // groups per stage (1 or 2)
   static_assert(!ILP || I4, "ILP: INT4 only");
   static_assert(!LEAN || I4, "LEAN: INT4 only");
+  static_assert(!SZ || (LEAN && !ILP), "SZ: the LEAN loop only");
   static_assert(kTUnits % UPG == 0, "a stage starts on a group (ups is a multiple of kTUnits)");
   constexpr int NC = ILP ? kTUnits : 1;  // INT4 group sums: one per unit of a stage (ILP) or one
   extern __shared__ uint4 t_ring[];
@@ -1050,7 +1053,11 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
   [[maybe_unused]] const __nv_bfloat16* x_next = x + int64_t(u_begin) * 64;
   [[maybe_unused]] const uint32_t w_dst = uint32_t(Lay::kAct + (warp * kTUnits * 32 + lane) * 16);  // (INT4)
   [[maybe_unused]] const uint32_t sc_dst =
-      uint32_t(Lay::kAct + Lay::kW + ((warp * kTGroups) * 16 + (lane & 15)) * 4) + (lane < 16 ? 0u : uint32_t(Lay::kSc));
+      SZ ? uint32_t(Lay::kAct + Lay::kW + warp * kTGroups * int(pack::kInt4SzRecord) + lane * 16)
+         : uint32_t(Lay::kAct + Lay::kW + ((warp * kTGroups) * 16 + (lane & 15)) * 4) + (lane < 16 ? 0u : uint32_t(Lay::kSc));
+  // SZ: lanes 0 .. 5 GPS - 1 copy the stage's GPS records of this warp's row block (16 bytes each, contiguous).
+  [[maybe_unused]] const char* rec_next =
+      SZ ? static_cast<const char*>(a.i4_sz) + (int64_t(rb) * ng + u_begin / UPG) * pack::kInt4SzRecord + lane * 16 : nullptr;
   // The ring addresses of slot 0, kept in registers (ptxas otherwise recomputed them, with the shared window's
   // base, at every stage), and the next copy's, moved on a stage at a time.
   [[maybe_unused]] const uint32_t w_addr0 = LEAN ? pinned(ring_s + w_dst) : 0u, s_addr0 = LEAN ? pinned(ring_s + sc_dst) : 0u,
@@ -1060,15 +1067,20 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
   auto copy_w_lean = [&]() {  // the next stage's weights (INT4: codes, then the groups' scale/zero records)
     if (w_left <= 0) return;
     const uint32_t base = w_addr;
-    const bool full = w_left >= kTUnits;
+    const bool full = SZ || w_left >= kTUnits;
 #pragma unroll
     for (int cu = 0; cu < kTUnits; ++cu)
       if (full || cu < w_left) cp_async16(base + uint32_t(cu * 32 * 16), w4_next + cu * 32);
     const uint32_t sbase = base - w_addr0 + s_addr0;
+    if constexpr (SZ) {  // (INT4 stages are whole: tiled_ok)
+      if (lane < 5 * GPS) cp_async16(sbase, rec_next);
+      rec_next += GPS * pack::kInt4SzRecord;
+    } else {
 #pragma unroll
-    for (int q = 0; q < GPS; ++q) {
-      const int grp = w_grp + q;
-      if (full || q * UPG < w_left) cp_async4(sbase + uint32_t(q * 16 * 4), sz_src + (lane < 16 ? 4 * grp : grp & ~3));
+      for (int q = 0; q < GPS; ++q) {
+        const int grp = w_grp + q;
+        if (full || q * UPG < w_left) cp_async4(sbase + uint32_t(q * 16 * 4), sz_src + (lane < 16 ? 4 * grp : grp & ~3));
+      }
     }
     w4_next += kTUnits * 32;
     w_grp += GPS;
@@ -1137,17 +1149,29 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
       // CTA-uniform. ILP leaves the test out: INT4 stages are always whole (tiled_ok: K a multiple of 4 groups of
       // 64 or more, so units and every split's ups are even), and without the branch the compiler may interleave
       // the two units' mma.
-      if (!ILP && u >= u_end) break;
+      // SZ: not even a test (INT4 stages are whole).
+      if (!ILP && !SZ && u >= u_end) break;
       if constexpr (I4) {
         const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * kTGroups * 16;
         const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
         // (LEAN: u0 / UPG + cu / UPG, equal to u / UPG since a stage starts on a group, and the same expression for
         // every unit of a group, so that its scales and zero-point operands are computed once.)
-        const int q = cu / UPG, grp = LEAN ? u0 / UPG + cu / UPG : u / UPG;
-        const float s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
-        // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 (one PRMT).
-        const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
-        const uint32_t z0 = __byte_perm(szw[q * 16 + g], 0x43u, zsel), z1 = __byte_perm(szw[q * 16 + g + 8], 0x43u, zsel);
+        const int q = cu / UPG;
+        [[maybe_unused]] const int grp = LEAN ? u0 / UPG + cu / UPG : u / UPG;
+        float s0, s1;
+        uint32_t z0, z1;
+        if constexpr (SZ) {  // record q of the warp: the float2 of rows g, g + 8 at 8 g, their zero points at 64 + 2 g
+          const char* rec = st + Lay::kAct + Lay::kW + (warp * kTGroups + q) * int(pack::kInt4SzRecord);
+          const float2 s2 = *reinterpret_cast<const float2*>(rec + 8 * g);
+          const uint32_t zz = *reinterpret_cast<const uint16_t*>(rec + 64 + 2 * g);
+          s0 = s2.x, s1 = s2.y;
+          z0 = __byte_perm(zz, 0x43u, 0x4040u), z1 = __byte_perm(zz, 0x43u, 0x4141u);  // 128 + z pairs, as below
+        } else {
+          s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
+          // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 (one PRMT).
+          const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
+          z0 = __byte_perm(szw[q * 16 + g], 0x43u, zsel), z1 = __byte_perm(szw[q * 16 + g + 8], 0x43u, zsel);
+        }
         const uint4 wv = wsm[cu * 32];
         const uint32_t wd[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
@@ -1281,12 +1305,12 @@ bool tiled_default(const GemvArgs& a, int kind) {
 }
 
 // (LEAN for INT4 only: see wgemm_tiled_kernel.)
-template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = (KIND == kI4)>
+template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = (KIND == kI4), bool SZ = false>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
-  using Lay = TiledLayout<KIND, NT, S>;
+  using Lay = TiledLayout<KIND, NT, S, SZ>;
   // CTAs that run at once on the whole device (shared memory and registers allow 1-4 per SM).
   static const int slots = [] {
-    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN>;
+    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN, SZ>;
     LLMQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes));
     int dev = 0, sms = 0, per_sm = 0;
     LLMQ_CUDA_CHECK(cudaGetDevice(&dev));
@@ -1312,7 +1336,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   // The partial sums in each tile's last CTA where there is a counter for every tile, else in a second kernel.
   GemvArgs b = a;
   if (b.tiled_counters_n < tiles) b.tiled_counters = nullptr;
-  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN>, dim3(unsigned(tiles), unsigned(splits)),
+  launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN, SZ>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, b, units, ups);
   if (splits > 1 && !b.tiled_counters)
     launch("wgemm_tiled_splitk_epilogue", wgemm_tiled_splitk_epilogue<KIND, NT>, dim3(unsigned(tiles)), dim3(kTWarps * 32),
@@ -1350,6 +1374,13 @@ void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
       if (want == 3) return launch_tiled_s<KIND, NT, G, 3, true>(a, s);
       return launch_tiled_s<KIND, NT, G, kTStages, true>(a, s);
     }
+  }
+  if constexpr (KIND == kI4 && NT == 2) {
+    // 16 tokens: the scales and zero points from the records (GemvArgs::i4_sz) where given; LLMQ_WGEMM_TILED_SZ=0
+    // (read at every call): from w_scale / w_zero as before (comparisons). (Not at 32 and 64 tokens: there the SZ
+    // instances need 105-184 registers against 80-128, fewer CTAs an SM.)
+    const char* ze = std::getenv("LLMQ_WGEMM_TILED_SZ");
+    if (want == 3 && a.i4_sz && !(ze && *ze == '0')) return launch_tiled_s<KIND, NT, G, 3, false, true, true>(a, s);
   }
   if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
   if constexpr (NT <= 2)
