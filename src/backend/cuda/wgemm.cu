@@ -1380,7 +1380,10 @@ void launch_tiled_nt(const GemvArgs& a, cudaStream_t s) {
     // (read at every call): from w_scale / w_zero as before (comparisons). (Not at 32 and 64 tokens: there the SZ
     // instances need 105-184 registers against 80-128, fewer CTAs an SM.)
     const char* ze = std::getenv("LLMQ_WGEMM_TILED_SZ");
-    if (want == 3 && a.i4_sz && !(ze && *ze == '0')) return launch_tiled_s<KIND, NT, G, 3, false, true, true>(a, s);
+    if (a.i4_sz && !(ze && *ze == '0')) {
+      if (want == 3) return launch_tiled_s<KIND, NT, G, 3, false, true, true>(a, s);
+      if (want == 4) return launch_tiled_s<KIND, NT, G, 4, false, true, true>(a, s);
+    }
   }
   if (want == 3) return launch_tiled_s<KIND, NT, G, 3>(a, s);
   if constexpr (NT <= 2)
