@@ -96,6 +96,8 @@ struct GemvCase {
   bool tiled_short = false;// with tiled_ws: one counter too few given, holding 5s (the launcher must take the second
                            // kernel and leave them alone)
   bool rms_f32 = false; // with rms_out: FP32 y * w (GemvArgs::rms_out_f32)
+  int tiled_ws_splits = 0;  // with tiled_ws: GemvArgs::tiled_ws_floats says room for only this many splits (the
+                            // launcher must take no more, and the rest of the buffer stays poisoned); 0: K / 256 + 1
   bool i4_ldg = false;  // with tc, INT4: no GemvArgs::i4_sz records (the one-token kernel loads w_scale / w_zero)
   int dense = 0;        // GemvArgs::dense (M = 1, INT8 / FP8 weights: 1 the 8-blocks-an-SM instance, -1 the other)
 };
@@ -249,7 +251,9 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false, std::vector
   // Room for as many splits as the launcher may take (K / 256), poisoned (NaN): every partial is written first.
   const int64_t ws_floats = c.tiled_ws ? (K / 256 + 1) * ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8) : 1;
   Buf dws(static_cast<size_t>(ws_floats) * 4);
-  if (c.tiled_ws) a.tiled_ws = dws.as<float>(), a.tiled_ws_floats = ws_floats;
+  const int64_t split_floats = ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8);
+  const int64_t ws_told = c.tiled_ws_splits > 0 ? c.tiled_ws_splits * split_floats : ws_floats;
+  if (c.tiled_ws) a.tiled_ws = dws.as<float>(), a.tiled_ws_floats = ws_told;
   // The split-K counters (one per 128-row tile): zero, which the kernel must leave zero; or with tiled_short 5s and
   // one too few, which the launcher must not use.
   const bool counters = c.tiled_ws && !c.tiled_pass;
@@ -314,6 +318,12 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false, std::vector
   if (y_out) *y_out = y;
   if (counters) {
     for (int32_t v : dtc.get<int32_t>()) EXPECT_EQ(v, c.tiled_short ? 5 : 0) << "split-K counters not left as they were";
+  }
+  if (c.tiled_ws && ws_told < ws_floats) {
+    const std::vector<uint32_t> ws = dws.get<uint32_t>();
+    int64_t touched = 0;
+    for (size_t i = size_t(ws_told); i < ws.size(); ++i) touched += ws[i] != 0xFFFFFFFFu;
+    EXPECT_EQ(touched, 0) << "split-K workspace written past GemvArgs::tiled_ws_floats (" << ws_told << ")";
   }
   const std::vector<uint16_t> sw = dsw.get<uint16_t>();
   const std::vector<uint16_t> ro = dro.get<uint16_t>();
@@ -720,6 +730,17 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
   setenv("LLMQ_WGEMM_TILED_SPLITS", "3", 1);
   for (WFmt wf : {WFmt::I4, WFmt::I8})
     if (!tiled_case(wf, 45, 4096, 128, 16, true)) ADD_FAILURE() << "LLMQ_WGEMM_TILED_SPLITS=3";
+  // A workspace with room for fewer splits than asked for: the launcher takes as many as fit (2, then 1), correct,
+  // and writes nothing past the room it was given.
+  setenv("LLMQ_WGEMM_TILED_SPLITS", "8", 1);
+  for (WFmt wf : {WFmt::I4, WFmt::I8})
+    for (int room : {2, 1}) {
+      GemvCase c{wf, XFmt::BF16, 300, 4096, wf == WFmt::I4 ? 128 : 0, 16, true, false};
+      c.tiled = 1;
+      c.tiled_ws = true;
+      c.tiled_ws_splits = room;
+      check_gemv(c, seed++, true);
+    }
   unsetenv("LLMQ_WGEMM_TILED_SPLITS");
   if (HasFailure()) return;
   for (WFmt wf : {WFmt::I4, WFmt::I8})

@@ -1326,13 +1326,25 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
     return e && *e ? std::clamp(std::atoi(e), 1, 8) : 1;
   }();
   int splits = a.tiled_ws ? std::clamp(waves * slots / tiles, 1, std::max(1, units / (2 * kTUnits))) : 1;
+  // The records instance (INT4, 16 tokens) also splits a CTA's K range past max_stages ring stages (default 8;
+  // LLMQ_WGEMM_TILED_MAX_STAGES=n, 0 = no such limit, read at every call), even past one wave: llama-3-8b gate_up
+  // (224 tiles, 2 splits of 16 stages by the rule above) took 43.5 us with 2 splits, 38.8 with 4, 38.5 with 6,
+  // 43.6 with 8 (H100, llmq-kbench --t 16; qkv, o and down were fastest at the rule's 11, 16 and 16 splits,
+  // bench/results/2026-12-07-nvidia-h100-session45.txt).
+  if constexpr (SZ) {
+    const char* me = std::getenv("LLMQ_WGEMM_TILED_MAX_STAGES");
+    const int max_stages = me && *me ? std::max(0, std::atoi(me)) : 8;
+    if (a.tiled_ws && max_stages > 0)
+      splits = std::max(splits, std::min((units + max_stages * kTUnits - 1) / (max_stages * kTUnits), units / kTUnits));
+  }
   // LLMQ_WGEMM_TILED_SPLITS=n forces n splits where a workspace is given (comparisons; read at every call).
   if (const char* e = std::getenv("LLMQ_WGEMM_TILED_SPLITS"); e && *e && a.tiled_ws)
     splits = std::clamp(std::atoi(e), 1, std::max(1, units / kTUnits));
+  // No more splits than the workspace holds (it holds whole splits of NT * 4 * 32 floats a row block).
+  splits = int(std::min<int64_t>(splits, std::max<int64_t>(1, a.tiled_ws_floats / (int64_t(rbs) * NT * 4 * 32))));
   auto per_split = [&](int sp) { return ((units + sp - 1) / sp + kTUnits - 1) / kTUnits * kTUnits; };
-  int ups = per_split(splits);
-  splits = (units + ups - 1) / ups;
-  if (splits > 1 && a.tiled_ws_floats < int64_t(splits) * rbs * NT * 4 * 32) splits = 1, ups = per_split(1);
+  const int ups = per_split(splits);
+  splits = (units + ups - 1) / ups;  // (never more than before: whole stages a split)
   // The partial sums in each tile's last CTA where there is a counter for every tile, else in a second kernel.
   GemvArgs b = a;
   if (b.tiled_counters_n < tiles) b.tiled_counters = nullptr;
