@@ -932,6 +932,14 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // 4-layer llama-3-8b w4a16 TPOT batch 16 0.7461 / 0.7444 -> 0.7372 / 0.7373 ms, batch 64 1.408 / 1.397 -> 1.373 /
 // 1.365. INT8 rows gained nothing (64 tokens: qkv 39.0 -> 36.1 us but o 30.5 -> 35.6, a layer's four 214.3 -> 215.1)
 // and keep the previous loop.
+//
+// SZ (INT4 at 9-16 tokens with GemvArgs::i4_sz, the default there; LEAN only): a stage's scales and zero points come
+// as the warp's pack::int4_sz_pack records, 80 contiguous bytes a group copied by lanes 0-4 (0-9 for groups of 64),
+// instead of 16 scales and 16 zero-point words from 32 different cache lines a group; no unit bounds test (INT4
+// stages are whole). Stage loop 231 -> 197 SASS instructions, 61 -> 64 registers (4 CTAs an SM still). H100, same
+// call (bench/results/2026-12-07-nvidia-h100-session45.txt): kbench at 16 tokens qkv 14.45 -> 13.56 us, o 12.58 ->
+// 11.94, gate_up 44.48 -> 43.02, down 25.86 -> 21.61; full llama-3-8b w4a16 batch 16 3,732 -> 4,036 tok/s. Not at
+// 32-64 tokens: those SZ instances took 105-184 registers against 80-128.
 template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = false, bool SZ = false>
 __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
