@@ -730,6 +730,14 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
   setenv("LLMQ_WGEMM_TILED_SPLITS", "3", 1);
   for (WFmt wf : {WFmt::I4, WFmt::I8})
     if (!tiled_case(wf, 45, 4096, 128, 16, true)) ADD_FAILURE() << "LLMQ_WGEMM_TILED_SPLITS=3";
+  unsetenv("LLMQ_WGEMM_TILED_SPLITS");
+  // The per-shape form (the second entry matches; a malformed list is ignored).
+  for (const char* at : {"17x64:2,45x4096:5", "45x4096", "x:y,45x4096:7"}) {
+    setenv("LLMQ_WGEMM_TILED_SPLITS_AT", at, 1);
+    for (WFmt wf : {WFmt::I4, WFmt::I8})
+      if (!tiled_case(wf, 45, 4096, 128, 16, true)) ADD_FAILURE() << "LLMQ_WGEMM_TILED_SPLITS_AT=" << at;
+  }
+  unsetenv("LLMQ_WGEMM_TILED_SPLITS_AT");
   // A workspace with room for fewer splits than asked for: the launcher takes as many as fit (2, then 1), correct,
   // and writes nothing past the room it was given.
   setenv("LLMQ_WGEMM_TILED_SPLITS", "8", 1);

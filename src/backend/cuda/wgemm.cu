@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 
@@ -1312,6 +1313,21 @@ bool tiled_default(const GemvArgs& a, int kind) {
   return kind == kI8W || (a.M >= 16 && a.N * a.K >= (int64_t(1) << (a.M == 16 ? 24 : 25)));
 }
 
+// The split count LLMQ_WGEMM_TILED_SPLITS_AT ("NxK:n,NxK:n", read at every call) gives an N x K matrix; 0 if none.
+int tiled_splits_at(int64_t N, int64_t K) {
+  const char* e = std::getenv("LLMQ_WGEMM_TILED_SPLITS_AT");
+  if (!e) return 0;
+  for (const char* p = e; *p;) {
+    long long n = 0, k = 0;
+    int splits = 0, used = 0;
+    if (std::sscanf(p, "%lldx%lld:%d%n", &n, &k, &splits, &used) != 3) return 0;
+    if (n == N && k == K) return splits;
+    p += used;
+    if (*p == ',') ++p;
+  }
+  return 0;
+}
+
 // (LEAN for INT4 only: see wgemm_tiled_kernel.)
 template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = (KIND == kI4), bool SZ = false>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
@@ -1346,9 +1362,11 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
     if (a.tiled_ws && max_stages > 0)
       splits = std::max(splits, std::min((units + max_stages * kTUnits - 1) / (max_stages * kTUnits), units / kTUnits));
   }
-  // LLMQ_WGEMM_TILED_SPLITS=n forces n splits where a workspace is given (comparisons; read at every call).
+  // LLMQ_WGEMM_TILED_SPLITS=n forces n splits where a workspace is given, LLMQ_WGEMM_TILED_SPLITS_AT=NxK:n[,...]
+  // only for matrices of that shape (in-model comparisons, one matrix at a time; both read at every call).
   if (const char* e = std::getenv("LLMQ_WGEMM_TILED_SPLITS"); e && *e && a.tiled_ws)
     splits = std::clamp(std::atoi(e), 1, std::max(1, units / kTUnits));
+  if (const int at = tiled_splits_at(a.N, a.K); at > 0 && a.tiled_ws) splits = std::clamp(at, 1, std::max(1, units / kTUnits));
   // No more splits than the workspace holds (it holds whole splits of NT * 4 * 32 floats a row block).
   splits = int(std::min<int64_t>(splits, std::max<int64_t>(1, a.tiled_ws_floats / (int64_t(rbs) * NT * 4 * 32))));
   auto per_split = [&](int sp) { return ((units + sp - 1) / sp + kTUnits - 1) / kTUnits * kTUnits; };
