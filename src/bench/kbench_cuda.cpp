@@ -282,6 +282,15 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
             row("tiled/ws", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
             a.tiled_counters = tile_counters, a.tiled_counters_n = n_counters;
             row("tiled/c", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
+            // With the epilogue o and down have in the engine: the residual add into y and the distributed
+            // RMSNorm's producer half (BF16 x o w and the sums of squares).
+            if (m.N == 4096 && T <= 64) {
+              a.accumulate = true;
+              a.rms_w = rms_w, a.rms_out = rms_out, a.rms_ld = m.N, a.rms_sumsq = sumsq;
+              if (wgemm_supports(a, sm)) row("tiled/c+r", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
+              a.accumulate = false;
+              a.rms_w = nullptr, a.rms_out = nullptr, a.rms_ld = 0, a.rms_sumsq = nullptr;
+            }
             a.tiled_ws = nullptr, a.tiled_ws_floats = 0, a.tiled_counters = nullptr, a.tiled_counters_n = 0;
           }
           a.tiled = 0;
