@@ -712,7 +712,12 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   const int64_t Tn = std::max(T, t_cap_), On = std::max<int64_t>(std::max(n_out, out_cap_), 1);
   const int64_t qd = c.heads * c.head_dim, kvd = c.kv_heads * c.head_dim;
   const int64_t widest_in = std::max({c.hidden, qd, c.intermediate});
-  const uint64_t need = uint64_t(Tn) * uint64_t(c.hidden + qd + 2 * kvd + qd + 2 * c.intermediate + max_gemm_n_ + 1) * 4 +
+  // gemm_out_ has at least kWgemmMaxT rows: it is also the tiled kernel's split-K workspace, whose splits a decode step
+  // of few tokens (T small after short prompts) would otherwise cut (gemv_args; llama-3-8b at 16 tokens: 16 splits
+  // of o and down, 4 of gate_up need 1-1.8 M floats, 16 rows of 28,672 give 0.46 M).
+  const int64_t ws_rows = std::max<int64_t>(Tn, kWgemmMaxT);
+  const uint64_t need = uint64_t(Tn) * uint64_t(c.hidden + qd + 2 * kvd + qd + 2 * c.intermediate + 1) * 4 +
+                        uint64_t(ws_rows) * uint64_t(max_gemm_n_) * 4 +
                         uint64_t(Tn * widest_in) * 2 + uint64_t(std::min<int64_t>(Tn, kWgemmMaxT) * c.intermediate) * 2 +
                         uint64_t(std::min<int64_t>(Tn, kWgemmMaxT)) * uint64_t(c.hidden * 2 + 16 * layers_.size()) +
                         uint64_t(max_wscratch_) * 2 + uint64_t(On * c.vocab) * 4;
@@ -728,7 +733,7 @@ void CudaEngine::ensure_workspace(int64_t T, int64_t n_out) {
   sumsq_ = DevMem(size_t(2 * int64_t(layers_.size()) * std::min<int64_t>(Tn, kWgemmMaxT)) * 8);
   row_scale_ = DevMem(size_t(Tn) * 4);
   row_scale2_ = DevMem(size_t(Tn) * 4);  // the row scales of the SwiGLU codes (fused, or from gate_up's accumulators)
-  gemm_out_ = DevMem(size_t(Tn * max_gemm_n_) * 4);
+  gemm_out_ = DevMem(size_t(ws_rows * max_gemm_n_) * 4);
   if (!tiled_counters_.p) {  // one per 128-row tile of the widest matmul (GemvArgs::tiled_counters), zero
     tiled_counters_ = DevMem(size_t((max_gemm_n_ + 127) / 128) * 4);
     LLMQ_CUDA_CHECK(cudaMemset(tiled_counters_.p, 0, tiled_counters_.n));
@@ -775,7 +780,7 @@ GemvArgs CudaEngine::gemv_args(const DevLinear& l, int64_t T, float* y, int64_t 
   // of their own after the GEMM, as before (comparisons).
   static const bool splitk_pass = env_flag("LLMQ_WGEMM_SPLITK_PASS");
   if (l.wf != WFmt::BF16 && l.act == ActKind::None) {
-    a.tiled_ws = static_cast<float*>(gemm_out_.p), a.tiled_ws_floats = t_cap_ * max_gemm_n_;
+    a.tiled_ws = static_cast<float*>(gemm_out_.p), a.tiled_ws_floats = int64_t(gemm_out_.n / 4);
     if (!splitk_pass) a.tiled_counters = tiled_counters_.as<int32_t>(), a.tiled_counters_n = int64_t(tiled_counters_.n / 4);
   }
   return a;
