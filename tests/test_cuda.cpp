@@ -98,6 +98,8 @@ struct GemvCase {
   bool rms_f32 = false; // with rms_out: FP32 y * w (GemvArgs::rms_out_f32)
   int tiled_ws_splits = 0;  // with tiled_ws: GemvArgs::tiled_ws_floats says room for only this many splits (the
                             // launcher must take no more, and the rest of the buffer stays poisoned); 0: K / 256 + 1
+  int* ws_splits_out = nullptr;  // with tiled_ws (M a multiple of 8 up to 16, 32 or 64): receives how many leading
+                                 // splits' partial sums the launch wrote (0 when it did not split)
   bool i4_ldg = false;  // with tc, INT4: no GemvArgs::i4_sz records (the one-token kernel loads w_scale / w_zero)
   int dense = 0;        // GemvArgs::dense (M = 1, INT8 / FP8 weights: 1 the 8-blocks-an-SM instance, -1 the other)
 };
@@ -249,9 +251,9 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false, std::vector
   a.tiled = c.tiled;
   a.dense = c.dense;
   // Room for as many splits as the launcher may take (K / 256), poisoned (NaN): every partial is written first.
-  const int64_t ws_floats = c.tiled_ws ? (K / 256 + 1) * ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8) : 1;
-  Buf dws(static_cast<size_t>(ws_floats) * 4);
   const int64_t split_floats = ((N + 15) / 16 * 16) * ((M + 7) / 8 * 8);
+  const int64_t ws_floats = c.tiled_ws ? (K / 256 + 1) * split_floats : 1;
+  Buf dws(static_cast<size_t>(ws_floats) * 4);
   const int64_t ws_told = c.tiled_ws_splits > 0 ? c.tiled_ws_splits * split_floats : ws_floats;
   if (c.tiled_ws) a.tiled_ws = dws.as<float>(), a.tiled_ws_floats = ws_told;
   // The split-K counters (one per 128-row tile): zero, which the kernel must leave zero; or with tiled_short 5s and
@@ -319,11 +321,18 @@ double check_gemv(const GemvCase& c, uint64_t seed, bool tc = false, std::vector
   if (counters) {
     for (int32_t v : dtc.get<int32_t>()) EXPECT_EQ(v, c.tiled_short ? 5 : 0) << "split-K counters not left as they were";
   }
-  if (c.tiled_ws && ws_told < ws_floats) {
+  if (c.tiled_ws && (ws_told < ws_floats || c.ws_splits_out)) {
     const std::vector<uint32_t> ws = dws.get<uint32_t>();
     int64_t touched = 0;
     for (size_t i = size_t(ws_told); i < ws.size(); ++i) touched += ws[i] != 0xFFFFFFFFu;
     EXPECT_EQ(touched, 0) << "split-K workspace written past GemvArgs::tiled_ws_floats (" << ws_told << ")";
+    if (c.ws_splits_out) {  // whole split regions written, counted from the first
+      int n = 0;
+      while (int64_t(n + 1) * split_floats <= int64_t(ws.size()) &&
+             std::none_of(ws.begin() + (n * split_floats), ws.begin() + ((n + 1) * split_floats), [](uint32_t v) { return v == 0xFFFFFFFFu; }))
+        ++n;
+      *c.ws_splits_out = n;
+    }
   }
   const std::vector<uint16_t> sw = dsw.get<uint16_t>();
   const std::vector<uint16_t> ro = dro.get<uint16_t>();
@@ -731,13 +740,23 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
   for (WFmt wf : {WFmt::I4, WFmt::I8})
     if (!tiled_case(wf, 45, 4096, 128, 16, true)) ADD_FAILURE() << "LLMQ_WGEMM_TILED_SPLITS=3";
   unsetenv("LLMQ_WGEMM_TILED_SPLITS");
-  // The per-shape form (the second entry matches; a malformed list is ignored).
-  for (const char* at : {"17x64:2,45x4096:5", "45x4096", "x:y,45x4096:7"}) {
-    setenv("LLMQ_WGEMM_TILED_SPLITS_AT", at, 1);
-    for (WFmt wf : {WFmt::I4, WFmt::I8})
-      if (!tiled_case(wf, 45, 4096, 128, 16, true)) ADD_FAILURE() << "LLMQ_WGEMM_TILED_SPLITS_AT=" << at;
+  // The per-shape form: the second entry of the list matches (5 splits written); a malformed list is ignored (the
+  // launcher's own count, as without the variable).
+  for (WFmt wf : {WFmt::I4, WFmt::I8}) {
+    GemvCase c{wf, XFmt::BF16, 45, 4096, wf == WFmt::I4 ? 128 : 0, 16, true, false};
+    c.tiled = 1;
+    c.tiled_ws = true;
+    int own = -1, got = -1;
+    c.ws_splits_out = &own;
+    check_gemv(c, seed++, true);
+    c.ws_splits_out = &got;
+    for (auto [at, want] : {std::pair<const char*, int>{"17x64:2,45x4096:5", 5}, {"45x4096", own}, {"x:y,45x4096:7", own}}) {
+      setenv("LLMQ_WGEMM_TILED_SPLITS_AT", at, 1);
+      check_gemv(c, seed++, true);
+      EXPECT_EQ(got, want) << "LLMQ_WGEMM_TILED_SPLITS_AT=" << at << " wf " << int(wf);
+    }
+    unsetenv("LLMQ_WGEMM_TILED_SPLITS_AT");
   }
-  unsetenv("LLMQ_WGEMM_TILED_SPLITS_AT");
   // A workspace with room for fewer splits than asked for: the launcher takes as many as fit (2, then 1), correct,
   // and writes nothing past the room it was given.
   setenv("LLMQ_WGEMM_TILED_SPLITS", "8", 1);

@@ -1161,8 +1161,6 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
       // SZ: not even a test (INT4 stages are whole).
       if (!ILP && !SZ && u >= u_end) break;
       if constexpr (I4) {
-        const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * kTGroups * 16;
-        const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
         // (LEAN: u0 / UPG + cu / UPG, equal to u / UPG since a stage starts on a group, and the same expression for
         // every unit of a group, so that its scales and zero-point operands are computed once.)
         const int q = cu / UPG;
@@ -1176,6 +1174,8 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
           s0 = s2.x, s1 = s2.y;
           z0 = __byte_perm(zz, 0x43u, 0x4040u), z1 = __byte_perm(zz, 0x43u, 0x4141u);  // 128 + z pairs, as below
         } else {
+          const float* ssc = reinterpret_cast<const float*>(st + Lay::kAct + Lay::kW) + warp * kTGroups * 16;
+          const uint32_t* szw = reinterpret_cast<const uint32_t*>(st + Lay::kAct + Lay::kW + Lay::kSc) + warp * kTGroups * 16;
           s0 = ssc[q * 16 + g], s1 = ssc[q * 16 + g + 8];
           // The zero point (byte grp % 4 of the word) as a BF16 pair 128 + z: bytes z, 0x43, z, 0x43 (one PRMT).
           const uint32_t zsel = 0x4040u | uint32_t(grp & 3) * 0x101u;
