@@ -631,6 +631,49 @@ TEST(CudaWgemm, Int4RowBlockLoopMatchesReference) {
     }
 }
 
+// The records instance with its K-splits summed in a thread-block cluster (LLMQ_WGEMM_TILED_CLUSTER=1, sm_90+:
+// 2-16 splits), against the reference: split counts forced from 2 to 16, 9-16 tokens, plain (bias and residual add
+// by the seed), the RMSNorm's producer and consumer halves and the SwiGLU output. The cluster path writes nothing
+// to the split-K workspace, which the workspace path fills: that tells which path ran.
+TEST(CudaWgemm, TiledClusterSumsMatchReference) {
+  REQUIRE_GPU();
+  if (device_sm() < 90) GTEST_SKIP() << "thread-block clusters need sm_90";
+  uint64_t seed = 9100;
+  struct Shape { int64_t N, K, g; int M; const char* splits; };
+  const Shape shapes[] = {{300, 1024, 64, 16, "2"}, {300, 1024, 64, 9, "3"}, {4096 + 40, 4096, 128, 16, "16"},
+                          {45, 4096, 128, 13, "11"}, {1400, 2048, 128, 16, "6"}, {129, 512, 128, 16, "4"},
+                          {2 * 700, 4096, 128, 16, "8"}};
+  for (const char* cluster : {"0", "1"}) {
+    setenv("LLMQ_WGEMM_TILED_CLUSTER", cluster, 1);
+    for (const Shape& sh : shapes)
+      for (int variant = 0; variant < 4; ++variant) {  // plain, rms_out, rms_in, swiglu
+        if (variant == 3 && sh.N % 2) continue;
+        setenv("LLMQ_WGEMM_TILED_SPLITS", sh.splits, 1);
+        GemvCase c{WFmt::I4, XFmt::BF16, sh.N, sh.K, sh.g, sh.M, variant != 3 && (seed % 2) == 0, (seed % 3) != 0};
+        c.rms_out = variant == 1;
+        c.rms_in = variant == 2;
+        c.swiglu = variant == 3;
+        c.tiled = 1;
+        c.tiled_ws = true;
+        int wrote = -1;
+        if (sh.M == 16) c.ws_splits_out = &wrote;
+        check_gemv(c, seed++, true);
+        if (sh.M == 16) {
+          EXPECT_EQ(wrote, *cluster == '1' ? 0 : std::atoi(sh.splits))
+              << "LLMQ_WGEMM_TILED_CLUSTER=" << cluster << ": split regions of the workspace written, N " << sh.N << " splits " << sh.splits;
+        }
+        if (HasFailure()) {
+          ADD_FAILURE() << "LLMQ_WGEMM_TILED_CLUSTER=" << cluster << " N " << sh.N << " K " << sh.K << " M " << sh.M
+                        << " splits " << sh.splits << " variant " << variant;
+          break;
+        }
+      }
+    if (HasFailure()) break;
+  }
+  unsetenv("LLMQ_WGEMM_TILED_SPLITS");
+  unsetenv("LLMQ_WGEMM_TILED_CLUSTER");
+}
+
 // The tiled weight-only kernel (GemvArgs::tiled = 1), INT4 tiles and INT8 rows: 128 rows a CTA sharing the
 // activations in shared memory, K split over CTAs through a workspace where the matrix has few row tiles (with
 // and without one). Token counts in every n-tile instance (1..64, not multiples of 8), N not a multiple of 16 or
@@ -779,15 +822,29 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
       sw.tiled_ws = true;
       check_gemv(sw, seed++, true);
     }
-  for (WFmt wf : {WFmt::I4, WFmt::I8})
-    for (bool rms_in : {false, true}) {
-      GemvCase r{wf, XFmt::BF16, 333, 2048, wf == WFmt::I4 ? 128 : 0, 12, true, rms_in};
-      r.rms_in = rms_in;
-      r.rms_out = !rms_in;
-      r.tiled = 1;
-      r.tiled_ws = true;
-      check_gemv(r, seed++, true);
-    }
+  // The distributed RMSNorm's halves and the residual add, with each epilogue variant (LLMQ_WGEMM_TILED_EPI: 0 =
+  // per-warp atomics, no prefetch; 3, the default = the operands prefetched, one atomic a token and CTA), split
+  // and not, at 12 and 40 tokens.
+  for (const char* epi : {"0", "3"}) {
+    setenv("LLMQ_WGEMM_TILED_EPI", epi, 1);
+    for (WFmt wf : {WFmt::I4, WFmt::I8})
+      for (bool rms_in : {false, true})
+        for (int M : {12, 40})
+          for (bool ws : {true, false}) {
+            GemvCase r{wf, XFmt::BF16, 333, 2048, wf == WFmt::I4 ? 128 : 0, M, true, rms_in};
+            r.rms_in = rms_in;
+            r.rms_out = !rms_in;
+            r.tiled = 1;
+            r.tiled_ws = ws;
+            check_gemv(r, seed++, true);
+            if (HasFailure()) {
+              ADD_FAILURE() << "LLMQ_WGEMM_TILED_EPI=" << epi << " M " << M << " ws " << ws;
+              unsetenv("LLMQ_WGEMM_TILED_EPI");
+              return;
+            }
+          }
+  }
+  unsetenv("LLMQ_WGEMM_TILED_EPI");
   // Refusals: wgemm_supports says no, so callers fall back instead of launching.
   GemvArgs a;
   a.wf = WFmt::I4;

@@ -627,7 +627,7 @@ void swiglu_prep(const RawAcc& in, int64_t T, int64_t I, const PrepOut& out, cud
   if (T == 0) return;
   if (swiglu_cluster_ok(in, T, I, out, paired))
     return launch_clustered("swiglu_cluster_kernel", swiglu_cluster_kernel<kClusterThreads, kClusterQuads, kClusterBlocks>,
-                            unsigned(T * kClusterBlocks), kClusterThreads, 0, s, unsigned(kClusterBlocks), in, I, out);
+                            unsigned(T * kClusterBlocks), kClusterThreads, 0, s, dim3(unsigned(kClusterBlocks)), in, I, out);
   if (swiglu_quads_ok(in, T, I, out, paired)) {
     if (out.kind != ActKind::I8Token)
       return launch("swiglu_quads_kernel", swiglu_quads_kernel<kThreads, kQuadsStatic, false>,

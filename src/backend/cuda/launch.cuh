@@ -15,11 +15,12 @@
 
 namespace llmq::cuda {
 
-// kernel<<<grid, block, smem, s>>>(args...), with PDL where pdl_enabled(); errors name the kernel. cluster_x > 0:
-// thread-block clusters of cluster_x blocks along x (sm_90+; grid.x a multiple of it).
+// kernel<<<grid, block, smem, s>>>(args...), with PDL where pdl_enabled(); errors name the kernel. cluster.x > 0:
+// thread-block clusters of cluster.x x cluster.y x cluster.z blocks (sm_90+; each grid dimension a multiple of its
+// cluster dimension).
 template <typename... P, typename... A>
 void launch_clustered(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s,
-                      unsigned cluster_x, A&&... args) {
+                      dim3 cluster, A&&... args) {
   cudaLaunchAttribute attr[2]{};
   unsigned n = 0;
   if (pdl_enabled()) {
@@ -27,11 +28,11 @@ void launch_clustered(const char* name, void (*kernel)(P...), dim3 grid, dim3 bl
     attr[n].val.programmaticStreamSerializationAllowed = 1;
     ++n;
   }
-  if (cluster_x > 0) {
+  if (cluster.x > 0) {
     attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster_x;
-    attr[n].val.clusterDim.y = 1;
-    attr[n].val.clusterDim.z = 1;
+    attr[n].val.clusterDim.x = cluster.x;
+    attr[n].val.clusterDim.y = cluster.y;
+    attr[n].val.clusterDim.z = cluster.z;
     ++n;
   }
   cudaLaunchConfig_t cfg{};
@@ -53,7 +54,7 @@ void launch_clustered(const char* name, void (*kernel)(P...), dim3 grid, dim3 bl
 
 template <typename... P, typename... A>
 void launch(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
-  launch_clustered(name, kernel, grid, block, smem, s, 0u, std::forward<A>(args)...);
+  launch_clustered(name, kernel, grid, block, smem, s, dim3(0u), std::forward<A>(args)...);
 }
 
 }  // namespace llmq::cuda

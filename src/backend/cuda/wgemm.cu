@@ -1,5 +1,7 @@
 #include "backend/cuda/wgemm.cuh"
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <array>
 #include <cstdio>
@@ -104,8 +106,10 @@ __device__ __forceinline__ float store_out(const GemvArgs& a, int64_t row, int64
 
 // The distributed RMSNorm's sums of squares of warp 0's stores (sq[n][j]: token n * 8 + 2t + j of this lane,
 // over its rows g and g + 8) added over the 8 lane groups, then to rms_sumsq by lanes 0-3. All lanes call it.
+// With sq_out (shared memory, a float per token from tok0) lanes 0-3 store the warp's sums there instead.
 template <int NT>
-__device__ __forceinline__ void add_sumsq_tile(const GemvArgs& a, float (&sq)[NT][2], int64_t tok0, int M, int lane) {
+__device__ __forceinline__ void add_sumsq_tile(const GemvArgs& a, float (&sq)[NT][2], int64_t tok0, int M, int lane,
+                                               float* sq_out = nullptr) {
   if (!a.rms_sumsq) return;
 #pragma unroll
   for (int n = 0; n < NT; ++n)
@@ -116,7 +120,10 @@ __device__ __forceinline__ void add_sumsq_tile(const GemvArgs& a, float (&sq)[NT
       s += __shfl_xor_sync(0xffffffffu, s, 8);
       s += __shfl_xor_sync(0xffffffffu, s, 16);
       const int tok = n * 8 + 2 * (lane % 4) + j;
-      if (lane < 4 && tok < M) add_sumsq(a, tok0 + tok, s);
+      if (lane < 4 && tok < M) {
+        if (sq_out) sq_out[tok] = s;
+        else add_sumsq(a, tok0 + tok, s);
+      }
     }
 }
 
@@ -126,7 +133,8 @@ __device__ __forceinline__ void add_sumsq_tile(const GemvArgs& a, float (&sq)[NT
 // the distributed RMSNorm's sums of squares gathered. Rows and tokens past the ends are computed from the
 // clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored. All lanes call it.
 template <int NT, typename Value>
-__device__ __forceinline__ void store_tile(const GemvArgs& a, int64_t rb, int64_t tok0, int M, int lane, Value value) {
+__device__ __forceinline__ void store_tile(const GemvArgs& a, int64_t rb, int64_t tok0, int M, int lane, Value value,
+                                           float* sq_out = nullptr) {
   const int g = lane >> 2, t = lane & 3;
   float sq[NT][2] = {};
 #pragma unroll
@@ -140,7 +148,7 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, int64_t rb, int64_
       if (a.bias) v += a.bias[rc];
       sq[n][e & 1] += store_out(a, row, tok0 + tok, tok < M, g, v);
     }
-  add_sumsq_tile<NT>(a, sq, tok0, M, lane);
+  add_sumsq_tile<NT>(a, sq, tok0, M, lane, sq_out);
 }
 
 // The K-splitting warps' partial sums added into warp 0's accumulators through shared memory (red, a
@@ -908,6 +916,82 @@ __device__ __forceinline__ void tiled_splitk_sum(const GemvArgs& a, int rb, int 
   }
 }
 
+// The operands row block rb's epilogue reads besides the sums, prefetched into L1 (GemvArgs::tiled_epi bit 0): the
+// residual rows it adds to (accumulate: 64 bytes a token), the RMSNorm producer's weights, the consumer's sums of
+// squares, INT8 rows' scales and the bias. No kernel before the epilogue in this launch writes them, and only this
+// warp writes these rows of y (after reading them), so the lines in L1 are current. One warp.
+template <int KIND>
+__device__ __forceinline__ void tiled_prefetch_epilogue(const GemvArgs& a, int rb, int M, int lane) {
+  auto pf = [](const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); };
+  if (a.accumulate)
+    for (int tok = lane; tok < M; tok += 32) pf(a.y + int64_t(tok) * a.ldy + int64_t(rb) * 16);
+  if (lane == 0 && a.rms_out) pf(a.rms_w + int64_t(rb) * 16);
+  if (lane == 1 && a.x_sumsq) pf(a.x_sumsq);
+  if constexpr (KIND != kI4)
+    if (lane == 2) pf(a.w_scale + int64_t(rb) * 16);
+  if (lane == 3 && a.bias) pf(a.bias + int64_t(rb) * 16);
+}
+
+// The K-split partial sums of a tile added through distributed shared memory (wgemm_tiled_kernel's CL): the
+// gridDim.y CTAs of the tile are one cluster (dims 1 x gridDim.y x 1, sm_90+). Each CTA puts its warps' sums into
+// its ring (float4 a lane and n-tile, [warp][n][lane]); after a cluster barrier, row block slot w (warp w's rows
+// in every CTA) is added up and stored by CTA w % C. A CTA with nb slots gives each kTWarps / nb of its warps
+// (spw), warp j adding sources j / nb, j / nb + spw, ... of slot r + C (j % nb) into its own float4s, which the
+// slot's first warp then adds in warp order: a fixed order, the same sum every run (not the workspace path's
+// split order, so not its bits). A second barrier keeps every CTA until the others have read its sums. Every
+// thread of every CTA calls it, after its last ring read.
+template <int KIND, int NT>
+__device__ __forceinline__ void tiled_cluster_tail(const GemvArgs& a, const float (&acc)[NT][4], uint4* ring, int rbs, int M,
+                                                   int warp, int lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int C = int(cluster.num_blocks()), r = int(cluster.block_rank());
+  float4* part = reinterpret_cast<float4*>(ring);  // [kTWarps][NT][32]: this CTA's partial sums
+  float4* wsum = part + kTWarps * NT * 32;          // [kTWarps][NT][32]: each warp's share of a slot's sources
+  __syncthreads();                                 // every warp is done with the ring
+#pragma unroll
+  for (int n = 0; n < NT; ++n) part[(warp * NT + n) * 32 + lane] = make_float4(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+  cluster.sync();
+  const int nb = r < kTWarps ? (kTWarps - 1 - r) / C + 1 : 0;  // slots r, r + C, ... below kTWarps
+  if (nb > 0) {
+    const int spw = kTWarps / nb, q = warp % nb, sw = warp / nb;  // warps a slot; this warp's slot and share
+    const int w = r + C * q;
+    if (sw < spw) {
+      float4 sum[NT];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) sum[n] = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int src = sw; src < C; src += spw) {
+        const float4* rp = cluster.map_shared_rank(part, src) + w * NT * 32 + lane;
+        float4 v[NT];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) v[n] = rp[n * 32];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) sum[n].x += v[n].x, sum[n].y += v[n].y, sum[n].z += v[n].z, sum[n].w += v[n].w;
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) wsum[(warp * NT + n) * 32 + lane] = sum[n];
+    }
+    __syncthreads();
+    if (sw == 0) {  // warp q: slot w's shares (warps q, q + nb, ...) in warp order, then its epilogue
+      float t[NT][4] = {};
+      for (int k = 0; k < spw; ++k)
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const float4 v = wsum[((q + k * nb) * NT + n) * 32 + lane];
+          t[n][0] += v.x, t[n][1] += v.y, t[n][2] += v.z, t[n][3] += v.w;
+        }
+      const int rb = int(blockIdx.x) * kTWarps + w;
+      if (rb < rbs)
+        store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, t[n][e], rc, tc); });
+    }
+  }
+  cluster.sync();  // no CTA leaves while another may still read its partial sums
+#else
+  __trap();  // the launcher takes it on sm_90+ only
+#endif
+}
+
 // cp.async of 4 or 8 bytes (through L1: the sizes below 16 have no .cg form).
 __device__ __forceinline__ void cp_async4(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem), "l"(gmem) : "memory");
@@ -941,7 +1025,11 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // call (bench/results/2026-12-07-nvidia-h100-session45.txt): kbench at 16 tokens qkv 14.45 -> 13.56 us, o 12.58 ->
 // 11.94, gate_up 44.48 -> 43.02, down 25.86 -> 21.61; full llama-3-8b w4a16 batch 16 3,732 -> 4,036 tok/s. Not at
 // 32-64 tokens: those SZ instances took 105-184 registers against 80-128.
-template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = false, bool SZ = false>
+//
+// CL (the SZ instance, LLMQ_WGEMM_TILED_CLUSTER=1): the gridDim.y K-splits of a tile form one thread-block cluster
+// and add their partial sums through distributed shared memory (tiled_cluster_tail) instead of the workspace, the
+// counter and the last CTA.
+template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = false, bool SZ = false, bool CL = false>
 __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S, SZ>;
@@ -951,6 +1039,7 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
   static_assert(!ILP || I4, "ILP: INT4 only");
   static_assert(!LEAN || I4, "LEAN: INT4 only");
   static_assert(!SZ || (LEAN && !ILP), "SZ: the LEAN loop only");
+  static_assert(!CL || (SZ && 2 * kTWarps * NT * 32 * 16 <= Lay::kBytes), "CL: the records instance; its sums fit the ring");
   static_assert(kTUnits % UPG == 0, "a stage starts on a group (ups is a multiple of kTUnits)");
   constexpr int NC = ILP ? kTUnits : 1;  // INT4 group sums: one per unit of a stage (ILP) or one
   extern __shared__ uint4 t_ring[];
@@ -1231,6 +1320,9 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
   }
   cp_async_wait<0>();
   const bool has_rows = rb_raw < rbs;  // (whole warps)
+  if constexpr (CL) {
+    return tiled_cluster_tail<KIND, NT>(a, acc, t_ring, rbs, M, warp, lane);
+  }
   if (gridDim.y > 1) {
     if (has_rows) {
       float* wsp = a.tiled_ws + (int64_t(blockIdx.y) * rbs + rb) * (NT * 4 * 32) + lane;
@@ -1254,10 +1346,24 @@ __global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
     __syncthreads();
     if (!tile_last) return;
     __threadfence();
+    if (has_rows && (a.tiled_epi & 1)) tiled_prefetch_epilogue<KIND>(a, rb, M, lane);
     if (has_rows) tiled_splitk_sum<NT>(a, rb, rbs, lane, int(gridDim.y), acc);
   }
+  // tiled_epi bit 1: the warps' sums of squares through shared memory, one atomic a token and CTA (8 fewer).
+  __shared__ float tile_sq[kTWarps][NT * 8];
+  const bool cta_sq = (a.tiled_epi & 2) && a.rms_sumsq;
   if (has_rows)
-    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); });
+    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); },
+                   cta_sq ? tile_sq[warp] : nullptr);
+  if (cta_sq) {  // (CTA-uniform; every thread of the CTA is here)
+    __syncthreads();
+    const int warps = min(kTWarps, rbs - int(blockIdx.x) * kTWarps);  // those with rows
+    if (int(threadIdx.x) < M) {
+      double sum = 0.0;
+      for (int w = 0; w < warps; ++w) sum += double(tile_sq[w][threadIdx.x]);
+      atomicAdd(a.rms_sumsq + threadIdx.x, sum);
+    }
+  }
 }
 
 // The split-K sums as a kernel of their own (GemvArgs::tiled_counters null): one warp per row block.
@@ -1328,6 +1434,37 @@ int tiled_splits_at(int64_t N, int64_t K) {
   return 0;
 }
 
+// The records instance with cluster sums (wgemm_tiled_kernel's CL): whether clusters of `splits` CTAs (up to 16,
+// past the portable 8) of that instance can be resident on this device; asked once per split count.
+constexpr int kTMaxCluster = 16;
+template <int KIND, int NT, int G, int S>
+bool tiled_cluster_fits(int tiles, int splits) {
+  static int known[kTMaxCluster + 1] = {};  // 1 fits, -1 does not, 0 not asked
+  if (known[splits] == 0) {
+    using Lay = TiledLayout<KIND, NT, S, true>;
+    const auto kernel = wgemm_tiled_kernel<KIND, NT, G, S, false, true, true, true>;
+    int n = 0;
+    bool ok = device_sm90() &&
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Lay::kBytes) == cudaSuccess &&
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    if (ok) {
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = 1, attr.val.clusterDim.y = unsigned(splits), attr.val.clusterDim.z = 1;
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(unsigned(tiles), unsigned(splits));
+      cfg.blockDim = dim3(kTWarps * 32);
+      cfg.dynamicSmemBytes = size_t(Lay::kBytes);
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      ok = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0;
+    }
+    cudaGetLastError();  // (a refusal leaves nothing behind for the next launch's check)
+    known[splits] = ok ? 1 : -1;
+  }
+  return known[splits] > 0;
+}
+
 // (LEAN for INT4 only: see wgemm_tiled_kernel.)
 template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = (KIND == kI4), bool SZ = false>
 void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
@@ -1372,9 +1509,25 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   auto per_split = [&](int sp) { return ((units + sp - 1) / sp + kTUnits - 1) / kTUnits * kTUnits; };
   const int ups = per_split(splits);
   splits = (units + ups - 1) / ups;  // (never more than before: whole stages a split)
+  // LLMQ_WGEMM_TILED_CLUSTER=1 (read at every call; the records instance, 2-16 splits, sm_90+ where a cluster of
+  // that many CTAs fits): the splits of a tile add their sums through distributed shared memory (CL above).
+  if constexpr (SZ) {
+    if (splits >= 2 && splits <= kTMaxCluster && env_flag("LLMQ_WGEMM_TILED_CLUSTER") &&
+        tiled_cluster_fits<KIND, NT, G, S>(tiles, splits)) {
+      GemvArgs b = a;
+      b.tiled_epi = 0;
+      launch_clustered("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN, SZ, true>,
+                       dim3(unsigned(tiles), unsigned(splits)), dim3(kTWarps * 32), size_t(Lay::kBytes), s,
+                       dim3(1u, unsigned(splits), 1u), b, units, ups);
+      return;
+    }
+  }
   // The partial sums in each tile's last CTA where there is a counter for every tile, else in a second kernel.
   GemvArgs b = a;
   if (b.tiled_counters_n < tiles) b.tiled_counters = nullptr;
+  // LLMQ_WGEMM_TILED_EPI=n (read at every call): GemvArgs::tiled_epi, default 3.
+  const char* ee = std::getenv("LLMQ_WGEMM_TILED_EPI");
+  b.tiled_epi = ee && *ee ? std::atoi(ee) : 3;
   launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN, SZ>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, b, units, ups);
   if (splits > 1 && !b.tiled_counters)
