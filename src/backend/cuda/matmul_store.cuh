@@ -11,15 +11,21 @@ namespace llmq::cuda {
 // Stores y[m, row] (or adds v to it). With rms_out (the distributed RMSNorm's producer half) also writes
 // y * rms_w[row] (BF16, or FP32 with rms_out_f32) and returns y^2, the caller's share of rms_sumsq[m]; else
 // returns 0.
-__device__ __forceinline__ float store_y(const GemvArgs& a, int64_t row, int64_t m, float v) {
-  float* y = a.y + m * a.ldy + row;
-  const float nv = a.accumulate ? *y + v : v;
-  *y = nv;
+// store_y with what it reads given: y_old = y[m, row] (read only with accumulate) and rw = rms_w[row] (only with
+// rms_out). A caller storing many values loads them all first: between stores through these pointers the compiler
+// cannot tell that the addresses differ, so store_y's own loads each wait for the store before them.
+__device__ __forceinline__ float store_y_loaded(const GemvArgs& a, int64_t row, int64_t m, float v, float y_old, float rw) {
+  const float nv = a.accumulate ? y_old + v : v;
+  a.y[m * a.ldy + row] = nv;
   if (!a.rms_out) return 0.f;
   const int64_t at = m * a.rms_ld + row;
-  if (a.rms_out_f32) static_cast<float*>(a.rms_out)[at] = nv * a.rms_w[row];
-  else static_cast<__nv_bfloat16*>(a.rms_out)[at] = __float2bfloat16(nv * a.rms_w[row]);
+  if (a.rms_out_f32) static_cast<float*>(a.rms_out)[at] = nv * rw;
+  else static_cast<__nv_bfloat16*>(a.rms_out)[at] = __float2bfloat16(nv * rw);
   return nv * nv;
+}
+
+__device__ __forceinline__ float store_y(const GemvArgs& a, int64_t row, int64_t m, float v) {
+  return store_y_loaded(a, row, m, v, a.accumulate ? a.y[m * a.ldy + row] : 0.f, a.rms_out ? a.rms_w[row] : 0.f);
 }
 
 // The distributed RMSNorm's consumer half: the factor rsqrt(mean(x^2) + eps) of input row m (1 without it).

@@ -137,17 +137,56 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, int64_t rb, int64_
                                            float* sq_out = nullptr) {
   const int g = lane >> 2, t = lane & 3;
   float sq[NT][2] = {};
+  if (a.tiled_epi & 4) {
+    // Loads first (GemvArgs::tiled_epi bit 2): every value (with what value() reads: the RMSNorm consumer's sums of
+    // squares, INT8 scales), the bias, the residual y and the RMSNorm producer's weights, before any store. Loads
+    // placed after a store through these pointers wait for it (the compiler cannot tell the addresses apart): one
+    // round trip a value. Up to 2 n-tiles at once, one at a time past that (all of 4 or 8 n-tiles at once took
+    // the 32- and 64-token instances from 80 to 104 and from 128 to 176 registers).
+    constexpr int NC = NT <= 2 ? NT : 1;  // n-tiles a round
+    float rw[2] = {0.f, 0.f};
+    if (!a.swiglu_out && a.rms_out)
 #pragma unroll
-  for (int n = 0; n < NT; ++n)
+      for (int h = 0; h < 2; ++h) rw[h] = a.rms_w[min(rb * 16 + g + 8 * h, a.N - 1)];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t row = rb * 16 + g + 8 * (e >> 1);
-      const int tok = n * 8 + 2 * t + (e & 1);
-      const int64_t rc = row < a.N ? row : a.N - 1;
-      float v = value(n, e, rc, tok0 + (tok < M ? tok : M - 1));
-      if (a.bias) v += a.bias[rc];
-      sq[n][e & 1] += store_out(a, row, tok0 + tok, tok < M, g, v);
+    for (int n0 = 0; n0 < NT; n0 += NC) {
+      float v[NC][4], yo[NC][4];
+#pragma unroll
+      for (int c = 0; c < NC; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = n0 + c;
+          const int64_t row = rb * 16 + g + 8 * (e >> 1);
+          const int tok = n * 8 + 2 * t + (e & 1);
+          const int64_t rc = row < a.N ? row : a.N - 1;
+          v[c][e] = value(n, e, rc, tok0 + (tok < M ? tok : M - 1));
+          if (a.bias) v[c][e] += a.bias[rc];
+          yo[c][e] = !a.swiglu_out && a.accumulate && tok < M && row < a.N ? a.y[(tok0 + tok) * a.ldy + row] : 0.f;
+        }
+#pragma unroll
+      for (int c = 0; c < NC; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int n = n0 + c;
+          const int64_t row = rb * 16 + g + 8 * (e >> 1);
+          const int tok = n * 8 + 2 * t + (e & 1);
+          if (a.swiglu_out) store_out(a, row, tok0 + tok, tok < M, g, v[c][e]);
+          else if (tok < M && row < a.N) sq[n][e & 1] += store_y_loaded(a, row, tok0 + tok, v[c][e], yo[c][e], rw[e >> 1]);
+        }
     }
+  } else {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t row = rb * 16 + g + 8 * (e >> 1);
+        const int tok = n * 8 + 2 * t + (e & 1);
+        const int64_t rc = row < a.N ? row : a.N - 1;
+        float v = value(n, e, rc, tok0 + (tok < M ? tok : M - 1));
+        if (a.bias) v += a.bias[rc];
+        sq[n][e & 1] += store_out(a, row, tok0 + tok, tok < M, g, v);
+      }
+  }
   add_sumsq_tile<NT>(a, sq, tok0, M, lane, sq_out);
 }
 
@@ -1026,11 +1065,11 @@ __device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
 // 11.94, gate_up 44.48 -> 43.02, down 25.86 -> 21.61; full llama-3-8b w4a16 batch 16 3,732 -> 4,036 tok/s. Not at
 // 32-64 tokens: those SZ instances took 105-184 registers against 80-128.
 //
-// CL (the SZ instance, LLMQ_WGEMM_TILED_CLUSTER=1): the gridDim.y K-splits of a tile form one thread-block cluster
+// CL (the SZ instance, LLMQ_WGEMM_TILED_CLUSTER=n): the gridDim.y K-splits of a tile form one thread-block cluster
 // and add their partial sums through distributed shared memory (tiled_cluster_tail) instead of the workspace, the
 // counter and the last CTA.
 template <int KIND, int NT, int G, int S, bool ILP = false, bool LEAN = false, bool SZ = false, bool CL = false>
-__global__ void __launch_bounds__(kTWarps * 32, ILP && S == 3 ? 4 : 0)
+__global__ void __launch_bounds__(kTWarps * 32, (ILP && S == 3) || SZ ? 4 : 0)
     wgemm_tiled_kernel(const GemvArgs a, const int units, const int ups) {
   using Lay = TiledLayout<KIND, NT, S, SZ>;
   constexpr bool I4 = KIND == kI4;
@@ -1434,6 +1473,12 @@ int tiled_splits_at(int64_t N, int64_t K) {
   return 0;
 }
 
+// GemvArgs::tiled_epi for the tiled kernel: LLMQ_WGEMM_TILED_EPI=n (read at every call), default 7.
+int tiled_epi() {
+  const char* e = std::getenv("LLMQ_WGEMM_TILED_EPI");
+  return e && *e ? std::atoi(e) : 7;
+}
+
 // The records instance with cluster sums (wgemm_tiled_kernel's CL): whether clusters of `splits` CTAs (up to 16,
 // past the portable 8) of that instance can be resident on this device; asked once per split count.
 constexpr int kTMaxCluster = 16;
@@ -1509,13 +1554,14 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   auto per_split = [&](int sp) { return ((units + sp - 1) / sp + kTUnits - 1) / kTUnits * kTUnits; };
   const int ups = per_split(splits);
   splits = (units + ups - 1) / ups;  // (never more than before: whole stages a split)
-  // LLMQ_WGEMM_TILED_CLUSTER=1 (read at every call; the records instance, 2-16 splits, sm_90+ where a cluster of
-  // that many CTAs fits): the splits of a tile add their sums through distributed shared memory (CL above).
+  // LLMQ_WGEMM_TILED_CLUSTER=n (read at every call; the records instance, sm_90+): where a tile has 2..n (<= 16)
+  // splits and a cluster of that many CTAs fits, they add their sums through distributed shared memory (CL above).
   if constexpr (SZ) {
-    if (splits >= 2 && splits <= kTMaxCluster && env_flag("LLMQ_WGEMM_TILED_CLUSTER") &&
-        tiled_cluster_fits<KIND, NT, G, S>(tiles, splits)) {
+    const char* ce = std::getenv("LLMQ_WGEMM_TILED_CLUSTER");
+    const int max_cluster = ce && *ce ? std::min(std::atoi(ce), kTMaxCluster) : 0;
+    if (splits >= 2 && splits <= max_cluster && tiled_cluster_fits<KIND, NT, G, S>(tiles, splits)) {
       GemvArgs b = a;
-      b.tiled_epi = 0;
+      b.tiled_epi = tiled_epi() & 4;
       launch_clustered("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN, SZ, true>,
                        dim3(unsigned(tiles), unsigned(splits)), dim3(kTWarps * 32), size_t(Lay::kBytes), s,
                        dim3(1u, unsigned(splits), 1u), b, units, ups);
@@ -1525,9 +1571,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   // The partial sums in each tile's last CTA where there is a counter for every tile, else in a second kernel.
   GemvArgs b = a;
   if (b.tiled_counters_n < tiles) b.tiled_counters = nullptr;
-  // LLMQ_WGEMM_TILED_EPI=n (read at every call): GemvArgs::tiled_epi, default 3.
-  const char* ee = std::getenv("LLMQ_WGEMM_TILED_EPI");
-  b.tiled_epi = ee && *ee ? std::atoi(ee) : 3;
+  b.tiled_epi = tiled_epi();
   launch("wgemm_tiled_kernel", wgemm_tiled_kernel<KIND, NT, G, S, ILP, LEAN, SZ>, dim3(unsigned(tiles), unsigned(splits)),
          dim3(kTWarps * 32), size_t(Lay::kBytes), s, b, units, ups);
   if (splits > 1 && !b.tiled_counters)
