@@ -1473,10 +1473,12 @@ int tiled_splits_at(int64_t N, int64_t K) {
   return 0;
 }
 
-// GemvArgs::tiled_epi for the tiled kernel: LLMQ_WGEMM_TILED_EPI=n (read at every call), default 7.
+// GemvArgs::tiled_epi for the tiled kernel: LLMQ_WGEMM_TILED_EPI=n (read at every call), default 3 (bit 2 opt-in until
+// measured on a GPU). H100, session 46, same call, full llama-3-8b w4a16 batch 16: 3 against 0 (session 45's
+// epilogue) 4,028 / 4,030 against 3,947 / 3,955 tok/s (bench/results/2026-12-07-nvidia-h100-session46.txt).
 int tiled_epi() {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_EPI");
-  return e && *e ? std::atoi(e) : 7;
+  return e && *e ? std::atoi(e) : 3;
 }
 
 // The records instance with cluster sums (wgemm_tiled_kernel's CL): whether clusters of `splits` CTAs (up to 16,
