@@ -107,7 +107,8 @@ struct GemvArgs {
   // The tiled kernel's epilogue (the launcher sets it from LLMQ_WGEMM_TILED_EPI): bit 0 = the last CTA of a tile
   // prefetches the epilogue's operands (residual rows, RMSNorm weights and sums of squares) into L1 while it loads
   // the partial sums; bit 1 = the CTA adds its warps' shares of each token's sum of squares before one atomic;
-  // bit 2 = every value, and all the epilogue reads, loaded before its first store (opt-in: LLMQ_WGEMM_TILED_EPI=7).
+  // bit 2 = every value, and all the epilogue reads, loaded before its first store (opt-in: LLMQ_WGEMM_TILED_EPI=7;
+  // only the INT4 records instance at 9-16 tokens and 3 stages has it, the others ignore it).
   int tiled_epi = 0;
 };
 

@@ -132,12 +132,16 @@ __device__ __forceinline__ void add_sumsq_tile(const GemvArgs& a, float (&sq)[NT
 // row g + 8), from the row and token clamped into range; the bias is added, the value stored (store_out) and
 // the distributed RMSNorm's sums of squares gathered. Rows and tokens past the ends are computed from the
 // clamped indices (the SwiGLU pairing shuffles across all lanes) and never stored. All lanes call it.
-template <int NT, typename Value>
+// LF: the instance can also run the loads-first epilogue (GemvArgs::tiled_epi bit 2); compiled only where asked for,
+// since the second copy of the epilogue in every kernel took wgemm.cu's compile from ~155 to ~230 s an architecture.
+template <int NT, bool LF = false, typename Value>
 __device__ __forceinline__ void store_tile(const GemvArgs& a, int64_t rb, int64_t tok0, int M, int lane, Value value,
                                            float* sq_out = nullptr) {
   const int g = lane >> 2, t = lane & 3;
   float sq[NT][2] = {};
-  if (a.tiled_epi & 4) {
+  bool stored = false;
+  if constexpr (LF) if (a.tiled_epi & 4) {
+    stored = true;
     // Loads first (GemvArgs::tiled_epi bit 2): every value (with what value() reads: the RMSNorm consumer's sums of
     // squares, INT8 scales), the bias, the residual y and the RMSNorm producer's weights, before any store. Loads
     // placed after a store through these pointers wait for it (the compiler cannot tell the addresses apart): one
@@ -174,7 +178,8 @@ __device__ __forceinline__ void store_tile(const GemvArgs& a, int64_t rb, int64_
           else if (tok < M && row < a.N) sq[n][e & 1] += store_y_loaded(a, row, tok0 + tok, v[c][e], yo[c][e], rw[e >> 1]);
         }
     }
-  } else {
+  }
+  if (!stored) {
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -1022,7 +1027,7 @@ __device__ __forceinline__ void tiled_cluster_tail(const GemvArgs& a, const floa
         }
       const int rb = int(blockIdx.x) * kTWarps + w;
       if (rb < rbs)
-        store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, t[n][e], rc, tc); });
+        store_tile<NT, true>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, t[n][e], rc, tc); });
     }
   }
   cluster.sync();  // no CTA leaves while another may still read its partial sums
@@ -1078,7 +1083,7 @@ __global__ void __launch_bounds__(kTWarps * 32, (ILP && S == 3) || SZ ? 4 : 0)
   static_assert(!ILP || I4, "ILP: INT4 only");
   static_assert(!LEAN || I4, "LEAN: INT4 only");
   static_assert(!SZ || (LEAN && !ILP), "SZ: the LEAN loop only");
-  static_assert(!CL || (SZ && 2 * kTWarps * NT * 32 * 16 <= Lay::kBytes), "CL: the records instance; its sums fit the ring");
+  static_assert(!CL || (SZ && S == 3 && 2 * kTWarps * NT * 32 * 16 <= Lay::kBytes), "CL: the records instance (3 stages); its sums fit the ring");
   static_assert(kTUnits % UPG == 0, "a stage starts on a group (ups is a multiple of kTUnits)");
   constexpr int NC = ILP ? kTUnits : 1;  // INT4 group sums: one per unit of a stage (ILP) or one
   extern __shared__ uint4 t_ring[];
@@ -1392,8 +1397,8 @@ __global__ void __launch_bounds__(kTWarps * 32, (ILP && S == 3) || SZ ? 4 : 0)
   __shared__ float tile_sq[kTWarps][NT * 8];
   const bool cta_sq = (a.tiled_epi & 2) && a.rms_sumsq;
   if (has_rows)
-    store_tile<NT>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); },
-                   cta_sq ? tile_sq[warp] : nullptr);
+    store_tile<NT, SZ && S == 3>(a, rb, 0, M, lane, [&](int n, int e, int64_t rc, int64_t tc) { return tiled_value<KIND>(a, acc[n][e], rc, tc); },
+                                 cta_sq ? tile_sq[warp] : nullptr);
   if (cta_sq) {  // (CTA-uniform; every thread of the CTA is here)
     __syncthreads();
     const int warps = min(kTWarps, rbs - int(blockIdx.x) * kTWarps);  // those with rows
@@ -1558,7 +1563,7 @@ void launch_tiled_s(const GemvArgs& a, cudaStream_t s) {
   splits = (units + ups - 1) / ups;  // (never more than before: whole stages a split)
   // LLMQ_WGEMM_TILED_CLUSTER=n (read at every call; the records instance, sm_90+): where a tile has 2..n (<= 16)
   // splits and a cluster of that many CTAs fits, they add their sums through distributed shared memory (CL above).
-  if constexpr (SZ) {
+  if constexpr (SZ && S == 3) {
     const char* ce = std::getenv("LLMQ_WGEMM_TILED_CLUSTER");
     const int max_cluster = ce && *ce ? std::min(std::atoi(ce), kTMaxCluster) : 0;
     if (splits >= 2 && splits <= max_cluster && tiled_cluster_fits<KIND, NT, G, S>(tiles, splits)) {
