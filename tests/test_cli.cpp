@@ -157,6 +157,13 @@ TEST(Cli, UsageErrorsExitTwo) {
   EXPECT_EQ(run("generate " + demo()).code, 2);  // -p missing
   EXPECT_EQ(run("bench " + demo() + " --device tpu").code, 2);
   EXPECT_EQ(run("perplexity " + demo() + " --text x --ctx 0").code, 2);
+  // A value out of range is named in a short line (CLI11's own check writes out 0 .. DBL_MAX, over 300 digits).
+  for (const std::string& bad : {"generate " + demo() + " -p hi -n -3", "bench " + demo() + " --batch 0"}) {
+    CmdResult r = run(bad);
+    EXPECT_EQ(r.code, 2) << bad;
+    EXPECT_LT(r.err.size(), 120u) << r.err;
+    EXPECT_NE(r.err.find(bad.back() == '3' ? "-3 is negative" : "0 is not positive"), std::string::npos) << r.err;
+  }
   EXPECT_EQ(run("--help").code, 0);
 }
 
@@ -190,6 +197,19 @@ TEST(Cli, BadInputIsOneLineErrorExitOne) {
   CmdResult long_prompt = run("generate " + m.dir + " -p 'one two three four five six seven eight nine ten'");
   expect_one_line_error(long_prompt, "context");
   EXPECT_EQ(long_prompt.out, "");  // refused before the prompt is echoed
+  // a continuation longer than the context left: as many tokens as fit, and the reason said
+  CmdResult fill = run("generate " + m.dir + " -p 'one two' -n 50 --json");
+  ASSERT_EQ(fill.code, 0) << fill.err;
+  json fj = json::parse(fill.out);
+  EXPECT_EQ(fj["ids"].size() + fj["prompt_tokens"].get<size_t>(), 8u);
+  EXPECT_TRUE(fj["stopped_at_context"]);
+  EXPECT_FALSE(fj["stopped_at_eos"]);
+  CmdResult fill_text = run("generate " + m.dir + " -p 'one two' -n 50");
+  EXPECT_NE(fill_text.err.find("stopped at the model's context of 8 tokens"), std::string::npos) << fill_text.err;
+  CmdResult fits = run("generate " + m.dir + " -p 'one two' -n 2 --json");
+  ASSERT_EQ(fits.code, 0) << fits.err;
+  EXPECT_EQ(json::parse(fits.out)["ids"].size(), 2u);
+  EXPECT_FALSE(json::parse(fits.out)["stopped_at_context"]);
   // unknown architecture
   cfg["architectures"] = {"BertModel"};
   cfg["model_type"] = "bert";

@@ -47,6 +47,22 @@ std::vector<int32_t> stop_ids_for(const Model& m, const Tokenizer& tok) {
   return ids;
 }
 
+// CLI11's PositiveNumber and NonNegativeNumber reject a value with the range 0 .. DBL_MAX written out in full (over
+// 300 digits); these say the same in words. The option's own type still rejects what is not a number.
+CLI::Validator sign_check(bool zero_ok) {
+  return CLI::Validator(
+      [zero_ok](std::string& v) -> std::string {
+        char* end = nullptr;
+        const double x = std::strtod(v.c_str(), &end);
+        if (end == v.c_str()) return {};  // not a number: the conversion to the option's type reports it
+        if (zero_ok ? x >= 0 : x > 0) return {};
+        return "Value " + v + (zero_ok ? " is negative" : " is not positive");
+      },
+      zero_ok ? "NONNEGATIVE" : "POSITIVE");
+}
+const CLI::Validator kPositive = sign_check(false);
+const CLI::Validator kNonNegative = sign_check(true);
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -77,7 +93,7 @@ int main(int argc, char** argv) {
   SamplerParams sp;
   gen->add_option("MODEL", gen_model, "Hugging Face model directory")->required();
   gen->add_option("-p,--prompt", gen_prompt, "Prompt text")->required();
-  gen->add_option("-n,--n-predict", gen_n, "Number of tokens to generate (default 64)")->check(CLI::NonNegativeNumber);
+  gen->add_option("-n,--n-predict", gen_n, "Number of tokens to generate (default 64)")->check(kNonNegative);
   gen->add_option("--temp", sp.temperature, "Sampling temperature; 0 = greedy (default 0)");
   gen->add_option("--top-k", sp.top_k, "Keep the k most likely tokens; 0 = all (default 0)");
   gen->add_option("--top-p", sp.top_p, "Nucleus sampling mass in (0, 1] (default 1)");
@@ -91,7 +107,7 @@ int main(int argc, char** argv) {
   int64_t ppl_ctx = 512, ppl_max = 0;
   ppl->add_option("MODEL", ppl_model, "Hugging Face model directory")->required();
   ppl->add_option("--text", ppl_text, "Text file")->required();
-  ppl->add_option("--ctx", ppl_ctx, "Window length in tokens (default 512)")->check(CLI::PositiveNumber);
+  ppl->add_option("--ctx", ppl_ctx, "Window length in tokens (default 512)")->check(kPositive);
   ppl->add_option("--max-windows", ppl_max, "Evaluate only the first N windows (default all)");
   ppl->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   ppl->add_flag("--json", as_json, "Print one JSON object");
@@ -103,20 +119,20 @@ int main(int argc, char** argv) {
   bch->add_option("MODEL", bench_model, "Hugging Face model directory")->required();
   bch->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   std::string bench_batches;
-  auto* bch_batch = bch->add_option("--batch", bp.batch, "Sequences decoded together (default 1)")->check(CLI::PositiveNumber);
+  auto* bch_batch = bch->add_option("--batch", bp.batch, "Sequences decoded together (default 1)")->check(kPositive);
   bch->add_option("--batches", bench_batches,
                   "Several batch sizes, comma-separated (e.g. 1,16,64), measured one after another on the model "
                   "loaded once; with --json one object {\"runs\": [the keys above, per batch]}")
       ->excludes(bch_batch);
-  bch->add_option("--prompt-len", bp.prompt_len, "Prompt tokens per sequence (default 128)")->check(CLI::PositiveNumber);
+  bch->add_option("--prompt-len", bp.prompt_len, "Prompt tokens per sequence (default 128)")->check(kPositive);
   int64_t bench_prefill = 0;
   bch->add_option("--prefill-len", bench_prefill,
                   "Also one prefill of this many tokens (batch 1, 1 generated token) after the decode runs, on the model "
                   "loaded once; with --json the runs come as {\"runs\": [...]}, this one last")
-      ->check(CLI::PositiveNumber);
-  bch->add_option("--gen-len", bp.gen_len, "Generated tokens per sequence (default 128)")->check(CLI::PositiveNumber);
+      ->check(kPositive);
+  bch->add_option("--gen-len", bp.gen_len, "Generated tokens per sequence (default 128)")->check(kPositive);
   bch->add_option("--repeats", bp.repeats, "Timed runs after one warm-up; the median is reported (default 3)")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositive);
   bch->add_flag("--json", as_json, "Print one JSON object");
 
   // quantize
@@ -129,9 +145,9 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::IsMember(quant::kMethods));
   qz->add_option("--calib", qo.calib, "Calibration text: plain text or JSONL with a \"text\" field (use your own domain)");
-  qz->add_option("--calib-samples", qo.calib_samples, "Calibration sequences (default 128)")->check(CLI::PositiveNumber);
+  qz->add_option("--calib-samples", qo.calib_samples, "Calibration sequences (default 128)")->check(kPositive);
   qz->add_option("--calib-seq-len", qo.calib_seq_len, "Tokens per calibration sequence (default 512)")->check(CLI::Range(2, 1 << 20));
-  qz->add_option("--group-size", qo.group_size, "INT4 group size (default 128)")->check(CLI::PositiveNumber);
+  qz->add_option("--group-size", qo.group_size, "INT4 group size (default 128)")->check(kPositive);
   qz->add_flag("--symmetric", qo.symmetric, "INT4: symmetric [-8, 7] instead of zero points");
   qz->add_option("--kv-cache", qz_kv, "KV-cache quantization: none | fp8 | int8 (default none)")
       ->check(CLI::IsMember({"none", "fp8", "int8"}));
@@ -159,7 +175,7 @@ int main(int argc, char** argv) {
   ev->add_option("MODEL", ev_model, "Model directory to evaluate")->required();
   ev->add_option("--baseline", ev_base, "The unquantized model directory")->required();
   ev->add_option("--text", ev_text, "Text file")->required();
-  ev->add_option("--ctx", ev_ctx, "Window length in tokens (default 512)")->check(CLI::PositiveNumber);
+  ev->add_option("--ctx", ev_ctx, "Window length in tokens (default 512)")->check(kPositive);
   ev->add_option("--max-windows", ev_max, "Evaluate only the first N windows (default all)");
   ev->add_flag("--per-layer", ev_per_layer, "Also each linear layer's own relative output error, worst first");
   ev->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
@@ -171,7 +187,7 @@ int main(int argc, char** argv) {
   int64_t ins_samples = 16, ins_len = 512;
   ins->add_option("MODEL", ins_model, "Hugging Face model directory")->required();
   ins->add_option("--calib", ins_calib, "Text to run (plain or JSONL); your own domain")->required();
-  ins->add_option("--calib-samples", ins_samples, "Sequences (default 16)")->check(CLI::PositiveNumber);
+  ins->add_option("--calib-samples", ins_samples, "Sequences (default 16)")->check(kPositive);
   ins->add_option("--calib-seq-len", ins_len, "Tokens per sequence (default 512)")->check(CLI::Range(2, 1 << 20));
   ins->add_flag("--json", as_json, "Print one JSON object");
 
@@ -241,12 +257,16 @@ int main(int argc, char** argv) {
       if (as_json) {
         print_json({{"text", r.text}, {"ids", r.ids}, {"prompt_tokens", r.prompt_tokens},
                     {"decode_tokens_per_s", dec_tps}, {"prefill_tokens_per_s", double(r.prompt_tokens) / r.prefill_seconds},
-                    {"stopped_at_eos", r.stopped_at_eos}});
+                    {"stopped_at_eos", r.stopped_at_eos}, {"stopped_at_context", r.stopped_at_context}});
       } else {
         std::cout << std::endl;
+        const std::string why = r.stopped_at_eos       ? ", stopped at EOS"
+                                : r.stopped_at_context ? ", stopped at the model's context of " +
+                                                             std::to_string(m.config().max_positions) + " tokens"
+                                                       : "";
         std::fprintf(stderr, "llmq: %lld prompt tokens (%.1f tok/s), %zu generated (%.1f tok/s decode)%s\n",
                      (long long)r.prompt_tokens, double(r.prompt_tokens) / r.prefill_seconds, r.ids.size(), dec_tps,
-                     r.stopped_at_eos ? ", stopped at EOS" : "");
+                     why.c_str());
       }
     } else if (*ppl) {
       Model m(ppl_model);

@@ -24,7 +24,9 @@ GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<
                         const std::function<void(const std::string&)>& on_text) {
   const ModelConfig& c = engine.config();
   check_prompt(c, prompt);
-  n_new = std::max<int64_t>(0, std::min<int64_t>(n_new, c.max_positions - int64_t(prompt.size())));
+  const int64_t room = c.max_positions - int64_t(prompt.size());
+  const bool capped = n_new > room;
+  n_new = std::max<int64_t>(0, std::min<int64_t>(n_new, room));
   engine.reset(1, int64_t(prompt.size()) + n_new);
   Sampler sampler(sp);
   StreamDecoder stream(tok);
@@ -63,6 +65,7 @@ GenerateResult generate(Engine& engine, const Tokenizer& tok, const std::vector<
       ++r.decode_steps;
     }
   }
+  r.stopped_at_context = capped && !r.stopped_at_eos;
   std::string rest = stream.finish();
   r.text += rest;
   if (on_text && !rest.empty()) on_text(rest);

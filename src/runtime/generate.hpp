@@ -20,6 +20,8 @@ struct GenerateResult {
   double prefill_seconds = 0, decode_seconds = 0;
   int64_t decode_steps = 0;  // forward passes after the prompt (one per generated token but the last)
   bool stopped_at_eos = false;
+  // Fewer than the requested tokens because the prompt and the continuation filled the model's context.
+  bool stopped_at_context = false;
 };
 
 // Throws llmq::Error when the prompt is empty or longer than the model's context (generate() checks it too; a
