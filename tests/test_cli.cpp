@@ -222,6 +222,8 @@ TEST(Cli, BadInputIsOneLineErrorExitOne) {
   expect_one_line_error(run("info " + m.dir), "model.safetensors");
   ASSERT_EQ(truncate((m.dir + "/model.safetensors").c_str(), 4), 0);
   expect_one_line_error(run("generate " + m.dir + " -p hi"), "truncated");
+  // a batch whose KV cache cannot fit the machine's memory: refused before anything is allocated
+  expect_one_line_error(run("bench " + demo() + " --batch 1000000000 --prompt-len 4 --gen-len 2"), "memory available");
   // text shorter than one window
   std::ofstream(m.dir + "/short.txt") << "just a few words";
   expect_one_line_error(run("perplexity " + demo() + " --text " + m.dir + "/short.txt"), "fewer than one window");

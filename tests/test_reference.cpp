@@ -134,6 +134,24 @@ TEST(Generate, RunsThePromptOnceAndOneTokenAStep) {
   }
 }
 
+// The CPU engine counts its KV cache before allocating it: a batch larger than the machine's memory is an
+// llmq::Error with the sizes, and one that fits still runs.
+TEST(Engine, CpuResetRefusesACacheLargerThanMemory) {
+  Model model(test::shared_dir() + "/models/llama-7m-demo");
+  auto e = make_cpu_engine(model);
+  try {
+    e->reset(int64_t(1) << 32, 2048);  // ~2.6e16 bytes of cache
+    FAIL() << "no error";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("of memory available"), std::string::npos) << err.what();
+    EXPECT_NE(std::string(err.what()).find("4294967296 sequence(s) of 2048 positions"), std::string::npos) << err.what();
+  }
+  e->reset(2, 8);
+  std::vector<int32_t> ids(2);
+  e->forward_argmax({{5, 0, 0, true}, {9, 1, 0, true}}, ids.data());
+  EXPECT_GE(ids[0], 0);
+}
+
 // Batched decoding of several sequences at once gives the same logits as one at a time.
 TEST(Batch, SeveralSequencesMatchSingle) {
   Model model(test::shared_dir() + "/models/llama-7m-demo");

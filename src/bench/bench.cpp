@@ -31,6 +31,8 @@ BenchResult bench(Engine& engine, const BenchParams& p) {
   r.peak_gbps = engine.measure_peak_gbps();
   r.peak_gflops = engine.measure_peak_gflops();
   engine.restart_peak_memory();  // this run's peak, not that of an earlier run of the same process
+  // The cache first: a batch too large for the device's memory is refused before its prompts are made.
+  engine.reset(p.batch, p.prompt_len + p.gen_len);
 
   // Random prompts, uniform over the vocabulary. (Through sample() over equal logits they cost a sort of the
   // vocabulary a token: ~45 s of host time before a batch-64, 128-token prompt of a 128,256-token model.)
