@@ -270,33 +270,52 @@ TEST(Cli, QuantizeEvalInspectJson) {
 
 // Ctrl-C in the middle of a quantization: the process dies of SIGINT and leaves neither the target nor its
 // temporary directory (whose safetensors is being written layer by layer at that point).
-TEST(Cli, InterruptedQuantizeLeavesNothing) {
-  char tmpl[] = "/tmp/llmq-cliint-XXXXXX";
-  const std::string d = mkdtemp(tmpl);
-  const std::string out = d + "/q", c4 = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
+// Runs llmq with `args`, sends SIGINT once the file `tmp_file(pid)` exists (the run is then writing its output),
+// and checks that the run died of it leaving neither `out` nor its temporary directory `out.tmp-<pid>`.
+void interrupt_and_check(const std::vector<std::string>& args, const std::string& out, const std::string& file) {
   const pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
     const int devnull = ::open("/dev/null", O_WRONLY);
     ::dup2(devnull, 1);
     ::dup2(devnull, 2);
-    ::execl(LLMQ_BINARY, LLMQ_BINARY, "quantize", demo().c_str(), "-o", out.c_str(), "--method", "w4a16-gptq",
-            "--calib", c4.c_str(), static_cast<char*>(nullptr));
+    std::vector<char*> argv = {const_cast<char*>(LLMQ_BINARY)};
+    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(LLMQ_BINARY, argv.data());
     ::_exit(127);
   }
   const std::string tmp = out + ".tmp-" + std::to_string(pid);
   bool seen = false;
-  for (int i = 0; i < 6000 && !seen; ++i) {  // up to 60 s for the calibration text to load
-    seen = file_exists(tmp + "/model.safetensors.tmp");
+  for (int i = 0; i < 6000 && !seen; ++i) {  // up to 60 s for the calibration text to load or the weights to be made
+    seen = file_exists(tmp + "/" + file);
     if (!seen) ::usleep(10000);
   }
   ::kill(pid, SIGINT);
   int st = 0;
   ASSERT_EQ(::waitpid(pid, &st, 0), pid);
-  EXPECT_TRUE(seen) << "the temporary checkpoint never appeared";
+  EXPECT_TRUE(seen) << "the temporary file " << file << " never appeared";
   EXPECT_TRUE(WIFSIGNALED(st) && WTERMSIG(st) == SIGINT) << "status " << st;
   EXPECT_FALSE(std::filesystem::exists(out));
   EXPECT_FALSE(std::filesystem::exists(tmp)) << "the temporary directory is left";
+}
+
+TEST(Cli, InterruptedQuantizeLeavesNothing) {
+  char tmpl[] = "/tmp/llmq-cliint-XXXXXX";
+  const std::string d = mkdtemp(tmpl);
+  const std::string out = d + "/q", c4 = test::shared_dir() + "/data/c4/c4_validation_2k.jsonl";
+  interrupt_and_check({"quantize", demo(), "-o", out, "--method", "w4a16-gptq", "--calib", c4}, out,
+                      "model.safetensors.tmp");
+  [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
+}
+
+// synth writes shards of up to 4 GiB: one layer of llama-2-7b is one shard of ~0.9 GB, interrupted while written.
+TEST(Cli, InterruptedSynthLeavesNothing) {
+  char tmpl[] = "/tmp/llmq-cliint-XXXXXX";
+  const std::string d = mkdtemp(tmpl);
+  const std::string out = d + "/s";
+  interrupt_and_check({"synth", "--shape", "llama-2-7b", "--layers", "1", "-o", out}, out,
+                      "model-00001-of-00001.safetensors.tmp");
   [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
 }
 

@@ -1,11 +1,11 @@
 #include "model/synth.hpp"
 
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 
 #include "common.hpp"
+#include "io/output_dir.hpp"
 #include "io/safetensors.hpp"
 
 namespace fs = std::filesystem;
@@ -74,9 +74,6 @@ SynthResult synth_model(const std::string& shape_name, const std::string& out_di
   if (layers > 0) s.layers = layers;
   if (fs::exists(out_dir)) throw Error(out_dir + " already exists; choose a new output directory");
   if (!tokenizer.empty() && !fs::is_regular_file(tokenizer)) throw Error("tokenizer file " + tokenizer + " not found");
-  const fs::path tmp = fs::path(out_dir).string() + ".tmp-synth";
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
 
   const int64_t H = s.hidden, hd = H / s.heads, qd = s.heads * hd, kvd = s.kv_heads * hd;
   nlohmann::json cfg = {{"architectures", {s.architecture}},
@@ -140,10 +137,19 @@ SynthResult synth_model(const std::string& shape_name, const std::string& out_di
     cur += 2 * n;
     total += 2 * n;
   }
-  nlohmann::json weight_map = nlohmann::json::object();
+  // Written atomically (OutputDir): an interrupted run of a 16-GB shape leaves no shards behind.
+  std::vector<std::string> names = {"model.safetensors.index.json", "config.json", "tokenizer.json"};
   for (size_t i = 0; i < shards.size(); ++i) {
     char fname[64];
     std::snprintf(fname, sizeof fname, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+    names.push_back(fname);
+    names.push_back(std::string(fname) + ".tmp");  // write_safetensors' file until it is complete
+  }
+  OutputDir dir(out_dir, names);
+  const fs::path tmp = dir.tmp();
+  nlohmann::json weight_map = nlohmann::json::object();
+  for (size_t i = 0; i < shards.size(); ++i) {
+    const std::string& fname = names[3 + 2 * i];
     std::vector<TensorData> tensors;
     for (const Spec* sp2 : shards[i]) {
       tensors.push_back(make_tensor(sp2->name, sp2->shape, sp2->std_dev, sp2->constant, seed));
@@ -152,15 +158,15 @@ SynthResult synth_model(const std::string& shape_name, const std::string& out_di
     write_safetensors((tmp / fname).string(), tensors);
     if (log) log("wrote " + std::string(fname) + " (" + std::to_string(i + 1) + "/" + std::to_string(shards.size()) + ")");
   }
-  {
-    std::ofstream f(tmp / "model.safetensors.index.json");
-    f << nlohmann::json({{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}).dump(2) << "\n";
-    std::ofstream c(tmp / "config.json");
-    c << cfg.dump(2) << "\n";
-    if (!f || !c) throw Error("could not write " + tmp.string());
+  write_text_file((tmp / "model.safetensors.index.json").string(),
+                  nlohmann::json({{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}).dump(2) + "\n");
+  write_text_file((tmp / "config.json").string(), cfg.dump(2) + "\n");
+  if (!tokenizer.empty()) {
+    std::error_code ec;
+    fs::copy_file(tokenizer, tmp / "tokenizer.json", ec);
+    if (ec) throw Error((tmp / "tokenizer.json").string() + ": cannot write: " + ec.message());
   }
-  if (!tokenizer.empty()) fs::copy_file(tokenizer, tmp / "tokenizer.json");
-  fs::rename(tmp, out_dir);
+  dir.commit();
   r.bytes = total;
   return r;
 }

@@ -1,18 +1,16 @@
 #include "quant/quantize.hpp"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
-#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "io/mmap_file.hpp"
+#include "io/output_dir.hpp"
 #include "model/llama.hpp"
 #include "quant/calib/calib.hpp"
 #include "quant/methods/methods.hpp"
@@ -31,54 +29,6 @@ namespace {
 constexpr std::array<const char*, 6> kCopiedFiles = {"tokenizer.json",         "tokenizer.json.gz",
                                                      "tokenizer_config.json",  "generation_config.json",
                                                      "special_tokens_map.json", "tokenizer.model"};
-
-// Ctrl-C (or SIGTERM, SIGHUP) during a quantization: the handler removes the temporary directory's files and the
-// directory (unlink and rmdir are async-signal-safe; the paths are made before it is armed) and then dies of the
-// same signal, so an interrupted run leaves no multi-GB leftovers beside the target.
-constexpr int kCleanupSlots = int(kCopiedFiles.size()) + 3;
-char g_cleanup_files[kCleanupSlots][4096];
-char g_cleanup_dir[4096];
-volatile std::sig_atomic_t g_cleanup_armed = 0;
-
-extern "C" void remove_tmp_and_die(int sig) {
-  if (g_cleanup_armed) {
-    for (const char* f : g_cleanup_files)
-      if (f[0]) ::unlink(f);
-    ::rmdir(g_cleanup_dir);
-  }
-  std::signal(sig, SIG_DFL);
-  std::raise(sig);
-}
-
-class SignalCleanup {
- public:
-  explicit SignalCleanup(const std::string& dir) {
-    std::vector<std::string> files = {dir + "/model.safetensors.tmp", dir + "/model.safetensors", dir + "/config.json"};
-    for (const char* f : kCopiedFiles) files.push_back(dir + "/" + f);
-    if (dir.size() >= sizeof g_cleanup_dir) return;  // not armed: a path this long is not worth truncating
-    for (size_t i = 0; i < files.size(); ++i)
-      std::snprintf(g_cleanup_files[i], sizeof g_cleanup_files[i], "%s", files[i].size() < 4096 ? files[i].c_str() : "");
-    std::snprintf(g_cleanup_dir, sizeof g_cleanup_dir, "%s", dir.c_str());
-    struct sigaction sa {};
-    sa.sa_handler = remove_tmp_and_die;
-    sigemptyset(&sa.sa_mask);
-    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &sa, &old_[i]);
-    g_cleanup_armed = 1;
-    armed_ = true;
-  }
-  ~SignalCleanup() {
-    if (!armed_) return;
-    g_cleanup_armed = 0;
-    for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &old_[i], nullptr);
-  }
-  SignalCleanup(const SignalCleanup&) = delete;
-  SignalCleanup& operator=(const SignalCleanup&) = delete;
-
- private:
-  static constexpr int kSignals[3] = {SIGINT, SIGTERM, SIGHUP};
-  struct sigaction old_[3] {};
-  bool armed_ = false;
-};
 
 // Float working copy of one decoder layer.
 struct FLayer {
@@ -319,25 +269,12 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   qc.acts = m == "fp8" ? ActQuant::Fp8Tensor : m == "int8-sq" ? (opt.act_static ? ActQuant::Int8Tensor : ActQuant::Int8Token)
                                                                : ActQuant::None;
 
-  // The checkpoint is written into a temporary directory beside the target, tensor by tensor as each layer is
-  // done (memory holds one layer's outputs, not the model's), and renamed into place at the end; on any error
-  // the guard removes it, so an interrupted run never leaves a directory that loads.
-  const std::string tmp = out_dir + ".tmp-" + std::to_string(::getpid());
-  struct TmpDir {
-    std::string dir;
-    bool keep = false;
-    ~TmpDir() {
-      std::error_code ec;
-      if (!keep) fs::remove_all(dir, ec);
-    }
-  } tmp_dir{tmp};
-  {
-    std::error_code ec;
-    fs::remove_all(tmp, ec);
-    fs::create_directories(tmp, ec);
-    if (ec) throw Error(tmp + ": cannot create: " + ec.message());
-  }
-  const SignalCleanup on_signal(tmp);
+  // The checkpoint is written into a temporary directory beside the target (OutputDir), tensor by tensor as each
+  // layer is done (memory holds one layer's outputs, not the model's), and renamed into place at the end.
+  std::vector<std::string> names = {"model.safetensors.tmp", "model.safetensors", "config.json"};
+  names.insert(names.end(), kCopiedFiles.begin(), kCopiedFiles.end());
+  OutputDir dir(out_dir, names);
+  const std::string& tmp = dir.tmp();
   // Header space: ~130 bytes a tensor, up to ~30 tensors a layer; a larger header still works (copied once).
   SafetensorsWriter writer(tmp + "/model.safetensors", 4096 + uint64_t(c.layers) * 4096);
   std::vector<TensorData> out;  // the current layer's tensors, until flush() hands them to the writer
@@ -490,19 +427,10 @@ QuantizeReport quantize_model(const std::string& in_dir, const std::string& out_
   if (m == "fp8" || opt.kv == KvFormat::Fp8) qj["fp8_headroom"] = opt.fp8_headroom;
   if (m == "w4a16-gptq") qj["act_order"] = opt.act_order;
   cfg["quantization_config"] = qj;
-  {
-    std::ofstream f(tmp + "/config.json");
-    f << cfg.dump(2) << "\n";
-    if (!f) throw Error(tmp + "/config.json: write failed");
-  }
+  write_text_file(tmp + "/config.json", cfg.dump(2) + "\n");
   for (const char* name : kCopiedFiles)
     if (file_exists(in_dir + "/" + name)) copy_file(in_dir + "/" + name, tmp + "/" + name);
-  {
-    std::error_code ec;
-    fs::rename(tmp, out_dir, ec);
-    if (ec) throw Error(out_dir + ": cannot move the finished checkpoint into place: " + ec.message());
-  }
-  tmp_dir.keep = true;
+  dir.commit();
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rep;
 }
