@@ -141,7 +141,14 @@ int main(int argc, char** argv) {
   quant::QuantizeOptions qo;
   qz->add_option("MODEL", qz_model, "Hugging Face model directory (BF16/F16/F32)")->required();
   qz->add_option("-o,--output", qz_out, "Output directory (must not exist)")->required();
-  qz->add_option("--method", qo.method, "fp8 | int8-sq | w8a16 | w4a16-rtn | w4a16-awq | w4a16-gptq")
+  qz->add_option("--method", qo.method,
+                 "fp8: FP8 E4M3 weights and activations (FP8 tensor cores: Ada, Hopper and newer)\n"
+                 "int8-sq: INT8 weights and activations after SmoothQuant (INT8 tensor cores: Ampere and newer)\n"
+                 "w8a16: INT8 weights, 16-bit activations (near lossless, half of BF16's bytes)\n"
+                 "w4a16-rtn | w4a16-awq | w4a16-gptq: INT4 weight groups, round-to-nearest / activation-aware\n"
+                 "  scaling / GPTQ error feedback (a quarter of the bytes; GPTQ loses least)\n"
+                 "All but w8a16 and w4a16-rtn calibrate on --calib; `llmq inspect MODEL --calib FILE` says which\n"
+                 "method fits your GPU")
       ->required()
       ->check(CLI::IsMember(quant::kMethods));
   qz->add_option("--calib", qo.calib, "Calibration text: plain text or JSONL with a \"text\" field (use your own domain)");
