@@ -9,6 +9,7 @@
 
 #include <fstream>
 
+#include "quant/quantize.hpp"
 #include "test_util.hpp"
 #ifdef LLMQ_HAVE_CUDA
 #include "backend/cuda/engine.hpp"
@@ -262,14 +263,16 @@ TEST(Cli, QuantizeEvalInspectJson) {
   ASSERT_EQ(ji["layers"].size(), 6u * 7u);
   for (auto k : {"name", "act_absmax_max", "act_absmax_median", "outlier_ratio"}) EXPECT_TRUE(ji["layers"][0].contains(k)) << k;
   EXPECT_GE(ji["recommendations"].size(), 4u);
+  for (const json& r : ji["recommendations"])  // each names a method quantize takes
+    for (auto k : {"method", "alternative"})
+      EXPECT_NE(std::find(quant::kMethods.begin(), quant::kMethods.end(), r[k].get<std::string>()), quant::kMethods.end())
+          << r.dump();
   expect_one_line_error(run("quantize " + demo() + " -o " + d + "/q --method w8a16"), "already exists");
   EXPECT_EQ(run("quantize " + demo() + " -o " + d + "/z --method int3").code, 2);
   EXPECT_EQ(run("quantize " + demo() + " -o " + d + "/z --method w8a16 --lm-head int4").code, 2);
   [[maybe_unused]] int rc = std::system(("rm -rf " + d).c_str());
 }
 
-// Ctrl-C in the middle of a quantization: the process dies of SIGINT and leaves neither the target nor its
-// temporary directory (whose safetensors is being written layer by layer at that point).
 // Runs llmq with `args`, sends SIGINT once the file `tmp_file(pid)` exists (the run is then writing its output),
 // and checks that the run died of it leaving neither `out` nor its temporary directory `out.tmp-<pid>`.
 void interrupt_and_check(const std::vector<std::string>& args, const std::string& out, const std::string& file) {
@@ -300,6 +303,8 @@ void interrupt_and_check(const std::vector<std::string>& args, const std::string
   EXPECT_FALSE(std::filesystem::exists(tmp)) << "the temporary directory is left";
 }
 
+// Ctrl-C in the middle of a quantization: the process dies of SIGINT and leaves neither the target nor its
+// temporary directory (whose safetensors is being written layer by layer at that point).
 TEST(Cli, InterruptedQuantizeLeavesNothing) {
   char tmpl[] = "/tmp/llmq-cliint-XXXXXX";
   const std::string d = mkdtemp(tmpl);
