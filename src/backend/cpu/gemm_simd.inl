@@ -29,9 +29,10 @@ inline void tile(const float* x, int64_t ldx, int64_t K, const void* w, int64_t 
     typename V::T wv[NR];
     if constexpr (MR_ == 1) {
       // Matrix-vector: each row is a short stream the hardware prefetcher barely learns before it ends, so
-      // fetch the next tile's rows while this one is computed.
-      for (int r = 0; r < NR; ++r)
-        __builtin_prefetch(static_cast<const char*>(w) + ((n + NR + r) * ldw + k) * int64_t(dtype_size(WT)));
+      // fetch the next tile's rows while this one is computed, one prefetch a cache line.
+      if ((k * int64_t(dtype_size(WT))) % 64 == 0)
+        for (int r = 0; r < NR; ++r)
+          __builtin_prefetch(static_cast<const char*>(w) + ((n + NR + r) * ldw + k) * int64_t(dtype_size(WT)));
     }
     for (int r = 0; r < NR; ++r) wv[r] = V::template loadw<WT>(w, (n + r) * ldw + k);
     for (int m = 0; m < MR_; ++m) {
