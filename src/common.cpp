@@ -4,6 +4,8 @@
 
 namespace llmq {
 
+std::string mib(uint64_t bytes) { return std::to_string((bytes + (1u << 20) - 1) >> 20) + " MiB"; }
+
 const char* dtype_name(DType t) {
   switch (t) {
     case DType::F32: return "F32";

@@ -23,6 +23,8 @@ class Error : public std::runtime_error {
 enum class DType : uint8_t { F32, F16, BF16, I8, U8, F8E4M3 };
 
 const char* dtype_name(DType t);
+// A byte count in whole MiB, rounded up, for messages ("1234 MiB").
+std::string mib(uint64_t bytes);
 // Bytes per value (constexpr: the CPU kernels' inner loops use it).
 constexpr size_t dtype_size(DType t) {
   switch (t) {

@@ -45,7 +45,7 @@ BenchResult bench(Engine& engine, const BenchParams& p) {
   std::vector<double> prefill_s, decode_s;
   using clock = std::chrono::steady_clock;
   for (int rep = 0; rep <= p.repeats; ++rep) {
-    engine.reset(p.batch, p.prompt_len + p.gen_len);
+    if (rep > 0) engine.reset(p.batch, p.prompt_len + p.gen_len);  // (the warm-up uses the one made above)
     std::vector<BatchToken> batch;
     for (int64_t s = 0; s < p.batch; ++s)
       for (int64_t i = 0; i < p.prompt_len; ++i)

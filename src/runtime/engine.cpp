@@ -1,5 +1,6 @@
 #include "runtime/engine.hpp"
 
+#include <algorithm>
 #include <fstream>
 
 #include "backend/cpu/kernels.hpp"
@@ -43,8 +44,6 @@ uint64_t available_memory_bytes() {
   return 0;
 }
 
-std::string mib(double b) { return std::to_string(int64_t((b + (1 << 20) - 1) / (1 << 20))) + " MiB"; }
-
 class CpuEngine final : public Engine {
  public:
   explicit CpuEngine(const Model& m) : Engine(m) {}
@@ -59,8 +58,8 @@ class CpuEngine final : public Engine {
     const uint64_t avail = available_memory_bytes();
     if (avail > 0 && need + double(256u << 20) > double(avail))
       throw Error("--device cpu: the KV cache for " + std::to_string(n_seq) + " sequence(s) of " +
-                  std::to_string(capacity) + " positions and a step's logits need " + mib(need) +
-                  " but this machine has " + mib(double(avail)) + " of memory available; use fewer or shorter sequences");
+                  std::to_string(capacity) + " positions and a step's logits need " + mib(uint64_t(std::min(need, 1e19))) +
+                  " but this machine has " + mib(avail) + " of memory available; use fewer or shorter sequences");
     cache_ = std::make_unique<KVCache>(config(), n_seq, capacity);
   }
   void forward(const std::vector<BatchToken>& batch, float* logits_out) override {
@@ -73,8 +72,8 @@ class CpuEngine final : public Engine {
     if (act > double(256u << 20)) {
       const uint64_t avail = available_memory_bytes();
       if (avail > 0 && act + double(256u << 20) > double(avail))
-        throw Error("--device cpu: a forward pass of " + std::to_string(batch.size()) + " tokens needs about " + mib(act) +
-                    " of activations but this machine has " + mib(double(avail)) +
+        throw Error("--device cpu: a forward pass of " + std::to_string(batch.size()) + " tokens needs about " + mib(uint64_t(std::min(act, 1e19))) +
+                    " of activations but this machine has " + mib(avail) +
                     " of memory available; use fewer or shorter prompts");
     }
     model_.forward(batch, *cache_, logits_out);

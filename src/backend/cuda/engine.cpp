@@ -99,8 +99,6 @@ std::string device_summary() {
 
 namespace {
 
-std::string mib(uint64_t b) { return std::to_string((b + (1 << 20) - 1) >> 20) + " MiB"; }
-
 // A device allocation owned by the engine.
 struct DevMem {
   void* p = nullptr;
