@@ -824,7 +824,7 @@ TEST(CudaWgemm, TiledWeightOnlyMatchesReference) {
       check_gemv(sw, seed++, true);
     }
   // The distributed RMSNorm's halves and the residual add, with each epilogue variant (LLMQ_WGEMM_TILED_EPI: 0 =
-  // per-warp atomics, no prefetch; 3, the default = the operands prefetched, one atomic a token and CTA; 7 = also
+  // per-warp atomics, no prefetch; 3 = the operands prefetched, one atomic a token and CTA; 7, the default = also
   // every load before the first store), split and not, at 12 and 40 tokens.
   for (const char* epi : {"0", "3", "7"}) {
     setenv("LLMQ_WGEMM_TILED_EPI", epi, 1);

@@ -1478,12 +1478,13 @@ int tiled_splits_at(int64_t N, int64_t K) {
   return 0;
 }
 
-// GemvArgs::tiled_epi for the tiled kernel: LLMQ_WGEMM_TILED_EPI=n (read at every call), default 3 (bit 2 opt-in until
-// measured on a GPU). H100, session 46, same call, full llama-3-8b w4a16 batch 16: 3 against 0 (session 45's
-// epilogue) 4,028 / 4,030 against 3,947 / 3,955 tok/s (bench/results/2026-12-07-nvidia-h100-session46.txt).
+// GemvArgs::tiled_epi for the tiled kernel: LLMQ_WGEMM_TILED_EPI=n (read at every call), default 7. H100, full
+// llama-3-8b w4a16 batch 16, alternated in one call: 3 against 0 (session 45's epilogue) 4,028 / 4,030 against
+// 3,947 / 3,955 tok/s (session 46); 7 (bit 2, loads first) against 3: 4,264 / 4,257 against 4,106 / 4,093 tok/s
+// (session 48; bench/results/2026-12-07-nvidia-h100-session4{6,8}.txt).
 int tiled_epi() {
   const char* e = std::getenv("LLMQ_WGEMM_TILED_EPI");
-  return e && *e ? std::atoi(e) : 3;
+  return e && *e ? std::atoi(e) : 7;
 }
 
 // The records instance with cluster sums (wgemm_tiled_kernel's CL): whether clusters of `splits` CTAs (up to 16,
