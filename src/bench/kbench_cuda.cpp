@@ -277,7 +277,8 @@ void bench_matmuls(const std::vector<int>& Ts, double peak, int sm, const std::s
           if (wgemm_supports(a, sm)) {
             row("tiled", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
             // Split K: the partial sums added by a second kernel ("tiled/ws"), then by each tile's last CTA (the
-            // engine's way, "tiled/c").
+            // engine's way, "tiled/c"); where the launcher adds them in a thread-block cluster instead
+            // (LLMQ_WGEMM_TILED_CLUSTER, default 4 splits or fewer), both rows time that.
             a.tiled_ws = ws, a.tiled_ws_floats = ws_floats;
             row("tiled/ws", time_us([&](int c) { set(c, false); wgemm(a, nullptr); }, reps));
             a.tiled_counters = tile_counters, a.tiled_counters_n = n_counters;
