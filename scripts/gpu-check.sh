@@ -20,6 +20,10 @@
 #   LM_HEAD  [none]; int8: every quantized checkpoint gets `llmq quantize --lm-head int8` (recorded as "lm_head")
 #   DEVICE   [cuda]; cpu runs the same plumbing on the CPU (with SHAPES=tiny) to check the script itself
 #   RESULT   [bench/results/<date>-<card>.json]
+#   AB       variants to time against the defaults on the same machine, separated by ";", each a list of environment
+#            assignments (e.g. AB="LLMQ_WGEMM_TILED_CLUSTER=0;LLMQ_WGEMM_TILED_EPI=3"): every (shape, method) runs the
+#            default and then each variant, alternated ROUNDS [1] times; every record names its variant ("env", ""
+#            for the defaults). Without AB and with ROUNDS 1, one run each as before.
 # Under a time limit run it as `timeout 570 scripts/gpu-check.sh`: on SIGTERM it writes what it measured so far
 # (marked "incomplete") once the running benchmark returns.
 #
@@ -43,6 +47,16 @@ export LM_HEAD=${LM_HEAD:-none}
 BATCH_LIST=$(echo $BATCHES | tr ' ' ',')  # llmq bench --batches
 JOBS=$(nproc)
 QJOBS=${QJOBS:-1}
+AB=${AB:-}
+ROUNDS=${ROUNDS:-1}
+IFS=';' read -ra VARIANTS <<< "$AB"
+VARIANTS=("" "${VARIANTS[@]}")  # the defaults first
+for v in "${VARIANTS[@]}"; do
+  for a in $v; do
+    [[ "$a" =~ ^[A-Za-z_][A-Za-z0-9_]*=.*$ ]] || { echo "gpu-check: AB: '$a' is not NAME=VALUE" >&2; exit 2; }
+  done
+done
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "gpu-check: ROUNDS must be a positive integer, not '$ROUNDS'" >&2; exit 2; }
 . scripts/gpu-env.sh  # sets SHARED
 
 if [ "$DEVICE" = cuda ]; then
@@ -107,22 +121,24 @@ if sys.argv[4] != "complete":
     out["incomplete"] = sys.argv[4]
 json.dump(out, open(sys.argv[2], "w"), indent=1)
 print(f"\nGPU tests: {sys.argv[3]}   results: {sys.argv[2]}" + ("" if sys.argv[4] == "complete" else f"   ({sys.argv[4]})"))
+ab = any(r.get("env") for r in recs)  # an AB run: the variant of each record last
 print(f"{'shape':<11} {'method':<10} {'batch':>5} {'prompt':>6} {'decode tok/s':>12} {'GB/s':>7} {'roofline':>8} "
-      f"{'prefill tok/s':>13} {'TFLOP/s':>7} {'peak GiB':>8}")
+      f"{'prefill tok/s':>13} {'TFLOP/s':>7} {'peak GiB':>8}" + ("  env" if ab else ""))
 for r in recs:
+    env = f"  {r.get('env') or '(defaults)'}" if ab else ""
     if "error" in r:
-        print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6}  error: {r['error']}")
+        print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6}  error: {r['error']}{env}")
         continue
     print(f"{r['shape']:<11} {r['method']:<10} {r['batch']:>5} {r['prompt_len']:>6} {r['decode_tokens_per_s']:>12.1f} "
           f"{r['achieved_gbps']:>7.0f} {r['roofline_pct']:>7.1f}% {r['prefill_tokens_per_s']:>13.0f} "
-          f"{r['prefill_gflops'] / 1000:>7.1f} {r['peak_memory_bytes'] / 2**30:>8.1f}")
+          f"{r['prefill_gflops'] / 1000:>7.1f} {r['peak_memory_bytes'] / 2**30:>8.1f}{env}")
 PY
   if [ -n "${OUT:-}" ]; then cp "$result" /tmp/llmq-gpu-tests.log "$OUT"/ 2>/dev/null || true; fi
 }
 QPID=""
 trap 'finish "cut short by a signal"; [ -n "$QPID" ] && kill "$QPID" 2>/dev/null; [ -n "$TPID" ] && kill "$TPID" 2>/dev/null; exit 143' TERM INT
 CALIB="$SHARED/data/c4/c4_validation_2k.jsonl"
-run_bench() {  # shape method quantized_with dir: one llmq bench, the model loaded once, for every batch of BATCHES
+run_bench() {  # shape method quantized_with dir [env]: one llmq bench (under the env assignments of a variant), the model loaded once, for every batch of BATCHES
   # (prompt 128, 128 generated) and the PREFILL-token prefill (llmq bench --prefill-len; one process per method
   # instead of two saves a model load each, ~10 of them a run)
   local out args=()
@@ -132,13 +148,16 @@ run_bench() {  # shape method quantized_with dir: one llmq bench, the model load
   else
     args=(--batches 1 --prompt-len "$PREFILL" --gen-len 1)
   fi
-  if out=$("$LLMQ" bench "$4" --device "$DEVICE" "${args[@]}" --json 2>"$WORK/bench.err"); then
-    BENCH_JSON="$out" python3 - "$1" "$2" "$3" "$CARD" "$COMMIT" <<'PY' >> "$REC"
+  local variant=${5:-}
+  # shellcheck disable=SC2086  # the variant's assignments are words
+  if out=$(env $variant "$LLMQ" bench "$4" --device "$DEVICE" "${args[@]}" --json 2>"$WORK/bench.err"); then
+    BENCH_JSON="$out" python3 - "$1" "$2" "$3" "$CARD" "$COMMIT" "$variant" <<'PY' >> "$REC"
 import json, os, sys, datetime
 runs = json.loads(os.environ["BENCH_JSON"])["runs"]
-shape, method, qw, card, commit = sys.argv[1:]
+shape, method, qw, card, commit, variant = sys.argv[1:]
 for r in runs:
     rec = {"shape": shape, "method": method, "quantized_with": qw, "batch": r["batch"], "prompt_len": r["prompt_len"],
+           "env": variant,
            "gen_len": r["gen_len"], "card": card, "commit": commit, "date": datetime.date.today().isoformat(),
            "lm_head": "none" if method == "bf16" else os.environ["LM_HEAD"]}
     for k in ["decode_tokens_per_s", "prefill_tokens_per_s", "ttft_ms", "tpot_ms", "achieved_gbps", "peak_gbps",
@@ -151,17 +170,17 @@ PY
     local msg
     msg=$(tail -1 "$WORK/bench.err")
     echo "bench failed: $1 $2: $msg"
-    method_errors "$1" "$2" "$msg"
+    method_errors "$1" "$2" "$msg" "$variant"
   fi
 }
-method_errors() {  # shape method message: an error record for each run the matrix has for this (shape, method)
-  if [ -n "$BATCHES" ]; then error_records "$1" "$2" "$BATCH_LIST" 128 "$3"; fi
-  if [ "$PREFILL" -gt 0 ]; then error_records "$1" "$2" 1 "$PREFILL" "$3"; fi
+method_errors() {  # shape method message [env]: an error record for each run the matrix has for this (shape, method)
+  if [ -n "$BATCHES" ]; then error_records "$1" "$2" "$BATCH_LIST" 128 "$3" "${4:-}"; fi
+  if [ "$PREFILL" -gt 0 ]; then error_records "$1" "$2" 1 "$PREFILL" "$3" "${4:-}"; fi
 }
-error_records() {  # shape method batches(comma-separated) prompt message: one error record per batch
+error_records() {  # shape method batches(comma-separated) prompt message [env]: one error record per batch
   local b
   for b in ${3//,/ }; do
-    echo "{\"shape\": \"$1\", \"method\": \"$2\", \"batch\": $b, \"prompt_len\": $4, \"error\": $(printf '%s' "$5" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}" >> "$REC"
+    echo "{\"shape\": \"$1\", \"method\": \"$2\", \"batch\": $b, \"prompt_len\": $4, \"env\": $(printf '%s' "${6:-}" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))'), \"error\": $(printf '%s' "$5" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()))')}" >> "$REC"
   done
 }
 
@@ -226,7 +245,11 @@ for shape in $SHAPES; do
       [ -e "$dir.failed" ] && continue
     fi
     # Every batch size and the prefill run on the model loaded once.
-    if [ -n "$BATCHES" ] || [ "$PREFILL" -gt 0 ]; then run_bench "$shape" "$method" "$qw" "$dir"; fi
+    if [ -n "$BATCHES" ] || [ "$PREFILL" -gt 0 ]; then
+      for ((round = 0; round < ROUNDS; ++round)); do
+        for v in "${VARIANTS[@]}"; do run_bench "$shape" "$method" "$qw" "$dir" "$v"; done
+      done
+    fi
     if [ "$method" != bf16 ]; then rm -rf "$dir"; fi
   done
   wait "$QPID" || true
