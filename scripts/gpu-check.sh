@@ -138,9 +138,9 @@ PY
 QPID=""
 trap 'finish "cut short by a signal"; [ -n "$QPID" ] && kill "$QPID" 2>/dev/null; [ -n "$TPID" ] && kill "$TPID" 2>/dev/null; exit 143' TERM INT
 CALIB="$SHARED/data/c4/c4_validation_2k.jsonl"
-run_bench() {  # shape method quantized_with dir [env]: one llmq bench (under the env assignments of a variant), the model loaded once, for every batch of BATCHES
-  # (prompt 128, 128 generated) and the PREFILL-token prefill (llmq bench --prefill-len; one process per method
-  # instead of two saves a model load each, ~10 of them a run)
+run_bench() {  # shape method quantized_with dir [env]: one llmq bench, the model loaded once, for every batch of
+  # BATCHES (prompt 128, 128 generated) and the PREFILL-token prefill, under a variant's environment assignments (AB)
+  # if given (llmq bench --prefill-len; one process per method instead of two saves a model load each, ~10 a run)
   local out args=()
   if [ -n "$BATCHES" ]; then
     args=(--batches "$BATCH_LIST" --prompt-len 128 --gen-len 128)
