@@ -2,9 +2,29 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 namespace llmq {
 
 std::string mib(uint64_t bytes) { return std::to_string((bytes + (1u << 20) - 1) >> 20) + " MiB"; }
+
+bool parse_positive_list(const std::string& s, std::vector<int64_t>& out, std::string* bad) {
+  out.clear();
+  for (size_t at = 0; at <= s.size();) {
+    const size_t comma = std::min(s.find(',', at), s.size());
+    const std::string item = s.substr(at, comma - at);
+    char* end = nullptr;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || v < 1) {
+      if (bad) *bad = item;
+      return false;
+    }
+    out.push_back(v);
+    at = comma + 1;
+  }
+  return true;
+}
 
 const char* dtype_name(DType t) {
   switch (t) {

@@ -7,6 +7,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace llmq {
 
@@ -25,6 +26,9 @@ enum class DType : uint8_t { F32, F16, BF16, I8, U8, F8E4M3 };
 const char* dtype_name(DType t);
 // A byte count in whole MiB, rounded up, for messages ("1234 MiB").
 std::string mib(uint64_t bytes);
+// A comma-separated list of positive integers ("1,16,64") into `out`; false, with the first bad item in *bad, where
+// an item is empty, not a whole number or below 1.
+bool parse_positive_list(const std::string& s, std::vector<int64_t>& out, std::string* bad = nullptr);
 // Bytes per value (constexpr: the CPU kernels' inner loops use it).
 constexpr size_t dtype_size(DType t) {
   switch (t) {

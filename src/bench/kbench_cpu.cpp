@@ -11,7 +11,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -27,17 +26,6 @@ struct Matrix {
   const char* name;
   int64_t N, K;
 };
-
-std::vector<int64_t> parse_list(const char* s) {
-  std::vector<int64_t> v;
-  for (const char* p = s; *p;) {
-    v.push_back(std::strtoll(p, nullptr, 10));
-    p = std::strchr(p, ',');
-    if (!p) break;
-    ++p;
-  }
-  return v;
-}
 
 // Bytes of one copy of an N x K matrix in the format (codes plus scales and zero points where it has them).
 double format_bytes(const std::string& f, int64_t N, int64_t K) {
@@ -57,7 +45,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : nullptr;
-    if (a == "--t" && v) ts = parse_list(v), ++i;
+    if (a == "--t" && v && parse_positive_list(v, ts)) ++i;
     else if (a == "--format" && v) only_format = v, ++i;
     else if (a == "--matrix" && v) only_matrix = v, ++i;
     else if (a == "--reps" && v) reps = std::max(1, std::atoi(v)), ++i;
@@ -93,7 +81,8 @@ int main(int argc, char** argv) {
         for (size_t i = 1; i < w.size(); i += 2) w[i] = uint8_t(0x3c + (w[i] & 1)) | (w[i] & 0x80);  // |v| ~ 0.01-0.03
       if (f == "fp8")
         for (auto& b : w) b &= 0xbf;  // exponent below the top: finite, |v| < 2
-      std::vector<float> scale(size_t(N * (K / 128)) * size_t(copies), 0.01f);
+      const size_t groups = size_t(N * (K / 128));  // INT4 groups of 128 in one copy
+      std::vector<float> scale(groups * size_t(copies), 0.01f);
       std::vector<uint8_t> zero(scale.size(), 8);
       for (int64_t T : ts) {
         std::vector<float> x(size_t(T * K)), y(size_t(T * N));
@@ -104,7 +93,7 @@ int main(int argc, char** argv) {
         auto call = [&](int c) {
           const uint8_t* wc = w.data() + size_t(c) * wsz;
           if (f == "q4") {
-            const cpu::Q4Matrix q{wc, scale.data() + size_t(c) * size_t(N * (K / 128)), zero.data() + size_t(c) * size_t(N * (K / 128)), K, 128};
+            const cpu::Q4Matrix q{wc, scale.data() + size_t(c) * groups, zero.data() + size_t(c) * groups, K, 128};
             cpu::matmul_q4(x.data(), K, T, q, N, y.data(), N, nullptr);
           } else if (f == "i8i8") {
             cpu::matmul_i8(xi.data(), K, T, K, reinterpret_cast<const int8_t*>(wc), K, N, yi.data(), N);

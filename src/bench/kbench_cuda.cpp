@@ -583,13 +583,9 @@ int main(int argc, char** argv) {
     else if (s == "--matrix" && i + 1 < argc) only_mat = argv[++i];
     else if (s == "--format" && i + 1 < argc) only_fmt = argv[++i];
     else if (s == "--rotate-mb" && i + 1 < argc && std::atol(argv[i + 1]) > 0) rotate_mb = size_t(std::atol(argv[++i]));
-    else if (s == "--t" && i + 1 < argc) {
-      Ts.clear();
-      for (const char* p = argv[++i]; *p;) {
-        Ts.push_back(std::atoi(p));
-        while (*p && *p != ',') ++p;
-        if (*p == ',') ++p;
-      }
+    else if (std::vector<int64_t> t; s == "--t" && i + 1 < argc && parse_positive_list(argv[i + 1], t)) {
+      Ts.assign(t.begin(), t.end());
+      ++i;
     } else {
       std::fprintf(stderr, "usage: llmq-kbench [--only matmul|gemm|attention|decode] [--t 1,16,64] [--matrix qkv|o|gate_up|down|lm_head]\n"
                            "                   [--format bf16|w8a16|fp8|int8|w4a16] [--rotate-mb MB]\n");

@@ -412,20 +412,10 @@ int main(int argc, char** argv) {
                        double(r.bytes) / 1e9);
     } else if (*bch) {
       std::vector<int64_t> batches = {bp.batch};
-      if (!bench_batches.empty()) {
-        batches.clear();
-        for (size_t at = 0; at <= bench_batches.size();) {
-          const size_t comma = std::min(bench_batches.find(',', at), bench_batches.size());
-          const std::string item = bench_batches.substr(at, comma - at);
-          char* end = nullptr;
-          const long long v = std::strtoll(item.c_str(), &end, 10);
-          if (item.empty() || *end != '\0' || v < 1) {
-            std::fprintf(stderr, "llmq bench: --batches: '%s' is not a positive batch size\n", item.c_str());
-            return 2;
-          }
-          batches.push_back(v);
-          at = comma + 1;
-        }
+      std::string bad;
+      if (!bench_batches.empty() && !parse_positive_list(bench_batches, batches, &bad)) {
+        std::fprintf(stderr, "llmq bench: --batches: '%s' is not a positive batch size\n", bad.c_str());
+        return 2;
       }
       // Each run: batch, prompt, generated tokens.
       std::vector<BenchParams> plan;
